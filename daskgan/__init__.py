@@ -1,0 +1,8 @@
+"""daskgan: train GANs with PyTorch DDP on a Dask cluster, streaming images from object storage."""
+
+from daskgan.config import JobConfig, load_job
+from daskgan.dispatch import run
+from daskgan.train import train_gan
+
+__all__ = ["JobConfig", "load_job", "run", "train_gan"]
+__version__ = "0.1.0"

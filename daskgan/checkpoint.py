@@ -1,0 +1,77 @@
+"""Checkpoints in the run directory: ``checkpoints/<iteration>.pt`` objects plus a small ``latest.json`` pointer.
+
+The checkpoint object is written completely first and the pointer second, so a crash mid-write never leaves a
+"latest" that points at a broken file. Only the newest ``keep`` checkpoints are kept. Nothing secret goes in: the
+job config is stored with credentials redacted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import torch
+
+from daskgan import storage
+from daskgan.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+POINTER = "latest.json"
+SUFFIX = ".pt"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint made for a different model than the job asks for."""
+
+
+def directory(run_url: str) -> str:
+    return storage.join(run_url, "checkpoints")
+
+
+def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
+         storage_options: StorageOptions | None = None) -> str:
+    """Write ``state`` as the checkpoint of ``iteration``, move the pointer to it, drop all but the newest ``keep``."""
+    name = f"{iteration:09d}{SUFFIX}"
+    url = storage.join(directory(run_url), name)
+    storage.write_bytes(url, storage.torch_bytes(state), storage_options)
+    storage.write_json(storage.join(directory(run_url), POINTER), {"iteration": iteration, "name": name},
+                       storage_options)
+    for old in list_checkpoints(run_url, storage_options)[:-keep]:
+        storage.remove(old[1], storage_options)
+    logger.info("checkpoint %s written", url)
+    return url
+
+
+def list_checkpoints(run_url: str, storage_options: StorageOptions | None = None) -> list[tuple[int, str]]:
+    """(iteration, URL) of every checkpoint in the run directory, oldest first."""
+    names = storage.list_names(directory(run_url), storage_options)
+    return [(int(n[:-len(SUFFIX)]), storage.join(directory(run_url), n))
+            for n in names if n.endswith(SUFFIX) and n[:-len(SUFFIX)].isdigit()]
+
+
+def latest(run_url: str, storage_options: StorageOptions | None = None) -> str | None:
+    """URL of the newest complete checkpoint, following the pointer, or None when the run has none yet."""
+    pointer_url = storage.join(directory(run_url), POINTER)
+    if storage.exists(pointer_url, storage_options):
+        url = storage.join(directory(run_url), storage.read_json(pointer_url, storage_options)["name"])
+        if storage.exists(url, storage_options):
+            return url
+        logger.warning("checkpoint pointer names %s, which is missing; using the newest listed instead", url)
+    found = list_checkpoints(run_url, storage_options)
+    return found[-1][1] if found else None
+
+
+def load(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU (tensors, numbers and strings only: no code is unpickled)."""
+    return torch.load(io.BytesIO(storage.read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
+
+
+def check_compatible(state: dict[str, Any], model: dict[str, Any], url: str) -> None:
+    """Refuse a checkpoint whose model description differs from the job's, naming every differing field."""
+    saved = state.get("model", {})
+    differences = [f"{k}: checkpoint has {saved.get(k)!r}, job has {model.get(k)!r}"
+                   for k in sorted(set(saved) | set(model)) if saved.get(k) != model.get(k)]
+    if differences:
+        raise CheckpointMismatch(f"checkpoint {url} was made for a different model ({'; '.join(differences)})")

@@ -1,0 +1,249 @@
+"""Job configuration: typed dataclasses loaded from YAML and validated once, on the client.
+
+Unknown keys and values of the wrong type or range are refused with one line that names the key, e.g.
+``jobs/demo.yaml: train.lr_g: expected a number, got 'fast'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+SECRET_OPTION_NAMES = frozenset(
+    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+     "session_token", "account_key", "sas_token", "client_secret"}
+)
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A job or cluster file that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training images live and how each rank reads them."""
+
+    url: str
+    storage_options: dict = field(default_factory=dict)
+    resolution: int = 64
+    batch_size: int = 64  # per worker
+    prefetch_batches: int = 4
+    fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
+    cache_dir: Optional[str] = None
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        _require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0,
+                 "data.resolution", f"must be a power of two >= 8, got {self.resolution}")
+        _require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+        _require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Which GAN family to build and its size; checkpoints refuse to load into a different one."""
+
+    family: str = "dcgan"
+    z_dim: int = 100
+    g_channels: int = 64
+    d_channels: int = 64
+
+    def validate(self) -> None:
+        from daskgan.models import FAMILIES
+
+        _require(self.family in FAMILIES, "model.family", f"must be one of {sorted(FAMILIES)}, got {self.family!r}")
+        for name in ("z_dim", "g_channels", "d_channels"):
+            _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (DCGAN defaults: Adam lr 2e-4, beta1 0.5, BCE loss)."""
+
+    iterations: int = 1000
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    loss: str = "bce"
+    seed: int = 0
+
+    def validate(self) -> None:
+        from daskgan.losses import LOSSES
+
+        _require(self.iterations >= 1, "train.iterations", "must be >= 1")
+        _require(self.lr_g > 0 and self.lr_d > 0, "train.lr_g/lr_d", "must be > 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        _require(self.loss in LOSSES, "train.loss", f"must be one of {sorted(LOSSES)}, got {self.loss!r}")
+
+
+@dataclass
+class OutputConfig:
+    """The run directory (any fsspec URL) and how often records, grids and checkpoints go there."""
+
+    run_url: str
+    storage_options: dict = field(default_factory=dict)
+    flush_every: int = 50
+    grid_every: int = 100
+    grid_images: int = 64
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", or a checkpoint URL
+
+    def validate(self) -> None:
+        for name in ("flush_every", "grid_every", "grid_images", "checkpoint_every", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, f"output.{name}", "must be >= 1")
+        _require(self.resume in ("auto", "never") or "://" in self.resume or self.resume.endswith(".pt"),
+                 "output.resume", f"must be 'auto', 'never' or a checkpoint URL, got {self.resume!r}")
+
+
+@dataclass
+class SyntheticDatasetConfig:
+    """A procedurally drawn image set (coloured shapes, one class folder per shape) the demo uploads itself."""
+
+    images: int = 512
+    resolution: int = 64
+    seed: int = 0
+
+
+@dataclass
+class SandboxConfig:
+    """Self-contained infrastructure for demos and tests: a loopback S3 server and a generated dataset."""
+
+    s3_server: bool = False
+    dataset: Optional[SyntheticDatasetConfig] = None
+    copy_results_to: Optional[str] = None  # local folder that keeps the run directory after the S3 server stops
+
+
+@dataclass
+class JobConfig:
+    """One training job, as read from ``jobs/<name>.yaml``."""
+
+    name: str
+    data: DataConfig
+    output: OutputConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sandbox: Optional[SandboxConfig] = None
+
+    def validate(self) -> "JobConfig":
+        for section in (self.data, self.model, self.train, self.output):
+            section.validate()
+        return self
+
+    def to_dict(self, redact_secrets: bool = True) -> dict:
+        """Plain dict of the job; credentials in storage options are replaced by ``***`` unless told otherwise."""
+        data = dataclasses.asdict(self)
+        if redact_secrets:
+            for section in ("data", "output"):
+                data[section]["storage_options"] = redact(data[section]["storage_options"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "job") -> "JobConfig":
+        try:
+            return build_dataclass(cls, data, "").validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read and validate a job YAML file."""
+    return JobConfig.from_dict(load_yaml_mapping(path), source=str(path))
+
+
+def load_yaml_mapping(path: str | Path) -> dict:
+    """Parse a YAML file that must hold a mapping, turning parse errors into one clear ConfigError line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def redact(options: dict) -> dict:
+    """Copy of ``options`` with secret values (keys, tokens, passwords) replaced, at any depth."""
+    out = {}
+    for name, value in options.items():
+        if isinstance(value, dict):
+            out[name] = redact(value)
+        elif name.lower() in SECRET_OPTION_NAMES and value is not None:
+            out[name] = REDACTED
+        else:
+            out[name] = value
+    return out
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type; errors name the dotted key."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (expected one of: {', '.join(known)})")
+    values = {}
+    for name, f in known.items():
+        if name in data:
+            values[name] = _coerce(hints[name], data[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(options[0], value, key)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, {} if value is None else value, key + ".")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")

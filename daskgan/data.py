@@ -1,0 +1,245 @@
+"""Training images streamed from any fsspec URL, sharded across DDP ranks, fetched ahead of the training step.
+
+- ``index_images`` lists image objects under a URL; class subfolders become integer labels.
+- ``shard_indices`` gives each rank a disjoint slice of a per-epoch permutation (the union over ranks is the whole
+  dataset, as with DistributedSampler but without padding duplicates).
+- ``ImageStream`` is an endless iterator of batches for one rank: a background thread fetches many objects at
+  once (s3fs ``cat`` of a list runs the GETs concurrently), decodes them and keeps a bounded queue of ready batches,
+  so storage latency hides behind compute. Unreadable objects are skipped, counted and logged once.
+- Its position (epoch, index within the rank's shard) is part of every batch, so a checkpoint can resume the
+  stream exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import posixpath
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from daskgan import storage
+from daskgan.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """The image objects of a dataset: filesystem paths (no protocol), their labels and the class names."""
+
+    url: str
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a rank's stream stands: the epoch, and how many entries of its shard it has consumed."""
+
+    epoch: int = 0
+    offset: int = 0
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, R, R), float32 in [-1, 1]
+    labels: torch.Tensor  # (B,), int64
+    position: StreamPosition  # stream position right after this batch
+
+
+def index_images(url: str, storage_options: storage.StorageOptions | None = None) -> ImageIndex:
+    """List the images under ``url``. Files in subfolders are labelled by their first folder, sorted by name."""
+    fs, root = storage.filesystem(url, storage_options)
+    root = root.rstrip("/")
+    try:
+        found = fs.find(root)
+    except PermissionError as exc:
+        raise PermissionError(f"access denied listing {url}: check the storage credentials ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"dataset location {url} does not exist (missing bucket or prefix?)") from exc
+    images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES))
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {url}")
+    relative = [posixpath.relpath(p, root) for p in images]
+    in_folders = ["/" in r for r in relative]
+    if not any(in_folders):
+        return ImageIndex(url, tuple(images), (0,) * len(images), ())
+    if not all(in_folders):
+        logger.warning("%s: %d images sit beside the class folders and are ignored", url,
+                       in_folders.count(False))
+    kept = [(p, r.split("/", 1)[0]) for p, r, f in zip(images, relative, in_folders) if f]
+    classes = tuple(sorted({c for _, c in kept}))
+    label_of = {c: i for i, c in enumerate(classes)}
+    return ImageIndex(url, tuple(p for p, _ in kept), tuple(label_of[c] for _, c in kept), classes)
+
+
+def shard_indices(size: int, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Indices this rank reads in ``epoch``: every ``world_size``-th entry of the epoch's permutation."""
+    if shuffle:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    else:
+        order = list(range(size))
+    return order[rank::world_size]
+
+
+def decode_image(data: bytes, resolution: int) -> torch.Tensor:
+    """Decode image bytes to a (3, R, R) float tensor in [-1, 1]: RGB, centre crop to square, resize."""
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.array(image.convert("RGB"))
+    return center_crop_resize(torch.from_numpy(pixels).permute(2, 0, 1), resolution)
+
+
+def center_crop_resize(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Crop a (3, H, W) uint8 image to its central square and resize it (antialiased bilinear) to R x R."""
+    _, height, width = image.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = image[:, top:top + side, left:left + side].float().unsqueeze(0)
+    if side != resolution:
+        square = F.interpolate(square, size=(resolution, resolution), mode="bilinear", antialias=True,
+                               align_corners=False)
+    return (square[0] / 127.5 - 1.0).clamp_(-1.0, 1.0)
+
+
+class ImageStream:
+    """Endless batches of one rank's shard, prefetched by a background thread. Use as an iterator; ``close()`` it."""
+
+    def __init__(self, index: ImageIndex, config: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start: StreamPosition = StreamPosition()):
+        self.index = index
+        self.config = config
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.skipped = 0  # distinct objects that could not be read or decoded
+        self.images_read = 0
+        self._fs, _ = storage.filesystem(index.url, config.storage_options)
+        self._bad: set[int] = set()
+        self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True,
+                                        name=f"daskgan-prefetch-rank{rank}")
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.1)
+
+    def _produce(self, start: StreamPosition) -> None:
+        try:
+            epoch, offset = start.epoch, start.offset
+            while not self._stop.is_set():
+                if not self._produce_epoch(epoch, offset) and not self._stop.is_set():
+                    raise RuntimeError(
+                        f"rank {self.rank}: its shard of {self.index.url} holds fewer readable images than one "
+                        f"batch ({self.config.batch_size}); {self.skipped} objects were unreadable")
+                epoch, offset = epoch + 1, 0
+        except BaseException as exc:  # handed to the consumer, which re-raises it in the training loop
+            self._put(exc)
+
+    def _produce_epoch(self, epoch: int, offset: int) -> bool:
+        """Emit the epoch's full batches from ``offset`` on (the tail that does not fill a batch is dropped)."""
+        shard = shard_indices(len(self.index), self.rank, self.world_size, epoch, self.seed, self.config.shuffle)
+        chunk_size = self.config.fetch_batch or self.config.batch_size
+        images, labels, emitted = [], [], offset > 0
+        while offset < len(shard) and not self._stop.is_set():
+            chunk = shard[offset:offset + chunk_size]
+            decoded = self._fetch_decoded([i for i in chunk if i not in self._bad])
+            for i in chunk:
+                offset += 1
+                if i not in decoded:
+                    continue
+                images.append(decoded[i])
+                labels.append(self.index.labels[i])
+                if len(images) == self.config.batch_size:
+                    self._put(Batch(torch.stack(images), torch.tensor(labels), StreamPosition(epoch, offset)))
+                    images, labels, emitted = [], [], True
+        return emitted
+
+    def _fetch_decoded(self, indices: list[int]) -> dict[int, torch.Tensor]:
+        raw = self._fetch_bytes([self.index.paths[i] for i in indices])
+        decoded = {}
+        for i in indices:
+            path = self.index.paths[i]
+            data = raw.get(path)
+            try:
+                if isinstance(data, BaseException):
+                    raise data
+                decoded[i] = decode_image(data, self.config.resolution)
+                self.images_read += 1
+            except (FileNotFoundError, *DECODE_ERRORS) as exc:
+                self._bad.add(i)
+                self.skipped += 1
+                logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far", path,
+                               type(exc).__name__, exc, self.skipped)
+        return decoded
+
+    def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | BaseException]:
+        """Fetch objects concurrently (one ``cat`` of the list), through the local cache when one is set."""
+        cache_dir = self.config.cache_dir
+        cached = {p: _cache_file(cache_dir, p) for p in paths} if cache_dir else {}
+        result: dict[str, bytes | BaseException] = {}
+        for path, file in cached.items():
+            if os.path.exists(file):
+                with open(file, "rb") as handle:
+                    result[path] = handle.read()
+        missing = [p for p in paths if p not in result]
+        if missing:
+            fetched = self._fs.cat(missing, on_error="return")
+            for path in missing:
+                value = fetched.get(path, FileNotFoundError(path))
+                if isinstance(value, BaseException) and not isinstance(value, (FileNotFoundError, *DECODE_ERRORS)):
+                    raise value  # credentials, network: not a bad image, so fail loudly
+                result[path] = value
+                if cache_dir and isinstance(value, bytes):
+                    _write_cache(cached[path], value)
+        return result
+
+    def _put(self, item: Batch | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+
+def _cache_file(cache_dir: str, path: str) -> str:
+    digest = hashlib.sha1(path.encode()).hexdigest()
+    return os.path.join(cache_dir, digest[:2], digest + posixpath.splitext(path)[1])
+
+
+def _write_cache(file: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    partial = f"{file}.{os.getpid()}.part"
+    with open(partial, "wb") as handle:
+        handle.write(data)
+    os.replace(partial, file)  # a reader never sees a half-written cache entry

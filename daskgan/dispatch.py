@@ -1,0 +1,121 @@
+"""Run a function on every Dask worker as one PyTorch DDP process group.
+
+Same public shape as dask-pytorch-ddp's ``dispatch.run(client, fn, *args, backend=..., **kwargs)``, which no longer
+works reliably with current ``distributed``: it hard-codes MASTER_PORT 23456 (back-to-back runs collide), sets no
+LOCAL_RANK, and its own parameter names collide with positional ``*args``. Here each call picks a free port on rank
+0's host, ``client`` and ``fn`` are positional-only, and a rank that fails tears its process group down so that the
+other ranks fail fast instead of waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from collections import Counter
+from typing import Any, Callable
+
+from distributed import Client, Future, wait
+from distributed.comm import get_address_host
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def run(
+    client: Client,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    backend: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    pass_local_rank: bool = False,
+    workers: list[str] | None = None,
+    **kwargs: Any,
+) -> list[Future]:
+    """Start ``fn(*args, **kwargs)`` once on each worker, inside an initialised process group.
+
+    Returns one future per rank (index = rank). ``backend`` defaults to ``nccl`` when the worker has CUDA, else
+    ``gloo``. ``timeout`` bounds the rendezvous and every collective, so a lost rank cannot hang the others forever.
+    With ``pass_local_rank`` the function also receives ``local_rank=`` (its index among workers on the same host).
+    """
+    addresses = sorted(workers or client.scheduler_info(n_workers=-1)["workers"])
+    if not addresses:
+        raise RuntimeError("the Dask cluster has no workers; start some before dispatching")
+    master_addr = get_address_host(addresses[0])
+    master_port = client.run(_free_port, workers=[addresses[0]])[addresses[0]]
+    local_ranks = _local_ranks(addresses)
+    logger.info("dispatching %s to %d ranks, rendezvous at %s:%d", getattr(fn, "__name__", fn), len(addresses),
+                master_addr, master_port)
+    return [
+        client.submit(
+            _run_rank, fn, args, kwargs,
+            rank=rank, world_size=len(addresses), local_rank=local_ranks[rank],
+            master_addr=master_addr, master_port=master_port, backend=backend, timeout=timeout,
+            pass_local_rank=pass_local_rank,
+            workers=[address], allow_other_workers=False, pure=False,
+            key=f"ddp-rank-{rank}-{master_port}-{getattr(fn, '__name__', 'fn')}",
+        )
+        for rank, address in enumerate(addresses)
+    ]
+
+
+def results(futures: list[Future], timeout: float | None = None) -> list[Any]:
+    """Wait for every rank; return their results, or raise the first failure (it names its rank).
+
+    The first exception to arrive is the cause; the errors other ranks raise afterwards (peers closing their
+    connections) are consequences, so they are not the ones reported.
+    """
+    pending = list(futures)
+    while pending:
+        done, not_done = wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
+        failed = [f for f in done if f.status == "error"]
+        if failed:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+            failed[0].result()  # raises the rank's exception
+        pending = list(not_done)
+    return [f.result() for f in futures]
+
+
+def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
+              backend: str | None, timeout: float, pass_local_rank: bool) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    try:
+        return fn(*args, **kwargs, **({"local_rank": local_rank} if pass_local_rank else {}))
+    except BaseException as exc:
+        exc.rank = rank
+        exc.add_note(f"(raised on DDP rank {rank} of {world_size})")
+        raise
+    finally:
+        # Closing our connections makes peers blocked in a collective fail now rather than at the timeout.
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _local_ranks(addresses: list[str]) -> list[int]:
+    """Index of each worker among the workers on its host, in address order."""
+    seen: Counter[str] = Counter()
+    ranks = []
+    for address in addresses:
+        host = get_address_host(address)
+        ranks.append(seen[host])
+        seen[host] += 1
+    return ranks

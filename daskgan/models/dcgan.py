@@ -1,0 +1,65 @@
+"""DCGAN (Radford et al. 2015), as in the PyTorch example and Saturn Cloud's Dask tutorial, for any power-of-two
+resolution >= 8: the generator upsamples a 4x4 map with strided transposed convolutions (BatchNorm + ReLU, tanh
+out); the discriminator mirrors it with strided convolutions (BatchNorm + LeakyReLU 0.2) down to one logit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _stage_widths(resolution: int, base: int) -> list[int]:
+    """Channel widths from the 4x4 stage up to resolution/2: base * 2^k, widest at the coarsest stage."""
+    stages = int(math.log2(resolution)) - 2  # number of 2x up/down-samplings between 4x4 and the image
+    return [base * 2 ** (stages - 1 - i) for i in range(stages)]
+
+
+class Generator(nn.Module):
+    def __init__(self, resolution: int = 64, z_dim: int = 100, channels: int = 64, image_channels: int = 3):
+        super().__init__()
+        self.z_dim = z_dim
+        widths = _stage_widths(resolution, channels)
+        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(widths[-1], image_channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(init_weights)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, resolution: int = 64, channels: int = 64, image_channels: int = 3):
+        super().__init__()
+        widths = _stage_widths(resolution, channels)[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(image_channels, widths[0], 4, 2, 1, bias=False),
+                                   nn.LeakyReLU(0.2, inplace=True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)]
+        self.net = nn.Sequential(*layers)
+        self.apply(init_weights)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(images).flatten()  # logits
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN initialisation: conv weights ~ N(0, 0.02), BatchNorm scale ~ N(1, 0.02), shift 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build(resolution: int, z_dim: int, g_channels: int, d_channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """DCGAN is unconditional: ``num_classes`` is accepted for the common builder signature and ignored."""
+    return Generator(resolution, z_dim, g_channels), Discriminator(resolution, d_channels)

@@ -1,0 +1,45 @@
+"""Shared fixtures: one moto S3 server process on loopback and one 2-worker Dask cluster for the session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from daskgan.sandbox import LoopbackS3
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint on 127.0.0.1; its environment is exported so worker processes inherit it."""
+    with LoopbackS3() as server:
+        saved = {k: os.environ.get(k) for k in server.environment()}
+        os.environ.update(server.environment())
+        yield server
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; returns (s3:// URL, storage_options)."""
+    import s3fs
+
+    options = {"endpoint_url": s3_server.endpoint_url}
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options).mkdir(name)
+    return f"s3://{name}", options
+
+
+@pytest.fixture(scope="session")
+def dask_client(s3_server):
+    """Two single-threaded worker processes, started after the S3 environment is set so they inherit it."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client

@@ -1,0 +1,60 @@
+import pytest
+
+from daskgan.config import ConfigError, JobConfig, load_job
+
+MINIMAL = {"name": "t", "data": {"url": "memory://d"}, "output": {"run_url": "memory://r"}}
+
+
+def with_changes(**sections):
+    job = {k: dict(v) if isinstance(v, dict) else v for k, v in MINIMAL.items()}
+    for section, values in sections.items():
+        job.setdefault(section, {}).update(values)
+    return job
+
+
+def test_defaults_follow_dcgan_paper():
+    job = JobConfig.from_dict(MINIMAL)
+    assert (job.train.lr_g, job.train.beta1, job.model.z_dim, job.train.loss) == (2e-4, 0.5, 100, "bce")
+
+
+@pytest.mark.parametrize("sections, key", [
+    ({"train": {"lr_gg": 1.0}}, "train.lr_gg: unknown key"),
+    ({"train": {"lr_g": "fast"}}, "train.lr_g: expected a number"),
+    ({"data": {"resolution": 48}}, "data.resolution: must be a power of two"),
+    ({"data": {"batch_size": True}}, "data.batch_size: expected an integer"),
+    ({"model": {"family": "vae"}}, "model.family: must be one of"),
+    ({"output": {"resume": "sometimes"}}, "output.resume:"),
+    ({"sandbox": {"s3_server": "yes"}}, "sandbox.s3_server: expected true or false"),
+])
+def test_bad_values_name_the_key(sections, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        JobConfig.from_dict(with_changes(**sections))
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match=r"data\.url: required key is missing"):
+        JobConfig.from_dict({"name": "t", "data": {}, "output": {"run_url": "memory://r"}})
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"job\.yaml: not valid YAML \(line \d+"):
+        load_job(path)
+
+
+def test_secrets_redacted_in_saved_config():
+    job = JobConfig.from_dict(with_changes(data={"storage_options": {"key": "AKIA123", "secret": "s3cr3t",
+                                                                     "endpoint_url": "http://x"}}))
+    saved = job.to_dict()
+    assert saved["data"]["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
+    assert job.data.storage_options["secret"] == "s3cr3t"
+
+
+def test_example_jobs_load():
+    from pathlib import Path
+
+    jobs = sorted(Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml"))
+    assert jobs, "no example jobs"
+    for path in jobs:
+        load_job(path)

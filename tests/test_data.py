@@ -1,0 +1,131 @@
+"""The S3-streamed dataset, against the loopback S3 server through s3fs."""
+
+import io
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from daskgan import storage, synthetic
+from daskgan.config import DataConfig
+from daskgan.data import (ImageStream, StreamPosition, center_crop_resize, decode_image, index_images,
+                          shard_indices)
+
+
+@pytest.fixture
+def shapes_dataset(s3_bucket):
+    url, options = s3_bucket
+    dataset = storage.join(url, "shapes")
+    synthetic.write_dataset(dataset, images=40, resolution=24, storage_options=options)
+    return dataset, options
+
+
+def test_index_labels_class_folders(shapes_dataset):
+    url, options = shapes_dataset
+    index = index_images(url, options)
+    assert len(index) == 40
+    assert index.classes == tuple(sorted(synthetic.SHAPES))
+    for path, label in zip(index.paths, index.labels):
+        assert path.split("/")[-2] == index.classes[label]
+
+
+def test_missing_bucket_is_a_clear_error(s3_server):
+    with pytest.raises(FileNotFoundError, match="no-such-bucket"):
+        index_images("s3://no-such-bucket-xyz/data", {"endpoint_url": s3_server.endpoint_url})
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shards_are_disjoint_and_complete(world_size):
+    for epoch in range(3):
+        shards = [set(shard_indices(101, r, world_size, epoch, seed=5)) for r in range(world_size)]
+        assert sum(len(s) for s in shards) == 101
+        assert set().union(*shards) == set(range(101))
+    assert shard_indices(101, 0, 2, 0, 5) != shard_indices(101, 0, 2, 1, 5), "each epoch reshuffles"
+    assert shard_indices(101, 0, 2, 1, 5) == shard_indices(101, 0, 2, 1, 5), "same seed and epoch, same order"
+
+
+def test_decode_crops_center_and_scales_to_unit_range():
+    image = Image.new("RGB", (30, 10), (0, 0, 0))
+    image.paste((255, 255, 255), (10, 0, 20, 10))  # white centre square, black sides
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    tensor = decode_image(buffer.getvalue(), 10)
+    assert tensor.shape == (3, 10, 10)
+    assert torch.allclose(tensor, torch.ones_like(tensor)), "crop keeps the white centre only"
+    grey = center_crop_resize(torch.zeros(3, 64, 64, dtype=torch.uint8), 16)
+    assert grey.shape == (3, 16, 16) and grey.min() == -1.0
+
+
+def test_palette_and_grey_images_become_rgb():
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue(), 8).shape == (3, 8, 8)
+
+
+def test_ranks_stream_disjoint_complete_epochs(shapes_dataset):
+    url, options = shapes_dataset
+    index = index_images(url, options)
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=4, fetch_batch=6)
+    seen = []
+    for rank in range(2):
+        stream = ImageStream(index, config, rank=rank, world_size=2, seed=1)
+        try:
+            batches = [next(stream) for _ in range(5)]  # 20 images per rank = one epoch
+        finally:
+            stream.close()
+        assert all(b.images.shape == (4, 3, 16, 16) for b in batches)
+        assert batches[-1].position == StreamPosition(0, 20)
+        seen.append(torch.cat([b.images for b in batches]))
+    flattened = {tuple(x.flatten()[:64].tolist()) for x in torch.cat(seen)}
+    assert len(flattened) == 40, "every image read exactly once across the two ranks"
+
+
+def test_stream_resumes_at_its_position(shapes_dataset):
+    url, options = shapes_dataset
+    index = index_images(url, options)
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=4)
+    stream = ImageStream(index, config, seed=3)
+    batches = [next(stream) for _ in range(14)]  # crosses into the second epoch
+    stream.close()
+    resumed = ImageStream(index, config, seed=3, start=batches[8].position)
+    again = [next(resumed) for _ in range(5)]
+    resumed.close()
+    for original, repeat in zip(batches[9:], again):
+        assert torch.equal(original.images, repeat.images) and torch.equal(original.labels, repeat.labels)
+
+
+def test_corrupt_objects_are_skipped_counted_and_logged_once(shapes_dataset, caplog):
+    url, options = shapes_dataset
+    png = synthetic.png_bytes(Image.new("RGB", (24, 24)))
+    storage.write_many({
+        storage.join(url, "circle", "zz-garbage.png"): b"not an image at all",
+        storage.join(url, "circle", "zz-truncated.png"): png[: len(png) // 2],
+        storage.join(url, "square", "zz-empty.png"): b"",
+    }, options)
+    index = index_images(url, options)
+    assert len(index) == 43
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=5)
+    stream = ImageStream(index, config)
+    with caplog.at_level(logging.WARNING, logger="daskgan.data"):
+        batches = [next(stream) for _ in range(24)]  # three epochs of 8 full batches (40 good images)
+    stream.close()
+    assert all(len(b.images) == 5 for b in batches)
+    assert stream.skipped == 3
+    warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert len(warned) == 3 and any("zz-truncated" in m for m in warned)
+
+
+def test_local_cache_serves_second_read(shapes_dataset, tmp_path):
+    url, options = shapes_dataset
+    index = index_images(url, options)
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=8, cache_dir=str(tmp_path))
+    first = ImageStream(index, config)
+    a = next(first).images
+    first.close()
+    cached_files = list(tmp_path.rglob("*.png"))
+    assert len(cached_files) >= 8
+    storage.remove(url, options)  # the bucket copy is gone; the cache still has the first batch
+    second = ImageStream(index, config)
+    assert torch.equal(next(second).images, a)
+    second.close()

@@ -1,0 +1,25 @@
+import pytest
+
+from daskgan import storage
+
+
+def test_join_refuses_escaping_the_prefix():
+    assert storage.join("s3://b/runs/", "x", "y.pt") == "s3://b/runs/x/y.pt"
+    for bad in ("../other", "/abs", "a//b", "a/./b", ""):
+        with pytest.raises(ValueError):
+            storage.join("s3://b/runs", bad)
+
+
+def test_roundtrip_and_listing_on_s3(s3_bucket):
+    url, options = s3_bucket
+    storage.write_many({storage.join(url, "d", n): n.encode() for n in ("b.txt", "a.txt")}, options)
+    storage.write_json(storage.join(url, "d", "p.json"), {"k": 1}, options)
+    assert storage.list_names(storage.join(url, "d"), options) == ["a.txt", "b.txt", "p.json"]
+    assert storage.read_json(storage.join(url, "d", "p.json"), options) == {"k": 1}
+    assert storage.list_names(storage.join(url, "nothing"), options) == []
+
+
+def test_local_write_creates_folders(tmp_path):
+    target = storage.join(tmp_path.as_uri(), "a", "b", "c.bin")
+    storage.write_bytes(target, b"xyz")
+    assert (tmp_path / "a" / "b" / "c.bin").read_bytes() == b"xyz"
