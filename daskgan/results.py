@@ -142,7 +142,7 @@ def image_grid(images: torch.Tensor, padding: int = 2) -> torch.Tensor:
     count, channels, height, width = images.shape
     columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
-    grid = torch.zeros(channels, rows * (height + padding) + padding, columns * (width + padding) + padding)
+    grid = torch.full((channels, rows * (height + padding) + padding, columns * (width + padding) + padding), -1.0)
     for i, image in enumerate(images):
         top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
         grid[:, top:top + height, left:left + width] = image

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from daskgan import checkpoint, storage
+from daskgan.checkpoint import CheckpointMismatch
+
+
+@pytest.fixture
+def run_url(tmp_path):
+    return tmp_path.as_uri() + "/run"
+
+
+def state(iteration):
+    return {"iteration": iteration, "G": {"w": torch.full((2,), float(iteration))}, "model": {"family": "dcgan"}}
+
+
+def test_keeps_the_newest_k_and_points_at_the_last(run_url):
+    for iteration in (10, 20, 30, 40):
+        checkpoint.save(run_url, state(iteration), iteration, keep=2)
+    assert [i for i, _ in checkpoint.list_checkpoints(run_url)] == [30, 40]
+    loaded = checkpoint.load(checkpoint.latest(run_url))
+    assert loaded["iteration"] == 40 and torch.equal(loaded["G"]["w"], torch.full((2,), 40.0))
+
+
+def test_failed_write_leaves_the_pointer_on_the_previous_checkpoint(run_url, monkeypatch):
+    checkpoint.save(run_url, state(10), 10, keep=3)
+    real_write = storage.write_bytes
+
+    def crash_on_checkpoint(url, data, options=None):
+        if url.endswith(".pt"):
+            raise ConnectionError("network gone mid-upload")
+        real_write(url, data, options)
+
+    monkeypatch.setattr(storage, "write_bytes", crash_on_checkpoint)
+    with pytest.raises(ConnectionError):
+        checkpoint.save(run_url, state(20), 20, keep=3)
+    assert checkpoint.latest(run_url).endswith("000000010.pt")
+
+
+def test_latest_falls_back_to_listing_when_the_pointer_is_stale(run_url):
+    checkpoint.save(run_url, state(10), 10, keep=3)
+    checkpoint.save(run_url, state(20), 20, keep=3)
+    storage.remove(checkpoint.latest(run_url))
+    assert checkpoint.latest(run_url).endswith("000000010.pt")
+
+
+def test_empty_run_has_no_checkpoint(run_url):
+    assert checkpoint.latest(run_url) is None
+
+
+def test_mismatch_names_every_differing_field():
+    with pytest.raises(CheckpointMismatch, match=r"resolution: checkpoint has 64, job has 32; z_dim"):
+        checkpoint.check_compatible({"model": {"resolution": 64, "z_dim": 100}}, {"resolution": 32, "z_dim": 64}, "x")
+    checkpoint.check_compatible({"model": {"z_dim": 1}}, {"z_dim": 1}, "x")

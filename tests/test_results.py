@@ -1,0 +1,42 @@
+import json
+
+import torch
+
+from daskgan import storage
+from daskgan.results import RunWriter, image_grid, load, trim_records
+
+
+def write_part(run_url, iterations):
+    lines = "".join(json.dumps({"iteration": i, "loss_G": float(i)}) + "\n" for i in iterations)
+    storage.write_bytes(f"{run_url}/records/{iterations[0]:09d}-{iterations[-1]:09d}.jsonl", lines.encode())
+
+
+def test_trim_drops_records_after_the_checkpoint(tmp_path):
+    run_url = tmp_path.as_uri()
+    write_part(run_url, [1, 2, 3])
+    write_part(run_url, [4, 5, 6])
+    write_part(run_url, [7, 8])
+    trim_records(run_url, 5)
+    assert load(run_url)["iteration"].tolist() == [1, 2, 3, 4, 5]
+    trim_records(run_url, 0)
+    assert load(run_url).empty
+
+
+def test_image_grid_tiles_and_maps_to_bytes():
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (-1.0, 0.0, 1.0, 1.0, -1.0)])
+    grid = image_grid(images, padding=1)
+    assert grid.dtype == torch.uint8 and grid.shape == (3, 2 * 5 + 1, 3 * 5 + 1)
+    assert grid[0, 1, 1] == 0 and grid[0, 1, 6] == 128 and grid[0, 1, 11] == 255
+    assert grid[0, 6:10, 11:15].eq(0).all(), "the unused sixth cell stays black"
+
+
+def test_writer_flushes_in_parts_and_writes_summary(tmp_path):
+    run_url = tmp_path.as_uri() + "/run"
+    writer = RunWriter(run_url, None, start_iteration=0, flush_every=3)
+    for i in range(1, 8):
+        writer.record({"iteration": i, "loss_G": 1.0 / i})
+    assert storage.list_names(f"{run_url}/records") == ["000000001-000000003.jsonl", "000000004-000000006.jsonl"]
+    table = writer.close()
+    assert table["iteration"].tolist() == list(range(1, 8))
+    assert storage.exists(f"{run_url}/records.parquet")
+    assert any(n.startswith("events.out.tfevents") for n in storage.list_names(f"{run_url}/tb"))

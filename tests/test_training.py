@@ -1,0 +1,133 @@
+"""End-to-end: 2 gloo ranks on a LocalCluster, data and run directory in the loopback S3 bucket."""
+
+import io
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from daskgan import checkpoint, dispatch, storage, synthetic, train_gan
+from daskgan.checkpoint import CheckpointMismatch
+from daskgan.config import JobConfig
+from daskgan.results import RunMonitor, load
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dataset(s3_bucket):
+    url, options = s3_bucket
+    synthetic.write_dataset(storage.join(url, "data"), images=48, resolution=16, storage_options=options)
+    return url, options
+
+
+def job(bucket_url, options, run="run", **train):
+    return JobConfig.from_dict({
+        "name": "e2e",
+        "data": {"url": f"{bucket_url}/data", "storage_options": options, "resolution": 16, "batch_size": 4},
+        "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4},
+        "train": {"iterations": 6, **train},
+        "output": {"run_url": f"{bucket_url}/{run}", "storage_options": options, "flush_every": 2,
+                   "grid_every": 3, "grid_images": 9, "checkpoint_every": 3, "keep_checkpoints": 5},
+    })
+
+
+def run_job(client, config):
+    monitor = RunMonitor(client, config.output.run_url)
+    try:
+        futures = dispatch.run(client, train_gan, config, timeout=120)
+        live = list(monitor.records(futures))
+    finally:
+        monitor.close()
+    return dispatch.results(futures)[0], live
+
+
+def final_weights(config):
+    state = checkpoint.load(checkpoint.latest(config.output.run_url, config.output.storage_options),
+                            config.output.storage_options)
+    return state["G"], state["D"]
+
+
+def test_run_writes_records_grids_tensorboard_and_checkpoints(dask_client, dataset, tmp_path):
+    url, options = dataset
+    config = job(url, options)
+    summary, live = run_job(dask_client, config)
+
+    assert [r["iteration"] for r in live] == list(range(1, 7)), "every record reaches the client, in order"
+    table = load(config.output.run_url, options)
+    assert table["iteration"].tolist() == list(range(1, 7))
+    for column in ("epoch", "kimg", "loss_G", "loss_D_real", "loss_D_fake", "D_x", "D_G_z", "images_per_s"):
+        assert table[column].notna().all(), column
+    assert table["kimg"].iloc[-1] == pytest.approx(6 * 4 * 2 / 1000)
+    assert summary["records"] == 6 and summary["skipped_images"] == 0
+
+    parquet = storage.read_bytes(f"{config.output.run_url}/records.parquet", options)
+    import pandas as pd
+    assert pd.read_parquet(io.BytesIO(parquet))["loss_G"].tolist() == table["loss_G"].tolist()
+
+    for iteration in (3, 6):
+        png = storage.read_bytes(f"{config.output.run_url}/grids/{iteration:09d}.png", options)
+        assert Image.open(io.BytesIO(png)).size == (3 * 18 + 2, 3 * 18 + 2)
+
+    assert [i for i, _ in checkpoint.list_checkpoints(config.output.run_url, options)] == [3, 6]
+    state = checkpoint.load(checkpoint.latest(config.output.run_url, options), options)
+    assert state["iteration"] == 6 and len(state["ranks"]) == 2
+
+    saved_config = yaml.safe_load(storage.read_bytes(f"{config.output.run_url}/config.yaml", options))
+    assert saved_config["train"]["iterations"] == 6
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(f"{config.output.run_url}/tb", size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/G")] == list(range(1, 7))
+    assert [e.value for e in events.Scalars("loss/G")] == pytest.approx(table["loss_G"].tolist(), rel=1e-5)
+    assert [e.step for e in events.Images("samples/fixed_z")] == [3, 6]
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(dask_client, dataset):
+    url, options = dataset
+    straight = job(url, options, run="straight")
+    run_job(dask_client, straight)
+
+    interrupted = job(url, options, run="resumed", iterations=3)
+    run_job(dask_client, interrupted)
+    resumed = job(url, options, run="resumed")
+    summary, live = run_job(dask_client, resumed)
+
+    assert summary["resumed_from"].endswith("000000003.pt")
+    assert [r["iteration"] for r in live] == [4, 5, 6], "the iteration counter continues"
+    records = load(resumed.output.run_url, options)
+    assert records["iteration"].tolist() == list(range(1, 7)), "no duplicate or missing records"
+    assert records["loss_G"].tolist() == load(straight.output.run_url, options)["loss_G"].tolist()
+    for a, b in zip(final_weights(straight), final_weights(resumed)):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+def test_resume_from_an_earlier_checkpoint_drops_later_records(dask_client, dataset):
+    url, options = dataset
+    first = job(url, options, run="rewind")
+    run_job(dask_client, first)
+    earlier = checkpoint.list_checkpoints(first.output.run_url, options)[0][1]  # iteration 3
+    rewind = job(url, options, run="rewind", iterations=5)
+    rewind.output.resume = earlier
+    summary, live = run_job(dask_client, rewind)
+    assert [r["iteration"] for r in live] == [4, 5]
+    assert load(first.output.run_url, options)["iteration"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_for_another_model_is_refused(dask_client, dataset):
+    url, options = dataset
+    run_job(dask_client, job(url, options, run="other", iterations=3))
+    wider = job(url, options, run="other")
+    wider.model.g_channels = 8
+    with pytest.raises(CheckpointMismatch, match="g_channels: checkpoint has 4, job has 8"):
+        run_job(dask_client, wider)
+
+
+def test_dataset_without_images_fails_clearly_on_the_client(dask_client, s3_bucket):
+    url, options = s3_bucket
+    with pytest.raises(FileNotFoundError, match="no images"):
+        run_job(dask_client, job(url, options))
