@@ -99,3 +99,39 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def prepare(job, endpoint_url: str | None) -> "JobConfig":  # noqa: F821
+    """Point the job at the loopback S3 server (if any), create its buckets and upload the synthetic dataset.
+
+    Returns a copy of the job with ``endpoint_url`` filled into both storage options.
+    """
+    import copy
+
+    from daskgan import synthetic
+    from daskgan.data import index_images
+
+    job = copy.deepcopy(job)
+    if endpoint_url:
+        for options in (job.data.storage_options, job.output.storage_options):
+            options["endpoint_url"] = endpoint_url
+        for url, options in ((job.data.url, job.data.storage_options), (job.output.run_url, job.output.storage_options)):
+            _ensure_bucket(url, options)
+    dataset = job.sandbox.dataset if job.sandbox else None
+    if dataset is not None:
+        try:
+            index_images(job.data.url, job.data.storage_options)
+            logger.info("dataset already present at %s", job.data.url)
+        except FileNotFoundError:
+            synthetic.write_dataset(job.data.url, dataset.images, dataset.resolution, dataset.seed,
+                                    job.data.storage_options)
+    return job
+
+
+def _ensure_bucket(url: str, storage_options: dict) -> None:
+    from daskgan import storage
+
+    fs, path = storage.filesystem(url, storage_options)
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)

@@ -1,0 +1,96 @@
+"""Command line: ``daskgan train jobs/<job>.yaml [--cluster cluster/<spec>.yaml]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from contextlib import ExitStack
+
+from daskgan import sandbox, storage
+from daskgan.cluster import ClusterSpec, connect, load_cluster_spec
+from daskgan.config import ConfigError, load_job
+
+logger = logging.getLogger("daskgan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="daskgan", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="daskgan's log level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a GAN job on a Dask cluster")
+    train.add_argument("job", help="job YAML file, e.g. jobs/demo.yaml")
+    train.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return train_command(args)
+    except ConfigError as exc:
+        print(f"daskgan: {exc}", file=sys.stderr)
+        return 2
+
+
+def train_command(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    spec = load_cluster_spec(args.cluster) if args.cluster else ClusterSpec().validate()
+    with ExitStack() as stack:
+        endpoint = None
+        if job.sandbox and job.sandbox.s3_server:
+            server = stack.enter_context(sandbox.LoopbackS3())
+            stack.enter_context(sandbox.environment(server.environment()))  # workers started below inherit it
+            endpoint = server.endpoint_url
+        job = sandbox.prepare(job, endpoint) if job.sandbox else job
+        client = stack.enter_context(connect(spec))
+        logger.info("cluster: %d workers; dashboard %s", len(client.scheduler_info()["workers"]),
+                    client.dashboard_link)
+        summary = _train_with_progress(client, job, show_bar=not args.no_progress)
+        local_copy = job.sandbox.copy_results_to if job.sandbox else None
+        if local_copy:
+            storage.copy_tree(job.output.run_url, local_copy, job.output.storage_options)
+    _report(summary, local_copy, stopped_server=endpoint is not None)
+    return 0
+
+
+def _train_with_progress(client, job, show_bar: bool) -> dict:
+    from tqdm import tqdm
+
+    from daskgan.launch import run_job
+
+    with tqdm(total=job.train.iterations, unit="it", disable=not show_bar, dynamic_ncols=True) as bar:
+        def show(record: dict) -> None:
+            bar.update(record["iteration"] - bar.n)
+            bar.set_postfix(loss_G=f"{record['loss_G']:.3f}", loss_D=f"{record['loss_D_real'] + record['loss_D_fake']:.3f}",
+                            img_s=f"{record['images_per_s']:.0f}", refresh=False)
+            if not show_bar and record["iteration"] % job.output.flush_every == 0:
+                logger.info("iteration %d: loss_G %.3f", record["iteration"], record["loss_G"])
+
+        return run_job(client, job, on_record=show)
+
+
+def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None:
+    run_url = summary["run_url"]
+    lines = [f"daskgan: trained {summary['iterations']} iterations; run directory {run_url}",
+             f"  records:     {run_url}/records.parquet (and records/*.jsonl)",
+             f"  grids:       {run_url}/grids/",
+             f"  tensorboard: tensorboard --logdir {run_url}/tb",
+             f"  checkpoint:  {summary['checkpoint']}"]
+    if summary.get("skipped_images"):
+        lines.append(f"  skipped {summary['skipped_images']} unreadable images (see the workers' log)")
+    if local_copy:
+        where = os.path.abspath(local_copy)
+        note = "the loopback S3 server has stopped; " if stopped_server else ""
+        lines += [f"  {note}a copy of the run directory is in {where}",
+                  f"    grids: {where}/grids/   records: {where}/records.parquet",
+                  f"    tensorboard --logdir {where}/tb"]
+    print("\n".join(lines))
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("daskgan").setLevel(level.upper())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
