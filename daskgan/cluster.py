@@ -42,14 +42,30 @@ def load_cluster_spec(path: str | Path) -> ClusterSpec:
 
 
 @contextmanager
-def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
-    """A Client for ``spec``; a local cluster is started here and shut down on exit."""
+def connect(spec: ClusterSpec, dashboard_address: str | None = ":0") -> Iterator["distributed.Client"]:  # noqa: F821
+    """A Client for ``spec``; a local cluster is started here (with ``torch_worker_environ``) and shut down on exit."""
+    import dask
     from distributed import Client, LocalCluster
 
     if spec.kind == "scheduler":
         with Client(spec.address) as client:
             yield client
         return
-    with LocalCluster(n_workers=spec.n_workers, threads_per_worker=spec.threads_per_worker,
-                      memory_limit=spec.memory_limit, processes=True) as cluster, Client(cluster) as client:
-        yield client
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": torch_worker_environ()}):
+        with LocalCluster(n_workers=spec.n_workers, threads_per_worker=spec.threads_per_worker,
+                          memory_limit=spec.memory_limit, processes=True,
+                          dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
+            yield client
+
+
+def torch_worker_environ() -> dict:
+    """distributed's pre-spawn environment for worker processes, without ``MALLOC_TRIM_THRESHOLD_``.
+
+    distributed sets it to 64 KiB, which also freezes glibc's adaptive mmap threshold, so every large tensor of a
+    training step is mapped and unmapped from the OS again: measured here, a DCGAN 64x64 step went from 0.86 s to
+    1.25 s. Workers that train with PyTorch are better off with glibc's defaults.
+    """
+    import dask
+
+    current = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {name: value for name, value in current.items() if name != "MALLOC_TRIM_THRESHOLD_"}

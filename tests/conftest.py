@@ -38,8 +38,7 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def dask_client(s3_server):
     """Two single-threaded worker processes, started after the S3 environment is set so they inherit it."""
-    from distributed import Client, LocalCluster
+    from daskgan.cluster import ClusterSpec, connect
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as client:
-            yield client
+    with connect(ClusterSpec(n_workers=2), dashboard_address=None) as client:
+        yield client

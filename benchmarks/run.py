@@ -1,0 +1,128 @@
+"""Benchmarks for the foundation slice; prints figures, asserts nothing.
+
+1. Loader: images/s of the S3-streamed ImageStream (loopback moto server) vs the same files on local disk, next
+   to the raw concurrent-GET rate of the same server (the ceiling a loader can reach against it).
+2. DCGAN step time: train_gan under dispatch.run on 1 worker vs a plain single-process PyTorch loop of the same
+   model and batch size.
+
+Run: ``make bench`` (or ``.venv/bin/python benchmarks/run.py [--images N] [--steps N]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from daskgan import storage, synthetic
+from daskgan.config import DataConfig, JobConfig
+from daskgan.data import ImageStream, index_images
+from daskgan.models.dcgan import Discriminator, Generator
+from daskgan.sandbox import LoopbackS3, environment
+
+RESOLUTION, BATCH, Z_DIM, CHANNELS = 64, 32, 100, 64
+
+
+def loader_rate(url: str, options: dict, images: int) -> float:
+    """Images/s for one pass of ``images`` images through an ImageStream (listing excluded)."""
+    index = index_images(url, options)
+    config = DataConfig(url=url, storage_options=options, resolution=RESOLUTION, batch_size=BATCH,
+                        fetch_batch=128, prefetch_batches=8)
+    stream = ImageStream(index, config)
+    started = time.perf_counter()
+    count = sum(len(next(stream).images) for _ in range(images // BATCH))
+    elapsed = time.perf_counter() - started
+    stream.close()
+    return count / elapsed
+
+
+def raw_get_rate(url: str, options: dict) -> float:
+    fs, _ = storage.filesystem(url, options)
+    paths = list(index_images(url, options).paths)
+    started = time.perf_counter()
+    fs.cat(paths)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def plain_step_seconds(steps: int) -> list[float]:
+    """The same DCGAN step as train_gan, in one process without DDP or Dask, on in-memory batches."""
+    torch.manual_seed(0)
+    G, D = Generator(RESOLUTION, Z_DIM, CHANNELS), Discriminator(RESOLUTION, CHANNELS)
+    opt_G = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
+    real = torch.rand(BATCH, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        fake = G(torch.randn(BATCH, Z_DIM))
+        opt_D.zero_grad()
+        real_logits, fake_logits = D(real), D(fake.detach())
+        (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+         + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))).backward()
+        opt_D.step()
+        opt_G.zero_grad()
+        D.requires_grad_(False)
+        logits = D(fake)
+        F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
+        D.requires_grad_(True)
+        opt_G.step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int) -> list[float]:
+    """Per-iteration wall time of train_gan on a 1-worker LocalCluster, from its own records."""
+    from daskgan.cluster import ClusterSpec, connect
+    from daskgan.launch import run_job
+    from daskgan.results import load
+
+    job = JobConfig.from_dict({
+        "name": "bench", "data": {"url": url, "storage_options": options, "resolution": RESOLUTION,
+                                  "batch_size": BATCH},
+        "model": {"z_dim": Z_DIM, "g_channels": CHANNELS, "d_channels": CHANNELS},
+        "train": {"iterations": steps},
+        "output": {"run_url": run_url, "storage_options": options, "grid_every": 10**6,
+                   "checkpoint_every": 10**6, "flush_every": steps},
+    })
+    with connect(ClusterSpec(n_workers=1), dashboard_address=None) as client:
+        run_job(client, job)
+    records = load(run_url, options)
+    return (BATCH / records["images_per_s"]).tolist()
+
+
+def summary(times: list[float]) -> str:
+    warm = times[len(times) // 5:]  # drop warm-up steps
+    return f"median {statistics.median(warm) * 1000:.0f} ms/step, {BATCH / statistics.median(warm):.0f} img/s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # match a single-threaded Dask worker
+    with LoopbackS3() as server, environment(server.environment()), tempfile.TemporaryDirectory() as local:
+        options = {"endpoint_url": server.endpoint_url}
+        storage.filesystem("s3://bench", options)[0].mkdir("bench")
+        s3_url, local_url = "s3://bench/images", f"file://{local}/images"
+        synthetic.write_dataset(s3_url, args.images, RESOLUTION, storage_options=options)
+        synthetic.write_dataset(local_url, args.images, RESOLUTION)
+        print(f"loader, {args.images} PNG images {RESOLUTION}x{RESOLUTION}, batch {BATCH}:")
+        raw = raw_get_rate(s3_url, options)
+        s3_rate = loader_rate(s3_url, options, args.images)
+        disk_rate = loader_rate(local_url, {}, args.images)
+        print(f"  raw concurrent GET (fs.cat of all keys): {raw:8.0f} objects/s")
+        print(f"  ImageStream from S3 (loopback moto):     {s3_rate:8.0f} images/s ({s3_rate / raw:.0%} of raw GET)")
+        print(f"  ImageStream from local disk:             {disk_rate:8.0f} images/s")
+        print(f"DCGAN {RESOLUTION}x{RESOLUTION}, {CHANNELS} channels, batch {BATCH}, {args.steps} steps (first 20% dropped):")
+        print(f"  plain single-process loop:               {summary(plain_step_seconds(args.steps))}")
+        print(f"  train_gan via dispatch.run, 1 worker:    "
+              f"{summary(dispatched_step_seconds(s3_url, options, 's3://bench/run', args.steps))}")
+
+
+if __name__ == "__main__":
+    main()
