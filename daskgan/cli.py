@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from contextlib import ExitStack
 
@@ -48,7 +49,7 @@ def train_command(args: argparse.Namespace) -> int:
         summary = _train_with_progress(client, job, show_bar=not args.no_progress)
         local_copy = job.sandbox.copy_results_to if job.sandbox else None
         if local_copy:
-            storage.copy_tree(job.output.run_url, local_copy, job.output.storage_options)
+            _replace_local_copy(job.output.run_url, local_copy, job.output.storage_options)
     _report(summary, local_copy, stopped_server=endpoint is not None)
     return 0
 
@@ -67,6 +68,15 @@ def _train_with_progress(client, job, show_bar: bool) -> dict:
                 logger.info("iteration %d: loss_G %.3f", record["iteration"], record["loss_G"])
 
         return run_job(client, job, on_record=show)
+
+
+def _replace_local_copy(run_url: str, local_dir: str, storage_options: dict) -> None:
+    """Mirror the run directory into ``local_dir``, replacing an earlier copy so no stale files mix in."""
+    if os.path.exists(os.path.join(local_dir, "config.yaml")):
+        shutil.rmtree(local_dir)
+    elif os.path.exists(local_dir) and os.listdir(local_dir):
+        raise FileExistsError(f"{local_dir} exists and is not a daskgan run copy; choose another copy_results_to")
+    storage.copy_tree(run_url, local_dir, storage_options)
 
 
 def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None:

@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import socket
+import time
 from collections import Counter
 from typing import Any, Callable
 
@@ -62,21 +63,24 @@ def run(
     ]
 
 
-def results(futures: list[Future], timeout: float | None = None) -> list[Any]:
-    """Wait for every rank; return their results, or raise the first failure (it names its rank).
+def results(futures: list[Future], timeout: float | None = None, grace: float = 10.0) -> list[Any]:
+    """Wait for every rank; return their results, or raise the failure that came first (it names its rank).
 
-    The first exception to arrive is the cause; the errors other ranks raise afterwards (peers closing their
-    connections) are consequences, so they are not the ones reported.
+    When one rank fails, the others fail moments later with "connection closed by peer": consequences, not the
+    cause. So after the first failure the other ranks get ``grace`` seconds to finish, and the exception raised
+    earliest on the workers is the one re-raised here; ranks still running after that are cancelled.
     """
     pending = list(futures)
     while pending:
         done, not_done = wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
-        failed = [f for f in done if f.status == "error"]
-        if failed:
+        if any(f.status == "error" for f in done):
+            wait(list(not_done), timeout=grace)
+            failed = [f for f in futures if f.status == "error"]
+            cause = min(failed, key=lambda f: getattr(f.exception(), "failed_at", float("inf")))
             for future in futures:
                 if not future.done():
                     future.cancel()
-            failed[0].result()  # raises the rank's exception
+            cause.result()  # raises the rank's exception
         pending = list(not_done)
     return [f.result() for f in futures]
 
@@ -96,6 +100,7 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
     try:
         return fn(*args, **kwargs, **({"local_rank": local_rank} if pass_local_rank else {}))
     except BaseException as exc:
+        exc.failed_at = time.time()
         exc.rank = rank
         exc.add_note(f"(raised on DDP rank {rank} of {world_size})")
         raise

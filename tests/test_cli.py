@@ -1,0 +1,69 @@
+"""The command line and the README's Python example, run as a user would."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from daskgan.cli import main
+from daskgan.cluster import load_cluster_spec
+from daskgan.config import ConfigError
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_bad_job_gives_one_line_naming_the_key(tmp_path, capsys):
+    job = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    job["train"]["itterations"] = 5
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "train.itterations: unknown key" in error
+
+
+def test_cluster_spec_typo_names_the_key(tmp_path, capsys):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("kind: local\nn_worker: 2\n")
+    assert main(["train", str(ROOT / "jobs" / "demo.yaml"), "--cluster", str(path)]) == 2
+    assert "n_worker: unknown key" in capsys.readouterr().err
+    path.write_text("kind: scheduler\n")
+    with pytest.raises(ConfigError, match="address: required"):
+        load_cluster_spec(path)
+    assert load_cluster_spec(ROOT / "cluster" / "local.yaml").n_workers == 2
+
+
+@pytest.mark.slow
+def test_sandbox_job_runs_end_to_end_and_says_where_results_are(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    job["sandbox"]["dataset"] = {"images": 32, "resolution": 16}
+    job["data"].update(resolution=16, batch_size=4)
+    job["model"].update(z_dim=8, g_channels=4, d_channels=4)
+    job["train"]["iterations"] = 4
+    job["output"].update(grid_every=2, checkpoint_every=2, flush_every=2)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["train", "job.yaml", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 4 iterations" in out and "tensorboard --logdir" in out
+    copy = tmp_path / "demo-output"
+    assert str(copy) in out
+    assert pd.read_parquet(copy / "records.parquet")["iteration"].tolist() == [1, 2, 3, 4]
+    assert sorted(p.name for p in (copy / "grids").iterdir()) == ["000000002.png", "000000004.png"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (copy / "tb").iterdir())
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python API\s+```python\n(.*?)```", readme, re.S).group(1)
+    script = tmp_path / "quickstart.py"
+    script.write_text(code.replace("/tmp/daskgan-quickstart", str(tmp_path)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoints/000000020.pt" in done.stdout
+    assert re.search(r"^20 ", done.stdout, re.M), "on_record saw the last iteration"
