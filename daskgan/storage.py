@@ -42,7 +42,7 @@ def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | N
     if not objects:
         return
     fs, _ = filesystem(next(iter(objects)), storage_options)
-    paths = {fs._strip_protocol(url): data for url, data in objects.items()}
+    paths = {filesystem(url, storage_options)[1]: data for url, data in objects.items()}
     if not _is_object_store(fs):
         for parent in {posixpath.dirname(p) for p in paths} - {""}:
             fs.makedirs(parent, exist_ok=True)

@@ -30,6 +30,18 @@ def test_index_labels_class_folders(shapes_dataset):
         assert path.split("/")[-2] == index.classes[label]
 
 
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_any_fsspec_url_streams(scheme, tmp_path):
+    url = f"memory://shapes-{tmp_path.name}" if scheme == "memory" else tmp_path.as_uri()
+    synthetic.write_dataset(url, images=8, resolution=8, shapes=("circle", "square"))
+    index = index_images(url)
+    assert index.classes == ("circle", "square") and len(index) == 8
+    stream = ImageStream(index, DataConfig(url=url, resolution=8, batch_size=4, shuffle=False))
+    batch = next(stream)
+    stream.close()
+    assert batch.images.shape == (4, 3, 8, 8) and batch.labels.tolist() == list(index.labels[:4])
+
+
 def test_missing_bucket_is_a_clear_error(s3_server):
     with pytest.raises(FileNotFoundError, match="no-such-bucket"):
         index_images("s3://no-such-bucket-xyz/data", {"endpoint_url": s3_server.endpoint_url})
