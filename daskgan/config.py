@@ -7,6 +7,7 @@ Unknown keys and values of the wrong type or range are refused with one line tha
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ SECRET_OPTION_NAMES = frozenset(
      "session_token", "account_key", "sas_token", "client_secret"}
 )
 REDACTED = "***"
+ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,7 @@ class DataConfig:
         _require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
         _require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
+        check_no_plain_secrets(self.storage_options, "data.storage_options")
 
 
 @dataclass
@@ -99,6 +102,7 @@ class OutputConfig:
     resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", or a checkpoint URL
 
     def validate(self) -> None:
+        check_no_plain_secrets(self.storage_options, "output.storage_options")
         for name in ("flush_every", "grid_every", "grid_images", "checkpoint_every", "keep_checkpoints"):
             _require(getattr(self, name) >= 1, f"output.{name}", "must be >= 1")
         _require(self.resume in ("auto", "never") or "://" in self.resume or self.resume.endswith(".pt"),
@@ -175,6 +179,21 @@ def load_yaml_mapping(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     return data
+
+
+def check_no_plain_secrets(options: dict, key: str) -> None:
+    """Refuse credentials written into a job: the job travels inside pickled Dask tasks, so only references do.
+
+    A secret option must be a reference such as ``${MY_SECRET}``, resolved from the environment of the machine
+    that opens the storage (see ``daskgan.storage.resolve_references``).
+    """
+    for name, value in options.items():
+        if isinstance(value, dict):
+            check_no_plain_secrets(value, f"{key}.{name}")
+        elif name.lower() in SECRET_OPTION_NAMES and value is not None and not ENV_REFERENCE.match(str(value)):
+            raise ConfigError(
+                f"{key}.{name}: a plain credential in a job file would travel inside the task graph; write "
+                f"${{ENV_VAR}} to read it from the workers' environment, or use a profile or the machine's role")
 
 
 def redact(options: dict) -> dict:

@@ -23,6 +23,31 @@ from distributed.comm import get_address_host
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
+POLL_SECONDS = 2.0  # how often a wait looks for lost workers
+
+
+class WorkerLost(RuntimeError):
+    """A worker running a rank left the cluster (process killed, pod preempted) before the run finished."""
+
+    def __init__(self, ranks: list[int], workers: list[str]):
+        super().__init__(f"rank(s) {ranks} lost: worker(s) {', '.join(workers)} left the cluster during the run")
+        self.ranks, self.workers = ranks, workers
+
+
+class RankFutures(list):
+    """The futures of one dispatch, index = rank, remembering the worker each rank is pinned to."""
+
+    def __init__(self, futures: list[Future], workers: list[str]):
+        super().__init__(futures)
+        self.workers = workers
+
+    def lost_ranks(self) -> list[int]:
+        """Ranks whose worker is no longer in the cluster (their task can never finish: it is pinned there)."""
+        if not self:
+            return []
+        present = set(self[0].client.scheduler_info(n_workers=-1)["workers"])
+        return [rank for rank, (future, worker) in enumerate(zip(self, self.workers))
+                if not future.done() and worker not in present]
 
 
 def run(
@@ -35,10 +60,10 @@ def run(
     pass_local_rank: bool = False,
     workers: list[str] | None = None,
     **kwargs: Any,
-) -> list[Future]:
+) -> RankFutures:
     """Start ``fn(*args, **kwargs)`` once on each worker, inside an initialised process group.
 
-    Returns one future per rank (index = rank). ``backend`` defaults to ``nccl`` when the worker has CUDA, else
+    Returns one future per rank (index = rank), as a list that also knows each rank's worker. ``backend`` defaults to ``nccl`` when the worker has CUDA, else
     ``gloo``. ``timeout`` bounds the rendezvous and every collective, so a lost rank cannot hang the others forever.
     With ``pass_local_rank`` the function also receives ``local_rank=`` (its index among workers on the same host).
     """
@@ -50,7 +75,7 @@ def run(
     local_ranks = _local_ranks(addresses)
     logger.info("dispatching %s to %d ranks, rendezvous at %s:%d", getattr(fn, "__name__", fn), len(addresses),
                 master_addr, master_port)
-    return [
+    return RankFutures([
         client.submit(
             _run_rank, fn, args, kwargs,
             rank=rank, world_size=len(addresses), local_rank=local_ranks[rank],
@@ -60,29 +85,51 @@ def run(
             key=f"ddp-rank-{rank}-{master_port}-{getattr(fn, '__name__', 'fn')}",
         )
         for rank, address in enumerate(addresses)
-    ]
+    ], addresses)
 
 
-def results(futures: list[Future], timeout: float | None = None, grace: float = 10.0) -> list[Any]:
+def results(futures: RankFutures, timeout: float | None = None, grace: float = 10.0) -> list[Any]:
     """Wait for every rank; return their results, or raise the failure that came first (it names its rank).
 
     When one rank fails, the others fail moments later with "connection closed by peer": consequences, not the
     cause. So after the first failure the other ranks get ``grace`` seconds to finish, and the exception raised
-    earliest on the workers is the one re-raised here; ranks still running after that are cancelled.
+    earliest on the workers is the one re-raised here; ranks still running after that are cancelled. If a rank's
+    worker left the cluster, ``WorkerLost`` is raised instead: the cause is the lost worker, not any exception.
     """
-    pending = list(futures)
-    while pending:
-        done, not_done = wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
-        if any(f.status == "error" for f in done):
-            wait(list(not_done), timeout=grace)
-            failed = [f for f in futures if f.status == "error"]
-            cause = min(failed, key=lambda f: getattr(f.exception(), "failed_at", float("inf")))
-            for future in futures:
-                if not future.done():
-                    future.cancel()
-            cause.result()  # raises the rank's exception
-        pending = list(not_done)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not all(f.done() for f in futures):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"ranks still running after {timeout:.0f}s")
+        try:
+            wait([f for f in futures if not f.done()], timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            pass
+        if has_failed(futures):
+            _settle(futures, grace)
+    if has_failed(futures):
+        _settle(futures, grace)
     return [f.result() for f in futures]
+
+
+def has_failed(futures: RankFutures) -> bool:
+    """Whether any rank raised or lost its worker (the run cannot complete as dispatched)."""
+    return any(f.status == "error" for f in futures) or bool(futures.lost_ranks())
+
+
+def _settle(futures: RankFutures, grace: float) -> None:
+    """After a failure: let the other ranks finish (up to ``grace`` s), cancel the rest and raise the cause."""
+    deadline = time.monotonic() + grace
+    lost = futures.lost_ranks()
+    while not lost and time.monotonic() < deadline and not all(f.done() for f in futures):
+        wait([f for f in futures if not f.done()], timeout=0.5)
+        lost = futures.lost_ranks()
+    for future in futures:
+        if not future.done():
+            future.cancel()
+    if lost:
+        raise WorkerLost(lost, [futures.workers[r] for r in lost])
+    failed = [f for f in futures if f.status == "error"]
+    min(failed, key=lambda f: getattr(f.exception(), "failed_at", float("inf"))).result()
 
 
 def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,

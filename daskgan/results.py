@@ -159,14 +159,14 @@ class RunMonitor:
         client.subscribe_topic(self._topic, lambda event: self._queue.put(event[1]))
 
     def records(self, futures, poll_seconds: float = 0.5) -> Iterator[dict[str, Any]]:
-        """Yield records as ranks publish them until every future is done; then raise the first rank failure."""
+        """Yield records as ranks publish them until every rank is done; then raise the first rank failure."""
         from daskgan import dispatch
 
         while True:
             try:
                 yield self._queue.get(timeout=poll_seconds)
             except queue.Empty:
-                if all(f.done() for f in futures):
+                if all(f.done() for f in futures) or dispatch.has_failed(futures):
                     break
         while not self._queue.empty():
             yield self._queue.get()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 from typing import Any, Mapping
 
@@ -28,8 +29,29 @@ def join(url: str, *parts: str) -> str:
 
 
 def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return the filesystem serving ``url`` and the path inside it."""
-    return url_to_fs(url, **dict(storage_options or {}))
+    """Return the filesystem serving ``url`` and the path inside it (``${VAR}`` options resolved here)."""
+    return url_to_fs(url, **resolve_references(storage_options or {}))
+
+
+def resolve_references(options: StorageOptions) -> dict:
+    """Copy of ``options`` with every ``${NAME}`` value replaced by that environment variable of this process.
+
+    Credentials are resolved where the storage is opened (on the worker), so the values never enter the job
+    config, the task graph, logs or checkpoints.
+    """
+    from daskgan.config import ENV_REFERENCE
+
+    resolved = {}
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            resolved[name] = resolve_references(value)
+            continue
+        match = ENV_REFERENCE.match(value) if isinstance(value, str) else None
+        if match and match.group(1) not in os.environ:
+            raise KeyError(f"storage option {name!r} refers to ${{{match.group(1)}}}, which is not set in the "
+                           f"environment of this process (pid {os.getpid()})")
+        resolved[name] = os.environ[match.group(1)] if match else value
+    return resolved
 
 
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:

@@ -43,12 +43,22 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_job(path)
 
 
-def test_secrets_redacted_in_saved_config():
-    job = JobConfig.from_dict(with_changes(data={"storage_options": {"key": "AKIA123", "secret": "s3cr3t",
+@pytest.mark.parametrize("options, key", [
+    ({"secret": "s3cr3t"}, "data.storage_options.secret"),
+    ({"client_kwargs": {"aws_secret_access_key": "abc"}}, "data.storage_options.client_kwargs.aws_secret_access_key"),
+    ({"key": "AKIA${X}"}, "data.storage_options.key"),
+])
+def test_plain_credentials_in_a_job_are_refused(options, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": a plain credential"):
+        JobConfig.from_dict(with_changes(data={"storage_options": options}))
+
+
+def test_credential_references_are_accepted_and_redacted_when_saved():
+    job = JobConfig.from_dict(with_changes(data={"storage_options": {"key": "${K}", "secret": "${S}",
                                                                      "endpoint_url": "http://x"}}))
     saved = job.to_dict()
     assert saved["data"]["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
-    assert job.data.storage_options["secret"] == "s3cr3t"
+    assert job.data.storage_options["secret"] == "${S}"
 
 
 def test_example_jobs_load():

@@ -23,3 +23,22 @@ def test_local_write_creates_folders(tmp_path):
     target = storage.join(tmp_path.as_uri(), "a", "b", "c.bin")
     storage.write_bytes(target, b"xyz")
     assert (tmp_path / "a" / "b" / "c.bin").read_bytes() == b"xyz"
+
+
+def test_references_resolve_from_this_process_environment(monkeypatch):
+    monkeypatch.setenv("DASKGAN_TEST_SECRET", "value-1")
+    options = {"secret": "${DASKGAN_TEST_SECRET}", "client_kwargs": {"token": "${DASKGAN_TEST_SECRET}"}, "anon": False}
+    assert storage.resolve_references(options) == {"secret": "value-1", "client_kwargs": {"token": "value-1"},
+                                                   "anon": False}
+    monkeypatch.delenv("DASKGAN_TEST_SECRET")
+    with pytest.raises(KeyError, match="DASKGAN_TEST_SECRET"):
+        storage.resolve_references(options)
+
+
+def test_tampered_checkpoint_pointer_cannot_escape_the_run(tmp_path):
+    from daskgan import checkpoint
+
+    run_url = tmp_path.as_uri() + "/run"
+    storage.write_json(f"{run_url}/checkpoints/latest.json", {"iteration": 1, "name": "../../elsewhere.pt"})
+    with pytest.raises(ValueError, match="invalid path component"):
+        checkpoint.latest(run_url)
