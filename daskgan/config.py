@@ -110,6 +110,20 @@ class OutputConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """What the client does when a worker is lost mid-run (process killed, pod preempted)."""
+
+    max_restarts: int = 3
+    wait_for_workers_s: float = 300.0  # how long to wait for the cluster to offer the workers again
+    min_workers: Optional[int] = None  # after that wait, continue with this many (global batch kept) instead of failing
+
+    def validate(self) -> None:
+        _require(self.max_restarts >= 0, "recovery.max_restarts", "must be >= 0")
+        _require(self.wait_for_workers_s >= 0, "recovery.wait_for_workers_s", "must be >= 0")
+        _require(self.min_workers is None or self.min_workers >= 1, "recovery.min_workers", "must be >= 1")
+
+
+@dataclass
 class SyntheticDatasetConfig:
     """A procedurally drawn image set (coloured shapes, one class folder per shape) the demo uploads itself."""
 
@@ -136,10 +150,11 @@ class JobConfig:
     output: OutputConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     sandbox: Optional[SandboxConfig] = None
 
     def validate(self) -> "JobConfig":
-        for section in (self.data, self.model, self.train, self.output):
+        for section in (self.data, self.model, self.train, self.output, self.recovery):
             section.validate()
         return self
 

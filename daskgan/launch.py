@@ -1,14 +1,18 @@
-"""Client side of a training job: dispatch ``train_gan`` to every worker and follow its records live."""
+"""Client side of a training job: dispatch ``train_gan`` to every worker, follow its records live, and recover
+from lost workers by re-dispatching from the newest checkpoint in the run directory.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from typing import Any, Callable
 
 from distributed import Client
 
-from daskgan import dispatch
-from daskgan.config import JobConfig
+from daskgan import checkpoint, dispatch
+from daskgan.config import JobConfig, RecoveryConfig
 from daskgan.results import RunMonitor
 from daskgan.train import train_gan
 
@@ -19,14 +23,64 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
             timeout: float = dispatch.DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Train ``config`` on every worker of ``client``; ``on_record`` sees each iteration's record as it arrives.
 
-    Returns rank 0's summary (run URL, iterations, last checkpoint). A failing rank raises here, naming its rank.
+    Returns rank 0's summary (run URL, iterations, last checkpoint). A rank that raises fails the job here, naming
+    its rank. A worker that leaves the cluster instead triggers a restart (``config.recovery``): wait for workers,
+    then resume from the newest checkpoint; the cause is recorded in the run's records and TensorBoard.
     """
-    monitor = RunMonitor(client, config.output.run_url)
-    try:
-        futures = dispatch.run(client, train_gan, config, timeout=timeout)
-        for record in monitor.records(futures):
-            if on_record is not None:
-                on_record(record)
-        return dispatch.results(futures)[0]
-    finally:
-        monitor.close()
+    world_size = len(client.scheduler_info(n_workers=-1)["workers"])
+    job, restart, restarts = config, None, 0
+    while True:
+        last_seen = 0
+        monitor = RunMonitor(client, config.output.run_url)
+        try:
+            futures = dispatch.run(client, train_gan, job, restart=restart, timeout=timeout)
+            for record in monitor.records(futures):
+                last_seen = record["iteration"]
+                if on_record is not None:
+                    on_record(record)
+            return dispatch.results(futures)[0]
+        except dispatch.WorkerLost as lost:
+            restarts += 1
+            if restarts > config.recovery.max_restarts:
+                raise RuntimeError(f"giving up after {config.recovery.max_restarts} restarts") from lost
+            logger.warning("%s; restart %d of at most %d, from the newest checkpoint", lost, restarts,
+                           config.recovery.max_restarts)
+            workers = wait_for_workers(client, world_size, lost.workers, config.recovery)
+            job = restart_config(config, workers, world_size)
+            restart = {"restart": restarts, "cause": str(lost), "last_iteration": last_seen}
+        finally:
+            monitor.close()
+
+
+def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: RecoveryConfig) -> int:
+    """Wait until the lost workers are gone from the scheduler and ``wanted`` workers are there; return the count.
+
+    After ``policy.wait_for_workers_s`` the job continues with fewer if at least ``policy.min_workers`` remain.
+    """
+    deadline = time.monotonic() + policy.wait_for_workers_s
+    while time.monotonic() < deadline:
+        workers = set(client.scheduler_info(n_workers=-1)["workers"])
+        if not workers & set(lost) and len(workers) >= wanted:
+            return len(workers)
+        time.sleep(0.5)
+    available = len(set(client.scheduler_info(n_workers=-1)["workers"]) - set(lost))
+    if policy.min_workers is not None and available >= policy.min_workers:
+        logger.warning("only %d of %d workers came back; continuing with %d", available, wanted, available)
+        return available
+    raise TimeoutError(f"only {available} of {wanted} workers came back within {policy.wait_for_workers_s:.0f}s "
+                       f"(set recovery.min_workers to continue with fewer)")
+
+
+def restart_config(config: JobConfig, workers: int, original_workers: int) -> JobConfig:
+    """The job to re-dispatch: resume from the run's newest checkpoint, per-worker batch scaled to keep the global
+    batch when the worker count changed."""
+    job = copy.deepcopy(config)
+    if checkpoint.latest(config.output.run_url, config.output.storage_options) is not None:
+        job.output.resume = "auto"
+    if workers != original_workers:
+        global_batch = config.data.batch_size * original_workers
+        job.data.batch_size = max(1, global_batch // workers)
+        if job.data.batch_size * workers != global_batch:
+            logger.warning("global batch %d does not divide over %d workers; using %d", global_batch, workers,
+                           job.data.batch_size * workers)
+    return job

@@ -58,9 +58,18 @@ class RunWriter:
         # purge_step makes TensorBoard drop steps past the checkpoint that an interrupted earlier session logged
         self._tb = SummaryWriter(self._tb_local, purge_step=start_iteration + 1 if start_iteration else None)
         self._live = _live_publisher(topic(run_url))
+        self._restarts: dict[str, Any] = {}
         trim_records(run_url, start_iteration, storage_options)
 
+    def mark_restart(self, count: int, cause: str, resumed_at: int, redone: int) -> None:
+        """Note a recovery restart: the next record carries its cause, and every later one the restart count."""
+        self._restarts = {"restarts": count, "restart_cause": cause, "redone_iterations": redone}
+        self._tb.add_text("recovery/restarts", f"restart {count} at iteration {resumed_at}: {cause} "
+                          f"({redone} iterations redone)", resumed_at + 1)
+
     def record(self, record: dict[str, Any]) -> None:
+        record = {**record, **self._restarts}
+        self._restarts = {"restarts": self._restarts["restarts"]} if self._restarts else {}
         self._live(record)
         self._pending.append(record)
         for name, value in record.items():
@@ -192,6 +201,8 @@ def _tensorboard_tag(name: str) -> str:
         return f"loss/{name[5:]}"
     if name in ("D_x", "D_G_z"):
         return f"D/{name}"
+    if name in ("restarts", "redone_iterations"):
+        return f"recovery/{name}"
     return f"progress/{name}"
 
 

@@ -85,7 +85,10 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
 
 
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether the object exists now: s3fs answers from a per-process listing cache that other processes
+    (the workers writing checkpoints) make stale, so the cache is dropped first."""
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 

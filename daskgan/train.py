@@ -47,8 +47,12 @@ class Gan:
     opt_D: torch.optim.Optimizer
 
 
-def train_gan(config: JobConfig) -> dict[str, Any] | None:
-    """Train on this rank inside an initialised process group; rank 0 returns a summary of the run."""
+def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Train on this rank inside an initialised process group; rank 0 returns a summary of the run.
+
+    ``restart`` (from the client's recovery) says why this is a re-dispatch: ``restart`` (count), ``cause`` and
+    ``last_iteration`` (the newest record the client saw); rank 0 records it with the first new iteration.
+    """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
     index = _broadcast_from_rank0(lambda: index_images(config.data.url, config.data.storage_options))
@@ -64,6 +68,8 @@ def train_gan(config: JobConfig) -> dict[str, Any] | None:
     writer = (results.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank == 0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position)
+    if writer is not None and restart is not None:
+        writer.mark_restart(restart["restart"], restart["cause"], start, redone=max(0, restart["last_iteration"] - start))
     if rank == 0:
         save_config(config)
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,

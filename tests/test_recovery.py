@@ -1,0 +1,92 @@
+"""Elastic recovery: worker processes killed mid-training, on a LocalCluster with the loopback S3 bucket."""
+
+import os
+import signal
+
+import pytest
+
+from daskgan import checkpoint, storage, synthetic
+from daskgan.cluster import ClusterSpec, connect
+from daskgan.config import JobConfig
+from daskgan.launch import restart_config, run_job
+from daskgan.results import load
+
+pytestmark = pytest.mark.slow
+
+CHECKPOINT_EVERY = 5
+
+
+def recovery_job(bucket_url, options, iterations=30):
+    return JobConfig.from_dict({
+        "name": "faults",
+        "data": {"url": f"{bucket_url}/data", "storage_options": options, "resolution": 16, "batch_size": 4},
+        "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4},
+        "train": {"iterations": iterations},
+        "output": {"run_url": f"{bucket_url}/run", "storage_options": options, "flush_every": 5,
+                   "grid_every": 10, "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 10},
+        "recovery": {"max_restarts": 3, "wait_for_workers_s": 60},
+    })
+
+
+class WorkerKiller:
+    """Kills the worker process of a given rank once the client has seen a given iteration."""
+
+    def __init__(self, client, plan):
+        self.client, self.plan, self.killed = client, dict(plan), []
+
+    def __call__(self, record):
+        rank = self.plan.pop(record["iteration"], None)
+        if rank is None:
+            return
+        pids = self.client.run(os.getpid)
+        victim = sorted(pids)[rank]
+        os.kill(pids[victim], signal.SIGKILL)
+        self.killed.append(record["iteration"])
+
+
+def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(s3_bucket):
+    url, options = s3_bucket
+    synthetic.write_dataset(f"{url}/data", images=48, resolution=16, storage_options=options)
+    config = recovery_job(url, options)
+    live = []
+    with connect(ClusterSpec(n_workers=2), dashboard_address=None) as client:
+        killer = WorkerKiller(client, {8: 1, 19: 0})  # a plain rank first, then rank 0 (the writer)
+        summary = run_job(client, config, on_record=lambda r: (live.append(r), killer(r)))
+
+    assert killer.killed == [8, 19]
+    assert summary["iterations"] == 30
+    records = load(config.output.run_url, options)
+    assert records["iteration"].tolist() == list(range(1, 31)), "every iteration recorded exactly once"
+
+    seen = [r["iteration"] for r in live]
+    for before, after in zip(seen, seen[1:]):
+        if after <= before:  # a restart: it resumes right after the newest checkpoint, never earlier
+            assert (after - 1) % CHECKPOINT_EVERY == 0
+            assert after - 1 >= before // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+
+    restarts = records[records["restart_cause"].notna()]
+    assert restarts["restarts"].tolist() == [1, 2]
+    assert all("left the cluster" in cause for cause in restarts["restart_cause"])
+    assert (restarts["redone_iterations"] < 2 * CHECKPOINT_EVERY).all()
+    assert records["restarts"].iloc[-1] == 2
+
+    for _, ckpt_url in checkpoint.list_checkpoints(config.output.run_url, options):
+        state = checkpoint.load(ckpt_url, options)
+        assert state["iteration"] == int(ckpt_url.rsplit("/", 1)[1][:-3])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(f"{config.output.run_url}/tb", size_guidance={"scalars": 0})
+    events.Reload()
+    assert max(e.value for e in events.Scalars("recovery/restarts")) == 2
+    print("\nrestarts:", restarts[["iteration", "redone_iterations"]].to_dict("records"))
+
+
+def test_restart_with_fewer_workers_keeps_the_global_batch(s3_bucket, tmp_path):
+    url, options = s3_bucket
+    config = recovery_job(url, options)
+    config.data.batch_size = 6
+    checkpoint.save(config.output.run_url, {"iteration": 5}, 5, keep=2, storage_options=options)
+    fewer = restart_config(config, workers=1, original_workers=2)
+    assert fewer.data.batch_size == 12 and fewer.output.resume == "auto"
+    assert config.data.batch_size == 6, "the original job is left as it was"
+    assert restart_config(config, workers=3, original_workers=2).data.batch_size == 4
