@@ -76,7 +76,7 @@ def plain_step_seconds(steps: int) -> list[float]:
 
 def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int) -> list[float]:
     """Per-iteration wall time of train_gan on a 1-worker LocalCluster, from its own records."""
-    from daskgan.cluster import ClusterSpec, connect
+    from daskgan.cluster import ClusterSpec, LocalSpec, connect
     from daskgan.launch import run_job
     from daskgan.results import load
 
@@ -88,7 +88,7 @@ def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int) -
         "output": {"run_url": run_url, "storage_options": options, "grid_every": 10**6,
                    "checkpoint_every": 10**6, "flush_every": steps},
     })
-    with connect(ClusterSpec(n_workers=1), dashboard_address=None) as client:
+    with connect(ClusterSpec(local=LocalSpec(n_workers=1)), dashboard_address=None) as client:
         run_job(client, job)
     records = load(run_url, options)
     return (BATCH / records["images_per_s"]).tolist()

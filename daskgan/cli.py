@@ -1,4 +1,5 @@
-"""Command line: ``daskgan train jobs/<job>.yaml [--cluster cluster/<spec>.yaml]``."""
+"""Command line: ``daskgan train jobs/<job>.yaml [--cluster cluster/<spec>.yaml]`` and
+``daskgan cluster render cluster/<spec>.yaml``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import shutil
 import sys
 from contextlib import ExitStack
 
+import yaml
+
 from daskgan import sandbox, storage
-from daskgan.cluster import ClusterSpec, connect, load_cluster_spec
+from daskgan.cluster import ClusterSpec, MissingExtra, connect, load_cluster_spec, render
 from daskgan.config import ConfigError, load_job
 
 logger = logging.getLogger("daskgan")
@@ -24,13 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("job", help="job YAML file, e.g. jobs/demo.yaml")
     train.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    train.set_defaults(run=train_command)
+    cluster = commands.add_parser("cluster", help="cluster specs").add_subparsers(dest="action", required=True)
+    render_parser = cluster.add_parser("render", help="print the object the cluster backend would get")
+    render_parser.add_argument("spec", help="cluster spec YAML, e.g. cluster/kubernetes.yaml")
+    render_parser.set_defaults(run=render_command)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     try:
-        return train_command(args)
-    except ConfigError as exc:
+        return args.run(args)
+    except (ConfigError, MissingExtra) as exc:
         print(f"daskgan: {exc}", file=sys.stderr)
         return 2
+
+
+def render_command(args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(render(load_cluster_spec(args.spec)), sort_keys=False), end="")
+    return 0
 
 
 def train_command(args: argparse.Namespace) -> int:

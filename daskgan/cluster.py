@@ -1,36 +1,107 @@
-"""Cluster specs (``cluster/*.yaml``) and connecting a Client to the cluster they describe.
+"""Cluster specs (``cluster/*.yaml``): what to start or connect to, and the exact object each backend gets.
 
-``kind: local`` starts a LocalCluster of worker processes on this machine; ``kind: scheduler`` connects to a
-running scheduler at ``address``.
+One ``kind`` per spec, with its settings in the section of the same name:
+
+- ``local``: a LocalCluster of worker processes on this machine;
+- ``scheduler``: connect to a running scheduler at ``address``;
+- ``kubernetes``: a DaskCluster for the dask-kubernetes operator (extra ``k8s``), GPU workers, credentials from a
+  Kubernetes Secret or an IRSA service account;
+- ``ec2``: dask-cloudprovider's EC2Cluster (extra ``cloud``), credentials from the instance profile.
+
+``render(spec)`` returns what the backend is given (for Kubernetes the DaskCluster manifest), so
+``daskgan cluster render`` shows exactly what would be created. Credentials are only ever referenced (Secret names,
+roles), never written into a spec.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from daskgan.config import ConfigError, build_dataclass, load_yaml_mapping
 
-KINDS = ("local", "scheduler")
+SECRET_LOOKING_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", re.IGNORECASE)
+PRE_SPAWN_ENVIRON_VARIABLE = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"
+
+
+class MissingExtra(ImportError):
+    """A cluster backend whose optional dependency is not installed."""
+
+
+@dataclass
+class LocalSpec:
+    n_workers: int = 2
+    threads_per_worker: int = 1  # one DDP rank per worker process; torch's own threads come on top
+    memory_limit: str = "auto"
+
+
+@dataclass
+class SchedulerSpec:
+    address: str
+
+
+@dataclass
+class KubernetesSpec:
+    image: str  # must hold daskgan, torch and the dask versions of the client
+    name: str = "daskgan"
+    namespace: str = "default"
+    n_workers: int = 2
+    worker_resources: dict = field(default_factory=lambda: {"limits": {"nvidia.com/gpu": "1"}})
+    scheduler_resources: dict = field(default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}})
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    service_account: Optional[str] = None  # IRSA: a service account bound to an IAM role with S3 access
+    aws_secret: Optional[str] = None  # a Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+    env: dict = field(default_factory=dict)  # plain settings, e.g. AWS_ENDPOINT_URL_S3, S3_ENDPOINT, AWS_REGION
+
+
+@dataclass
+class Ec2Spec:
+    region: str
+    docker_image: str  # must hold daskgan, torch (CUDA build) and the dask versions of the client
+    instance_type: str = "g5.xlarge"  # one GPU per worker
+    scheduler_instance_type: str = "t3.large"
+    n_workers: int = 2
+    iam_instance_profile: Optional[str] = None  # role that grants the workers S3 access
+    subnet_id: Optional[str] = None
+    security_groups: list = field(default_factory=list)
+    filesystem_size: int = 100  # GB
+    spot: bool = False
+    env: dict = field(default_factory=dict)
 
 
 @dataclass
 class ClusterSpec:
     kind: str = "local"
-    n_workers: int = 2
-    threads_per_worker: int = 1  # one DDP rank per worker process; torch's own threads come on top
-    memory_limit: str = "auto"
-    address: Optional[str] = None  # kind: scheduler
+    local: Optional[LocalSpec] = None
+    scheduler: Optional[SchedulerSpec] = None
+    kubernetes: Optional[KubernetesSpec] = None
+    ec2: Optional[Ec2Spec] = None
+
+    def settings(self) -> Any:
+        """The section of this spec's kind (a local cluster needs none written out)."""
+        return getattr(self, self.kind) or (LocalSpec() if self.kind == "local" else None)
 
     def validate(self) -> "ClusterSpec":
-        if self.kind not in KINDS:
-            raise ConfigError(f"kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.kind == "local" and (self.n_workers < 1 or self.threads_per_worker < 1):
-            raise ConfigError("n_workers/threads_per_worker: must be >= 1")
-        if self.kind == "scheduler" and not self.address:
-            raise ConfigError("address: required for kind: scheduler (e.g. tcp://scheduler:8786)")
+        kinds = [f.name for f in dataclasses.fields(self) if f.name != "kind"]
+        if self.kind not in kinds:
+            raise ConfigError(f"kind: must be one of {', '.join(kinds)}, got {self.kind!r}")
+        if self.settings() is None:
+            raise ConfigError(f"{self.kind}: required for kind: {self.kind}")
+        for other in kinds:
+            if other != self.kind and getattr(self, other) is not None:
+                raise ConfigError(f"{other}: given, but kind is {self.kind}")
+        for name in ("n_workers", "threads_per_worker"):
+            if getattr(self.settings(), name, 1) < 1:
+                raise ConfigError(f"{self.kind}.{name}: must be >= 1")
+        for name in getattr(self.settings(), "env", {}):
+            if SECRET_LOOKING_ENV.search(name):
+                raise ConfigError(f"{self.kind}.env.{name}: credentials do not belong in a cluster spec; "
+                                  "reference a Kubernetes Secret (aws_secret), a service account or an instance role")
         return self
 
 
@@ -41,21 +112,85 @@ def load_cluster_spec(path: str | Path) -> ClusterSpec:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def render(spec: ClusterSpec) -> dict[str, Any]:
+    """The exact object the backend gets: LocalCluster/EC2Cluster keyword arguments, or the DaskCluster manifest."""
+    settings = spec.settings()
+    if spec.kind == "local":
+        return {"LocalCluster": {**dataclasses.asdict(settings), "processes": True}}
+    if spec.kind == "scheduler":
+        return {"address": settings.address}
+    if spec.kind == "kubernetes":
+        return kubernetes_manifest(settings)
+    return {"EC2Cluster": ec2_arguments(settings)}
+
+
+def kubernetes_manifest(k8s: KubernetesSpec) -> dict[str, Any]:
+    """A DaskCluster (kubernetes.dask.org/v1) built by dask-kubernetes' own ``make_cluster_spec``, then given GPU
+    workers with one thread each, node placement, and credentials by reference only."""
+    make_cluster_spec = _import("dask_kubernetes.operator", "k8s", "kind: kubernetes").make_cluster_spec
+    env = {**k8s.env, PRE_SPAWN_ENVIRON_VARIABLE: repr(torch_worker_environ())}
+    manifest = make_cluster_spec(name=k8s.name, image=k8s.image, n_workers=k8s.n_workers,
+                                 resources=k8s.worker_resources, env=env)
+    manifest["metadata"]["namespace"] = k8s.namespace
+    scheduler_pod = manifest["spec"]["scheduler"]["spec"]
+    scheduler_pod["containers"][0]["resources"] = k8s.scheduler_resources
+    worker_pod = manifest["spec"]["worker"]["spec"]
+    worker = worker_pod["containers"][0]
+    worker["resources"] = k8s.worker_resources
+    worker["args"] += ["--nthreads", "1"]
+    if k8s.node_selector:
+        worker_pod["nodeSelector"] = k8s.node_selector
+    if k8s.tolerations:
+        worker_pod["tolerations"] = k8s.tolerations
+    if k8s.service_account:
+        worker_pod["serviceAccountName"] = k8s.service_account
+    if k8s.aws_secret:
+        worker["env"] += [{"name": name, "valueFrom": {"secretKeyRef": {"name": k8s.aws_secret, "key": name}}}
+                          for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    return manifest
+
+
+def ec2_arguments(ec2: Ec2Spec) -> dict[str, Any]:
+    """Keyword arguments for dask-cloudprovider's EC2Cluster."""
+    arguments = {
+        "region": ec2.region, "docker_image": ec2.docker_image, "n_workers": ec2.n_workers,
+        "worker_instance_type": ec2.instance_type, "scheduler_instance_type": ec2.scheduler_instance_type,
+        "filesystem_size": ec2.filesystem_size, "spot": ec2.spot, "worker_options": {"nthreads": 1},
+        "env_vars": {**ec2.env, PRE_SPAWN_ENVIRON_VARIABLE: repr(torch_worker_environ())},
+    }
+    if ec2.iam_instance_profile:
+        arguments["iam_instance_profile"] = {"Name": ec2.iam_instance_profile}
+    if ec2.subnet_id:
+        arguments["subnet_id"] = ec2.subnet_id
+    if ec2.security_groups:
+        arguments["security_groups"] = ec2.security_groups
+    return arguments
+
+
 @contextmanager
 def connect(spec: ClusterSpec, dashboard_address: str | None = ":0") -> Iterator["distributed.Client"]:  # noqa: F821
-    """A Client for ``spec``; a local cluster is started here (with ``torch_worker_environ``) and shut down on exit."""
+    """A Client for ``spec``; a cluster started here is shut down on exit."""
     import dask
     from distributed import Client, LocalCluster
 
+    settings = spec.settings()
     if spec.kind == "scheduler":
-        with Client(spec.address) as client:
+        with Client(settings.address) as client:
             yield client
         return
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": torch_worker_environ()}):
-        with LocalCluster(n_workers=spec.n_workers, threads_per_worker=spec.threads_per_worker,
-                          memory_limit=spec.memory_limit, processes=True,
-                          dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
-            yield client
+    if spec.kind == "local":
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": torch_worker_environ()}):
+            cluster = LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+                                   memory_limit=settings.memory_limit, processes=True,
+                                   dashboard_address=dashboard_address)
+    elif spec.kind == "kubernetes":
+        operator = _import("dask_kubernetes.operator", "k8s", "kind: kubernetes")
+        cluster = operator.KubeCluster(custom_cluster_spec=kubernetes_manifest(settings), namespace=settings.namespace)
+    else:
+        aws = _import("dask_cloudprovider.aws", "cloud", "kind: ec2")
+        cluster = aws.EC2Cluster(**ec2_arguments(settings))
+    with cluster, Client(cluster) as client:
+        yield client
 
 
 def torch_worker_environ() -> dict:
@@ -69,3 +204,12 @@ def torch_worker_environ() -> dict:
 
     current = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
     return {name: value for name, value in current.items() if name != "MALLOC_TRIM_THRESHOLD_"}
+
+
+def _import(module: str, extra: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(f"{what} needs the '{extra}' extra: pip install 'daskgan[{extra}]' ({exc})") from exc

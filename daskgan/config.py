@@ -271,6 +271,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is list or origin is list:
+        if isinstance(value, list):
+            return list(value)
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
     if hint is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)

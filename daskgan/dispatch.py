@@ -100,10 +100,7 @@ def results(futures: RankFutures, timeout: float | None = None, grace: float = 1
     while not all(f.done() for f in futures):
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"ranks still running after {timeout:.0f}s")
-        try:
-            wait([f for f in futures if not f.done()], timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
-        except TimeoutError:
-            pass
+        _wait_some(futures, POLL_SECONDS)
         if has_failed(futures):
             _settle(futures, grace)
     if has_failed(futures):
@@ -121,7 +118,7 @@ def _settle(futures: RankFutures, grace: float) -> None:
     deadline = time.monotonic() + grace
     lost = futures.lost_ranks()
     while not lost and time.monotonic() < deadline and not all(f.done() for f in futures):
-        wait([f for f in futures if not f.done()], timeout=0.5)
+        _wait_some(futures, 0.5)
         lost = futures.lost_ranks()
     for future in futures:
         if not future.done():
@@ -130,6 +127,14 @@ def _settle(futures: RankFutures, grace: float) -> None:
         raise WorkerLost(lost, [futures.workers[r] for r in lost])
     failed = [f for f in futures if f.status == "error"]
     min(failed, key=lambda f: getattr(f.exception(), "failed_at", float("inf"))).result()
+
+
+def _wait_some(futures: list[Future], seconds: float) -> None:
+    """Block until a pending future finishes or ``seconds`` pass (distributed's wait raises on the latter)."""
+    try:
+        wait([f for f in futures if not f.done()], timeout=seconds, return_when="FIRST_COMPLETED")
+    except TimeoutError:
+        pass
 
 
 def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,

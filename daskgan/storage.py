@@ -29,8 +29,12 @@ def join(url: str, *parts: str) -> str:
 
 
 def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return the filesystem serving ``url`` and the path inside it (``${VAR}`` options resolved here)."""
-    return url_to_fs(url, **resolve_references(storage_options or {}))
+    """Return the filesystem serving ``url`` and the path inside it (``${VAR}`` options resolved here).
+
+    Listing caches are off unless asked for: a run directory is written by several processes (ranks, restarted
+    workers, the client), and a cached listing in one of them hides objects the others wrote since.
+    """
+    return url_to_fs(url, **{"use_listings_cache": False, **resolve_references(storage_options or {})})
 
 
 def resolve_references(options: StorageOptions) -> dict:
@@ -85,17 +89,13 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
 
 
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
-    """Whether the object exists now: s3fs answers from a per-process listing cache that other processes
-    (the workers writing checkpoints) make stale, so the cache is dropped first."""
     fs, path = filesystem(url, storage_options)
-    fs.invalidate_cache(path)
     return fs.exists(path)
 
 
 def list_names(url: str, storage_options: StorageOptions | None = None) -> list[str]:
     """Names of the objects directly under ``url`` (sorted); empty when the prefix does not exist."""
     fs, path = filesystem(url, storage_options)
-    fs.invalidate_cache(path)
     try:
         entries = fs.ls(path, detail=False)
     except FileNotFoundError:

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from daskgan import checkpoint, storage, synthetic
-from daskgan.cluster import ClusterSpec, connect
+from daskgan.cluster import ClusterSpec, LocalSpec, connect
 from daskgan.config import JobConfig
 from daskgan.launch import restart_config, run_job
 from daskgan.results import load
@@ -49,7 +49,7 @@ def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(s3_bucket):
     synthetic.write_dataset(f"{url}/data", images=48, resolution=16, storage_options=options)
     config = recovery_job(url, options)
     live = []
-    with connect(ClusterSpec(n_workers=2), dashboard_address=None) as client:
+    with connect(ClusterSpec(local=LocalSpec(n_workers=2)), dashboard_address=None) as client:
         killer = WorkerKiller(client, {8: 1, 19: 0})  # a plain rank first, then rank 0 (the writer)
         summary = run_job(client, config, on_record=lambda r: (live.append(r), killer(r)))
 

@@ -42,3 +42,18 @@ def test_tampered_checkpoint_pointer_cannot_escape_the_run(tmp_path):
     storage.write_json(f"{run_url}/checkpoints/latest.json", {"iteration": 1, "name": "../../elsewhere.pt"})
     with pytest.raises(ValueError, match="invalid path component"):
         checkpoint.latest(run_url)
+
+
+def test_objects_written_by_another_process_are_seen_at_once(s3_bucket):
+    """Checkpoints are written by workers and read by the client and restarted workers: no stale listings."""
+    import s3fs
+
+    url, options = s3_bucket
+    storage.write_bytes(f"{url}/ckpt/a.pt", b"a", options)
+    assert storage.list_names(f"{url}/ckpt", options) == ["a.pt"]
+    assert not storage.exists(f"{url}/ckpt/b.pt", options)
+    other_process = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    other_process.pipe_file(f"{url.removeprefix('s3://')}/ckpt/b.pt", b"b")
+    assert storage.exists(f"{url}/ckpt/b.pt", options)
+    assert storage.read_bytes(f"{url}/ckpt/b.pt", options) == b"b"
+    assert storage.list_names(f"{url}/ckpt", options) == ["a.pt", "b.pt"]
