@@ -2,8 +2,11 @@
 
 import os
 import signal
+import time
 
 import pytest
+
+from distributed.core import Status
 
 from daskgan import checkpoint, storage, synthetic
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
@@ -16,7 +19,7 @@ pytestmark = pytest.mark.slow
 CHECKPOINT_EVERY = 5
 
 
-def recovery_job(bucket_url, options, iterations=30):
+def recovery_job(bucket_url, options, iterations=35):
     return JobConfig.from_dict({
         "name": "faults",
         "data": {"url": f"{bucket_url}/data", "storage_options": options, "resolution": 16, "batch_size": 4},
@@ -29,18 +32,24 @@ def recovery_job(bucket_url, options, iterations=30):
 
 
 class WorkerKiller:
-    """Kills the worker process of a given rank once the client has seen a given iteration."""
+    """Kills the worker process of a given rank once the client has seen a given iteration, and times how long the
+    job takes to produce its next record after each kill."""
 
     def __init__(self, client, plan):
-        self.client, self.plan, self.killed = client, dict(plan), []
+        self.client, self.plan, self.killed, self.recovery_seconds = client, dict(plan), [], []
+        self._killed_at = None
 
     def __call__(self, record):
+        if self._killed_at is not None and record.get("restart_cause"):
+            self.recovery_seconds.append(round(time.monotonic() - self._killed_at, 1))
+            self._killed_at = None
         rank = self.plan.pop(record["iteration"], None)
         if rank is None:
             return
         pids = self.client.run(os.getpid)
         victim = sorted(pids)[rank]
         os.kill(pids[victim], signal.SIGKILL)
+        self._killed_at = time.monotonic()
         self.killed.append(record["iteration"])
 
 
@@ -50,13 +59,14 @@ def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(s3_bucket):
     config = recovery_job(url, options)
     live = []
     with connect(ClusterSpec(local=LocalSpec(n_workers=2)), dashboard_address=None) as client:
-        killer = WorkerKiller(client, {8: 1, 19: 0})  # a plain rank first, then rank 0 (the writer)
+        # a plain rank first, then rank 0 (the writer of records and checkpoints), then a plain rank again
+        killer = WorkerKiller(client, {8: 1, 19: 0, 27: 1})
         summary = run_job(client, config, on_record=lambda r: (live.append(r), killer(r)))
 
-    assert killer.killed == [8, 19]
-    assert summary["iterations"] == 30
+    assert killer.killed == [8, 19, 27]
+    assert summary["iterations"] == 35
     records = load(config.output.run_url, options)
-    assert records["iteration"].tolist() == list(range(1, 31)), "every iteration recorded exactly once"
+    assert records["iteration"].tolist() == list(range(1, 36)), "every iteration recorded exactly once"
 
     seen = [r["iteration"] for r in live]
     for before, after in zip(seen, seen[1:]):
@@ -65,10 +75,11 @@ def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(s3_bucket):
             assert after - 1 >= before // CHECKPOINT_EVERY * CHECKPOINT_EVERY
 
     restarts = records[records["restart_cause"].notna()]
-    assert restarts["restarts"].tolist() == [1, 2]
+    assert restarts["restarts"].tolist() == [1, 2, 3]
+    assert len(killer.recovery_seconds) == 3
     assert all("left the cluster" in cause for cause in restarts["restart_cause"])
     assert (restarts["redone_iterations"] < 2 * CHECKPOINT_EVERY).all()
-    assert records["restarts"].iloc[-1] == 2
+    assert records["restarts"].iloc[-1] == 3
 
     for _, ckpt_url in checkpoint.list_checkpoints(config.output.run_url, options):
         state = checkpoint.load(ckpt_url, options)
@@ -77,8 +88,9 @@ def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(s3_bucket):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(f"{config.output.run_url}/tb", size_guidance={"scalars": 0})
     events.Reload()
-    assert max(e.value for e in events.Scalars("recovery/restarts")) == 2
-    print("\nrestarts:", restarts[["iteration", "redone_iterations"]].to_dict("records"))
+    assert max(e.value for e in events.Scalars("recovery/restarts")) == 3
+    print("\nkills at", killer.killed, "restarts:", restarts[["iteration", "redone_iterations"]].to_dict("records"),
+          "seconds from kill to the next record:", killer.recovery_seconds)
 
 
 def test_restart_with_fewer_workers_keeps_the_global_batch(s3_bucket, tmp_path):
@@ -90,3 +102,29 @@ def test_restart_with_fewer_workers_keeps_the_global_batch(s3_bucket, tmp_path):
     assert fewer.data.batch_size == 12 and fewer.output.resume == "auto"
     assert config.data.batch_size == 6, "the original job is left as it was"
     assert restart_config(config, workers=3, original_workers=2).data.batch_size == 4
+
+
+def test_job_continues_on_fewer_workers_when_one_does_not_come_back(s3_bucket):
+    url, options = s3_bucket
+    synthetic.write_dataset(f"{url}/data", images=48, resolution=16, storage_options=options)
+    config = recovery_job(url, options, iterations=16)
+    config.recovery.wait_for_workers_s = 3
+    config.recovery.min_workers = 1
+    with connect(ClusterSpec(local=LocalSpec(n_workers=2)), dashboard_address=None) as client:
+        def preempt_for_good(record):
+            if record["iteration"] == 7 and not record.get("restarts"):
+                # like a preempted node: rank 1's worker dies and its nanny (in this process) does not restart it
+                victim = sorted(client.scheduler_info(n_workers=-1)["workers"])[1]
+                nanny = next(n for n in client.cluster.workers.values() if n.worker_address == victim)
+                nanny.status = Status.closing_gracefully  # a nanny in this state does not restart its worker
+                os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+
+        summary = run_job(client, config, on_record=preempt_for_good)
+    assert summary["iterations"] == 16
+    records = load(config.output.run_url, options)
+    assert records["iteration"].tolist() == list(range(1, 17))
+    assert records["restarts"].iloc[-1] == 1
+    final = checkpoint.load(checkpoint.latest(config.output.run_url, options), options)
+    assert len(final["ranks"]) == 1, "the last iterations ran on one worker"
+    per_iteration_kimg = records["kimg"].diff().round(6).dropna().unique().tolist()
+    assert per_iteration_kimg == [0.008], "the global batch (2 x 4 images) is kept on one worker"
