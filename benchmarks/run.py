@@ -88,7 +88,7 @@ def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int) -
         "output": {"run_url": run_url, "storage_options": options, "grid_every": 10**6,
                    "checkpoint_every": 10**6, "flush_every": steps},
     })
-    with connect(ClusterSpec(local=LocalSpec(n_workers=1)), dashboard_address=None) as client:
+    with connect(ClusterSpec(local=LocalSpec(n_workers=1))) as client:
         run_job(client, job)
     records = load(run_url, options)
     return (BATCH / records["images_per_s"]).tolist()

@@ -168,7 +168,7 @@ def ec2_arguments(ec2: Ec2Spec) -> dict[str, Any]:
 
 
 @contextmanager
-def connect(spec: ClusterSpec, dashboard_address: str | None = ":0") -> Iterator["distributed.Client"]:  # noqa: F821
+def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
     """A Client for ``spec``; a cluster started here is shut down on exit."""
     import dask
     from distributed import Client, LocalCluster
@@ -182,7 +182,7 @@ def connect(spec: ClusterSpec, dashboard_address: str | None = ":0") -> Iterator
         with dask.config.set({"distributed.nanny.pre-spawn-environ": torch_worker_environ()}):
             cluster = LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
                                    memory_limit=settings.memory_limit, processes=True,
-                                   dashboard_address=dashboard_address)
+                                   dashboard_address=":0")  # any free port: several clusters may run at once
     elif spec.kind == "kubernetes":
         operator = _import("dask_kubernetes.operator", "k8s", "kind: kubernetes")
         cluster = operator.KubeCluster(custom_cluster_spec=kubernetes_manifest(settings), namespace=settings.namespace)

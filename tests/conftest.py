@@ -40,5 +40,5 @@ def dask_client(s3_server):
     """Two single-threaded worker processes, started after the S3 environment is set so they inherit it."""
     from daskgan.cluster import ClusterSpec, LocalSpec, connect
 
-    with connect(ClusterSpec(local=LocalSpec(n_workers=2)), dashboard_address=None) as client:
+    with connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
         yield client

@@ -34,7 +34,7 @@ def test_secret_keys_appear_nowhere(s3_bucket, caplog):
     })
     captured = {}
     with sandbox.environment(SECRETS), caplog.at_level(logging.DEBUG):
-        with connect(ClusterSpec(local=LocalSpec(n_workers=2)), dashboard_address=None) as client:
+        with connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
             def capture_tasks(record):
                 if "tasks" not in captured:
                     captured["tasks"] = client.run_on_scheduler(pickled_scheduler_tasks)

@@ -58,7 +58,7 @@ def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(s3_bucket):
     synthetic.write_dataset(f"{url}/data", images=48, resolution=16, storage_options=options)
     config = recovery_job(url, options)
     live = []
-    with connect(ClusterSpec(local=LocalSpec(n_workers=2)), dashboard_address=None) as client:
+    with connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
         # a plain rank first, then rank 0 (the writer of records and checkpoints), then a plain rank again
         killer = WorkerKiller(client, {8: 1, 19: 0, 27: 1})
         summary = run_job(client, config, on_record=lambda r: (live.append(r), killer(r)))
@@ -110,7 +110,7 @@ def test_job_continues_on_fewer_workers_when_one_does_not_come_back(s3_bucket):
     config = recovery_job(url, options, iterations=16)
     config.recovery.wait_for_workers_s = 3
     config.recovery.min_workers = 1
-    with connect(ClusterSpec(local=LocalSpec(n_workers=2)), dashboard_address=None) as client:
+    with connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
         def preempt_for_good(record):
             if record["iteration"] == 7 and not record.get("restarts"):
                 # like a preempted node: rank 1's worker dies and its nanny (in this process) does not restart it
