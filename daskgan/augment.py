@@ -1,0 +1,214 @@
+"""Adaptive discriminator augmentation (ADA, Karras et al. 2020), the 'bgc' set, written in torch.
+
+Every image the discriminator sees (real and fake) goes through ``AugmentPipe``; each enabled augmentation fires
+per image with probability ``p``. Geometric augmentations compose one 2-D affine matrix per image (applied once
+with ``grid_sample``), colour augmentations one 4x4 colour matrix, as in NVlabs' ``training/augment.py``. The
+differences from NVlabs: resampling is bilinear with reflection padding rather than their padded, wavelet-filtered
+up/down-sampling, so strongly scaled images alias a little more. Everything is differentiable, so the generator
+is trained through it.
+
+``AdaController`` is NVlabs' heuristic: the sign of D(real) is summed over ``interval`` minibatches and all ranks
+(one all-reduce), r_t = E[sign(D(real))], and p moves by sign(r_t - target) * batch * interval / (speed_kimg*1000),
+so p can go from 0 to 1 in ``speed_kimg`` thousand images; p stays within [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+BLIT = ("xflip", "rotate90", "xint")
+GEOMETRIC = ("scale", "rotate", "aniso", "xfrac")
+COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
+PIPELINES = {"blit": BLIT, "geom": GEOMETRIC, "color": COLOR, "bg": BLIT + GEOMETRIC, "bgc": BLIT + GEOMETRIC + COLOR}
+
+
+class AugmentPipe(nn.Module):
+    """Randomly augments a batch (N, 3, H, W) in [-1, 1]; ``p`` (a buffer, so checkpoints keep it) is the chance."""
+
+    def __init__(self, augmentations: tuple[str, ...] = PIPELINES["bgc"], *, xint_max: float = 0.125,
+                 scale_std: float = 0.2, rotate_max: float = 1.0, aniso_std: float = 0.2, xfrac_std: float = 0.125,
+                 brightness_std: float = 0.2, contrast_std: float = 0.5, hue_max: float = 1.0,
+                 saturation_std: float = 1.0):
+        super().__init__()
+        unknown = set(augmentations) - set(PIPELINES["bgc"])
+        if unknown:
+            raise ValueError(f"unknown augmentations {sorted(unknown)}; known: {PIPELINES['bgc']}")
+        self.augmentations = tuple(augmentations)
+        self.xint_max, self.scale_std, self.rotate_max, self.aniso_std = xint_max, scale_std, rotate_max, aniso_std
+        self.xfrac_std, self.brightness_std, self.contrast_std = xfrac_std, brightness_std, contrast_std
+        self.hue_max, self.saturation_std = hue_max, saturation_std
+        self.register_buffer("p", torch.zeros([]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = float(self.p)
+        if p <= 0:
+            return images
+        images = self._geometric(images, p)
+        return self._color(images, p)
+
+    def _geometric(self, images: torch.Tensor, p: float) -> torch.Tensor:
+        n, _, height, width = images.shape
+        fires = _Chance(n, p, images.device)
+        on = set(self.augmentations)
+        matrix = torch.eye(3, device=images.device).repeat(n, 1, 1)
+        if "xflip" in on:
+            flip = fires.integers(2)
+            matrix = matrix @ _scale2d(1 - 2 * flip, torch.ones_like(flip))
+        if "rotate90" in on:
+            matrix = matrix @ _rotate2d(-math.pi / 2 * fires.integers(4))
+        if "xint" in on:  # whole-pixel shifts; normalised coordinates span 2 per image side
+            shift = (fires.uniform(2) * 2 - 1) * self.xint_max
+            matrix = matrix @ _translate2d(torch.round(shift[:, 0] * width) * 2 / width,
+                                           torch.round(shift[:, 1] * height) * 2 / height)
+        if "scale" in on:
+            s = torch.exp2(fires.normal() * self.scale_std)
+            matrix = matrix @ _scale2d(s, s)
+        p_rotate = 1 - math.sqrt(max(1 - p, 0))  # rotation is applied twice (around aniso), each with this chance
+        if "rotate" in on:
+            matrix = matrix @ _rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
+        if "aniso" in on:
+            s = torch.exp2(fires.normal() * self.aniso_std)
+            matrix = matrix @ _scale2d(s, 1 / s)
+        if "rotate" in on:
+            matrix = matrix @ _rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
+        if "xfrac" in on:
+            shift = fires.normal(2) * self.xfrac_std * 2
+            matrix = matrix @ _translate2d(shift[:, 0], shift[:, 1])
+        if torch.equal(matrix, torch.eye(3, device=images.device).expand_as(matrix)):
+            return images
+        grid = F.affine_grid(matrix[:, :2, :], list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def _color(self, images: torch.Tensor, p: float) -> torch.Tensor:
+        n, channels, height, width = images.shape
+        fires = _Chance(n, p, images.device)
+        on = set(self.augmentations)
+        identity = torch.eye(4, device=images.device)
+        matrix = identity.repeat(n, 1, 1)
+        luma = torch.tensor([1.0, 1.0, 1.0, 0.0], device=images.device) / math.sqrt(3)
+        luma_outer = torch.outer(luma, luma)
+        if "brightness" in on:
+            b = fires.normal() * self.brightness_std
+            matrix = _translate3d(b, b, b) @ matrix
+        if "contrast" in on:
+            c = torch.exp2(fires.normal() * self.contrast_std)
+            matrix = _scale3d(c, c, c) @ matrix
+        if "lumaflip" in on:
+            flip = fires.integers(2)
+            matrix = (identity - 2 * luma_outer * flip[:, None, None]) @ matrix
+        if "hue" in on:
+            matrix = _rotate3d(luma[:3], (fires.uniform() * 2 - 1) * math.pi * self.hue_max) @ matrix
+        if "saturation" in on:
+            s = torch.exp2(fires.normal() * self.saturation_std)
+            matrix = (luma_outer + (identity - luma_outer) * s[:, None, None]) @ matrix
+        if torch.equal(matrix, identity.expand_as(matrix)):
+            return images
+        flat = images.reshape(n, channels, height * width)
+        return (matrix[:, :3, :3] @ flat + matrix[:, :3, 3:]).reshape(n, channels, height, width)
+
+
+class AdaController:
+    """Moves ``pipe.p`` toward the point where E[sign(D(real))] equals ``target`` (NVlabs' ADA heuristic)."""
+
+    def __init__(self, pipe: AugmentPipe, target: float = 0.6, interval: int = 4, speed_kimg: float = 500.0):
+        self.pipe, self.target, self.interval, self.speed_kimg = pipe, target, interval, speed_kimg
+        self.rt: float | None = None
+        self._sums = torch.zeros(2, dtype=torch.float64)  # [sum of signs, count] since the last adjustment
+
+    def observe(self, real_logits: torch.Tensor) -> None:
+        """Accumulate sign(D(real)) of this rank's (augmented) reals."""
+        signs = torch.sign(real_logits.detach()).to(torch.float64)
+        self._sums += torch.stack([signs.sum().cpu(), torch.tensor(float(signs.numel()), dtype=torch.float64)])
+
+    def update(self, iteration: int, global_batch: int) -> float | None:
+        """Every ``interval`` iterations: all-reduce the statistic, adjust p; returns r_t (None between updates)."""
+        if iteration % self.interval:
+            return None
+        sums = self._sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+        self.rt = float(sums[0] / sums[1].clamp(min=1))
+        adjust = math.copysign(1.0, self.rt - self.target) * global_batch * self.interval / (self.speed_kimg * 1000)
+        self.pipe.p.fill_(min(max(float(self.pipe.p) + adjust, 0.0), 1.0))
+        self._sums.zero_()
+        return self.rt
+
+    def state_dict(self) -> dict:
+        return {"sums": self._sums.clone(), "rt": self.rt}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sums.copy_(state["sums"])
+        self.rt = state["rt"]
+
+
+class _Chance:
+    """Per-image random draws that fall back to the identity value where the augmentation does not fire."""
+
+    def __init__(self, n: int, p: float, device: torch.device):
+        self.n, self.p, self.device = n, p, device
+
+    def _fires(self, chance: float | None, shape: tuple[int, ...]) -> torch.Tensor:
+        fires = torch.rand(self.n, device=self.device) < (self.p if chance is None else chance)
+        return fires.reshape(self.n, *([1] * (len(shape) - 1))).expand(shape)
+
+    def integers(self, high: int) -> torch.Tensor:
+        """Uniform in {0..high-1} where it fires, else 0."""
+        values = torch.floor(torch.rand(self.n, device=self.device) * high)
+        return torch.where(self._fires(None, (self.n,)), values, torch.zeros_like(values))
+
+    def uniform(self, size: int = 0, chance: float | None = None) -> torch.Tensor:
+        """Uniform in [0, 1) where it fires, else 0.5 (the centre: no change once mapped to [-a, a])."""
+        shape = (self.n, size) if size else (self.n,)
+        values = torch.rand(shape, device=self.device)
+        return torch.where(self._fires(chance, shape), values, torch.full_like(values, 0.5))
+
+    def normal(self, size: int = 0) -> torch.Tensor:
+        """Standard normal where it fires, else 0."""
+        shape = (self.n, size) if size else (self.n,)
+        values = torch.randn(shape, device=self.device)
+        return torch.where(self._fires(None, shape), values, torch.zeros_like(values))
+
+
+def _matrix(rows: list[list]) -> torch.Tensor:
+    """Stack per-image entries (tensors of shape (N,) or numbers) into (N, R, C) matrices."""
+    n_like = next(e for row in rows for e in row if torch.is_tensor(e))
+    entries = [[e if torch.is_tensor(e) else torch.full_like(n_like, float(e)) for e in row] for row in rows]
+    return torch.stack([torch.stack(row, dim=-1) for row in entries], dim=-2)
+
+
+def _translate2d(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    return _matrix([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
+
+
+def _scale2d(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    return _matrix([[sx, 0, 0], [0, sy, 0], [0, 0, 1]])
+
+
+def _rotate2d(theta: torch.Tensor) -> torch.Tensor:
+    return _matrix([[torch.cos(theta), -torch.sin(theta), 0], [torch.sin(theta), torch.cos(theta), 0], [0, 0, 1]])
+
+
+def _translate3d(tx: torch.Tensor, ty: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
+    return _matrix([[1, 0, 0, tx], [0, 1, 0, ty], [0, 0, 1, tz], [0, 0, 0, 1]])
+
+
+def _scale3d(sx: torch.Tensor, sy: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    return _matrix([[sx, 0, 0, 0], [0, sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1]])
+
+
+def _rotate3d(axis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Rotation by ``theta`` (N,) about the unit ``axis`` (Rodrigues), as 4x4 colour matrices."""
+    vx, vy, vz = (float(a) for a in axis)
+    s, c = torch.sin(theta), torch.cos(theta)
+    cc = 1 - c
+    return _matrix([[vx * vx * cc + c, vx * vy * cc - vz * s, vx * vz * cc + vy * s, 0],
+                    [vy * vx * cc + vz * s, vy * vy * cc + c, vy * vz * cc - vx * s, 0],
+                    [vz * vx * cc - vy * s, vz * vy * cc + vx * s, vz * vz * cc + c, 0],
+                    [0, 0, 0, 1]])

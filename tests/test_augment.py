@@ -1,0 +1,91 @@
+"""The ADA pipeline and its p controller."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from daskgan import dispatch
+from daskgan.augment import PIPELINES, AdaController, AugmentPipe
+
+GEOMETRIC = PIPELINES["bg"]
+
+
+def batch(n=16, size=16):
+    torch.manual_seed(0)
+    return torch.rand(n, 3, size, size) * 2 - 1
+
+
+def pipe_with_p(augmentations, p):
+    pipe = AugmentPipe(augmentations)
+    pipe.p.fill_(p)
+    return pipe
+
+
+def test_p_zero_is_the_identity():
+    images = batch()
+    assert torch.equal(pipe_with_p(PIPELINES["bgc"], 0.0)(images), images)
+
+
+@pytest.mark.parametrize("augmentation", PIPELINES["bgc"])
+def test_each_augmentation_changes_images_and_keeps_shape_and_range(augmentation):
+    images = batch()
+    torch.manual_seed(1)
+    out = pipe_with_p((augmentation,), 1.0)(images)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    changed = (out - images).abs().flatten(1).amax(1) > 1e-4
+    assert changed.any(), f"{augmentation} at p=1 changed nothing"
+    if augmentation in GEOMETRIC:  # resampling stays inside the input's value range
+        assert out.min() >= images.min() - 1e-5 and out.max() <= images.max() + 1e-5
+    else:  # colour transforms move values, by a bounded amount
+        assert out.abs().max() < 20
+
+
+def test_p_is_a_per_image_chance():
+    torch.manual_seed(2)
+    images = batch(n=400, size=8)
+    out = pipe_with_p(("brightness",), 0.25)(images)
+    fraction = ((out - images).abs().flatten(1).amax(1) > 1e-6).float().mean().item()
+    assert 0.15 < fraction < 0.35
+
+
+def test_gradients_reach_the_generator_through_the_pipeline():
+    torch.manual_seed(3)
+    generator = nn.Sequential(nn.Linear(4, 3 * 8 * 8), nn.Tanh(), nn.Unflatten(1, (3, 8, 8)))
+    discriminator = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1))
+    fake = pipe_with_p(PIPELINES["bgc"], 1.0)(generator(torch.randn(8, 4)))
+    discriminator(fake).mean().backward()
+    grad = generator[0].weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_controller_moves_p_by_the_nvlabs_step_and_clamps():
+    pipe = AugmentPipe()
+    controller = AdaController(pipe, target=0.6, interval=4, speed_kimg=1.0)
+    for iteration in range(1, 5):
+        controller.observe(torch.tensor([1.0, 2.0, 3.0, -1.0]))  # r_t = 0.5 < 0.6: p goes down, stays at 0
+        controller.update(iteration, global_batch=8)
+    assert controller.rt == pytest.approx(0.5) and float(pipe.p) == 0.0
+    for iteration in range(5, 9):
+        controller.observe(torch.ones(8))  # overfitting D: r_t = 1
+        controller.update(iteration, global_batch=8)
+    assert controller.rt == 1.0 and float(pipe.p) == pytest.approx(8 * 4 / 1000)
+    pipe.p.fill_(0.999)
+    for iteration in range(9, 13):
+        controller.observe(torch.ones(8))
+        controller.update(iteration, global_batch=8)
+    assert float(pipe.p) == 1.0
+
+
+def rank_rt():
+    controller = AdaController(AugmentPipe(), interval=1, speed_kimg=1.0)
+    logits = torch.ones(6) if dist.get_rank() == 0 else -torch.ones(2)  # 6 positive, 2 negative over all ranks
+    controller.observe(logits)
+    controller.update(1, global_batch=8)
+    return controller.rt, float(controller.pipe.p)
+
+
+def test_rt_is_the_same_on_every_rank(dask_client):
+    results = dispatch.results(dispatch.run(dask_client, rank_rt), timeout=120)
+    assert [r[0] for r in results] == [pytest.approx(0.5)] * 2
+    assert results[0][1] == results[1][1]
