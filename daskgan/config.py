@@ -110,6 +110,27 @@ class OutputConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Discriminator augmentation: ``off``, a ``fixed`` p, or ``ada`` (p adapts toward E[sign(D(real))] = target)."""
+
+    mode: str = "off"
+    p: float = 0.0  # the fixed p, or where ADA starts
+    pipeline: str = "bgc"  # blit, geom, color, bg or bgc (NVlabs' names)
+    target: float = 0.6
+    interval: int = 4  # minibatches between p adjustments
+    speed_kimg: float = 500.0  # p can go from 0 to 1 in this many thousand images
+
+    def validate(self) -> None:
+        from daskgan.augment import PIPELINES
+
+        _require(self.mode in ("off", "fixed", "ada"), "augment.mode", f"must be off, fixed or ada, got {self.mode!r}")
+        _require(0 <= self.p <= 1, "augment.p", "must be in [0, 1]")
+        _require(self.pipeline in PIPELINES, "augment.pipeline", f"must be one of {sorted(PIPELINES)}")
+        _require(0 < self.target < 1, "augment.target", "must be in (0, 1)")
+        _require(self.interval >= 1 and self.speed_kimg > 0, "augment.interval/speed_kimg", "must be positive")
+
+
+@dataclass
 class RecoveryConfig:
     """What the client does when a worker is lost mid-run (process killed, pod preempted)."""
 
@@ -150,11 +171,12 @@ class JobConfig:
     output: OutputConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     sandbox: Optional[SandboxConfig] = None
 
     def validate(self) -> "JobConfig":
-        for section in (self.data, self.model, self.train, self.output, self.recovery):
+        for section in (self.data, self.model, self.train, self.augment, self.output, self.recovery):
             section.validate()
         return self
 

@@ -201,6 +201,8 @@ def _tensorboard_tag(name: str) -> str:
         return f"loss/{name[5:]}"
     if name in ("D_x", "D_G_z"):
         return f"D/{name}"
+    if name.startswith("ada_"):
+        return f"ada/{name[4:]}"
     if name in ("restarts", "redone_iterations"):
         return f"recovery/{name}"
     return f"progress/{name}"

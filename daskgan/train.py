@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan import checkpoint, results, storage
+from daskgan.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.config import JobConfig
 from daskgan.data import ImageIndex, ImageStream, StreamPosition, index_images
 from daskgan.losses import LOSSES, GanLoss
@@ -45,6 +46,8 @@ class Gan:
     D: DistributedDataParallel
     opt_G: torch.optim.Optimizer
     opt_D: torch.optim.Optimizer
+    augment: AugmentPipe  # applied to every image D sees; p = 0 (mode off) makes it the identity
+    ada: AdaController | None  # adapts augment.p in mode ada
 
 
 def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -64,7 +67,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
         checkpoint.check_compatible(state, model_id, resume_url)
         _restore_networks(gan, state)
     start = state["iteration"] if state else 0
-    noise, position = _rank_state(config, state, rank, world_size)
+    noise, position = _rank_state(config, gan, state, rank, world_size)
     writer = (results.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank == 0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position)
@@ -122,11 +125,13 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: torch.Generat
         stats = _step(gan, loss, batch.images.to(device), noise, config.model.z_dim, device)
         position = batch.position
         stats = _mean_across_ranks(stats, device)
+        if gan.ada is not None:
+            gan.ada.update(iteration, global_batch)
         if writer is not None:
             writer.record({"iteration": iteration, "epoch": position.epoch,
                            "kimg": iteration * global_batch / 1000, **asdict(stats),
                            "images_per_s": global_batch / (time.perf_counter() - started),
-                           "skipped_images": stream.skipped})
+                           "skipped_images": stream.skipped, **_augment_fields(config, gan)})
             if iteration % out.grid_every == 0 or iteration == config.train.iterations:
                 writer.grid(iteration, _samples(gan.G.module, fixed_z.to(device)))
         if iteration % out.checkpoint_every == 0 or iteration == config.train.iterations:
@@ -141,17 +146,19 @@ def _step(gan: Gan, loss: GanLoss, real: torch.Tensor, noise: torch.Generator, z
     fake = gan.G(z)
     gan.opt_D.zero_grad(set_to_none=True)
     with gan.D.no_sync():  # accumulate the real-batch gradient locally; the fake backward all-reduces both
-        real_logits = gan.D(real)
+        real_logits = gan.D(gan.augment(real))
         loss_real = loss.d_real(real_logits)
         loss_real.backward()
-    fake_logits = gan.D(fake.detach())
+    if gan.ada is not None:
+        gan.ada.observe(real_logits)
+    fake_logits = gan.D(gan.augment(fake.detach()))
     loss_fake = loss.d_fake(fake_logits)
     loss_fake.backward()
     gan.opt_D.step()
     # G step through the bare D: its gradients are not needed, so D stays out of DDP's reducer here.
     gan.D.module.requires_grad_(False)
     try:
-        loss_G = loss.g(gan.D.module(fake))
+        loss_G = loss.g(gan.D.module(gan.augment(fake)))
         gan.opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         gan.opt_G.step()
@@ -159,6 +166,14 @@ def _step(gan: Gan, loss: GanLoss, real: torch.Tensor, noise: torch.Generator, z
         gan.D.module.requires_grad_(True)
     return StepStats(loss_G.item(), loss_real.item(), loss_fake.item(), torch.sigmoid(real_logits).mean().item(),
                      torch.sigmoid(fake_logits).mean().item())
+
+
+def _augment_fields(config: JobConfig, gan: Gan) -> dict[str, float]:
+    """``ada_p`` (and ``ada_rt`` once measured) for the records, when augmentation is on."""
+    if config.augment.mode == "off":
+        return {}
+    rt = gan.ada.rt if gan.ada is not None else None
+    return {"ada_p": float(gan.augment.p), **({"ada_rt": rt} if rt is not None else {})}
 
 
 def _mean_across_ranks(stats: StepStats, device: torch.device) -> StepStats:
@@ -181,13 +196,14 @@ def _samples(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def _save_checkpoint(config: JobConfig, gan: Gan, noise: torch.Generator, position: StreamPosition, iteration: int,
                      model_id: dict) -> str | None:
     """Gather every rank's generator state and stream position, then rank 0 writes one checkpoint."""
-    rank_state = {"noise": noise.get_state(), "epoch": position.epoch, "offset": position.offset}
+    rank_state = {"noise": noise.get_state(), "torch_rng": torch.get_rng_state(), "epoch": position.epoch,
+                  "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(rank_state, gathered, dst=0)
     if dist.get_rank() != 0:
         return None
     state = {"format": 1, "iteration": iteration, "model": model_id, "config": config.to_dict(),
-             "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(),
+             "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(), "augment_p": float(gan.augment.p),
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     return checkpoint.save(config.output.run_url, state, iteration, config.output.keep_checkpoints,
                            config.output.storage_options)
@@ -198,9 +214,13 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     G, D = (m.to(device) for m in build_models(config.model, config.data.resolution, num_classes))
     device_ids = [device.index] if device.type == "cuda" else None
     betas = (config.train.beta1, config.train.beta2)
+    augment = AugmentPipe(PIPELINES[config.augment.pipeline]).to(device)
+    augment.p.fill_(config.augment.p if config.augment.mode != "off" else 0.0)
+    ada = (AdaController(augment, config.augment.target, config.augment.interval, config.augment.speed_kimg)
+           if config.augment.mode == "ada" else None)
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
                torch.optim.Adam(G.parameters(), lr=config.train.lr_g, betas=betas),
-               torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas))
+               torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada)
 
 
 def _restore_networks(gan: Gan, state: dict) -> None:
@@ -208,17 +228,25 @@ def _restore_networks(gan: Gan, state: dict) -> None:
     gan.D.module.load_state_dict(state["D"])
     gan.opt_G.load_state_dict(state["opt_G"])
     gan.opt_D.load_state_dict(state["opt_D"])
+    if gan.ada is not None and "augment_p" in state:  # ADA continues from the saved p; a fixed p comes from the job
+        gan.augment.p.fill_(state["augment_p"])
 
 
-def _rank_state(config: JobConfig, state: dict | None, rank: int,
+def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
                 world_size: int) -> tuple[torch.Generator, StreamPosition]:
-    """This rank's noise generator and data position: restored from the checkpoint, or fresh."""
+    """This rank's random state (z generator, torch's global RNG for augmentation, the ADA statistic) and data
+    position: restored from the checkpoint, or fresh."""
     noise = torch.Generator()
     saved = state["ranks"] if state else None
     if saved and len(saved) == world_size:
         noise.set_state(saved[rank]["noise"])
+        torch.set_rng_state(saved[rank]["torch_rng"])
+        if gan.ada is not None and saved[rank]["ada"] is not None:
+            gan.ada.load_state_dict(saved[rank]["ada"])
         return noise, StreamPosition(saved[rank]["epoch"], saved[rank]["offset"])
-    noise.manual_seed(config.train.seed * 1_000_003 + rank + (state["iteration"] if state else 0))
+    seed = config.train.seed * 1_000_003 + rank + (state["iteration"] if state else 0)
+    noise.manual_seed(seed)
+    torch.manual_seed(seed + 1)  # ranks draw different augmentations
     if saved:  # another world size: positions do not map onto the new shards, so begin the next epoch
         logger.warning("checkpoint was written by %d ranks, now %d: data continues at the next epoch",
                        len(saved), world_size)

@@ -1,0 +1,70 @@
+"""ADA in training: 2 gloo ranks, a tiny dataset in the loopback S3 bucket, a discriminator that overfits."""
+
+import pytest
+import torch
+
+from daskgan import checkpoint, storage, synthetic
+from daskgan.config import JobConfig
+from daskgan.launch import run_job
+from daskgan.results import load
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tiny_dataset(s3_bucket):
+    url, options = s3_bucket
+    synthetic.write_dataset(storage.join(url, "data"), images=24, resolution=16, storage_options=options)
+    return url, options
+
+
+def ada_job(url, options, run, mode="ada", iterations=40):
+    return JobConfig.from_dict({
+        "name": "ada",
+        "data": {"url": f"{url}/data", "storage_options": options, "resolution": 16, "batch_size": 4},
+        "model": {"z_dim": 8, "g_channels": 8, "d_channels": 16},
+        "train": {"iterations": iterations, "lr_d": 1e-3},
+        # speed_kimg 1: each adjustment moves p by 8 images x 4 / 1000 = 0.032
+        "augment": {"mode": mode, "p": 0.0, "speed_kimg": 1.0, "interval": 4},
+        "output": {"run_url": f"{url}/{run}", "storage_options": options, "flush_every": 10,
+                   "grid_every": 20, "checkpoint_every": 20},
+    })
+
+
+def test_p_rises_when_d_overfits_and_resume_continues_it(dask_client, tiny_dataset):
+    url, options = tiny_dataset
+    straight = ada_job(url, options, "straight")
+    run_job(dask_client, straight)
+    records = load(straight.output.run_url, options)
+    assert records["ada_rt"].dropna().gt(0.6).any(), "the discriminator became confident on reals"
+    assert records["ada_p"].iloc[-1] > 0, "p rose above 0 within the run"
+    assert records["ada_p"].iloc[0] == 0.0
+    print("\nada_p every 4 iterations:", records["ada_p"].iloc[3::4].round(3).tolist(),
+          "r_t:", records["ada_rt"].dropna().iloc[3::4].round(2).tolist())
+    steps = records["ada_p"].diff().dropna().round(6)
+    assert set(steps.unique()) <= {0.0, 0.032, -0.032}, "p moves in NVlabs' steps"
+    assert checkpoint.load(checkpoint.latest(straight.output.run_url, options), options)["augment_p"] == \
+        pytest.approx(records["ada_p"].iloc[-1])
+
+    run_job(dask_client, ada_job(url, options, "resumed", iterations=20))
+    resumed = ada_job(url, options, "resumed")
+    run_job(dask_client, resumed)
+    again = load(resumed.output.run_url, options)
+    assert again["ada_p"].tolist() == records["ada_p"].tolist(), "the resumed run continues the same p"
+    for a, b in zip(*(checkpoint.load(checkpoint.latest(j.output.run_url, options), options)["D"].values()
+                      for j in (straight, resumed))):
+        assert torch.equal(a, b)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(f"{straight.output.run_url}/tb", size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("ada/p")] == pytest.approx(records["ada_p"].tolist())
+    assert events.Scalars("ada/rt")
+
+
+def test_fixed_p_zero_stays_zero(dask_client, tiny_dataset):
+    url, options = tiny_dataset
+    fixed = ada_job(url, options, "fixed", mode="fixed", iterations=12)
+    run_job(dask_client, fixed)
+    records = load(fixed.output.run_url, options)
+    assert records["ada_p"].eq(0.0).all() and "ada_rt" not in records
