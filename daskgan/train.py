@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from daskgan import checkpoint, results, storage
 from daskgan.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.config import JobConfig
-from daskgan.data import ImageIndex, ImageStream, StreamPosition, index_images
+from daskgan.data import ImageStream, StreamPosition, index_images
 from daskgan.losses import LOSSES, GanLoss
 from daskgan.models import build_models
 

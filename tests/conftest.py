@@ -35,6 +35,19 @@ def s3_bucket(s3_server):
     return f"s3://{name}", options
 
 
+@pytest.fixture
+def shapes_in_bucket(s3_bucket):
+    """Factory: upload a synthetic shapes dataset under <bucket>/data; returns (bucket URL, storage_options)."""
+    from daskgan import synthetic
+
+    def make(images: int, resolution: int = 16):
+        url, options = s3_bucket
+        synthetic.write_dataset(f"{url}/data", images=images, resolution=resolution, storage_options=options)
+        return url, options
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def dask_client(s3_server):
     """Two single-threaded worker processes, started after the S3 environment is set so they inherit it."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from daskgan import checkpoint, storage, synthetic
+from daskgan import checkpoint
 from daskgan.config import JobConfig
 from daskgan.launch import run_job
 from daskgan.results import load
@@ -12,10 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def tiny_dataset(s3_bucket):
-    url, options = s3_bucket
-    synthetic.write_dataset(storage.join(url, "data"), images=24, resolution=16, storage_options=options)
-    return url, options
+def tiny_dataset(shapes_in_bucket):
+    return shapes_in_bucket(images=24)
 
 
 def ada_job(url, options, run, mode="ada", iterations=40):

@@ -10,8 +10,6 @@ import pytest
 import yaml
 
 from daskgan.cli import main
-from daskgan.cluster import load_cluster_spec
-from daskgan.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from daskgan import sandbox, storage, synthetic
+from daskgan import sandbox, storage
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
 from daskgan.config import JobConfig
 from daskgan.launch import run_job
@@ -20,9 +20,8 @@ def pickled_scheduler_tasks(dask_scheduler):
     return b"".join(pickle.dumps(ts.run_spec) for ts in dask_scheduler.tasks.values() if ts.run_spec is not None)
 
 
-def test_secret_keys_appear_nowhere(s3_bucket, caplog):
-    url, options = s3_bucket
-    synthetic.write_dataset(f"{url}/data", images=16, resolution=8, storage_options=options)
+def test_secret_keys_appear_nowhere(shapes_in_bucket, caplog):
+    url, options = shapes_in_bucket(images=16, resolution=8)
     secret_options = {**options, "key": "${DASKGAN_LEAK_KEY}", "secret": "${DASKGAN_LEAK_SECRET}"}
     config = JobConfig.from_dict({
         "name": "leak-check",

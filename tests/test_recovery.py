@@ -8,7 +8,7 @@ import pytest
 
 from distributed.core import Status
 
-from daskgan import checkpoint, storage, synthetic
+from daskgan import checkpoint
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
 from daskgan.config import JobConfig
 from daskgan.launch import restart_config, run_job
@@ -53,9 +53,8 @@ class WorkerKiller:
         self.killed.append(record["iteration"])
 
 
-def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(s3_bucket):
-    url, options = s3_bucket
-    synthetic.write_dataset(f"{url}/data", images=48, resolution=16, storage_options=options)
+def test_killed_workers_cost_only_the_work_since_the_last_checkpoint(shapes_in_bucket):
+    url, options = shapes_in_bucket(images=48)
     config = recovery_job(url, options)
     live = []
     with connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
@@ -104,9 +103,8 @@ def test_restart_with_fewer_workers_keeps_the_global_batch(s3_bucket, tmp_path):
     assert restart_config(config, workers=3, original_workers=2).data.batch_size == 4
 
 
-def test_job_continues_on_fewer_workers_when_one_does_not_come_back(s3_bucket):
-    url, options = s3_bucket
-    synthetic.write_dataset(f"{url}/data", images=48, resolution=16, storage_options=options)
+def test_job_continues_on_fewer_workers_when_one_does_not_come_back(shapes_in_bucket):
+    url, options = shapes_in_bucket(images=48)
     config = recovery_job(url, options, iterations=16)
     config.recovery.wait_for_workers_s = 3
     config.recovery.min_workers = 1

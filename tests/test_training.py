@@ -7,7 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
-from daskgan import checkpoint, dispatch, storage, synthetic, train_gan
+from daskgan import checkpoint, dispatch, storage, train_gan
 from daskgan.checkpoint import CheckpointMismatch
 from daskgan.config import JobConfig
 from daskgan.results import RunMonitor, load
@@ -16,10 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def dataset(s3_bucket):
-    url, options = s3_bucket
-    synthetic.write_dataset(storage.join(url, "data"), images=48, resolution=16, storage_options=options)
-    return url, options
+def dataset(shapes_in_bucket):
+    return shapes_in_bucket(images=48)
 
 
 def job(bucket_url, options, run="run", **train):
