@@ -78,6 +78,10 @@ class TrainConfig:
     beta2: float = 0.999
     loss: str = "bce"
     seed: int = 0
+    r1_gamma: float = 0.0  # R1 weight on reals (0: off); applied lazily every r1_interval minibatches
+    r1_interval: int = 16
+    ema_kimg: float = 0.0  # generator EMA half-life in thousand images (0: no EMA); grids then use G_ema
+    ema_rampup: Optional[float] = None  # half-life at most this fraction of the images seen so far
 
     def validate(self) -> None:
         from daskgan.losses import LOSSES
@@ -86,6 +90,9 @@ class TrainConfig:
         _require(self.lr_g > 0 and self.lr_d > 0, "train.lr_g/lr_d", "must be > 0")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         _require(self.loss in LOSSES, "train.loss", f"must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        _require(self.r1_gamma >= 0 and self.r1_interval >= 1, "train.r1_gamma/r1_interval", "must be >= 0 / >= 1")
+        _require(self.ema_kimg >= 0, "train.ema_kimg", "must be >= 0")
+        _require(self.ema_rampup is None or self.ema_rampup > 0, "train.ema_rampup", "must be > 0")
 
 
 @dataclass

@@ -31,3 +31,13 @@ def bce_fake(logits: torch.Tensor) -> torch.Tensor:
 
 # DCGAN: the generator uses the non-saturating form, BCE of D(G(z)) against 1, i.e. -log D(G(z)).
 LOSSES: dict[str, GanLoss] = {"bce": GanLoss(d_real=bce_real, d_fake=bce_fake, g=bce_real)}
+
+
+def r1_penalty(real_images: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): mean over the batch of ||∇_x D(x)||² on real images (scale by gamma/2 outside).
+
+    ``real_images`` must require grad and ``real_logits`` come from them; the graph is kept so the penalty can be
+    back-propagated into D.
+    """
+    (gradient,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    return gradient.square().sum(dim=list(range(1, gradient.dim()))).mean()

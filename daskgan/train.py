@@ -8,6 +8,7 @@ noise-generator state and data-stream position.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -23,19 +24,11 @@ from daskgan import checkpoint, results, storage
 from daskgan.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.config import JobConfig
 from daskgan.data import ImageStream, StreamPosition, index_images
-from daskgan.losses import LOSSES, GanLoss
+from daskgan.ema import ema_beta, update_ema
+from daskgan.losses import LOSSES, GanLoss, r1_penalty
 from daskgan.models import build_models
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepStats:
-    loss_G: float
-    loss_D_real: float
-    loss_D_fake: float
-    D_x: float
-    D_G_z: float
 
 
 @dataclass
@@ -48,6 +41,7 @@ class Gan:
     opt_D: torch.optim.Optimizer
     augment: AugmentPipe  # applied to every image D sees; p = 0 (mode off) makes it the identity
     ada: AdaController | None  # adapts augment.p in mode ada
+    G_ema: nn.Module | None  # moving average of G's weights (train.ema_kimg > 0), used for grids
 
 
 def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -122,33 +116,45 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: torch.Generat
     for iteration in range(start + 1, config.train.iterations + 1):
         started = time.perf_counter()
         batch = next(stream)
-        stats = _step(gan, loss, batch.images.to(device), noise, config.model.z_dim, device)
+        stats = _step(gan, loss, batch.images.to(device), noise, config.model.z_dim, device,
+                      r1_weight=_r1_weight(config, iteration))
         position = batch.position
         stats = _mean_across_ranks(stats, device)
         if gan.ada is not None:
             gan.ada.update(iteration, global_batch)
+        if gan.G_ema is not None:
+            update_ema(gan.G_ema, gan.G.module, ema_beta(global_batch, config.train.ema_kimg,
+                                                         iteration * global_batch, config.train.ema_rampup))
         if writer is not None:
             writer.record({"iteration": iteration, "epoch": position.epoch,
-                           "kimg": iteration * global_batch / 1000, **asdict(stats),
+                           "kimg": iteration * global_batch / 1000, **stats,
                            "images_per_s": global_batch / (time.perf_counter() - started),
                            "skipped_images": stream.skipped, **_augment_fields(config, gan)})
             if iteration % out.grid_every == 0 or iteration == config.train.iterations:
-                writer.grid(iteration, _samples(gan.G.module, fixed_z.to(device)))
+                writer.grid(iteration, _samples(gan.G_ema or gan.G.module, fixed_z.to(device)))
         if iteration % out.checkpoint_every == 0 or iteration == config.train.iterations:
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id) or last_checkpoint
     return last_checkpoint
 
 
+def _r1_weight(config: JobConfig, iteration: int) -> float:
+    """Lazy R1: gamma/2, times the interval to make up for the skipped minibatches, every r1_interval-th step."""
+    train = config.train
+    return train.r1_gamma / 2 * train.r1_interval if train.r1_gamma and iteration % train.r1_interval == 0 else 0.0
+
+
 def _step(gan: Gan, loss: GanLoss, real: torch.Tensor, noise: torch.Generator, z_dim: int,
-          device: torch.device) -> StepStats:
-    """One D step then one G step (DCGAN order), sharing the same fakes."""
+          device: torch.device, r1_weight: float = 0.0) -> dict[str, float]:
+    """One D step (with R1 on the reals when ``r1_weight`` > 0) then one G step, sharing the same fakes."""
     z = torch.randn(real.shape[0], z_dim, generator=noise).to(device)
     fake = gan.G(z)
     gan.opt_D.zero_grad(set_to_none=True)
     with gan.D.no_sync():  # accumulate the real-batch gradient locally; the fake backward all-reduces both
+        real = real.detach().requires_grad_(r1_weight > 0)  # R1 differentiates through the augmentation
         real_logits = gan.D(gan.augment(real))
         loss_real = loss.d_real(real_logits)
-        loss_real.backward()
+        r1 = r1_penalty(real, real_logits) if r1_weight > 0 else None
+        (loss_real if r1 is None else loss_real + r1 * r1_weight).backward()
     if gan.ada is not None:
         gan.ada.observe(real_logits)
     fake_logits = gan.D(gan.augment(fake.detach()))
@@ -164,8 +170,9 @@ def _step(gan: Gan, loss: GanLoss, real: torch.Tensor, noise: torch.Generator, z
         gan.opt_G.step()
     finally:
         gan.D.module.requires_grad_(True)
-    return StepStats(loss_G.item(), loss_real.item(), loss_fake.item(), torch.sigmoid(real_logits).mean().item(),
-                     torch.sigmoid(fake_logits).mean().item())
+    stats = {"loss_G": loss_G.item(), "loss_D_real": loss_real.item(), "loss_D_fake": loss_fake.item(),
+             "D_x": torch.sigmoid(real_logits).mean().item(), "D_G_z": torch.sigmoid(fake_logits).mean().item()}
+    return stats if r1 is None else {**stats, "r1_penalty": r1.item()}
 
 
 def _augment_fields(config: JobConfig, gan: Gan) -> dict[str, float]:
@@ -176,10 +183,11 @@ def _augment_fields(config: JobConfig, gan: Gan) -> dict[str, float]:
     return {"ada_p": float(gan.augment.p), **({"ada_rt": rt} if rt is not None else {})}
 
 
-def _mean_across_ranks(stats: StepStats, device: torch.device) -> StepStats:
-    values = torch.tensor(list(asdict(stats).values()), dtype=torch.float64, device=device)
+def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average each statistic over the ranks (every rank computes the same keys in the same step)."""
+    values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
     dist.all_reduce(values)
-    return StepStats(*(values / dist.get_world_size()).tolist())
+    return dict(zip(stats, (values / dist.get_world_size()).tolist()))
 
 
 @torch.no_grad()
@@ -204,6 +212,7 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: torch.Generator, positi
         return None
     state = {"format": 1, "iteration": iteration, "model": model_id, "config": config.to_dict(),
              "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(), "augment_p": float(gan.augment.p),
+             **({"G_ema": gan.G_ema.state_dict()} if gan.G_ema is not None else {}),
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     return checkpoint.save(config.output.run_url, state, iteration, config.output.keep_checkpoints,
                            config.output.storage_options)
@@ -218,9 +227,10 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     augment.p.fill_(config.augment.p if config.augment.mode != "off" else 0.0)
     ada = (AdaController(augment, config.augment.target, config.augment.interval, config.augment.speed_kimg)
            if config.augment.mode == "ada" else None)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if config.train.ema_kimg > 0 else None
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
                torch.optim.Adam(G.parameters(), lr=config.train.lr_g, betas=betas),
-               torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada)
+               torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada, G_ema)
 
 
 def _restore_networks(gan: Gan, state: dict) -> None:
@@ -228,6 +238,8 @@ def _restore_networks(gan: Gan, state: dict) -> None:
     gan.D.module.load_state_dict(state["D"])
     gan.opt_G.load_state_dict(state["opt_G"])
     gan.opt_D.load_state_dict(state["opt_D"])
+    if gan.G_ema is not None:  # a checkpoint without an average starts it from the current weights
+        gan.G_ema.load_state_dict(state.get("G_ema", state["G"]))
     if gan.ada is not None and "augment_p" in state:  # ADA continues from the saved p; a fixed p comes from the job
         gan.augment.p.fill_(state["augment_p"])
 

@@ -44,7 +44,7 @@ def run_job(client, config):
 def final_weights(config):
     state = checkpoint.load(checkpoint.latest(config.output.run_url, config.output.storage_options),
                             config.output.storage_options)
-    return state["G"], state["D"]
+    return [state[k] for k in ("G", "D", "G_ema") if k in state]
 
 
 def test_run_writes_records_grids_tensorboard_and_checkpoints(dask_client, dataset, tmp_path):
@@ -85,12 +85,13 @@ def test_run_writes_records_grids_tensorboard_and_checkpoints(dask_client, datas
 
 def test_resume_continues_and_matches_an_uninterrupted_run(dask_client, dataset):
     url, options = dataset
-    straight = job(url, options, run="straight")
+    regularised = {"r1_gamma": 1.0, "r1_interval": 2, "ema_kimg": 0.05}  # R1 and G EMA must resume exactly too
+    straight = job(url, options, run="straight", **regularised)
     run_job(dask_client, straight)
 
-    interrupted = job(url, options, run="resumed", iterations=3)
+    interrupted = job(url, options, run="resumed", iterations=3, **regularised)
     run_job(dask_client, interrupted)
-    resumed = job(url, options, run="resumed")
+    resumed = job(url, options, run="resumed", **regularised)
     summary, live = run_job(dask_client, resumed)
 
     assert summary["resumed_from"].endswith("000000003.pt")
@@ -98,6 +99,8 @@ def test_resume_continues_and_matches_an_uninterrupted_run(dask_client, dataset)
     records = load(resumed.output.run_url, options)
     assert records["iteration"].tolist() == list(range(1, 7)), "no duplicate or missing records"
     assert records["loss_G"].tolist() == load(straight.output.run_url, options)["loss_G"].tolist()
+    assert records["r1_penalty"].notna().tolist() == [i % 2 == 0 for i in range(1, 7)], "R1 on every 2nd step"
+    assert len(final_weights(straight)) == len(final_weights(resumed)) == 3
     for a, b in zip(final_weights(straight), final_weights(resumed)):
         assert a.keys() == b.keys()
         for name in a:

@@ -1,0 +1,25 @@
+"""Exponential moving average of the generator's weights (NVlabs' G_ema), used for sample grids and kept in
+checkpoints. The half-life is given in thousands of images, with an optional ramp-up early in training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def ema_beta(global_batch: int, ema_kimg: float, images_seen: int, rampup: float | None = None) -> float:
+    """Per-step decay so that the average's half-life is ``ema_kimg`` thousand images (at most ``rampup`` times
+    the images seen so far, when a ramp-up is set)."""
+    half_life = ema_kimg * 1000
+    if rampup is not None:
+        half_life = min(half_life, images_seen * rampup)
+    return 0.5 ** (global_batch / max(half_life, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(average: nn.Module, model: nn.Module, beta: float) -> None:
+    """average = beta * average + (1 - beta) * model for parameters; buffers (e.g. BatchNorm statistics) copied."""
+    for p_average, p in zip(average.parameters(), model.parameters()):
+        p_average.copy_(p.detach().lerp(p_average, beta))
+    for b_average, b in zip(average.buffers(), model.buffers()):
+        b_average.copy_(b)
