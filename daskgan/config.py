@@ -56,15 +56,21 @@ class ModelConfig:
 
     family: str = "dcgan"
     z_dim: int = 100
-    g_channels: int = 64
-    d_channels: int = 64
+    g_channels: int = 64  # dcgan: base width of G
+    d_channels: int = 64  # dcgan: base width of D
+    w_dim: int = 512  # stylegan2: width of the intermediate latent w
+    mapping_layers: int = 8  # stylegan2: depth of the mapping network
+    fmaps: float = 0.5  # stylegan2: channels at resolution r are min(32768 * fmaps / r, channel_max)
+    channel_max: int = 512  # stylegan2
+    style_mixing: float = 0.9  # stylegan2: probability of mixing two w's while training
 
     def validate(self) -> None:
         from daskgan.models import FAMILIES
 
         _require(self.family in FAMILIES, "model.family", f"must be one of {sorted(FAMILIES)}, got {self.family!r}")
-        for name in ("z_dim", "g_channels", "d_channels"):
+        for name in ("z_dim", "g_channels", "d_channels", "w_dim", "mapping_layers", "channel_max"):
             _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
+        _require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
 
 
 @dataclass

@@ -192,11 +192,14 @@ def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[st
 
 @torch.no_grad()
 def _samples(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Fixed-z samples in eval mode (BatchNorm running statistics), leaving the generator's state untouched."""
+    """Fixed-z samples in eval mode, leaving the generator's mode and the training random streams untouched
+    (a grid drawn at one iteration and not another must not change what training does next)."""
     was_training = generator.training
     generator.eval()
+    devices = [z.device] if z.device.type == "cuda" else []
     try:
-        return generator(z).cpu()
+        with torch.random.fork_rng(devices=devices):
+            return generator(z).cpu()
     finally:
         generator.train(was_training)
 

@@ -6,15 +6,13 @@ from typing import Callable
 
 from torch import nn
 
-from daskgan.models import dcgan
+from daskgan.models import dcgan, stylegan2
 
 Builder = Callable[..., tuple[nn.Module, nn.Module]]
 
-FAMILIES: dict[str, Builder] = {"dcgan": dcgan.build}
+FAMILIES: dict[str, Builder] = {"dcgan": dcgan.build, "stylegan2": stylegan2.build}
 
 
 def build_models(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build G and D for ``model_config.family`` (seed the RNG first: every rank must start identical)."""
-    builder = FAMILIES[model_config.family]
-    return builder(resolution=resolution, z_dim=model_config.z_dim, g_channels=model_config.g_channels,
-                   d_channels=model_config.d_channels, num_classes=num_classes)
+    return FAMILIES[model_config.family](model_config, resolution, num_classes)

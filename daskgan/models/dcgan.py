@@ -60,6 +60,7 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build(resolution: int, z_dim: int, g_channels: int, d_channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """DCGAN is unconditional: ``num_classes`` is accepted for the common builder signature and ignored."""
-    return Generator(resolution, z_dim, g_channels), Discriminator(resolution, d_channels)
+def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """Generator and discriminator for ``model: {family: dcgan, ...}``; DCGAN is unconditional (labels ignored)."""
+    m = model_config
+    return Generator(resolution, m.z_dim, m.g_channels), Discriminator(resolution, m.d_channels)

@@ -1,0 +1,250 @@
+"""StyleGAN2 networks (Karras et al. 2020) in plain PyTorch, after NVlabs' ``training/networks.py``.
+
+Generator: mapping network (normalised z -> w through ``mapping_layers`` equalised-lr layers with a 0.01 learning
+rate multiplier, tracked average w for truncation), synthesis network with a learned constant 4x4 input, modulated /
+demodulated 3x3 convolutions, per-layer noise, and skip (toRGB) outputs; style mixing while training.
+Discriminator: residual blocks from fromRGB down to 4x4, minibatch standard deviation, conv, fc, logit.
+Channels per resolution: min(32768 * fmaps / resolution, channel_max).
+
+Differences from NVlabs: up-sampling is bilinear and down-sampling average pooling instead of their FIR filters
+(upfirdn2d); there are no custom CUDA kernels, no conv clamping and no fp16 layers; the class-conditional mapping
+input is not built yet (labels are ignored).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_GAIN = math.sqrt(2)
+
+
+def channels_at(resolution: int, fmaps: float, channel_max: int) -> int:
+    return max(1, min(int(32768 * fmaps / resolution), channel_max))
+
+
+class EqualLinear(nn.Module):
+    """Fully connected layer with equalised learning rate (weights scaled at run time, not at init)."""
+
+    def __init__(self, in_features: int, out_features: int, activation: bool = False, lr_multiplier: float = 1.0,
+                 bias_init: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full([out_features], float(bias_init)))
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.lr_multiplier, self.activation = lr_multiplier, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.linear(x, self.weight * self.weight_gain, self.bias * self.lr_multiplier)
+        return F.leaky_relu(x, 0.2) * LRELU_GAIN if self.activation else x
+
+
+class EqualConv2d(nn.Module):
+    """Convolution with equalised learning rate; ``down`` halves the resolution after the convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, activation: bool = True, bias: bool = True,
+                 down: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel * kernel)
+        self.activation, self.down = activation, down
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
+        if self.down:
+            x = F.avg_pool2d(x, 2)
+        return (F.leaky_relu(x, 0.2) * LRELU_GAIN if self.activation else x) * gain
+
+
+def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,
+                     demodulate: bool = True) -> torch.Tensor:
+    """Convolve each sample with ``weight`` scaled per input channel by its ``styles``; with ``demodulate`` each
+    output filter is renormalised to unit norm, so unit-variance inputs give unit-variance outputs."""
+    n, in_channels, height, width = x.shape
+    out_channels, _, kernel, _ = weight.shape
+    w = weight.unsqueeze(0) * styles[:, None, :, None, None]
+    if demodulate:
+        w = w * torch.rsqrt(w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8)
+    out = F.conv2d(x.reshape(1, n * in_channels, height, width), w.reshape(n * out_channels, in_channels, kernel, kernel),
+                   padding=kernel // 2, groups=n)
+    return out.reshape(n, out_channels, *out.shape[2:])
+
+
+class SynthesisLayer(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool = False):
+        super().__init__()
+        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.register_buffer("noise_const", torch.randn(resolution, resolution))
+        self.up = up
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = modulated_conv2d(x, self.weight, self.affine(w))
+        if noise_mode == "random":
+            x = x + torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device) * self.noise_strength
+        elif noise_mode == "const":
+            x = x + self.noise_const * self.noise_strength
+        return F.leaky_relu(x + self.bias[None, :, None, None], 0.2) * LRELU_GAIN
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_channels: int, w_dim: int):
+        super().__init__()
+        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(3, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(3))
+        self.weight_gain = 1 / math.sqrt(in_channels)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w) * self.weight_gain
+        return modulated_conv2d(x, self.weight, styles, demodulate=False) + self.bias[None, :, None, None]
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution: (constant input or 2x up-sampling conv), conv, and a toRGB added to the up-sampled image."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int):
+        super().__init__()
+        self.first = resolution == 4
+        if self.first:
+            self.const = nn.Parameter(torch.randn(out_channels, 4, 4))
+            self.convs = nn.ModuleList([SynthesisLayer(out_channels, out_channels, w_dim, 4)])
+        else:
+            self.convs = nn.ModuleList([SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True),
+                                        SynthesisLayer(out_channels, out_channels, w_dim, resolution)])
+        self.torgb = ToRGB(out_channels, w_dim)
+
+    def forward(self, x, image, ws: torch.Tensor, noise_mode: str):
+        if self.first:
+            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+        for i, conv in enumerate(self.convs):
+            x = conv(x, ws[:, i], noise_mode)
+        rgb = self.torgb(x, ws[:, len(self.convs)])
+        image = rgb if image is None else F.interpolate(image, scale_factor=2, mode="bilinear",
+                                                        align_corners=False) + rgb
+        return x, image
+
+
+class MappingNetwork(nn.Module):
+    def __init__(self, z_dim: int, w_dim: int, layers: int, lr_multiplier: float = 0.01, w_avg_beta: float = 0.995):
+        super().__init__()
+        dims = [z_dim] + [w_dim] * layers
+        self.net = nn.Sequential(*[EqualLinear(a, b, activation=True, lr_multiplier=lr_multiplier)
+                                   for a, b in zip(dims, dims[1:])])
+        self.register_buffer("w_avg", torch.zeros(w_dim))
+        self.w_avg_beta = w_avg_beta
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)  # normalise the 2nd moment
+        w = self.net(z)
+        if self.training:
+            with torch.no_grad():
+                self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
+        return w
+
+
+class Generator(nn.Module):
+    def __init__(self, resolution: int, z_dim: int = 512, w_dim: int = 512, mapping_layers: int = 8,
+                 fmaps: float = 0.5, channel_max: int = 512, style_mixing: float = 0.9):
+        super().__init__()
+        self.z_dim, self.style_mixing = z_dim, style_mixing
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
+        resolutions = [2 ** i for i in range(2, int(math.log2(resolution)) + 1)]
+        self.blocks = nn.ModuleList(
+            SynthesisBlock(channels_at(max(r // 2, 4), fmaps, channel_max), channels_at(r, fmaps, channel_max), w_dim, r)
+            for r in resolutions)
+        self.num_ws = sum(len(b.convs) for b in self.blocks) + 1
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, truncation_psi: float = 1.0,
+                noise_mode: str | None = None) -> torch.Tensor:
+        """``noise_mode``: random, const (fixed per-layer noise, as NVlabs' snapshots) or none; by default random
+        while training and const in eval mode."""
+        noise_mode = noise_mode or ("random" if self.training else "const")
+        ws = self.mapping(z).unsqueeze(1).repeat(1, self.num_ws, 1)
+        if self.training and self.style_mixing > 0:
+            ws = self._mix_styles(ws)
+        if truncation_psi != 1:
+            ws = self.mapping.w_avg.lerp(ws, truncation_psi)
+        x = image = None
+        index = 0
+        for block in self.blocks:
+            x, image = block(x, image, ws[:, index:index + len(block.convs) + 1], noise_mode)
+            index += len(block.convs)
+        return image
+
+    def _mix_styles(self, ws: torch.Tensor) -> torch.Tensor:
+        """With probability ``style_mixing`` per sample, layers from a random cutoff on take a second z's w."""
+        n = ws.shape[0]
+        cutoff = torch.randint(1, self.num_ws, (n,), device=ws.device)
+        cutoff = torch.where(torch.rand(n, device=ws.device) < self.style_mixing, cutoff,
+                             torch.full_like(cutoff, self.num_ws))
+        other = self.mapping(torch.randn(n, self.z_dim, device=ws.device)).unsqueeze(1)
+        take_other = torch.arange(self.num_ws, device=ws.device)[None, :] >= cutoff[:, None]
+        return torch.where(take_other[:, :, None], other, ws)
+
+
+class MinibatchStd(nn.Module):
+    """Appends the standard deviation across groups of samples as an extra feature map (fights mode collapse)."""
+
+    def __init__(self, group_size: int = 4):
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        group = min(self.group_size, n)
+        while n % group:
+            group -= 1
+        y = x.reshape(group, -1, c, h, w)
+        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean(dim=[1, 2, 3])
+        y = y.reshape(-1, 1, 1, 1).repeat(group, 1, h, w)
+        return torch.cat([x, y], dim=1)
+
+
+class DiscriminatorBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, from_rgb: bool):
+        super().__init__()
+        self.fromrgb = EqualConv2d(3, in_channels, 1) if from_rgb else None
+        self.conv0 = EqualConv2d(in_channels, in_channels, 3)
+        self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
+        self.skip = EqualConv2d(in_channels, out_channels, 1, activation=False, bias=False, down=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fromrgb is not None:
+            x = self.fromrgb(x)
+        residual = self.skip(x, gain=math.sqrt(0.5))
+        return residual + self.conv1(self.conv0(x), gain=math.sqrt(0.5))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, resolution: int, fmaps: float = 0.5, channel_max: int = 512, mbstd_group: int = 4):
+        super().__init__()
+        resolutions = [2 ** i for i in range(int(math.log2(resolution)), 2, -1)]
+        self.blocks = nn.Sequential(*[
+            DiscriminatorBlock(channels_at(r, fmaps, channel_max), channels_at(r // 2, fmaps, channel_max),
+                               from_rgb=(r == resolution))
+            for r in resolutions])
+        channels = channels_at(4, fmaps, channel_max)
+        self.mbstd = MinibatchStd(mbstd_group)
+        self.conv = EqualConv2d(channels + 1, channels, 3)
+        self.fc = EqualLinear(channels * 16, channels, activation=True)
+        self.out = EqualLinear(channels, 1)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.conv(self.mbstd(self.blocks(images)))
+        return self.out(self.fc(x.flatten(1))).flatten()
+
+
+def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """Generator and discriminator for ``model: {family: stylegan2, ...}`` (unconditional for now)."""
+    m = model_config
+    return (Generator(resolution, m.z_dim, m.w_dim, m.mapping_layers, m.fmaps, m.channel_max, m.style_mixing),
+            Discriminator(resolution, m.fmaps, m.channel_max))
