@@ -4,6 +4,7 @@
    to the raw concurrent-GET rate of the same server (the ceiling a loader can reach against it).
 2. DCGAN step time: train_gan under dispatch.run on 1 worker vs a plain single-process PyTorch loop of the same
    model and batch size.
+3. StyleGAN2 (with ADA and lazy R1) step time per image at 32x32 and 64x64, on 1 and 2 workers.
 
 Run: ``make bench`` (or ``.venv/bin/python benchmarks/run.py [--images N] [--steps N]``).
 """
@@ -74,24 +75,42 @@ def plain_step_seconds(steps: int) -> list[float]:
     return times
 
 
-def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int) -> list[float]:
-    """Per-iteration wall time of train_gan on a 1-worker LocalCluster, from its own records."""
+def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int, workers: int = 1,
+                            model: dict | None = None, resolution: int = RESOLUTION, extra: dict | None = None) -> list[float]:
+    """Per-iteration wall time of train_gan on a LocalCluster of ``workers``, from its own records."""
     from daskgan.cluster import ClusterSpec, LocalSpec, connect
     from daskgan.launch import run_job
     from daskgan.results import load
 
     job = JobConfig.from_dict({
-        "name": "bench", "data": {"url": url, "storage_options": options, "resolution": RESOLUTION,
+        "name": "bench", "data": {"url": url, "storage_options": options, "resolution": resolution,
                                   "batch_size": BATCH},
-        "model": {"z_dim": Z_DIM, "g_channels": CHANNELS, "d_channels": CHANNELS},
+        "model": model or {"z_dim": Z_DIM, "g_channels": CHANNELS, "d_channels": CHANNELS},
         "train": {"iterations": steps},
         "output": {"run_url": run_url, "storage_options": options, "grid_every": 10**6,
                    "checkpoint_every": 10**6, "flush_every": steps},
+        **(extra or {}),
     })
-    with connect(ClusterSpec(local=LocalSpec(n_workers=1))) as client:
+    with connect(ClusterSpec(local=LocalSpec(n_workers=workers))) as client:
         run_job(client, job)
     records = load(run_url, options)
-    return (BATCH / records["images_per_s"]).tolist()
+    return (BATCH * workers / records["images_per_s"]).tolist()
+
+
+def stylegan2_lines(url: str, options: dict, steps: int) -> list[str]:
+    """StyleGAN2 + ADA + lazy R1, per-worker batch fixed, so 2 workers process twice the images per step."""
+    model = {"family": "stylegan2", "z_dim": 128, "w_dim": 128, "mapping_layers": 2, "fmaps": 0.0625,
+             "channel_max": 128}
+    extra = {"augment": {"mode": "ada"}, "train": {"iterations": steps, "r1_gamma": 0.05, "beta1": 0.0}}
+    lines = []
+    for resolution in (32, 64):
+        for workers in (1, 2):
+            times = dispatched_step_seconds(url, options, f"s3://bench/sg2-{resolution}-{workers}", steps, workers,
+                                            model, resolution, extra)
+            warm = statistics.median(times[len(times) // 5:])
+            lines.append(f"  {resolution}x{resolution}, {workers} worker(s), batch {BATCH}/worker: "
+                         f"{warm * 1000:.0f} ms/step, {warm * 1000 / (BATCH * workers):.1f} ms/image")
+    return lines
 
 
 def summary(times: list[float]) -> str:
@@ -122,6 +141,8 @@ def main() -> None:
         print(f"  plain single-process loop:               {summary(plain_step_seconds(args.steps))}")
         print(f"  train_gan via dispatch.run, 1 worker:    "
               f"{summary(dispatched_step_seconds(s3_url, options, 's3://bench/run', args.steps))}")
+        print(f"StyleGAN2 + ADA (fmaps 1/16, channel_max 128, w 128), {args.steps} steps (first 20% dropped):")
+        print("\n".join(stylegan2_lines(s3_url, options, args.steps)))
 
 
 if __name__ == "__main__":
