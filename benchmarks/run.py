@@ -42,8 +42,10 @@ def loader_rate(url: str, options: dict, images: int) -> float:
 
 
 def raw_get_rate(url: str, options: dict) -> float:
+    """Objects/s of one concurrent ``cat`` of every key, after one untimed pass (a cold moto server is slower)."""
     fs, _ = storage.filesystem(url, options)
     paths = list(index_images(url, options).paths)
+    fs.cat(paths)
     started = time.perf_counter()
     fs.cat(paths)
     return len(paths) / (time.perf_counter() - started)
@@ -97,20 +99,19 @@ def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int, w
     return (BATCH * workers / records["images_per_s"]).tolist()
 
 
-def stylegan2_lines(url: str, options: dict, steps: int) -> list[str]:
-    """StyleGAN2 + ADA + lazy R1, per-worker batch fixed, so 2 workers process twice the images per step."""
+def stylegan2_lines(url: str, options: dict, steps: int):
+    """Lines of StyleGAN2 + ADA + lazy R1 step times, yielded as measured; the per-worker batch is fixed, so
+    2 workers process twice the images per step."""
     model = {"family": "stylegan2", "z_dim": 128, "w_dim": 128, "mapping_layers": 2, "fmaps": 0.0625,
              "channel_max": 128}
     extra = {"augment": {"mode": "ada"}, "train": {"iterations": steps, "r1_gamma": 0.05, "beta1": 0.0}}
-    lines = []
     for resolution in (32, 64):
         for workers in (1, 2):
             times = dispatched_step_seconds(url, options, f"s3://bench/sg2-{resolution}-{workers}", steps, workers,
                                             model, resolution, extra)
             warm = statistics.median(times[len(times) // 5:])
-            lines.append(f"  {resolution}x{resolution}, {workers} worker(s), batch {BATCH}/worker: "
-                         f"{warm * 1000:.0f} ms/step, {warm * 1000 / (BATCH * workers):.1f} ms/image")
-    return lines
+            yield (f"  {resolution}x{resolution}, {workers} worker(s), batch {BATCH}/worker: "
+                   f"{warm * 1000:.0f} ms/step, {warm * 1000 / (BATCH * workers):.1f} ms/image")
 
 
 def summary(times: list[float]) -> str:
@@ -142,7 +143,8 @@ def main() -> None:
         print(f"  train_gan via dispatch.run, 1 worker:    "
               f"{summary(dispatched_step_seconds(s3_url, options, 's3://bench/run', args.steps))}")
         print(f"StyleGAN2 + ADA (fmaps 1/16, channel_max 128, w 128), {args.steps} steps (first 20% dropped):")
-        print("\n".join(stylegan2_lines(s3_url, options, args.steps)))
+        for line in stylegan2_lines(s3_url, options, args.steps):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
