@@ -131,7 +131,8 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: torch.Generat
                            "images_per_s": global_batch / (time.perf_counter() - started),
                            "skipped_images": stream.skipped, **_augment_fields(config, gan)})
             if iteration % out.grid_every == 0 or iteration == config.train.iterations:
-                writer.grid(iteration, _samples(gan.G_ema or gan.G.module, fixed_z.to(device)))
+                sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
+                writer.grid(iteration, _samples(sampler, fixed_z.to(device)))
         if iteration % out.checkpoint_every == 0 or iteration == config.train.iterations:
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id) or last_checkpoint
     return last_checkpoint
