@@ -1,5 +1,5 @@
-"""Command line: ``daskgan train jobs/<job>.yaml [--cluster cluster/<spec>.yaml]`` and
-``daskgan cluster render cluster/<spec>.yaml``."""
+"""Command line: ``daskgan train jobs/<job>.yaml [--cluster cluster/<spec>.yaml]``,
+``daskgan cluster render cluster/<spec>.yaml`` and ``daskgan generate <checkpoint> --seeds 0-7 --out <dir>``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     render_parser = cluster.add_parser("render", help="print the object the cluster backend would get")
     render_parser.add_argument("spec", help="cluster spec YAML, e.g. cluster/kubernetes.yaml")
     render_parser.set_defaults(run=render_command)
+    generate = commands.add_parser("generate", help="images from a checkpoint, one PNG per seed")
+    generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt)")
+    generate.add_argument("--seeds", default="0-7", help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
+    generate.add_argument("--trunc", type=float, default=1.0, help="truncation psi (StyleGAN2; default 1)")
+    generate.add_argument("--out", required=True, help="output folder or URL")
+    generate.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    generate.set_defaults(run=generate_command)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     try:
@@ -39,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MissingExtra) as exc:
         print(f"daskgan: {exc}", file=sys.stderr)
         return 2
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from daskgan.generate import generate, parse_seeds
+
+    options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    written = generate(args.checkpoint, parse_seeds(args.seeds), args.out, args.trunc, options)
+    print(f"daskgan: wrote {len(written)} images to {args.out}")
+    return 0
 
 
 def render_command(args: argparse.Namespace) -> int:

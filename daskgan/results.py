@@ -82,9 +82,7 @@ class RunWriter:
         """Save a grid of ``images`` (N, 3, H, W in [-1, 1]) as PNG and as a TensorBoard image."""
         grid = image_grid(images)
         url = storage.join(self.run_url, "grids", f"{iteration:09d}.png")
-        buffer = io.BytesIO()
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-        storage.write_bytes(url, buffer.getvalue(), self.storage_options)
+        storage.write_bytes(url, png_bytes(grid), self.storage_options)
         self._tb.add_image("samples/fixed_z", grid, iteration)
         return url
 
@@ -155,7 +153,19 @@ def image_grid(images: torch.Tensor, padding: int = 2) -> torch.Tensor:
     for i, image in enumerate(images):
         top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
         grid[:, top:top + height, left:left + width] = image
-    return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return to_uint8(grid)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Map values in [-1, 1] (clamped) to 0..255."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """Encode a (3, H, W) uint8 image as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class RunMonitor:

@@ -1,0 +1,57 @@
+"""Images from a checkpoint: one PNG per seed, with truncation ψ for StyleGAN2 (``daskgan generate``).
+
+The generator is rebuilt from the model description stored in the checkpoint, and its EMA weights are used when
+the run kept them (as NVlabs' snapshots do). z for a seed is ``torch.randn`` from a generator seeded with it, so
+the same seed gives the same image on any machine with the same torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from daskgan import checkpoint, storage
+from daskgan.config import ModelConfig
+from daskgan.models import build_models
+from daskgan.results import png_bytes, to_uint8
+from daskgan.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+
+def load_generator(state: dict) -> nn.Module:
+    """The generator of a checkpoint (EMA weights when present), in eval mode."""
+    model = state["model"]
+    config = ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig) if f.name in model})
+    generator, _ = build_models(config, model["resolution"], model["num_classes"])
+    generator.load_state_dict(state.get("G_ema", state["G"]))
+    return generator.eval()
+
+
+@torch.no_grad()
+def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation_psi: float = 1.0,
+             storage_options: StorageOptions | None = None) -> list[str]:
+    """Write ``seed<NNNN>.png`` under ``out_url`` for each seed; returns the URLs written."""
+    generator = load_generator(checkpoint.load(checkpoint_url, storage_options))
+    if truncation_psi != 1 and not hasattr(generator, "mapping"):
+        raise ValueError(f"truncation needs a StyleGAN2 checkpoint; {checkpoint_url} holds another family")
+    extra = {"truncation_psi": truncation_psi} if truncation_psi != 1 else {}
+    objects = {}
+    for seed in seeds:
+        z = torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(seed))
+        objects[storage.join(out_url, f"seed{seed:04d}.png")] = png_bytes(to_uint8(generator(z, **extra)[0]))
+    storage.write_many(objects, storage_options)
+    logger.info("wrote %d images to %s", len(objects), out_url)
+    return sorted(objects)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-3,7"`` -> [0, 1, 2, 3, 7]."""
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds

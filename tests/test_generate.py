@@ -1,0 +1,54 @@
+"""daskgan generate: images from a checkpoint for seeds and truncation psi."""
+
+from dataclasses import asdict
+
+import pytest
+import torch
+from PIL import Image
+
+from daskgan import checkpoint
+from daskgan.cli import main
+from daskgan.config import ModelConfig
+from daskgan.generate import generate, parse_seeds
+from daskgan.models import build_models
+
+
+def saved_run(tmp_path, family):
+    torch.manual_seed(0)
+    model = ModelConfig(family=family, z_dim=8, g_channels=4, d_channels=4, w_dim=8, mapping_layers=2,
+                        fmaps=1 / 256, channel_max=16)
+    G, D = build_models(model, 16, 0)
+    run_url = tmp_path.as_uri() + "/run"
+    state = {"model": {**asdict(model), "resolution": 16, "num_classes": 0}, "G": G.state_dict(),
+             "G_ema": G.state_dict(), "D": D.state_dict()}
+    if family == "stylegan2":
+        state["G_ema"]["mapping.w_avg"] = torch.randn(8)
+    return checkpoint.save(run_url, state, 10, keep=1)
+
+
+def test_same_seed_same_image_and_truncation_to_zero_collapses(tmp_path):
+    url = saved_run(tmp_path, "stylegan2")
+    out = tmp_path / "out"
+    written = generate(url, [1, 2, 3], out.as_uri())
+    assert [w.rsplit("/", 1)[1] for w in written] == ["seed0001.png", "seed0002.png", "seed0003.png"]
+    images = [Image.open(out / f"seed000{i}.png") for i in (1, 2, 3)]
+    assert images[0].size == (16, 16) and images[0].mode == "RGB"
+    assert images[0].tobytes() != images[1].tobytes()
+    generate(url, [1], (tmp_path / "again").as_uri())
+    assert Image.open(tmp_path / "again" / "seed0001.png").tobytes() == images[0].tobytes()
+    generate(url, [1, 2], (tmp_path / "psi0").as_uri(), truncation_psi=0.0)
+    a, b = (Image.open(tmp_path / "psi0" / f"seed000{i}.png").tobytes() for i in (1, 2))
+    assert a == b, "psi = 0 maps every z to the average w"
+
+
+def test_truncation_is_refused_for_dcgan_and_cli_writes_images(tmp_path, capsys):
+    url = saved_run(tmp_path, "dcgan")
+    with pytest.raises(ValueError, match="truncation needs a StyleGAN2"):
+        generate(url, [0], (tmp_path / "x").as_uri(), truncation_psi=0.5)
+    assert main(["generate", url, "--seeds", "0-2,5", "--out", str(tmp_path / "cli")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [f"seed000{i}.png" for i in (0, 1, 2, 5)]
+    assert "wrote 4 images" in capsys.readouterr().out
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7] and parse_seeds("5") == [5]
