@@ -12,7 +12,7 @@ from contextlib import ExitStack
 
 import yaml
 
-from daskgan import sandbox, storage
+from daskgan import dispatch, sandbox, storage
 from daskgan.cluster import ClusterSpec, MissingExtra, connect, load_cluster_spec, render
 from daskgan.config import ConfigError, load_job
 
@@ -73,7 +73,7 @@ def train_command(args: argparse.Namespace) -> int:
             endpoint = server.endpoint_url
         job = sandbox.prepare(job, endpoint) if job.sandbox else job
         client = stack.enter_context(connect(spec))
-        logger.info("cluster: %d workers; dashboard %s", len(client.scheduler_info()["workers"]),
+        logger.info("cluster: %d workers; dashboard %s", len(dispatch.worker_addresses(client)),
                     client.dashboard_link)
         summary = _train_with_progress(client, job, show_bar=not args.no_progress)
         local_copy = job.sandbox.copy_results_to if job.sandbox else None

@@ -45,7 +45,7 @@ class RankFutures(list):
         """Ranks whose worker is no longer in the cluster (their task can never finish: it is pinned there)."""
         if not self:
             return []
-        present = set(self[0].client.scheduler_info(n_workers=-1)["workers"])
+        present = set(worker_addresses(self[0].client))
         return [rank for rank, (future, worker) in enumerate(zip(self, self.workers))
                 if not future.done() and worker not in present]
 
@@ -67,11 +67,11 @@ def run(
     ``gloo``. ``timeout`` bounds the rendezvous and every collective, so a lost rank cannot hang the others forever.
     With ``pass_local_rank`` the function also receives ``local_rank=`` (its index among workers on the same host).
     """
-    addresses = sorted(workers or client.scheduler_info(n_workers=-1)["workers"])
+    addresses = sorted(workers or worker_addresses(client))
     if not addresses:
         raise RuntimeError("the Dask cluster has no workers; start some before dispatching")
     master_addr = get_address_host(addresses[0])
-    master_port = client.run(_free_port, workers=[addresses[0]])[addresses[0]]
+    master_port = client.run(free_port, workers=[addresses[0]])[addresses[0]]
     local_ranks = _local_ranks(addresses)
     logger.info("dispatching %s to %d ranks, rendezvous at %s:%d", getattr(fn, "__name__", fn), len(addresses),
                 master_addr, master_port)
@@ -97,15 +97,14 @@ def results(futures: RankFutures, timeout: float | None = None, grace: float = 1
     worker left the cluster, ``WorkerLost`` is raised instead: the cause is the lost worker, not any exception.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not all(f.done() for f in futures):
+    while True:
+        if has_failed(futures):
+            _settle(futures, grace)
+        if all(f.done() for f in futures):
+            return [f.result() for f in futures]
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"ranks still running after {timeout:.0f}s")
         _wait_some(futures, POLL_SECONDS)
-        if has_failed(futures):
-            _settle(futures, grace)
-    if has_failed(futures):
-        _settle(futures, grace)
-    return [f.result() for f in futures]
 
 
 def has_failed(futures: RankFutures) -> bool:
@@ -161,7 +160,13 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def worker_addresses(client: Client) -> list[str]:
+    """Addresses of every worker the scheduler knows now (not only the first page of a large cluster)."""
+    return list(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]

@@ -27,7 +27,7 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     its rank. A worker that leaves the cluster instead triggers a restart (``config.recovery``): wait for workers,
     then resume from the newest checkpoint; the cause is recorded in the run's records and TensorBoard.
     """
-    world_size = len(client.scheduler_info(n_workers=-1)["workers"])
+    world_size = len(dispatch.worker_addresses(client))
     job, restart, restarts = config, None, 0
     while True:
         last_seen = 0
@@ -59,11 +59,11 @@ def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: Recov
     """
     deadline = time.monotonic() + policy.wait_for_workers_s
     while time.monotonic() < deadline:
-        workers = set(client.scheduler_info(n_workers=-1)["workers"])
+        workers = set(dispatch.worker_addresses(client))
         if not workers & set(lost) and len(workers) >= wanted:
             return len(workers)
         time.sleep(0.5)
-    available = len(set(client.scheduler_info(n_workers=-1)["workers"]) - set(lost))
+    available = len(set(dispatch.worker_addresses(client)) - set(lost))
     if policy.min_workers is not None and available >= policy.min_workers:
         logger.warning("only %d of %d workers came back; continuing with %d", available, wanted, available)
         return available

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
+
+from daskgan.dispatch import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class LoopbackS3:
     """A moto S3 server process on 127.0.0.1; ``endpoint_url`` is what s3fs and boto3 need to reach it."""
 
     def __init__(self, port: int | None = None, startup_timeout: float = 30.0):
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
@@ -94,11 +95,6 @@ def _moto_server_command() -> str:
         raise RuntimeError("moto_server not found: install the demo extra (pip install 'daskgan[demo]')")
     return found
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepare(job, endpoint_url: str | None) -> "JobConfig":  # noqa: F821
