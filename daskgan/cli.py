@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt)")
     generate.add_argument("--seeds", default="0-7", help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
     generate.add_argument("--trunc", type=float, default=1.0, help="truncation psi (StyleGAN2; default 1)")
+    generate.add_argument("--class", dest="class_index", type=int, help="class index, for conditional models")
     generate.add_argument("--out", required=True, help="output folder or URL")
     generate.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     generate.set_defaults(run=generate_command)
@@ -52,7 +53,10 @@ def generate_command(args: argparse.Namespace) -> int:
     from daskgan.generate import generate, parse_seeds
 
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
-    written = generate(args.checkpoint, parse_seeds(args.seeds), args.out, args.trunc, options)
+    try:
+        written = generate(args.checkpoint, parse_seeds(args.seeds), args.out, args.trunc, options, args.class_index)
+    except ValueError as exc:  # a request the checkpoint cannot serve (truncation, class)
+        raise ConfigError(str(exc)) from None
     print(f"daskgan: wrote {len(written)} images to {args.out}")
     return 0
 
@@ -63,18 +67,20 @@ def render_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
     spec = load_cluster_spec(args.cluster) if args.cluster else ClusterSpec().validate()
+    job = load_job(args.job, workers=spec.planned_workers() or 1)  # refuse a bad job before starting anything
     with ExitStack() as stack:
         endpoint = None
         if job.sandbox and job.sandbox.s3_server:
             server = stack.enter_context(sandbox.LoopbackS3())
             stack.enter_context(sandbox.environment(server.environment()))  # workers started below inherit it
             endpoint = server.endpoint_url
-        job = sandbox.prepare(job, endpoint) if job.sandbox else job
         client = stack.enter_context(connect(spec))
-        logger.info("cluster: %d workers; dashboard %s", len(dispatch.worker_addresses(client)),
-                    client.dashboard_link)
+        workers = len(dispatch.worker_addresses(client))
+        logger.info("cluster: %d workers; dashboard %s", workers, client.dashboard_link)
+        if job.preset and workers != job.preset_workers:
+            job = load_job(args.job, workers=workers)  # the preset scales with the workers actually there
+        job = sandbox.prepare(job, endpoint) if job.sandbox else job
         summary = _train_with_progress(client, job, show_bar=not args.no_progress)
         local_copy = job.sandbox.copy_results_to if job.sandbox else None
         if local_copy:

@@ -86,6 +86,10 @@ class ClusterSpec:
         """The section of this spec's kind (a local cluster needs none written out)."""
         return getattr(self, self.kind) or (LocalSpec() if self.kind == "local" else None)
 
+    def planned_workers(self) -> int | None:
+        """How many workers the spec starts (None for an existing scheduler: ask it once connected)."""
+        return getattr(self.settings(), "n_workers", None)
+
     def validate(self) -> "ClusterSpec":
         kinds = [f.name for f in dataclasses.fields(self) if f.name != "kind"]
         if self.kind not in kinds:

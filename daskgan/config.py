@@ -21,6 +21,7 @@ SECRET_OPTION_NAMES = frozenset(
      "session_token", "account_key", "sas_token", "client_secret"}
 )
 REDACTED = "***"
+PRECISIONS = frozenset({"fp32", "bf16", "fp16"})
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
@@ -63,14 +64,19 @@ class ModelConfig:
     fmaps: float = 0.5  # stylegan2: channels at resolution r are min(32768 * fmaps / r, channel_max)
     channel_max: int = 512  # stylegan2
     style_mixing: float = 0.9  # stylegan2: probability of mixing two w's while training
+    mbstd_group: int = 4  # stylegan2: samples per minibatch-std group in D
+    conditional: bool = False  # stylegan2: condition G's mapping and D's output on the class folders' labels
+    sync_batchnorm: bool = False  # batch statistics over all workers' batches (families with BatchNorm)
 
     def validate(self) -> None:
         from daskgan.models import FAMILIES
 
         _require(self.family in FAMILIES, "model.family", f"must be one of {sorted(FAMILIES)}, got {self.family!r}")
-        for name in ("z_dim", "g_channels", "d_channels", "w_dim", "mapping_layers", "channel_max"):
+        for name in ("z_dim", "g_channels", "d_channels", "w_dim", "mapping_layers", "channel_max", "mbstd_group"):
             _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         _require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
+        _require(not self.conditional or self.family == "stylegan2", "model.conditional",
+                 "applies to stylegan2 (biggan is always conditional, dcgan never)")
 
 
 @dataclass
@@ -88,6 +94,15 @@ class TrainConfig:
     r1_interval: int = 16
     ema_kimg: float = 0.0  # generator EMA half-life in thousand images (0: no EMA); grids then use G_ema
     ema_rampup: Optional[float] = None  # half-life at most this fraction of the images seen so far
+    ema_start: int = 0  # before this iteration the average just copies G (BigGAN's ema_start)
+    d_steps: int = 1  # discriminator steps per generator step (BigGAN: 2)
+    accumulate: int = 1  # micro-batches per optimiser step: global batch = batch_size x workers x accumulate
+    ortho_reg: float = 0.0  # BigGAN's orthogonal regularisation strength on G's weights (0: off; BigGAN 1e-4)
+    pl_weight: float = 0.0  # stylegan2: path-length regularisation weight (0: off; NVlabs 2)
+    pl_interval: int = 4  # lazy: every pl_interval-th iteration, weighted by the interval
+    pl_decay: float = 0.01  # moving-average decay of the path-length target
+    precision: str = "fp32"  # fp32, or bf16/fp16 autocast for the highest-resolution blocks (stylegan2)
+    reduced_precision_resolutions: int = 4  # how many of the highest resolutions run in bf16/fp16 (NVlabs: 4)
 
     def validate(self) -> None:
         from daskgan.losses import LOSSES
@@ -99,6 +114,13 @@ class TrainConfig:
         _require(self.r1_gamma >= 0 and self.r1_interval >= 1, "train.r1_gamma/r1_interval", "must be >= 0 / >= 1")
         _require(self.ema_kimg >= 0, "train.ema_kimg", "must be >= 0")
         _require(self.ema_rampup is None or self.ema_rampup > 0, "train.ema_rampup", "must be > 0")
+        for name in ("d_steps", "accumulate", "pl_interval", "reduced_precision_resolutions"):
+            _require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        _require(self.ema_start >= 0 and self.ortho_reg >= 0 and self.pl_weight >= 0,
+                 "train.ema_start/ortho_reg/pl_weight", "must be >= 0")
+        _require(0 < self.pl_decay <= 1, "train.pl_decay", "must be in (0, 1]")
+        _require(self.precision in PRECISIONS, "train.precision",
+                 f"must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -187,10 +209,15 @@ class JobConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     sandbox: Optional[SandboxConfig] = None
+    preset: Optional[str] = None  # NVlabs-style named settings (daskgan.presets), under the job's own keys
+    preset_workers: Optional[int] = None  # the worker count the preset was scaled for
 
     def validate(self) -> "JobConfig":
         for section in (self.data, self.model, self.train, self.augment, self.output, self.recovery):
             section.validate()
+        stylegan_only = {"train.pl_weight": self.train.pl_weight > 0, "train.precision": self.train.precision != "fp32"}
+        for key, used in stylegan_only.items():
+            _require(not used or self.model.family == "stylegan2", key, f"is not supported for {self.model.family}")
         return self
 
     def to_dict(self, redact_secrets: bool = True) -> dict:
@@ -202,16 +229,29 @@ class JobConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "job") -> "JobConfig":
+    def from_dict(cls, data: dict, source: str = "job", workers: int | None = None) -> "JobConfig":
+        """Build and validate a job; a ``preset`` is scaled for ``workers`` (the number of Dask workers)."""
         try:
-            return build_dataclass(cls, data, "").validate()
+            return build_dataclass(cls, _with_preset(data, workers), "").validate()
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_job(path: str | Path) -> JobConfig:
-    """Read and validate a job YAML file."""
-    return JobConfig.from_dict(load_yaml_mapping(path), source=str(path))
+def load_job(path: str | Path, workers: int | None = None) -> JobConfig:
+    """Read and validate a job YAML file (``workers``: the cluster's size, needed when the job names a preset)."""
+    return JobConfig.from_dict(load_yaml_mapping(path), source=str(path), workers=workers)
+
+
+def _with_preset(data: dict, workers: int | None) -> dict:
+    from daskgan.presets import STYLEGAN_PRESETS, apply_preset
+
+    name = data.get("preset") if isinstance(data, dict) else None
+    if name is None:
+        return data
+    _require(isinstance(name, str) and name in STYLEGAN_PRESETS, "preset", f"must be one of {sorted(STYLEGAN_PRESETS)}, got {name!r}")
+    _require(workers is not None and workers >= 1, "preset",
+             f"{name!r} scales with the number of workers: load the job with workers=<cluster size>")
+    return {**apply_preset(data, workers), "preset_workers": workers}
 
 
 def load_yaml_mapping(path: str | Path) -> dict:

@@ -3,8 +3,13 @@ checkpoints. The half-life is given in thousands of images, with an optional ram
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from daskgan.config import TrainConfig
 
 
 def ema_beta(global_batch: int, ema_kimg: float, images_seen: int, rampup: float | None = None) -> float:
@@ -14,6 +19,14 @@ def ema_beta(global_batch: int, ema_kimg: float, images_seen: int, rampup: float
     if rampup is not None:
         half_life = min(half_life, images_seen * rampup)
     return 0.5 ** (global_batch / max(half_life, 1e-8))
+
+
+def ema_beta_at(train: "TrainConfig", iteration: int, global_batch: int) -> float:
+    """The decay for ``iteration``: 0 before ``train.ema_start`` (the average copies G, as BigGAN's ema_start),
+    then the half-life rule."""
+    if iteration < train.ema_start:
+        return 0.0
+    return ema_beta(global_batch, train.ema_kimg, iteration * global_batch, train.ema_rampup)
 
 
 @torch.no_grad()

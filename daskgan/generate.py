@@ -15,7 +15,7 @@ from torch import nn
 
 from daskgan import checkpoint, storage
 from daskgan.config import ModelConfig
-from daskgan.models import build_models
+from daskgan.models import build_models, conditioning_classes
 from daskgan.results import png_bytes, to_uint8
 from daskgan.storage import StorageOptions
 
@@ -24,28 +24,50 @@ logger = logging.getLogger(__name__)
 
 def load_generator(state: dict) -> nn.Module:
     """The generator of a checkpoint (EMA weights when present), in eval mode."""
-    model = state["model"]
-    config = ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig) if f.name in model})
-    generator, _ = build_models(config, model["resolution"], model["num_classes"])
+    generator, _ = build_models(_model_config(state), state["model"]["resolution"], label_classes(state))
     generator.load_state_dict(state.get("G_ema", state["G"]))
     return generator.eval()
 
 
+def label_classes(state: dict) -> int:
+    """How many classes the checkpoint's generator is conditioned on (0: unconditional)."""
+    return conditioning_classes(_model_config(state), state["model"]["num_classes"])
+
+
+def _model_config(state: dict) -> ModelConfig:
+    model = state["model"]
+    return ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig) if f.name in model})
+
+
 @torch.no_grad()
 def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation_psi: float = 1.0,
-             storage_options: StorageOptions | None = None) -> list[str]:
-    """Write ``seed<NNNN>.png`` under ``out_url`` for each seed; returns the URLs written."""
-    generator = load_generator(checkpoint.load(checkpoint_url, storage_options))
+             storage_options: StorageOptions | None = None, class_index: int | None = None) -> list[str]:
+    """Write ``seed<NNNN>.png`` under ``out_url`` for each seed (of class ``class_index`` for a conditional
+    model); returns the URLs written."""
+    state = checkpoint.load(checkpoint_url, storage_options)
+    generator = load_generator(state)
     if truncation_psi != 1 and not hasattr(generator, "mapping"):
         raise ValueError(f"truncation needs a StyleGAN2 checkpoint; {checkpoint_url} holds another family")
+    labels = _labels(label_classes(state), class_index, checkpoint_url)
     extra = {"truncation_psi": truncation_psi} if truncation_psi != 1 else {}
     objects = {}
     for seed in seeds:
         z = torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(seed))
-        objects[storage.join(out_url, f"seed{seed:04d}.png")] = png_bytes(to_uint8(generator(z, **extra)[0]))
+        objects[storage.join(out_url, f"seed{seed:04d}.png")] = png_bytes(to_uint8(generator(z, labels, **extra)[0]))
     storage.write_many(objects, storage_options)
     logger.info("wrote %d images to %s", len(objects), out_url)
     return sorted(objects)
+
+
+def _labels(num_classes: int, class_index: int | None, checkpoint_url: str) -> torch.Tensor | None:
+    if not num_classes:
+        if class_index is not None:
+            raise ValueError(f"{checkpoint_url} holds an unconditional model; it takes no class")
+        return None
+    if class_index is None or not 0 <= class_index < num_classes:
+        raise ValueError(f"{checkpoint_url} holds a model conditioned on {num_classes} classes: "
+                         f"give a class from 0 to {num_classes - 1}")
+    return torch.tensor([class_index])
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -1,14 +1,16 @@
-"""GAN losses on discriminator logits. A family is three functions, so the discriminator's real and fake terms can
+"""GAN losses on discriminator logits, and the regularisers (R1, path length, orthogonal). A family is three functions, so the discriminator's real and fake terms can
 be back-propagated separately (DDP accumulates the first locally and all-reduces once):
 ``d_real(real_logits)``, ``d_fake(fake_logits)`` and ``g(fake_logits)``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,3 +43,53 @@ def r1_penalty(real_images: torch.Tensor, real_logits: torch.Tensor) -> torch.Te
     """
     (gradient,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
     return gradient.square().sum(dim=list(range(1, gradient.dim()))).mean()
+
+
+def hinge_real(logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss on D(x): mean of relu(1 - D(x))."""
+    return F.relu(1 - logits).mean()
+
+
+def hinge_fake(logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss on D(G(z)): mean of relu(1 + D(G(z)))."""
+    return F.relu(1 + logits).mean()
+
+
+def hinge_g(logits: torch.Tensor) -> torch.Tensor:
+    """The generator's side of the hinge game (SA-GAN, BigGAN): -mean D(G(z))."""
+    return -logits.mean()
+
+
+LOSSES["hinge"] = GanLoss(d_real=hinge_real, d_fake=hinge_fake, g=hinge_g)
+
+
+def path_lengths(images: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """StyleGAN2's path lengths: per sample, |J_w^T y| for a random image-space direction y ~ N(0, 1/(H*W)),
+    averaged over the w's of the layers. The graph is kept so (length - target)² can train G."""
+    direction = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
+    (gradient,) = torch.autograd.grad((images * direction).sum(), ws, create_graph=True)
+    return gradient.square().sum(dim=2).mean(dim=1).sqrt()
+
+
+@torch.no_grad()
+def orthogonal_regularisation(module: nn.Module, strength: float) -> None:
+    """BigGAN's orthogonal regularisation, added straight to the gradients: for each weight W (as rows), the
+    gradient of strength/2 * ||W Wᵀ ⊙ (1 - I)||²_F, i.e. 2·strength·(W Wᵀ ⊙ (1 - I)) W. Only the off-diagonal of
+    the Gram matrix is pushed to zero, so filter norms stay free. Class embeddings and vectors are exempt."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Embedding):
+            continue
+        for param in layer.parameters(recurse=False):
+            if param.ndim < 2 or param.grad is None:
+                continue
+            param.grad.add_(_off_diagonal_gram_times(param.reshape(param.shape[0], -1)).reshape(param.shape),
+                            alpha=2 * strength)
+
+
+def _off_diagonal_gram_times(rows: torch.Tensor) -> torch.Tensor:
+    """(W Wᵀ ⊙ (1 - I)) W, through the smaller of W Wᵀ and WᵀW (a 24k-row linear layer's Gram matrix would not fit)."""
+    if rows.shape[0] <= rows.shape[1]:
+        gram = rows @ rows.T
+        gram.fill_diagonal_(0)
+        return gram @ rows
+    return rows @ (rows.T @ rows) - rows.square().sum(dim=1, keepdim=True) * rows

@@ -147,13 +147,18 @@ def trim_records(run_url: str, last_kept: int, storage_options: StorageOptions |
 def image_grid(images: torch.Tensor, padding: int = 2) -> torch.Tensor:
     """Tile (N, 3, H, W) images in [-1, 1] into one (3, H', W') uint8 image, as square as possible."""
     count, channels, height, width = images.shape
-    columns = math.ceil(math.sqrt(count))
+    columns = grid_columns(count)
     rows = math.ceil(count / columns)
     grid = torch.full((channels, rows * (height + padding) + padding, columns * (width + padding) + padding), -1.0)
     for i, image in enumerate(images):
         top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
         grid[:, top:top + height, left:left + width] = image
     return to_uint8(grid)
+
+
+def grid_columns(count: int) -> int:
+    """Columns of the grid that tiles ``count`` images (as square as possible)."""
+    return math.ceil(math.sqrt(count))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

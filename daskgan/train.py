@@ -1,7 +1,7 @@
 """The DDP training loop that runs on every worker: ``train_gan(config)``, dispatched by ``daskgan.dispatch.run``.
 
-Each iteration does one discriminator step then one generator step on the rank's batch, with gradients averaged
-across ranks by DistributedDataParallel. Rank 0 writes the records, grids, TensorBoard events and checkpoints; a
+Each iteration does ``d_steps`` discriminator steps then one generator step (``daskgan.steps``), with gradients
+averaged across ranks by DistributedDataParallel. Rank 0 writes the records, grids, TensorBoard events and checkpoints; a
 checkpoint holds everything needed to continue bit-for-bit: weights, optimizer state, iteration, and every rank's
 noise-generator state and data-stream position.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -24,24 +24,13 @@ from daskgan import checkpoint, results, storage
 from daskgan.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.config import JobConfig
 from daskgan.data import ImageStream, StreamPosition, index_images
-from daskgan.ema import ema_beta, update_ema
-from daskgan.losses import LOSSES, GanLoss, r1_penalty
-from daskgan.models import build_models
+from daskgan.ema import ema_beta_at, update_ema
+from daskgan.losses import LOSSES
+from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes
+from daskgan.models.layers import sync_batchnorm
+from daskgan.steps import Gan, Noise, discriminator_step, generator_step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Gan:
-    """The networks and optimizers of one rank (G and D wrapped in DDP)."""
-
-    G: DistributedDataParallel
-    D: DistributedDataParallel
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    augment: AugmentPipe  # applied to every image D sees; p = 0 (mode off) makes it the identity
-    ada: AdaController | None  # adapts augment.p in mode ada
-    G_ema: nn.Module | None  # moving average of G's weights (train.ema_kimg > 0), used for grids
 
 
 def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -54,14 +43,15 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     device = _device()
     index = _broadcast_from_rank0(lambda: index_images(config.data.url, config.data.storage_options))
     model_id = model_fingerprint(config, len(index.classes))
-    gan = _build(config, len(index.classes), device)
+    gan = _build(config, conditioning_classes(config.model, len(index.classes)), device)
     resume_url = _broadcast_from_rank0(lambda: resume_source(config))
     state = checkpoint.load(resume_url, config.output.storage_options) if resume_url else None
     if state is not None:
         checkpoint.check_compatible(state, model_id, resume_url)
         _restore_networks(gan, state)
     start = state["iteration"] if state else 0
-    noise, position = _rank_state(config, gan, state, rank, world_size)
+    generator, position = _rank_state(config, gan, state, rank, world_size)
+    noise = Noise(generator, config.model.z_dim, gan.num_classes, device)
     writer = (results.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank == 0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position)
@@ -72,7 +62,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,
                     config.train.iterations, world_size, f" (resumed from {resume_url})" if resume_url else "")
     try:
-        last_checkpoint = _loop(config, gan, stream, noise, writer, start, model_id, device)
+        last_checkpoint = _loop(config, gan, stream, noise, writer, start, model_id)
     finally:
         stream.close()
         if writer is not None:
@@ -105,75 +95,55 @@ def resume_source(config: JobConfig) -> str | None:
     return resume
 
 
-def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: torch.Generator, writer: results.RunWriter | None,
-          start: int, model_id: dict, device: torch.device) -> str | None:
-    out = config.output
-    world_size = dist.get_world_size()
-    global_batch = config.data.batch_size * world_size
-    fixed_z = torch.randn(out.grid_images, config.model.z_dim, generator=torch.Generator().manual_seed(config.train.seed))
-    loss = LOSSES[config.train.loss]
+def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: results.RunWriter | None,
+          start: int, model_id: dict) -> str | None:
+    out, train = config.output, config.train
+    global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
+    grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
+    loss = LOSSES[train.loss]
     last_checkpoint = None
-    for iteration in range(start + 1, config.train.iterations + 1):
+    for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
-        batch = next(stream)
-        stats = _step(gan, loss, batch.images.to(device), noise, config.model.z_dim, device,
-                      r1_weight=_r1_weight(config, iteration))
-        position = batch.position
-        stats = _mean_across_ranks(stats, device)
+        for d_step in range(train.d_steps):
+            batches = [next(stream) for _ in range(train.accumulate)]
+            r1_weight = _lazy_weight(train.r1_gamma / 2, train.r1_interval, (iteration - 1) * train.d_steps + d_step + 1)
+            stats = discriminator_step(gan, loss, batches, noise, r1_weight)
+        position = batches[-1].position
+        stats.update(generator_step(gan, loss, train.accumulate, config.data.batch_size, noise,
+                                    pl_weight=_lazy_weight(train.pl_weight, train.pl_interval, iteration),
+                                    pl_decay=train.pl_decay, ortho=train.ortho_reg))
+        stats = _mean_across_ranks(stats, noise.device)
         if gan.ada is not None:
-            gan.ada.update(iteration, global_batch)
+            gan.ada.update(iteration, global_batch * train.d_steps)
         if gan.G_ema is not None:
-            update_ema(gan.G_ema, gan.G.module, ema_beta(global_batch, config.train.ema_kimg,
-                                                         iteration * global_batch, config.train.ema_rampup))
+            update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch))
         if writer is not None:
             writer.record({"iteration": iteration, "epoch": position.epoch,
-                           "kimg": iteration * global_batch / 1000, **stats,
-                           "images_per_s": global_batch / (time.perf_counter() - started),
+                           "kimg": iteration * global_batch * train.d_steps / 1000, **stats,
+                           "images_per_s": global_batch * train.d_steps / (time.perf_counter() - started),
                            "skipped_images": stream.skipped, **_augment_fields(config, gan)})
-            if iteration % out.grid_every == 0 or iteration == config.train.iterations:
+            if iteration % out.grid_every == 0 or iteration == train.iterations:
                 sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
-                writer.grid(iteration, _samples(sampler, fixed_z.to(device)))
-        if iteration % out.checkpoint_every == 0 or iteration == config.train.iterations:
+                writer.grid(iteration, _samples(sampler, grid_z, grid_labels))
+        if iteration % out.checkpoint_every == 0 or iteration == train.iterations:
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id) or last_checkpoint
     return last_checkpoint
 
 
-def _r1_weight(config: JobConfig, iteration: int) -> float:
-    """Lazy R1: gamma/2, times the interval to make up for the skipped minibatches, every r1_interval-th step."""
-    train = config.train
-    return train.r1_gamma / 2 * train.r1_interval if train.r1_gamma and iteration % train.r1_interval == 0 else 0.0
+def _lazy_weight(weight: float, interval: int, step: int) -> float:
+    """Lazy regularisation: the weight times the interval (making up for the skipped steps) on every
+    ``interval``-th step, else 0."""
+    return weight * interval if weight and step % interval == 0 else 0.0
 
 
-def _step(gan: Gan, loss: GanLoss, real: torch.Tensor, noise: torch.Generator, z_dim: int,
-          device: torch.device, r1_weight: float = 0.0) -> dict[str, float]:
-    """One D step (with R1 on the reals when ``r1_weight`` > 0) then one G step, sharing the same fakes."""
-    z = torch.randn(real.shape[0], z_dim, generator=noise).to(device)
-    fake = gan.G(z)
-    gan.opt_D.zero_grad(set_to_none=True)
-    with gan.D.no_sync():  # accumulate the real-batch gradient locally; the fake backward all-reduces both
-        real = real.detach().requires_grad_(r1_weight > 0)  # R1 differentiates through the augmentation
-        real_logits = gan.D(gan.augment(real))
-        loss_real = loss.d_real(real_logits)
-        r1 = r1_penalty(real, real_logits) if r1_weight > 0 else None
-        (loss_real if r1 is None else loss_real + r1 * r1_weight).backward()
-    if gan.ada is not None:
-        gan.ada.observe(real_logits)
-    fake_logits = gan.D(gan.augment(fake.detach()))
-    loss_fake = loss.d_fake(fake_logits)
-    loss_fake.backward()
-    gan.opt_D.step()
-    # G step through the bare D: its gradients are not needed, so D stays out of DDP's reducer here.
-    gan.D.module.requires_grad_(False)
-    try:
-        loss_G = loss.g(gan.D.module(gan.augment(fake)))
-        gan.opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        gan.opt_G.step()
-    finally:
-        gan.D.module.requires_grad_(True)
-    stats = {"loss_G": loss_G.item(), "loss_D_real": loss_real.item(), "loss_D_fake": loss_fake.item(),
-             "D_x": torch.sigmoid(real_logits).mean().item(), "D_G_z": torch.sigmoid(fake_logits).mean().item()}
-    return stats if r1 is None else {**stats, "r1_penalty": r1.item()}
+def _grid_latents(config: JobConfig, num_classes: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed z (and for conditional models one class per grid row) every grid of the run is drawn from."""
+    n = config.output.grid_images
+    z = torch.randn(n, config.model.z_dim, generator=torch.Generator().manual_seed(config.train.seed)).to(device)
+    if not num_classes:
+        return z, None
+    return z, (torch.arange(n) // results.grid_columns(n) % num_classes).to(device)
 
 
 def _augment_fields(config: JobConfig, gan: Gan) -> dict[str, float]:
@@ -192,7 +162,7 @@ def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[st
 
 
 @torch.no_grad()
-def _samples(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
+def _samples(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Fixed-z samples in eval mode, leaving the generator's mode and the training random streams untouched
     (a grid drawn at one iteration and not another must not change what training does next)."""
     was_training = generator.training
@@ -200,15 +170,15 @@ def _samples(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     devices = [z.device] if z.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            return generator(z).cpu()
+            return generator(z, labels).cpu()
     finally:
         generator.train(was_training)
 
 
-def _save_checkpoint(config: JobConfig, gan: Gan, noise: torch.Generator, position: StreamPosition, iteration: int,
+def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition, iteration: int,
                      model_id: dict) -> str | None:
     """Gather every rank's generator state and stream position, then rank 0 writes one checkpoint."""
-    rank_state = {"noise": noise.get_state(), "torch_rng": torch.get_rng_state(), "epoch": position.epoch,
+    rank_state = {"noise": noise.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": position.epoch,
                   "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(rank_state, gathered, dst=0)
@@ -216,6 +186,7 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: torch.Generator, positi
         return None
     state = {"format": 1, "iteration": iteration, "model": model_id, "config": config.to_dict(),
              "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(), "augment_p": float(gan.augment.p),
+             "pl_target": float(gan.pl_target),
              **({"G_ema": gan.G_ema.state_dict()} if gan.G_ema is not None else {}),
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     return checkpoint.save(config.output.run_url, state, iteration, config.output.keep_checkpoints,
@@ -223,8 +194,16 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: torch.Generator, positi
 
 
 def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
+    """G, D (DDP), optimizers, augmentation and EMA; ``num_classes`` > 0 makes G and D class-conditional."""
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    G, D = (m.to(device) for m in build_models(config.model, config.data.resolution, num_classes))
+    G, D = build_models(config.model, config.data.resolution, num_classes)
+    if config.model.sync_batchnorm:
+        G, D = sync_batchnorm(G), sync_batchnorm(D)
+    if config.train.precision != "fp32":
+        for network in (G, D):
+            network.use_reduced_precision(REDUCED_PRECISION[config.train.precision],
+                                          config.train.reduced_precision_resolutions)
+    G, D = G.to(device), D.to(device)
     device_ids = [device.index] if device.type == "cuda" else None
     betas = (config.train.beta1, config.train.beta2)
     augment = AugmentPipe(PIPELINES[config.augment.pipeline]).to(device)
@@ -234,7 +213,7 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if config.train.ema_kimg > 0 else None
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
                torch.optim.Adam(G.parameters(), lr=config.train.lr_g, betas=betas),
-               torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada, G_ema)
+               torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada, G_ema, num_classes)
 
 
 def _restore_networks(gan: Gan, state: dict) -> None:
@@ -244,6 +223,7 @@ def _restore_networks(gan: Gan, state: dict) -> None:
     gan.opt_D.load_state_dict(state["opt_D"])
     if gan.G_ema is not None:  # a checkpoint without an average starts it from the current weights
         gan.G_ema.load_state_dict(state.get("G_ema", state["G"]))
+    gan.pl_target = torch.tensor(state.get("pl_target", 0.0))
     if gan.ada is not None and "augment_p" in state:  # ADA continues from the saved p; a fixed p comes from the job
         gan.augment.p.fill_(state["augment_p"])
 

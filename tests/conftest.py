@@ -55,3 +55,15 @@ def dask_client(s3_server):
 
     with connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank gloo process group in the test process, for DDP-wrapped modules in unit tests."""
+    import torch.distributed as dist
+
+    from daskgan.dispatch import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -73,12 +73,14 @@ def stylegan2_job(url, options, run, iterations):
     config.model.family, config.model.z_dim = "stylegan2", 16
     config.model.w_dim, config.model.mapping_layers, config.model.fmaps, config.model.channel_max = 16, 2, 1 / 128, 32
     config.train.r1_gamma, config.train.r1_interval, config.train.ema_kimg = 1.0, 4, 0.05
+    config.train.pl_weight, config.train.pl_interval = 2.0, 2
+    config.model.conditional = True  # the shapes' class folders
     config.train.lr_d = config.train.lr_g = 2e-3
     config.augment.speed_kimg = 0.1  # fast p moves so a few iterations show them
     return config
 
 
-def test_stylegan2_ada_runs_on_two_workers_and_resumes_p(dask_client, tiny_dataset):
+def test_conditional_stylegan2_ada_with_path_length_runs_on_two_workers_and_resumes_p(dask_client, tiny_dataset):
     url, options = tiny_dataset
     straight = stylegan2_job(url, options, "sg2-straight", iterations=12)
     run_job(dask_client, straight)
@@ -86,12 +88,15 @@ def test_stylegan2_ada_runs_on_two_workers_and_resumes_p(dask_client, tiny_datas
     assert records["iteration"].tolist() == list(range(1, 13))
     assert records[["loss_G", "loss_D_real", "loss_D_fake"]].notna().all().all()
     assert records["ada_p"].notna().all() and records["r1_penalty"].notna().sum() == 3
+    assert records["pl_penalty"].notna().tolist() == [i % 2 == 0 for i in range(1, 13)]
+    assert records["pl_mean"].dropna().gt(0).all(), "the path-length target moves off zero"
 
     run_job(dask_client, stylegan2_job(url, options, "sg2-resumed", iterations=6))
     resumed = stylegan2_job(url, options, "sg2-resumed", iterations=12)
     run_job(dask_client, resumed)
     assert load(resumed.output.run_url, options)["ada_p"].tolist() == records["ada_p"].tolist()
     a, b = (checkpoint.load(checkpoint.latest(j.output.run_url, options), options) for j in (straight, resumed))
+    assert a["pl_target"] == b["pl_target"] > 0 and a["model"]["num_classes"] == 4
     for key in ("G", "D", "G_ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"

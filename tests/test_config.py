@@ -67,4 +67,7 @@ def test_example_jobs_load():
     jobs = sorted(Path(__file__).parent.parent.joinpath("jobs").glob("*.yaml"))
     assert jobs, "no example jobs"
     for path in jobs:
-        load_job(path)
+        for workers in (1, 2, 8):
+            config = load_job(path, workers=workers)
+            if config.preset:
+                assert config.preset_workers == workers

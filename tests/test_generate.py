@@ -52,3 +52,19 @@ def test_truncation_is_refused_for_dcgan_and_cli_writes_images(tmp_path, capsys)
 
 def test_parse_seeds():
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7] and parse_seeds("5") == [5]
+
+
+def test_conditional_checkpoints_need_a_class(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = ModelConfig(family="stylegan2", z_dim=8, w_dim=8, mapping_layers=2, fmaps=1 / 256, channel_max=16,
+                        conditional=True)
+    G, D = build_models(model, 16, 3)
+    state = {"model": {**asdict(model), "resolution": 16, "num_classes": 3}, "G": G.state_dict(), "D": D.state_dict()}
+    url = checkpoint.save(tmp_path.as_uri() + "/run", state, 1, keep=1)
+    generate(url, [4], (tmp_path / "c0").as_uri(), class_index=0)
+    generate(url, [4], (tmp_path / "c2").as_uri(), class_index=2)
+    assert Image.open(tmp_path / "c0" / "seed0004.png").tobytes() != Image.open(tmp_path / "c2" / "seed0004.png").tobytes()
+    assert main(["generate", url, "--seeds", "1", "--out", str(tmp_path / "none")]) == 2
+    assert "conditioned on 3 classes: give a class from 0 to 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unconditional"):
+        generate(saved_run(tmp_path, "dcgan"), [0], (tmp_path / "x").as_uri(), class_index=1)

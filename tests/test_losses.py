@@ -48,3 +48,15 @@ def test_ema_update_matches_its_formula():
     for old, new, current in zip(before, average.parameters(), model.parameters()):
         assert torch.allclose(new, 0.9 * old + 0.1 * current)
     assert torch.equal(average[1].running_mean, model[1].running_mean)
+
+
+def test_ema_copies_the_generator_until_its_start_iteration():
+    from daskgan.config import TrainConfig
+    from daskgan.ema import ema_beta_at
+
+    train = TrainConfig(ema_kimg=10.0, ema_start=100)
+    assert [ema_beta_at(train, i, 32) for i in (1, 50, 99)] == [0.0, 0.0, 0.0]
+    assert ema_beta_at(train, 100, 32) == pytest.approx(0.5 ** (32 / 10_000))
+    model, average = nn.Linear(2, 2), nn.Linear(2, 2)
+    update_ema(average, model, ema_beta_at(train, 99, 32))
+    assert all(torch.equal(a, b) for a, b in zip(average.parameters(), model.parameters()))

@@ -55,3 +55,65 @@ def test_minibatch_std_adds_the_group_deviation():
     out = MinibatchStd(4)(x)
     assert out.shape == (4, 3, 3, 3)
     assert torch.allclose(out[:, 2], torch.full((4, 3, 3), (0.75 * 4) ** 0.5 / 2 * 1.0), atol=1e-4)
+
+
+def small_pair(num_classes=0, resolution=32):
+    torch.manual_seed(0)
+    return (Generator(resolution, z_dim=16, w_dim=16, mapping_layers=2, fmaps=1 / 64, channel_max=32,
+                      num_classes=num_classes),
+            Discriminator(resolution, fmaps=1 / 64, channel_max=32, num_classes=num_classes, mapping_layers=2))
+
+
+def test_conditional_networks_depend_on_the_label():
+    G, D = small_pair(num_classes=3)
+    G.eval()
+    z = torch.randn(1, 16).repeat(3, 1)
+    images = G(z, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(images[0], images[1]) and not torch.allclose(images[1], images[2])
+    assert torch.allclose(G(z[:1], torch.tensor([[0.0, 1.0, 0.0]])), images[1:2], atol=1e-5), "one-hot rows work"
+    same = images[:1].repeat(3, 1, 1, 1)
+    logits = D(same, torch.tensor([0, 1, 2]))
+    assert logits.shape == (3,) and len(set(logits.tolist())) == 3, "D's verdict is per class"
+
+
+def test_return_ws_gives_the_styles_the_image_was_made_from():
+    G, _ = small_pair()
+    G.eval()
+    z = torch.randn(2, 16)
+    images, ws = G(z, return_ws=True)
+    assert torch.equal(images, G(z)) and ws.shape == (2, G.num_ws, 16)
+    assert torch.allclose(ws, G.mapping(z).unsqueeze(1).expand_as(ws)), "no mixing outside training"
+    G.train()
+    G.style_mixing = 1.0
+    _, mixed = G(z, return_ws=True)
+    assert not torch.allclose(mixed[:, 0], mixed[:, -1]), "while training, mixed styles are what is returned"
+
+
+def record_block_dtypes(network, blocks):
+    seen = {}
+    for block in blocks:
+        block.register_forward_hook(lambda module, args, out, r=block.resolution: seen.__setitem__(
+            r, (out[0] if isinstance(out, tuple) else out).dtype))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_runs_only_the_top_resolutions_in_low_precision(dtype):
+    G, D = small_pair()
+    z = torch.randn(4, 16)
+    G.eval()
+    reference = G(z)
+    for network in (G, D):
+        network.use_reduced_precision(dtype, resolutions=2)
+    g_seen, d_seen = record_block_dtypes(G, G.blocks), record_block_dtypes(D, D.blocks)
+    images = G(z)
+    assert {r: t for r, t in g_seen.items()} == {4: torch.float32, 8: torch.float32, 16: dtype, 32: dtype}
+    assert images.dtype == torch.float32, "the toRGB image path stays fp32"
+    relative_error = ((images - reference).norm() / reference.norm()).item()
+    assert relative_error < 0.05, relative_error
+    logits = D(images)
+    assert d_seen == {32: dtype, 16: dtype, 8: torch.float32} and logits.dtype == torch.float32
+    logits.sum().backward()
+    for name, p in (*G.named_parameters(), *D.named_parameters()):
+        assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32), name
+        assert p.grad is None or torch.isfinite(p.grad).all(), name

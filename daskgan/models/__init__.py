@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from daskgan.models import dcgan, stylegan2
@@ -16,3 +17,17 @@ FAMILIES: dict[str, Builder] = {"dcgan": dcgan.build, "stylegan2": stylegan2.bui
 def build_models(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Build G and D for ``model_config.family`` (seed the RNG first: every rank must start identical)."""
     return FAMILIES[model_config.family](model_config, resolution, num_classes)
+
+
+CONDITIONAL_FAMILIES = frozenset({"biggan"})  # always conditioned on the class folders; stylegan2 when asked
+REDUCED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def conditioning_classes(model_config, dataset_classes: int) -> int:
+    """How many classes G and D are conditioned on: the dataset's for conditional models, else 0."""
+    if model_config.family in CONDITIONAL_FAMILIES or model_config.conditional:
+        if dataset_classes < 2:
+            raise ValueError(f"a conditional {model_config.family} model needs class folders in the dataset "
+                             f"(found {dataset_classes} class)")
+        return dataset_classes
+    return 0

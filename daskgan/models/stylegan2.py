@@ -6,20 +6,30 @@ demodulated 3x3 convolutions, per-layer noise, and skip (toRGB) outputs; style m
 Discriminator: residual blocks from fromRGB down to 4x4, minibatch standard deviation, conv, fc, logit.
 Channels per resolution: min(32768 * fmaps / resolution, channel_max).
 
+Class-conditional (``model.conditional``): G's mapping takes the normalised embedding of the one-hot label beside
+the normalised z; D projects its last features onto a mapping of the label (NVlabs' ``cmap``).
+
+Reduced precision (``train.precision: bf16|fp16``): the convolutions of the highest ``n`` resolutions of G and D
+run under autocast, with activations clamped to +-256 as NVlabs' ``conv_clamp``. What stays fp32: the parameters
+and optimizer states (autocast casts per op), the mapping networks, the style affines and the weight
+(de)modulation, the toRGB image path (each block's RGB is added in fp32), the lower-resolution blocks, D's
+epilogue (minibatch std, conv, fc, logit, projection), the losses and the R1 / path-length gradients.
+
 Differences from NVlabs: up-sampling is bilinear and down-sampling average pooling instead of their FIR filters
-(upfirdn2d); there are no custom CUDA kernels, no conv clamping and no fp16 layers; the class-conditional mapping
-input is not built yet (labels are ignored).
+(upfirdn2d); there are no custom CUDA kernels.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 LRELU_GAIN = math.sqrt(2)
+CONV_CLAMP = 256.0  # activations of reduced-precision layers are clamped to +-CONV_CLAMP (NVlabs' conv_clamp)
 
 
 def channels_at(resolution: int, fmaps: float, channel_max: int) -> int:
@@ -87,12 +97,12 @@ class SynthesisLayer(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         if self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = modulated_conv2d(x, self.weight, self.affine(w))
+        x = modulated_conv2d(x, self.weight, fp32_styles(self.affine, w))
         if noise_mode == "random":
-            x = x + torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device) * self.noise_strength
+            x = x + torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype) * self.noise_strength
         elif noise_mode == "const":
-            x = x + self.noise_const * self.noise_strength
-        return F.leaky_relu(x + self.bias[None, :, None, None], 0.2) * LRELU_GAIN
+            x = x + self.noise_const.to(x.dtype) * self.noise_strength
+        return clamp_reduced(F.leaky_relu(x + self.bias[None, :, None, None].to(x.dtype), 0.2) * LRELU_GAIN)
 
 
 class ToRGB(nn.Module):
@@ -104,8 +114,35 @@ class ToRGB(nn.Module):
         self.weight_gain = 1 / math.sqrt(in_channels)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        styles = self.affine(w) * self.weight_gain
-        return modulated_conv2d(x, self.weight, styles, demodulate=False) + self.bias[None, :, None, None]
+        styles = fp32_styles(self.affine, w) * self.weight_gain
+        rgb = modulated_conv2d(x, self.weight, styles, demodulate=False)
+        return rgb.float() + self.bias[None, :, None, None]
+
+
+def fp32_styles(affine: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """Styles from w, always in fp32: they scale every weight of a layer, too coarse a knob for bf16/fp16."""
+    with torch.autocast(w.device.type, enabled=False):
+        return affine(w.float())
+
+
+def clamp_reduced(x: torch.Tensor) -> torch.Tensor:
+    """Clamp activations of reduced-precision layers so fp16 cannot overflow (fp32 ones pass unchanged)."""
+    return x.clamp(-CONV_CLAMP, CONV_CLAMP) if x.dtype != torch.float32 else x
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` for a reduced-precision block, or nothing for an fp32 one."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class ReducedPrecisionBlocks:
+    """Mixin for networks whose blocks know their ``resolution`` and honour a ``compute_dtype``."""
+
+    def use_reduced_precision(self, dtype: torch.dtype, resolutions: int) -> None:
+        """Run the blocks of the ``resolutions`` highest resolutions in ``dtype`` (the rest stay fp32)."""
+        lowest = self.resolution // 2 ** (resolutions - 1)
+        for block in self.blocks:
+            block.compute_dtype = dtype if block.resolution >= lowest else None
 
 
 class SynthesisBlock(nn.Module):
@@ -113,6 +150,7 @@ class SynthesisBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int):
         super().__init__()
+        self.resolution, self.compute_dtype = resolution, None
         self.first = resolution == 4
         if self.first:
             self.const = nn.Parameter(torch.randn(out_channels, 4, 4))
@@ -125,38 +163,55 @@ class SynthesisBlock(nn.Module):
     def forward(self, x, image, ws: torch.Tensor, noise_mode: str):
         if self.first:
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
-        for i, conv in enumerate(self.convs):
-            x = conv(x, ws[:, i], noise_mode)
-        rgb = self.torgb(x, ws[:, len(self.convs)])
+        with autocast_to(ws.device, self.compute_dtype):
+            for i, conv in enumerate(self.convs):
+                x = conv(x, ws[:, i], noise_mode)
+            rgb = self.torgb(x, ws[:, len(self.convs)])
         image = rgb if image is None else F.interpolate(image, scale_factor=2, mode="bilinear",
                                                         align_corners=False) + rgb
         return x, image
 
 
+def normalize_2nd_moment(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer labels (N,) as one-hot rows; (N, C) float rows (e.g. a blend of two classes) pass unchanged."""
+    return F.one_hot(labels, num_classes).float() if labels.dim() == 1 else labels.float()
+
+
 class MappingNetwork(nn.Module):
-    def __init__(self, z_dim: int, w_dim: int, layers: int, lr_multiplier: float = 0.01, w_avg_beta: float = 0.995):
+    """z (and, when ``num_classes`` > 0, the embedded label) -> w; without z it maps labels alone (D's cmap)."""
+
+    def __init__(self, z_dim: int, w_dim: int, layers: int, num_classes: int = 0, lr_multiplier: float = 0.01,
+                 w_avg_beta: float = 0.995):
         super().__init__()
-        dims = [z_dim] + [w_dim] * layers
+        self.num_classes = num_classes
+        self.embed = EqualLinear(num_classes, w_dim) if num_classes else None
+        dims = [z_dim + (w_dim if num_classes else 0)] + [w_dim] * layers
         self.net = nn.Sequential(*[EqualLinear(a, b, activation=True, lr_multiplier=lr_multiplier)
                                    for a, b in zip(dims, dims[1:])])
         self.register_buffer("w_avg", torch.zeros(w_dim))
         self.w_avg_beta = w_avg_beta
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)  # normalise the 2nd moment
-        w = self.net(z)
+    def forward(self, z: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [] if z is None else [normalize_2nd_moment(z)]
+        if self.embed is not None:
+            parts.append(normalize_2nd_moment(self.embed(one_hot(labels, self.num_classes))))
+        w = self.net(torch.cat(parts, dim=1))
         if self.training:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
         return w
 
 
-class Generator(nn.Module):
+class Generator(ReducedPrecisionBlocks, nn.Module):
     def __init__(self, resolution: int, z_dim: int = 512, w_dim: int = 512, mapping_layers: int = 8,
-                 fmaps: float = 0.5, channel_max: int = 512, style_mixing: float = 0.9):
+                 fmaps: float = 0.5, channel_max: int = 512, style_mixing: float = 0.9, num_classes: int = 0):
         super().__init__()
-        self.z_dim, self.style_mixing = z_dim, style_mixing
-        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
+        self.resolution, self.z_dim, self.style_mixing = resolution, z_dim, style_mixing
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes)
         resolutions = [2 ** i for i in range(2, int(math.log2(resolution)) + 1)]
         self.blocks = nn.ModuleList(
             SynthesisBlock(channels_at(max(r // 2, 4), fmaps, channel_max), channels_at(r, fmaps, channel_max), w_dim, r)
@@ -164,13 +219,14 @@ class Generator(nn.Module):
         self.num_ws = sum(len(b.convs) for b in self.blocks) + 1
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, truncation_psi: float = 1.0,
-                noise_mode: str | None = None) -> torch.Tensor:
-        """``noise_mode``: random, const (fixed per-layer noise, as NVlabs' snapshots) or none; by default random
-        while training and const in eval mode."""
+                noise_mode: str | None = None, return_ws: bool = False):
+        """``labels``: class indices (N,) or class weights (N, C) for conditional models. ``noise_mode``: random,
+        const (fixed per-layer noise, as NVlabs' snapshots) or none; by default random while training and const in
+        eval mode. ``return_ws`` also returns the per-layer w's the image was made from (for path length)."""
         noise_mode = noise_mode or ("random" if self.training else "const")
-        ws = self.mapping(z).unsqueeze(1).repeat(1, self.num_ws, 1)
+        ws = self.mapping(z, labels).unsqueeze(1).repeat(1, self.num_ws, 1)
         if self.training and self.style_mixing > 0:
-            ws = self._mix_styles(ws)
+            ws = self._mix_styles(ws, labels)
         if truncation_psi != 1:
             ws = self.mapping.w_avg.lerp(ws, truncation_psi)
         x = image = None
@@ -178,15 +234,15 @@ class Generator(nn.Module):
         for block in self.blocks:
             x, image = block(x, image, ws[:, index:index + len(block.convs) + 1], noise_mode)
             index += len(block.convs)
-        return image
+        return (image, ws) if return_ws else image
 
-    def _mix_styles(self, ws: torch.Tensor) -> torch.Tensor:
+    def _mix_styles(self, ws: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """With probability ``style_mixing`` per sample, layers from a random cutoff on take a second z's w."""
         n = ws.shape[0]
         cutoff = torch.randint(1, self.num_ws, (n,), device=ws.device)
         cutoff = torch.where(torch.rand(n, device=ws.device) < self.style_mixing, cutoff,
                              torch.full_like(cutoff, self.num_ws))
-        other = self.mapping(torch.randn(n, self.z_dim, device=ws.device)).unsqueeze(1)
+        other = self.mapping(torch.randn(n, self.z_dim, device=ws.device), labels).unsqueeze(1)
         take_other = torch.arange(self.num_ws, device=ws.device)[None, :] >= cutoff[:, None]
         return torch.where(take_other[:, :, None], other, ws)
 
@@ -210,41 +266,53 @@ class MinibatchStd(nn.Module):
 
 
 class DiscriminatorBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, from_rgb: bool):
+    def __init__(self, in_channels: int, out_channels: int, from_rgb: bool, resolution: int):
         super().__init__()
+        self.resolution, self.compute_dtype = resolution, None
         self.fromrgb = EqualConv2d(3, in_channels, 1) if from_rgb else None
         self.conv0 = EqualConv2d(in_channels, in_channels, 3)
         self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
         self.skip = EqualConv2d(in_channels, out_channels, 1, activation=False, bias=False, down=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fromrgb is not None:
-            x = self.fromrgb(x)
-        residual = self.skip(x, gain=math.sqrt(0.5))
-        return residual + self.conv1(self.conv0(x), gain=math.sqrt(0.5))
+        if self.compute_dtype is None:
+            x = x.float()  # coming from a reduced-precision block above
+        with autocast_to(x.device, self.compute_dtype):
+            if self.fromrgb is not None:
+                x = self.fromrgb(x)
+            residual = self.skip(x, gain=math.sqrt(0.5))
+            return clamp_reduced(residual + self.conv1(self.conv0(x), gain=math.sqrt(0.5)))
 
 
-class Discriminator(nn.Module):
-    def __init__(self, resolution: int, fmaps: float = 0.5, channel_max: int = 512, mbstd_group: int = 4):
+class Discriminator(ReducedPrecisionBlocks, nn.Module):
+    def __init__(self, resolution: int, fmaps: float = 0.5, channel_max: int = 512, mbstd_group: int = 4,
+                 num_classes: int = 0, mapping_layers: int = 8):
         super().__init__()
+        self.resolution = resolution
         resolutions = [2 ** i for i in range(int(math.log2(resolution)), 2, -1)]
         self.blocks = nn.Sequential(*[
             DiscriminatorBlock(channels_at(r, fmaps, channel_max), channels_at(r // 2, fmaps, channel_max),
-                               from_rgb=(r == resolution))
+                               from_rgb=(r == resolution), resolution=r)
             for r in resolutions])
         channels = channels_at(4, fmaps, channel_max)
         self.mbstd = MinibatchStd(mbstd_group)
         self.conv = EqualConv2d(channels + 1, channels, 3)
         self.fc = EqualLinear(channels * 16, channels, activation=True)
-        self.out = EqualLinear(channels, 1)
+        # conditional: the output is the projection of `channels` features onto the label's mapping (cmap)
+        self.out = EqualLinear(channels, channels if num_classes else 1)
+        self.cmap = MappingNetwork(0, channels, mapping_layers, num_classes) if num_classes else None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.conv(self.mbstd(self.blocks(images)))
-        return self.out(self.fc(x.flatten(1))).flatten()
+        x = self.conv(self.mbstd(self.blocks(images).float()))
+        x = self.out(self.fc(x.flatten(1)))
+        if self.cmap is None:
+            return x.flatten()
+        return (x * self.cmap(None, labels)).sum(dim=1) / math.sqrt(x.shape[1])
 
 
 def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """Generator and discriminator for ``model: {family: stylegan2, ...}`` (unconditional for now)."""
+    """Generator and discriminator for ``model: {family: stylegan2, ...}``; ``num_classes`` > 0: conditional."""
     m = model_config
-    return (Generator(resolution, m.z_dim, m.w_dim, m.mapping_layers, m.fmaps, m.channel_max, m.style_mixing),
-            Discriminator(resolution, m.fmaps, m.channel_max))
+    return (Generator(resolution, m.z_dim, m.w_dim, m.mapping_layers, m.fmaps, m.channel_max, m.style_mixing,
+                      num_classes),
+            Discriminator(resolution, m.fmaps, m.channel_max, m.mbstd_group, num_classes, m.mapping_layers))

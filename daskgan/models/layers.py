@@ -1,0 +1,54 @@
+"""Layers shared by several families: batch normalisation whose statistics span all workers."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_reduce
+
+
+def batch_moments(x: torch.Tensor, across_ranks: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and biased variance of (N, C, ...) ``x`` and the element count behind them; with
+    ``across_ranks`` over the batches of every rank (differentiable: gradients flow back to every rank's input)."""
+    dims = [0, *range(2, x.dim())]
+    count = x.numel() // x.shape[1]
+    sums = torch.stack([x.sum(dims), x.square().sum(dims)])
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sums = all_reduce(sums)
+        count *= dist.get_world_size()  # every rank's batch has the same size
+    mean = sums[0] / count
+    return mean, (sums[1] / count - mean.square()).clamp_min(0), count
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are taken over every worker's batch, so the normalisation matches a
+    single process seeing the global batch. torch's own SyncBatchNorm runs on GPUs only; this one runs wherever
+    the process group does (gloo on CPU, nccl on GPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        mean, var, count = batch_moments(x, across_ranks=True)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * count / max(count - 1, 1), self.momentum)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        return out * self.weight.reshape(shape) + self.bias.reshape(shape) if self.affine else out
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` by a SyncBatchNorm2d with the same settings and state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child)
+    return module
+

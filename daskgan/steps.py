@@ -1,0 +1,146 @@
+"""The optimiser steps of one iteration, in NVlabs' phase order: discriminator step(s), then one generator step.
+
+Each step runs over ``accumulate`` micro-batches: DDP's ``no_sync`` keeps the gradients of all but the last
+micro-batch local, so one all-reduce per step carries their sum and the update equals one step on the whole batch
+(per-worker batch x workers x accumulate). Regularisers ride on the main losses every n-th step, scaled by n (lazy
+regularisation): R1 on the reals in a D step, path length on the fakes in a G step; BigGAN's orthogonal
+regularisation is added to G's gradients just before its update.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from daskgan.augment import AdaController, AugmentPipe
+from daskgan.data import Batch
+from daskgan.losses import GanLoss, orthogonal_regularisation, path_lengths, r1_penalty
+
+
+@dataclass
+class Gan:
+    """The networks and optimizers of one rank (G and D wrapped in DDP) and the state the steps carry."""
+
+    G: DistributedDataParallel
+    D: DistributedDataParallel
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    augment: AugmentPipe  # applied to every image D sees; p = 0 (mode off) makes it the identity
+    ada: AdaController | None  # adapts augment.p in mode ada
+    G_ema: nn.Module | None  # moving average of G's weights (train.ema_kimg > 0), used for grids
+    num_classes: int = 0  # labels G and D are conditioned on; 0: unconditional
+    pl_target: torch.Tensor = field(default_factory=lambda: torch.zeros([]))  # path-length moving average
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Where a rank's latents come from: z of ``z_dim`` and, for conditional models, uniform class labels."""
+
+    generator: torch.Generator
+    z_dim: int
+    num_classes: int
+    device: torch.device
+
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(n, self.z_dim, generator=self.generator).to(self.device)
+        if not self.num_classes:
+            return z, None
+        return z, torch.randint(self.num_classes, (n,), generator=self.generator).to(self.device)
+
+
+def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noise,
+                       r1_weight: float = 0.0) -> dict[str, float]:
+    """One D update over the micro-batches ``batches`` (reals and as many fakes), with R1 when ``r1_weight`` > 0."""
+    gan.opt_D.zero_grad(set_to_none=True)
+    stats = _Means()
+    for last, batch in _marking_last(batches):
+        real = batch.images.to(noise.device).detach().requires_grad_(r1_weight > 0)  # R1 differentiates through augment
+        real_labels = batch.labels.to(noise.device) if gan.num_classes else None
+        z, fake_labels = noise.draw(real.shape[0])
+        with torch.no_grad():
+            fake = gan.G(z, fake_labels)
+        with gan.D.no_sync():  # the real half stays local; the fake half's backward all-reduces both (last only)
+            real_logits = gan.D(gan.augment(real), real_labels)
+            loss_real = loss.d_real(real_logits)
+            r1 = r1_penalty(real, real_logits) if r1_weight > 0 else None
+            ((loss_real if r1 is None else loss_real + r1 * r1_weight) / len(batches)).backward()
+        if gan.ada is not None:
+            gan.ada.observe(real_logits)
+        with _sync_when(gan.D, last):
+            fake_logits = gan.D(gan.augment(fake), fake_labels)
+            loss_fake = loss.d_fake(fake_logits)
+            (loss_fake / len(batches)).backward()
+        stats.add(loss_D_real=loss_real, loss_D_fake=loss_fake, D_x=torch.sigmoid(real_logits).mean(),
+                  D_G_z=torch.sigmoid(fake_logits).mean(), **({"r1_penalty": r1} if r1 is not None else {}))
+    gan.opt_D.step()
+    return stats.means()
+
+
+def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int, noise: Noise,
+                   pl_weight: float = 0.0, pl_decay: float = 0.01, ortho: float = 0.0) -> dict[str, float]:
+    """One G update over ``micro_batches`` fresh batches of fakes, judged by D (whose weights stay untouched)."""
+    gan.opt_G.zero_grad(set_to_none=True)
+    stats = _Means()
+    gan.D.module.requires_grad_(False)  # G's step goes through the bare D: D stays out of DDP's reducer here
+    try:
+        for last, _ in _marking_last(range(micro_batches)):
+            z, labels = noise.draw(batch_size)
+            with _sync_when(gan.G, last):
+                fake, ws = gan.G(z, labels, return_ws=True) if pl_weight else (gan.G(z, labels), None)
+                loss_G = loss.g(gan.D.module(gan.augment(fake), labels))
+                total = loss_G
+                if pl_weight:
+                    penalty = _path_length_step(gan, fake, ws, pl_decay)
+                    total = total + penalty * pl_weight
+                    stats.add(pl_penalty=penalty, pl_mean=gan.pl_target)
+                (total / micro_batches).backward()
+            stats.add(loss_G=loss_G)
+    finally:
+        gan.D.module.requires_grad_(True)
+    if ortho:
+        orthogonal_regularisation(gan.G.module, ortho)
+    gan.opt_G.step()
+    return stats.means()
+
+
+def _path_length_step(gan: Gan, fake: torch.Tensor, ws: torch.Tensor, decay: float) -> torch.Tensor:
+    """The path-length penalty against a target that moves toward the mean length over all ranks (so every rank
+    keeps the same target, and a checkpoint needs only one)."""
+    lengths = path_lengths(fake, ws)
+    mean_length = lengths.detach().mean()
+    if dist.is_initialized():
+        dist.all_reduce(mean_length)
+        mean_length /= dist.get_world_size()
+    gan.pl_target = gan.pl_target.to(mean_length.device).lerp(mean_length, decay)
+    return (lengths - gan.pl_target).square().mean()
+
+
+def _sync_when(module: DistributedDataParallel, sync: bool):
+    return nullcontext() if sync else module.no_sync()
+
+
+def _marking_last(items: Iterable) -> Iterable[tuple[bool, object]]:
+    items = list(items)
+    return [(i == len(items) - 1, item) for i, item in enumerate(items)]
+
+
+class _Means:
+    """Per-step statistics averaged over micro-batches (tensors detached and read once, at the end)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0) + value.detach().float()
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: (total / self._counts[name]).item() for name, total in self._sums.items()}

@@ -1,0 +1,45 @@
+"""NVlabs-style presets: values from their table, scaled by workers, under the job's own keys."""
+
+import pytest
+
+from daskgan.config import ConfigError, JobConfig
+
+
+def job(**extra):
+    return {"name": "p", "preset": "auto", "data": {"url": "memory://d", "resolution": 256},
+            "output": {"run_url": "memory://r"}, **extra}
+
+
+def test_auto_scales_the_batch_and_gamma_with_the_workers():
+    two = JobConfig.from_dict(job(), workers=2)
+    assert two.data.batch_size == 16, "auto at 256: min(2 * 4096 // 256, 64) = 32 images over 2 workers"
+    assert two.train.r1_gamma == pytest.approx(0.0002 * 256 ** 2 / 32)
+    assert two.train.ema_kimg == pytest.approx(32 * 10 / 32)
+    assert (two.model.family, two.model.mapping_layers, two.model.mbstd_group) == ("stylegan2", 2, 4)
+    assert (two.train.beta1, two.train.beta2, two.train.pl_weight, two.augment.mode) == (0.0, 0.99, 2.0, "ada")
+    eight = JobConfig.from_dict(job(), workers=8)
+    assert eight.data.batch_size * 8 == 64 and eight.train.r1_gamma == pytest.approx(0.0002 * 256 ** 2 / 64)
+    assert eight.preset_workers == 8
+
+
+def test_auto_rounds_the_batch_to_a_multiple_of_the_workers():
+    config = JobConfig.from_dict(job(), workers=5)
+    assert config.data.batch_size == 12, "min(5 * 16, 64) = 64 -> 60 over 5 workers"
+    assert config.train.r1_gamma == pytest.approx(0.0002 * 256 ** 2 / 60)
+
+
+def test_fixed_presets_keep_their_global_batch_and_the_job_keys_win():
+    config = JobConfig.from_dict(job(preset="paper256", train={"iterations": 10, "r1_gamma": 3.0}), workers=8)
+    assert config.data.batch_size == 8 and config.model.mapping_layers == 8 and config.model.mbstd_group == 8
+    assert config.train.ema_kimg == 20 and config.train.ema_rampup is None
+    assert config.train.iterations == 10 and config.train.r1_gamma == 3.0, "keys in the job file override"
+    cifar = JobConfig.from_dict(job(preset="cifar", data={"url": "memory://d", "resolution": 32}), workers=2)
+    assert (cifar.data.batch_size, cifar.model.style_mixing, cifar.train.pl_weight) == (32, 0.0, 0.0)
+    assert cifar.train.iterations == 100_000 * 1000 // 64
+
+
+def test_preset_errors_are_clear():
+    with pytest.raises(ConfigError, match="preset: must be one of"):
+        JobConfig.from_dict(job(preset="ffhq"), workers=2)
+    with pytest.raises(ConfigError, match="scales with the number of workers"):
+        JobConfig.from_dict(job())

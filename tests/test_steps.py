@@ -1,0 +1,148 @@
+"""Optimiser steps: gradient accumulation over micro-batches equals one step on the whole batch, in one process
+and over two DDP ranks; the regularisers against autograd references."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from daskgan import dispatch
+from daskgan.augment import PIPELINES, AugmentPipe
+from daskgan.data import Batch, StreamPosition
+from daskgan.losses import LOSSES, orthogonal_regularisation, path_lengths
+from daskgan.steps import Gan, discriminator_step, generator_step
+
+Z_DIM = 6
+
+
+class ToyGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(Z_DIM, 32), nn.LeakyReLU(0.2), nn.Linear(32, 3 * 4 * 4), nn.Tanh())
+
+    def forward(self, z, labels=None):
+        return self.net(z).view(-1, 3, 4, 4)
+
+
+class ToyDiscriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+
+    def forward(self, images, labels=None):
+        return self.net(images).flatten()
+
+
+class PreparedNoise:
+    """Hands out the rows of a fixed z in order, so differently split steps see the same latents."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, z):
+        self.z, self.used = z, 0
+
+    def draw(self, n):
+        self.used += n
+        return self.z[self.used - n:self.used], None
+
+
+def toy_gan():
+    torch.manual_seed(0)
+    G, D = ToyGenerator(), ToyDiscriminator()
+    return Gan(DistributedDataParallel(G), DistributedDataParallel(D), torch.optim.SGD(G.parameters(), lr=0.5),
+               torch.optim.SGD(D.parameters(), lr=0.5), AugmentPipe(PIPELINES["bgc"]), None, None)
+
+
+def batches(images, micro_batches):
+    return [Batch(chunk, torch.zeros(len(chunk), dtype=torch.long), StreamPosition())
+            for chunk in images.chunk(micro_batches)]
+
+
+def one_iteration(gan, images, z_d, z_g, micro_batches, r1_weight=0.0):
+    """A D step on ``images`` (split into micro-batches) and a G step; returns G's and D's weights after."""
+    hinge = LOSSES["hinge"]
+    discriminator_step(gan, hinge, batches(images, micro_batches), PreparedNoise(z_d), r1_weight=r1_weight)
+    generator_step(gan, hinge, micro_batches, len(z_g) // micro_batches, PreparedNoise(z_g))
+    return [p.detach().clone() for p in (*gan.G.parameters(), *gan.D.parameters())]
+
+
+def reference_data(size):
+    generator = torch.Generator().manual_seed(7)
+    return (torch.rand(size, 3, 4, 4, generator=generator) * 2 - 1, torch.randn(size, Z_DIM, generator=generator),
+            torch.randn(size, Z_DIM, generator=generator))
+
+
+@pytest.mark.parametrize("r1_weight", [0.0, 5.0])
+def test_accumulated_micro_batches_give_the_update_of_one_batch(process_group, r1_weight):
+    images, z_d, z_g = reference_data(12)
+    whole = one_iteration(toy_gan(), images, z_d, z_g, micro_batches=1, r1_weight=r1_weight)
+    accumulated = one_iteration(toy_gan(), images, z_d, z_g, micro_batches=3, r1_weight=r1_weight)
+    start = [p.detach() for p in (*toy_gan().G.parameters(), *toy_gan().D.parameters())]
+    assert any(not torch.allclose(a, b) for a, b in zip(whole, start)), "the step changed the weights"
+    for a, b in zip(whole, accumulated):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def rank_share_update(images, z_d, z_g, micro_batches):
+    """On each of 2 ranks: its half of the data as ``micro_batches`` micro-batches; returns the new weights."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = lambda t: t.chunk(world)[rank]  # noqa: E731
+    return one_iteration(toy_gan(), share(images), share(z_d), share(z_g), micro_batches)
+
+
+@pytest.mark.slow
+def test_accumulation_over_two_ddp_ranks_equals_one_process_on_the_global_batch(dask_client, process_group):
+    images, z_d, z_g = reference_data(16)
+    ranks = dispatch.results(dispatch.run(dask_client, rank_share_update, images, z_d, z_g, 2), timeout=120)
+    single = one_iteration(toy_gan(), images, z_d, z_g, micro_batches=1)
+    for rank_weights in ranks:
+        for a, b in zip(rank_weights, single):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_hinge_loss_on_known_logits():
+    hinge = LOSSES["hinge"]
+    logits = torch.tensor([2.0, 0.5, -3.0])
+    assert hinge.d_real(logits).item() == pytest.approx((0 + 0.5 + 4.0) / 3)
+    assert hinge.d_fake(logits).item() == pytest.approx((3.0 + 1.5 + 0) / 3)
+    assert hinge.g(logits).item() == pytest.approx(0.5 / 3)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (40, 5)])  # a wide and a tall weight (the two code paths)
+def test_orthogonal_regularisation_is_the_gradient_of_its_penalty(shape):
+    torch.manual_seed(0)
+    layer = nn.Linear(1, 1)
+    layer.weight = nn.Parameter(torch.randn(shape))
+    layer.weight.grad = torch.zeros(shape)
+    orthogonal_regularisation(layer, strength=1e-2)
+
+    weight = layer.weight.detach().clone().requires_grad_()
+    rows = weight.reshape(shape[0], -1)
+    off_diagonal = rows @ rows.T * (1 - torch.eye(shape[0]))
+    (expected,) = torch.autograd.grad(1e-2 / 2 * off_diagonal.square().sum(), weight)
+    assert torch.allclose(layer.weight.grad, expected, rtol=1e-4, atol=1e-6)
+    assert layer.bias.grad is None, "vectors are exempt"
+
+
+def test_orthogonal_regularisation_skips_class_embeddings():
+    embedding = nn.Embedding(5, 4)
+    embedding.weight.grad = torch.zeros(5, 4)
+    orthogonal_regularisation(nn.Sequential(embedding), strength=1.0)
+    assert embedding.weight.grad.abs().sum() == 0
+
+
+def test_path_lengths_match_the_jacobian_of_a_linear_generator():
+    torch.manual_seed(0)
+    matrix = torch.randn(3 * 4 * 4, 5, requires_grad=True)  # image = A w for each of the 2 layers' w, summed
+    ws = torch.randn(6, 2, 5, requires_grad=True)
+    images = (ws @ matrix.T).sum(dim=1).view(6, 3, 4, 4)
+    torch.manual_seed(1)
+    lengths = path_lengths(images, ws)
+    torch.manual_seed(1)
+    direction = torch.randn(6, 3, 4, 4) / 4  # 1/sqrt(H*W)
+    per_layer = direction.view(6, -1) @ matrix.detach()  # J_w^T y, the same for both layers
+    assert torch.allclose(lengths, per_layer.square().sum(dim=1).sqrt(), rtol=1e-5)
+    lengths.sum().backward()
+    assert matrix.grad is not None and matrix.grad.abs().sum() > 0, "the graph is kept: the penalty trains G"
