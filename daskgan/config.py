@@ -103,6 +103,7 @@ class TrainConfig:
     pl_decay: float = 0.01  # moving-average decay of the path-length target
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast for the highest-resolution blocks (stylegan2)
     reduced_precision_resolutions: int = 4  # how many of the highest resolutions run in bf16/fp16 (NVlabs: 4)
+    compile: bool = False  # torch.compile G and D (passes with R1 / path length stay eager: double backward)
 
     def validate(self) -> None:
         from daskgan.losses import LOSSES

@@ -4,7 +4,8 @@ Each step runs over ``accumulate`` micro-batches: DDP's ``no_sync`` keeps the gr
 micro-batch local, so one all-reduce per step carries their sum and the update equals one step on the whole batch
 (per-worker batch x workers x accumulate). Regularisers ride on the main losses every n-th step, scaled by n (lazy
 regularisation): R1 on the reals in a D step, path length on the fakes in a G step; BigGAN's orthogonal
-regularisation is added to G's gradients just before its update.
+regularisation is added to G's gradients just before its update. Passes that need double backward run eagerly
+when the networks are compiled (``daskgan.compiled``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan.augment import AdaController, AugmentPipe
+from daskgan.compiled import eager
 from daskgan.data import Batch
 from daskgan.losses import GanLoss, orthogonal_regularisation, path_lengths, r1_penalty
 
@@ -65,7 +67,8 @@ def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noi
         z, fake_labels = noise.draw(real.shape[0])
         with torch.no_grad():
             fake = gan.G(z, fake_labels)
-        with gan.D.no_sync():  # the real half stays local; the fake half's backward all-reduces both (last only)
+        # the real half stays local; the fake half's backward all-reduces both (last micro-batch only)
+        with gan.D.no_sync(), eager(gan.D, when=r1_weight > 0):
             real_logits = gan.D(gan.augment(real), real_labels)
             loss_real = loss.d_real(real_logits)
             r1 = r1_penalty(real, real_logits) if r1_weight > 0 else None
@@ -91,7 +94,7 @@ def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int,
     try:
         for last, _ in _marking_last(range(micro_batches)):
             z, labels = noise.draw(batch_size)
-            with _sync_when(gan.G, last):
+            with _sync_when(gan.G, last), eager(gan.G, when=pl_weight > 0):
                 fake, ws = gan.G(z, labels, return_ws=True) if pl_weight else (gan.G(z, labels), None)
                 loss_G = loss.g(gan.D.module(gan.augment(fake), labels))
                 total = loss_G

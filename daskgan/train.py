@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from daskgan import checkpoint, results, storage
 from daskgan.augment import PIPELINES, AdaController, AugmentPipe
+from daskgan.compiled import compile_forward
 from daskgan.config import JobConfig
 from daskgan.data import ImageStream, StreamPosition, index_images
 from daskgan.ema import ema_beta_at, update_ema
@@ -211,6 +212,8 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     ada = (AdaController(augment, config.augment.target, config.augment.interval, config.augment.speed_kimg)
            if config.augment.mode == "ada" else None)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if config.train.ema_kimg > 0 else None
+    if config.train.compile:
+        G, D = compile_forward(G), compile_forward(D)
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
                torch.optim.Adam(G.parameters(), lr=config.train.lr_g, betas=betas),
                torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada, G_ema, num_classes)
