@@ -67,12 +67,18 @@ class ModelConfig:
     mbstd_group: int = 4  # stylegan2: samples per minibatch-std group in D
     conditional: bool = False  # stylegan2: condition G's mapping and D's output on the class folders' labels
     sync_batchnorm: bool = False  # batch statistics over all workers' batches (families with BatchNorm)
+    shared_dim: int = 128  # biggan: width of the class embedding shared by G's conditional BatchNorms
+    hierarchical: bool = True  # biggan: split z over G's blocks (hierarchical latent)
+    attention_resolution: int = 64  # biggan: resolution of the self-attention block (0: none)
+    sn_singular_values: int = 1  # biggan: singular values tracked per spectrally normalised layer
+    sn_iterations: int = 1  # biggan: power iterations per training step
 
     def validate(self) -> None:
         from daskgan.models import FAMILIES
 
         _require(self.family in FAMILIES, "model.family", f"must be one of {sorted(FAMILIES)}, got {self.family!r}")
-        for name in ("z_dim", "g_channels", "d_channels", "w_dim", "mapping_layers", "channel_max", "mbstd_group"):
+        for name in ("z_dim", "g_channels", "d_channels", "w_dim", "mapping_layers", "channel_max", "mbstd_group",
+                     "shared_dim", "sn_singular_values", "sn_iterations"):
             _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         _require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
         _require(not self.conditional or self.family == "stylegan2", "model.conditional",
@@ -216,6 +222,13 @@ class JobConfig:
     def validate(self) -> "JobConfig":
         for section in (self.data, self.model, self.train, self.augment, self.output, self.recovery):
             section.validate()
+        if self.model.family == "biggan":
+            from daskgan.models.biggan import ARCHITECTURES
+
+            _require(self.data.resolution in ARCHITECTURES, "data.resolution",
+                     f"biggan is built for {sorted(ARCHITECTURES)} pixels, got {self.data.resolution}")
+            _require(self.model.z_dim >= len(ARCHITECTURES[self.data.resolution][0]) + 1, "model.z_dim",
+                     "must be at least the number of G blocks + 1 (hierarchical z gives each a chunk)")
         stylegan_only = {"train.pl_weight": self.train.pl_weight > 0, "train.precision": self.train.precision != "fp32"}
         for key, used in stylegan_only.items():
             _require(not used or self.model.family == "stylegan2", key, f"is not supported for {self.model.family}")

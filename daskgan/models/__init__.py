@@ -7,11 +7,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from daskgan.models import dcgan, stylegan2
+from daskgan.models import biggan, dcgan, stylegan2
 
 Builder = Callable[..., tuple[nn.Module, nn.Module]]
 
-FAMILIES: dict[str, Builder] = {"dcgan": dcgan.build, "stylegan2": stylegan2.build}
+FAMILIES: dict[str, Builder] = {"dcgan": dcgan.build, "stylegan2": stylegan2.build, "biggan": biggan.build}
 
 
 def build_models(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:

@@ -1,0 +1,80 @@
+"""FID/KID: the torch matrix root against scipy, behaviour on known sets, and 2 workers = 1 process."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from daskgan import dispatch, metrics
+
+
+def random_psd(dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim * 2, generator=generator, dtype=torch.float64)
+    return a @ a.T / dim
+
+
+def test_torch_sqrtm_matches_scipy():
+    matrix = random_psd(64, 0)
+    ours = metrics.sqrtm_psd(matrix).numpy()
+    assert np.allclose(ours, scipy.linalg.sqrtm(matrix.numpy()).real, atol=1e-8)
+    assert np.allclose(ours @ ours, matrix.numpy(), atol=1e-8)
+
+
+def test_frechet_distance_matches_the_scipy_formula():
+    s1, s2 = random_psd(32, 1), random_psd(32, 2)
+    mu1, mu2 = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    covmean = scipy.linalg.sqrtm(s1.numpy() @ s2.numpy()).real  # the usual pytorch-fid / NVlabs computation
+    expected = ((mu1 - mu2) ** 2).sum().item() + np.trace(s1.numpy() + s2.numpy() - 2 * covmean)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fid_and_kid_of_a_set_against_itself_is_zero_and_grows_with_noise():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(200, 3, 32, 32, generator=generator) * 2 - 1
+    extractor = metrics.load_extractor(None)
+    real = extractor(images)
+    assert real.shape == (200, 512) and extractor.name == "random-cnn-v1"
+    assert abs(metrics.fid(real, real)) < 1e-6
+    fids, kids = [], []
+    for noise in (0.1, 0.3, 0.6):
+        noisy = extractor((images + noise * torch.randn(images.shape, generator=generator)).clamp(-1, 1))
+        fids.append(metrics.fid(real, noisy))
+        kids.append(metrics.kid(real, noisy, subsets=10, subset_size=100))
+    assert 0 < fids[0] < fids[1] < fids[2], fids
+    assert kids[0] < kids[1] < kids[2], kids
+    assert abs(metrics.kid(real, real, subsets=10, subset_size=100)) < 0.05 * kids[2], "unbiased: noise around 0"
+
+
+class FakeInception(torch.nn.Module):
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert images.dtype == torch.uint8
+        return images.float().mean(dim=[2, 3])
+
+
+def test_a_torchscript_extractor_loads_from_a_url(tmp_path):
+    path = tmp_path / "inception.pt"
+    torch.jit.script(FakeInception()).save(str(path))
+    extractor = metrics.load_extractor(path.as_uri())
+    assert extractor.name == "inception-v3"
+    features = extractor(torch.zeros(2, 3, 8, 8))
+    assert torch.allclose(features, torch.full((2, 3), 127.0), atol=1.0), "[-1, 1] -> uint8 [0, 255]"
+
+
+def distributed_fid(images, fakes):
+    extractor = metrics.load_extractor(None)
+    real = metrics.embed_share(len(images), lambda idx: images[idx], extractor, batch_size=7)
+    fake = metrics.embed_share(len(fakes), lambda idx: fakes[idx], extractor, batch_size=7)
+    return metrics.compute(["fid", "kid"], real, fake)
+
+
+@pytest.mark.slow
+def test_fid_from_two_workers_equals_one_process(dask_client):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(41, 3, 16, 16, generator=generator) * 2 - 1  # an odd count: shares of 21 and 20
+    fakes = images.flip(3) * 0.8
+    single = distributed_fid(images, fakes)
+    ranks = dispatch.results(dispatch.run(dask_client, distributed_fid, images, fakes), timeout=120)
+    for result in ranks:
+        assert result["fid"] == pytest.approx(single["fid"], rel=1e-6)  # float32 features from differently composed batches
+        assert result["kid"] == pytest.approx(single["kid"], rel=1e-6)  # float32 features from differently composed batches
