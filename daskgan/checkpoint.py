@@ -1,8 +1,10 @@
 """Checkpoints in the run directory: ``checkpoints/<iteration>.pt`` objects plus a small ``latest.json`` pointer.
 
 The checkpoint object is written completely first and the pointer second, so a crash mid-write never leaves a
-"latest" that points at a broken file. Only the newest ``keep`` checkpoints are kept. Nothing secret goes in: the
-job config is stored with credentials redacted.
+"latest" that points at a broken file. The newest ``keep`` checkpoints are kept, and with ``keep_best`` also the
+best by a metric (lower is better, e.g. FID); ``index.json`` lists the kept ones and their scores, so any of them
+can be resumed from or sampled. Old checkpoints are deleted last. Nothing secret goes in: the job config is stored
+with credentials redacted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from daskgan.storage import StorageOptions
 logger = logging.getLogger(__name__)
 
 POINTER = "latest.json"
+INDEX = "index.json"
 SUFFIX = ".pt"
 
 
@@ -31,17 +34,36 @@ def directory(run_url: str) -> str:
 
 
 def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
-         storage_options: StorageOptions | None = None) -> str:
-    """Write ``state`` as the checkpoint of ``iteration``, move the pointer to it, drop all but the newest ``keep``."""
+         storage_options: StorageOptions | None = None, *, score: float | None = None, keep_best: int = 0,
+         metric: str = "fid") -> str:
+    """Write ``state`` as the checkpoint of ``iteration`` (with its ``metric`` ``score``, if evaluated), update
+    the index and the pointer, then drop what is neither among the newest ``keep`` nor the best ``keep_best``."""
     name = f"{iteration:09d}{SUFFIX}"
     url = storage.join(directory(run_url), name)
     storage.write_bytes(url, storage.torch_bytes(state), storage_options)
+    scores = {int(i): value for i, value in index(run_url, storage_options).get("scores", {}).items()}
+    if score is not None:
+        scores[iteration] = score
+    listed = dict(list_checkpoints(run_url, storage_options))
+    newest = sorted(listed)[-keep:]
+    best = sorted((i for i in listed if i in scores), key=lambda i: (scores[i], i))[:keep_best]
+    kept = set(newest) | set(best)
+    storage.write_json(storage.join(directory(run_url), INDEX), {
+        "metric": metric, "latest": [{"iteration": i, "url": listed[i]} for i in newest],
+        "best": [{"iteration": i, "url": listed[i], metric: scores[i]} for i in best],
+        "scores": {str(i): scores[i] for i in sorted(kept) if i in scores}}, storage_options)
     storage.write_json(storage.join(directory(run_url), POINTER), {"iteration": iteration, "name": name},
                        storage_options)
-    for old in list_checkpoints(run_url, storage_options)[:-keep]:
-        storage.remove(old[1], storage_options)
+    for old in sorted(set(listed) - kept):
+        storage.remove(listed[old], storage_options)
     logger.info("checkpoint %s written", url)
     return url
+
+
+def index(run_url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
+    """The run's checkpoint index: ``latest`` and ``best`` (with scores) as lists of {iteration, url}; {} if none."""
+    url = storage.join(directory(run_url), INDEX)
+    return storage.read_json(url, storage_options) if storage.exists(url, storage_options) else {}
 
 
 def list_checkpoints(run_url: str, storage_options: StorageOptions | None = None) -> list[tuple[int, str]]:

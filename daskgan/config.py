@@ -142,11 +142,14 @@ class OutputConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", or a checkpoint URL
+    keep_best: int = 0  # also keep the k best checkpoints by best_metric (each evaluation then saves one)
+    best_metric: str = "fid"  # one of metrics.kinds; lower is better
 
     def validate(self) -> None:
         check_no_plain_secrets(self.storage_options, "output.storage_options")
         for name in ("flush_every", "grid_every", "grid_images", "checkpoint_every", "keep_checkpoints"):
             _require(getattr(self, name) >= 1, f"output.{name}", "must be >= 1")
+        _require(self.keep_best >= 0, "output.keep_best", "must be >= 0")
         _require(self.resume in ("auto", "never") or "://" in self.resume or self.resume.endswith(".pt"),
                  "output.resume", f"must be 'auto', 'never' or a checkpoint URL, got {self.resume!r}")
 
@@ -170,6 +173,30 @@ class AugmentConfig:
         _require(self.pipeline in PIPELINES, "augment.pipeline", f"must be one of {sorted(PIPELINES)}")
         _require(0 < self.target < 1, "augment.target", "must be in (0, 1)")
         _require(self.interval >= 1 and self.speed_kimg > 0, "augment.interval/speed_kimg", "must be positive")
+
+
+@dataclass
+class MetricsConfig:
+    """FID/KID during training, over all workers (``daskgan.metrics``)."""
+
+    every: int = 0  # iterations between evaluations (0: none); the last iteration is evaluated too
+    kinds: list = field(default_factory=lambda: ["fid", "kid"])
+    images: int = 1000  # generated images per evaluation (papers: 50000)
+    real_images: Optional[int] = None  # real images for the reference statistics (default: images)
+    extractor_url: Optional[str] = None  # NVlabs' inception-2015-12-05.pt (TorchScript); None: random-cnn-v1
+    storage_options: dict = field(default_factory=dict)  # for extractor_url
+    kid_subset_size: int = 1000
+
+    def validate(self) -> None:
+        from daskgan.metrics import METRICS
+
+        _require(self.every >= 0, "metrics.every", "must be >= 0")
+        _require(bool(self.kinds) and set(self.kinds) <= set(METRICS), "metrics.kinds",
+                 f"must be a non-empty list from {list(METRICS)}, got {self.kinds!r}")
+        _require(self.images >= 2 and (self.real_images is None or self.real_images >= 2), "metrics.images",
+                 "must be >= 2")
+        _require(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be >= 2")
+        check_no_plain_secrets(self.storage_options, "metrics.storage_options")
 
 
 @dataclass
@@ -214,14 +241,17 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     sandbox: Optional[SandboxConfig] = None
     preset: Optional[str] = None  # NVlabs-style named settings (daskgan.presets), under the job's own keys
     preset_workers: Optional[int] = None  # the worker count the preset was scaled for
 
     def validate(self) -> "JobConfig":
-        for section in (self.data, self.model, self.train, self.augment, self.output, self.recovery):
+        for section in (self.data, self.model, self.train, self.augment, self.metrics, self.output, self.recovery):
             section.validate()
+        _require(not self.output.keep_best or (self.metrics.every and self.output.best_metric in self.metrics.kinds),
+                 "output.keep_best", f"needs metrics.every > 0 and {self.output.best_metric!r} in metrics.kinds")
         if self.model.family == "biggan":
             from daskgan.models.biggan import ARCHITECTURES
 
@@ -238,7 +268,7 @@ class JobConfig:
         """Plain dict of the job; credentials in storage options are replaced by ``***`` unless told otherwise."""
         data = dataclasses.asdict(self)
         if redact_secrets:
-            for section in ("data", "output"):
+            for section in ("data", "output", "metrics"):
                 data[section]["storage_options"] = redact(data[section]["storage_options"])
         return data
 

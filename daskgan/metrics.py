@@ -134,10 +134,10 @@ def _gather_in_item_order(local: torch.Tensor, count: int, world: int) -> torch.
     return features
 
 
-def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+METRICS = ("fid", "kid")  # both: lower is better
+
+
+def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000) -> dict[str, float]:
     """The requested metrics (``fid``, ``kid``) of generated against real features."""
-    functions = {"fid": fid, "kid": kid}
+    functions = {"fid": fid, "kid": lambda r, f: kid(r, f, subset_size=kid_subset_size)}
     return {name: functions[name](real, fake) for name in names}
-
-
-METRICS = ("fid", "kid")

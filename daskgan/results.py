@@ -218,6 +218,8 @@ def _tensorboard_tag(name: str) -> str:
         return f"D/{name}"
     if name.startswith("ada_"):
         return f"ada/{name[4:]}"
+    if name in ("fid", "kid"):
+        return f"metrics/{name}"
     if name in ("restarts", "redone_iterations"):
         return f"recovery/{name}"
     return f"progress/{name}"

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 import yaml
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan import checkpoint, results, storage
 from daskgan.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.compiled import compile_forward
 from daskgan.config import JobConfig
+from daskgan.dispatch import from_rank0
+from daskgan.evaluation import Evaluator, samples
 from daskgan.data import ImageStream, StreamPosition, index_images
 from daskgan.ema import ema_beta_at, update_ema
 from daskgan.losses import LOSSES
@@ -42,10 +43,10 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
-    index = _broadcast_from_rank0(lambda: index_images(config.data.url, config.data.storage_options))
+    index = from_rank0(lambda: index_images(config.data.url, config.data.storage_options))
     model_id = model_fingerprint(config, len(index.classes))
     gan = _build(config, conditioning_classes(config.model, len(index.classes)), device)
-    resume_url = _broadcast_from_rank0(lambda: resume_source(config))
+    resume_url = from_rank0(lambda: resume_source(config))
     state = checkpoint.load(resume_url, config.output.storage_options) if resume_url else None
     if state is not None:
         checkpoint.check_compatible(state, model_id, resume_url)
@@ -101,6 +102,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
+    evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
     loss = LOSSES[train.loss]
     last_checkpoint = None
     for iteration in range(start + 1, train.iterations + 1):
@@ -118,16 +120,20 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             gan.ada.update(iteration, global_batch * train.d_steps)
         if gan.G_ema is not None:
             update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch))
+        sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
+        last = iteration == train.iterations
+        scores = (evaluator.evaluate(sampler, gan.num_classes, iteration)
+                  if evaluator is not None and (iteration % config.metrics.every == 0 or last) else {})
         if writer is not None:
             writer.record({"iteration": iteration, "epoch": position.epoch,
                            "kimg": iteration * global_batch * train.d_steps / 1000, **stats,
                            "images_per_s": global_batch * train.d_steps / (time.perf_counter() - started),
-                           "skipped_images": stream.skipped, **_augment_fields(config, gan)})
-            if iteration % out.grid_every == 0 or iteration == train.iterations:
-                sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
-                writer.grid(iteration, _samples(sampler, grid_z, grid_labels))
-        if iteration % out.checkpoint_every == 0 or iteration == train.iterations:
-            last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id) or last_checkpoint
+                           "skipped_images": stream.skipped, **_augment_fields(config, gan), **scores})
+            if iteration % out.grid_every == 0 or last:
+                writer.grid(iteration, samples(sampler, grid_z, grid_labels))
+        if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best):
+            last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
+                                               scores.get(out.best_metric)) or last_checkpoint
     return last_checkpoint
 
 
@@ -162,22 +168,8 @@ def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(stats, (values / dist.get_world_size()).tolist()))
 
 
-@torch.no_grad()
-def _samples(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Fixed-z samples in eval mode, leaving the generator's mode and the training random streams untouched
-    (a grid drawn at one iteration and not another must not change what training does next)."""
-    was_training = generator.training
-    generator.eval()
-    devices = [z.device] if z.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            return generator(z, labels).cpu()
-    finally:
-        generator.train(was_training)
-
-
 def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition, iteration: int,
-                     model_id: dict) -> str | None:
+                     model_id: dict, score: float | None) -> str | None:
     """Gather every rank's generator state and stream position, then rank 0 writes one checkpoint."""
     rank_state = {"noise": noise.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": position.epoch,
                   "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None}
@@ -190,8 +182,9 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
              "pl_target": float(gan.pl_target),
              **({"G_ema": gan.G_ema.state_dict()} if gan.G_ema is not None else {}),
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
-    return checkpoint.save(config.output.run_url, state, iteration, config.output.keep_checkpoints,
-                           config.output.storage_options)
+    out = config.output
+    return checkpoint.save(out.run_url, state, iteration, out.keep_checkpoints, out.storage_options, score=score,
+                           keep_best=out.keep_best, metric=out.best_metric)
 
 
 def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
@@ -251,13 +244,6 @@ def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
                        len(saved), world_size)
         return noise, StreamPosition(max(r["epoch"] for r in saved) + 1, 0)
     return noise, StreamPosition()
-
-
-def _broadcast_from_rank0(compute):
-    """Run ``compute`` on rank 0 only (a listing, a pointer read) and hand its result to every rank."""
-    box = [compute() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _device() -> torch.device:

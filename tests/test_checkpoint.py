@@ -52,3 +52,16 @@ def test_mismatch_names_every_differing_field():
     with pytest.raises(CheckpointMismatch, match=r"resolution: checkpoint has 64, job has 32; z_dim"):
         checkpoint.check_compatible({"model": {"resolution": 64, "z_dim": 100}}, {"resolution": 32, "z_dim": 64}, "x")
     checkpoint.check_compatible({"model": {"z_dim": 1}}, {"z_dim": 1}, "x")
+
+
+def test_keeps_the_newest_and_the_best_by_metric_with_an_index(tmp_path):
+    run = tmp_path.as_uri() + "/run"
+    fids = {10: 50.0, 20: 30.0, 30: 45.0, 40: 35.0, 50: 60.0, 60: None, 70: 55.0}
+    for iteration, fid in fids.items():
+        checkpoint.save(run, {"iteration": iteration}, iteration, keep=2, score=fid, keep_best=2)
+    assert [i for i, _ in checkpoint.list_checkpoints(run)] == [20, 40, 60, 70]
+    index = checkpoint.index(run)
+    assert [(b["iteration"], b["fid"]) for b in index["best"]] == [(20, 30.0), (40, 35.0)]
+    assert [entry["iteration"] for entry in index["latest"]] == [60, 70]
+    assert checkpoint.load(index["best"][0]["url"])["iteration"] == 20, "any listed checkpoint loads"
+    assert checkpoint.latest(run).endswith("000000070.pt")

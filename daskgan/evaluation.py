@@ -1,0 +1,102 @@
+"""Metrics during training: every rank embeds its share of real and generated images, every rank gets the same
+numbers (``daskgan.metrics``). Real-image features are computed once per dataset, resolution, extractor and count
+and cached in the run directory (``metrics/real-<key>.pt``); each evaluation is also written as
+``metrics/<iteration>.json`` with the extractor that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from daskgan import metrics, storage
+from daskgan.config import JobConfig
+from daskgan.dispatch import from_rank0
+from daskgan.data import ImageIndex, decode_image
+
+logger = logging.getLogger(__name__)
+
+FAKE_SEED_OFFSET = 1_000_000  # generated item i uses z from seed FAKE_SEED_OFFSET + i
+
+
+class Evaluator:
+    """Holds the extractor and the real features of one run."""
+
+    def __init__(self, config: JobConfig, index: ImageIndex, device: torch.device):
+        self.config, self.index, self.device = config, index, device
+        m = config.metrics
+        self.extractor = metrics.load_extractor(m.extractor_url, m.storage_options).to(device)
+        self.real_count = min(m.real_images or m.images, len(index))
+        self._real: torch.Tensor | None = None
+
+    def evaluate(self, generator: nn.Module, num_classes: int, iteration: int) -> dict[str, Any]:
+        """FID/KID of ``generator`` (in eval mode, training RNG untouched) against the real features."""
+        m = self.config.metrics
+        real = self._real_features()
+        fake = metrics.embed_share(m.images, lambda items: self._generated(generator, num_classes, items),
+                                   self.extractor)
+        scores = metrics.compute(m.kinds, real, fake, kid_subset_size=m.kid_subset_size)
+        report = {"iteration": iteration, "extractor": self.extractor.name, "images": m.images,
+                  "real_images": self.real_count, **scores}
+        if _rank() == 0:
+            storage.write_json(storage.join(self.config.output.run_url, "metrics", f"{iteration:09d}.json"), report,
+                               self.config.output.storage_options)
+            logger.info("iteration %d: %s (%s)", iteration,
+                        ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), self.extractor.name)
+        return {**scores, "metrics_extractor": self.extractor.name}
+
+    def _real_features(self) -> torch.Tensor:
+        if self._real is None:
+            out = self.config.output
+            url = storage.join(out.run_url, "metrics", f"real-{self._cache_key()}.pt")
+            if from_rank0(lambda: storage.exists(url, out.storage_options)):
+                data = io.BytesIO(storage.read_bytes(url, out.storage_options))
+                self._real = torch.load(data, weights_only=True).double()
+            else:
+                order = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(0)).tolist()
+                self._real = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
+                                                 self.extractor)
+                if _rank() == 0:
+                    storage.write_bytes(url, storage.torch_bytes(self._real.float()), out.storage_options)
+        return self._real
+
+    def _cache_key(self) -> str:
+        data = self.config.data
+        text = f"{data.url}|{data.resolution}|{self.extractor.name}|{self.config.metrics.extractor_url}|{self.real_count}"
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
+        fs, _ = storage.filesystem(self.index.url, self.config.data.storage_options)
+        paths = [self.index.paths[order[i]] for i in items]
+        contents = fs.cat(paths)
+        return torch.stack([decode_image(contents[p], self.config.data.resolution) for p in paths]).to(self.device)
+
+    def _generated(self, generator: nn.Module, num_classes: int, items: list[int]) -> torch.Tensor:
+        z = torch.stack([torch.randn(self.config.model.z_dim, generator=torch.Generator().manual_seed(
+            FAKE_SEED_OFFSET + i)) for i in items]).to(self.device)
+        labels = torch.tensor([i % num_classes for i in items], device=self.device) if num_classes else None
+        return samples(generator, z, labels).to(self.device)
+
+
+@torch.no_grad()
+def samples(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Images in eval mode, leaving the generator's mode and the training random streams untouched (a grid or an
+    evaluation at one iteration and not another must not change what training does next)."""
+    was_training = generator.training
+    generator.eval()
+    devices = [z.device] if z.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return generator(z, labels).cpu()
+    finally:
+        generator.train(was_training)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
