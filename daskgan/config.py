@@ -287,12 +287,12 @@ def load_job(path: str | Path, workers: int | None = None) -> JobConfig:
 
 
 def _with_preset(data: dict, workers: int | None) -> dict:
-    from daskgan.presets import STYLEGAN_PRESETS, apply_preset
+    from daskgan.presets import PRESETS, apply_preset
 
     name = data.get("preset") if isinstance(data, dict) else None
     if name is None:
         return data
-    _require(isinstance(name, str) and name in STYLEGAN_PRESETS, "preset", f"must be one of {sorted(STYLEGAN_PRESETS)}, got {name!r}")
+    _require(isinstance(name, str) and name in PRESETS, "preset", f"must be one of {list(PRESETS)}, got {name!r}")
     _require(workers is not None and workers >= 1, "preset",
              f"{name!r} scales with the number of workers: load the job with workers=<cluster size>")
     return {**apply_preset(data, workers), "preset_workers": workers}

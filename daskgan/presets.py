@@ -1,13 +1,16 @@
-"""Named training presets (``preset: auto`` in a job), after NVlabs' stylegan2-ada-pytorch ``cfg_specs``.
+"""Named training presets (``preset: auto`` in a job): NVlabs' stylegan2-ada-pytorch ``cfg_specs`` and the BigGAN
+and SA-GAN settings of ajbrock's BigGAN-PyTorch / the papers.
 
-A preset fills in batch size, learning rates, R1 gamma, EMA, mapping depth and the like from the resolution and the
-number of workers; any key the job file sets itself wins over the preset. NVlabs sizes the minibatch for a number of
-GPUs; here each Dask worker is one GPU, so the per-worker batch is the preset's global batch divided by the workers.
+A preset fills in batch size, learning rates, regularisation, EMA, network sizes and the like from the resolution
+and the number of workers; any key the job file sets itself wins over the preset. The presets give a global batch;
+here each Dask worker is one GPU, so the per-worker batch is the global batch divided by the workers (and, for
+BigGAN, by the gradient-accumulation count).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -51,13 +54,42 @@ STYLEGAN_PRESETS: dict[str, Callable[[int, int], StyleGanSpec]] = {
 }
 
 
+@dataclass(frozen=True)
+class BigGanSpec:
+    """Global batch (= per-worker batch x workers x accumulate), D steps, learning rates, orthogonal
+    regularisation, EMA (per-step decay from ema_start), widths and latent sizes."""
+
+    batch: int
+    accumulate: int
+    d_steps: int
+    lr_g: float
+    lr_d: float
+    ortho: float
+    ema_decay: float
+    ema_start: int
+    channels: int
+    z_dim: int
+    hierarchical: bool
+    iterations: int
+
+
+BIGGAN_PRESETS: dict[str, BigGanSpec] = {
+    # BigGAN (Brock et al. 2019, ImageNet 128): batch 2048, 2 D steps, lr 5e-5 / 2e-4, ortho 1e-4, EMA 0.9999 from
+    # 20k, ch 96, z 120 split hierarchically (ajbrock's launch_BigGAN_bs256x8.sh: 256 x 8 accumulations)
+    "biggan": BigGanSpec(2048, 8, 2, 5e-5, 2e-4, 1e-4, 0.9999, 20000, 96, 120, True, 150000),
+    # SA-GAN (Zhang et al. 2019; launch_SAGAN_bs128x2_ema.sh): batch 256 (128 x 2), TTUR 1e-4 / 4e-4, 1 D step
+    "sagan": BigGanSpec(256, 2, 1, 1e-4, 4e-4, 0.0, 0.9999, 2000, 64, 128, False, 1000000),
+}
+
+PRESETS = (*STYLEGAN_PRESETS, *BIGGAN_PRESETS)
+
+
 def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
     """The job settings (a nested mapping, like a job file's) that preset ``name`` gives for ``workers`` workers."""
+    if name in BIGGAN_PRESETS:
+        return _biggan_settings(name, BIGGAN_PRESETS[name], workers)
     spec = STYLEGAN_PRESETS[name](resolution, workers)
-    per_worker = max(spec.batch // workers, 1)
-    if per_worker * workers != spec.batch:
-        logger.warning("preset %s: global batch %d does not divide over %d workers; using %d per worker (%d)",
-                       name, spec.batch, workers, per_worker, per_worker * workers)
+    per_worker = _per_worker(name, spec.batch, workers)
     global_batch = per_worker * workers
     return {
         "data": {"batch_size": per_worker},
@@ -68,6 +100,29 @@ def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
                   "ema_rampup": spec.ramp, "pl_weight": spec.pl_weight, "pl_interval": 4},
         "augment": {"mode": "ada", "target": 0.6, "speed_kimg": 500},
     }
+
+
+def _biggan_settings(name: str, spec: BigGanSpec, workers: int) -> dict[str, Any]:
+    per_worker = _per_worker(name, spec.batch, workers * spec.accumulate)
+    global_batch = per_worker * workers * spec.accumulate
+    # a per-step decay is a half-life of ln(0.5)/ln(decay) steps of global_batch images
+    ema_kimg = math.log(0.5) / math.log(spec.ema_decay) * global_batch / 1000
+    return {
+        "data": {"batch_size": per_worker},
+        "model": {"family": "biggan", "z_dim": spec.z_dim, "g_channels": spec.channels, "d_channels": spec.channels,
+                  "hierarchical": spec.hierarchical, "attention_resolution": 64},
+        "train": {"iterations": spec.iterations, "loss": "hinge", "lr_g": spec.lr_g, "lr_d": spec.lr_d,
+                  "beta1": 0.0, "beta2": 0.999, "d_steps": spec.d_steps, "accumulate": spec.accumulate,
+                  "ortho_reg": spec.ortho, "ema_kimg": ema_kimg, "ema_start": spec.ema_start},
+    }
+
+
+def _per_worker(name: str, global_batch: int, parts: int) -> int:
+    per_worker = max(global_batch // parts, 1)
+    if per_worker * parts != global_batch:
+        logger.warning("preset %s: global batch %d does not divide into %d parts; using %d per worker (%d)",
+                       name, global_batch, parts, per_worker, per_worker * parts)
+    return per_worker
 
 
 def apply_preset(job: dict[str, Any], workers: int) -> dict[str, Any]:

@@ -43,3 +43,14 @@ def test_preset_errors_are_clear():
         JobConfig.from_dict(job(preset="ffhq"), workers=2)
     with pytest.raises(ConfigError, match="scales with the number of workers"):
         JobConfig.from_dict(job())
+
+
+def test_biggan_presets_split_the_global_batch_over_workers_and_accumulation():
+    config = JobConfig.from_dict(job(preset="biggan", data={"url": "memory://d", "resolution": 128}), workers=8)
+    assert (config.data.batch_size, config.train.accumulate, config.train.d_steps) == (32, 8, 2)
+    assert (config.model.family, config.train.loss, config.train.ortho_reg, config.train.ema_start) == \
+        ("biggan", "hinge", 1e-4, 20000)
+    assert 0.5 ** (2048 / (config.train.ema_kimg * 1000)) == pytest.approx(0.9999), "BigGAN's per-step EMA decay"
+    sagan = JobConfig.from_dict(job(preset="sagan", data={"url": "memory://d", "resolution": 128}), workers=2)
+    assert (sagan.data.batch_size * 2 * sagan.train.accumulate, sagan.train.d_steps) == (256, 1)
+    assert (sagan.train.lr_g, sagan.train.lr_d, sagan.model.hierarchical) == (1e-4, 4e-4, False)
