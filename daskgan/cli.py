@@ -1,5 +1,6 @@
 """Command line: ``daskgan train jobs/<job>.yaml [--cluster cluster/<spec>.yaml]``,
-``daskgan cluster render cluster/<spec>.yaml`` and ``daskgan generate <checkpoint> --seeds 0-7 --out <dir>``."""
+``daskgan cluster render cluster/<spec>.yaml``, ``daskgan generate <checkpoint> --seeds 0-7 --out <dir>`` and
+``daskgan sample <checkpoint> --out <dir>``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import os
 import shutil
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import yaml
 
@@ -40,6 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--out", required=True, help="output folder or URL")
     generate.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     generate.set_defaults(run=generate_command)
+    sample = commands.add_parser("sample", help="class-conditional sample grids and interpolations")
+    sample.add_argument("checkpoint", help="checkpoint URL or path")
+    sample.add_argument("--out", required=True, help="output folder or URL")
+    sample.add_argument("--classes", help="classes, e.g. 0-3 or 1,5 (default: all)")
+    sample.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
+    sample.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--trunc", type=float, help="truncation: psi for StyleGAN2, z threshold otherwise")
+    sample.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    sample.set_defaults(run=sample_command)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     try:
@@ -52,13 +63,36 @@ def main(argv: list[str] | None = None) -> int:
 def generate_command(args: argparse.Namespace) -> int:
     from daskgan.generate import generate, parse_seeds
 
-    options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
-    try:
-        written = generate(args.checkpoint, parse_seeds(args.seeds), args.out, args.trunc, options, args.class_index)
-    except ValueError as exc:  # a request the checkpoint cannot serve (truncation, class)
-        raise ConfigError(str(exc)) from None
+    with _request_errors():
+        written = generate(args.checkpoint, parse_seeds(args.seeds), args.out, args.trunc, _options(args),
+                           args.class_index)
     print(f"daskgan: wrote {len(written)} images to {args.out}")
     return 0
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    from daskgan.generate import parse_seeds
+    from daskgan.sample import sample
+
+    with _request_errors():
+        written = sample(args.checkpoint, args.out, classes=parse_seeds(args.classes) if args.classes else None,
+                         per_class=args.per_class, steps=args.steps, seed=args.seed, truncation=args.trunc,
+                         storage_options=_options(args))
+    print(f"daskgan: wrote {', '.join(url.rsplit('/', 1)[1] for url in written)} to {args.out}")
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+
+
+@contextmanager
+def _request_errors():
+    """A request the checkpoint cannot serve (truncation, classes) ends with one line, like a bad job file."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def render_command(args: argparse.Namespace) -> int:

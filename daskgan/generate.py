@@ -71,7 +71,7 @@ def _labels(num_classes: int, class_index: int | None, checkpoint_url: str) -> t
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3,7"`` -> [0, 1, 2, 3, 7]."""
+    """``"0-3,7"`` -> [0, 1, 2, 3, 7] (seeds, classes)."""
     seeds = []
     for part in text.split(","):
         first, _, last = part.partition("-")

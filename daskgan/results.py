@@ -144,10 +144,10 @@ def trim_records(run_url: str, last_kept: int, storage_options: StorageOptions |
             storage.write_bytes(new_url, "".join(json.dumps(r) + "\n" for r in kept).encode(), storage_options)
 
 
-def image_grid(images: torch.Tensor, padding: int = 2) -> torch.Tensor:
+def image_grid(images: torch.Tensor, padding: int = 2, columns: int | None = None) -> torch.Tensor:
     """Tile (N, 3, H, W) images in [-1, 1] into one (3, H', W') uint8 image, as square as possible."""
     count, channels, height, width = images.shape
-    columns = grid_columns(count)
+    columns = columns or grid_columns(count)
     rows = math.ceil(count / columns)
     grid = torch.full((channels, rows * (height + padding) + padding, columns * (width + padding) + padding), -1.0)
     for i, image in enumerate(images):

@@ -61,3 +61,15 @@ def test_conditional_biggan_run_with_metrics_and_best_checkpoints(dask_client, s
     events = EventAccumulator(f"{config.output.run_url}/tb", size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("metrics/fid")] == [3, 6, 8]
+
+    # any indexed checkpoint serves samples and resumes
+    from daskgan.sample import sample
+
+    best_url = index["best"][0]["url"]
+    written = sample(best_url, f"{url}/samples", per_class=2, steps=3, storage_options=options)
+    assert [w.rsplit("/", 1)[1] for w in written] == ["classes.png", "interp_class.png", "interp_z.png"]
+    resumed = biggan_job(url, options, run="biggan-from-best")
+    resumed.output.resume, resumed.train.iterations = best_url, index["best"][0]["iteration"] + 1
+    summary = run_job(dask_client, resumed)
+    assert summary["resumed_from"] == best_url
+    assert load(resumed.output.run_url, options)["iteration"].tolist() == [resumed.train.iterations]

@@ -1,0 +1,100 @@
+"""``daskgan sample``: class-conditional sample grids and interpolations from a checkpoint, as PNGs.
+
+Three grids, written under the output folder or bucket:
+
+- ``classes.png``: one row per class, ``per_class`` samples each (the same z's in every row, so a column shows
+  one latent across classes);
+- ``interp_z.png``: one row per class, walking linearly from one z to another;
+- ``interp_class.png``: one row per z, blending the class input from the first requested class to the last
+  (BigGAN's shared embedding and StyleGAN2's label embedding both take class weights).
+
+Truncation: StyleGAN2 pulls w toward its average (ψ); other families draw z from a normal truncated at ``trunc``
+(values beyond it are redrawn), BigGAN's truncation trick. Unconditional models get one row and no class blend.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from daskgan import checkpoint, storage
+from daskgan.generate import label_classes, load_generator
+from daskgan.results import image_grid, png_bytes
+from daskgan.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+
+def truncated_normal(n: int, dim: int, threshold: float | None, generator: torch.Generator) -> torch.Tensor:
+    """N(0, 1) samples, each value beyond ±``threshold`` redrawn until inside (no truncation when None)."""
+    z = torch.randn(n, dim, generator=generator)
+    if threshold is None:
+        return z
+    if threshold <= 0:
+        raise ValueError(f"truncation threshold must be > 0, got {threshold}")
+    outside = z.abs() > threshold
+    while outside.any():
+        z[outside] = torch.randn(int(outside.sum()), generator=generator)
+        outside = z.abs() > threshold
+    return z
+
+
+@torch.no_grad()
+def sample(checkpoint_url: str, out_url: str, *, classes: list[int] | None = None, per_class: int = 8,
+           steps: int = 8, seed: int = 0, truncation: float | None = None,
+           storage_options: StorageOptions | None = None) -> list[str]:
+    """Write the grids for ``classes`` (default: all) of the checkpoint's generator; returns the URLs written."""
+    state = checkpoint.load(checkpoint_url, storage_options)
+    generator, num_classes = load_generator(state), label_classes(state)
+    rows = _classes(classes, num_classes)
+    draw = _Drawer(generator, truncation, torch.Generator().manual_seed(seed))
+    z = draw.latents(per_class)
+    grids = {"classes.png": (torch.cat([draw.images(z, _one_hot([c] * per_class, num_classes)) for c in rows]),
+                             per_class)}
+    ends = draw.latents(2)
+    path = torch.stack([torch.lerp(ends[0], ends[1], t) for t in torch.linspace(0, 1, steps)])
+    grids["interp_z.png"] = (torch.cat([draw.images(path, _one_hot([c] * steps, num_classes)) for c in rows]), steps)
+    if num_classes and len(rows) > 1:
+        blends = torch.stack([torch.lerp(_one_hot([rows[0]], num_classes)[0], _one_hot([rows[-1]], num_classes)[0], t)
+                              for t in torch.linspace(0, 1, steps)])
+        grids["interp_class.png"] = (torch.cat([draw.images(one.expand(steps, -1), blends) for one in z]), steps)
+    objects = {storage.join(out_url, name): png_bytes(image_grid(images, columns=columns))
+               for name, (images, columns) in grids.items()}
+    storage.write_many(objects, storage_options)
+    logger.info("wrote %s to %s", ", ".join(grids), out_url)
+    return sorted(objects)
+
+
+class _Drawer:
+    """Latents and images of one generator with one truncation setting."""
+
+    def __init__(self, generator: nn.Module, truncation: float | None, rng: torch.Generator):
+        self.generator, self.truncation, self.rng = generator, truncation, rng
+        self.uses_psi = hasattr(generator, "mapping")  # StyleGAN2: truncation in w space
+
+    def latents(self, n: int) -> torch.Tensor:
+        return truncated_normal(n, self.generator.z_dim, None if self.uses_psi else self.truncation, self.rng)
+
+    def images(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        extra = {"truncation_psi": self.truncation} if self.uses_psi and self.truncation is not None else {}
+        return self.generator(z, labels, **extra)
+
+
+def _classes(requested: list[int] | None, num_classes: int) -> list[int | None]:
+    if not num_classes:
+        if requested:
+            raise ValueError("this checkpoint holds an unconditional model; it takes no classes")
+        return [None]
+    rows = requested if requested else list(range(num_classes))
+    bad = [c for c in rows if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} out of range: the model knows classes 0 to {num_classes - 1}")
+    return rows
+
+
+def _one_hot(labels: list[int | None], num_classes: int) -> torch.Tensor | None:
+    if not num_classes:
+        return None
+    return torch.nn.functional.one_hot(torch.tensor(labels), num_classes).float()
