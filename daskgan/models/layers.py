@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+from torch.distributed import _functional_collectives as collectives  # differentiable collectives
 
 
 def batch_moments(x: torch.Tensor, across_ranks: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -15,7 +15,7 @@ def batch_moments(x: torch.Tensor, across_ranks: bool) -> tuple[torch.Tensor, to
     count = x.numel() // x.shape[1]
     sums = torch.stack([x.sum(dims), x.square().sum(dims)])
     if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = all_reduce(sums)
+        sums = collectives.all_reduce(sums, "sum", dist.group.WORLD)
         count *= dist.get_world_size()  # every rank's batch has the same size
     mean = sums[0] / count
     return mean, (sums[1] / count - mean.square()).clamp_min(0), count
