@@ -96,22 +96,27 @@ def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int, w
     with connect(ClusterSpec(local=LocalSpec(n_workers=workers))) as client:
         run_job(client, job)
     records = load(run_url, options)
-    return (BATCH * workers / records["images_per_s"]).tolist()
+    images_per_iteration = BATCH * workers * job.train.accumulate * job.train.d_steps
+    return (images_per_iteration / records["images_per_s"]).tolist()
 
 
-def stylegan2_lines(url: str, options: dict, steps: int):
-    """Lines of StyleGAN2 + ADA + lazy R1 step times, yielded as measured; the per-worker batch is fixed, so
-    2 workers process twice the images per step."""
-    model = {"family": "stylegan2", "z_dim": 128, "w_dim": 128, "mapping_layers": 2, "fmaps": 0.0625,
+STYLEGAN2 = {"family": "stylegan2", "z_dim": 128, "w_dim": 128, "mapping_layers": 2, "fmaps": 0.0625,
              "channel_max": 128}
-    extra = {"augment": {"mode": "ada"}, "train": {"iterations": steps, "r1_gamma": 0.05, "beta1": 0.0}}
-    for resolution in (32, 64):
-        for workers in (1, 2):
-            times = dispatched_step_seconds(url, options, f"s3://bench/sg2-{resolution}-{workers}", steps, workers,
-                                            model, resolution, extra)
-            warm = statistics.median(times[len(times) // 5:])
-            yield (f"  {resolution}x{resolution}, {workers} worker(s), batch {BATCH}/worker: "
-                   f"{warm * 1000:.0f} ms/step, {warm * 1000 / (BATCH * workers):.1f} ms/image")
+BIGGAN = {"family": "biggan", "z_dim": 64, "g_channels": 16, "d_channels": 16, "shared_dim": 32,
+          "attention_resolution": 16}
+
+
+def model_lines(url: str, options: dict, steps: int, model: dict, train: dict, runs: list[tuple[int, int, str]],
+                extra: dict | None = None):
+    """Step-time lines for (resolution, workers, precision) runs, yielded as measured; the per-worker batch is
+    fixed, so 2 workers process twice the images per step."""
+    for resolution, workers, precision in runs:
+        job = {**(extra or {}), "train": {"iterations": steps, "precision": precision, **train}}
+        times = dispatched_step_seconds(url, options, f"s3://bench/{model['family']}-{resolution}-{workers}-"
+                                        f"{precision}", steps, workers, model, resolution, job)
+        warm = statistics.median(times[len(times) // 5:])
+        yield (f"  {resolution}x{resolution}, {workers} worker(s), {precision}, batch {BATCH}/worker: "
+               f"{warm * 1000:.0f} ms/step, {warm * 1000 / (BATCH * workers):.1f} ms/image")
 
 
 def summary(times: list[float]) -> str:
@@ -142,8 +147,15 @@ def main() -> None:
         print(f"  plain single-process loop:               {summary(plain_step_seconds(args.steps))}")
         print(f"  train_gan via dispatch.run, 1 worker:    "
               f"{summary(dispatched_step_seconds(s3_url, options, 's3://bench/run', args.steps))}")
-        print(f"StyleGAN2 + ADA (fmaps 1/16, channel_max 128, w 128), {args.steps} steps (first 20% dropped):")
-        for line in stylegan2_lines(s3_url, options, args.steps):
+        print(f"StyleGAN2 + ADA + lazy R1 (fmaps 1/16, channel_max 128, w 128), {args.steps} steps "
+              "(first 20% dropped):")
+        runs = [(32, 1, "fp32"), (32, 2, "fp32"), (64, 1, "fp32"), (64, 2, "fp32"), (64, 1, "bf16")]
+        for line in model_lines(s3_url, options, args.steps, STYLEGAN2, {"r1_gamma": 0.05, "beta1": 0.0}, runs,
+                                {"augment": {"mode": "ada"}}):
+            print(line, flush=True)
+        print(f"BigGAN 32x32, conditional (ch 16, attention at 16), hinge, 2 D steps, {args.steps} steps:")
+        for line in model_lines(s3_url, options, args.steps, BIGGAN, {"loss": "hinge", "d_steps": 2},
+                                [(32, 1, "fp32"), (32, 2, "fp32")]):
             print(line, flush=True)
 
 
