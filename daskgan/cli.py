@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train a GAN job on a Dask cluster")
     train.add_argument("job", help="job YAML file, e.g. jobs/demo.yaml")
     train.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only (also when stderr is not a terminal)")
     train.set_defaults(run=train_command)
     cluster = commands.add_parser("cluster", help="cluster specs").add_subparsers(dest="action", required=True)
     render_parser = cluster.add_parser("render", help="print the object the cluster backend would get")
@@ -115,7 +115,8 @@ def train_command(args: argparse.Namespace) -> int:
         if job.preset and workers != job.preset_workers:
             job = load_job(args.job, workers=workers)  # the preset scales with the workers actually there
         job = sandbox.prepare(job, endpoint) if job.sandbox else job
-        summary = _train_with_progress(client, job, show_bar=not args.no_progress)
+        # a bar's \r updates only help on a terminal; logs and CI get a log line every flush_every iterations
+        summary = _train_with_progress(client, job, show_bar=not args.no_progress and sys.stderr.isatty())
         local_copy = job.sandbox.copy_results_to if job.sandbox else None
         if local_copy:
             _replace_local_copy(job.output.run_url, local_copy, job.output.storage_options)
@@ -133,8 +134,9 @@ def _train_with_progress(client, job, show_bar: bool) -> dict:
             bar.update(record["iteration"] - bar.n)
             bar.set_postfix(loss_G=f"{record['loss_G']:.3f}", loss_D=f"{record['loss_D_real'] + record['loss_D_fake']:.3f}",
                             img_s=f"{record['images_per_s']:.0f}", refresh=False)
-            if not show_bar and record["iteration"] % job.output.flush_every == 0:
-                logger.info("iteration %d: loss_G %.3f", record["iteration"], record["loss_G"])
+            if not show_bar and (record["iteration"] % job.output.flush_every == 0 or "fid" in record):
+                scores = "".join(f", {k} {record[k]:.4g}" for k in ("fid", "kid", "ada_p") if k in record)
+                logger.info("iteration %d: loss_G %.3f%s", record["iteration"], record["loss_G"], scores)
 
         return run_job(client, job, on_record=show)
 
