@@ -103,23 +103,15 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
-    loss = LOSSES[train.loss]
     last_checkpoint = None
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
-        for d_step in range(train.d_steps):
-            batches = [next(stream) for _ in range(train.accumulate)]
-            r1_weight = _lazy_weight(train.r1_gamma / 2, train.r1_interval, (iteration - 1) * train.d_steps + d_step + 1)
-            stats = discriminator_step(gan, loss, batches, noise, r1_weight)
-        position = batches[-1].position
-        stats.update(generator_step(gan, loss, train.accumulate, config.data.batch_size, noise,
-                                    pl_weight=_lazy_weight(train.pl_weight, train.pl_interval, iteration),
-                                    pl_decay=train.pl_decay, ortho=train.ortho_reg))
-        stats = _mean_across_ranks(stats, noise.device)
+        stats, position = _train_iteration(config, gan, stream, noise, iteration)
         if gan.ada is not None:
             gan.ada.update(iteration, global_batch * train.d_steps)
         if gan.G_ema is not None:
             update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch))
+        step_seconds = time.perf_counter() - started  # before any evaluation or grid
         sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
         last = iteration == train.iterations
         scores = (evaluator.evaluate(sampler, gan.num_classes, iteration)
@@ -127,7 +119,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         if writer is not None:
             writer.record({"iteration": iteration, "epoch": position.epoch,
                            "kimg": iteration * global_batch * train.d_steps / 1000, **stats,
-                           "images_per_s": global_batch * train.d_steps / (time.perf_counter() - started),
+                           "images_per_s": global_batch * train.d_steps / step_seconds,
                            "skipped_images": stream.skipped, **_augment_fields(config, gan), **scores})
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
@@ -135,6 +127,20 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
                                                scores.get(out.best_metric)) or last_checkpoint
     return last_checkpoint
+
+
+def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise,
+                     iteration: int) -> tuple[dict[str, float], StreamPosition]:
+    """``d_steps`` D steps and one G step; returns the statistics (mean over ranks) and the data position."""
+    train, loss = config.train, LOSSES[config.train.loss]
+    for d_step in range(train.d_steps):
+        batches = [next(stream) for _ in range(train.accumulate)]
+        r1_weight = _lazy_weight(train.r1_gamma / 2, train.r1_interval, (iteration - 1) * train.d_steps + d_step + 1)
+        stats = discriminator_step(gan, loss, batches, noise, r1_weight)
+    stats.update(generator_step(gan, loss, train.accumulate, config.data.batch_size, noise,
+                                pl_weight=_lazy_weight(train.pl_weight, train.pl_interval, iteration),
+                                pl_decay=train.pl_decay, ortho=train.ortho_reg))
+    return _mean_across_ranks(stats, noise.device), batches[-1].position
 
 
 def _lazy_weight(weight: float, interval: int, step: int) -> float:
