@@ -18,7 +18,7 @@ from torch import nn
 from daskgan import metrics, storage
 from daskgan.config import JobConfig
 from daskgan.dispatch import from_rank0
-from daskgan.data import ImageIndex, decode_image
+from daskgan.data import DECODE_ERRORS, ImageIndex, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +73,22 @@ class Evaluator:
 
     def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
         fs, _ = storage.filesystem(self.index.url, self.config.data.storage_options)
-        paths = [self.index.paths[order[i]] for i in items]
-        contents = fs.cat(paths)
-        return torch.stack([decode_image(contents[p], self.config.data.resolution) for p in paths]).to(self.device)
+        fetched = fs.cat([self.index.paths[order[i]] for i in items], on_error="return")  # one concurrent fetch
+        return torch.stack([self._real_image(fs, order, i, fetched) for i in items]).to(self.device)
+
+    def _real_image(self, fs, order: list[int], item: int, fetched: dict) -> torch.Tensor:
+        """Item ``item`` of the shuffled dataset; an unreadable image is replaced by the next one ``real_count``
+        further on (the same choice on every rank), so one corrupt file does not stop the evaluation."""
+        for position in range(item, len(order), self.real_count):
+            path = self.index.paths[order[position]]
+            try:
+                data = fetched.get(path) if position == item else fs.cat_file(path)
+                if isinstance(data, BaseException) or data is None:
+                    raise data or FileNotFoundError(path)
+                return decode_image(data, self.config.data.resolution)
+            except (FileNotFoundError, *DECODE_ERRORS) as exc:
+                logger.warning("metrics: skipping unreadable image %s (%s)", path, type(exc).__name__)
+        raise ValueError(f"metrics: no readable image for real item {item} of {self.index.url}")
 
     def _generated(self, generator: nn.Module, num_classes: int, items: list[int]) -> torch.Tensor:
         z = torch.stack([torch.randn(self.config.model.z_dim, generator=torch.Generator().manual_seed(

@@ -78,3 +78,23 @@ def test_fid_from_two_workers_equals_one_process(dask_client):
     for result in ranks:
         assert result["fid"] == pytest.approx(single["fid"], rel=1e-6)  # float32 features from differently composed batches
         assert result["kid"] == pytest.approx(single["kid"], rel=1e-6)  # float32 features from differently composed batches
+
+
+def test_real_features_skip_a_corrupt_image(tmp_path):
+    from daskgan import synthetic
+    from daskgan.config import JobConfig
+    from daskgan.data import index_images
+    from daskgan.evaluation import Evaluator
+
+    data_url = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data_url, images=12, resolution=16)
+    index = index_images(data_url)
+    (tmp_path / "data" / index.paths[0].split("/data/", 1)[1]).write_bytes(b"not an image")
+    config = JobConfig.from_dict({"name": "m", "data": {"url": data_url, "resolution": 16},
+                                  "metrics": {"every": 1, "images": 4, "real_images": 4},
+                                  "output": {"run_url": tmp_path.as_uri() + "/run"}})
+    evaluator = Evaluator(config, index, torch.device("cpu"))
+    order = list(range(12))
+    images = evaluator._reals(order, [0, 1])
+    assert images.shape == (2, 3, 16, 16)
+    assert torch.equal(images[0], evaluator._reals(order, [4])[0]), "item 0 falls back to item 0 + real_count"
