@@ -60,10 +60,12 @@ class Evaluator:
                 self._real = torch.load(data, weights_only=True).double()
             else:
                 order = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(0)).tolist()
-                self._real = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
-                                                 self.extractor)
+                # kept as float32, as cached, so a run that computes them and one that reads them agree exactly
+                features = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
+                                               self.extractor).float()
                 if _rank() == 0:
-                    storage.write_bytes(url, storage.torch_bytes(self._real.float()), out.storage_options)
+                    storage.write_bytes(url, storage.torch_bytes(features), out.storage_options)
+                self._real = features.double()
         return self._real
 
     def _cache_key(self) -> str:
