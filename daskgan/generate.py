@@ -29,6 +29,11 @@ def load_generator(state: dict) -> nn.Module:
     return generator.eval()
 
 
+def takes_truncation_psi(generator: nn.Module) -> bool:
+    """StyleGAN2 truncates in w space (ψ toward the average w); other families truncate z instead."""
+    return hasattr(generator, "mapping")
+
+
 def label_classes(state: dict) -> int:
     """How many classes the checkpoint's generator is conditioned on (0: unconditional)."""
     return conditioning_classes(_model_config(state), state["model"]["num_classes"])
@@ -46,7 +51,7 @@ def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation_psi
     model); returns the URLs written."""
     state = checkpoint.load(checkpoint_url, storage_options)
     generator = load_generator(state)
-    if truncation_psi != 1 and not hasattr(generator, "mapping"):
+    if truncation_psi != 1 and not takes_truncation_psi(generator):
         raise ValueError(f"truncation needs a StyleGAN2 checkpoint; {checkpoint_url} holds another family")
     labels = _labels(label_classes(state), class_index, checkpoint_url)
     extra = {"truncation_psi": truncation_psi} if truncation_psi != 1 else {}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from daskgan import checkpoint, storage
-from daskgan.generate import label_classes, load_generator
+from daskgan.generate import label_classes, load_generator, takes_truncation_psi
 from daskgan.results import image_grid, png_bytes
 from daskgan.storage import StorageOptions
 
@@ -72,7 +72,7 @@ class _Drawer:
 
     def __init__(self, generator: nn.Module, truncation: float | None, rng: torch.Generator):
         self.generator, self.truncation, self.rng = generator, truncation, rng
-        self.uses_psi = hasattr(generator, "mapping")  # StyleGAN2: truncation in w space
+        self.uses_psi = takes_truncation_psi(generator)
 
     def latents(self, n: int) -> torch.Tensor:
         return truncated_normal(n, self.generator.z_dim, None if self.uses_psi else self.truncation, self.rng)
