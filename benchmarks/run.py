@@ -19,11 +19,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from daskgan import storage, synthetic
 from daskgan.config import DataConfig, JobConfig
-from daskgan.data import ImageStream, index_images
+from daskgan.data import synthetic
+from daskgan.data.index import index_images
+from daskgan.data.stream import ImageStream
 from daskgan.models.dcgan import Discriminator, Generator
-from daskgan.sandbox import LoopbackS3, environment
+from daskgan.run import storage
+from daskgan.tools.sandbox import LoopbackS3, environment
 
 RESOLUTION, BATCH, Z_DIM, CHANNELS = 64, 32, 100, 64
 
@@ -81,8 +83,8 @@ def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int, w
                             model: dict | None = None, resolution: int = RESOLUTION, extra: dict | None = None) -> list[float]:
     """Per-iteration wall time of train_gan on a LocalCluster of ``workers``, from its own records."""
     from daskgan.cluster import ClusterSpec, LocalSpec, connect
-    from daskgan.launch import run_job
-    from daskgan.results import load
+    from daskgan.cluster.driver import run_job
+    from daskgan.run.records import load
 
     job = JobConfig.from_dict({
         "name": "bench", "data": {"url": url, "storage_options": options, "resolution": resolution,

@@ -165,18 +165,6 @@ def worker_addresses(client: Client) -> list[str]:
     return list(client.scheduler_info(n_workers=-1)["workers"])
 
 
-def from_rank0(compute: Callable[[], Any]) -> Any:
-    """Inside a process group: run ``compute`` on rank 0 only (a listing, a pointer read) and hand its result to
-    every rank; outside one, just run it."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return compute()
-    box = [compute() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def free_port() -> int:
     """A TCP port that is free on this machine right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

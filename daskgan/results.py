@@ -1,239 +1,132 @@
-"""Per-iteration records, sample grids and TensorBoard events: written by rank 0, followed live by the client.
+"""Files sent from inside a DDP function back to the client: dask-pytorch-ddp's ``results`` API on current Dask.
 
-Run directory layout (any fsspec URL)::
+dask-pytorch-ddp's handler needs Dask's Pub/Sub, which ``distributed`` has removed. The same names work here::
 
-    records/<first>-<last>.jsonl   one JSON record per iteration, in parts (object stores cannot append)
-    records.parquet                all records as one table, written when the run ends
-    grids/<iteration>.png          fixed-z sample grids
-    tb/events.out.tfevents.*       TensorBoard scalars and sample grids (``tensorboard --logdir <run>/tb``)
+    handler = results.DaskResultsHandler()             # on the client, before dispatching
+    def train(...):                                    # inside the function run on every worker
+        handler.submit_result(f"losses/{epoch}.json", json.dumps(losses))
+    futures = dispatch.run(client, train)
+    handler.process_results("s3://bucket/run", futures, raise_errors=True)   # any fsspec URL or local folder
 
-Live view: each record is also published as a Dask event on the run's topic; ``RunMonitor`` on the client
-subscribes to it and yields the records as they arrive.
+Each result travels as a Dask event on the handler's topic (through the scheduler, which keeps the newest 1000
+per topic: send records, grids and small files this way, and write checkpoints to storage from the rank).
+``process_results`` also collects what was submitted before it started listening, and writes every file once.
+
+For daskgan's own loop, ``load`` reads a run's records and ``RunMonitor`` follows them live.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
-import os
 import queue
-import shutil
-import tempfile
-from typing import Any, Iterator
+import uuid
+from typing import Any, Iterable
 
-import pandas as pd
-import torch
-from PIL import Image
+from distributed import Future, get_client, get_worker
 
-from daskgan import storage
-from daskgan.storage import StorageOptions
+from daskgan import dispatch
+from daskgan.cluster.monitor import RunMonitor
+from daskgan.run import storage
+from daskgan.run.records import load
+from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
-RECORD_PARTS = "records"
-TENSORBOARD_ROLL_BYTES = 4 * 2**20  # S3 has no append: start a new event file rather than re-upload a big one
+__all__ = ["DaskResultsHandler", "RunMonitor", "load"]
 
 
-def topic(run_url: str) -> str:
-    """The Dask event topic a run's records are published on."""
-    return f"daskgan:{run_url}"
+class DaskResultsHandler:
+    """Carries ``(path, data)`` results from ranks to the client, which writes them under a prefix.
 
+    ``key`` names the channel (a fresh one by default); the handler is sent to the workers with the function, so
+    it holds nothing but the key.
+    """
 
-class RunWriter:
-    """Rank 0's sink for records, grids and TensorBoard events; buffers and uploads every ``flush_every`` records."""
+    def __init__(self, key: str | None = None):
+        self.key = key or uuid.uuid4().hex
 
-    def __init__(self, run_url: str, storage_options: StorageOptions | None, *, start_iteration: int,
-                 flush_every: int):
-        from torch.utils.tensorboard import SummaryWriter
+    @property
+    def topic(self) -> str:
+        return f"daskgan-results:{self.key}"
 
-        self.run_url = run_url
-        self.storage_options = storage_options
-        self.flush_every = flush_every
-        self._pending: list[dict[str, Any]] = []
-        self._tb_local = tempfile.mkdtemp(prefix="daskgan-tb-")
-        self._tb_uploaded: dict[str, int] = {}
-        self._summary_writer_cls = SummaryWriter
-        # purge_step makes TensorBoard drop steps past the checkpoint that an interrupted earlier session logged
-        self._tb = SummaryWriter(self._tb_local, purge_step=start_iteration + 1 if start_iteration else None)
-        self._live = _live_publisher(topic(run_url))
-        self._restarts: dict[str, Any] = {}
-        trim_records(run_url, start_iteration, storage_options)
+    def submit_result(self, path: str, data: str | bytes) -> None:
+        """Inside the dispatched function: have the client write ``data`` to ``<prefix>/<path>``."""
+        if not isinstance(data, (str, bytes)):
+            raise TypeError(f"submit_result({path!r}, ...): data must be str or bytes, got {type(data).__name__}")
+        storage.join("prefix", path)  # refuse a path that would escape the prefix here, where the caller sees it
+        event = {"id": uuid.uuid4().hex, "path": path, "data": data}
+        try:
+            get_worker().log_event(self.topic, event)
+        except ValueError:  # not on a worker: a plain script or a test calling the function directly
+            get_client().log_event(self.topic, event)
 
-    def mark_restart(self, count: int, cause: str, resumed_at: int, redone: int) -> None:
-        """Note a recovery restart: the next record carries its cause, and every later one the restart count."""
-        self._restarts = {"restarts": count, "restart_cause": cause, "redone_iterations": redone}
-        self._tb.add_text("recovery/restarts", f"restart {count} at iteration {resumed_at}: {cause} "
-                          f"({redone} iterations redone)", resumed_at + 1)
+    def process_results(self, prefix: str, futures: Iterable[Future], raise_errors: bool = True,
+                        storage_options: StorageOptions | None = None) -> None:
+        """On the client: write each result to ``<prefix>/<path>`` as it arrives, until every future is done.
 
-    def record(self, record: dict[str, Any]) -> None:
-        record = {**record, **self._restarts}
-        self._restarts = {"restarts": self._restarts["restarts"]} if self._restarts else {}
-        self._live(record)
-        self._pending.append(record)
-        for name, value in record.items():
-            if name != "iteration" and isinstance(value, (int, float)):
-                self._tb.add_scalar(_tensorboard_tag(name), value, record["iteration"])
-        if len(self._pending) >= self.flush_every:
-            self.flush()
+        A failed future raises its exception once the results sent before it are written (``raise_errors``), or
+        is logged and the other ranks are waited for.
+        """
+        futures = futures if isinstance(futures, list) else list(futures)
+        client = futures[0].client if futures else get_client()
+        arrived: queue.Queue = queue.Queue()
+        client.subscribe_topic(self.topic, lambda event: arrived.put(event[1]))
+        written: set[str] = set()
+        try:
+            self._write_logged(client, prefix, written, storage_options)  # submitted before we subscribed
+            while not _finished(futures):
+                self._drain(arrived, prefix, written, storage_options, timeout=0.5)
+                if raise_errors and _failed(futures):
+                    self._write_logged(client, prefix, written, storage_options)
+                    _raise_first_failure(futures)
+            self._write_logged(client, prefix, written, storage_options)  # any still on their way to us
+            for future in futures:
+                if future.status == "error":
+                    logger.error("a rank failed (raise_errors is off): %r", future.exception())
+        finally:
+            client.unsubscribe_topic(self.topic)
 
-    def grid(self, iteration: int, images: torch.Tensor) -> str:
-        """Save a grid of ``images`` (N, 3, H, W in [-1, 1]) as PNG and as a TensorBoard image."""
-        grid = image_grid(images)
-        url = storage.join(self.run_url, "grids", f"{iteration:09d}.png")
-        storage.write_bytes(url, png_bytes(grid), self.storage_options)
-        self._tb.add_image("samples/fixed_z", grid, iteration)
-        return url
-
-    def flush(self) -> None:
-        if self._pending:
-            first, last = self._pending[0]["iteration"], self._pending[-1]["iteration"]
-            url = storage.join(self.run_url, RECORD_PARTS, f"{first:09d}-{last:09d}.jsonl")
-            storage.write_bytes(url, "".join(json.dumps(r) + "\n" for r in self._pending).encode(),
-                                self.storage_options)
-            self._pending = []
-        self._upload_tensorboard()
-
-    def close(self) -> pd.DataFrame:
-        """Flush everything and write ``records.parquet``; returns the full record table."""
-        self.flush()
-        self._tb.close()
-        self._upload_tensorboard()
-        shutil.rmtree(self._tb_local, ignore_errors=True)
-        table = load(self.run_url, self.storage_options)
-        buffer = io.BytesIO()
-        table.to_parquet(buffer, index=False)
-        storage.write_bytes(storage.join(self.run_url, "records.parquet"), buffer.getvalue(), self.storage_options)
-        return table
-
-    def _upload_tensorboard(self) -> None:
-        self._tb.flush()
-        changed = {}
-        for name in sorted(os.listdir(self._tb_local)):
-            size = os.path.getsize(os.path.join(self._tb_local, name))
-            if self._tb_uploaded.get(name) != size:
-                with open(os.path.join(self._tb_local, name), "rb") as handle:
-                    changed[storage.join(self.run_url, "tb", name)] = handle.read()
-                self._tb_uploaded[name] = size
-        storage.write_many(changed, self.storage_options)
-        if any(size > TENSORBOARD_ROLL_BYTES for size in self._tb_uploaded.values()) and self._tb.file_writer:
-            self._tb.close()
-            for name in os.listdir(self._tb_local):  # uploaded and closed: the local copy is no longer needed
-                os.remove(os.path.join(self._tb_local, name))
-            self._tb_uploaded.clear()
-            self._tb = self._summary_writer_cls(self._tb_local)
-
-
-def load(run_url: str, storage_options: StorageOptions | None = None) -> pd.DataFrame:
-    """All records of a run as a DataFrame, one row per iteration, in order."""
-    rows = [row for _, _, url in _record_parts(run_url, storage_options)
-            for row in _read_jsonl(url, storage_options)]
-    return pd.DataFrame(rows).sort_values("iteration", ignore_index=True) if rows else pd.DataFrame()
-
-
-def trim_records(run_url: str, last_kept: int, storage_options: StorageOptions | None = None) -> None:
-    """Drop records after iteration ``last_kept`` (they are redone after a resume), so none are duplicated."""
-    for first, last, url in _record_parts(run_url, storage_options):
-        if first > last_kept:
-            storage.remove(url, storage_options)
-        elif last > last_kept:
-            kept = [r for r in _read_jsonl(url, storage_options) if r["iteration"] <= last_kept]
-            storage.remove(url, storage_options)
-            new_url = storage.join(run_url, RECORD_PARTS, f"{first:09d}-{last_kept:09d}.jsonl")
-            storage.write_bytes(new_url, "".join(json.dumps(r) + "\n" for r in kept).encode(), storage_options)
-
-
-def image_grid(images: torch.Tensor, padding: int = 2, columns: int | None = None) -> torch.Tensor:
-    """Tile (N, 3, H, W) images in [-1, 1] into one (3, H', W') uint8 image, as square as possible."""
-    count, channels, height, width = images.shape
-    columns = columns or grid_columns(count)
-    rows = math.ceil(count / columns)
-    grid = torch.full((channels, rows * (height + padding) + padding, columns * (width + padding) + padding), -1.0)
-    for i, image in enumerate(images):
-        top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
-        grid[:, top:top + height, left:left + width] = image
-    return to_uint8(grid)
-
-
-def grid_columns(count: int) -> int:
-    """Columns of the grid that tiles ``count`` images (as square as possible)."""
-    return math.ceil(math.sqrt(count))
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Map values in [-1, 1] (clamped) to 0..255."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def png_bytes(image: torch.Tensor) -> bytes:
-    """Encode a (3, H, W) uint8 image as PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class RunMonitor:
-    """Client-side view of a running job: subscribe before dispatching, then iterate ``records(futures)``."""
-
-    def __init__(self, client, run_url: str):
-        self._client = client
-        self._topic = topic(run_url)
-        self._queue: queue.Queue = queue.Queue()
-        client.subscribe_topic(self._topic, lambda event: self._queue.put(event[1]))
-
-    def records(self, futures, poll_seconds: float = 0.5) -> Iterator[dict[str, Any]]:
-        """Yield records as ranks publish them until every rank is done; then raise the first rank failure."""
-        from daskgan import dispatch
-
+    def _drain(self, arrived: queue.Queue, prefix: str, written: set[str], storage_options: StorageOptions | None,
+               timeout: float) -> None:
+        try:
+            event = arrived.get(timeout=timeout)
+        except queue.Empty:
+            return
         while True:
+            self._write(prefix, event, written, storage_options)
             try:
-                yield self._queue.get(timeout=poll_seconds)
+                event = arrived.get_nowait()
             except queue.Empty:
-                if all(f.done() for f in futures) or dispatch.has_failed(futures):
-                    break
-        while not self._queue.empty():
-            yield self._queue.get()
+                return
+
+    def _write_logged(self, client, prefix: str, written: set[str], storage_options: StorageOptions | None) -> None:
+        """Write the results the scheduler holds for this topic that are not written yet."""
+        for _, event in client.get_events(self.topic):
+            self._write(prefix, event, written, storage_options)
+
+    @staticmethod
+    def _write(prefix: str, event: dict[str, Any], written: set[str], storage_options: StorageOptions | None) -> None:
+        if event["id"] in written:
+            return
+        data = event["data"].encode() if isinstance(event["data"], str) else event["data"]
+        storage.write_bytes(storage.join(prefix, event["path"]), data, storage_options)
+        written.add(event["id"])
+
+
+def _finished(futures: list[Future]) -> bool:
+    """Every future is done, or a rank's worker left (its pinned task can never finish)."""
+    lost = futures.lost_ranks() if isinstance(futures, dispatch.RankFutures) else []
+    return bool(lost) or all(f.done() for f in futures)
+
+
+def _failed(futures: list[Future]) -> bool:
+    if isinstance(futures, dispatch.RankFutures):
+        return dispatch.has_failed(futures)
+    return any(f.status == "error" for f in futures)
+
+
+def _raise_first_failure(futures: list[Future]) -> None:
+    """Raise the failure that caused the others (for ranks of one dispatch: the earliest, naming its rank)."""
+    if isinstance(futures, dispatch.RankFutures):
         dispatch.results(futures)
-
-    def close(self) -> None:
-        self._client.unsubscribe_topic(self._topic)
-
-
-def _live_publisher(event_topic: str):
-    """Publish to the Dask scheduler when running inside a worker; a no-op elsewhere (plain scripts, tests)."""
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
-        return lambda record: None
-    return lambda record: worker.log_event(event_topic, record)
-
-
-def _tensorboard_tag(name: str) -> str:
-    if name.startswith("loss_"):
-        return f"loss/{name[5:]}"
-    if name in ("D_x", "D_G_z"):
-        return f"D/{name}"
-    if name.startswith("ada_"):
-        return f"ada/{name[4:]}"
-    if name in ("fid", "kid"):
-        return f"metrics/{name}"
-    if name in ("restarts", "redone_iterations"):
-        return f"recovery/{name}"
-    return f"progress/{name}"
-
-
-def _record_parts(run_url: str, storage_options: StorageOptions | None) -> list[tuple[int, int, str]]:
-    parts_url = storage.join(run_url, RECORD_PARTS)
-    parts = []
-    for name in storage.list_names(parts_url, storage_options):
-        if name.endswith(".jsonl"):
-            first, last = (int(x) for x in name[:-6].split("-"))
-            parts.append((first, last, storage.join(parts_url, name)))
-    return parts
-
-
-def _read_jsonl(url: str, storage_options: StorageOptions | None) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in storage.read_bytes(url, storage_options).decode().splitlines() if line]
+    next(f for f in futures if f.status == "error").result()

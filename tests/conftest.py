@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from daskgan.sandbox import LoopbackS3
+from daskgan.tools.sandbox import LoopbackS3
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def s3_bucket(s3_server):
 @pytest.fixture
 def shapes_in_bucket(s3_bucket):
     """Factory: upload a synthetic shapes dataset under <bucket>/data; returns (bucket URL, storage_options)."""
-    from daskgan import synthetic
+    from daskgan.data import synthetic
 
     def make(images: int, resolution: int = 16):
         url, options = s3_bucket

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from daskgan import checkpoint
+from daskgan.cluster.driver import run_job
 from daskgan.config import JobConfig
-from daskgan.launch import run_job
-from daskgan.results import load
+from daskgan.run import checkpoint
+from daskgan.run.records import load
 
 pytestmark = pytest.mark.slow
 

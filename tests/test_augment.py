@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from daskgan import dispatch
-from daskgan.augment import PIPELINES, AdaController, AugmentPipe
+from daskgan.training.augment import PIPELINES, AdaController, AugmentPipe
 
 GEOMETRIC = PIPELINES["bg"]
 

@@ -5,7 +5,7 @@ import torch
 
 from daskgan.config import ModelConfig
 from daskgan.models import build_models
-from daskgan.models.biggan import SelfAttention, SN
+from daskgan.models.biggan import SN, SelfAttention
 from daskgan.models.spectral import SNLinear, power_iteration
 
 

@@ -4,10 +4,10 @@ synchronised BatchNorm, orthogonal regularisation, EMA from a start iteration, F
 import pytest
 import torch
 
-from daskgan import checkpoint, storage
+from daskgan.cluster.driver import run_job
 from daskgan.config import JobConfig
-from daskgan.launch import run_job
-from daskgan.results import load
+from daskgan.run import checkpoint, storage
+from daskgan.run.records import load
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def test_conditional_biggan_run_with_metrics_and_best_checkpoints(dask_client, s
     assert [e.step for e in events.Scalars("metrics/fid")] == [3, 6, 8]
 
     # any indexed checkpoint serves samples and resumes
-    from daskgan.sample import sample
+    from daskgan.tools.sample import sample
 
     best_url = index["best"][0]["url"]
     written = sample(best_url, f"{url}/samples", per_class=2, steps=3, storage_options=options)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from daskgan import checkpoint, storage
-from daskgan.checkpoint import CheckpointMismatch
+from daskgan.run import checkpoint, storage
+from daskgan.run.checkpoint import CheckpointMismatch
 
 
 @pytest.fixture

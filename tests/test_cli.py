@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from daskgan.cli import main
+from daskgan.tools.cli import main
 
 ROOT = Path(__file__).parent.parent
 

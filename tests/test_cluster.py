@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daskgan.cli import main
 from daskgan.cluster import MissingExtra, load_cluster_spec, render
 from daskgan.config import ConfigError
+from daskgan.tools.cli import main
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted((ROOT / "cluster").glob("*.yaml"))

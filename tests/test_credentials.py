@@ -4,10 +4,11 @@ import logging
 
 import pytest
 
-from daskgan import sandbox, storage
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
+from daskgan.cluster.driver import run_job
 from daskgan.config import JobConfig
-from daskgan.launch import run_job
+from daskgan.run import storage
+from daskgan.tools import sandbox
 
 pytestmark = pytest.mark.slow
 

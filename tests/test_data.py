@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from daskgan import storage, synthetic
 from daskgan.config import DataConfig
-from daskgan.data import (ImageStream, StreamPosition, center_crop_resize, decode_image, index_images,
-                          shard_indices)
+from daskgan.data import synthetic
+from daskgan.data.decode import center_crop_resize, decode_image
+from daskgan.data.index import index_images, shard_indices
+from daskgan.data.stream import ImageStream, StreamPosition
+from daskgan.run import storage
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from daskgan import checkpoint
-from daskgan.cli import main
 from daskgan.config import ModelConfig
-from daskgan.generate import generate, parse_seeds
 from daskgan.models import build_models
+from daskgan.run import checkpoint
+from daskgan.tools.cli import main
+from daskgan.tools.generate import generate, parse_seeds
 
 
 def saved_run(tmp_path, family):
@@ -19,7 +19,7 @@ def saved_run(tmp_path, family):
                         fmaps=1 / 256, channel_max=16)
     G, D = build_models(model, 16, 0)
     run_url = tmp_path.as_uri() + "/run"
-    state = {"model": {**asdict(model), "resolution": 16, "num_classes": 0}, "G": G.state_dict(),
+    state = {"iteration": 10, "model": {**asdict(model), "resolution": 16, "num_classes": 0}, "G": G.state_dict(),
              "G_ema": G.state_dict(), "D": D.state_dict()}
     if family == "stylegan2":
         state["G_ema"]["mapping.w_avg"] = torch.randn(8)
@@ -59,7 +59,7 @@ def test_conditional_checkpoints_need_a_class(tmp_path, capsys):
     model = ModelConfig(family="stylegan2", z_dim=8, w_dim=8, mapping_layers=2, fmaps=1 / 256, channel_max=16,
                         conditional=True)
     G, D = build_models(model, 16, 3)
-    state = {"model": {**asdict(model), "resolution": 16, "num_classes": 3}, "G": G.state_dict(), "D": D.state_dict()}
+    state = {"iteration": 1, "model": {**asdict(model), "resolution": 16, "num_classes": 3}, "G": G.state_dict(), "D": D.state_dict()}
     url = checkpoint.save(tmp_path.as_uri() + "/run", state, 1, keep=1)
     generate(url, [4], (tmp_path / "c0").as_uri(), class_index=0)
     generate(url, [4], (tmp_path / "c2").as_uri(), class_index=2)

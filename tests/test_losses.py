@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from daskgan.ema import ema_beta, update_ema
-from daskgan.losses import LOSSES, r1_penalty
+from daskgan.training.ema import ema_beta, update_ema
+from daskgan.training.losses import LOSSES, r1_penalty
 
 
 def test_bce_family_values_on_known_logits():
@@ -52,7 +52,7 @@ def test_ema_update_matches_its_formula():
 
 def test_ema_copies_the_generator_until_its_start_iteration():
     from daskgan.config import TrainConfig
-    from daskgan.ema import ema_beta_at
+    from daskgan.training.ema import ema_beta_at
 
     train = TrainConfig(ema_kimg=10.0, ema_start=100)
     assert [ema_beta_at(train, i, 32) for i in (1, 50, 99)] == [0.0, 0.0, 0.0]

@@ -81,10 +81,10 @@ def test_fid_from_two_workers_equals_one_process(dask_client):
 
 
 def test_real_features_skip_a_corrupt_image(tmp_path):
-    from daskgan import synthetic
     from daskgan.config import JobConfig
-    from daskgan.data import index_images
-    from daskgan.evaluation import Evaluator
+    from daskgan.data import synthetic
+    from daskgan.data.index import index_images
+    from daskgan.training.evaluation import Evaluator
 
     data_url = tmp_path.as_uri() + "/data"
     synthetic.write_dataset(data_url, images=12, resolution=16)

@@ -5,14 +5,13 @@ import signal
 import time
 
 import pytest
-
 from distributed.core import Status
 
-from daskgan import checkpoint
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
+from daskgan.cluster.driver import restart_config, run_job
 from daskgan.config import JobConfig
-from daskgan.launch import restart_config, run_job
-from daskgan.results import load
+from daskgan.run import checkpoint
+from daskgan.run.records import load
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,9 @@ import json
 
 import torch
 
-from daskgan import storage
-from daskgan.results import RunWriter, image_grid, load, trim_records
+from daskgan.run import storage
+from daskgan.run.images import image_grid
+from daskgan.run.records import RunWriter, load, trim_records
 
 
 def write_part(run_url, iterations):

@@ -6,18 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
-from daskgan import checkpoint
-from daskgan.cli import main
 from daskgan.config import ModelConfig
 from daskgan.models import build_models
-from daskgan.sample import sample, truncated_normal
+from daskgan.run import checkpoint
+from daskgan.tools.cli import main
+from daskgan.tools.sample import sample, truncated_normal
 
 
 def biggan_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = ModelConfig(family="biggan", z_dim=20, g_channels=4, d_channels=4, shared_dim=8, attention_resolution=0)
     G, D = build_models(model, 32, 3)
-    state = {"model": {**asdict(model), "resolution": 32, "num_classes": 3}, "G": G.state_dict(), "D": D.state_dict()}
+    state = {"iteration": 1, "model": {**asdict(model), "resolution": 32, "num_classes": 3}, "G": G.state_dict(), "D": D.state_dict()}
     return checkpoint.save(tmp_path.as_uri() + "/run", state, 1, keep=1)
 
 

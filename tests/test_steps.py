@@ -7,10 +7,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan import dispatch
-from daskgan.augment import PIPELINES, AugmentPipe
-from daskgan.data import Batch, StreamPosition
-from daskgan.losses import LOSSES, orthogonal_regularisation, path_lengths
-from daskgan.steps import Gan, discriminator_step, generator_step
+from daskgan.data.stream import Batch, StreamPosition
+from daskgan.training.augment import PIPELINES, AugmentPipe
+from daskgan.training.losses import LOSSES, orthogonal_regularisation, path_lengths
+from daskgan.training.steps import Gan, discriminator_step, generator_step
 
 Z_DIM = 6
 
@@ -149,7 +149,7 @@ def test_path_lengths_match_the_jacobian_of_a_linear_generator():
 
 
 def test_compiled_networks_give_the_eager_update_including_r1(process_group):
-    from daskgan.compiled import compile_forward
+    from daskgan.training.compiled import compile_forward
 
     images, z_d, z_g = reference_data(8)
     eager_weights = one_iteration(toy_gan(), images, z_d, z_g, micro_batches=2, r1_weight=5.0)

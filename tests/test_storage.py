@@ -1,6 +1,6 @@
 import pytest
 
-from daskgan import storage
+from daskgan.run import storage
 
 
 def test_join_refuses_escaping_the_prefix():
@@ -36,7 +36,7 @@ def test_references_resolve_from_this_process_environment(monkeypatch):
 
 
 def test_tampered_checkpoint_pointer_cannot_escape_the_run(tmp_path):
-    from daskgan import checkpoint
+    from daskgan.run import checkpoint
 
     run_url = tmp_path.as_uri() + "/run"
     storage.write_json(f"{run_url}/checkpoints/latest.json", {"iteration": 1, "name": "../../elsewhere.pt"})

@@ -7,10 +7,12 @@ import torch
 import yaml
 from PIL import Image
 
-from daskgan import checkpoint, dispatch, storage, train_gan
-from daskgan.checkpoint import CheckpointMismatch
+from daskgan import dispatch, train_gan
+from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig
-from daskgan.results import RunMonitor, load
+from daskgan.run import checkpoint, storage
+from daskgan.run.checkpoint import CheckpointMismatch
+from daskgan.run.records import load
 
 pytestmark = pytest.mark.slow
 

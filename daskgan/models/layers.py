@@ -7,6 +7,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import _functional_collectives as collectives  # differentiable collectives
 
+from daskgan import ranks
+
 
 def batch_moments(x: torch.Tensor, across_ranks: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean and biased variance of (N, C, ...) ``x`` and the element count behind them; with
@@ -14,7 +16,7 @@ def batch_moments(x: torch.Tensor, across_ranks: bool) -> tuple[torch.Tensor, to
     dims = [0, *range(2, x.dim())]
     count = x.numel() // x.shape[1]
     sums = torch.stack([x.sum(dims), x.square().sum(dims)])
-    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if across_ranks and ranks.world_size() > 1:
         sums = collectives.all_reduce(sums, "sum", dist.group.WORLD)
         count *= dist.get_world_size()  # every rank's batch has the same size
     mean = sums[0] / count

@@ -15,18 +15,15 @@ from typing import Any
 
 import torch
 
-from daskgan import storage
-from daskgan.storage import StorageOptions
+from daskgan.errors import CheckpointMismatch, CheckpointUnreadable, NotFound, first_line
+from daskgan.run import storage
+from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
 POINTER = "latest.json"
 INDEX = "index.json"
 SUFFIX = ".pt"
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint made for a different model than the job asks for."""
 
 
 def directory(run_url: str) -> str:
@@ -87,7 +84,18 @@ def latest(run_url: str, storage_options: StorageOptions | None = None) -> str |
 
 def load(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """Read a checkpoint onto the CPU (tensors, numbers and strings only: no code is unpickled)."""
-    return torch.load(io.BytesIO(storage.read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
+    try:
+        data = storage.read_bytes(url, storage_options)
+    except NotFound as exc:
+        raise NotFound(f"checkpoint {url} does not exist ({exc}); the run's checkpoints are listed in "
+                       f"<run_url>/checkpoints/index.json") from exc
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise CheckpointUnreadable(f"{url} is not a daskgan checkpoint ({first_line(exc)})") from exc
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise CheckpointUnreadable(f"{url} is not a daskgan checkpoint (it holds no training iteration)")
+    return state
 
 
 def check_compatible(state: dict[str, Any], model: dict[str, Any], url: str) -> None:

@@ -13,11 +13,11 @@ import logging
 import torch
 from torch import nn
 
-from daskgan import checkpoint, storage
 from daskgan.config import ModelConfig
 from daskgan.models import build_models, conditioning_classes
-from daskgan.results import png_bytes, to_uint8
-from daskgan.storage import StorageOptions
+from daskgan.run import checkpoint, storage
+from daskgan.run.images import png_bytes, to_uint8
+from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from daskgan import metrics, storage
+from daskgan import metrics, ranks
 from daskgan.config import JobConfig
-from daskgan.dispatch import from_rank0
-from daskgan.data import DECODE_ERRORS, ImageIndex, decode_image
+from daskgan.data.decode import DECODE_ERRORS, decode_image
+from daskgan.data.index import ImageIndex
+from daskgan.ranks import from_rank0
+from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class Evaluator:
         scores = metrics.compute(m.kinds, real, fake, kid_subset_size=m.kid_subset_size)
         report = {"iteration": iteration, "extractor": self.extractor.name, "images": m.images,
                   "real_images": self.real_count, **scores}
-        if _rank() == 0:
+        if ranks.rank() == 0:
             storage.write_json(storage.join(self.config.output.run_url, "metrics", f"{iteration:09d}.json"), report,
                                self.config.output.storage_options)
             logger.info("iteration %d: %s (%s)", iteration,
@@ -63,7 +65,7 @@ class Evaluator:
                 # kept as float32, as cached, so a run that computes them and one that reads them agree exactly
                 features = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
                                                self.extractor).float()
-                if _rank() == 0:
+                if ranks.rank() == 0:
                     storage.write_bytes(url, storage.torch_bytes(features), out.storage_options)
                 self._real = features.double()
         return self._real
@@ -112,6 +114,3 @@ def samples(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) 
     finally:
         generator.train(was_training)
 
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from daskgan import ranks
+
 BLIT = ("xflip", "rotate90", "xint")
 GEOMETRIC = ("scale", "rotate", "aniso", "xfrac")
 COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
@@ -130,7 +132,7 @@ class AdaController:
         if iteration % self.interval:
             return None
         sums = self._sums.clone()
-        if dist.is_available() and dist.is_initialized():
+        if ranks.process_group_running():
             device = "cuda" if dist.get_backend() == "nccl" else "cpu"
             sums = sums.to(device)
             dist.all_reduce(sums)

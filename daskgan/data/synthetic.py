@@ -12,8 +12,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-from daskgan import storage
-from daskgan.storage import StorageOptions
+from daskgan.run import storage
+from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import logging
 import torch
 from torch import nn
 
-from daskgan import checkpoint, storage
-from daskgan.generate import label_classes, load_generator, takes_truncation_psi
-from daskgan.results import image_grid, png_bytes
-from daskgan.storage import StorageOptions
+from daskgan.run import checkpoint, storage
+from daskgan.run.images import image_grid, png_bytes
+from daskgan.run.storage import StorageOptions
+from daskgan.tools.generate import label_classes, load_generator, takes_truncation_psi
 
 logger = logging.getLogger(__name__)
 

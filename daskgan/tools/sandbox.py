@@ -104,8 +104,8 @@ def prepare(job, endpoint_url: str | None) -> "JobConfig":  # noqa: F821
     """
     import copy
 
-    from daskgan import synthetic
-    from daskgan.data import index_images
+    from daskgan.data import synthetic
+    from daskgan.data.index import index_images
 
     job = copy.deepcopy(job)
     if endpoint_url:
@@ -125,7 +125,7 @@ def prepare(job, endpoint_url: str | None) -> "JobConfig":  # noqa: F821
 
 
 def _ensure_bucket(url: str, storage_options: dict) -> None:
-    from daskgan import storage
+    from daskgan.run import storage
 
     fs, path = storage.filesystem(url, storage_options)
     bucket = path.split("/", 1)[0]

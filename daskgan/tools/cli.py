@@ -13,9 +13,11 @@ from contextlib import ExitStack, contextmanager
 
 import yaml
 
-from daskgan import dispatch, sandbox, storage
+from daskgan import dispatch
 from daskgan.cluster import ClusterSpec, MissingExtra, connect, load_cluster_spec, render
 from daskgan.config import ConfigError, load_job
+from daskgan.run import storage
+from daskgan.tools import sandbox
 
 logger = logging.getLogger("daskgan")
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from daskgan.generate import generate, parse_seeds
+    from daskgan.tools.generate import generate, parse_seeds
 
     with _request_errors():
         written = generate(args.checkpoint, parse_seeds(args.seeds), args.out, args.trunc, _options(args),
@@ -71,8 +73,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    from daskgan.generate import parse_seeds
-    from daskgan.sample import sample
+    from daskgan.tools.generate import parse_seeds
+    from daskgan.tools.sample import sample
 
     with _request_errors():
         written = sample(args.checkpoint, args.out, classes=parse_seeds(args.classes) if args.classes else None,
@@ -127,7 +129,7 @@ def train_command(args: argparse.Namespace) -> int:
 def _train_with_progress(client, job, show_bar: bool) -> dict:
     from tqdm import tqdm
 
-    from daskgan.launch import run_job
+    from daskgan.cluster.driver import run_job
 
     with tqdm(total=job.train.iterations, unit="it", disable=not show_bar, dynamic_ncols=True) as bar:
         def show(record: dict) -> None:

@@ -23,13 +23,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from daskgan.config import ConfigError, build_dataclass, load_yaml_mapping
+from daskgan.errors import MissingExtra, SchedulerUnreachable
 
 SECRET_LOOKING_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", re.IGNORECASE)
 PRE_SPAWN_ENVIRON_VARIABLE = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"
-
-
-class MissingExtra(ImportError):
-    """A cluster backend whose optional dependency is not installed."""
 
 
 @dataclass
@@ -42,6 +39,7 @@ class LocalSpec:
 @dataclass
 class SchedulerSpec:
     address: str
+    connect_timeout_s: float = 30.0  # how long to keep trying to reach the scheduler
 
 
 @dataclass
@@ -179,7 +177,7 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
 
     settings = spec.settings()
     if spec.kind == "scheduler":
-        with Client(settings.address) as client:
+        with _client_of_scheduler(settings) as client:
             yield client
         return
     if spec.kind == "local":
@@ -195,6 +193,17 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
         cluster = aws.EC2Cluster(**ec2_arguments(settings))
     with cluster, Client(cluster) as client:
         yield client
+
+
+def _client_of_scheduler(settings: SchedulerSpec) -> "distributed.Client":  # noqa: F821
+    from distributed import Client
+
+    try:
+        return Client(settings.address, timeout=settings.connect_timeout_s)
+    except (OSError, TimeoutError) as exc:
+        raise SchedulerUnreachable(
+            f"scheduler.address: no Dask scheduler answered at {settings.address} within "
+            f"{settings.connect_timeout_s:.0f}s: is it running, and reachable from here?") from exc
 
 
 def torch_worker_environ() -> dict:

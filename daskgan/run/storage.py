@@ -2,19 +2,34 @@
 
 Everything that touches object storage goes through here so that any fsspec URL (s3://, file://, memory://, gcs://)
 works the same way, with the caller's ``storage_options`` (endpoint, profile, anon; credentials preferably from the
-environment or the machine's role rather than from the job file).
+environment or the machine's role rather than from the job file). Failures name the URL: a missing bucket or
+object raises ``NotFound``, refused or missing credentials ``StorageAccessError`` (both one line in the CLI).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
-import os
 import posixpath
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from daskgan.config.credentials import resolve_references
+from daskgan.errors import NotFound, StorageAccessError, first_line
+
+try:  # s3fs lets botocore's "no credentials" through untranslated
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    MISSING_CREDENTIALS: tuple[type[Exception], ...] = (NoCredentialsError, PartialCredentialsError)
+except ImportError:
+    MISSING_CREDENTIALS = ()
+
+CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment, an AWS profile, the machine's "
+                      "role, or storage_options key/secret as ${ENV} references")
+Operation = TypeVar("Operation", bound=Callable[..., Any])
 
 StorageOptions = Mapping[str, Any]
 
@@ -37,32 +52,36 @@ def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple
     return url_to_fs(url, **{"use_listings_cache": False, **resolve_references(storage_options or {})})
 
 
-def resolve_references(options: StorageOptions) -> dict:
-    """Copy of ``options`` with every ``${NAME}`` value replaced by that environment variable of this process.
+def explain_errors(operation: Operation) -> Operation:
+    """Turn a storage failure of ``operation(url_or_objects, ...)`` into one that names the URL and what to do."""
 
-    Credentials are resolved where the storage is opened (on the worker), so the values never enter the job
-    config, the task graph, logs or checkpoints.
-    """
-    from daskgan.config import ENV_REFERENCE
+    @functools.wraps(operation)
+    def explained(target: str | Mapping[str, bytes], *args: Any, **kwargs: Any) -> Any:
+        url = target if isinstance(target, str) else next(iter(target), "")
+        try:
+            return operation(target, *args, **kwargs)
+        except (NotFound, StorageAccessError):
+            raise
+        except FileNotFoundError as exc:
+            missing = "its bucket does not exist" if "bucket" in str(exc).lower() else "no such object or folder"
+            raise NotFound(f"{url}: {missing}") from exc
+        except PermissionError as exc:
+            raise StorageAccessError(f"{url}: access denied ({first_line(exc)}); credentials are taken from "
+                                     f"{CREDENTIAL_SOURCES}") from exc
+        except MISSING_CREDENTIALS as exc:
+            raise StorageAccessError(f"{url}: no credentials found ({first_line(exc)}); set "
+                                     f"{CREDENTIAL_SOURCES}") from exc
 
-    resolved = {}
-    for name, value in options.items():
-        if isinstance(value, Mapping):
-            resolved[name] = resolve_references(value)
-            continue
-        match = ENV_REFERENCE.match(value) if isinstance(value, str) else None
-        if match and match.group(1) not in os.environ:
-            raise KeyError(f"storage option {name!r} refers to ${{{match.group(1)}}}, which is not set in the "
-                           f"environment of this process (pid {os.getpid()})")
-        resolved[name] = os.environ[match.group(1)] if match else value
-    return resolved
+    return explained  # type: ignore[return-value]
 
 
+@explain_errors
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
     """Write one whole object (object stores have no partial writes, so readers never see half of it)."""
     write_many({url: data}, storage_options)
 
 
+@explain_errors
 def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | None = None) -> None:
     """Write several whole objects on one filesystem, concurrently where the filesystem can (s3fs does)."""
     if not objects:
@@ -75,24 +94,29 @@ def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | N
     fs.pipe(paths)
 
 
+@explain_errors
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
     return fs.cat_file(path)
 
 
+@explain_errors
 def write_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
     write_bytes(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
 
 
+@explain_errors
 def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
     return json.loads(read_bytes(url, storage_options))
 
 
+@explain_errors
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     return fs.exists(path)
 
 
+@explain_errors
 def list_names(url: str, storage_options: StorageOptions | None = None) -> list[str]:
     """Names of the objects directly under ``url`` (sorted); empty when the prefix does not exist."""
     fs, path = filesystem(url, storage_options)
@@ -103,11 +127,13 @@ def list_names(url: str, storage_options: StorageOptions | None = None) -> list[
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
 
+@explain_errors
 def remove(url: str, storage_options: StorageOptions | None = None) -> None:
     fs, path = filesystem(url, storage_options)
     fs.rm(path, recursive=True)
 
 
+@explain_errors
 def copy_tree(url: str, local_dir: str, storage_options: StorageOptions | None = None) -> None:
     """Mirror everything under ``url`` into ``local_dir`` (used to keep the demo's results after its S3 stops)."""
     fs, path = filesystem(url, storage_options)

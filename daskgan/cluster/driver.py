@@ -11,10 +11,11 @@ from typing import Any, Callable
 
 from distributed import Client
 
-from daskgan import checkpoint, dispatch
+from daskgan import dispatch
+from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
-from daskgan.results import RunMonitor
-from daskgan.train import train_gan
+from daskgan.run import checkpoint
+from daskgan.training.loop import train_gan
 
 logger = logging.getLogger(__name__)
 

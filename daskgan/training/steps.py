@@ -19,10 +19,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from daskgan.augment import AdaController, AugmentPipe
-from daskgan.compiled import eager
-from daskgan.data import Batch
-from daskgan.losses import GanLoss, orthogonal_regularisation, path_lengths, r1_penalty
+from daskgan import ranks
+from daskgan.data.stream import Batch
+from daskgan.training.augment import AdaController, AugmentPipe
+from daskgan.training.compiled import eager
+from daskgan.training.losses import GanLoss, orthogonal_regularisation, path_lengths, r1_penalty
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _path_length_step(gan: Gan, fake: torch.Tensor, ws: torch.Tensor, decay: flo
     keeps the same target, and a checkpoint needs only one)."""
     lengths = path_lengths(fake, ws)
     mean_length = lengths.detach().mean()
-    if dist.is_initialized():
+    if ranks.process_group_running():
         dist.all_reduce(mean_length)
         mean_length /= dist.get_world_size()
     gan.pl_target = gan.pl_target.to(mean_length.device).lerp(mean_length, decay)

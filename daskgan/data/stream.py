@@ -1,8 +1,5 @@
-"""Training images streamed from any fsspec URL, sharded across DDP ranks, fetched ahead of the training step.
+"""One rank's training batches, streamed from any fsspec URL and fetched ahead of the training step.
 
-- ``index_images`` lists image objects under a URL; class subfolders become integer labels.
-- ``shard_indices`` gives each rank a disjoint slice of a per-epoch permutation (the union over ranks is the whole
-  dataset, as with DistributedSampler but without padding duplicates).
 - ``ImageStream`` is an endless iterator of batches for one rank: a background thread fetches many objects at
   once (s3fs ``cat`` of a list runs the GETs concurrently), decodes them and keeps a bounded queue of ready batches,
   so storage latency hides behind compute. Unreadable objects are skipped, counted and logged once.
@@ -13,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import posixpath
@@ -22,31 +18,14 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
-from daskgan import storage
 from daskgan.config import DataConfig
+from daskgan.data.decode import DECODE_ERRORS, decode_image
+from daskgan.data.index import ImageIndex, shard_indices
+from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class ImageIndex:
-    """The image objects of a dataset: filesystem paths (no protocol), their labels and the class names."""
-
-    url: str
-    paths: tuple[str, ...]
-    labels: tuple[int, ...]
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
 
 @dataclass(frozen=True)
@@ -62,60 +41,6 @@ class Batch:
     images: torch.Tensor  # (B, 3, R, R), float32 in [-1, 1]
     labels: torch.Tensor  # (B,), int64
     position: StreamPosition  # stream position right after this batch
-
-
-def index_images(url: str, storage_options: storage.StorageOptions | None = None) -> ImageIndex:
-    """List the images under ``url``. Files in subfolders are labelled by their first folder, sorted by name."""
-    fs, root = storage.filesystem(url, storage_options)
-    root = root.rstrip("/")
-    try:
-        found = fs.find(root)
-    except PermissionError as exc:
-        raise PermissionError(f"access denied listing {url}: check the storage credentials ({exc})") from exc
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"dataset location {url} does not exist (missing bucket or prefix?)") from exc
-    images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES))
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {url}")
-    relative = [posixpath.relpath(p, root) for p in images]
-    in_folders = ["/" in r for r in relative]
-    if not any(in_folders):
-        return ImageIndex(url, tuple(images), (0,) * len(images), ())
-    if not all(in_folders):
-        logger.warning("%s: %d images sit beside the class folders and are ignored", url,
-                       in_folders.count(False))
-    kept = [(p, r.split("/", 1)[0]) for p, r, f in zip(images, relative, in_folders) if f]
-    classes = tuple(sorted({c for _, c in kept}))
-    label_of = {c: i for i, c in enumerate(classes)}
-    return ImageIndex(url, tuple(p for p, _ in kept), tuple(label_of[c] for _, c in kept), classes)
-
-
-def shard_indices(size: int, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
-    """Indices this rank reads in ``epoch``: every ``world_size``-th entry of the epoch's permutation."""
-    if shuffle:
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    else:
-        order = list(range(size))
-    return order[rank::world_size]
-
-
-def decode_image(data: bytes, resolution: int) -> torch.Tensor:
-    """Decode image bytes to a (3, R, R) float tensor in [-1, 1]: RGB, centre crop to square, resize."""
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.array(image.convert("RGB"))
-    return center_crop_resize(torch.from_numpy(pixels).permute(2, 0, 1), resolution)
-
-
-def center_crop_resize(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Crop a (3, H, W) uint8 image to its central square and resize it (antialiased bilinear) to R x R."""
-    _, height, width = image.shape
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    square = image[:, top:top + side, left:left + side].float().unsqueeze(0)
-    if side != resolution:
-        square = F.interpolate(square, size=(resolution, resolution), mode="bilinear", antialias=True,
-                               align_corners=False)
-    return (square[0] / 127.5 - 1.0).clamp_(-1.0, 1.0)
 
 
 class ImageStream:

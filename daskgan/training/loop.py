@@ -15,22 +15,25 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from daskgan import checkpoint, results, storage
-from daskgan.augment import PIPELINES, AdaController, AugmentPipe
-from daskgan.compiled import compile_forward
 from daskgan.config import JobConfig
-from daskgan.dispatch import from_rank0
-from daskgan.evaluation import Evaluator, samples
-from daskgan.data import ImageStream, StreamPosition, index_images
-from daskgan.ema import ema_beta_at, update_ema
-from daskgan.losses import LOSSES
+from daskgan.data.index import index_images
+from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes
 from daskgan.models.layers import sync_batchnorm
-from daskgan.steps import Gan, Noise, discriminator_step, generator_step
+from daskgan.ranks import from_rank0
+from daskgan.run import checkpoint, records, storage
+from daskgan.run.images import grid_columns
+from daskgan.seeding import derive_seed
+from daskgan.training.augment import PIPELINES, AdaController, AugmentPipe
+from daskgan.training.compiled import compile_forward
+from daskgan.training.ema import ema_beta_at, update_ema
+from daskgan.training.evaluation import Evaluator, samples
+from daskgan.training.losses import LOSSES
+from daskgan.training.steps import Gan, Noise, discriminator_step, generator_step
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     start = state["iteration"] if state else 0
     generator, position = _rank_state(config, gan, state, rank, world_size)
     noise = Noise(generator, config.model.z_dim, gan.num_classes, device)
-    writer = (results.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
+    writer = (records.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank == 0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position)
     if writer is not None and restart is not None:
@@ -97,7 +100,7 @@ def resume_source(config: JobConfig) -> str | None:
     return resume
 
 
-def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: results.RunWriter | None,
+def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: records.RunWriter | None,
           start: int, model_id: dict) -> str | None:
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
@@ -125,7 +128,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
         if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best):
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
-                                               scores.get(out.best_metric)) or last_checkpoint
+                                               scores.get(config.ranking_metric)) or last_checkpoint
     return last_checkpoint
 
 
@@ -156,7 +159,7 @@ def _grid_latents(config: JobConfig, num_classes: int,
     z = torch.randn(n, config.model.z_dim, generator=torch.Generator().manual_seed(config.train.seed)).to(device)
     if not num_classes:
         return z, None
-    return z, (torch.arange(n) // results.grid_columns(n) % num_classes).to(device)
+    return z, (torch.arange(n) // grid_columns(n) % num_classes).to(device)
 
 
 def _augment_fields(config: JobConfig, gan: Gan) -> dict[str, float]:
@@ -190,7 +193,7 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     out = config.output
     return checkpoint.save(out.run_url, state, iteration, out.keep_checkpoints, out.storage_options, score=score,
-                           keep_best=out.keep_best, metric=out.best_metric)
+                           keep_best=out.keep_best, metric=config.ranking_metric)
 
 
 def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
@@ -242,7 +245,7 @@ def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
         if gan.ada is not None and saved[rank]["ada"] is not None:
             gan.ada.load_state_dict(saved[rank]["ada"])
         return noise, StreamPosition(saved[rank]["epoch"], saved[rank]["offset"])
-    seed = config.train.seed * 1_000_003 + rank + (state["iteration"] if state else 0)
+    seed = derive_seed(config.train.seed, rank + (state["iteration"] if state else 0))
     noise.manual_seed(seed)
     torch.manual_seed(seed + 1)  # ranks draw different augmentations
     if saved:  # another world size: positions do not map onto the new shards, so begin the next epoch

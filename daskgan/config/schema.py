@@ -1,0 +1,313 @@
+"""The job schema: one dataclass per section of a job file, each validating its own keys.
+
+Validated once, on the client, before anything starts; unknown keys and values of the wrong type or range are
+refused with one line that names the key, e.g. ``jobs/demo.yaml: train.lr_g: expected a number, got 'fast'``.
+This module imports neither torch nor any model: the names that the registries in ``daskgan.models``,
+``daskgan.training`` and ``daskgan.metrics`` implement are listed here (tests check that both agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from daskgan.config.coerce import ConfigError, build_dataclass, load_yaml_mapping, require
+from daskgan.config.credentials import check_no_plain_secrets, redact
+
+FAMILIES = ("dcgan", "stylegan2", "biggan")  # daskgan.models.FAMILIES
+LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
+AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.augment.PIPELINES
+METRICS = ("fid", "kid")  # daskgan.metrics.METRICS; lower is better for both
+BIGGAN_G_BLOCKS = {32: 3, 64: 4, 128: 5, 256: 6}  # G's blocks per resolution (daskgan.models.biggan.ARCHITECTURES)
+PRECISIONS = ("fp32", "bf16", "fp16")
+INTERNAL = {"internal": True}  # field metadata: set by daskgan, refused in a job file
+
+
+@dataclass
+class DataConfig:
+    """Where the training images live and how each rank reads them."""
+
+    url: str
+    storage_options: dict = field(default_factory=dict)
+    resolution: int = 64
+    batch_size: int = 64  # per worker
+    prefetch_batches: int = 4
+    fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
+    cache_dir: Optional[str] = None
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0,
+                 "data.resolution", f"must be a power of two >= 8, got {self.resolution}")
+        require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+        require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
+        check_no_plain_secrets(self.storage_options, "data.storage_options")
+
+
+@dataclass
+class ModelConfig:
+    """Which GAN family to build and its size; checkpoints refuse to load into a different one."""
+
+    family: str = "dcgan"
+    z_dim: int = 100
+    g_channels: int = 64  # dcgan: base width of G
+    d_channels: int = 64  # dcgan: base width of D
+    w_dim: int = 512  # stylegan2: width of the intermediate latent w
+    mapping_layers: int = 8  # stylegan2: depth of the mapping network
+    fmaps: float = 0.5  # stylegan2: channels at resolution r are min(32768 * fmaps / r, channel_max)
+    channel_max: int = 512  # stylegan2
+    style_mixing: float = 0.9  # stylegan2: probability of mixing two w's while training
+    mbstd_group: int = 4  # stylegan2: samples per minibatch-std group in D
+    conditional: bool = False  # stylegan2: condition G's mapping and D's output on the class folders' labels
+    sync_batchnorm: bool = False  # batch statistics over all workers' batches (families with BatchNorm)
+    shared_dim: int = 128  # biggan: width of the class embedding shared by G's conditional BatchNorms
+    hierarchical: bool = True  # biggan: split z over G's blocks (hierarchical latent)
+    attention_resolution: int = 64  # biggan: resolution of the self-attention block (0: none)
+    sn_singular_values: int = 1  # biggan: singular values tracked per spectrally normalised layer
+    sn_iterations: int = 1  # biggan: power iterations per training step
+
+    def validate(self) -> None:
+        require(self.family in FAMILIES, "model.family", f"must be one of {list(FAMILIES)}, got {self.family!r}")
+        for name in ("z_dim", "g_channels", "d_channels", "w_dim", "mapping_layers", "channel_max", "mbstd_group",
+                     "shared_dim", "sn_singular_values", "sn_iterations"):
+            require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
+        require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
+        require(not self.conditional or self.family == "stylegan2", "model.conditional",
+                 "applies to stylegan2 (biggan is always conditional, dcgan never)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (DCGAN defaults: Adam lr 2e-4, beta1 0.5, BCE loss)."""
+
+    iterations: int = 1000
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    loss: str = "bce"
+    seed: int = 0
+    r1_gamma: float = 0.0  # R1 weight on reals (0: off); applied lazily every r1_interval minibatches
+    r1_interval: int = 16
+    ema_kimg: float = 0.0  # generator EMA half-life in thousand images (0: no EMA); grids then use G_ema
+    ema_rampup: Optional[float] = None  # half-life at most this fraction of the images seen so far
+    ema_start: int = 0  # before this iteration the average just copies G (BigGAN's ema_start)
+    d_steps: int = 1  # discriminator steps per generator step (BigGAN: 2)
+    accumulate: int = 1  # micro-batches per optimiser step: global batch = batch_size x workers x accumulate
+    ortho_reg: float = 0.0  # BigGAN's orthogonal regularisation strength on G's weights (0: off; BigGAN 1e-4)
+    pl_weight: float = 0.0  # stylegan2: path-length regularisation weight (0: off; NVlabs 2)
+    pl_interval: int = 4  # lazy: every pl_interval-th iteration, weighted by the interval
+    pl_decay: float = 0.01  # moving-average decay of the path-length target
+    precision: str = "fp32"  # fp32, or bf16/fp16 autocast for the highest-resolution blocks (stylegan2)
+    reduced_precision_resolutions: int = 4  # how many of the highest resolutions run in bf16/fp16 (NVlabs: 4)
+    compile: bool = False  # torch.compile G and D (passes with R1 / path length stay eager: double backward)
+
+    def validate(self) -> None:
+        require(self.iterations >= 1, "train.iterations", "must be >= 1")
+        require(self.lr_g > 0 and self.lr_d > 0, "train.lr_g/lr_d", "must be > 0")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        require(self.loss in LOSSES, "train.loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
+        require(self.r1_gamma >= 0 and self.r1_interval >= 1, "train.r1_gamma/r1_interval", "must be >= 0 / >= 1")
+        require(self.ema_kimg >= 0, "train.ema_kimg", "must be >= 0")
+        require(self.ema_rampup is None or self.ema_rampup > 0, "train.ema_rampup", "must be > 0")
+        for name in ("d_steps", "accumulate", "pl_interval", "reduced_precision_resolutions"):
+            require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        require(self.ema_start >= 0 and self.ortho_reg >= 0 and self.pl_weight >= 0,
+                 "train.ema_start/ortho_reg/pl_weight", "must be >= 0")
+        require(0 < self.pl_decay <= 1, "train.pl_decay", "must be in (0, 1]")
+        require(self.precision in PRECISIONS, "train.precision",
+                 f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass
+class OutputConfig:
+    """The run directory (any fsspec URL) and how often records, grids and checkpoints go there."""
+
+    run_url: str
+    storage_options: dict = field(default_factory=dict)
+    flush_every: int = 50
+    grid_every: int = 100
+    grid_images: int = 64
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", or a checkpoint URL
+    keep_best: int = 0  # also keep the k best checkpoints by best_metric (each evaluation then saves one)
+    best_metric: Optional[str] = None  # one of metrics.kinds (default: the first); lower is better
+
+    def validate(self) -> None:
+        check_no_plain_secrets(self.storage_options, "output.storage_options")
+        for name in ("flush_every", "grid_every", "grid_images", "checkpoint_every", "keep_checkpoints"):
+            require(getattr(self, name) >= 1, f"output.{name}", "must be >= 1")
+        require(self.keep_best >= 0, "output.keep_best", "must be >= 0")
+        require(self.resume in ("auto", "never") or "://" in self.resume or self.resume.endswith(".pt"),
+                 "output.resume", f"must be 'auto', 'never' or a checkpoint URL, got {self.resume!r}")
+        require(self.best_metric is None or self.best_metric in METRICS, "output.best_metric",
+                f"must be one of {list(METRICS)}, got {self.best_metric!r}")
+
+
+@dataclass
+class AugmentConfig:
+    """Discriminator augmentation: ``off``, a ``fixed`` p, or ``ada`` (p adapts toward E[sign(D(real))] = target)."""
+
+    mode: str = "off"
+    p: float = 0.0  # the fixed p, or where ADA starts
+    pipeline: str = "bgc"  # blit, geom, color, bg or bgc (NVlabs' names)
+    target: float = 0.6
+    interval: int = 4  # minibatches between p adjustments
+    speed_kimg: float = 500.0  # p can go from 0 to 1 in this many thousand images
+
+    def validate(self) -> None:
+        require(self.mode in ("off", "fixed", "ada"), "augment.mode", f"must be off, fixed or ada, got {self.mode!r}")
+        require(0 <= self.p <= 1, "augment.p", "must be in [0, 1]")
+        require(self.pipeline in AUGMENT_PIPELINES, "augment.pipeline", f"must be one of {list(AUGMENT_PIPELINES)}")
+        require(0 < self.target < 1, "augment.target", "must be in (0, 1)")
+        require(self.interval >= 1 and self.speed_kimg > 0, "augment.interval/speed_kimg", "must be positive")
+
+
+@dataclass
+class MetricsConfig:
+    """FID/KID during training, over all workers (``daskgan.metrics``)."""
+
+    every: int = 0  # iterations between evaluations (0: none); the last iteration is evaluated too
+    kinds: list = field(default_factory=lambda: ["fid", "kid"])
+    images: int = 1000  # generated images per evaluation (papers: 50000)
+    real_images: Optional[int] = None  # real images for the reference statistics (default: images)
+    extractor_url: Optional[str] = None  # NVlabs' inception-2015-12-05.pt (TorchScript); None: random-cnn-v1
+    storage_options: dict = field(default_factory=dict)  # for extractor_url
+    kid_subset_size: int = 1000
+
+    def validate(self) -> None:
+        require(self.every >= 0, "metrics.every", "must be >= 0")
+        require(bool(self.kinds) and set(self.kinds) <= set(METRICS), "metrics.kinds",
+                 f"must be a non-empty list from {list(METRICS)}, got {self.kinds!r}")
+        require(self.images >= 2 and (self.real_images is None or self.real_images >= 2), "metrics.images",
+                 "must be >= 2")
+        require(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be >= 2")
+        check_no_plain_secrets(self.storage_options, "metrics.storage_options")
+
+
+@dataclass
+class RecoveryConfig:
+    """What the client does when a worker is lost mid-run (process killed, pod preempted)."""
+
+    max_restarts: int = 3
+    wait_for_workers_s: float = 300.0  # how long to wait for the cluster to offer the workers again
+    min_workers: Optional[int] = None  # after that wait, continue with this many (global batch kept) instead of failing
+
+    def validate(self) -> None:
+        require(self.max_restarts >= 0, "recovery.max_restarts", "must be >= 0")
+        require(self.wait_for_workers_s >= 0, "recovery.wait_for_workers_s", "must be >= 0")
+        require(self.min_workers is None or self.min_workers >= 1, "recovery.min_workers", "must be >= 1")
+
+
+@dataclass
+class SyntheticDatasetConfig:
+    """A procedurally drawn image set (coloured shapes, one class folder per shape) the demo uploads itself."""
+
+    images: int = 512
+    resolution: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.images >= 1, "sandbox.dataset.images", "must be >= 1")
+        require(self.resolution >= 8, "sandbox.dataset.resolution", f"must be >= 8, got {self.resolution}")
+
+
+@dataclass
+class SandboxConfig:
+    """Self-contained infrastructure for demos and tests: a loopback S3 server and a generated dataset."""
+
+    s3_server: bool = False
+    dataset: Optional[SyntheticDatasetConfig] = None
+    copy_results_to: Optional[str] = None  # local folder that keeps the run directory after the S3 server stops
+
+    def validate(self) -> None:
+        if self.dataset is not None:
+            self.dataset.validate()
+        require(self.copy_results_to is None or "://" not in self.copy_results_to, "sandbox.copy_results_to",
+                f"must be a local folder, got {self.copy_results_to!r}")
+
+
+@dataclass
+class JobConfig:
+    """One training job, as read from ``jobs/<name>.yaml``; only ``data.url`` and ``output.run_url`` are required."""
+
+    data: DataConfig
+    output: OutputConfig
+    name: str = "daskgan"  # load_job defaults it to the file's name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    sandbox: Optional[SandboxConfig] = None
+    preset: Optional[str] = None  # NVlabs-style named settings (daskgan.presets), under the job's own keys
+    preset_workers: Optional[int] = field(default=None, metadata=INTERNAL)  # the worker count the preset was scaled for
+
+    def validate(self) -> "JobConfig":
+        require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        sections = (self.data, self.model, self.train, self.augment, self.metrics, self.output, self.recovery)
+        for section in (*sections, *([self.sandbox] if self.sandbox else [])):
+            section.validate()
+        if self.metrics.every:
+            require(self.ranking_metric in self.metrics.kinds, "output.best_metric",
+                    f"{self.ranking_metric!r} is not among metrics.kinds {self.metrics.kinds}")
+        require(not self.output.keep_best or self.metrics.every, "output.keep_best", "needs metrics.every > 0")
+        if self.model.family == "biggan":
+            require(self.data.resolution in BIGGAN_G_BLOCKS, "data.resolution",
+                    f"biggan is built for {list(BIGGAN_G_BLOCKS)} pixels, got {self.data.resolution}")
+            require(self.model.z_dim >= BIGGAN_G_BLOCKS[self.data.resolution] + 1, "model.z_dim",
+                    "must be at least the number of G blocks + 1 (hierarchical z gives each a chunk)")
+        stylegan_only = {"train.pl_weight": self.train.pl_weight > 0, "train.precision": self.train.precision != "fp32"}
+        for key, used in stylegan_only.items():
+            require(not used or self.model.family == "stylegan2", key, f"is not supported for {self.model.family}")
+        return self
+
+    @property
+    def ranking_metric(self) -> str:
+        """The metric that ranks checkpoints: ``output.best_metric``, else the first of ``metrics.kinds``."""
+        return self.output.best_metric or self.metrics.kinds[0]
+
+    def to_dict(self, redact_secrets: bool = True) -> dict:
+        """Plain dict of the job; credentials in storage options are replaced by ``***`` unless told otherwise."""
+        data = dataclasses.asdict(self)
+        if redact_secrets:
+            for section in ("data", "output", "metrics"):
+                data[section]["storage_options"] = redact(data[section]["storage_options"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "job", workers: int | None = None) -> "JobConfig":
+        """Build and validate a job; a ``preset`` is scaled for ``workers`` (the number of Dask workers)."""
+        try:
+            job = build_dataclass(cls, _with_preset(data, workers), "")
+            if job.preset:
+                job.preset_workers = workers
+            return job.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_job(path: str | Path, workers: int | None = None) -> JobConfig:
+    """Read and validate a job YAML file (``workers``: the cluster's size, needed when the job names a preset).
+
+    A job without a ``name`` is named after its file (``jobs/demo.yaml`` -> ``demo``)."""
+    data = load_yaml_mapping(path)
+    return JobConfig.from_dict({"name": Path(path).stem, **data}, source=str(path), workers=workers)
+
+
+def _with_preset(data: dict, workers: int | None) -> dict:
+    from daskgan.config.presets import PRESETS, apply_preset
+
+    name = data.get("preset") if isinstance(data, dict) else None
+    if name is None:
+        return data
+    require(isinstance(name, str) and name in PRESETS, "preset", f"must be one of {list(PRESETS)}, got {name!r}")
+    require(workers is not None and workers >= 1, "preset",
+            f"{name!r} scales with the number of workers: load the job with workers=<cluster size>")
+    return apply_preset(data, workers)
+
+

@@ -1,0 +1,66 @@
+"""What a dataset holds and which part each rank reads: the image objects under a URL with their labels, and
+each rank's disjoint shard of every epoch's permutation (as DistributedSampler, without padding duplicates)."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from dataclasses import dataclass
+
+import torch
+
+from daskgan.errors import NotFound
+from daskgan.run import storage
+from daskgan.seeding import derive_seed
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """The image objects of a dataset: filesystem paths (no protocol), their labels and the class names."""
+
+    url: str
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def index_images(url: str, storage_options: storage.StorageOptions | None = None) -> ImageIndex:
+    """List the images under ``url``. Files in subfolders are labelled by their first folder, sorted by name."""
+    fs, root = storage.filesystem(url, storage_options)
+    root = root.rstrip("/")
+    images = sorted(p for p in _find(url, fs, root) if p.lower().endswith(IMAGE_SUFFIXES))
+    if not images:
+        raise NotFound(f"data.url: no images ({', '.join(IMAGE_SUFFIXES)}) under {url}: check the URL, or upload "
+                       f"images (one subfolder per class) there")
+    relative = [posixpath.relpath(p, root) for p in images]
+    in_folders = ["/" in r for r in relative]
+    if not any(in_folders):
+        return ImageIndex(url, tuple(images), (0,) * len(images), ())
+    if not all(in_folders):
+        logger.warning("%s: %d images sit beside the class folders and are ignored", url,
+                       in_folders.count(False))
+    kept = [(p, r.split("/", 1)[0]) for p, r, f in zip(images, relative, in_folders) if f]
+    classes = tuple(sorted({c for _, c in kept}))
+    label_of = {c: i for i, c in enumerate(classes)}
+    return ImageIndex(url, tuple(p for p, _ in kept), tuple(label_of[c] for _, c in kept), classes)
+
+
+@storage.explain_errors
+def _find(url: str, fs, root: str) -> list[str]:
+    return fs.find(root)
+
+
+def shard_indices(size: int, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Indices this rank reads in ``epoch``: every ``world_size``-th entry of the epoch's permutation."""
+    if shuffle:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).tolist()
+    else:
+        order = list(range(size))
+    return order[rank::world_size]

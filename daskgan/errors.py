@@ -1,0 +1,50 @@
+"""Errors that mean "what you asked for or gave cannot be used", as opposed to bugs.
+
+The command line prints such an error as one line (``daskgan: <message>``) and exits with status 2, with no
+traceback unless ``--debug``; so each message names the input (key, URL, option) and says what to do. They keep
+the built-in base a caller would expect (``FileNotFoundError``, ``PermissionError``, ``ValueError``), so code that
+catches those still does. Errors raised on a worker reach the client unchanged through ``dispatch.results``.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the input: printed as one line by the command line."""
+
+
+class ConfigError(UserError, ValueError):
+    """A job or cluster file that cannot be used; the message names the offending key."""
+
+
+class RequestError(UserError, ValueError):
+    """A request the model cannot serve: a class out of range, truncation for a model without it."""
+
+
+class MissingExtra(UserError, ImportError):
+    """A cluster backend whose optional dependency is not installed."""
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A checkpoint made for a different model than the job asks for."""
+
+
+class CheckpointUnreadable(UserError, ValueError):
+    """A file that is not a daskgan checkpoint (another tool's pickle, a truncated upload)."""
+
+
+class NotFound(UserError, FileNotFoundError):
+    """A URL, bucket, file or dataset that does not exist (or holds nothing usable)."""
+
+
+class StorageAccessError(UserError, PermissionError):
+    """Storage refused the request: credentials missing, wrong or expired, or not allowed to do this."""
+
+
+class SchedulerUnreachable(UserError, ConnectionError):
+    """No Dask scheduler answered at the address of a cluster spec."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (botocore and torch messages can run over several)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,55 @@
+"""FID and KID on feature matrices (float64 statistics), and the PSD matrix square root FID needs."""
+
+from __future__ import annotations
+
+import torch
+
+from daskgan.config.schema import METRICS
+
+
+def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix (eigendecomposition; tiny negative eigenvalues
+    from rounding are clipped to 0)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½), with tr((S1 S2)^½) = tr((S1^½ S2 S1^½)^½), a symmetric PSD
+    root (no complex parts to discard, unlike scipy's general sqrtm)."""
+    root1 = sqrtm_psd(sigma1)
+    cross = sqrtm_psd(root1 @ sigma2 @ root1)
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * cross.trace())
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) of (N, D) features."""
+    features = features.double()
+    return features.mean(0), torch.cov(features.T)
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> float:
+    """Kernel Inception Distance (Binkowski et al. 2018) as NVlabs computes it: the unbiased MMD² with the cubic
+    polynomial kernel (x·y/d + 1)³, averaged over random subsets."""
+    real, fake = real.double(), fake.double()
+    n = min(len(real), len(fake), subset_size)
+    dim = real.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(subsets):
+        x = fake[torch.randperm(len(fake), generator=generator)[:n]]
+        y = real[torch.randperm(len(real), generator=generator)[:n]]
+        a = (x @ x.T / dim + 1) ** 3 + (y @ y.T / dim + 1) ** 3
+        b = (x @ y.T / dim + 1) ** 3
+        total += float((a.sum() - a.diagonal().sum()) / (n - 1) - b.sum() * 2 / n)
+    return total / subsets / n
+
+
+def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000) -> dict[str, float]:
+    """The requested metrics (``fid``, ``kid``) of generated against real features."""
+    functions = {"fid": fid, "kid": lambda r, f: kid(r, f, subset_size=kid_subset_size)}
+    return {name: functions[name](real, fake) for name in names}

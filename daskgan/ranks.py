@@ -1,0 +1,30 @@
+"""Where this process stands in the DDP process group, for code that also runs outside one (tools, tests)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+
+def process_group_running() -> bool:
+    """Whether this process is a rank of an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if process_group_running() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if process_group_running() else 1
+
+
+def from_rank0(compute: Callable[[], Any]) -> Any:
+    """Inside a process group: run ``compute`` on rank 0 only (a listing, a pointer read) and hand its result to
+    every rank; outside one, just run it."""
+    if not process_group_running():
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

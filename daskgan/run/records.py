@@ -1,0 +1,181 @@
+"""Per-iteration records, sample grids and TensorBoard events: written by rank 0 into the run directory.
+
+Run directory layout (any fsspec URL)::
+
+    records/<first>-<last>.jsonl   one JSON record per iteration, in parts (object stores cannot append)
+    records.parquet                all records as one table, written when the run ends
+    grids/<iteration>.png          fixed-z sample grids
+    tb/events.out.tfevents.*       TensorBoard scalars and sample grids (``tensorboard --logdir <run>/tb``)
+
+Live view: each record is also published as a Dask event on the run's topic; ``daskgan.cluster.monitor`` on the
+client subscribes to it and yields the records as they arrive.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import pandas as pd
+import torch
+
+from daskgan.run import storage
+from daskgan.run.images import image_grid, png_bytes
+from daskgan.run.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+RECORD_PARTS = "records"
+TENSORBOARD_ROLL_BYTES = 4 * 2**20  # S3 has no append: start a new event file rather than re-upload a big one
+
+
+def topic(run_url: str) -> str:
+    """The Dask event topic a run's records are published on."""
+    return f"daskgan:{run_url}"
+
+
+class RunWriter:
+    """Rank 0's sink for records, grids and TensorBoard events; buffers and uploads every ``flush_every`` records."""
+
+    def __init__(self, run_url: str, storage_options: StorageOptions | None, *, start_iteration: int,
+                 flush_every: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_url = run_url
+        self.storage_options = storage_options
+        self.flush_every = flush_every
+        self._pending: list[dict[str, Any]] = []
+        self._tb_local = tempfile.mkdtemp(prefix="daskgan-tb-")
+        self._tb_uploaded: dict[str, int] = {}
+        self._summary_writer_cls = SummaryWriter
+        # purge_step makes TensorBoard drop steps past the checkpoint that an interrupted earlier session logged
+        self._tb = SummaryWriter(self._tb_local, purge_step=start_iteration + 1 if start_iteration else None)
+        self._live = _live_publisher(topic(run_url))
+        self._restarts: dict[str, Any] = {}
+        trim_records(run_url, start_iteration, storage_options)
+
+    def mark_restart(self, count: int, cause: str, resumed_at: int, redone: int) -> None:
+        """Note a recovery restart: the next record carries its cause, and every later one the restart count."""
+        self._restarts = {"restarts": count, "restart_cause": cause, "redone_iterations": redone}
+        self._tb.add_text("recovery/restarts", f"restart {count} at iteration {resumed_at}: {cause} "
+                          f"({redone} iterations redone)", resumed_at + 1)
+
+    def record(self, record: dict[str, Any]) -> None:
+        record = {**record, **self._restarts}
+        self._restarts = {"restarts": self._restarts["restarts"]} if self._restarts else {}
+        self._live(record)
+        self._pending.append(record)
+        for name, value in record.items():
+            if name != "iteration" and isinstance(value, (int, float)):
+                self._tb.add_scalar(_tensorboard_tag(name), value, record["iteration"])
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def grid(self, iteration: int, images: torch.Tensor) -> str:
+        """Save a grid of ``images`` (N, 3, H, W in [-1, 1]) as PNG and as a TensorBoard image."""
+        grid = image_grid(images)
+        url = storage.join(self.run_url, "grids", f"{iteration:09d}.png")
+        storage.write_bytes(url, png_bytes(grid), self.storage_options)
+        self._tb.add_image("samples/fixed_z", grid, iteration)
+        return url
+
+    def flush(self) -> None:
+        if self._pending:
+            first, last = self._pending[0]["iteration"], self._pending[-1]["iteration"]
+            url = storage.join(self.run_url, RECORD_PARTS, f"{first:09d}-{last:09d}.jsonl")
+            storage.write_bytes(url, "".join(json.dumps(r) + "\n" for r in self._pending).encode(),
+                                self.storage_options)
+            self._pending = []
+        self._upload_tensorboard()
+
+    def close(self) -> pd.DataFrame:
+        """Flush everything and write ``records.parquet``; returns the full record table."""
+        self.flush()
+        self._tb.close()
+        self._upload_tensorboard()
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+        table = load(self.run_url, self.storage_options)
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        storage.write_bytes(storage.join(self.run_url, "records.parquet"), buffer.getvalue(), self.storage_options)
+        return table
+
+    def _upload_tensorboard(self) -> None:
+        self._tb.flush()
+        changed = {}
+        for name in sorted(os.listdir(self._tb_local)):
+            size = os.path.getsize(os.path.join(self._tb_local, name))
+            if self._tb_uploaded.get(name) != size:
+                with open(os.path.join(self._tb_local, name), "rb") as handle:
+                    changed[storage.join(self.run_url, "tb", name)] = handle.read()
+                self._tb_uploaded[name] = size
+        storage.write_many(changed, self.storage_options)
+        if any(size > TENSORBOARD_ROLL_BYTES for size in self._tb_uploaded.values()) and self._tb.file_writer:
+            self._tb.close()
+            for name in os.listdir(self._tb_local):  # uploaded and closed: the local copy is no longer needed
+                os.remove(os.path.join(self._tb_local, name))
+            self._tb_uploaded.clear()
+            self._tb = self._summary_writer_cls(self._tb_local)
+
+
+def load(run_url: str, storage_options: StorageOptions | None = None) -> pd.DataFrame:
+    """All records of a run as a DataFrame, one row per iteration, in order."""
+    rows = [row for _, _, url in _record_parts(run_url, storage_options)
+            for row in _read_jsonl(url, storage_options)]
+    return pd.DataFrame(rows).sort_values("iteration", ignore_index=True) if rows else pd.DataFrame()
+
+
+def trim_records(run_url: str, last_kept: int, storage_options: StorageOptions | None = None) -> None:
+    """Drop records after iteration ``last_kept`` (they are redone after a resume), so none are duplicated."""
+    for first, last, url in _record_parts(run_url, storage_options):
+        if first > last_kept:
+            storage.remove(url, storage_options)
+        elif last > last_kept:
+            kept = [r for r in _read_jsonl(url, storage_options) if r["iteration"] <= last_kept]
+            storage.remove(url, storage_options)
+            new_url = storage.join(run_url, RECORD_PARTS, f"{first:09d}-{last_kept:09d}.jsonl")
+            storage.write_bytes(new_url, "".join(json.dumps(r) + "\n" for r in kept).encode(), storage_options)
+
+
+def _live_publisher(event_topic: str):
+    """Publish to the Dask scheduler when running inside a worker; a no-op elsewhere (plain scripts, tests)."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return lambda record: None
+    return lambda record: worker.log_event(event_topic, record)
+
+
+def _tensorboard_tag(name: str) -> str:
+    if name.startswith("loss_"):
+        return f"loss/{name[5:]}"
+    if name in ("D_x", "D_G_z"):
+        return f"D/{name}"
+    if name.startswith("ada_"):
+        return f"ada/{name[4:]}"
+    if name in ("fid", "kid"):
+        return f"metrics/{name}"
+    if name in ("restarts", "redone_iterations"):
+        return f"recovery/{name}"
+    return f"progress/{name}"
+
+
+def _record_parts(run_url: str, storage_options: StorageOptions | None) -> list[tuple[int, int, str]]:
+    parts_url = storage.join(run_url, RECORD_PARTS)
+    parts = []
+    for name in storage.list_names(parts_url, storage_options):
+        if name.endswith(".jsonl"):
+            first, last = (int(x) for x in name[:-6].split("-"))
+            parts.append((first, last, storage.join(parts_url, name)))
+    return parts
+
+
+def _read_jsonl(url: str, storage_options: StorageOptions | None) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in storage.read_bytes(url, storage_options).decode().splitlines() if line]
