@@ -4,7 +4,9 @@ Same public shape as dask-pytorch-ddp's ``dispatch.run(client, fn, *args, backen
 works reliably with current ``distributed``: it hard-codes MASTER_PORT 23456 (back-to-back runs collide), sets no
 LOCAL_RANK, and its own parameter names collide with positional ``*args``. Here each call picks a free port on rank
 0's host, ``client`` and ``fn`` are positional-only, and a rank that fails tears its process group down so that the
-other ranks fail fast instead of waiting in a collective.
+other ranks fail fast instead of waiting in a collective. A rank that stops on a ``daskgan.errors.UserError`` (a
+missing bucket, a checkpoint of another model) reports it as its result, not as a task failure, so the workers
+print no traceback for a mistake in the input; ``results`` raises it on the client all the same.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Callable
 from distributed import Client, Future, wait
 from distributed.comm import get_address_host
 
+from daskgan.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -32,6 +36,13 @@ class WorkerLost(RuntimeError):
     def __init__(self, ranks: list[int], workers: list[str]):
         super().__init__(f"rank(s) {ranks} lost: worker(s) {', '.join(workers)} left the cluster during the run")
         self.ranks, self.workers = ranks, workers
+
+
+class RankFailure:
+    """What a rank returns instead of raising when the input is at fault (the error is raised on the client)."""
+
+    def __init__(self, error: UserError):
+        self.error = error
 
 
 class RankFutures(list):
@@ -101,15 +112,26 @@ def results(futures: RankFutures, timeout: float | None = None, grace: float = 1
         if has_failed(futures):
             _settle(futures, grace)
         if all(f.done() for f in futures):
-            return [f.result() for f in futures]
+            return [f.result() for f in futures]  # has_failed was false: no RankFailure among them
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"ranks still running after {timeout:.0f}s")
         _wait_some(futures, POLL_SECONDS)
 
 
 def has_failed(futures: RankFutures) -> bool:
-    """Whether any rank raised or lost its worker (the run cannot complete as dispatched)."""
-    return any(f.status == "error" for f in futures) or bool(futures.lost_ranks())
+    """Whether any rank raised, reported a failure or lost its worker (the run cannot complete as dispatched)."""
+    return bool(_failures(futures)) or bool(futures.lost_ranks())
+
+
+def _failures(futures: RankFutures) -> list[BaseException]:
+    """The exceptions of ranks that raised, and the errors of ranks that reported a ``RankFailure``."""
+    failures = []
+    for future in futures:
+        if future.status == "error":
+            failures.append(future.exception())
+        elif future.status == "finished" and isinstance(value := future.result(), RankFailure):
+            failures.append(value.error)
+    return failures
 
 
 def _settle(futures: RankFutures, grace: float) -> None:
@@ -124,8 +146,7 @@ def _settle(futures: RankFutures, grace: float) -> None:
             future.cancel()
     if lost:
         raise WorkerLost(lost, [futures.workers[r] for r in lost])
-    failed = [f for f in futures if f.status == "error"]
-    min(failed, key=lambda f: getattr(f.exception(), "failed_at", float("inf"))).result()
+    raise min(_failures(futures), key=lambda error: getattr(error, "failed_at", float("inf")))
 
 
 def _wait_some(futures: list[Future], seconds: float) -> None:
@@ -154,6 +175,8 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
         exc.failed_at = time.time()
         exc.rank = rank
         exc.add_note(f"(raised on DDP rank {rank} of {world_size})")
+        if isinstance(exc, UserError):
+            return RankFailure(exc)
         raise
     finally:
         # Closing our connections makes peers blocked in a collective fail now rather than at the timeout.

@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from daskgan.errors import UserError
+
 
 def process_group_running() -> bool:
     """Whether this process is a rank of an initialised process group."""
@@ -21,10 +23,19 @@ def world_size() -> int:
 
 
 def from_rank0(compute: Callable[[], Any]) -> Any:
-    """Inside a process group: run ``compute`` on rank 0 only (a listing, a pointer read) and hand its result to
-    every rank; outside one, just run it."""
+    """Inside a process group: run ``compute`` on rank 0 only (a listing, a pointer read, a first write) and hand
+    its result to every rank; outside one, just run it. A ``UserError`` on rank 0 is raised on every rank, so all
+    stop together on the input's mistake rather than on a lost peer."""
     if not process_group_running():
         return compute()
-    box = [compute() if dist.get_rank() == 0 else None]
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(compute(), None)]
+        except UserError as exc:
+            box = [(None, exc)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value

@@ -36,15 +36,22 @@ def test_same_seed_same_image_and_truncation_to_zero_collapses(tmp_path):
     assert images[0].tobytes() != images[1].tobytes()
     generate(url, [1], (tmp_path / "again").as_uri())
     assert Image.open(tmp_path / "again" / "seed0001.png").tobytes() == images[0].tobytes()
-    generate(url, [1, 2], (tmp_path / "psi0").as_uri(), truncation_psi=0.0)
+    generate(url, [1, 2], (tmp_path / "psi0").as_uri(), truncation=0.0)
     a, b = (Image.open(tmp_path / "psi0" / f"seed000{i}.png").tobytes() for i in (1, 2))
     assert a == b, "psi = 0 maps every z to the average w"
 
 
-def test_truncation_is_refused_for_dcgan_and_cli_writes_images(tmp_path, capsys):
+def test_dcgan_truncates_z_as_sample_does_and_cli_writes_images(tmp_path, capsys):
     url = saved_run(tmp_path, "dcgan")
-    with pytest.raises(ValueError, match="truncation needs a StyleGAN2"):
-        generate(url, [0], (tmp_path / "x").as_uri(), truncation_psi=0.5)
+    generate(url, [0], (tmp_path / "full").as_uri())
+    generate(url, [0], (tmp_path / "trunc").as_uri(), truncation=0.3)
+    assert main(["sample", url, "--out", str(tmp_path / "sampled"), "--per-class", "1", "--trunc", "0.3"]) == 0
+    full, trunc, sampled = (Image.open(tmp_path / d / n) for d, n in
+                            (("full", "seed0000.png"), ("trunc", "seed0000.png"), ("sampled", "classes.png")))
+    assert full.tobytes() != trunc.tobytes(), "a z threshold changes the image"
+    assert sampled.crop((2, 2, 18, 18)).tobytes() == trunc.tobytes(), "--trunc means the same in sample (same z)"
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        generate(url, [0], (tmp_path / "x").as_uri(), truncation=0.0)
     assert main(["generate", url, "--seeds", "0-2,5", "--out", str(tmp_path / "cli")]) == 0
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [f"seed000{i}.png" for i in (0, 1, 2, 5)]
     assert "wrote 4 images" in capsys.readouterr().out

@@ -10,7 +10,8 @@ from daskgan.config import ModelConfig
 from daskgan.models import build_models
 from daskgan.run import checkpoint
 from daskgan.tools.cli import main
-from daskgan.tools.sample import sample, truncated_normal
+from daskgan.tools.generate import truncated_normal
+from daskgan.tools.sample import sample
 
 
 def biggan_checkpoint(tmp_path):

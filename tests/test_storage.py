@@ -31,7 +31,7 @@ def test_references_resolve_from_this_process_environment(monkeypatch):
     assert storage.resolve_references(options) == {"secret": "value-1", "client_kwargs": {"token": "value-1"},
                                                    "anon": False}
     monkeypatch.delenv("DASKGAN_TEST_SECRET")
-    with pytest.raises(KeyError, match="DASKGAN_TEST_SECRET"):
+    with pytest.raises(PermissionError, match="DASKGAN_TEST_SECRET"):
         storage.resolve_references(options)
 
 

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from daskgan.config.coerce import ConfigError
+from daskgan.errors import ConfigError, StorageAccessError
 
 SECRET_OPTION_NAMES = frozenset(
     {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
@@ -62,7 +62,8 @@ def resolve_references(options: Mapping[str, Any]) -> dict:
             continue
         match = ENV_REFERENCE.match(value) if isinstance(value, str) else None
         if match and match.group(1) not in os.environ:
-            raise KeyError(f"storage option {name!r} refers to ${{{match.group(1)}}}, which is not set in the "
-                           f"environment of this process (pid {os.getpid()})")
+            raise StorageAccessError(f"storage option {name!r} refers to ${{{match.group(1)}}}, which is not set in "
+                                     f"the environment of this process (pid {os.getpid()}): set it where the "
+                                     f"storage is opened (the workers)")
         resolved[name] = os.environ[match.group(1)] if match else value
     return resolved

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from daskgan.errors import ConfigError
 from daskgan.models import biggan, dcgan, stylegan2
 
 Builder = Callable[..., tuple[nn.Module, nn.Module]]
@@ -27,7 +28,7 @@ def conditioning_classes(model_config, dataset_classes: int) -> int:
     """How many classes G and D are conditioned on: the dataset's for conditional models, else 0."""
     if model_config.family in CONDITIONAL_FAMILIES or model_config.conditional:
         if dataset_classes < 2:
-            raise ValueError(f"a conditional {model_config.family} model needs class folders in the dataset "
-                             f"(found {dataset_classes} class)")
+            raise ConfigError(f"model.family: a conditional {model_config.family} model needs class folders in "
+                              f"data.url (found {dataset_classes} class)")
         return dataset_classes
     return 0

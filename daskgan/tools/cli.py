@@ -9,92 +9,114 @@ import logging
 import os
 import shutil
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
+from typing import NoReturn
 
 import yaml
 
 from daskgan import dispatch
-from daskgan.cluster import ClusterSpec, MissingExtra, connect, load_cluster_spec, render
-from daskgan.config import ConfigError, load_job
+from daskgan.cluster import ClusterSpec, connect, load_cluster_spec, render
+from daskgan.config import load_job
+from daskgan.errors import ConfigError, UserError, first_line
 from daskgan.run import storage
 from daskgan.tools import sandbox
 
 logger = logging.getLogger("daskgan")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``daskgan: <what>; see ...--help``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"daskgan: {message}; see '{self.prog} --help'\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="daskgan", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="daskgan's log level (default INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    args = _parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"daskgan: {first_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="daskgan", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="daskgan's log level (default INFO)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = commands.add_parser("train", help="train a GAN job on a Dask cluster")
     train.add_argument("job", help="job YAML file, e.g. jobs/demo.yaml")
     train.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar, log lines only (also when stderr is not a terminal)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar, log lines only (also when stderr is not a terminal)")
     train.set_defaults(run=train_command)
-    cluster = commands.add_parser("cluster", help="cluster specs").add_subparsers(dest="action", required=True)
+    cluster = commands.add_parser("cluster", help="cluster specs").add_subparsers(
+        dest="action", required=True, parser_class=OneLineParser)
     render_parser = cluster.add_parser("render", help="print the object the cluster backend would get")
     render_parser.add_argument("spec", help="cluster spec YAML, e.g. cluster/kubernetes.yaml")
     render_parser.set_defaults(run=render_command)
     generate = commands.add_parser("generate", help="images from a checkpoint, one PNG per seed")
     generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt)")
-    generate.add_argument("--seeds", default="0-7", help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
-    generate.add_argument("--trunc", type=float, default=1.0, help="truncation psi (StyleGAN2; default 1)")
+    generate.add_argument("--seeds", default="0-7", type=_numbers, help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
     generate.add_argument("--class", dest="class_index", type=int, help="class index, for conditional models")
-    generate.add_argument("--out", required=True, help="output folder or URL")
-    generate.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    _add_output_options(generate)
     generate.set_defaults(run=generate_command)
     sample = commands.add_parser("sample", help="class-conditional sample grids and interpolations")
     sample.add_argument("checkpoint", help="checkpoint URL or path")
-    sample.add_argument("--out", required=True, help="output folder or URL")
-    sample.add_argument("--classes", help="classes, e.g. 0-3 or 1,5 (default: all)")
+    sample.add_argument("--classes", type=_numbers, help="classes, e.g. 0-3 or 1,5 (default: all)")
     sample.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
     sample.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--trunc", type=float, help="truncation: psi for StyleGAN2, z threshold otherwise")
-    sample.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    _add_output_options(sample)
     sample.set_defaults(run=sample_command)
-    args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    return parser
+
+
+def _add_output_options(command: argparse.ArgumentParser) -> None:
+    """What ``generate`` and ``sample`` share: truncation, where to write, the S3 endpoint."""
+    command.add_argument("--trunc", type=float,
+                         help="truncation: psi for StyleGAN2 (1 = none), the z threshold for other families "
+                              "(default: none)")
+    command.add_argument("--out", required=True, help="output folder or URL")
+    command.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+
+
+def _numbers(text: str) -> list[int]:
+    from daskgan.tools.generate import parse_seeds
+
     try:
-        return args.run(args)
-    except (ConfigError, MissingExtra) as exc:
-        print(f"daskgan: {exc}", file=sys.stderr)
-        return 2
+        return parse_seeds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from daskgan.tools.generate import generate, parse_seeds
+    from daskgan.tools.generate import generate
 
-    with _request_errors():
-        written = generate(args.checkpoint, parse_seeds(args.seeds), args.out, args.trunc, _options(args),
-                           args.class_index)
+    written = generate(args.checkpoint, args.seeds, args.out, args.trunc, _options(args), args.class_index)
     print(f"daskgan: wrote {len(written)} images to {args.out}")
     return 0
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    from daskgan.tools.generate import parse_seeds
     from daskgan.tools.sample import sample
 
-    with _request_errors():
-        written = sample(args.checkpoint, args.out, classes=parse_seeds(args.classes) if args.classes else None,
-                         per_class=args.per_class, steps=args.steps, seed=args.seed, truncation=args.trunc,
-                         storage_options=_options(args))
+    written = sample(args.checkpoint, args.out, classes=args.classes, per_class=args.per_class, steps=args.steps,
+                     seed=args.seed, truncation=args.trunc, storage_options=_options(args))
     print(f"daskgan: wrote {', '.join(url.rsplit('/', 1)[1] for url in written)} to {args.out}")
     return 0
 
 
 def _options(args: argparse.Namespace) -> dict:
     return {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
-
-
-@contextmanager
-def _request_errors():
-    """A request the checkpoint cannot serve (truncation, classes) ends with one line, like a bad job file."""
-    try:
-        yield
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def render_command(args: argparse.Namespace) -> int:
@@ -148,7 +170,8 @@ def _replace_local_copy(run_url: str, local_dir: str, storage_options: dict) -> 
     if os.path.exists(os.path.join(local_dir, "config.yaml")):
         shutil.rmtree(local_dir)
     elif os.path.exists(local_dir) and os.listdir(local_dir):
-        raise FileExistsError(f"{local_dir} exists and is not a daskgan run copy; choose another copy_results_to")
+        raise ConfigError(f"sandbox.copy_results_to: {local_dir} exists and is not a daskgan run copy; choose "
+                          f"another folder")
     storage.copy_tree(run_url, local_dir, storage_options)
 
 
@@ -171,8 +194,15 @@ def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("daskgan").setLevel(level.upper())
+    """Progress (below WARNING) on stdout, problems on stderr: a failed command's stderr is its error line."""
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    progress, problems = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems.setLevel(logging.WARNING)
+    for handler in (progress, problems):
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.WARNING, handlers=[progress, problems])
+    logging.getLogger("daskgan").setLevel(level)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Images from a checkpoint: one PNG per seed, with truncation ψ for StyleGAN2 (``daskgan generate``).
+"""Images from a checkpoint: one PNG per seed (``daskgan generate``), and the drawing ``sample`` shares.
 
 The generator is rebuilt from the model description stored in the checkpoint, and its EMA weights are used when
 the run kept them (as NVlabs' snapshots do). z for a seed is ``torch.randn`` from a generator seeded with it, so
 the same seed gives the same image on any machine with the same torch.
+
+Truncation means one thing in ``generate`` and ``sample``: for StyleGAN2, ψ (w pulled toward its average; 1 is
+none, 0 the average image); for the other families, the threshold of a truncated normal z (values beyond ±t are
+redrawn: BigGAN's truncation trick). ``None`` is no truncation.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from daskgan.config import ModelConfig
+from daskgan.errors import CheckpointUnreadable, RequestError, first_line
 from daskgan.models import build_models, conditioning_classes
 from daskgan.run import checkpoint, storage
 from daskgan.run.images import png_bytes, to_uint8
@@ -22,10 +27,15 @@ from daskgan.run.storage import StorageOptions
 logger = logging.getLogger(__name__)
 
 
-def load_generator(state: dict) -> nn.Module:
+def load_generator(state: dict, url: str = "checkpoint") -> nn.Module:
     """The generator of a checkpoint (EMA weights when present), in eval mode."""
+    if not isinstance(state.get("model"), dict) or "G" not in state:
+        raise CheckpointUnreadable(f"{url} holds no generator and model description: not a training checkpoint")
     generator, _ = build_models(_model_config(state), state["model"]["resolution"], label_classes(state))
-    generator.load_state_dict(state.get("G_ema", state["G"]))
+    try:
+        generator.load_state_dict(state.get("G_ema", state["G"]))
+    except RuntimeError as exc:
+        raise CheckpointUnreadable(f"{url}: its weights do not fit its model description ({first_line(exc)})") from exc
     return generator.eval()
 
 
@@ -44,21 +54,47 @@ def _model_config(state: dict) -> ModelConfig:
     return ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig) if f.name in model})
 
 
+def truncated_normal(n: int, dim: int, threshold: float | None, generator: torch.Generator) -> torch.Tensor:
+    """N(0, 1) samples, each value beyond ±``threshold`` redrawn until inside (no truncation when None)."""
+    z = torch.randn(n, dim, generator=generator)
+    if threshold is None:
+        return z
+    outside = z.abs() > threshold
+    while outside.any():
+        z[outside] = torch.randn(int(outside.sum()), generator=generator)
+        outside = z.abs() > threshold
+    return z
+
+
+class Drawer:
+    """Latents and images of one generator under one truncation setting (see the module docstring)."""
+
+    def __init__(self, generator: nn.Module, truncation: float | None):
+        self.generator, self.truncation = generator, truncation
+        self.uses_psi = takes_truncation_psi(generator)
+        if truncation is not None and not self.uses_psi and truncation <= 0:
+            raise RequestError(f"--trunc: the z threshold must be > 0, got {truncation}")
+
+    def latents(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        return truncated_normal(n, self.generator.z_dim, None if self.uses_psi else self.truncation, rng)
+
+    def images(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        extra = {"truncation_psi": self.truncation} if self.uses_psi and self.truncation is not None else {}
+        return self.generator(z, labels, **extra)
+
+
 @torch.no_grad()
-def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation_psi: float = 1.0,
+def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation: float | None = None,
              storage_options: StorageOptions | None = None, class_index: int | None = None) -> list[str]:
     """Write ``seed<NNNN>.png`` under ``out_url`` for each seed (of class ``class_index`` for a conditional
     model); returns the URLs written."""
     state = checkpoint.load(checkpoint_url, storage_options)
-    generator = load_generator(state)
-    if truncation_psi != 1 and not takes_truncation_psi(generator):
-        raise ValueError(f"truncation needs a StyleGAN2 checkpoint; {checkpoint_url} holds another family")
+    draw = Drawer(load_generator(state, checkpoint_url), truncation)
     labels = _labels(label_classes(state), class_index, checkpoint_url)
-    extra = {"truncation_psi": truncation_psi} if truncation_psi != 1 else {}
     objects = {}
     for seed in seeds:
-        z = torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(seed))
-        objects[storage.join(out_url, f"seed{seed:04d}.png")] = png_bytes(to_uint8(generator(z, labels, **extra)[0]))
+        z = draw.latents(1, torch.Generator().manual_seed(seed))
+        objects[storage.join(out_url, f"seed{seed:04d}.png")] = png_bytes(to_uint8(draw.images(z, labels)[0]))
     storage.write_many(objects, storage_options)
     logger.info("wrote %d images to %s", len(objects), out_url)
     return sorted(objects)
@@ -67,18 +103,20 @@ def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation_psi
 def _labels(num_classes: int, class_index: int | None, checkpoint_url: str) -> torch.Tensor | None:
     if not num_classes:
         if class_index is not None:
-            raise ValueError(f"{checkpoint_url} holds an unconditional model; it takes no class")
+            raise RequestError(f"--class: {checkpoint_url} holds an unconditional model; it takes no class")
         return None
     if class_index is None or not 0 <= class_index < num_classes:
-        raise ValueError(f"{checkpoint_url} holds a model conditioned on {num_classes} classes: "
-                         f"give a class from 0 to {num_classes - 1}")
+        raise RequestError(f"--class: {checkpoint_url} holds a model conditioned on {num_classes} classes: "
+                           f"give a class from 0 to {num_classes - 1}")
     return torch.tensor([class_index])
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3,7"`` -> [0, 1, 2, 3, 7] (seeds, classes)."""
+    """``"0-3,7"`` -> [0, 1, 2, 3, 7] (seeds, classes); anything else raises ValueError."""
     seeds = []
     for part in text.split(","):
-        first, _, last = part.partition("-")
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or not (last.isdigit() or last == "") or int(last or first) < int(first):
+            raise ValueError(f"{text!r} is not a list of numbers and ranges such as 0-7 or 1,5,9")
         seeds.extend(range(int(first), int(last or first) + 1))
     return seeds

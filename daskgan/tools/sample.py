@@ -8,8 +8,8 @@ Three grids, written under the output folder or bucket:
 - ``interp_class.png``: one row per z, blending the class input from the first requested class to the last
   (BigGAN's shared embedding and StyleGAN2's label embedding both take class weights).
 
-Truncation: StyleGAN2 pulls w toward its average (ψ); other families draw z from a normal truncated at ``trunc``
-(values beyond it are redrawn), BigGAN's truncation trick. Unconditional models get one row and no class blend.
+Truncation as in ``daskgan.tools.generate``: ψ for StyleGAN2, a truncated-normal z threshold for the other
+families. Unconditional models get one row and no class blend.
 """
 
 from __future__ import annotations
@@ -17,28 +17,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 
+from daskgan.errors import RequestError
 from daskgan.run import checkpoint, storage
 from daskgan.run.images import image_grid, png_bytes
 from daskgan.run.storage import StorageOptions
-from daskgan.tools.generate import label_classes, load_generator, takes_truncation_psi
+from daskgan.tools.generate import Drawer, label_classes, load_generator
 
 logger = logging.getLogger(__name__)
-
-
-def truncated_normal(n: int, dim: int, threshold: float | None, generator: torch.Generator) -> torch.Tensor:
-    """N(0, 1) samples, each value beyond ±``threshold`` redrawn until inside (no truncation when None)."""
-    z = torch.randn(n, dim, generator=generator)
-    if threshold is None:
-        return z
-    if threshold <= 0:
-        raise ValueError(f"truncation threshold must be > 0, got {threshold}")
-    outside = z.abs() > threshold
-    while outside.any():
-        z[outside] = torch.randn(int(outside.sum()), generator=generator)
-        outside = z.abs() > threshold
-    return z
 
 
 @torch.no_grad()
@@ -47,13 +33,13 @@ def sample(checkpoint_url: str, out_url: str, *, classes: list[int] | None = Non
            storage_options: StorageOptions | None = None) -> list[str]:
     """Write the grids for ``classes`` (default: all) of the checkpoint's generator; returns the URLs written."""
     state = checkpoint.load(checkpoint_url, storage_options)
-    generator, num_classes = load_generator(state), label_classes(state)
+    generator, num_classes = load_generator(state, checkpoint_url), label_classes(state)
     rows = _classes(classes, num_classes)
-    draw = _Drawer(generator, truncation, torch.Generator().manual_seed(seed))
-    z = draw.latents(per_class)
+    draw, rng = Drawer(generator, truncation), torch.Generator().manual_seed(seed)
+    z = draw.latents(per_class, rng)
     grids = {"classes.png": (torch.cat([draw.images(z, _one_hot([c] * per_class, num_classes)) for c in rows]),
                              per_class)}
-    ends = draw.latents(2)
+    ends = draw.latents(2, rng)
     path = torch.stack([torch.lerp(ends[0], ends[1], t) for t in torch.linspace(0, 1, steps)])
     grids["interp_z.png"] = (torch.cat([draw.images(path, _one_hot([c] * steps, num_classes)) for c in rows]), steps)
     if num_classes and len(rows) > 1:
@@ -67,30 +53,15 @@ def sample(checkpoint_url: str, out_url: str, *, classes: list[int] | None = Non
     return sorted(objects)
 
 
-class _Drawer:
-    """Latents and images of one generator with one truncation setting."""
-
-    def __init__(self, generator: nn.Module, truncation: float | None, rng: torch.Generator):
-        self.generator, self.truncation, self.rng = generator, truncation, rng
-        self.uses_psi = takes_truncation_psi(generator)
-
-    def latents(self, n: int) -> torch.Tensor:
-        return truncated_normal(n, self.generator.z_dim, None if self.uses_psi else self.truncation, self.rng)
-
-    def images(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        extra = {"truncation_psi": self.truncation} if self.uses_psi and self.truncation is not None else {}
-        return self.generator(z, labels, **extra)
-
-
 def _classes(requested: list[int] | None, num_classes: int) -> list[int | None]:
     if not num_classes:
         if requested:
-            raise ValueError("this checkpoint holds an unconditional model; it takes no classes")
+            raise RequestError("--classes: this checkpoint holds an unconditional model; it takes no classes")
         return [None]
     rows = requested if requested else list(range(num_classes))
     bad = [c for c in rows if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"classes {bad} out of range: the model knows classes 0 to {num_classes - 1}")
+        raise RequestError(f"--classes: {bad} out of range: the model knows classes 0 to {num_classes - 1}")
     return rows
 
 

@@ -31,15 +31,20 @@ SANDBOX_CREDENTIALS = {
 class LoopbackS3:
     """A moto S3 server process on 127.0.0.1; ``endpoint_url`` is what s3fs and boto3 need to reach it."""
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 30.0):
+    def __init__(self, port: int | None = None, startup_timeout: float = 30.0,
+                 server_environment: dict[str, str] | None = None):
+        """``server_environment``: extra variables for the moto process (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT``,
+        after which moto checks credentials as S3 would)."""
         self.port = port or free_port()
+        self._server_environment = server_environment or {}
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
 
     def start(self) -> "LoopbackS3":
         command = [_moto_server_command(), "-H", "127.0.0.1", "-p", str(self.port)]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         env={**os.environ, **self._server_environment})
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

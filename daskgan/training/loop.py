@@ -47,6 +47,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
     index = from_rank0(lambda: index_images(config.data.url, config.data.storage_options))
+    from_rank0(lambda: save_config(config))  # the first write: a missing bucket stops every rank here
     model_id = model_fingerprint(config, len(index.classes))
     gan = _build(config, conditioning_classes(config.model, len(index.classes)), device)
     resume_url = from_rank0(lambda: resume_source(config))
@@ -63,7 +64,6 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     if writer is not None and restart is not None:
         writer.mark_restart(restart["restart"], restart["cause"], start, redone=max(0, restart["last_iteration"] - start))
     if rank == 0:
-        save_config(config)
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,
                     config.train.iterations, world_size, f" (resumed from {resume_url})" if resume_url else "")
     try:

@@ -1,0 +1,188 @@
+"""Every user mistake is one line: the ``daskgan`` command exits with status 2 and one stderr line that names the
+bad input, and no traceback (unless ``--debug``). Run as a user would, in a subprocess; training mistakes go
+through a real scheduler and workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from daskgan.config import ModelConfig
+from daskgan.dispatch import free_port
+from daskgan.models import build_models
+from daskgan.run import checkpoint
+from daskgan.tools.sandbox import LoopbackS3
+
+ROOT = Path(__file__).parent.parent
+
+
+def daskgan(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daskgan.tools.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=180)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, *names: str) -> str:
+    """Status 2, exactly one line on stderr, no traceback, naming every one of ``names``."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def saved_checkpoint(url: str, storage_options: dict | None = None, conditional: bool = False) -> str:
+    """A small StyleGAN2 training checkpoint (conditional on 3 classes if asked), as the loop writes them."""
+    torch.manual_seed(0)
+    model = ModelConfig(family="stylegan2", z_dim=8, w_dim=8, mapping_layers=2, fmaps=1 / 256, channel_max=16,
+                        conditional=conditional)
+    G, D = build_models(model, 16, 3 if conditional else 0)
+    state = {"iteration": 1, "model": {**asdict(model), "resolution": 16, "num_classes": 3 if conditional else 0},
+             "G": G.state_dict(), "D": D.state_dict()}
+    return checkpoint.save(url, state, 1, keep=1, storage_options=storage_options)
+
+
+# --- the command line itself --------------------------------------------------------------------------------------
+
+
+def test_seeds_that_are_not_numbers():
+    assert_one_line(daskgan("generate", "x.pt", "--seeds", "0-a", "--out", "o"), "--seeds", "'0-a'")
+
+
+def test_unknown_log_level():
+    assert_one_line(daskgan("--log-level", "LOUD", "generate", "x.pt", "--out", "o"), "--log-level", "'LOUD'")
+
+
+def test_job_and_cluster_files_that_do_not_exist():
+    assert_one_line(daskgan("train", "jobs/no-such-job.yaml"), "jobs/no-such-job.yaml", "cannot read")
+    assert_one_line(daskgan("train", "jobs/demo.yaml", "--cluster", "cluster/nope.yaml"), "cluster/nope.yaml")
+
+
+def test_debug_shows_the_traceback():
+    result = daskgan("--debug", "train", "jobs/no-such-job.yaml")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def test_missing_and_unreadable_checkpoints(tmp_path):
+    missing = (tmp_path / "run" / "checkpoints" / "000000100.pt").as_uri()
+    assert_one_line(daskgan("generate", missing, "--out", str(tmp_path / "o")), missing, "does not exist")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert_one_line(daskgan("sample", str(garbage), "--out", str(tmp_path / "o")), str(garbage),
+                    "not a daskgan checkpoint")
+    other_tool = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other_tool)
+    assert_one_line(daskgan("generate", str(other_tool), "--out", str(tmp_path / "o")), str(other_tool))
+
+
+def test_class_index_out_of_range(tmp_path):
+    url = saved_checkpoint(tmp_path.as_uri() + "/run", conditional=True)
+    assert_one_line(daskgan("generate", url, "--class", "7", "--out", str(tmp_path / "o")), "--class",
+                    "from 0 to 2")
+    assert_one_line(daskgan("sample", url, "--classes", "1,9", "--out", str(tmp_path / "o")), "--classes",
+                    "[9] out of range")
+
+
+# --- storage ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checking_s3():
+    """An S3 server that checks credentials (moto, once its first unauthenticated calls are used up), a user
+    allowed everything, and a bucket holding one checkpoint; yields (server, good credentials, checkpoint URL)."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    with LoopbackS3(server_environment={"INITIAL_NO_AUTH_ACTION_COUNT": "20"}) as server:
+        iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="trainer")
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        arn = iam.create_policy(PolicyName="all", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
+        iam.attach_user_policy(UserName="trainer", PolicyArn=arn)
+        for _ in range(20):  # use up the unauthenticated calls left (start-up probes count too)
+            try:
+                iam.list_users()
+            except ClientError:
+                break
+        good = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        options = {"endpoint_url": server.endpoint_url, "key": good["AWS_ACCESS_KEY_ID"],
+                   "secret": good["AWS_SECRET_ACCESS_KEY"]}
+        import s3fs
+
+        s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("weights")
+        yield server, good, saved_checkpoint("s3://weights/run", options)
+
+
+def test_wrong_and_missing_credentials(checking_s3, tmp_path):
+    server, good, url = checking_s3
+    args = ("generate", url, "--endpoint-url", server.endpoint_url, "--out", str(tmp_path / "o"))
+    assert daskgan(*args, env=good).returncode == 0, "the right keys work"
+    wrong = {**good, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    assert_one_line(daskgan(*args, env=wrong), url, "access denied", "AWS_ACCESS_KEY_ID")
+    nothing = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+               "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
+    assert_one_line(daskgan(*args, env=nothing), url, "no credentials found")
+
+
+def test_output_bucket_that_does_not_exist(checking_s3, tmp_path):
+    server, good, url = checking_s3
+    result = daskgan("generate", url, "--endpoint-url", server.endpoint_url, "--out", "s3://no-such-bucket/out",
+                     env=good)
+    assert_one_line(result, "s3://no-such-bucket/out", "bucket does not exist")
+
+
+# --- training on a real scheduler and workers --------------------------------------------------------------------
+
+
+@pytest.fixture
+def train_with(dask_client, s3_bucket, tmp_path):
+    """Run ``daskgan train`` on the session's cluster with a small job changed by the given sections."""
+    bucket, options = s3_bucket
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": dask_client.scheduler.address}}))
+
+    def train(data: dict | None = None, **sections: dict) -> subprocess.CompletedProcess:
+        job = {"data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 16, "batch_size": 4,
+                        **(data or {})},
+               "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": 2},
+               "output": {"run_url": f"{bucket}/run", "storage_options": options}, **sections}
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(job))
+        return daskgan("train", str(path), "--cluster", str(spec), "--no-progress")
+
+    return train
+
+
+@pytest.mark.slow
+def test_training_mistakes_found_on_the_workers(train_with, shapes_in_bucket):
+    bucket, options = shapes_in_bucket(8)
+    assert_one_line(train_with(data={"url": f"{bucket}/empty"}), f"{bucket}/empty", "no images")
+    assert_one_line(train_with(data={"url": "s3://no-such-bucket-daskgan/data"}),
+                    "s3://no-such-bucket-daskgan/data", "bucket does not exist")
+    unset = {"key": "${DASKGAN_TEST_UNSET_KEY}", "secret": "${DASKGAN_TEST_UNSET_SECRET}"}
+    assert_one_line(train_with(data={"storage_options": {**options, **unset}}), "DASKGAN_TEST_UNSET_KEY",
+                    "not set")
+    other_family = saved_checkpoint(f"{bucket}/stylegan-run", options)
+    assert_one_line(train_with(output={"run_url": f"{bucket}/run", "storage_options": options,
+                                       "resume": other_family}), other_family, "family: checkpoint has 'stylegan2'")
+
+
+def test_unreachable_scheduler(tmp_path):
+    spec = tmp_path / "cluster.yaml"
+    address = f"tcp://127.0.0.1:{free_port()}"
+    spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": address,
+                                                                        "connect_timeout_s": 2}}))
+    assert_one_line(daskgan("train", "jobs/demo.yaml", "--cluster", str(spec)), address, "no Dask scheduler")
