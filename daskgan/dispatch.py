@@ -183,6 +183,7 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
         dist.destroy_process_group()
 
 
+
 def worker_addresses(client: Client) -> list[str]:
     """Addresses of every worker the scheduler knows now (not only the first page of a large cluster)."""
     return list(client.scheduler_info(n_workers=-1)["workers"])

@@ -129,4 +129,6 @@ def _raise_first_failure(futures: list[Future]) -> None:
     """Raise the failure that caused the others (for ranks of one dispatch: the earliest, naming its rank)."""
     if isinstance(futures, dispatch.RankFutures):
         dispatch.results(futures)
-    next(f for f in futures if f.status == "error").result()
+    for future in futures:
+        if future.status == "error":
+            future.result()

@@ -41,3 +41,20 @@ def test_writer_flushes_in_parts_and_writes_summary(tmp_path):
     assert table["iteration"].tolist() == list(range(1, 8))
     assert storage.exists(f"{run_url}/records.parquet")
     assert any(n.startswith("events.out.tfevents") for n in storage.list_names(f"{run_url}/tb"))
+
+
+def test_summary_has_a_panel_per_series_the_records_hold():
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from daskgan.run.summary import summary_png
+
+    iterations = list(range(1, 201))
+    losses = pd.DataFrame({"iteration": iterations, "loss_G": [1.0 + i % 7 for i in iterations],
+                           "loss_D_real": [0.5] * 200, "loss_D_fake": [0.6] * 200})
+    with_ada = losses.assign(ada_p=[i / 400 for i in iterations])
+    evaluated = with_ada.assign(fid=[50.0 / i if i % 50 == 0 else None for i in iterations])
+    heights = [Image.open(io.BytesIO(summary_png(table))).size[1] for table in (losses, with_ada, evaluated)]
+    assert heights[0] < heights[1] < heights[2], "ADA and FID each add a panel"

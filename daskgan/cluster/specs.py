@@ -26,7 +26,6 @@ from daskgan.config import ConfigError, build_dataclass, load_yaml_mapping
 from daskgan.errors import MissingExtra, SchedulerUnreachable
 
 SECRET_LOOKING_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", re.IGNORECASE)
-PRE_SPAWN_ENVIRON_VARIABLE = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"
 
 
 @dataclass
@@ -130,7 +129,7 @@ def kubernetes_manifest(k8s: KubernetesSpec) -> dict[str, Any]:
     """A DaskCluster (kubernetes.dask.org/v1) built by dask-kubernetes' own ``make_cluster_spec``, then given GPU
     workers with one thread each, node placement, and credentials by reference only."""
     make_cluster_spec = _import("dask_kubernetes.operator", "k8s", "kind: kubernetes").make_cluster_spec
-    env = {**k8s.env, PRE_SPAWN_ENVIRON_VARIABLE: repr(torch_worker_environ())}
+    env = {**k8s.env, **worker_environment_variables()}
     manifest = make_cluster_spec(name=k8s.name, image=k8s.image, n_workers=k8s.n_workers,
                                  resources=k8s.worker_resources, env=env)
     manifest["metadata"]["namespace"] = k8s.namespace
@@ -158,7 +157,7 @@ def ec2_arguments(ec2: Ec2Spec) -> dict[str, Any]:
         "region": ec2.region, "docker_image": ec2.docker_image, "n_workers": ec2.n_workers,
         "worker_instance_type": ec2.instance_type, "scheduler_instance_type": ec2.scheduler_instance_type,
         "filesystem_size": ec2.filesystem_size, "spot": ec2.spot, "worker_options": {"nthreads": 1},
-        "env_vars": {**ec2.env, PRE_SPAWN_ENVIRON_VARIABLE: repr(torch_worker_environ())},
+        "env_vars": {**ec2.env, **worker_environment_variables()},
     }
     if ec2.iam_instance_profile:
         arguments["iam_instance_profile"] = {"Name": ec2.iam_instance_profile}
@@ -181,7 +180,7 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
             yield client
         return
     if spec.kind == "local":
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": torch_worker_environ()}):
+        with dask.config.set(worker_settings()):
             cluster = LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
                                    memory_limit=settings.memory_limit, processes=True,
                                    dashboard_address=":0")  # any free port: several clusters may run at once
@@ -204,6 +203,18 @@ def _client_of_scheduler(settings: SchedulerSpec) -> "distributed.Client":  # no
         raise SchedulerUnreachable(
             f"scheduler.address: no Dask scheduler answered at {settings.address} within "
             f"{settings.connect_timeout_s:.0f}s: is it running, and reachable from here?") from exc
+
+
+def worker_settings() -> dict[str, Any]:
+    """The Dask settings daskgan's workers start with: glibc's malloc defaults (``torch_worker_environ``), and
+    non-daemonic worker processes, so a rank may start a torch ``DataLoader`` with worker processes of its own."""
+    return {"distributed.nanny.pre-spawn-environ": torch_worker_environ(), "distributed.worker.daemon": False}
+
+
+def worker_environment_variables() -> dict[str, str]:
+    """``worker_settings`` as the environment variables of a worker pod or instance."""
+    return {f"DASK_{key.upper().replace('.', '__').replace('-', '_')}": repr(value)
+            for key, value in worker_settings().items()}
 
 
 def torch_worker_environ() -> dict:

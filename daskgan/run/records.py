@@ -4,6 +4,7 @@ Run directory layout (any fsspec URL)::
 
     records/<first>-<last>.jsonl   one JSON record per iteration, in parts (object stores cannot append)
     records.parquet                all records as one table, written when the run ends
+    summary.png                    losses, ADA p and FID/KID over the run, drawn when it ends
     grids/<iteration>.png          fixed-z sample grids
     tb/events.out.tfevents.*       TensorBoard scalars and sample grids (``tensorboard --logdir <run>/tb``)
 
@@ -27,10 +28,12 @@ import torch
 from daskgan.run import storage
 from daskgan.run.images import image_grid, png_bytes
 from daskgan.run.storage import StorageOptions
+from daskgan.run.summary import summary_png
 
 logger = logging.getLogger(__name__)
 
 RECORD_PARTS = "records"
+SUMMARY = "summary.png"  # losses, p and metrics of the whole run (daskgan.run.summary)
 TENSORBOARD_ROLL_BYTES = 4 * 2**20  # S3 has no append: start a new event file rather than re-upload a big one
 
 
@@ -102,7 +105,9 @@ class RunWriter:
         table = load(self.run_url, self.storage_options)
         buffer = io.BytesIO()
         table.to_parquet(buffer, index=False)
-        storage.write_bytes(storage.join(self.run_url, "records.parquet"), buffer.getvalue(), self.storage_options)
+        storage.write_many({storage.join(self.run_url, "records.parquet"): buffer.getvalue(),
+                            storage.join(self.run_url, SUMMARY): summary_png(table, title=self.run_url)},
+                           self.storage_options)
         return table
 
     def _upload_tensorboard(self) -> None:
