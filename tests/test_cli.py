@@ -41,10 +41,12 @@ def test_sandbox_job_runs_end_to_end_and_says_where_results_are(tmp_path, capsys
     job["model"].update(z_dim=8, g_channels=4, d_channels=4)
     job["train"]["iterations"] = 4
     job["output"].update(grid_every=2, checkpoint_every=2, flush_every=2)
+    job["metrics"] = {"every": 2, "images": 16}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     assert main(["train", "job.yaml", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "trained 4 iterations" in out and "tensorboard --logdir" in out
+    assert re.search(r"fid \(random-cnn-v1\): [\d.]+ at iteration 2 -> [\d.]+ at iteration 4 \(2 evaluations\)", out)
     copy = tmp_path / "demo-output"
     assert str(copy) in out
     assert pd.read_parquet(copy / "records.parquet")["iteration"].tolist() == [1, 2, 3, 4]

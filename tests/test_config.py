@@ -8,7 +8,10 @@ MINIMAL = {"name": "t", "data": {"url": "memory://d"}, "output": {"run_url": "me
 def with_changes(**sections):
     job = {k: dict(v) if isinstance(v, dict) else v for k, v in MINIMAL.items()}
     for section, values in sections.items():
-        job.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            job.setdefault(section, {}).update(values)
+        else:
+            job[section] = values
     return job
 
 
@@ -25,10 +28,25 @@ def test_defaults_follow_dcgan_paper():
     ({"model": {"family": "vae"}}, "model.family: must be one of"),
     ({"output": {"resume": "sometimes"}}, "output.resume:"),
     ({"sandbox": {"s3_server": "yes"}}, "sandbox.s3_server: expected true or false"),
+    ({"sandbox": {"dataset": {"images": 0}}}, "sandbox.dataset.images: must be >= 1"),
+    ({"sandbox": {"dataset": {"resolution": 4}}}, "sandbox.dataset.resolution: must be >= 8"),
+    ({"sandbox": {"copy_results_to": "s3://b/copy"}}, "sandbox.copy_results_to: must be a local folder"),
+    ({"preset_workers": 8}, "preset_workers: unknown key"),
+    ({"metrics": {"every": 10, "kinds": ["kid"]}, "output": {"best_metric": "fid"}},
+     "output.best_metric: 'fid' is not among metrics.kinds"),
+    ({"output": {"best_metric": "is"}}, "output.best_metric: must be one of"),
+    ({"name": "a/b"}, "name: must be a non-empty name"),
 ])
 def test_bad_values_name_the_key(sections, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         JobConfig.from_dict(with_changes(**sections))
+
+
+def test_name_defaults_to_the_file_and_best_metric_to_the_first_kind(tmp_path):
+    path = tmp_path / "shapes-64.yaml"
+    path.write_text("data: {url: 'memory://d'}\noutput: {run_url: 'memory://r'}\nmetrics: {every: 5, kinds: [kid]}\n")
+    job = load_job(path)
+    assert job.name == "shapes-64" and job.ranking_metric == "kid"
 
 
 def test_missing_required_key():

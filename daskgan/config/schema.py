@@ -61,7 +61,7 @@ class ModelConfig:
     channel_max: int = 512  # stylegan2
     style_mixing: float = 0.9  # stylegan2: probability of mixing two w's while training
     mbstd_group: int = 4  # stylegan2: samples per minibatch-std group in D
-    conditional: bool = False  # stylegan2: condition G's mapping and D's output on the class folders' labels
+    conditional: bool = False  # dcgan, stylegan2: condition G and D on the class folders' labels (biggan always is)
     sync_batchnorm: bool = False  # batch statistics over all workers' batches (families with BatchNorm)
     shared_dim: int = 128  # biggan: width of the class embedding shared by G's conditional BatchNorms
     hierarchical: bool = True  # biggan: split z over G's blocks (hierarchical latent)
@@ -75,8 +75,8 @@ class ModelConfig:
                      "shared_dim", "sn_singular_values", "sn_iterations"):
             require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
-        require(not self.conditional or self.family == "stylegan2", "model.conditional",
-                 "applies to stylegan2 (biggan is always conditional, dcgan never)")
+        require(not self.conditional or self.family in ("dcgan", "stylegan2"), "model.conditional",
+                "applies to dcgan and stylegan2 (biggan is always conditional)")
 
 
 @dataclass

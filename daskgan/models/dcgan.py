@@ -1,6 +1,10 @@
 """DCGAN (Radford et al. 2015), as in the PyTorch example and Saturn Cloud's Dask tutorial, for any power-of-two
 resolution >= 8: the generator upsamples a 4x4 map with strided transposed convolutions (BatchNorm + ReLU, tanh
 out); the discriminator mirrors it with strided convolutions (BatchNorm + LeakyReLU 0.2) down to one logit.
+
+Class-conditional (``model.conditional``): G reads the one-hot label beside z (Mirza & Osindero's conditional
+GAN); D adds the projection of its last features onto an embedding of the label (Miyato & Koyama's projection
+discriminator), starting at zero so D begins as the unconditional one. A row of class weights (a blend) works too.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from daskgan.models.layers import one_hot
+
 
 def _stage_widths(resolution: int, base: int) -> list[int]:
     """Channel widths from the 4x4 stage up to resolution/2: base * 2^k, widest at the coarsest stage."""
@@ -18,11 +24,12 @@ def _stage_widths(resolution: int, base: int) -> list[int]:
 
 
 class Generator(nn.Module):
-    def __init__(self, resolution: int = 64, z_dim: int = 100, channels: int = 64, image_channels: int = 3):
+    def __init__(self, resolution: int = 64, z_dim: int = 100, channels: int = 64, image_channels: int = 3,
+                 num_classes: int = 0):
         super().__init__()
-        self.z_dim = z_dim
+        self.z_dim, self.num_classes = z_dim, num_classes
         widths = _stage_widths(resolution, channels)
-        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False),
+        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim + num_classes, widths[0], 4, 1, 0, bias=False),
                                    nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
@@ -31,12 +38,16 @@ class Generator(nn.Module):
         self.apply(init_weights)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+        """``labels``: class indices (N,) or class weights (N, C), for a conditional generator."""
+        if self.num_classes:
+            z = torch.cat([z, one_hot(labels, self.num_classes).to(z.dtype)], dim=1)
+        return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution: int = 64, channels: int = 64, image_channels: int = 3):
+    def __init__(self, resolution: int = 64, channels: int = 64, image_channels: int = 3, num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes
         widths = _stage_widths(resolution, channels)[::-1]
         layers: list[nn.Module] = [nn.Conv2d(image_channels, widths[0], 4, 2, 1, bias=False),
                                    nn.LeakyReLU(0.2, inplace=True)]
@@ -46,9 +57,17 @@ class Discriminator(nn.Module):
         layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)]
         self.net = nn.Sequential(*layers)
         self.apply(init_weights)
+        self.embed = nn.Linear(num_classes, widths[-1], bias=False) if num_classes else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(images).flatten()  # logits
+        features = self.net[:-1](images)
+        logits = self.net[-1](features).flatten()
+        if self.embed is None:
+            return logits
+        projection = self.embed(one_hot(labels, self.num_classes).to(features.dtype)) * features.mean(dim=[2, 3])
+        return logits + projection.sum(dim=1)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -61,6 +80,7 @@ def init_weights(module: nn.Module) -> None:
 
 
 def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """Generator and discriminator for ``model: {family: dcgan, ...}``; DCGAN is unconditional (labels ignored)."""
+    """Generator and discriminator for ``model: {family: dcgan, ...}``; ``num_classes`` > 0: conditional."""
     m = model_config
-    return Generator(resolution, m.z_dim, m.g_channels), Discriminator(resolution, m.d_channels)
+    return (Generator(resolution, m.z_dim, m.g_channels, num_classes=num_classes),
+            Discriminator(resolution, m.d_channels, num_classes=num_classes))

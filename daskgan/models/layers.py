@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as collectives  # differentiable collectives
 
@@ -54,3 +55,7 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
             sync_batchnorm(child)
     return module
 
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer labels (N,) as one-hot rows; (N, C) float rows (e.g. a blend of two classes) pass unchanged."""
+    return F.one_hot(labels, num_classes).float() if labels.dim() == 1 else labels.float()

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daskgan.models.layers import one_hot
+
 LRELU_GAIN = math.sqrt(2)
 CONV_CLAMP = 256.0  # activations of reduced-precision layers are clamped to +-CONV_CLAMP (NVlabs' conv_clamp)
 
@@ -174,11 +176,6 @@ class SynthesisBlock(nn.Module):
 
 def normalize_2nd_moment(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
-
-
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Integer labels (N,) as one-hot rows; (N, C) float rows (e.g. a blend of two classes) pass unchanged."""
-    return F.one_hot(labels, num_classes).float() if labels.dim() == 1 else labels.float()
 
 
 class MappingNetwork(nn.Module):

@@ -175,6 +175,19 @@ def _replace_local_copy(run_url: str, local_dir: str, storage_options: dict) -> 
     storage.copy_tree(run_url, local_dir, storage_options)
 
 
+def _metric_trends(summary: dict) -> list[str]:
+    """One line per metric: its value at the first and the last evaluation of the run."""
+    evaluations = summary.get("evaluations") or []
+    lines = []
+    for kind in ("fid", "kid"):
+        scored = [e for e in evaluations if kind in e]
+        if scored:
+            first, last = scored[0], scored[-1]
+            lines.append(f"  {kind} ({last['extractor']}): {first[kind]:.4g} at iteration {first['iteration']} -> "
+                         f"{last[kind]:.4g} at iteration {last['iteration']} ({len(scored)} evaluations)")
+    return lines
+
+
 def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None:
     run_url = summary["run_url"]
     lines = [f"daskgan: trained {summary['iterations']} iterations; run directory {run_url}",
@@ -182,6 +195,7 @@ def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None
              f"  grids:       {run_url}/grids/",
              f"  tensorboard: tensorboard --logdir {run_url}/tb",
              f"  checkpoint:  {summary['checkpoint']}"]
+    lines += [f"  summary:     {run_url}/summary.png (losses, p, metrics)", *_metric_trends(summary)]
     if summary.get("skipped_images"):
         lines.append(f"  skipped {summary['skipped_images']} unreadable images (see the workers' log)")
     if local_copy:

@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,9 @@ from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
 from daskgan.training.steps import Gan, Noise, discriminator_step, generator_step
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,18 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
         return None
     table = writer.close()
     return {"run_url": config.output.run_url, "iterations": config.train.iterations, "records": len(table),
-            "checkpoint": last_checkpoint, "skipped_images": stream.skipped, "resumed_from": resume_url}
+            "checkpoint": last_checkpoint, "skipped_images": stream.skipped, "resumed_from": resume_url,
+            "evaluations": evaluations(table)}
+
+
+def evaluations(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """The run's FID/KID evaluations in order: iteration, extractor and each score (empty without metrics)."""
+    kinds = [kind for kind in ("fid", "kid") if kind in table.columns]
+    if not kinds:
+        return []
+    rows = table.dropna(subset=kinds, how="all")
+    return [{"iteration": int(row["iteration"]), "extractor": row.get("metrics_extractor"),
+             **{kind: float(row[kind]) for kind in kinds if row[kind] == row[kind]}} for _, row in rows.iterrows()]
 
 
 def save_config(config: JobConfig) -> None:
