@@ -50,7 +50,7 @@ def test_sandbox_job_runs_end_to_end_and_says_where_results_are(tmp_path, capsys
     copy = tmp_path / "demo-output"
     assert str(copy) in out
     assert pd.read_parquet(copy / "records.parquet")["iteration"].tolist() == [1, 2, 3, 4]
-    assert sorted(p.name for p in (copy / "grids").iterdir()) == ["000000002.png", "000000004.png"]
+    assert sorted(p.name for p in (copy / "grids").iterdir()) == ["000000002.png", "000000004.png", "reals.png"]
     assert any(p.name.startswith("events.out.tfevents") for p in (copy / "tb").iterdir())
     assert Image.open(copy / "summary.png").format == "PNG"
 

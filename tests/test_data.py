@@ -143,3 +143,11 @@ def test_local_cache_serves_second_read(shapes_dataset, tmp_path):
     second = ImageStream(index, config)
     assert torch.equal(next(second).images, a)
     second.close()
+
+
+def test_examples_follow_the_grid_rows_class_by_class():
+    from daskgan.data.index import ImageIndex, examples
+
+    index = ImageIndex("memory://d", ("a0", "b0", "a1", "b1", "a2"), (0, 1, 0, 1, 0), ("a", "b"))
+    assert examples(index, [0, 0, 1, 1, 0, 1], 6) == ["a0", "a1", "b0", "b1", "a2", "b0"]
+    assert examples(index, None, 3) == ["a0", "b0", "a1"]

@@ -52,6 +52,23 @@ def index_images(url: str, storage_options: storage.StorageOptions | None = None
     return ImageIndex(url, tuple(p for p, _ in kept), tuple(label_of[c] for _, c in kept), classes)
 
 
+def examples(index: ImageIndex, labels: list[int] | None, count: int) -> list[str]:
+    """Paths of ``count`` images to show beside samples: for each entry of ``labels`` the next image of that
+    class (rows of a class-conditional grid), or without labels the first ``count`` images in listing order."""
+    if labels is None:
+        return list(index.paths[:count])
+    by_class: dict[int, list[str]] = {}
+    for path, label in zip(index.paths, index.labels):
+        by_class.setdefault(label, []).append(path)
+    taken: dict[int, int] = {}
+    chosen = []
+    for label in labels:
+        pool = by_class[label]
+        chosen.append(pool[taken.get(label, 0) % len(pool)])
+        taken[label] = taken.get(label, 0) + 1
+    return chosen
+
+
 @storage.explain_errors
 def _find(url: str, fs, root: str) -> list[str]:
     return fs.find(root)

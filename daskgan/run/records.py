@@ -79,12 +79,13 @@ class RunWriter:
         if len(self._pending) >= self.flush_every:
             self.flush()
 
-    def grid(self, iteration: int, images: torch.Tensor) -> str:
-        """Save a grid of ``images`` (N, 3, H, W in [-1, 1]) as PNG and as a TensorBoard image."""
+    def grid(self, iteration: int, images: torch.Tensor, name: str | None = None) -> str:
+        """Save a grid of ``images`` (N, 3, H, W in [-1, 1]) as PNG and as a TensorBoard image; ``name``
+        instead of the iteration for a grid that is not a sample (``reals``)."""
         grid = image_grid(images)
-        url = storage.join(self.run_url, "grids", f"{iteration:09d}.png")
+        url = storage.join(self.run_url, "grids", f"{name or f'{iteration:09d}'}.png")
         storage.write_bytes(url, png_bytes(grid), self.storage_options)
-        self._tb.add_image("samples/fixed_z", grid, iteration)
+        self._tb.add_image(f"samples/{name or 'fixed_z'}", grid, iteration)
         return url
 
     def flush(self) -> None:

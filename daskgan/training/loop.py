@@ -20,7 +20,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan.config import JobConfig
-from daskgan.data.index import index_images
+from daskgan.data.decode import DECODE_ERRORS, decode_image
+from daskgan.data.index import ImageIndex, examples, index_images
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes
 from daskgan.models.layers import sync_batchnorm
@@ -119,6 +120,8 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
+    if writer is not None and start == 0:
+        writer.grid(0, _real_examples(config, stream.index, grid_labels), name="reals")
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
     last_checkpoint = None
     for iteration in range(start + 1, train.iterations + 1):
@@ -164,6 +167,25 @@ def _lazy_weight(weight: float, interval: int, step: int) -> float:
     """Lazy regularisation: the weight times the interval (making up for the skipped steps) on every
     ``interval``-th step, else 0."""
     return weight * interval if weight and step % interval == 0 else 0.0
+
+
+def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | None) -> torch.Tensor:
+    """Real images laid out as the sample grids are (one class per row for conditional models), NVlabs'
+    ``reals.png``: what the samples should come to look like."""
+    paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
+    fs, _ = storage.filesystem(index.url, config.data.storage_options)
+    fetched = fs.cat(sorted(set(paths)), on_error="return")
+    return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution) for path in paths])
+
+
+def _decoded_or_grey(data: bytes | BaseException | None, resolution: int) -> torch.Tensor:
+    """An unreadable example is shown as a grey tile rather than stopping the run (the stream skips it too)."""
+    try:
+        if isinstance(data, bytes):
+            return decode_image(data, resolution)
+    except DECODE_ERRORS:
+        pass
+    return torch.zeros(3, resolution, resolution)
 
 
 def _grid_latents(config: JobConfig, num_classes: int,
