@@ -65,3 +65,27 @@ def test_keeps_the_newest_and_the_best_by_metric_with_an_index(tmp_path):
     assert [entry["iteration"] for entry in index["latest"]] == [60, 70]
     assert checkpoint.load(index["best"][0]["url"])["iteration"] == 20, "any listed checkpoint loads"
     assert checkpoint.latest(run).endswith("000000070.pt")
+
+
+def test_resuming_from_an_early_checkpoint_keeps_the_new_branch(run_url):
+    """Checkpoints 500 (best), 1500, 2000, 2500; the run resumes from 500 and saves 600."""
+    for iteration, fid in ((500, 1.0), (1500, 3.0), (2000, None), (2500, None)):
+        checkpoint.save(run_url, state(iteration), iteration, keep=3, score=fid, keep_best=1)
+    assert [i for i, _ in checkpoint.list_checkpoints(run_url)] == [500, 1500, 2000, 2500]
+
+    checkpoint.rewind(run_url, 500)  # what the training loop does when it resumes from 500
+    assert checkpoint.latest(run_url).endswith("000000500.pt"), "a restart now goes back to 500, not to 2500"
+    assert [i for i, _ in checkpoint.list_checkpoints(run_url)] == [500]
+    assert checkpoint.index(run_url)["scores"] == {"500": 1.0}
+
+    written = checkpoint.save(run_url, state(600), 600, keep=3, keep_best=1)
+    assert storage.exists(written), "the checkpoint just written is kept"
+    assert checkpoint.latest(run_url) == written
+    assert [i for i, _ in checkpoint.list_checkpoints(run_url)] == [500, 600]
+
+
+def test_a_save_never_deletes_what_it_just_wrote(run_url):
+    for iteration in (1500, 2000, 2500):
+        checkpoint.save(run_url, state(iteration), iteration, keep=3)
+    written = checkpoint.save(run_url, state(600), 600, keep=3)  # older than every listed one
+    assert storage.exists(written) and checkpoint.latest(run_url) == written

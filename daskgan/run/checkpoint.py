@@ -34,7 +34,10 @@ def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
          storage_options: StorageOptions | None = None, *, score: float | None = None, keep_best: int = 0,
          metric: str = "fid") -> str:
     """Write ``state`` as the checkpoint of ``iteration`` (with its ``metric`` ``score``, if evaluated), update
-    the index and the pointer, then drop what is neither among the newest ``keep`` nor the best ``keep_best``."""
+    the index and the pointer, then drop what is neither among the newest ``keep`` nor the best ``keep_best``.
+
+    Checkpoints of later iterations belong to a branch the run abandoned by resuming from an earlier one: they
+    are dropped too, so the one just written is always the newest and is never deleted."""
     name = f"{iteration:09d}{SUFFIX}"
     url = storage.join(directory(run_url), name)
     storage.write_bytes(url, storage.torch_bytes(state), storage_options)
@@ -42,19 +45,56 @@ def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
     if score is not None:
         scores[iteration] = score
     listed = dict(list_checkpoints(run_url, storage_options))
-    newest = sorted(listed)[-keep:]
-    best = sorted((i for i in listed if i in scores), key=lambda i: (scores[i], i))[:keep_best]
+    current = {i: u for i, u in listed.items() if i <= iteration}
+    newest = sorted(current)[-keep:]
+    best = sorted((i for i in current if i in scores), key=lambda i: (scores[i], i))[:keep_best]
+    _write_index(run_url, current, newest, best, scores, metric, storage_options)
+    storage.write_json(storage.join(directory(run_url), POINTER), {"iteration": iteration, "name": name},
+                       storage_options)
+    _remove(listed, set(listed) - set(newest) - set(best), storage_options)
+    logger.info("checkpoint %s written", url)
+    return url
+
+
+def rewind(run_url: str, iteration: int, storage_options: StorageOptions | None = None) -> None:
+    """Resuming from ``iteration`` abandons the run's later checkpoints, as its later records are trimmed: drop
+    them and their scores, and point ``latest`` at ``iteration`` (or the newest before it), so that a restart
+    before the next save comes back here and not to the abandoned branch."""
+    listed = dict(list_checkpoints(run_url, storage_options))
+    later = {i for i in listed if i > iteration}
+    if not later:
+        return
+    current = {i: u for i, u in listed.items() if i <= iteration}
+    old = index(run_url, storage_options)
+    scores = {int(i): value for i, value in old.get("scores", {}).items()}
+    newest = sorted({e["iteration"] for e in old.get("latest", []) if e["iteration"] in current} | set(current) & {
+        max(current, default=None)})
+    _write_index(run_url, current, newest, [e["iteration"] for e in old.get("best", []) if e["iteration"] in current],
+                 scores,
+                 old.get("metric", "fid"), storage_options)
+    pointer = storage.join(directory(run_url), POINTER)
+    if current:
+        newest = max(current)
+        storage.write_json(pointer, {"iteration": newest, "name": f"{newest:09d}{SUFFIX}"}, storage_options)
+    elif storage.exists(pointer, storage_options):
+        storage.remove(pointer, storage_options)
+    _remove(listed, later, storage_options)
+    logger.info("resumed from iteration %d: dropped the later checkpoints %s", iteration, sorted(later))
+
+
+def _write_index(run_url: str, listed: dict[int, str], newest: list[int], best: list[int],
+                 scores: dict[int, float], metric: str, storage_options: StorageOptions | None) -> None:
     kept = set(newest) | set(best)
     storage.write_json(storage.join(directory(run_url), INDEX), {
         "metric": metric, "latest": [{"iteration": i, "url": listed[i]} for i in newest],
         "best": [{"iteration": i, "url": listed[i], metric: scores[i]} for i in best],
         "scores": {str(i): scores[i] for i in sorted(kept) if i in scores}}, storage_options)
-    storage.write_json(storage.join(directory(run_url), POINTER), {"iteration": iteration, "name": name},
-                       storage_options)
-    for old in sorted(set(listed) - kept):
-        storage.remove(listed[old], storage_options)
-    logger.info("checkpoint %s written", url)
-    return url
+
+
+def _remove(listed: dict[int, str], iterations: set[int], storage_options: StorageOptions | None) -> None:
+    """Delete checkpoints last, after the index and pointer no longer name them."""
+    for iteration in sorted(iterations):
+        storage.remove(listed[iteration], storage_options)
 
 
 def index(run_url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:

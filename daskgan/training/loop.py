@@ -60,6 +60,8 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
         checkpoint.check_compatible(state, model_id, resume_url)
         _restore_networks(gan, state)
     start = state["iteration"] if state else 0
+    if state is not None:  # checkpoints after the one resumed from belong to an abandoned branch
+        from_rank0(lambda: checkpoint.rewind(config.output.run_url, start, config.output.storage_options))
     generator, position = _rank_state(config, gan, state, rank, world_size)
     noise = Noise(generator, config.model.z_dim, gan.num_classes, device)
     writer = (records.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
