@@ -95,9 +95,8 @@ def test_restart_with_fewer_workers_keeps_the_global_batch(s3_bucket, tmp_path):
     url, options = s3_bucket
     config = recovery_job(url, options)
     config.data.batch_size = 6
-    checkpoint.save(config.output.run_url, {"iteration": 5}, 5, keep=2, storage_options=options)
     fewer = restart_config(config, workers=1, original_workers=2)
-    assert fewer.data.batch_size == 12 and fewer.output.resume == "auto"
+    assert fewer.data.batch_size == 12
     assert config.data.batch_size == 6, "the original job is left as it was"
     assert restart_config(config, workers=3, original_workers=2).data.batch_size == 4
 
@@ -125,3 +124,21 @@ def test_job_continues_on_fewer_workers_when_one_does_not_come_back(shapes_in_bu
     assert len(final["ranks"]) == 1, "the last iterations ran on one worker"
     per_iteration_kimg = records["kimg"].diff().round(6).dropna().unique().tolist()
     assert per_iteration_kimg == [0.008], "the global batch (2 x 4 images) is kept on one worker"
+
+
+def test_recovery_needs_no_storage_access_on_the_client(shapes_in_bucket):
+    """Credentials only on the workers (a Kubernetes Secret, an instance role): the client never opens the run."""
+    import dask
+
+    url, options = shapes_in_bucket(images=48)
+    worker_only = {"DASKGAN_TEST_WORKER_KEY": os.environ["AWS_ACCESS_KEY_ID"],
+                   "DASKGAN_TEST_WORKER_SECRET": os.environ["AWS_SECRET_ACCESS_KEY"]}
+    assert not set(worker_only) & set(os.environ)
+    secret_options = {**options, "key": "${DASKGAN_TEST_WORKER_KEY}", "secret": "${DASKGAN_TEST_WORKER_SECRET}"}
+    config = recovery_job(url, secret_options, iterations=12)
+    with dask.config.set({"distributed.nanny.environ": worker_only}):  # restarted workers get them too
+        with connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
+            summary = run_job(client, config, on_record=WorkerKiller(client, {7: 1}))
+    assert summary["iterations"] == 12
+    records = load(config.output.run_url, options)
+    assert records["iteration"].tolist() == list(range(1, 13)) and records["restarts"].iloc[-1] == 1

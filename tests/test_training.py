@@ -134,3 +134,16 @@ def test_dataset_without_images_fails_clearly_on_the_client(dask_client, s3_buck
     url, options = s3_bucket
     with pytest.raises(FileNotFoundError, match="no images"):
         run_job(dask_client, job(url, options))
+
+
+def test_a_restart_resumes_from_the_runs_newest_checkpoint_once_there_is_one(tmp_path):
+    from daskgan.training.loop import resume_source
+
+    run = tmp_path.as_uri() + "/run"
+    foreign = tmp_path.as_uri() + "/pretrained/000000500.pt"
+    job = JobConfig.from_dict({"data": {"url": "memory://d"}, "output": {"run_url": run, "resume": foreign}})
+    assert resume_source(job) == resume_source(job, restarting=True) == foreign, "nothing saved yet: as asked"
+    saved = checkpoint.save(run, {"iteration": 510}, 510, keep=2)
+    assert resume_source(job) == foreign and resume_source(job, restarting=True) == saved
+    job.output.resume = "never"
+    assert resume_source(job) is None and resume_source(job, restarting=True) == saved

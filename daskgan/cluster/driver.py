@@ -14,7 +14,6 @@ from distributed import Client
 from daskgan import dispatch
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
-from daskgan.run import checkpoint
 from daskgan.training.loop import train_gan
 
 logger = logging.getLogger(__name__)
@@ -75,9 +74,7 @@ def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: Recov
 def restart_config(config: JobConfig, workers: int, original_workers: int) -> JobConfig:
     """The job to re-dispatch: resume from the run's newest checkpoint, per-worker batch scaled to keep the global
     batch when the worker count changed."""
-    job = copy.deepcopy(config)
-    if checkpoint.latest(config.output.run_url, config.output.storage_options) is not None:
-        job.output.resume = "auto"
+    job = copy.deepcopy(config)  # where to resume from is rank 0's choice (training.loop.resume_source)
     if workers != original_workers:
         global_batch = config.data.batch_size * original_workers
         job.data.batch_size = max(1, global_batch // workers)

@@ -54,7 +54,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     from_rank0(lambda: save_config(config))  # the first write: a missing bucket stops every rank here
     model_id = model_fingerprint(config, len(index.classes))
     gan = _build(config, conditioning_classes(config.model, len(index.classes)), device)
-    resume_url = from_rank0(lambda: resume_source(config))
+    resume_url = from_rank0(lambda: resume_source(config, restarting=restart is not None))
     state = checkpoint.load(resume_url, config.output.storage_options) if resume_url else None
     if state is not None:
         checkpoint.check_compatible(state, model_id, resume_url)
@@ -107,14 +107,17 @@ def model_fingerprint(config: JobConfig, num_classes: int) -> dict[str, Any]:
     return {**asdict(config.model), "resolution": config.data.resolution, "num_classes": num_classes}
 
 
-def resume_source(config: JobConfig) -> str | None:
-    """The checkpoint to continue from: ``resume: auto`` takes the run's newest, ``never`` none, else the URL."""
+def resume_source(config: JobConfig, restarting: bool = False) -> str | None:
+    """The checkpoint to continue from: ``resume: auto`` takes the run's newest, ``never`` none, else the URL.
+
+    A recovery restart continues from the run's newest checkpoint whatever ``resume`` says, once the run has
+    written one (before that, it starts as the job asked). Rank 0 decides, so the client never needs storage."""
     resume = config.output.resume
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return checkpoint.latest(config.output.run_url, config.output.storage_options)
-    return resume
+    if resume == "auto" or restarting:
+        newest = checkpoint.latest(config.output.run_url, config.output.storage_options)
+        if newest is not None or resume == "auto":
+            return newest
+    return None if resume == "never" else resume
 
 
 def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: records.RunWriter | None,
