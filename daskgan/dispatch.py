@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections import Counter
 from typing import Any, Callable
 
@@ -82,8 +83,9 @@ def run(
     if not addresses:
         raise RuntimeError("the Dask cluster has no workers; start some before dispatching")
     master_addr = get_address_host(addresses[0])
-    master_port = client.run(free_port, workers=[addresses[0]])[addresses[0]]
+    master_port = _rendezvous_port(client, addresses[0])
     local_ranks = _local_ranks(addresses)
+    dispatch_id = uuid.uuid4().hex[:12]  # task keys of one dispatch; a port may be reused by a later one
     logger.info("dispatching %s to %d ranks, rendezvous at %s:%d", getattr(fn, "__name__", fn), len(addresses),
                 master_addr, master_port)
     return RankFutures([
@@ -93,7 +95,7 @@ def run(
             master_addr=master_addr, master_port=master_port, backend=backend, timeout=timeout,
             pass_local_rank=pass_local_rank,
             workers=[address], allow_other_workers=False, pure=False,
-            key=f"ddp-rank-{rank}-{master_port}-{getattr(fn, '__name__', 'fn')}",
+            key=f"ddp-{getattr(fn, '__name__', 'fn')}-{dispatch_id}-rank-{rank}",
         )
         for rank, address in enumerate(addresses)
     ], addresses)
@@ -182,6 +184,11 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
         # Closing our connections makes peers blocked in a collective fail now rather than at the timeout.
         dist.destroy_process_group()
 
+
+
+def _rendezvous_port(client: Client, address: str) -> int:
+    """A port that is free on the host of rank 0's worker right now."""
+    return client.run(free_port, workers=[address])[address]
 
 
 def worker_addresses(client: Client) -> list[str]:

@@ -56,3 +56,19 @@ def test_failing_rank_surfaces_with_its_rank_quickly(dask_client):
     assert time.monotonic() - started < 45, "the surviving rank must not wait for the full timeout"
     # the workers are usable again straight away
     assert dispatch.results(dispatch.run(dask_client, all_reduce_rank, 0, scale=1.0), timeout=120)[0][0] == 1.0
+
+
+def fresh_token():
+    import uuid
+
+    dist.barrier()
+    return uuid.uuid4().hex
+
+
+def test_a_reused_rendezvous_port_does_not_alias_an_earlier_dispatch(dask_client, monkeypatch):
+    port = dask_client.run(dispatch.free_port, workers=[sorted(dask_client.scheduler_info()["workers"])[0]])
+    monkeypatch.setattr(dispatch, "_rendezvous_port", lambda client, address: next(iter(port.values())))
+    earlier = dispatch.run(dask_client, fresh_token)  # still held, as a monitor or a cancelled run would hold it
+    first = dispatch.results(earlier, timeout=120)
+    second = dispatch.results(dispatch.run(dask_client, fresh_token), timeout=120)
+    assert set(first).isdisjoint(second), "the second dispatch ran, rather than returning the first's results"
