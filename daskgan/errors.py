@@ -41,6 +41,10 @@ class StorageAccessError(UserError, PermissionError):
     """Storage refused the request: credentials missing, wrong or expired, or not allowed to do this."""
 
 
+class StorageUnavailable(UserError, ConnectionError):
+    """Storage kept failing transiently (throttling, server errors, resets) beyond the retry bounds."""
+
+
 class SchedulerUnreachable(UserError, ConnectionError):
     """No Dask scheduler answered at the address of a cluster spec."""
 

@@ -37,6 +37,8 @@ class DataConfig:
     fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
     cache_dir: Optional[str] = None
     shuffle: bool = True
+    retry_tries: int = 8  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
+    retry_seconds: float = 300.0  # and the most time spent retrying one fetch before the run stops
 
     def validate(self) -> None:
         require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0,
@@ -44,6 +46,8 @@ class DataConfig:
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
         require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
+        require(self.retry_tries >= 1 and self.retry_seconds > 0, "data.retry_tries/retry_seconds",
+                "must be >= 1 / > 0")
         check_no_plain_secrets(self.storage_options, "data.storage_options")
 
 

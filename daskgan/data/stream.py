@@ -53,6 +53,7 @@ class ImageStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.skipped = 0  # distinct objects that could not be read or decoded
         self.images_read = 0
+        self.retried = 0  # fetches tried again after a transient storage error
         self._fs, _ = storage.filesystem(index.url, config.storage_options)
         self._bad: set[int] = set()
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
@@ -120,34 +121,46 @@ class ImageStream:
                     raise data
                 decoded[i] = decode_image(data, self.config.resolution)
                 self.images_read += 1
-            except (FileNotFoundError, *DECODE_ERRORS) as exc:
+            except (FileNotFoundError, *DECODE_ERRORS) as exc:  # vanished (404) or not an image
                 self._bad.add(i)
                 self.skipped += 1
                 logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far", path,
                                type(exc).__name__, exc, self.skipped)
         return decoded
 
-    def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | BaseException]:
-        """Fetch objects concurrently (one ``cat`` of the list), through the local cache when one is set."""
+    def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | FileNotFoundError]:
+        """Fetch objects concurrently (one ``cat`` of the list), through the local cache when one is set.
+
+        A vanished object comes back as its ``FileNotFoundError`` (skipped and counted by the caller). Throttling,
+        server errors and resets are retried with backoff (``data.retry_tries``/``retry_seconds``), never taken
+        for a bad image; refused credentials stop the run with a message naming the dataset."""
         cache_dir = self.config.cache_dir
         cached = {p: _cache_file(cache_dir, p) for p in paths} if cache_dir else {}
-        result: dict[str, bytes | BaseException] = {}
+        result: dict[str, bytes | FileNotFoundError] = {}
         for path, file in cached.items():
             if os.path.exists(file):
                 with open(file, "rb") as handle:
                     result[path] = handle.read()
         missing = [p for p in paths if p not in result]
-        if missing:
+        backoff = storage.Backoff(self.config.retry_tries, self.config.retry_seconds)
+        while missing:
             fetched = self._fs.cat(missing, on_error="return")
+            failed = {}
             for path in missing:
                 value = fetched.get(path, FileNotFoundError(path))
-                if isinstance(value, BaseException) and not isinstance(value, (FileNotFoundError, *DECODE_ERRORS)):
-                    raise value  # credentials, network: not a bad image, so fail loudly
-                result[path] = value
-                if cache_dir and isinstance(value, bytes):
-                    _write_cache(cached[path], value)
+                if isinstance(value, (bytes, FileNotFoundError)):
+                    result[path] = value
+                    if cache_dir and isinstance(value, bytes):
+                        _write_cache(cached[path], value)
+                elif storage.is_transient(value):
+                    failed[path] = value
+                else:
+                    raise storage.explain_errors(_raise)(self.index.url, value)
+            missing = list(failed)
+            if missing:
+                self.retried += len(missing)
+                backoff.wait(f"reading {len(missing)} images under {self.index.url}", next(iter(failed.values())))
         return result
-
     def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():
             try:
@@ -155,6 +168,11 @@ class ImageStream:
                 return
             except queue.Full:
                 continue
+
+
+def _raise(url: str, error: BaseException) -> None:
+    """Raise a fetch's error through ``storage.explain_errors``, which names ``url`` and the credential sources."""
+    raise error
 
 
 def _cache_file(cache_dir: str, path: str) -> str:

@@ -11,14 +11,17 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import posixpath
+import random
+import time
 from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from daskgan.config.credentials import resolve_references
-from daskgan.errors import NotFound, StorageAccessError, first_line
+from daskgan.errors import NotFound, StorageAccessError, StorageUnavailable, first_line
 
 try:  # s3fs lets botocore's "no credentials" through untranslated
     from botocore.exceptions import NoCredentialsError, PartialCredentialsError
@@ -30,8 +33,59 @@ except ImportError:
 CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment, an AWS profile, the machine's "
                       "role, or storage_options key/secret as ${ENV} references")
 Operation = TypeVar("Operation", bound=Callable[..., Any])
+RETRY_TRIES = 8  # attempts of a storage operation that fails transiently (beyond the client library's own)
+RETRY_SECONDS = 300.0  # and the most time spent retrying it
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a storage failure may pass if tried again: throttling (503 SlowDown), server errors (500), resets
+    and timeouts. A missing object, a refused or missing credential and a programming error are not."""
+    if isinstance(error, (FileNotFoundError, PermissionError, *MISSING_CREDENTIALS)):
+        return False
+    return isinstance(error, (OSError, TimeoutError)) or type(error).__module__.startswith(("botocore", "aiohttp"))
+
+
+class Backoff:
+    """Exponential backoff with full jitter, bounded by a number of tries and a total time."""
+
+    def __init__(self, tries: int = RETRY_TRIES, max_seconds: float = RETRY_SECONDS, base_s: float = 0.5,
+                 cap_s: float = 20.0):
+        self.tries, self.max_seconds, self.base_s, self.cap_s = tries, max_seconds, base_s, cap_s
+        self.failures = 0
+        self._started = time.monotonic()
+
+    def wait(self, what: str, error: BaseException) -> None:
+        """Sleep before the next try, or raise ``StorageUnavailable`` once the tries or the time are used up."""
+        self.failures += 1
+        delay = random.uniform(0, min(self.cap_s, self.base_s * 2 ** (self.failures - 1)))
+        elapsed = time.monotonic() - self._started
+        if self.failures >= self.tries or elapsed + delay > self.max_seconds:
+            raise StorageUnavailable(f"{what}: still failing after {self.failures} tries in {elapsed:.0f}s "
+                                     f"({type(error).__name__}: {first_line(error)})") from error
+        logger.warning("%s: %s (%s); retry %d in %.1fs", what, type(error).__name__, first_line(error),
+                       self.failures, delay)
+        time.sleep(delay)
+
+
+def retrying(operation: Operation) -> Operation:
+    """Retry ``operation(url_or_objects, ...)`` on transient storage errors (see ``Backoff``)."""
+
+    @functools.wraps(operation)
+    def retried(target: str | Mapping[str, bytes], *args: Any, **kwargs: Any) -> Any:
+        backoff = Backoff()
+        while True:
+            try:
+                return operation(target, *args, **kwargs)
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                what = target if isinstance(target, str) else f"{len(target)} objects from {next(iter(target))}"
+                backoff.wait(f"{operation.__name__} {what}", error)
+
+    return retried  # type: ignore[return-value]
 
 StorageOptions = Mapping[str, Any]
+logger = logging.getLogger(__name__)
 
 
 def join(url: str, *parts: str) -> str:
@@ -82,6 +136,7 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = 
 
 
 @explain_errors
+@retrying
 def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | None = None) -> None:
     """Write several whole objects on one filesystem, concurrently where the filesystem can (s3fs does)."""
     if not objects:
@@ -95,6 +150,7 @@ def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | N
 
 
 @explain_errors
+@retrying
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
     return fs.cat_file(path)
@@ -111,12 +167,14 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
 
 
 @explain_errors
+@retrying
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     return fs.exists(path)
 
 
 @explain_errors
+@retrying
 def list_names(url: str, storage_options: StorageOptions | None = None) -> list[str]:
     """Names of the objects directly under ``url`` (sorted); empty when the prefix does not exist."""
     fs, path = filesystem(url, storage_options)
@@ -128,6 +186,7 @@ def list_names(url: str, storage_options: StorageOptions | None = None) -> list[
 
 
 @explain_errors
+@retrying
 def remove(url: str, storage_options: StorageOptions | None = None) -> None:
     fs, path = filesystem(url, storage_options)
     fs.rm(path, recursive=True)

@@ -1,0 +1,119 @@
+"""A fault-injecting HTTP proxy on loopback in front of the S3 server: S3 as it behaves under load.
+
+A configurable share of requests (optionally only GETs of objects) is answered with ``503 SlowDown`` or
+``500 InternalError`` (S3's XML error bodies), has its connection reset, or is delayed; the rest is forwarded to
+the real server unchanged. Counts of each outcome are kept for the test's figures.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+              '<RequestId>fault-proxy</RequestId></Error>')
+ERRORS = {503: ("SlowDown", "Please reduce your request rate."),
+          500: ("InternalError", "We encountered an internal error. Please try again.")}
+
+
+@dataclass
+class Faults:
+    """What share of requests fail and how; ``only_object_gets`` limits faults to GETs of objects (not listings)."""
+
+    error_share: float = 0.0  # answered 503 or 500
+    reset_share: float = 0.0  # connection closed without an answer
+    delay_share: float = 0.0  # answered after ``delay_s``
+    delay_s: float = 0.5
+    only_object_gets: bool = False
+    seed: int = 0
+    counts: Counter = field(default_factory=Counter)
+
+
+class FaultProxy:
+    """``with FaultProxy(target_url, Faults(...)) as proxy: ... proxy.endpoint_url ...``"""
+
+    def __init__(self, target_url: str, faults: Faults):
+        target = urlparse(target_url)
+        self.faults = faults
+        self._random = random.Random(faults.seed)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy._choose(self.command, self.path)
+                proxy.faults.counts[fault or "forwarded"] += 1
+                if fault == "reset":
+                    # RST instead of FIN: the client sees "connection reset by peer"
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if fault in (503, 500):
+                    self._answer(fault, ERROR_BODY.format(code=ERRORS[fault][0], message=ERRORS[fault][1]).encode(),
+                                 {"Content-Type": "application/xml"})
+                    return
+                if fault == "delay":
+                    time.sleep(proxy.faults.delay_s)
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                connection.request(self.command, self.path, body=body or None, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                skip = {"transfer-encoding", "connection", "content-length"}
+                self._answer(response.status, data, {k: v for k, v in response.getheaders() if k.lower() not in skip},
+                             head=self.command == "HEAD", length=response.getheader("Content-Length"))
+                connection.close()
+
+            def _answer(self, status: int, data: bytes, headers: dict, head: bool = False,
+                        length: str | None = None) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", length if head and length is not None else str(len(data)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _choose(self, method: str, path: str) -> str | int | None:
+        faults = self.faults
+        if faults.only_object_gets and (method != "GET" or "?" in path):
+            return None
+        with self._lock:
+            roll = self._random.random()
+            status = self._random.choice([503, 500])
+        if roll < faults.error_share:
+            return status
+        if roll < faults.error_share + faults.reset_share:
+            return "reset"
+        if roll < faults.error_share + faults.reset_share + faults.delay_share:
+            return "delay"
+        return None
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.shutdown()
+        self._server.server_close()

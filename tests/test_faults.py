@@ -1,0 +1,61 @@
+"""Storage that misbehaves as S3 does under load, through a fault-injecting proxy on loopback in front of the
+S3 server: throttling and server errors are retried, never mistaken for bad images; refused credentials stop."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fault_proxy import FaultProxy, Faults
+
+from daskgan.config import DataConfig
+from daskgan.data.index import index_images
+from daskgan.data.stream import ImageStream
+from daskgan.run import checkpoint
+
+
+def read_epochs(url: str, options: dict, epochs: int, images: int, batch_size: int = 8) -> tuple[ImageStream, list]:
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=batch_size, retry_tries=30)
+    stream = ImageStream(index_images(url, options), config)
+    try:
+        batches = [next(stream) for _ in range(epochs * images // batch_size)]
+    finally:
+        stream.close()
+    return stream, batches
+
+
+@pytest.mark.slow
+def test_throttled_reads_deliver_every_image_and_skip_none(s3_server, shapes_in_bucket):
+    bucket, options = shapes_in_bucket(32)
+    faults = Faults(error_share=0.6, only_object_gets=True)
+    started = time.monotonic()
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        stream, batches = read_epochs(f"{bucket}/data", {**options, "endpoint_url": proxy.endpoint_url}, 2, 32)
+    seconds = time.monotonic() - started
+    assert [b.position.epoch for b in batches] == [0] * 4 + [1] * 4 and batches[-1].position.offset == 32
+    assert stream.skipped == 0, "no good image is taken for a bad one"
+    errors = faults.counts[503] + faults.counts[500]
+    assert errors > 32
+    print(f"\n60% of object GETs answered 503/500: {errors} errors, {faults.counts['forwarded']} forwarded; "
+          f"2 epochs of 32 images delivered, {stream.skipped} skipped, {stream.retried} fetches retried by "
+          f"daskgan (beyond botocore's own), {seconds:.1f}s")
+
+
+def test_resets_and_delays_are_retried_too(s3_server, shapes_in_bucket):
+    bucket, options = shapes_in_bucket(32)
+    faults = Faults(reset_share=0.1, delay_share=0.2, delay_s=0.2, only_object_gets=True, seed=1)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        stream, batches = read_epochs(f"{bucket}/data", {**options, "endpoint_url": proxy.endpoint_url}, 1, 32)
+    assert len(batches) == 4 and stream.skipped == 0 and faults.counts["reset"] > 0
+
+
+def test_writes_retry_and_checkpoints_land_whole(s3_server, s3_bucket):
+    bucket, options = s3_bucket
+    faults = Faults(error_share=0.5, seed=2)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        proxied = {**options, "endpoint_url": proxy.endpoint_url}
+        for iteration in (1, 2, 3):
+            checkpoint.save(f"{bucket}/run", {"iteration": iteration}, iteration, keep=2, storage_options=proxied)
+    assert faults.counts[503] + faults.counts[500] > 0
+    assert [i for i, _ in checkpoint.list_checkpoints(f"{bucket}/run", options)] == [2, 3]
+    assert checkpoint.load(checkpoint.latest(f"{bucket}/run", options), options)["iteration"] == 3
