@@ -11,7 +11,7 @@ from fault_proxy import FaultProxy, Faults
 from daskgan.config import DataConfig
 from daskgan.data.index import index_images
 from daskgan.data.stream import ImageStream
-from daskgan.run import checkpoint
+from daskgan.run import checkpoint, storage
 
 
 def read_epochs(url: str, options: dict, epochs: int, images: int, batch_size: int = 8) -> tuple[ImageStream, list]:
@@ -59,3 +59,32 @@ def test_writes_retry_and_checkpoints_land_whole(s3_server, s3_bucket):
     assert faults.counts[503] + faults.counts[500] > 0
     assert [i for i, _ in checkpoint.list_checkpoints(f"{bucket}/run", options)] == [2, 3]
     assert checkpoint.load(checkpoint.latest(f"{bucket}/run", options), options)["iteration"] == 3
+
+
+@pytest.mark.slow
+def test_training_through_failing_storage_keeps_every_record_grid_and_checkpoint(dask_client, s3_server,
+                                                                                  shapes_in_bucket):
+    from daskgan.cluster.driver import run_job
+    from daskgan.config import JobConfig
+    from daskgan.run.records import load
+
+    bucket, options = shapes_in_bucket(32)
+    faults = Faults(error_share=0.1, seed=3)  # every request type: listings, reads, writes, deletes
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        proxied = {**options, "endpoint_url": proxy.endpoint_url}
+        job = JobConfig.from_dict({
+            "data": {"url": f"{bucket}/data", "storage_options": proxied, "resolution": 16, "batch_size": 4},
+            "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": 12},
+            "output": {"run_url": f"{bucket}/run", "storage_options": proxied, "flush_every": 3, "grid_every": 4,
+                       "checkpoint_every": 4, "keep_checkpoints": 5}})
+        summary = run_job(dask_client, job)
+    assert summary["iterations"] == 12 and faults.counts[503] + faults.counts[500] > 10
+    run = f"{bucket}/run"
+    assert load(run, options)["iteration"].tolist() == list(range(1, 13))
+    assert sorted(storage.list_names(f"{run}/grids", options)) == ["000000004.png", "000000008.png",
+                                                                   "000000012.png", "reals.png"]
+    assert [i for i, _ in checkpoint.list_checkpoints(run, options)] == [4, 8, 12]
+    for _, url in checkpoint.list_checkpoints(run, options):
+        assert checkpoint.load(url, options)["iteration"] == int(url.rsplit("/", 1)[1][:-3])
+    assert storage.exists(f"{run}/records.parquet", options) and storage.exists(f"{run}/summary.png", options)
+    print(f"\n10% of all requests answered 503/500: {dict(faults.counts)}")

@@ -70,6 +70,7 @@ def examples(index: ImageIndex, labels: list[int] | None, count: int) -> list[st
 
 
 @storage.explain_errors
+@storage.retrying
 def _find(url: str, fs, root: str) -> list[str]:
     return fs.find(root)
 
