@@ -129,14 +129,18 @@ def explain_errors(operation: Operation) -> Operation:
     return explained  # type: ignore[return-value]
 
 
+def _operation(function: Operation) -> Operation:
+    """A storage operation: retried on transient failures, then failures explained (see the module docstring)."""
+    return explain_errors(retrying(function))
+
+
 @explain_errors
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
     """Write one whole object (object stores have no partial writes, so readers never see half of it)."""
     write_many({url: data}, storage_options)
 
 
-@explain_errors
-@retrying
+@_operation
 def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | None = None) -> None:
     """Write several whole objects on one filesystem, concurrently where the filesystem can (s3fs does)."""
     if not objects:
@@ -149,8 +153,7 @@ def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | N
     fs.pipe(paths)
 
 
-@explain_errors
-@retrying
+@_operation
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
     return fs.cat_file(path)
@@ -166,15 +169,13 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
     return json.loads(read_bytes(url, storage_options))
 
 
-@explain_errors
-@retrying
+@_operation
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     return fs.exists(path)
 
 
-@explain_errors
-@retrying
+@_operation
 def list_names(url: str, storage_options: StorageOptions | None = None) -> list[str]:
     """Names of the objects directly under ``url`` (sorted); empty when the prefix does not exist."""
     fs, path = filesystem(url, storage_options)
@@ -185,8 +186,7 @@ def list_names(url: str, storage_options: StorageOptions | None = None) -> list[
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
 
-@explain_errors
-@retrying
+@_operation
 def remove(url: str, storage_options: StorageOptions | None = None) -> None:
     fs, path = filesystem(url, storage_options)
     fs.rm(path, recursive=True)
