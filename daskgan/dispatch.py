@@ -23,6 +23,7 @@ from typing import Any, Callable
 from distributed import Client, Future, wait
 from distributed.comm import get_address_host
 
+from daskgan.devices import GpuView, assign_devices, check_no_shared_gpu, gpu_view
 from daskgan.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -85,13 +86,14 @@ def run(
     master_addr = get_address_host(addresses[0])
     master_port = _rendezvous_port(client, addresses[0])
     local_ranks = _local_ranks(addresses)
+    devices = _device_indices(client, addresses)
     dispatch_id = uuid.uuid4().hex[:12]  # task keys of one dispatch; a port may be reused by a later one
     logger.info("dispatching %s to %d ranks, rendezvous at %s:%d", getattr(fn, "__name__", fn), len(addresses),
                 master_addr, master_port)
     return RankFutures([
         client.submit(
             _run_rank, fn, args, kwargs,
-            rank=rank, world_size=len(addresses), local_rank=local_ranks[rank],
+            rank=rank, world_size=len(addresses), local_rank=local_ranks[rank], device_index=devices[rank],
             master_addr=master_addr, master_port=master_port, backend=backend, timeout=timeout,
             pass_local_rank=pass_local_rank,
             workers=[address], allow_other_workers=False, pure=False,
@@ -159,19 +161,21 @@ def _wait_some(futures: list[Future], seconds: float) -> None:
         pass
 
 
-def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
-              backend: str | None, timeout: float, pass_local_rank: bool) -> Any:
+def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, device_index: int | None,
+              master_addr: str, master_port: int, backend: str | None, timeout: float, pass_local_rank: bool) -> Any:
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+    if device_index is not None:
+        torch.cuda.set_device(device_index)
     dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
     try:
+        if torch.cuda.is_available():
+            check_no_shared_gpu(device_index)
         return fn(*args, **kwargs, **({"local_rank": local_rank} if pass_local_rank else {}))
     except BaseException as exc:
         exc.failed_at = time.time()
@@ -201,6 +205,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def _device_indices(client: Client, addresses: list[str]) -> list[int | None]:
+    """Each rank's CUDA device (None without GPUs), decided host by host from what its workers see."""
+    views = client.run(gpu_view, workers=addresses)
+    by_host: dict[str, list[str]] = {}
+    for address in addresses:
+        by_host.setdefault(get_address_host(address), []).append(address)
+    devices = {}
+    for host, on_host in by_host.items():
+        devices.update(zip(on_host, assign_devices(host, [GpuView(*views[a]) for a in on_host])))
+    return [devices[address] for address in addresses]
 
 
 def _local_ranks(addresses: list[str]) -> list[int]:

@@ -45,6 +45,10 @@ class StorageUnavailable(UserError, ConnectionError):
     """Storage kept failing transiently (throttling, server errors, resets) beyond the retry bounds."""
 
 
+class DeviceError(UserError, RuntimeError):
+    """Workers and GPUs that do not pair up one to one."""
+
+
 class SchedulerUnreachable(UserError, ConnectionError):
     """No Dask scheduler answered at the address of a cluster spec."""
 
