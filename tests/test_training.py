@@ -147,3 +147,28 @@ def test_a_restart_resumes_from_the_runs_newest_checkpoint_once_there_is_one(tmp
     assert resume_source(job) == foreign and resume_source(job, restarting=True) == saved
     job.output.resume = "never"
     assert resume_source(job) is None and resume_source(job, restarting=True) == saved
+
+
+def test_a_checkpoint_that_cannot_be_written_is_recorded_and_training_goes_on(process_group, tmp_path, monkeypatch):
+    from daskgan.data import synthetic
+    from daskgan.errors import StorageUnavailable
+    from daskgan.run.records import load
+    from daskgan.training import loop
+
+    data = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data, images=16, resolution=16)
+    config = job(tmp_path.as_uri(), {})
+    config.data.url = data
+    real_save = checkpoint.save
+
+    def storage_down_at_3(run_url, state, iteration, *args, **kwargs):
+        if iteration == 3:
+            raise StorageUnavailable(f"{run_url}/checkpoints/000000003.pt: still failing after 8 tries in 300s")
+        return real_save(run_url, state, iteration, *args, **kwargs)
+
+    monkeypatch.setattr(loop.checkpoint, "save", storage_down_at_3)
+    summary = train_gan(config)
+    assert summary["iterations"] == 6 and summary["checkpoint"].endswith("000000006.pt")
+    records = load(config.output.run_url).set_index("iteration")
+    assert records.loc[4, "checkpoint_failed"] == 3 and "still failing" in records.loc[4, "checkpoint_error"]
+    assert [i for i, _ in checkpoint.list_checkpoints(config.output.run_url)] == [6]

@@ -60,6 +60,7 @@ class RunWriter:
         self._tb = SummaryWriter(self._tb_local, purge_step=start_iteration + 1 if start_iteration else None)
         self._live = _live_publisher(topic(run_url))
         self._restarts: dict[str, Any] = {}
+        self._annotations: dict[str, Any] = {}
         trim_records(run_url, start_iteration, storage_options)
 
     def mark_restart(self, count: int, cause: str, resumed_at: int, redone: int) -> None:
@@ -68,9 +69,14 @@ class RunWriter:
         self._tb.add_text("recovery/restarts", f"restart {count} at iteration {resumed_at}: {cause} "
                           f"({redone} iterations redone)", resumed_at + 1)
 
+    def annotate_next(self, **fields: Any) -> None:
+        """Fields for the next record only (an event between iterations, e.g. a checkpoint that failed)."""
+        self._annotations.update(fields)
+
     def record(self, record: dict[str, Any]) -> None:
-        record = {**record, **self._restarts}
+        record = {**record, **self._restarts, **self._annotations}
         self._restarts = {"restarts": self._restarts["restarts"]} if self._restarts else {}
+        self._annotations = {}
         self._live(record)
         self._pending.append(record)
         for name, value in record.items():

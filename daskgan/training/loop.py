@@ -23,6 +23,7 @@ from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, examples, index_images
 from daskgan.data.stream import ImageStream, StreamPosition
+from daskgan.errors import StorageUnavailable, first_line
 from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes
 from daskgan.models.layers import sync_batchnorm
 from daskgan.ranks import from_rank0
@@ -150,7 +151,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
         if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best):
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
-                                               scores.get(config.ranking_metric)) or last_checkpoint
+                                               scores.get(config.ranking_metric), writer) or last_checkpoint
     return last_checkpoint
 
 
@@ -219,8 +220,11 @@ def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[st
 
 
 def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition, iteration: int,
-                     model_id: dict, score: float | None) -> str | None:
-    """Gather every rank's generator state and stream position, then rank 0 writes one checkpoint."""
+                     model_id: dict, score: float | None, writer: records.RunWriter | None) -> str | None:
+    """Gather every rank's generator state and stream position, then rank 0 writes one checkpoint.
+
+    Storage that stays unavailable beyond the retries costs this checkpoint, not the run: ``latest.json`` keeps
+    naming the previous one, the next record carries ``checkpoint_failed`` and ``checkpoint_error``."""
     rank_state = {"noise": noise.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": position.epoch,
                   "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -233,8 +237,13 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
              **({"G_ema": gan.G_ema.state_dict()} if gan.G_ema is not None else {}),
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     out = config.output
-    return checkpoint.save(out.run_url, state, iteration, out.keep_checkpoints, out.storage_options, score=score,
-                           keep_best=out.keep_best, metric=config.ranking_metric)
+    try:
+        return checkpoint.save(out.run_url, state, iteration, out.keep_checkpoints, out.storage_options,
+                               score=score, keep_best=out.keep_best, metric=config.ranking_metric)
+    except StorageUnavailable as error:
+        logger.error("checkpoint of iteration %d not written, training goes on: %s", iteration, error)
+        writer.annotate_next(checkpoint_failed=iteration, checkpoint_error=first_line(error))
+        return None
 
 
 def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
