@@ -69,8 +69,7 @@ def examples(index: ImageIndex, labels: list[int] | None, count: int) -> list[st
     return chosen
 
 
-@storage.explain_errors
-@storage.retrying
+@storage.operation
 def _find(url: str, fs, root: str) -> list[str]:
     return fs.find(root)
 

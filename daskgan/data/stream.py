@@ -154,13 +154,17 @@ class ImageStream:
                         _write_cache(cached[path], value)
                 elif storage.is_transient(value):
                     failed[path] = value
-                else:
-                    raise storage.explain_errors(_raise)(self.index.url, value)
+                else:  # refused credentials (named with the dataset's URL), or a bug: not worth retrying
+                    explained = storage.explained_error(self.index.url, value)
+                    if explained is value:
+                        raise value
+                    raise explained from value
             missing = list(failed)
             if missing:
                 self.retried += len(missing)
                 backoff.wait(f"reading {len(missing)} images under {self.index.url}", next(iter(failed.values())))
         return result
+
     def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():
             try:
@@ -168,11 +172,6 @@ class ImageStream:
                 return
             except queue.Full:
                 continue
-
-
-def _raise(url: str, error: BaseException) -> None:
-    """Raise a fetch's error through ``storage.explain_errors``, which names ``url`` and the credential sources."""
-    raise error
 
 
 def _cache_file(cache_dir: str, path: str) -> str:

@@ -33,6 +33,8 @@ except ImportError:
 CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment, an AWS profile, the machine's "
                       "role, or storage_options key/secret as ${ENV} references")
 Operation = TypeVar("Operation", bound=Callable[..., Any])
+StorageOptions = Mapping[str, Any]
+logger = logging.getLogger(__name__)
 RETRY_TRIES = 8  # attempts of a storage operation that fails transiently (beyond the client library's own)
 RETRY_SECONDS = 300.0  # and the most time spent retrying it
 
@@ -67,25 +69,22 @@ class Backoff:
         time.sleep(delay)
 
 
-def retrying(operation: Operation) -> Operation:
-    """Retry ``operation(url_or_objects, ...)`` on transient storage errors (see ``Backoff``)."""
+def retrying(function: Operation) -> Operation:
+    """Retry ``function(url_or_objects, ...)`` on transient storage errors (see ``Backoff``)."""
 
-    @functools.wraps(operation)
+    @functools.wraps(function)
     def retried(target: str | Mapping[str, bytes], *args: Any, **kwargs: Any) -> Any:
         backoff = Backoff()
         while True:
             try:
-                return operation(target, *args, **kwargs)
+                return function(target, *args, **kwargs)
             except Exception as error:
                 if not is_transient(error):
                     raise
                 what = target if isinstance(target, str) else f"{len(target)} objects from {next(iter(target))}"
-                backoff.wait(f"{operation.__name__} {what}", error)
+                backoff.wait(f"{function.__name__} {what}", error)
 
     return retried  # type: ignore[return-value]
-
-StorageOptions = Mapping[str, Any]
-logger = logging.getLogger(__name__)
 
 
 def join(url: str, *parts: str) -> str:
@@ -106,30 +105,39 @@ def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple
     return url_to_fs(url, **{"use_listings_cache": False, **resolve_references(storage_options or {})})
 
 
-def explain_errors(operation: Operation) -> Operation:
-    """Turn a storage failure of ``operation(url_or_objects, ...)`` into one that names the URL and what to do."""
+def explain_errors(function: Operation) -> Operation:
+    """Turn a storage failure of ``function(url_or_objects, ...)`` into one that names the URL and what to do."""
 
-    @functools.wraps(operation)
-    def explained(target: str | Mapping[str, bytes], *args: Any, **kwargs: Any) -> Any:
-        url = target if isinstance(target, str) else next(iter(target), "")
+    @functools.wraps(function)
+    def with_explained_errors(target: str | Mapping[str, bytes], *args: Any, **kwargs: Any) -> Any:
         try:
-            return operation(target, *args, **kwargs)
-        except (NotFound, StorageAccessError):
-            raise
-        except FileNotFoundError as exc:
-            missing = "its bucket does not exist" if "bucket" in str(exc).lower() else "no such object or folder"
-            raise NotFound(f"{url}: {missing}") from exc
-        except PermissionError as exc:
-            raise StorageAccessError(f"{url}: access denied ({first_line(exc)}); credentials are taken from "
-                                     f"{CREDENTIAL_SOURCES}") from exc
-        except MISSING_CREDENTIALS as exc:
-            raise StorageAccessError(f"{url}: no credentials found ({first_line(exc)}); set "
-                                     f"{CREDENTIAL_SOURCES}") from exc
+            return function(target, *args, **kwargs)
+        except Exception as error:
+            explained = explained_error(target if isinstance(target, str) else next(iter(target), ""), error)
+            if explained is error:
+                raise
+            raise explained from error
 
-    return explained  # type: ignore[return-value]
+    return with_explained_errors  # type: ignore[return-value]
 
 
-def _operation(function: Operation) -> Operation:
+def explained_error(url: str, error: Exception) -> Exception:
+    """``error`` of an operation on ``url`` as the user should see it: a missing bucket or object as ``NotFound``,
+    refused or missing credentials as ``StorageAccessError`` naming where they are looked for; others unchanged."""
+    if isinstance(error, (NotFound, StorageAccessError)):
+        return error
+    if isinstance(error, FileNotFoundError):
+        missing = "its bucket does not exist" if "bucket" in str(error).lower() else "no such object or folder"
+        return NotFound(f"{url}: {missing}")
+    if isinstance(error, PermissionError):
+        return StorageAccessError(f"{url}: access denied ({first_line(error)}); credentials are taken from "
+                                  f"{CREDENTIAL_SOURCES}")
+    if isinstance(error, MISSING_CREDENTIALS):
+        return StorageAccessError(f"{url}: no credentials found ({first_line(error)}); set {CREDENTIAL_SOURCES}")
+    return error
+
+
+def operation(function: Operation) -> Operation:
     """A storage operation: retried on transient failures, then failures explained (see the module docstring)."""
     return explain_errors(retrying(function))
 
@@ -140,7 +148,7 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = 
     write_many({url: data}, storage_options)
 
 
-@_operation
+@operation
 def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | None = None) -> None:
     """Write several whole objects on one filesystem, concurrently where the filesystem can (s3fs does)."""
     if not objects:
@@ -153,7 +161,7 @@ def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | N
     fs.pipe(paths)
 
 
-@_operation
+@operation
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
     return fs.cat_file(path)
@@ -169,13 +177,13 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
     return json.loads(read_bytes(url, storage_options))
 
 
-@_operation
+@operation
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     return fs.exists(path)
 
 
-@_operation
+@operation
 def list_names(url: str, storage_options: StorageOptions | None = None) -> list[str]:
     """Names of the objects directly under ``url`` (sorted); empty when the prefix does not exist."""
     fs, path = filesystem(url, storage_options)
@@ -186,7 +194,7 @@ def list_names(url: str, storage_options: StorageOptions | None = None) -> list[
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
 
-@_operation
+@operation
 def remove(url: str, storage_options: StorageOptions | None = None) -> None:
     fs, path = filesystem(url, storage_options)
     fs.rm(path, recursive=True)
