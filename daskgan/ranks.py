@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from daskgan.errors import UserError
@@ -39,3 +40,10 @@ def from_rank0(compute: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return value
+
+
+def collective_device() -> torch.device:
+    """Where tensors for this process group's collectives must live: the current GPU under NCCL, else the CPU."""
+    if process_group_running() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from daskgan import dispatch, metrics
+from daskgan import dispatch, metrics, ranks
 
 
 def random_psd(dim, seed):
@@ -65,7 +65,9 @@ def distributed_fid(images, fakes):
     extractor = metrics.load_extractor(None)
     real = metrics.embed_share(len(images), lambda idx: images[idx], extractor, batch_size=7)
     fake = metrics.embed_share(len(fakes), lambda idx: fakes[idx], extractor, batch_size=7)
-    return metrics.compute(["fid", "kid"], real, fake)
+    scores = ranks.from_rank0(lambda: metrics.compute(["fid", "kid"], real, fake))
+    return {**scores, "holds_features": real is not None and fake is not None,
+            "dtype": None if real is None else str(real.dtype)}
 
 
 @pytest.mark.slow
@@ -74,8 +76,10 @@ def test_fid_from_two_workers_equals_one_process(dask_client):
     images = torch.rand(41, 3, 16, 16, generator=generator) * 2 - 1  # an odd count: shares of 21 and 20
     fakes = images.flip(3) * 0.8
     single = distributed_fid(images, fakes)
-    ranks = dispatch.results(dispatch.run(dask_client, distributed_fid, images, fakes), timeout=120)
-    for result in ranks:
+    per_rank = dispatch.results(dispatch.run(dask_client, distributed_fid, images, fakes), timeout=120)
+    assert [r["holds_features"] for r in per_rank] == [True, False], "only rank 0 gathers the features"
+    assert per_rank[0]["dtype"] == "torch.float32"
+    for result in per_rank:
         assert result["fid"] == pytest.approx(single["fid"], rel=1e-6)  # float32 features from differently composed batches
         assert result["kid"] == pytest.approx(single["kid"], rel=1e-6)  # float32 features from differently composed batches
 
@@ -98,3 +102,18 @@ def test_real_features_skip_a_corrupt_image(tmp_path):
     images = evaluator._reals(order, [0, 1])
     assert images.shape == (2, 3, 16, 16)
     assert torch.equal(images[0], evaluator._reals(order, [4])[0]), "item 0 falls back to item 0 + real_count"
+
+
+def gathered_items(count):
+    """Features whose value is the item's index, gathered by embed_share."""
+    features = metrics.embed_share(count, lambda items: torch.tensor(items, dtype=torch.float64)[:, None].repeat(1, 3),
+                                   torch.nn.Identity(), batch_size=2)
+    return None if features is None else (features.dtype, features[:, 0].tolist(), features.shape[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [7, 1])
+def test_rank0_gathers_float32_features_in_item_order(dask_client, count):
+    per_rank = dispatch.results(dispatch.run(dask_client, gathered_items, count), timeout=120)
+    assert per_rank[1] is None
+    assert per_rank[0] == (torch.float32, [float(i) for i in range(count)], 3), "one item: rank 1 embeds nothing"

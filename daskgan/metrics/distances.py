@@ -22,10 +22,18 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * cross.trace())
 
 
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance (float64) of (N, D) features."""
-    features = features.double()
-    return features.mean(0), torch.cov(features.T)
+def feature_statistics(features: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of (N, D) features, accumulated in float64 over row chunks (as NVlabs), so 50,000
+    float32 features never need a float64 copy of themselves."""
+    count, width = features.shape
+    total = torch.zeros(width, dtype=torch.float64)
+    products = torch.zeros(width, width, dtype=torch.float64)
+    for start in range(0, count, chunk):
+        rows = features[start:start + chunk].double()
+        total += rows.sum(0)
+        products += rows.T @ rows
+    mean = total / count
+    return mean, (products - count * torch.outer(mean, mean)) / (count - 1)
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -35,14 +43,13 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> float:
     """Kernel Inception Distance (Binkowski et al. 2018) as NVlabs computes it: the unbiased MMD² with the cubic
     polynomial kernel (x·y/d + 1)³, averaged over random subsets."""
-    real, fake = real.double(), fake.double()
     n = min(len(real), len(fake), subset_size)
     dim = real.shape[1]
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(subsets):
-        x = fake[torch.randperm(len(fake), generator=generator)[:n]]
-        y = real[torch.randperm(len(real), generator=generator)[:n]]
+        x = fake[torch.randperm(len(fake), generator=generator)[:n]].double()
+        y = real[torch.randperm(len(real), generator=generator)[:n]].double()
         a = (x @ x.T / dim + 1) ** 3 + (y @ y.T / dim + 1) ** 3
         b = (x @ y.T / dim + 1) ** 3
         total += float((a.sum() - a.diagonal().sum()) / (n - 1) - b.sum() * 2 / n)

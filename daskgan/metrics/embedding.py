@@ -1,4 +1,8 @@
-"""Features of a set of items computed by all ranks together: each embeds its share, all get the whole, in order."""
+"""Features of a set of items computed by all ranks together: each embeds its share, rank 0 gets the whole.
+
+At FID's 50,000 images × 2048 features the whole is 400 MB in float32: only rank 0, which computes the scores,
+holds it (``dist.gather`` of fixed-size float32 shares); the other ranks hold their own share only.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +16,42 @@ from daskgan import ranks
 
 
 def embed_share(count: int, images_of: Callable[[list[int]], torch.Tensor], extractor: nn.Module,
-                batch_size: int = 64) -> torch.Tensor:
-    """Features of items 0..count-1, this rank embedding items rank, rank + world, ...; all ranks get all, in
-    item order. ``images_of(indices)`` returns those items' images (N, 3, H, W) in [-1, 1]."""
+                batch_size: int = 64) -> torch.Tensor | None:
+    """Features (float32, on the CPU) of items 0..count-1, in item order, on rank 0; ``None`` on other ranks.
+
+    This rank embeds items rank, rank + world, ... ``images_of(indices)`` returns those items' images
+    (N, 3, H, W) in [-1, 1]. Every rank must call it (it is a collective)."""
     rank, world = ranks.rank(), ranks.world_size()
     mine = list(range(rank, count, world))
-    chunks = [extractor(images_of(mine[i:i + batch_size])) for i in range(0, len(mine), batch_size)]
-    local = torch.cat(chunks).double() if chunks else torch.zeros(0, 0, dtype=torch.float64)
+    longest = -(-count // world)  # shares differ by at most one item: each is written into a buffer this long
+    share: torch.Tensor | None = None
+    for start in range(0, len(mine), batch_size):
+        features = extractor(images_of(mine[start:start + batch_size]))
+        if share is None:
+            share = features.new_zeros(longest, features.shape[1], dtype=torch.float32)
+        share[start:start + len(features)] = features
     if world == 1:
-        return local.cpu()
-    return _gather_in_item_order(local, count, world)
+        return share.cpu() if share is not None else torch.zeros(0, 0)
+    return _gather_in_item_order(share, count, rank, world)
 
 
-def _gather_in_item_order(local: torch.Tensor, count: int, world: int) -> torch.Tensor:
-    shares = [None] * world
-    dist.all_gather_object(shares, local.cpu())  # shares differ in length by at most one item
-    features = torch.empty(count, shares[0].shape[1], dtype=torch.float64)
-    for rank, share in enumerate(shares):
-        features[rank::world] = share
-    return features
+def _gather_in_item_order(share: torch.Tensor | None, count: int, rank: int, world: int) -> torch.Tensor | None:
+    """Rank 0 receives every padded share into one (world, longest, width) buffer. Item i sits at row i // world
+    of share i % world, so the buffer read row by row across shares is item order, with the padding last."""
+    longest = -(-count // world)
+    width = _feature_width(share)
+    if share is None:  # more ranks than items
+        share = torch.zeros(longest, width, device=ranks.collective_device())
+    if rank != 0:
+        dist.gather(share, None, dst=0)
+        return None
+    received = share.new_empty(world, longest, width)
+    dist.gather(share, list(received.unbind(0)), dst=0)
+    return received.transpose(0, 1).reshape(world * longest, width)[:count].cpu()
+
+
+def _feature_width(share: torch.Tensor | None) -> int:
+    """The feature width, known to every rank even one with no items."""
+    width = torch.tensor([0 if share is None else share.shape[1]], device=ranks.collective_device())
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    return int(width)

@@ -133,8 +133,7 @@ class AdaController:
             return None
         sums = self._sums.clone()
         if ranks.process_group_running():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            sums = sums.to(device)
+            sums = sums.to(ranks.collective_device())
             dist.all_reduce(sums)
         self.rt = float(sums[0] / sums[1].clamp(min=1))
         adjust = math.copysign(1.0, self.rt - self.target) * global_batch * self.interval / (self.speed_kimg * 1000)

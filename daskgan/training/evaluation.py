@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from daskgan import metrics, ranks
@@ -35,39 +34,47 @@ class Evaluator:
         m = config.metrics
         self.extractor = metrics.load_extractor(m.extractor_url, m.storage_options).to(device)
         self.real_count = min(m.real_images or m.images, len(index))
-        self._real: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None  # rank 0 only
+        self._real_cached = False  # whether every rank has taken part in computing (or reading) the real features
 
     def evaluate(self, generator: nn.Module, num_classes: int, iteration: int) -> dict[str, Any]:
-        """FID/KID of ``generator`` (in eval mode, training RNG untouched) against the real features."""
+        """FID/KID of ``generator`` (in eval mode, training RNG untouched) against the real features; every rank
+        embeds a share, rank 0 alone holds the features and scores, every rank gets the scores."""
         m = self.config.metrics
         real = self._real_features()
         fake = metrics.embed_share(m.images, lambda items: self._generated(generator, num_classes, items),
                                    self.extractor)
+        scores = from_rank0(lambda: self._scores(real, fake, iteration))
+        return {**scores, "metrics_extractor": self.extractor.name}
+
+    def _scores(self, real: torch.Tensor, fake: torch.Tensor, iteration: int) -> dict[str, float]:
+        m = self.config.metrics
         scores = metrics.compute(m.kinds, real, fake, kid_subset_size=m.kid_subset_size)
         report = {"iteration": iteration, "extractor": self.extractor.name, "images": m.images,
                   "real_images": self.real_count, **scores}
-        if ranks.rank() == 0:
-            storage.write_json(storage.join(self.config.output.run_url, "metrics", f"{iteration:09d}.json"), report,
-                               self.config.output.storage_options)
-            logger.info("iteration %d: %s (%s)", iteration,
-                        ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), self.extractor.name)
-        return {**scores, "metrics_extractor": self.extractor.name}
+        storage.write_json(storage.join(self.config.output.run_url, "metrics", f"{iteration:09d}.json"), report,
+                           self.config.output.storage_options)
+        logger.info("iteration %d: %s (%s)", iteration, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+                    self.extractor.name)
+        return scores
 
-    def _real_features(self) -> torch.Tensor:
-        if self._real is None:
+    def _real_features(self) -> torch.Tensor | None:
+        """The real features on rank 0 (``None`` elsewhere): read from the run's cache, or embedded by every rank
+        and cached."""
+        if not self._real_cached:
             out = self.config.output
             url = storage.join(out.run_url, "metrics", f"real-{self._cache_key()}.pt")
             if from_rank0(lambda: storage.exists(url, out.storage_options)):
-                data = io.BytesIO(storage.read_bytes(url, out.storage_options))
-                self._real = torch.load(data, weights_only=True).double()
+                if ranks.rank() == 0:
+                    self._real = torch.load(io.BytesIO(storage.read_bytes(url, out.storage_options)),
+                                            weights_only=True).float()
             else:
                 order = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(0)).tolist()
-                # kept as float32, as cached, so a run that computes them and one that reads them agree exactly
-                features = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
-                                               self.extractor).float()
+                self._real = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
+                                                 self.extractor)
                 if ranks.rank() == 0:
-                    storage.write_bytes(url, storage.torch_bytes(features), out.storage_options)
-                self._real = features.double()
+                    storage.write_bytes(url, storage.torch_bytes(self._real), out.storage_options)
+            self._real_cached = True
         return self._real
 
     def _cache_key(self) -> str:
