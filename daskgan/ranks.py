@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -23,19 +24,27 @@ def world_size() -> int:
     return dist.get_world_size() if process_group_running() else 1
 
 
-def from_rank0(compute: Callable[[], Any]) -> Any:
+def from_rank0(compute: Callable[[], Any], timeout_s: float | None = None) -> Any:
     """Inside a process group: run ``compute`` on rank 0 only (a listing, a pointer read, a first write) and hand
     its result to every rank; outside one, just run it. A ``UserError`` on rank 0 is raised on every rank, so all
-    stop together on the input's mistake rather than on a lost peer."""
+    stop together on the input's mistake rather than on a lost peer.
+
+    The other ranks wait as long as collectives may (the process group's timeout), or ``timeout_s`` for work
+    known to take longer (listing a large bucket): a gloo group with that timeout carries the result."""
     if not process_group_running():
         return compute()
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if timeout_s else None
     box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [(compute(), None)]
-        except UserError as exc:
-            box = [(None, exc)]
-    dist.broadcast_object_list(box, src=0)
+    try:
+        if dist.get_rank() == 0:
+            try:
+                box = [(compute(), None)]
+            except UserError as exc:
+                box = [(None, exc)]
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
     value, error = box[0]
     if error is not None:
         raise error

@@ -39,6 +39,8 @@ class DataConfig:
     shuffle: bool = True
     retry_tries: int = 8  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
     retry_seconds: float = 300.0  # and the most time spent retrying one fetch before the run stops
+    manifest: Optional[str] = None  # URL of the dataset's listing to reuse or write; default: in the run directory
+    listing_timeout_s: float = 3600.0  # how long ranks wait for rank 0 to list the dataset
 
     def validate(self) -> None:
         require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0,
@@ -48,6 +50,7 @@ class DataConfig:
         require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
         require(self.retry_tries >= 1 and self.retry_seconds > 0, "data.retry_tries/retry_seconds",
                 "must be >= 1 / > 0")
+        require(self.listing_timeout_s > 0, "data.listing_timeout_s", "must be > 0")
         check_no_plain_secrets(self.storage_options, "data.storage_options")
 
 

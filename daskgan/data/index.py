@@ -20,12 +20,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 @dataclass(frozen=True)
 class ImageIndex:
-    """The image objects of a dataset: filesystem paths (no protocol), their labels and the class names."""
+    """The image objects of a dataset: filesystem paths (no protocol), their labels, the class names and (when
+    listed with them) the objects' sizes in bytes."""
 
     url: str
     paths: tuple[str, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -35,21 +37,27 @@ def index_images(url: str, storage_options: storage.StorageOptions | None = None
     """List the images under ``url``. Files in subfolders are labelled by their first folder, sorted by name."""
     fs, root = storage.filesystem(url, storage_options)
     root = root.rstrip("/")
-    images = sorted(p for p in _find(url, fs, root) if p.lower().endswith(IMAGE_SUFFIXES))
+    listing = _find(url, fs, root)
+    images = sorted(p for p in listing if p.lower().endswith(IMAGE_SUFFIXES))
     if not images:
         raise NotFound(f"data.url: no images ({', '.join(IMAGE_SUFFIXES)}) under {url}: check the URL, or upload "
                        f"images (one subfolder per class) there")
     relative = [posixpath.relpath(p, root) for p in images]
     in_folders = ["/" in r for r in relative]
     if not any(in_folders):
-        return ImageIndex(url, tuple(images), (0,) * len(images), ())
+        return ImageIndex(url, tuple(images), (0,) * len(images), (), _sizes(listing, images))
     if not all(in_folders):
         logger.warning("%s: %d images sit beside the class folders and are ignored", url,
                        in_folders.count(False))
     kept = [(p, r.split("/", 1)[0]) for p, r, f in zip(images, relative, in_folders) if f]
     classes = tuple(sorted({c for _, c in kept}))
     label_of = {c: i for i, c in enumerate(classes)}
-    return ImageIndex(url, tuple(p for p, _ in kept), tuple(label_of[c] for _, c in kept), classes)
+    paths = [p for p, _ in kept]
+    return ImageIndex(url, tuple(paths), tuple(label_of[c] for _, c in kept), classes, _sizes(listing, paths))
+
+
+def _sizes(listing: dict[str, dict], paths: list[str]) -> tuple[int, ...]:
+    return tuple(int(listing[p].get("size") or 0) for p in paths)
 
 
 def examples(index: ImageIndex, labels: list[int] | None, count: int) -> list[str]:
@@ -70,8 +78,9 @@ def examples(index: ImageIndex, labels: list[int] | None, count: int) -> list[st
 
 
 @storage.operation
-def _find(url: str, fs, root: str) -> list[str]:
-    return fs.find(root)
+def _find(url: str, fs, root: str) -> dict[str, dict]:
+    """Every object under ``root`` with its details (s3fs: pages of 1,000 keys)."""
+    return fs.find(root, detail=True)
 
 
 def shard_indices(size: int, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:

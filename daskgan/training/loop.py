@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex, examples, index_images
+from daskgan.data.index import ImageIndex, examples
+from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import StorageUnavailable, first_line
 from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes
@@ -51,7 +52,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
-    index = from_rank0(lambda: index_images(config.data.url, config.data.storage_options))
+    index = training_index(config.data, config.output)
     from_rank0(lambda: save_config(config))  # the first write: a missing bucket stops every rank here
     model_id = model_fingerprint(config, len(index.classes))
     gan = _build(config, conditioning_classes(config.model, len(index.classes)), device)
