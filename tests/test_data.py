@@ -151,3 +151,36 @@ def test_examples_follow_the_grid_rows_class_by_class():
     index = ImageIndex("memory://d", ("a0", "b0", "a1", "b1", "a2"), (0, 1, 0, 1, 0), ("a", "b"))
     assert examples(index, [0, 0, 1, 1, 0, 1], 6) == ["a0", "a1", "b0", "b1", "a2", "b0"]
     assert examples(index, None, 3) == ["a0", "b0", "a1"]
+
+
+def cache_bytes(folder):
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_local_cache_stays_under_its_bound(shapes_dataset, tmp_path, caplog):
+    url, options = shapes_dataset
+    index = index_images(url, options)
+    bound = sum(index.sizes) // 3
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=8, cache_dir=str(tmp_path),
+                        cache_max_gb=bound / 1e9)
+    stream = ImageStream(index, config)
+    with caplog.at_level("INFO", logger="daskgan.data.cache"):
+        batches = [next(stream) for _ in range(3 * len(index) // 8)]  # three epochs
+    stream.close()
+    assert len(batches) == 3 * len(index) // 8 and stream.skipped == 0
+    assert 0 < cache_bytes(tmp_path) <= bound
+    assert any("evicted" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(shapes_dataset, tmp_path, caplog):
+    url, options = shapes_dataset
+    index = index_images(url, options)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_bytes(b"")  # every cache write fails with a real OSError, even for root
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=8, cache_dir=str(blocked))
+    stream = ImageStream(index, config)
+    batches = [next(stream) for _ in range(2 * len(index) // 8)]
+    stream.close()
+    assert len(batches) == 2 * len(index) // 8 and stream.skipped == 0
+    warnings = [r.getMessage() for r in caplog.records if "caching is off" in r.getMessage()]
+    assert len(warnings) == 1 and str(blocked) in warnings[0]

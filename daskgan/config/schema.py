@@ -35,7 +35,8 @@ class DataConfig:
     batch_size: int = 64  # per worker
     prefetch_batches: int = 4
     fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = None  # a local folder keeping fetched objects for later epochs
+    cache_max_gb: Optional[float] = None  # its bound; default: 80% of the disk space it can have at start
     shuffle: bool = True
     retry_tries: int = 8  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
     retry_seconds: float = 300.0  # and the most time spent retrying one fetch before the run stops
@@ -50,6 +51,7 @@ class DataConfig:
         require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
         require(self.retry_tries >= 1 and self.retry_seconds > 0, "data.retry_tries/retry_seconds",
                 "must be >= 1 / > 0")
+        require(self.cache_max_gb is None or self.cache_max_gb > 0, "data.cache_max_gb", "must be > 0")
         require(self.listing_timeout_s > 0, "data.listing_timeout_s", "must be > 0")
         check_no_plain_secrets(self.storage_options, "data.storage_options")
 

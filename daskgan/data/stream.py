@@ -9,10 +9,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import posixpath
 import queue
 import threading
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ from typing import Iterator
 import torch
 
 from daskgan.config import DataConfig
+from daskgan.data.cache import DiskCache
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, shard_indices
 from daskgan.run import storage
@@ -56,6 +54,8 @@ class ImageStream:
         self.retried = 0  # fetches tried again after a transient storage error
         self._fs, _ = storage.filesystem(index.url, config.storage_options)
         self._bad: set[int] = set()
+        self._cache = DiskCache(config.cache_dir, _bytes(config.cache_max_gb)) if config.cache_dir else None
+        self._sizes = dict(zip(index.paths, index.sizes))
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True,
@@ -134,13 +134,12 @@ class ImageStream:
         A vanished object comes back as its ``FileNotFoundError`` (skipped and counted by the caller). Throttling,
         server errors and resets are retried with backoff (``data.retry_tries``/``retry_seconds``), never taken
         for a bad image; refused credentials stop the run with a message naming the dataset."""
-        cache_dir = self.config.cache_dir
-        cached = {p: _cache_file(cache_dir, p) for p in paths} if cache_dir else {}
         result: dict[str, bytes | FileNotFoundError] = {}
-        for path, file in cached.items():
-            if os.path.exists(file):
-                with open(file, "rb") as handle:
-                    result[path] = handle.read()
+        if self._cache is not None:
+            for path in paths:
+                data = self._cache.read(path, self._sizes.get(path, 0))
+                if data is not None:
+                    result[path] = data
         missing = [p for p in paths if p not in result]
         backoff = storage.Backoff(self.config.retry_tries, self.config.retry_seconds)
         while missing:
@@ -150,8 +149,8 @@ class ImageStream:
                 value = fetched.get(path, FileNotFoundError(path))
                 if isinstance(value, (bytes, FileNotFoundError)):
                     result[path] = value
-                    if cache_dir and isinstance(value, bytes):
-                        _write_cache(cached[path], value)
+                    if self._cache is not None and isinstance(value, bytes):
+                        self._cache.write(path, value, self._sizes.get(path, 0))
                 elif storage.is_transient(value):
                     failed[path] = value
                 else:  # refused credentials (named with the dataset's URL), or a bug: not worth retrying
@@ -174,14 +173,6 @@ class ImageStream:
                 continue
 
 
-def _cache_file(cache_dir: str, path: str) -> str:
-    digest = hashlib.sha1(path.encode()).hexdigest()
-    return os.path.join(cache_dir, digest[:2], digest + posixpath.splitext(path)[1])
 
-
-def _write_cache(file: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    partial = f"{file}.{os.getpid()}.part"
-    with open(partial, "wb") as handle:
-        handle.write(data)
-    os.replace(partial, file)  # a reader never sees a half-written cache entry
+def _bytes(gigabytes: float | None) -> int | None:
+    return None if gigabytes is None else int(gigabytes * 1e9)
