@@ -20,11 +20,11 @@ import uuid
 from collections import Counter
 from typing import Any, Callable
 
-from distributed import Client, Future, wait
+from distributed import Client, Future, Variable, wait
 from distributed.comm import get_address_host
 
 from daskgan.devices import GpuView, assign_devices, check_no_shared_gpu, gpu_view
-from daskgan.errors import UserError
+from daskgan.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,33 @@ DEFAULT_TIMEOUT_S = 300.0
 POLL_SECONDS = 2.0  # how often a wait looks for lost workers
 
 
-class WorkerLost(RuntimeError):
-    """A worker running a rank left the cluster (process killed, pod preempted) before the run finished."""
+# What a rank sees when a peer's process or node is gone: gloo's socket errors and timeouts, NCCL's aborts.
+PEER_ERROR_TYPES = ("DistBackendError", "DistNetworkError")
+PEER_ERROR_MESSAGES = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out waiting",
+                       "connection refused", "nccl communicator was aborted", "watchdog caught collective operation",
+                       "socket timeout")
 
-    def __init__(self, ranks: list[int], workers: list[str]):
-        super().__init__(f"rank(s) {ranks} lost: worker(s) {', '.join(workers)} left the cluster during the run")
-        self.ranks, self.workers = ranks, workers
+
+class WorkerLost(RuntimeError):
+    """A worker running a rank left the cluster (process killed, pod preempted) before the run finished.
+
+    ``confirmed``: the scheduler removed the worker. Otherwise every failed rank reported a broken connection to
+    its peers while these ranks went silent: the scheduler has not noticed the loss yet (a node gone from the
+    network is noticed only when its heartbeats stop)."""
+
+    def __init__(self, ranks: list[int], workers: list[str], confirmed: bool = True, evidence: str = ""):
+        what = "left the cluster" if confirmed else f"stopped answering their peers ({evidence})"
+        super().__init__(f"rank(s) {ranks} lost: worker(s) {', '.join(workers)} {what} during the run")
+        self.ranks, self.workers, self.confirmed = ranks, workers, confirmed
+
+
+def is_peer_communication_error(error: BaseException | None) -> bool:
+    """Whether a rank's exception says a peer is unreachable, rather than that the rank itself went wrong."""
+    if error is None:
+        return False
+    if any(cls.__name__ in PEER_ERROR_TYPES for cls in type(error).__mro__):
+        return True
+    return any(text in str(error).lower() for text in PEER_ERROR_MESSAGES)
 
 
 class RankFailure:
@@ -72,6 +93,7 @@ def run(
     timeout: float = DEFAULT_TIMEOUT_S,
     pass_local_rank: bool = False,
     workers: list[str] | None = None,
+    master_port: int | None = None,
     **kwargs: Any,
 ) -> RankFutures:
     """Start ``fn(*args, **kwargs)`` once on each worker, inside an initialised process group.
@@ -79,23 +101,25 @@ def run(
     Returns one future per rank (index = rank), as a list that also knows each rank's worker. ``backend`` defaults to ``nccl`` when the worker has CUDA, else
     ``gloo``. ``timeout`` bounds the rendezvous and every collective, so a lost rank cannot hang the others forever.
     With ``pass_local_rank`` the function also receives ``local_rank=`` (its index among workers on the same host).
+    Rank 0 opens the rendezvous on ``master_port`` (for clusters that open only some ports) or, if that is taken
+    or not given, on a port the system picks, and tells the other ranks through the scheduler: no port can be
+    taken between choosing and binding it.
     """
     addresses = sorted(workers or worker_addresses(client))
     if not addresses:
         raise RuntimeError("the Dask cluster has no workers; start some before dispatching")
     master_addr = get_address_host(addresses[0])
-    master_port = _rendezvous_port(client, addresses[0])
     local_ranks = _local_ranks(addresses)
     devices = _device_indices(client, addresses)
     dispatch_id = uuid.uuid4().hex[:12]  # task keys of one dispatch; a port may be reused by a later one
-    logger.info("dispatching %s to %d ranks, rendezvous at %s:%d", getattr(fn, "__name__", fn), len(addresses),
-                master_addr, master_port)
+    logger.info("dispatching %s to %d ranks, rendezvous at %s", getattr(fn, "__name__", fn), len(addresses),
+                master_addr)
     return RankFutures([
         client.submit(
             _run_rank, fn, args, kwargs,
             rank=rank, world_size=len(addresses), local_rank=local_ranks[rank], device_index=devices[rank],
             master_addr=master_addr, master_port=master_port, backend=backend, timeout=timeout,
-            pass_local_rank=pass_local_rank,
+            pass_local_rank=pass_local_rank, rendezvous=f"daskgan-rendezvous-{dispatch_id}",
             workers=[address], allow_other_workers=False, pure=False,
             key=f"ddp-{getattr(fn, '__name__', 'fn')}-{dispatch_id}-rank-{rank}",
         )
@@ -109,7 +133,8 @@ def results(futures: RankFutures, timeout: float | None = None, grace: float = 1
     When one rank fails, the others fail moments later with "connection closed by peer": consequences, not the
     cause. So after the first failure the other ranks get ``grace`` seconds to finish, and the exception raised
     earliest on the workers is the one re-raised here; ranks still running after that are cancelled. If a rank's
-    worker left the cluster, ``WorkerLost`` is raised instead: the cause is the lost worker, not any exception.
+    worker left the cluster, ``WorkerLost`` is raised instead: the cause is the lost worker, not any exception;
+    likewise (``confirmed=False``) when every failed rank lost its connection to peers while others went silent.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -145,12 +170,18 @@ def _settle(futures: RankFutures, grace: float) -> None:
     while not lost and time.monotonic() < deadline and not all(f.done() for f in futures):
         _wait_some(futures, 0.5)
         lost = futures.lost_ranks()
+    silent = [rank for rank, future in enumerate(futures) if not future.done()]
     for future in futures:
         if not future.done():
             future.cancel()
     if lost:
         raise WorkerLost(lost, [futures.workers[r] for r in lost])
-    raise min(_failures(futures), key=lambda error: getattr(error, "failed_at", float("inf")))
+    failures = _failures(futures)
+    first = min(failures, key=lambda error: getattr(error, "failed_at", float("inf")))
+    if silent and all(is_peer_communication_error(error) for error in failures):
+        evidence = f"rank {getattr(first, 'rank', '?')}: {first_line(first)}"
+        raise WorkerLost(silent, [futures.workers[r] for r in silent], confirmed=False, evidence=evidence) from first
+    raise first
 
 
 def _wait_some(futures: list[Future], seconds: float) -> None:
@@ -162,17 +193,19 @@ def _wait_some(futures: list[Future], seconds: float) -> None:
 
 
 def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, device_index: int | None,
-              master_addr: str, master_port: int, backend: str | None, timeout: float, pass_local_rank: bool) -> Any:
+              master_addr: str, master_port: int | None, backend: str | None, timeout: float, pass_local_rank: bool,
+              rendezvous: str) -> Any:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+    store = _rendezvous_store(rank, master_addr, master_port, rendezvous, datetime.timedelta(seconds=timeout))
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(store.port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if device_index is not None:
         torch.cuda.set_device(device_index)
-    dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout))
     try:
         if torch.cuda.is_available():
             check_no_shared_gpu(device_index)
@@ -187,12 +220,28 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
     finally:
         # Closing our connections makes peers blocked in a collective fail now rather than at the timeout.
         dist.destroy_process_group()
+        if rank == 0:
+            Variable(rendezvous).delete()
 
 
+def _rendezvous_store(rank: int, host: str, port: int | None, name: str, timeout: datetime.timedelta):
+    """The process group's key-value store: rank 0 serves it and publishes its port in the Dask variable
+    ``name``; the other ranks read the port there and connect."""
+    import torch.distributed as dist
 
-def _rendezvous_port(client: Client, address: str) -> int:
-    """A port that is free on the host of rank 0's worker right now."""
-    return client.run(free_port, workers=[address])[address]
+    if rank != 0:
+        port = int(Variable(name).get(timeout=timeout.total_seconds()))
+        return dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    try:
+        store = dist.TCPStore(host, port or 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    except (RuntimeError, OSError) as error:  # torch's DistNetworkError: the port is in use
+        if not port:
+            raise
+        logger.warning("rendezvous port %d on %s is taken (%s); using one the system picks", port, host,
+                       first_line(error))
+        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    Variable(name).set(store.port)
+    return store
 
 
 def worker_addresses(client: Client) -> list[str]:

@@ -1,6 +1,7 @@
 """dispatch.run on a 2-worker LocalCluster over gloo."""
 
 import os
+import socket
 import time
 
 import pytest
@@ -65,10 +66,51 @@ def fresh_token():
     return uuid.uuid4().hex
 
 
-def test_a_reused_rendezvous_port_does_not_alias_an_earlier_dispatch(dask_client, monkeypatch):
-    port = dask_client.run(dispatch.free_port, workers=[sorted(dask_client.scheduler_info()["workers"])[0]])
-    monkeypatch.setattr(dispatch, "_rendezvous_port", lambda client, address: next(iter(port.values())))
-    earlier = dispatch.run(dask_client, fresh_token)  # still held, as a monitor or a cancelled run would hold it
+def test_a_reused_rendezvous_port_does_not_alias_an_earlier_dispatch(dask_client):
+    port = dispatch.free_port()  # the workers share this machine
+    earlier = dispatch.run(dask_client, fresh_token, master_port=port)  # still held, as a monitor would hold it
     first = dispatch.results(earlier, timeout=120)
-    second = dispatch.results(dispatch.run(dask_client, fresh_token), timeout=120)
+    second = dispatch.results(dispatch.run(dask_client, fresh_token, master_port=port), timeout=120)
     assert set(first).isdisjoint(second), "the second dispatch ran, rather than returning the first's results"
+
+
+def rendezvous_port():
+    import os
+
+    return int(os.environ["MASTER_PORT"])
+
+
+def test_a_taken_rendezvous_port_is_replaced_not_fatal(dask_client):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = dispatch.results(dispatch.run(dask_client, rendezvous_port, master_port=port, timeout=30), timeout=60)
+    assert ports[0] == ports[1] != port
+
+
+def test_ranks_rendezvous_on_a_port_the_system_picks(dask_client):
+    ports = dispatch.results(dispatch.run(dask_client, rendezvous_port), timeout=60)
+    assert ports[0] == ports[1] > 0
+
+
+def vanish_on_rank_one(seconds):
+    """Rank 1 stops answering its peers without its task ending, as a node that dropped off the network does
+    before the scheduler's heartbeat notices; rank 0 is in a collective."""
+    if dist.get_rank() == 1:
+        dist.destroy_process_group()
+        time.sleep(seconds)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # for the dispatcher's cleanup
+        return "late"
+    dist.all_reduce(torch.ones(1))
+    return "done"
+
+
+def test_a_peer_that_stops_answering_is_a_lost_worker_not_a_failure(dask_client):
+    futures = dispatch.run(dask_client, vanish_on_rank_one, 12, timeout=3)
+    with pytest.raises(dispatch.WorkerLost) as caught:
+        dispatch.results(futures, grace=2)
+    assert caught.value.ranks == [1] and not caught.value.confirmed
+    assert "stopped answering" in str(caught.value)
+    assert "rank 0" in str(caught.value) and dispatch.is_peer_communication_error(caught.value.__cause__)
+    time.sleep(12)  # the vanished task ends; the workers are free for the next test

@@ -45,7 +45,8 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
                 raise RuntimeError(f"giving up after {config.recovery.max_restarts} restarts") from lost
             logger.warning("%s; restart %d of at most %d, from the newest checkpoint", lost, restarts,
                            config.recovery.max_restarts)
-            workers = wait_for_workers(client, world_size, lost.workers, config.recovery)
+            gone = lost.workers if lost.confirmed else []  # a silent worker may still be there: do not wait it out
+            workers = wait_for_workers(client, world_size, gone, config.recovery)
             job = restart_config(config, workers, world_size)
             restart = {"restart": restarts, "cause": str(lost), "last_iteration": last_seen}
         finally:
