@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import resource
 import socket
 import time
 
@@ -99,6 +98,20 @@ def _spawn(function, *args) -> list[float]:
     return [results[rank] for rank in range(WORLD)]
 
 
+def _reset_peak_rss() -> int:
+    """Reset this process's peak resident size to its current size (Linux ``clear_refs``; a spawned process
+    otherwise inherits its parent's peak across exec) and return that size."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 def _call_with_rank(rank: int, function, args, address: str, results: dict) -> None:
     function(*args, address, results, rank)
 
@@ -131,10 +144,10 @@ def gather_peak(method: str, count: int, width: int, address: str, results: dict
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=WORLD)
     dist.barrier()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _reset_peak_rss()
     {"before": gather_all_float64, "after": gather_rank0_float32}[method](count, width)
     dist.barrier()
-    results[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    results[rank] = _status_bytes("VmHWM") - before
     dist.destroy_process_group()
 
 

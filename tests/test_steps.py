@@ -163,3 +163,14 @@ def test_compiled_networks_give_the_eager_update_including_r1(process_group):
     for a, b in zip(eager_weights, compiled_weights):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     assert list(gan.D.module.state_dict()) == list(toy_gan().D.module.state_dict()), "checkpoints look the same"
+
+
+def test_a_non_finite_gradient_never_reaches_the_weights(process_group):
+    gan = toy_gan()
+    images, z_d, _ = reference_data(4)
+    images[0, 0, 0, 0] = float("inf")  # as an overflowing fp16 activation would be
+    discriminator_step(gan, LOSSES["hinge"], batches(images, 1), PreparedNoise(z_d))
+    grads = [p.grad for p in gan.D.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads), "gradients sanitised before the update"
+    assert all(torch.isfinite(p).all() for p in gan.D.parameters())
+    assert any(g.abs().max() == 1e5 for g in grads) or any(g.eq(0).any() for g in grads), "inf -> 1e5, NaN -> 0"

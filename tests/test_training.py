@@ -73,6 +73,8 @@ def test_run_writes_records_grids_tensorboard_and_checkpoints(dask_client, datas
     assert [i for i, _ in checkpoint.list_checkpoints(config.output.run_url, options)] == [3, 6]
     state = checkpoint.load(checkpoint.latest(config.output.run_url, options), options)
     assert state["iteration"] == 6 and len(state["ranks"]) == 2
+    assert all(r["cuda_rng"] is None and r["torch_rng"].dtype == torch.uint8 for r in state["ranks"]), "CPU ranks"
+    assert storage.exists(f"{config.output.run_url}/dataset-manifest.json.gz", options)
 
     saved_config = yaml.safe_load(storage.read_bytes(f"{config.output.run_url}/config.yaml", options))
     assert saved_config["train"]["iterations"] == 6

@@ -226,7 +226,7 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
 
     Storage that stays unavailable beyond the retries costs this checkpoint, not the run: ``latest.json`` keeps
     naming the previous one, the next record carries ``checkpoint_failed`` and ``checkpoint_error``."""
-    rank_state = {"noise": noise.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": position.epoch,
+    rank_state = {"noise": noise.generator.get_state(), **_global_random_state(noise.device), "epoch": position.epoch,
                   "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(rank_state, gathered, dst=0)
@@ -292,7 +292,7 @@ def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
     saved = state["ranks"] if state else None
     if saved and len(saved) == world_size:
         noise.set_state(saved[rank]["noise"])
-        torch.set_rng_state(saved[rank]["torch_rng"])
+        _restore_global_random_state(saved[rank])
         if gan.ada is not None and saved[rank]["ada"] is not None:
             gan.ada.load_state_dict(saved[rank]["ada"])
         return noise, StreamPosition(saved[rank]["epoch"], saved[rank]["offset"])
@@ -304,6 +304,19 @@ def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
                        len(saved), world_size)
         return noise, StreamPosition(max(r["epoch"] for r in saved) + 1, 0)
     return noise, StreamPosition()
+
+
+def _global_random_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """torch's global random streams on this rank: the CPU one and, on a GPU, the device's (augmentation and
+    dropout draw from the stream of the device they run on)."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _restore_global_random_state(saved: dict[str, torch.Tensor | None]) -> None:
+    torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda_rng"], torch.cuda.current_device())
 
 
 def _device() -> torch.device:

@@ -4,7 +4,7 @@ Each step runs over ``accumulate`` micro-batches: DDP's ``no_sync`` keeps the gr
 micro-batch local, so one all-reduce per step carries their sum and the update equals one step on the whole batch
 (per-worker batch x workers x accumulate). Regularisers ride on the main losses every n-th step, scaled by n (lazy
 regularisation): R1 on the reals in a D step, path length on the fakes in a G step; BigGAN's orthogonal
-regularisation is added to G's gradients just before its update. Passes that need double backward run eagerly
+regularisation is added to G's gradients just before its update, and non-finite gradients are sanitised. Passes that need double backward run eagerly
 when the networks are compiled (``daskgan.compiled``).
 """
 
@@ -82,6 +82,7 @@ def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noi
             (loss_fake / len(batches)).backward()
         stats.add(loss_D_real=loss_real, loss_D_fake=loss_fake, D_x=torch.sigmoid(real_logits).mean(),
                   D_G_z=torch.sigmoid(fake_logits).mean(), **({"r1_penalty": r1} if r1 is not None else {}))
+    sanitise_gradients(gan.D.module)
     gan.opt_D.step()
     return stats.means()
 
@@ -109,8 +110,17 @@ def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int,
         gan.D.module.requires_grad_(True)
     if ortho:
         orthogonal_regularisation(gan.G.module, ortho)
+    sanitise_gradients(gan.G.module)
     gan.opt_G.step()
     return stats.means()
+
+
+def sanitise_gradients(module: nn.Module) -> None:
+    """Replace NaN gradients by 0 and infinities by ±1e5 before the update (NVlabs does so on every step): one
+    overflowing reduced-precision activation must not write NaN into the weights and the optimiser's moments."""
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            torch.nan_to_num(parameter.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=parameter.grad)
 
 
 def _path_length_step(gan: Gan, fake: torch.Tensor, ws: torch.Tensor, decay: float) -> torch.Tensor:
