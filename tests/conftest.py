@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -22,6 +23,32 @@ def s3_server():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def credential_checking_s3():
+    """An S3 server that checks credentials as S3 does (moto, once its first unauthenticated calls are used up)
+    and a user allowed everything; yields (server, an IAM client acting as that user, the user's credentials as
+    environment variables)."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    with LoopbackS3(server_environment={"INITIAL_NO_AUTH_ACTION_COUNT": "20"}) as server:
+        iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="trainer")
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        arn = iam.create_policy(PolicyName="all", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
+        iam.attach_user_policy(UserName="trainer", PolicyArn=arn)
+        for _ in range(20):  # use up the unauthenticated calls left (start-up probes count too)
+            try:
+                iam.list_users()
+            except ClientError:
+                break
+        iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                           aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+        yield server, iam, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
 @pytest.fixture

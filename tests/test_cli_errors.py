@@ -4,7 +4,6 @@ through a real scheduler and workers."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -98,32 +97,15 @@ def test_class_index_out_of_range(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checking_s3():
-    """An S3 server that checks credentials (moto, once its first unauthenticated calls are used up), a user
-    allowed everything, and a bucket holding one checkpoint; yields (server, good credentials, checkpoint URL)."""
-    import boto3
-    from botocore.exceptions import ClientError
+def checking_s3(credential_checking_s3):
+    """The credential-checking S3 with a bucket holding one checkpoint; yields (server, good credentials, its URL)."""
+    import s3fs
 
-    with LoopbackS3(server_environment={"INITIAL_NO_AUTH_ACTION_COUNT": "20"}) as server:
-        iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1",
-                           aws_access_key_id="setup", aws_secret_access_key="setup")
-        iam.create_user(UserName="trainer")
-        key = iam.create_access_key(UserName="trainer")["AccessKey"]
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-        arn = iam.create_policy(PolicyName="all", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
-        iam.attach_user_policy(UserName="trainer", PolicyArn=arn)
-        for _ in range(20):  # use up the unauthenticated calls left (start-up probes count too)
-            try:
-                iam.list_users()
-            except ClientError:
-                break
-        good = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
-        options = {"endpoint_url": server.endpoint_url, "key": good["AWS_ACCESS_KEY_ID"],
-                   "secret": good["AWS_SECRET_ACCESS_KEY"]}
-        import s3fs
-
-        s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("weights")
-        yield server, good, saved_checkpoint("s3://weights/run", options)
+    server, iam, good = credential_checking_s3
+    options = {"endpoint_url": server.endpoint_url, "key": good["AWS_ACCESS_KEY_ID"],
+               "secret": good["AWS_SECRET_ACCESS_KEY"]}
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("weights")
+    yield server, good, saved_checkpoint("s3://weights/run", options)
 
 
 def test_wrong_and_missing_credentials(checking_s3, tmp_path):

@@ -9,8 +9,10 @@ import pytest
 from fault_proxy import FaultProxy, Faults
 
 from daskgan.config import DataConfig
+from daskgan.data import synthetic
 from daskgan.data.index import index_images
 from daskgan.data.stream import ImageStream
+from daskgan.errors import StorageAccessError
 from daskgan.run import checkpoint, storage
 
 
@@ -88,3 +90,74 @@ def test_training_through_failing_storage_keeps_every_record_grid_and_checkpoint
         assert checkpoint.load(url, options)["iteration"] == int(url.rsplit("/", 1)[1][:-3])
     assert storage.exists(f"{run}/records.parquet", options) and storage.exists(f"{run}/summary.png", options)
     print(f"\n10% of all requests answered 503/500: {dict(faults.counts)}")
+
+
+@pytest.fixture
+def revocable_key(credential_checking_s3):
+    """A fresh access key of the checking server's user, a bucket with 32 images, and a function that revokes
+    the key (IAM deletes it: every later request is refused as S3 refuses an expired or revoked key)."""
+    import s3fs
+
+    server, iam, _ = credential_checking_s3
+    key = iam.create_access_key(UserName="trainer")["AccessKey"]
+    options = {"endpoint_url": server.endpoint_url, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    bucket = f"revoke-{key['AccessKeyId'][-8:].lower()}"
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(bucket)
+    synthetic.write_dataset(f"s3://{bucket}/data", images=32, resolution=16, storage_options=options)
+
+    def revoke() -> None:
+        iam.delete_access_key(UserName="trainer", AccessKeyId=key["AccessKeyId"])
+
+    return f"s3://{bucket}", options, revoke
+
+
+def test_credentials_revoked_mid_run_stop_the_stream_at_once_naming_the_dataset(revocable_key):
+    bucket, options, revoke = revocable_key
+    config = DataConfig(url=f"{bucket}/data", storage_options=options, resolution=16, batch_size=8, fetch_batch=8,
+                        prefetch_batches=1)
+    stream = ImageStream(index_images(f"{bucket}/data", options), config)
+    try:
+        next(stream)
+        revoke()
+        started = time.monotonic()
+        with pytest.raises(StorageAccessError, match=f"{bucket}/data: access denied .* credentials are taken from"):
+            for _ in range(8):  # past the batches fetched before the revocation
+                next(stream)
+        assert time.monotonic() - started < 30, "refused credentials are not retried like throttling"
+    finally:
+        stream.close()
+    assert stream.skipped == 0, "no image is blamed for the refusal"
+
+
+def set_environment(values: dict) -> None:
+    import os
+
+    os.environ.update(values)
+
+
+@pytest.mark.slow
+def test_credentials_revoked_mid_training_stop_the_job_with_one_clear_error(dask_client, revocable_key):
+    from daskgan.cluster.driver import run_job
+    from daskgan.config import JobConfig
+
+    bucket, options, revoke = revocable_key
+    dask_client.run(set_environment, {"DASKGAN_TEST_KEY": options["key"], "DASKGAN_TEST_SECRET": options["secret"]})
+    from_workers = {"endpoint_url": options["endpoint_url"], "key": "${DASKGAN_TEST_KEY}",
+                    "secret": "${DASKGAN_TEST_SECRET}"}  # credentials live only in the workers' environment
+    job = JobConfig.from_dict({
+        "data": {"url": f"{bucket}/data", "storage_options": from_workers, "resolution": 16, "batch_size": 4,
+                 "prefetch_batches": 1},
+        "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": 10_000},
+        "output": {"run_url": f"{bucket}/run", "storage_options": from_workers, "flush_every": 1}})
+    seen = []
+
+    def revoke_after_the_first_record(record):
+        if not seen:
+            revoke()
+        seen.append(record["iteration"])
+
+    started = time.monotonic()
+    with pytest.raises(StorageAccessError, match=f"{bucket}/(data|run).*: access denied") as caught:
+        run_job(dask_client, job, on_record=revoke_after_the_first_record, timeout=60)
+    assert "credentials are taken from" in str(caught.value)
+    assert seen and seen[-1] < 10_000 and time.monotonic() - started < 120
