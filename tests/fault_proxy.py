@@ -2,7 +2,7 @@
 
 A configurable share of requests (optionally only GETs of objects) is answered with ``503 SlowDown`` or
 ``500 InternalError`` (S3's XML error bodies), has its connection reset, or is delayed; the rest is forwarded to
-the real server unchanged. Counts of each outcome are kept for the test's figures.
+the real server unchanged. Counts of each outcome and of each HTTP method are kept for the test's figures.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = proxy._choose(self.command, self.path)
                 proxy.faults.counts[fault or "forwarded"] += 1
+                proxy.faults.counts[self.command] += 1
                 if fault == "reset":
                     # RST instead of FIN: the client sees "connection reset by peer"
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -161,3 +161,18 @@ def test_credentials_revoked_mid_training_stop_the_job_with_one_clear_error(dask
         run_job(dask_client, job, on_record=revoke_after_the_first_record, timeout=60)
     assert "credentials are taken from" in str(caught.value)
     assert seen and seen[-1] < 10_000 and time.monotonic() - started < 120
+
+
+def test_each_image_costs_one_get_and_no_head(s3_server, shapes_in_bucket):
+    bucket, options = shapes_in_bucket(16)
+    index = index_images(f"{bucket}/data", options)
+    faults = Faults()
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        config = DataConfig(url=f"{bucket}/data", storage_options={**options, "endpoint_url": proxy.endpoint_url},
+                            resolution=16, batch_size=8, fetch_batch=16, prefetch_batches=1)
+        stream = ImageStream(index, config)
+        batches = [next(stream), next(stream)]
+        stream.close()
+    assert len(batches) == 2
+    assert faults.counts["HEAD"] == 0, "s3fs asks each object's size before a whole-object GET unless told not to"
+    assert faults.counts["GET"] == stream.images_read >= 16, "one GET per image read"

@@ -52,7 +52,7 @@ class S3ImageFolder(Dataset):
     def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any]]:
         """Several items from one concurrent fetch (torch's DataLoader calls this for a whole batch)."""
         paths = [self.all_files[i] for i in indices]
-        fetched = self._filesystem().cat(paths, on_error="raise")
+        fetched = storage.cat_objects(self._filesystem(), paths, on_error="raise")
         return [self._item(fetched[path], self.labels[i]) for path, i in zip(paths, indices)]
 
     def _item(self, data: bytes, label: int) -> tuple[Any, Any]:

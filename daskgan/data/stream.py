@@ -143,7 +143,7 @@ class ImageStream:
         missing = [p for p in paths if p not in result]
         backoff = storage.Backoff(self.config.retry_tries, self.config.retry_seconds)
         while missing:
-            fetched = self._fs.cat(missing, on_error="return")
+            fetched = storage.cat_objects(self._fs, missing)
             failed = {}
             for path in missing:
                 value = fetched.get(path, FileNotFoundError(path))

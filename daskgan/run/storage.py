@@ -9,6 +9,7 @@ object raises ``NotFound``, refused or missing credentials ``StorageAccessError`
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import json
 import logging
@@ -103,6 +104,16 @@ def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple
     workers, the client), and a cached listing in one of them hides objects the others wrote since.
     """
     return url_to_fs(url, **{"use_listings_cache": False, **resolve_references(storage_options or {})})
+
+
+def cat_objects(fs: fsspec.AbstractFileSystem, paths: list[str], on_error: str = "return") -> dict[str, Any]:
+    """The whole contents of many small objects, fetched concurrently, one GET each.
+
+    s3fs asks each object's size (a HEAD) before a whole-object GET so that it could split a large one into
+    concurrent ranges; told to read in one piece (``max_concurrency=1``) it skips that round trip, halving the
+    requests for dataset images."""
+    whole = {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {}
+    return fs.cat(paths, on_error=on_error, **whole)
 
 
 def explain_errors(function: Operation) -> Operation:

@@ -84,7 +84,7 @@ class Evaluator:
 
     def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
         fs, _ = storage.filesystem(self.index.url, self.config.data.storage_options)
-        fetched = fs.cat([self.index.paths[order[i]] for i in items], on_error="return")  # one concurrent fetch
+        fetched = storage.cat_objects(fs, [self.index.paths[order[i]] for i in items])  # one concurrent fetch
         return torch.stack([self._real_image(fs, order, i, fetched) for i in items]).to(self.device)
 
     def _real_image(self, fs, order: list[int], item: int, fetched: dict) -> torch.Tensor:

@@ -181,7 +181,7 @@ def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | 
     ``reals.png``: what the samples should come to look like."""
     paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
     fs, _ = storage.filesystem(index.url, config.data.storage_options)
-    fetched = fs.cat(sorted(set(paths)), on_error="return")
+    fetched = storage.cat_objects(fs, sorted(set(paths)))
     return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution) for path in paths])
 
 
