@@ -9,14 +9,18 @@ Channels per resolution: min(32768 * fmaps / resolution, channel_max).
 Class-conditional (``model.conditional``): G's mapping takes the normalised embedding of the one-hot label beside
 the normalised z; D projects its last features onto a mapping of the label (NVlabs' ``cmap``).
 
+Resampling is NVlabs': the [1, 3, 3, 1] FIR filter (``daskgan.models.resample``), G's up-sampling convs as
+stride-2 transposed convs, D's down-sampling after filtering; conv activations are clamped to ±256 (NVlabs'
+default ``conv_clamp``). With NVlabs' weights (``daskgan.pretrained``) the networks give their outputs (tested
+to 1e-4 against their code's).
+
 Reduced precision (``train.precision: bf16|fp16``): the convolutions of the highest ``n`` resolutions of G and D
-run under autocast, with activations clamped to +-256 as NVlabs' ``conv_clamp``. What stays fp32: the parameters
+run under autocast. What stays fp32: the parameters
 and optimizer states (autocast casts per op), the mapping networks, the style affines and the weight
 (de)modulation, the toRGB image path (each block's RGB is added in fp32), the lower-resolution blocks, D's
 epilogue (minibatch std, conv, fc, logit, projection), the losses and the R1 / path-length gradients.
 
-Differences from NVlabs: up-sampling is bilinear and down-sampling average pooling instead of their FIR filters
-(upfirdn2d); there are no custom CUDA kernels.
+Unlike NVlabs there are no custom CUDA kernels: everything is plain PyTorch (``torch.compile`` optional).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daskgan.models.layers import one_hot
+from daskgan.models.resample import downsample2d, fir_filter, upfirdn2d, upsample2d
 
 LRELU_GAIN = math.sqrt(2)
 CONV_CLAMP = 256.0  # activations of reduced-precision layers are clamped to +-CONV_CLAMP (NVlabs' conv_clamp)
@@ -55,7 +60,9 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Convolution with equalised learning rate; ``down`` halves the resolution after the convolution."""
+    """Convolution with equalised learning rate; ``down`` halves the resolution with NVlabs' FIR filter (a 1x1
+    conv after filtering, a 3x3 one with stride 2 on the filtered input). Activated layers clamp at
+    ±``CONV_CLAMP``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, activation: bool = True, bias: bool = True,
                  down: bool = False):
@@ -64,25 +71,61 @@ class EqualConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.weight_gain = 1 / math.sqrt(in_channels * kernel * kernel)
         self.activation, self.down = activation, down
+        if down:
+            self.register_buffer("resample_filter", fir_filter(), persistent=False)
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
-        if self.down:
-            x = F.avg_pool2d(x, 2)
-        return (F.leaky_relu(x, 0.2) * LRELU_GAIN if self.activation else x) * gain
+        weight = self.weight * self.weight_gain
+        kernel = weight.shape[-1]
+        if not self.down:
+            x = F.conv2d(x, weight, self.bias, padding=kernel // 2)
+        elif kernel == 1:
+            x = F.conv2d(downsample2d(x, self.resample_filter), weight, self.bias)
+        else:
+            x = F.conv2d(upfirdn2d(x, self.resample_filter, padding=_padding_before_strided_conv(
+                kernel, self.resample_filter)), weight, self.bias, stride=2)
+        if not self.activation:
+            return x * gain
+        return clamp_activations(F.leaky_relu(x, 0.2) * LRELU_GAIN * gain, gain)
 
 
-def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,
-                     demodulate: bool = True) -> torch.Tensor:
+def _padding_before_strided_conv(kernel: int, fir: torch.Tensor) -> tuple[int, int, int, int]:
+    """Padding of the filtered input of a stride-2 ``kernel``-wide conv, so the output is half the input."""
+    taps = fir.shape[-1]
+    before, after = kernel // 2 + (taps - 1) // 2, kernel // 2 + (taps - 2) // 2
+    return before, after, before, after
+
+
+def _transposed_conv_up(x: torch.Tensor, weight: torch.Tensor, fir: torch.Tensor, groups: int) -> torch.Tensor:
+    """A ``kernel``-wide conv at twice the resolution, as NVlabs: a stride-2 transposed conv (which convolves,
+    i.e. flips the kernel relative to ``conv2d``), then the FIR filter with gain 4 trims it to exactly 2x."""
+    out_channels, in_channels, kernel, _ = weight.shape
+    per_group = out_channels // groups
+    weight = weight.reshape(groups, per_group, in_channels, kernel, kernel).transpose(1, 2)
+    x = F.conv_transpose2d(x, weight.reshape(groups * in_channels, per_group, kernel, kernel), stride=2,
+                           groups=groups)
+    taps = fir.shape[-1]
+    before = kernel // 2 + (taps + 1) // 2 - (kernel - 1)
+    after = kernel // 2 + (taps - 2) // 2 - (kernel - 2)
+    return upfirdn2d(x, fir, padding=(before, after, before, after), gain=4)
+
+
+def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True,
+                     up_filter: torch.Tensor | None = None) -> torch.Tensor:
     """Convolve each sample with ``weight`` scaled per input channel by its ``styles``; with ``demodulate`` each
-    output filter is renormalised to unit norm, so unit-variance inputs give unit-variance outputs."""
+    output filter is renormalised to unit norm, so unit-variance inputs give unit-variance outputs. With
+    ``up_filter`` the output has twice the resolution (``_transposed_conv_up``)."""
     n, in_channels, height, width = x.shape
     out_channels, _, kernel, _ = weight.shape
     w = weight.unsqueeze(0) * styles[:, None, :, None, None]
     if demodulate:
         w = w * torch.rsqrt(w.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8)
-    out = F.conv2d(x.reshape(1, n * in_channels, height, width), w.reshape(n * out_channels, in_channels, kernel, kernel),
-                   padding=kernel // 2, groups=n)
+    x = x.reshape(1, n * in_channels, height, width)
+    w = w.reshape(n * out_channels, in_channels, kernel, kernel)
+    if up_filter is not None:
+        out = _transposed_conv_up(x, w, up_filter, groups=n)
+    else:
+        out = F.conv2d(x, w, padding=kernel // 2, groups=n)
     return out.reshape(n, out_channels, *out.shape[2:])
 
 
@@ -95,16 +138,17 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.up = up
+        if up:
+            self.register_buffer("resample_filter", fir_filter(), persistent=False)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = modulated_conv2d(x, self.weight, fp32_styles(self.affine, w))
+        x = modulated_conv2d(x, self.weight, fp32_styles(self.affine, w),
+                             up_filter=self.resample_filter if self.up else None)
         if noise_mode == "random":
             x = x + torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype) * self.noise_strength
         elif noise_mode == "const":
             x = x + self.noise_const.to(x.dtype) * self.noise_strength
-        return clamp_reduced(F.leaky_relu(x + self.bias[None, :, None, None].to(x.dtype), 0.2) * LRELU_GAIN)
+        return clamp_activations(F.leaky_relu(x + self.bias[None, :, None, None].to(x.dtype), 0.2) * LRELU_GAIN)
 
 
 class ToRGB(nn.Module):
@@ -118,7 +162,7 @@ class ToRGB(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = fp32_styles(self.affine, w) * self.weight_gain
         rgb = modulated_conv2d(x, self.weight, styles, demodulate=False)
-        return rgb.float() + self.bias[None, :, None, None]
+        return clamp_activations(rgb.float() + self.bias[None, :, None, None])
 
 
 def fp32_styles(affine: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -127,9 +171,10 @@ def fp32_styles(affine: nn.Module, w: torch.Tensor) -> torch.Tensor:
         return affine(w.float())
 
 
-def clamp_reduced(x: torch.Tensor) -> torch.Tensor:
-    """Clamp activations of reduced-precision layers so fp16 cannot overflow (fp32 ones pass unchanged)."""
-    return x.clamp(-CONV_CLAMP, CONV_CLAMP) if x.dtype != torch.float32 else x
+def clamp_activations(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """NVlabs' ``conv_clamp``: conv outputs (after activation and ``gain``) within ±CONV_CLAMP·gain, so fp16
+    cannot overflow; their default applies it in fp32 layers too."""
+    return x.clamp(-CONV_CLAMP * gain, CONV_CLAMP * gain)
 
 
 def autocast_to(device: torch.device, dtype: torch.dtype | None):
@@ -161,6 +206,7 @@ class SynthesisBlock(nn.Module):
             self.convs = nn.ModuleList([SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True),
                                         SynthesisLayer(out_channels, out_channels, w_dim, resolution)])
         self.torgb = ToRGB(out_channels, w_dim)
+        self.register_buffer("resample_filter", fir_filter(), persistent=False)
 
     def forward(self, x, image, ws: torch.Tensor, noise_mode: str):
         if self.first:
@@ -169,8 +215,7 @@ class SynthesisBlock(nn.Module):
             for i, conv in enumerate(self.convs):
                 x = conv(x, ws[:, i], noise_mode)
             rgb = self.torgb(x, ws[:, len(self.convs)])
-        image = rgb if image is None else F.interpolate(image, scale_factor=2, mode="bilinear",
-                                                        align_corners=False) + rgb
+        image = rgb if image is None else upsample2d(image, self.resample_filter) + rgb
         return x, image
 
 
@@ -182,14 +227,16 @@ class MappingNetwork(nn.Module):
     """z (and, when ``num_classes`` > 0, the embedded label) -> w; without z it maps labels alone (D's cmap)."""
 
     def __init__(self, z_dim: int, w_dim: int, layers: int, num_classes: int = 0, lr_multiplier: float = 0.01,
-                 w_avg_beta: float = 0.995):
+                 w_avg_beta: float | None = 0.995):
+        """``w_avg_beta`` None: no average w is tracked (D's label mapping, which is never truncated)."""
         super().__init__()
         self.num_classes = num_classes
         self.embed = EqualLinear(num_classes, w_dim) if num_classes else None
         dims = [z_dim + (w_dim if num_classes else 0)] + [w_dim] * layers
         self.net = nn.Sequential(*[EqualLinear(a, b, activation=True, lr_multiplier=lr_multiplier)
                                    for a, b in zip(dims, dims[1:])])
-        self.register_buffer("w_avg", torch.zeros(w_dim))
+        if w_avg_beta is not None:
+            self.register_buffer("w_avg", torch.zeros(w_dim))
         self.w_avg_beta = w_avg_beta
 
     def forward(self, z: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,7 +244,7 @@ class MappingNetwork(nn.Module):
         if self.embed is not None:
             parts.append(normalize_2nd_moment(self.embed(one_hot(labels, self.num_classes))))
         w = self.net(torch.cat(parts, dim=1))
-        if self.training:
+        if self.training and self.w_avg_beta is not None:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
         return w
@@ -278,7 +325,7 @@ class DiscriminatorBlock(nn.Module):
             if self.fromrgb is not None:
                 x = self.fromrgb(x)
             residual = self.skip(x, gain=math.sqrt(0.5))
-            return clamp_reduced(residual + self.conv1(self.conv0(x), gain=math.sqrt(0.5)))
+            return residual + self.conv1(self.conv0(x), gain=math.sqrt(0.5))
 
 
 class Discriminator(ReducedPrecisionBlocks, nn.Module):
@@ -297,7 +344,7 @@ class Discriminator(ReducedPrecisionBlocks, nn.Module):
         self.fc = EqualLinear(channels * 16, channels, activation=True)
         # conditional: the output is the projection of `channels` features onto the label's mapping (cmap)
         self.out = EqualLinear(channels, channels if num_classes else 1)
-        self.cmap = MappingNetwork(0, channels, mapping_layers, num_classes) if num_classes else None
+        self.cmap = MappingNetwork(0, channels, mapping_layers, num_classes, w_avg_beta=None) if num_classes else None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.conv(self.mbstd(self.blocks(images).float()))

@@ -1,0 +1,1 @@
+"""Weights made by other implementations, mapped onto daskgan's networks (NVlabs' StyleGAN2-ADA)."""
