@@ -33,6 +33,10 @@ class CheckpointUnreadable(UserError, ValueError):
     """A file that is not a daskgan checkpoint (another tool's pickle, a truncated upload)."""
 
 
+class UnsafePickle(CheckpointUnreadable):
+    """A pickle that asks to import something other than tensors and plain containers: refused unrun."""
+
+
 class NotFound(UserError, FileNotFoundError):
     """A URL, bucket, file or dataset that does not exist (or holds nothing usable)."""
 

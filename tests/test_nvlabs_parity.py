@@ -12,9 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from nvlabs_pickles import nvlabs_pickle
+
+from daskgan.errors import CheckpointUnreadable, UnsafePickle
 from daskgan.models.resample import downsample2d, filter2d, fir_filter, upsample2d
 from daskgan.models.stylegan2 import Discriminator, Generator
+from daskgan.pretrained import import_weights
 from daskgan.pretrained.nvlabs_names import discriminator_state, generator_state
+from daskgan.tools.generate import load_generator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvlabs"
 TOLERANCE = 1e-4
@@ -69,3 +74,79 @@ def test_discriminator_reproduces_nvlabs_logits(name):
         logits = D(io["D_images"], labels_of(io))
     difference = (logits - io["D_logits"].flatten()).abs().max()
     assert difference < TOLERANCE, f"max |difference| {difference:.3g}"
+
+
+# --- NVlabs network pickles ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sg2-64-uncond", "sg2-64-cond"])
+def test_an_nvlabs_pickle_imports_without_running_its_code(tmp_path, name):
+    marker = tmp_path / "ran"
+    url = tmp_path / "network-snapshot-000000.pkl"
+    url.write_bytes(nvlabs_pickle(FIXTURES / name, marker))
+    state = import_weights(str(url))
+    assert not marker.exists(), "the source code stored in the pickle was not executed"
+    assert state["iteration"] == 0 and state["model"]["family"] == "stylegan2"
+    io = torch.load(FIXTURES / name / "io.pt")
+    G = load_generator(state, str(url))
+    with torch.no_grad():
+        images = G(io["z"], labels_of(io), truncation_psi=0.7, noise_mode="const")
+    assert (images - io["img_const_noise_psi0.7"]).abs().max() < TOLERANCE
+    _, D, _ = networks(name)
+    assert all(torch.equal(a, b) for a, b in zip(state["D"].values(), D.state_dict().values()))
+
+
+class Exploit:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch exploited",)
+
+
+@pytest.mark.parametrize("payload", [Exploit(), {"G": Exploit()}, {"G": [print]}])
+def test_a_pickle_that_imports_anything_else_is_refused_unrun(tmp_path, monkeypatch, payload):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    url = tmp_path / "evil.pkl"
+    url.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(UnsafePickle, match=r"evil.pkl: it asks to import (posix\.system|builtins\.print); only "):
+        import_weights(str(url))
+    assert not (tmp_path / "exploited").exists()
+
+
+def test_a_pickle_of_another_shape_is_one_clear_error(tmp_path):
+    import pickle
+
+    url = tmp_path / "other.pkl"
+    url.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
+    with pytest.raises(CheckpointUnreadable, match="other.pkl: an NVlabs pickle holds a dict with G and G_ema"):
+        import_weights(str(url))
+
+
+def nvlabs_png_pixels(image: torch.Tensor) -> torch.Tensor:
+    """NVlabs' generate.py conversion: (x * 127.5 + 128) clamped to 0..255, truncated to uint8, HWC."""
+    return (image * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def test_generate_from_an_nvlabs_pickle_writes_nvlabs_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from daskgan.tools.cli import main
+
+    source = tmp_path / "network-snapshot.pkl"
+    source.write_bytes(nvlabs_pickle(FIXTURES / "sg2-64-uncond", tmp_path / "ran"))
+    io = torch.load(FIXTURES / "sg2-64-uncond" / "io.pt")
+    assert torch.equal(io["z"][:1], torch.from_numpy(np.random.RandomState(0).randn(1, 32)).float()), \
+        "the reference's first z is NVlabs' z for seed 0"
+    assert main(["generate", str(source), "--seeds", "0", "--trunc", "0.7", "--out", str(tmp_path / "out")]) == 0
+    written = torch.from_numpy(np.array(Image.open(tmp_path / "out" / "seed0000.png"))).int()
+    expected = nvlabs_png_pixels(io["img_const_noise_psi0.7"][0]).int()
+    assert (written - expected).abs().max() <= 1, "within one level per pixel"
+    assert main(["import", str(source), "--out", str(tmp_path / "imported.pt")]) == 0
+    assert main(["generate", str(tmp_path / "imported.pt"), "--seeds", "0", "--trunc", "0.7",
+                 "--out", str(tmp_path / "again")]) == 0
+    assert Image.open(tmp_path / "again" / "seed0000.png").tobytes() == Image.open(
+        tmp_path / "out" / "seed0000.png").tobytes(), "the imported checkpoint draws the same image"
+    assert not (tmp_path / "ran").exists()

@@ -57,3 +57,14 @@ def test_objects_written_by_another_process_are_seen_at_once(s3_bucket):
     assert storage.exists(f"{url}/ckpt/b.pt", options)
     assert storage.read_bytes(f"{url}/ckpt/b.pt", options) == b"b"
     assert storage.list_names(f"{url}/ckpt", options) == ["a.pt", "b.pt"]
+
+
+def test_many_objects_are_read_whole_from_any_filesystem(tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    for url, opts in ((tmp_path.as_uri(), {}), (bucket, options), ("memory://cat-objects", {})):
+        storage.write_many({f"{url}/a": b"1", f"{url}/b": b"22"}, opts)
+        fs, root = storage.filesystem(url, opts)
+        root = root.rstrip("/")
+        fetched = storage.cat_objects(fs, [f"{root}/a", f"{root}/b", f"{root}/missing"])
+        assert fetched[f"{root}/a"] == b"1" and fetched[f"{root}/b"] == b"22"
+        assert isinstance(fetched[f"{root}/missing"], FileNotFoundError)

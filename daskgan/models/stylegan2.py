@@ -36,6 +36,7 @@ from daskgan.models.layers import one_hot
 from daskgan.models.resample import downsample2d, fir_filter, upfirdn2d, upsample2d
 
 LRELU_GAIN = math.sqrt(2)
+D_MAPPING_LAYERS = 8  # depth of D's label mapping: NVlabs' default whatever G's mapping depth
 CONV_CLAMP = 256.0  # activations of reduced-precision layers are clamped to +-CONV_CLAMP (NVlabs' conv_clamp)
 
 
@@ -330,7 +331,7 @@ class DiscriminatorBlock(nn.Module):
 
 class Discriminator(ReducedPrecisionBlocks, nn.Module):
     def __init__(self, resolution: int, fmaps: float = 0.5, channel_max: int = 512, mbstd_group: int = 4,
-                 num_classes: int = 0, mapping_layers: int = 8):
+                 num_classes: int = 0, mapping_layers: int = D_MAPPING_LAYERS):
         super().__init__()
         self.resolution = resolution
         resolutions = [2 ** i for i in range(int(math.log2(resolution)), 2, -1)]
@@ -359,4 +360,4 @@ def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, n
     m = model_config
     return (Generator(resolution, m.z_dim, m.w_dim, m.mapping_layers, m.fmaps, m.channel_max, m.style_mixing,
                       num_classes),
-            Discriminator(resolution, m.fmaps, m.channel_max, m.mbstd_group, num_classes, m.mapping_layers))
+            Discriminator(resolution, m.fmaps, m.channel_max, m.mbstd_group, num_classes))

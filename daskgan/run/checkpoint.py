@@ -124,11 +124,20 @@ def latest(run_url: str, storage_options: StorageOptions | None = None) -> str |
 
 def load(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """Read a checkpoint onto the CPU (tensors, numbers and strings only: no code is unpickled)."""
+    return parse(read(url, storage_options), url)
+
+
+def read(url: str, storage_options: StorageOptions | None = None) -> bytes:
+    """A checkpoint's bytes; a missing one says where the run's checkpoints are listed."""
     try:
-        data = storage.read_bytes(url, storage_options)
+        return storage.read_bytes(url, storage_options)
     except NotFound as exc:
         raise NotFound(f"checkpoint {url} does not exist ({exc}); the run's checkpoints are listed in "
                        f"<run_url>/checkpoints/index.json") from exc
+
+
+def parse(data: bytes, url: str) -> dict[str, Any]:
+    """A checkpoint from its bytes (``torch.load`` with ``weights_only``)."""
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage

@@ -112,7 +112,8 @@ def cat_objects(fs: fsspec.AbstractFileSystem, paths: list[str], on_error: str =
     s3fs asks each object's size (a HEAD) before a whole-object GET so that it could split a large one into
     concurrent ranges; told to read in one piece (``max_concurrency=1``) it skips that round trip, halving the
     requests for dataset images."""
-    whole = {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {}
+    cat_file = getattr(fs, "_cat_file", None)  # async filesystems (s3fs, gcsfs); local ones have none
+    whole = {"max_concurrency": 1} if cat_file and "max_concurrency" in inspect.signature(cat_file).parameters else {}
     return fs.cat(paths, on_error=on_error, **whole)
 
 

@@ -64,13 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     render_parser.add_argument("spec", help="cluster spec YAML, e.g. cluster/kubernetes.yaml")
     render_parser.set_defaults(run=render_command)
     generate = commands.add_parser("generate", help="images from a checkpoint, one PNG per seed")
-    generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt)")
+    generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt), or an NVlabs "
+                                             "network pickle")
     generate.add_argument("--seeds", default="0-7", type=_numbers, help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
     generate.add_argument("--class", dest="class_index", type=int, help="class index, for conditional models")
     _add_output_options(generate)
     generate.set_defaults(run=generate_command)
+    importer = commands.add_parser("import", help="an NVlabs StyleGAN2-ADA network pickle as a daskgan checkpoint")
+    importer.add_argument("source", help="NVlabs pickle URL or path (network-snapshot-*.pkl, ffhq.pkl, ...)")
+    importer.add_argument("--out", required=True, help="checkpoint URL or path to write (…/imported.pt)")
+    importer.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    importer.set_defaults(run=import_command)
     sample = commands.add_parser("sample", help="class-conditional sample grids and interpolations")
-    sample.add_argument("checkpoint", help="checkpoint URL or path")
+    sample.add_argument("checkpoint", help="checkpoint URL or path, or an NVlabs network pickle")
     sample.add_argument("--classes", type=_numbers, help="classes, e.g. 0-3 or 1,5 (default: all)")
     sample.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
     sample.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
@@ -103,6 +109,17 @@ def generate_command(args: argparse.Namespace) -> int:
 
     written = generate(args.checkpoint, args.seeds, args.out, args.trunc, _options(args), args.class_index)
     print(f"daskgan: wrote {len(written)} images to {args.out}")
+    return 0
+
+
+def import_command(args: argparse.Namespace) -> int:
+    from daskgan.pretrained import import_weights
+
+    state = import_weights(args.source, _options(args))
+    storage.write_bytes(args.out, storage.torch_bytes(state), _options(args))
+    model = state["model"]
+    print(f"daskgan: wrote {args.out}: StyleGAN2 {model['resolution']}x{model['resolution']}, "
+          f"{model['num_classes'] or 'no'} classes, networks {', '.join(k for k in ('G', 'G_ema', 'D') if k in state)}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Images from a checkpoint: one PNG per seed (``daskgan generate``), and the drawing ``sample`` shares.
 
 The generator is rebuilt from the model description stored in the checkpoint, and its EMA weights are used when
-the run kept them (as NVlabs' snapshots do). z for a seed is ``torch.randn`` from a generator seeded with it, so
-the same seed gives the same image on any machine with the same torch.
+the run kept them (as NVlabs' snapshots do). An NVlabs network pickle is accepted wherever a checkpoint is
+(``daskgan.pretrained``). z for a seed is, for StyleGAN2, NVlabs' ``numpy.random.RandomState(seed).randn`` (so
+their seeds give their images), for the other families ``torch.randn`` from a generator seeded with it.
 
 Truncation means one thing in ``generate`` and ``sample``: for StyleGAN2, ψ (w pulled toward its average; 1 is
 none, 0 the average image); for the other families, the threshold of a truncated normal z (values beyond ±t are
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointUnreadable, RequestError, first_line
 from daskgan.models import build_models, conditioning_classes
-from daskgan.run import checkpoint, storage
+from daskgan.pretrained import load_weights
+from daskgan.run import storage
 from daskgan.run.images import png_bytes, to_uint8
 from daskgan.run.storage import StorageOptions
 
@@ -75,8 +79,14 @@ class Drawer:
         if truncation is not None and not self.uses_psi and truncation <= 0:
             raise RequestError(f"--trunc: the z threshold must be > 0, got {truncation}")
 
-    def latents(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        return truncated_normal(n, self.generator.z_dim, None if self.uses_psi else self.truncation, rng)
+    def latents(self, seeds: Iterable[int]) -> torch.Tensor:
+        """One z per seed (see the module docstring)."""
+        return torch.cat([self._latent(seed) for seed in seeds])
+
+    def _latent(self, seed: int) -> torch.Tensor:
+        if self.uses_psi:
+            return torch.from_numpy(np.random.RandomState(seed).randn(1, self.generator.z_dim)).float()
+        return truncated_normal(1, self.generator.z_dim, self.truncation, torch.Generator().manual_seed(seed))
 
     def images(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         extra = {"truncation_psi": self.truncation} if self.uses_psi and self.truncation is not None else {}
@@ -88,12 +98,12 @@ def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation: fl
              storage_options: StorageOptions | None = None, class_index: int | None = None) -> list[str]:
     """Write ``seed<NNNN>.png`` under ``out_url`` for each seed (of class ``class_index`` for a conditional
     model); returns the URLs written."""
-    state = checkpoint.load(checkpoint_url, storage_options)
+    state = load_weights(checkpoint_url, storage_options)
     draw = Drawer(load_generator(state, checkpoint_url), truncation)
     labels = _labels(label_classes(state), class_index, checkpoint_url)
     objects = {}
     for seed in seeds:
-        z = draw.latents(1, torch.Generator().manual_seed(seed))
+        z = draw.latents([seed])
         objects[storage.join(out_url, f"seed{seed:04d}.png")] = png_bytes(to_uint8(draw.images(z, labels)[0]))
     storage.write_many(objects, storage_options)
     logger.info("wrote %d images to %s", len(objects), out_url)

@@ -19,7 +19,8 @@ import logging
 import torch
 
 from daskgan.errors import RequestError
-from daskgan.run import checkpoint, storage
+from daskgan.pretrained import load_weights
+from daskgan.run import storage
 from daskgan.run.images import image_grid, png_bytes
 from daskgan.run.storage import StorageOptions
 from daskgan.tools.generate import Drawer, label_classes, load_generator
@@ -32,14 +33,14 @@ def sample(checkpoint_url: str, out_url: str, *, classes: list[int] | None = Non
            steps: int = 8, seed: int = 0, truncation: float | None = None,
            storage_options: StorageOptions | None = None) -> list[str]:
     """Write the grids for ``classes`` (default: all) of the checkpoint's generator; returns the URLs written."""
-    state = checkpoint.load(checkpoint_url, storage_options)
+    state = load_weights(checkpoint_url, storage_options)
     generator, num_classes = load_generator(state, checkpoint_url), label_classes(state)
     rows = _classes(classes, num_classes)
-    draw, rng = Drawer(generator, truncation), torch.Generator().manual_seed(seed)
-    z = draw.latents(per_class, rng)
+    draw = Drawer(generator, truncation)
+    z = draw.latents(range(seed, seed + per_class))  # the first is `generate`'s image for `seed`
     grids = {"classes.png": (torch.cat([draw.images(z, _one_hot([c] * per_class, num_classes)) for c in rows]),
                              per_class)}
-    ends = draw.latents(2, rng)
+    ends = draw.latents([seed + per_class, seed + per_class + 1])
     path = torch.stack([torch.lerp(ends[0], ends[1], t) for t in torch.linspace(0, 1, steps)])
     grids["interp_z.png"] = (torch.cat([draw.images(path, _one_hot([c] * steps, num_classes)) for c in rows]), steps)
     if num_classes and len(rows) > 1:

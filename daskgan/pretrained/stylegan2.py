@@ -1,0 +1,76 @@
+"""An NVlabs StyleGAN2-ADA pickle as a daskgan checkpoint state: model description from the ``init_kwargs`` the
+pickle records, G, G_ema and D mapped onto daskgan's modules, every tensor used and shape-checked."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from daskgan.config import ModelConfig
+from daskgan.errors import CheckpointMismatch, CheckpointUnreadable
+from daskgan.models.stylegan2 import Discriminator, Generator
+from daskgan.pretrained.nvlabs_names import discriminator_state, generator_state
+from daskgan.pretrained.nvlabs_pickle import PersistentRecord
+
+CHANNEL_BASE_PER_FMAP = 32768  # NVlabs' channel_base = 32768 * daskgan's fmaps
+
+
+def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
+    """daskgan's checkpoint state (what ``run.checkpoint.load`` returns) for an NVlabs pickle's networks."""
+    generator = networks.get("G_ema") or networks.get("G")
+    model, resolution, classes = model_description(generator, networks.get("D"), url)
+    state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
+                             "model": {**asdict(model), "resolution": resolution, "num_classes": classes}}
+    for key in ("G", "G_ema"):
+        if isinstance(networks.get(key), PersistentRecord):
+            G = Generator(resolution, model.z_dim, model.w_dim, model.mapping_layers, model.fmaps, model.channel_max,
+                          model.style_mixing, classes)
+            state[key] = _loaded(G, generator_state(networks[key].tensors()), f"{url} {key}")
+    state.setdefault("G", state.get("G_ema"))
+    if isinstance(networks.get("D"), PersistentRecord):
+        D = Discriminator(resolution, model.fmaps, model.channel_max, model.mbstd_group, classes)
+        state["D"] = _loaded(D, discriminator_state(networks["D"].tensors(), resolution), f"{url} D")
+    return state
+
+
+def model_description(generator: PersistentRecord, discriminator: PersistentRecord | None,
+                      url: str) -> tuple[ModelConfig, int, int]:
+    """daskgan's model config, resolution and class count from the generator's (and D's) ``init_kwargs``."""
+    g = generator.init_kwargs
+    if not g or "z_dim" not in g:
+        raise CheckpointUnreadable(f"{url}: its generator records no init_kwargs (not a StyleGAN2-ADA pickle)")
+    synthesis, mapping = dict(g.get("synthesis_kwargs") or {}), dict(g.get("mapping_kwargs") or {})
+    d = discriminator.init_kwargs if discriminator is not None else {}
+    _require(g.get("img_channels", 3) == 3, url, f"img_channels {g.get('img_channels')}: only RGB is supported yet")
+    _require(synthesis.get("architecture", "skip") == "skip", url,
+             f"G architecture {synthesis.get('architecture')!r}: only NVlabs' default 'skip' is supported yet")
+    _require(d.get("architecture", "resnet") == "resnet", url,
+             f"D architecture {d.get('architecture')!r}: only NVlabs' default 'resnet' is supported yet")
+    model = ModelConfig(family="stylegan2", z_dim=int(g["z_dim"]), w_dim=int(g["w_dim"]),
+                        mapping_layers=int(mapping.get("num_layers", 8)),
+                        fmaps=synthesis.get("channel_base", CHANNEL_BASE_PER_FMAP) / CHANNEL_BASE_PER_FMAP,
+                        channel_max=int(synthesis.get("channel_max", 512)),
+                        mbstd_group=int(dict(d.get("epilogue_kwargs") or {}).get("mbstd_group_size", 4)),
+                        conditional=int(g.get("c_dim", 0)) > 0)
+    return model, int(g["img_resolution"]), int(g.get("c_dim", 0))
+
+
+def _loaded(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``state`` checked against ``network``: every tensor used, every shape equal, names in the message."""
+    expected = network.state_dict()
+    missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unused or wrong:
+        raise CheckpointMismatch(f"{what}: does not fit daskgan's StyleGAN2 (missing {missing[:3]}, unused "
+                                 f"{unused[:3]}, shapes {wrong[:3]})")
+    network.load_state_dict(state)
+    return network.state_dict()
+
+
+def _require(condition: bool, url: str, message: str) -> None:
+    if not condition:
+        raise CheckpointMismatch(f"{url}: {message}")
