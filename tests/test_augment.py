@@ -77,6 +77,19 @@ def test_controller_moves_p_by_the_nvlabs_step_and_clamps():
     assert float(pipe.p) == 1.0
 
 
+def test_p_stays_when_rt_equals_the_target():
+    pipe = AugmentPipe()
+    pipe.p.fill_(0.3)
+    controller = AdaController(pipe, target=0.5, interval=1, speed_kimg=1.0)
+    controller.observe(torch.tensor([1.0, -1.0, 2.0, -2.0]))  # r_t = 0 ... mean sign 0: below target 0.5
+    controller.update(1, global_batch=8)
+    assert float(pipe.p) == pytest.approx(0.3 - 8 / 1000)
+    controller.target = 0.0
+    controller.observe(torch.tensor([1.0, -1.0, 2.0, -2.0]))  # r_t = 0 = target: NVlabs' sign(0) moves nothing
+    controller.update(2, global_batch=8)
+    assert float(pipe.p) == pytest.approx(0.3 - 8 / 1000)
+
+
 def rank_rt():
     controller = AdaController(AugmentPipe(), interval=1, speed_kimg=1.0)
     logits = torch.ones(6) if dist.get_rank() == 0 else -torch.ones(2)  # 6 positive, 2 negative over all ranks

@@ -117,3 +117,24 @@ def test_rank0_gathers_float32_features_in_item_order(dask_client, count):
     per_rank = dispatch.results(dispatch.run(dask_client, gathered_items, count), timeout=120)
     assert per_rank[1] is None
     assert per_rank[0] == (torch.float32, [float(i) for i in range(count)], 3), "one item: rank 1 embeds nothing"
+
+
+def test_fid_fakes_of_stylegan2_carry_random_noise_as_nvlabs_metrics(tmp_path):
+    from daskgan.config import JobConfig
+    from daskgan.data.index import ImageIndex
+    from daskgan.models.stylegan2 import Generator
+    from daskgan.training.evaluation import Evaluator, samples
+
+    config = JobConfig.from_dict({"name": "m", "data": {"url": "memory://none", "resolution": 16},
+                                  "model": {"family": "stylegan2", "z_dim": 8, "w_dim": 8},
+                                  "metrics": {"every": 1, "images": 2},
+                                  "output": {"run_url": tmp_path.as_uri() + "/run"}})
+    evaluator = Evaluator(config, ImageIndex("memory://none", ("a",), (0,), ()), torch.device("cpu"))
+    G = Generator(16, z_dim=8, w_dim=8, mapping_layers=2, fmaps=1 / 64, channel_max=8)
+    for block in G.blocks:
+        for layer in block.convs:
+            layer.noise_strength.data.fill_(0.5)
+    fakes = evaluator._generated(G, 0, [0, 1])
+    z = torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(1_000_000 + i)) for i in (0, 1)])
+    assert not torch.allclose(fakes, samples(G, z, None)), "not the fixed (const) noise of the grids"
+    assert torch.allclose(fakes, samples(G, z, None, noise_mode="random"))

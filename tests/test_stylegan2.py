@@ -117,3 +117,18 @@ def test_reduced_precision_runs_only_the_top_resolutions_in_low_precision(dtype)
     for name, p in (*G.named_parameters(), *D.named_parameters()):
         assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32), name
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_style_mixing_takes_one_cutoff_per_batch_and_leaves_the_average_w():
+    torch.manual_seed(0)
+    mixing = Generator(16, z_dim=8, w_dim=8, mapping_layers=2, fmaps=1 / 64, channel_max=8, style_mixing=1.0).train()
+    plain = Generator(16, z_dim=8, w_dim=8, mapping_layers=2, fmaps=1 / 64, channel_max=8, style_mixing=0.0).train()
+    plain.load_state_dict(mixing.state_dict())
+    z = torch.randn(6, 8)
+    _, mixed_ws = mixing(z, return_ws=True)
+    _, plain_ws = plain(z, return_ws=True)
+    assert torch.equal(mixing.mapping.w_avg, plain.mapping.w_avg), "the second z's mapping moves no average"
+    changed = (mixed_ws != plain_ws).any(dim=2)  # (sample, layer): layers that took the second w
+    assert changed.any() and (changed == changed[0]).all(), "the same cutoff for every sample of the batch"
+    first = int(changed[0].float().argmax())
+    assert changed[0, first:].all() and not changed[0, :first].any()

@@ -93,7 +93,7 @@ def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
     global_batch = per_worker * workers
     return {
         "data": {"batch_size": per_worker},
-        "model": {"family": "stylegan2", "fmaps": spec.fmaps, "mapping_layers": spec.mapping_layers,
+        "model": {"family": "stylegan2", "z_dim": 512, "w_dim": 512, "fmaps": spec.fmaps, "mapping_layers": spec.mapping_layers,
                   "mbstd_group": min(spec.mbstd, per_worker), "style_mixing": spec.style_mixing},
         "train": {"iterations": spec.kimg * 1000 // global_batch, "lr_g": spec.lrate, "lr_d": spec.lrate,
                   "beta1": 0.0, "beta2": 0.99, "r1_gamma": spec.gamma, "r1_interval": 16, "ema_kimg": spec.ema_kimg,

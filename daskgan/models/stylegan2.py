@@ -2,7 +2,7 @@
 
 Generator: mapping network (normalised z -> w through ``mapping_layers`` equalised-lr layers with a 0.01 learning
 rate multiplier, tracked average w for truncation), synthesis network with a learned constant 4x4 input, modulated /
-demodulated 3x3 convolutions, per-layer noise, and skip (toRGB) outputs; style mixing while training.
+demodulated 3x3 convolutions, per-layer noise, and skip (toRGB) outputs; style mixing while training (one cutoff per batch, as NVlabs).
 Discriminator: residual blocks from fromRGB down to 4x4, minibatch standard deviation, conv, fc, logit.
 Channels per resolution: min(32768 * fmaps / resolution, channel_max).
 
@@ -240,12 +240,13 @@ class MappingNetwork(nn.Module):
             self.register_buffer("w_avg", torch.zeros(w_dim))
         self.w_avg_beta = w_avg_beta
 
-    def forward(self, z: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor | None, labels: torch.Tensor | None = None,
+                update_w_avg: bool = True) -> torch.Tensor:
         parts = [] if z is None else [normalize_2nd_moment(z)]
         if self.embed is not None:
             parts.append(normalize_2nd_moment(self.embed(one_hot(labels, self.num_classes))))
         w = self.net(torch.cat(parts, dim=1))
-        if self.training and self.w_avg_beta is not None:
+        if self.training and update_w_avg and self.w_avg_beta is not None:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
         return w
@@ -282,14 +283,13 @@ class Generator(ReducedPrecisionBlocks, nn.Module):
         return (image, ws) if return_ws else image
 
     def _mix_styles(self, ws: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """With probability ``style_mixing`` per sample, layers from a random cutoff on take a second z's w."""
-        n = ws.shape[0]
-        cutoff = torch.randint(1, self.num_ws, (n,), device=ws.device)
-        cutoff = torch.where(torch.rand(n, device=ws.device) < self.style_mixing, cutoff,
-                             torch.full_like(cutoff, self.num_ws))
-        other = self.mapping(torch.randn(n, self.z_dim, device=ws.device), labels).unsqueeze(1)
-        take_other = torch.arange(self.num_ws, device=ws.device)[None, :] >= cutoff[:, None]
-        return torch.where(take_other[:, :, None], other, ws)
+        """As NVlabs, once per batch: with probability ``style_mixing`` the layers from a random cutoff on take
+        the w of a second z; that second mapping leaves the average w alone."""
+        cutoff = int(torch.randint(1, self.num_ws, ()))
+        if float(torch.rand(())) >= self.style_mixing:
+            return ws
+        other = self.mapping(torch.randn(ws.shape[0], self.z_dim, device=ws.device), labels, update_w_avg=False)
+        return torch.cat([ws[:, :cutoff], other.unsqueeze(1).expand(-1, self.num_ws - cutoff, -1)], dim=1)
 
 
 class MinibatchStd(nn.Module):

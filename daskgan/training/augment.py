@@ -136,7 +136,8 @@ class AdaController:
             sums = sums.to(ranks.collective_device())
             dist.all_reduce(sums)
         self.rt = float(sums[0] / sums[1].clamp(min=1))
-        adjust = math.copysign(1.0, self.rt - self.target) * global_batch * self.interval / (self.speed_kimg * 1000)
+        sign = (self.rt > self.target) - (self.rt < self.target)  # NVlabs' np.sign: no move at the target
+        adjust = sign * global_batch * self.interval / (self.speed_kimg * 1000)
         self.pipe.p.fill_(min(max(float(self.pipe.p) + adjust, 0.0), 1.0))
         self._sums.zero_()
         return self.rt

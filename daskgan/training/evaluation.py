@@ -18,6 +18,7 @@ from daskgan import metrics, ranks
 from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex
+from daskgan.models import stylegan2
 from daskgan.ranks import from_rank0
 from daskgan.run import storage
 
@@ -105,11 +106,13 @@ class Evaluator:
         z = torch.stack([torch.randn(self.config.model.z_dim, generator=torch.Generator().manual_seed(
             FAKE_SEED_OFFSET + i)) for i in items]).to(self.device)
         labels = torch.tensor([i % num_classes for i in items], device=self.device) if num_classes else None
-        return samples(generator, z, labels).to(self.device)
+        # NVlabs' metrics draw StyleGAN2's per-layer noise at random (grids use the fixed noise)
+        noise = {"noise_mode": "random"} if isinstance(generator, stylegan2.Generator) else {}
+        return samples(generator, z, labels, **noise).to(self.device)
 
 
 @torch.no_grad()
-def samples(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+def samples(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None, **options: Any) -> torch.Tensor:
     """Images in eval mode, leaving the generator's mode and the training random streams untouched (a grid or an
     evaluation at one iteration and not another must not change what training does next)."""
     was_training = generator.training
@@ -117,7 +120,7 @@ def samples(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) 
     devices = [z.device] if z.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            return generator(z, labels).cpu()
+            return generator(z, labels, **options).cpu()
     finally:
         generator.train(was_training)
 
