@@ -184,3 +184,16 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(shapes_datas
     assert len(batches) == 2 * len(index) // 8 and stream.skipped == 0
     warnings = [r.getMessage() for r in caplog.records if "caching is off" in r.getMessage()]
     assert len(warnings) == 1 and str(blocked) in warnings[0]
+
+
+def test_mirror_adds_an_x_flipped_copy_of_every_image(shapes_dataset):
+    url, options = shapes_dataset
+    index = index_images(url, options)
+    n = len(index)
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=n // 2, shuffle=False, mirror=True)
+    stream = ImageStream(index, config)
+    originals, _, flipped, _ = [next(stream) for _ in range(4)]
+    stream.close()
+    assert torch.equal(flipped.images, originals.images.flip(-1)), "entries n.. are the x-flipped images"
+    assert torch.equal(flipped.labels, originals.labels)
+    assert (originals.position.epoch, flipped.position.epoch) == (0, 0), "an epoch holds both copies"

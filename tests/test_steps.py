@@ -174,3 +174,16 @@ def test_a_non_finite_gradient_never_reaches_the_weights(process_group):
     assert all(torch.isfinite(g).all() for g in grads), "gradients sanitised before the update"
     assert all(torch.isfinite(p).all() for p in gan.D.parameters())
     assert any(g.abs().max() == 1e5 for g in grads) or any(g.eq(0).any() for g in grads), "inf -> 1e5, NaN -> 0"
+
+
+def test_stylegan2_fakes_take_the_dataset_label_distribution_others_uniform():
+    from daskgan.training.steps import Noise, fake_label_weights
+
+    labels = (0,) * 90 + (1,) * 10
+    assert fake_label_weights("biggan", labels, 2) is None and fake_label_weights("stylegan2", (), 0) is None
+    weights = fake_label_weights("stylegan2", labels, 3)
+    assert weights.tolist() == [90, 10, 0], "a class without images is never drawn"
+    drawn = Noise(torch.Generator().manual_seed(0), 4, 3, torch.device("cpu"), weights).draw(4000)[1]
+    assert abs(float((drawn == 0).float().mean()) - 0.9) < 0.03 and not (drawn == 2).any()
+    uniform = Noise(torch.Generator().manual_seed(0), 4, 3, torch.device("cpu")).draw(3000)[1]
+    assert all(abs(float((uniform == c).float().mean()) - 1 / 3) < 0.03 for c in range(3))

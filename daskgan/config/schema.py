@@ -38,6 +38,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # a local folder keeping fetched objects for later epochs
     cache_max_gb: Optional[float] = None  # its bound; default: 80% of the disk space it can have at start
     shuffle: bool = True
+    mirror: bool = False  # x-flipped copies of every image double the dataset (NVlabs' --mirror)
     retry_tries: int = 8  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
     retry_seconds: float = 300.0  # and the most time spent retrying one fetch before the run stops
     manifest: Optional[str] = None  # URL of the dataset's listing to reuse or write; default: in the run directory

@@ -92,19 +92,25 @@ class ImageStream:
             self._put(exc)
 
     def _produce_epoch(self, epoch: int, offset: int) -> bool:
-        """Emit the epoch's full batches from ``offset`` on (the tail that does not fill a batch is dropped)."""
-        shard = shard_indices(len(self.index), self.rank, self.world_size, epoch, self.seed, self.config.shuffle)
+        """Emit the epoch's full batches from ``offset`` on (the tail that does not fill a batch is dropped).
+
+        With ``data.mirror`` the epoch holds every image twice, entries n.. being the x-flipped copies (NVlabs'
+        ``--mirror``); an image fetched for one copy serves both."""
+        count = len(self.index)
+        shard = shard_indices(count * (2 if self.config.mirror else 1), self.rank, self.world_size, epoch, self.seed,
+                              self.config.shuffle)
         chunk_size = self.config.fetch_batch or self.config.batch_size
         images, labels, emitted = [], [], offset > 0
         while offset < len(shard) and not self._stop.is_set():
             chunk = shard[offset:offset + chunk_size]
-            decoded = self._fetch_decoded([i for i in chunk if i not in self._bad])
+            decoded = self._fetch_decoded(sorted({i % count for i in chunk} - self._bad))
             for i in chunk:
                 offset += 1
-                if i not in decoded:
+                image = decoded.get(i % count)
+                if image is None:
                     continue
-                images.append(decoded[i])
-                labels.append(self.index.labels[i])
+                images.append(image.flip(-1) if i >= count else image)
+                labels.append(self.index.labels[i % count])
                 if len(images) == self.config.batch_size:
                     self._put(Batch(torch.stack(images), torch.tensor(labels), StreamPosition(epoch, offset)))
                     images, labels, emitted = [], [], True

@@ -36,7 +36,7 @@ from daskgan.training.compiled import compile_forward
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
-from daskgan.training.steps import Gan, Noise, discriminator_step, generator_step
+from daskgan.training.steps import Gan, Noise, discriminator_step, fake_label_weights, generator_step
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +65,8 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     if state is not None:  # checkpoints after the one resumed from belong to an abandoned branch
         from_rank0(lambda: checkpoint.rewind(config.output.run_url, start, config.output.storage_options))
     generator, position = _rank_state(config, gan, state, rank, world_size)
-    noise = Noise(generator, config.model.z_dim, gan.num_classes, device)
+    noise = Noise(generator, config.model.z_dim, gan.num_classes, device,
+                  fake_label_weights(config.model.family, index.labels, gan.num_classes))
     writer = (records.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank == 0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position)

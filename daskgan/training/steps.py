@@ -43,18 +43,32 @@ class Gan:
 
 @dataclass(frozen=True)
 class Noise:
-    """Where a rank's latents come from: z of ``z_dim`` and, for conditional models, uniform class labels."""
+    """Where a rank's latents come from: z of ``z_dim`` and, for conditional models, class labels: uniform, or
+    drawn with ``label_weights`` (StyleGAN2-ADA draws fakes' labels as the dataset's labels are distributed)."""
 
     generator: torch.Generator
     z_dim: int
     num_classes: int
     device: torch.device
+    label_weights: torch.Tensor | None = None
 
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn(n, self.z_dim, generator=self.generator).to(self.device)
         if not self.num_classes:
             return z, None
-        return z, torch.randint(self.num_classes, (n,), generator=self.generator).to(self.device)
+        if self.label_weights is not None:
+            labels = torch.multinomial(self.label_weights, n, replacement=True, generator=self.generator)
+        else:
+            labels = torch.randint(self.num_classes, (n,), generator=self.generator)
+        return z, labels.to(self.device)
+
+
+def fake_label_weights(family: str, labels: tuple[int, ...], num_classes: int) -> torch.Tensor | None:
+    """How fakes' labels are drawn: as the dataset's are distributed for StyleGAN2 (NVlabs draws a random
+    training example's label), uniformly for BigGAN and DCGAN (ajbrock draws uniform classes)."""
+    if family != "stylegan2" or not num_classes:
+        return None
+    return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).double()
 
 
 def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noise,
