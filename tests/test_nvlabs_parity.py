@@ -150,3 +150,52 @@ def test_generate_from_an_nvlabs_pickle_writes_nvlabs_images(tmp_path):
     assert Image.open(tmp_path / "again" / "seed0000.png").tobytes() == Image.open(
         tmp_path / "out" / "seed0000.png").tobytes(), "the imported checkpoint draws the same image"
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_an_nvlabs_pickle_on_two_workers(dask_client, shapes_in_bucket, tmp_path):
+    from daskgan.cluster.driver import run_job
+    from daskgan.config import JobConfig
+    from daskgan.run import checkpoint, storage
+    from daskgan.run.records import load
+
+    bucket, options = shapes_in_bucket(16, resolution=64)
+    source = f"{bucket}/released/network-snapshot.pkl"
+    storage.write_bytes(source, nvlabs_pickle(FIXTURES / "sg2-64-uncond", tmp_path / "ran"), options)
+    job = JobConfig.from_dict({
+        "data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 64, "batch_size": 2},
+        "model": {"family": "stylegan2", "z_dim": 32, "w_dim": 48, "mapping_layers": 3, "fmaps": 2048 / 32768,
+                  "channel_max": 48, "mbstd_group": 2},
+        "train": {"iterations": 3, "init_from": source, "freeze_d": 2, "ema_kimg": 0.01, "r1_gamma": 1.0},
+        "augment": {"mode": "ada"},
+        "output": {"run_url": f"{bucket}/tuned", "storage_options": options, "grid_every": 3,
+                   "checkpoint_every": 3, "flush_every": 1}})
+    assert job.augment.speed_kimg == 100 and job.train.ema_rampup is None, "NVlabs' transfer settings"
+    summary = run_job(dask_client, job)
+    assert load(job.output.run_url, options)["iteration"].tolist() == [1, 2, 3], "a new run counts from 0"
+    assert storage.exists(f"{job.output.run_url}/grids/000000003.png", options)
+    tuned = checkpoint.load(summary["checkpoint"], options)
+    imported = import_weights(source, options)
+    frozen = ("blocks.0.fromrgb.weight", "blocks.0.conv0.weight")
+    assert all(torch.equal(tuned["D"][k], imported["D"][k]) for k in frozen), "Freeze-D: the first 2 layers kept"
+    assert not torch.equal(tuned["D"]["blocks.0.conv1.weight"], imported["D"]["blocks.0.conv1.weight"])
+    moved = [k for k in imported["G"] if not torch.equal(tuned["G"][k], imported["G"][k])]
+    assert moved and (tuned["G"]["blocks.0.const"] - imported["G"]["blocks.0.const"]).abs().max() < 0.1, \
+        "G trained on from the pickle's weights, not from scratch"
+    assert not (tmp_path / "ran").exists()
+
+
+def test_weights_of_another_resolution_are_refused_naming_the_tensor(tmp_path):
+    from daskgan.config import JobConfig
+    from daskgan.errors import CheckpointMismatch
+    from daskgan.models import build_models, load_exactly
+
+    source = tmp_path / "network.pkl"
+    source.write_bytes(nvlabs_pickle(FIXTURES / "sg2-64-uncond", tmp_path / "ran"))
+    job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 32},
+                               "model": {"family": "stylegan2", "z_dim": 32, "w_dim": 48, "mapping_layers": 3,
+                                         "fmaps": 2048 / 32768, "channel_max": 48},
+                               "output": {"run_url": "memory://run"}})
+    G, _ = build_models(job.model, 32, 0)
+    with pytest.raises(CheckpointMismatch, match=r"network.pkl G does not fit the job's network: unused .*blocks\.4"):
+        load_exactly(G, import_weights(str(source))["G"], f"{source} G")

@@ -125,11 +125,19 @@ def _per_worker(name: str, global_batch: int, parts: int) -> int:
     return per_worker
 
 
-def apply_preset(job: dict[str, Any], workers: int) -> dict[str, Any]:
-    """``job`` with its preset's settings filled in underneath the keys it sets itself."""
-    name = job["preset"]
-    resolution = job.get("data", {}).get("resolution", 64)
-    return _merge(preset_settings(name, resolution, workers), job)
+# NVlabs' transfer learning (``--resume`` from a network): ADA reacts faster at first, the EMA has no ramp-up
+TRANSFER_SETTINGS = {"augment": {"speed_kimg": 100}, "train": {"ema_rampup": None}}
+
+
+def apply_defaults(job: dict[str, Any], workers: int | None) -> dict[str, Any]:
+    """``job`` with its preset's settings, then the transfer settings when it starts from other weights
+    (``train.init_from``), filled in underneath the keys it sets itself."""
+    base: dict[str, Any] = {}
+    if job.get("preset") is not None:
+        base = preset_settings(job["preset"], job.get("data", {}).get("resolution", 64), workers)
+    if (job.get("train") or {}).get("init_from"):
+        base = _merge(base, TRANSFER_SETTINGS)
+    return _merge(base, job)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

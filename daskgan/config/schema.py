@@ -105,6 +105,8 @@ class TrainConfig:
     ema_kimg: float = 0.0  # generator EMA half-life in thousand images (0: no EMA); grids then use G_ema
     ema_rampup: Optional[float] = None  # half-life at most this fraction of the images seen so far
     ema_start: int = 0  # before this iteration the average just copies G (BigGAN's ema_start)
+    init_from: Optional[str] = None  # start from these weights (daskgan checkpoint or NVlabs pickle), iteration 0
+    freeze_d: int = 0  # StyleGAN2: D's first (highest-resolution) layers kept frozen (NVlabs' --freezed)
     d_steps: int = 1  # discriminator steps per generator step (BigGAN: 2)
     accumulate: int = 1  # micro-batches per optimiser step: global batch = batch_size x workers x accumulate
     ortho_reg: float = 0.0  # BigGAN's orthogonal regularisation strength on G's weights (0: off; BigGAN 1e-4)
@@ -122,6 +124,7 @@ class TrainConfig:
         require(self.loss in LOSSES, "train.loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
         require(self.r1_gamma >= 0 and self.r1_interval >= 1, "train.r1_gamma/r1_interval", "must be >= 0 / >= 1")
         require(self.ema_kimg >= 0, "train.ema_kimg", "must be >= 0")
+        require(self.freeze_d >= 0, "train.freeze_d", "must be >= 0")
         require(self.ema_rampup is None or self.ema_rampup > 0, "train.ema_rampup", "must be > 0")
         for name in ("d_steps", "accumulate", "pl_interval", "reduced_precision_resolutions"):
             require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
@@ -271,7 +274,8 @@ class JobConfig:
                     f"biggan is built for {list(BIGGAN_G_BLOCKS)} pixels, got {self.data.resolution}")
             require(self.model.z_dim >= BIGGAN_G_BLOCKS[self.data.resolution] + 1, "model.z_dim",
                     "must be at least the number of G blocks + 1 (hierarchical z gives each a chunk)")
-        stylegan_only = {"train.pl_weight": self.train.pl_weight > 0, "train.precision": self.train.precision != "fp32"}
+        stylegan_only = {"train.pl_weight": self.train.pl_weight > 0, "train.precision": self.train.precision != "fp32",
+                         "train.freeze_d": self.train.freeze_d > 0}
         for key, used in stylegan_only.items():
             require(not used or self.model.family == "stylegan2", key, f"is not supported for {self.model.family}")
         return self
@@ -293,7 +297,7 @@ class JobConfig:
     def from_dict(cls, data: dict, source: str = "job", workers: int | None = None) -> "JobConfig":
         """Build and validate a job; a ``preset`` is scaled for ``workers`` (the number of Dask workers)."""
         try:
-            job = build_dataclass(cls, _with_preset(data, workers), "")
+            job = build_dataclass(cls, _with_defaults(data, workers), "")
             if job.preset:
                 job.preset_workers = workers
             return job.validate()
@@ -309,15 +313,16 @@ def load_job(path: str | Path, workers: int | None = None) -> JobConfig:
     return JobConfig.from_dict({"name": Path(path).stem, **data}, source=str(path), workers=workers)
 
 
-def _with_preset(data: dict, workers: int | None) -> dict:
-    from daskgan.config.presets import PRESETS, apply_preset
+def _with_defaults(data: dict, workers: int | None) -> dict:
+    from daskgan.config.presets import PRESETS, apply_defaults
 
-    name = data.get("preset") if isinstance(data, dict) else None
-    if name is None:
+    if not isinstance(data, dict):
         return data
-    require(isinstance(name, str) and name in PRESETS, "preset", f"must be one of {list(PRESETS)}, got {name!r}")
-    require(workers is not None and workers >= 1, "preset",
-            f"{name!r} scales with the number of workers: load the job with workers=<cluster size>")
-    return apply_preset(data, workers)
+    name = data.get("preset")
+    if name is not None:
+        require(isinstance(name, str) and name in PRESETS, "preset", f"must be one of {list(PRESETS)}, got {name!r}")
+        require(workers is not None and workers >= 1, "preset",
+                f"{name!r} scales with the number of workers: load the job with workers=<cluster size>")
+    return apply_defaults(data, workers)
 
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from daskgan.errors import ConfigError
+from daskgan.errors import CheckpointMismatch, ConfigError
 from daskgan.models import biggan, dcgan, stylegan2
 
 Builder = Callable[..., tuple[nn.Module, nn.Module]]
@@ -32,3 +32,18 @@ def conditioning_classes(model_config, dataset_classes: int) -> int:
                               f"data.url (found {dataset_classes} class)")
         return dataset_classes
     return 0
+
+
+def load_exactly(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``network`` only if every tensor is used and every shape equal; otherwise refuse,
+    naming the tensors (a network of another resolution, width or class count)."""
+    expected = network.state_dict()
+    missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unused or wrong:
+        problems = [f"{label} {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
+                    for label, items in (("missing", missing), ("unused", unused), ("shapes (given vs built)", wrong))
+                    if items]
+        raise CheckpointMismatch(f"{what} does not fit the job's network: {'; '.join(problems)}")
+    network.load_state_dict(state)

@@ -347,6 +347,14 @@ class Discriminator(ReducedPrecisionBlocks, nn.Module):
         self.out = EqualLinear(channels, channels if num_classes else 1)
         self.cmap = MappingNetwork(0, channels, mapping_layers, num_classes, w_avg_beta=None) if num_classes else None
 
+    def freeze(self, layers: int) -> None:
+        """Freeze-D (Mo et al. 2020) as NVlabs' ``--freezed``: the first ``layers`` layers counted from the
+        image (per block: fromrgb, conv0, conv1, skip) keep their weights; the epilogue always trains."""
+        in_order = [layer for block in self.blocks for layer in (block.fromrgb, block.conv0, block.conv1, block.skip)
+                    if layer is not None]
+        for layer in in_order[:layers]:
+            layer.requires_grad_(False)
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.conv(self.mbstd(self.blocks(images).float()))
         x = self.out(self.fc(x.flatten(1)))

@@ -11,6 +11,7 @@ from torch import nn
 
 from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointMismatch, CheckpointUnreadable
+from daskgan.models import load_exactly
 from daskgan.models.stylegan2 import Discriminator, Generator
 from daskgan.pretrained.nvlabs_names import discriminator_state, generator_state
 from daskgan.pretrained.nvlabs_pickle import PersistentRecord
@@ -59,15 +60,7 @@ def model_description(generator: PersistentRecord, discriminator: PersistentReco
 
 
 def _loaded(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """``state`` checked against ``network``: every tensor used, every shape equal, names in the message."""
-    expected = network.state_dict()
-    missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unused or wrong:
-        raise CheckpointMismatch(f"{what}: does not fit daskgan's StyleGAN2 (missing {missing[:3]}, unused "
-                                 f"{unused[:3]}, shapes {wrong[:3]})")
-    network.load_state_dict(state)
+    load_exactly(network, state, what)
     return network.state_dict()
 
 

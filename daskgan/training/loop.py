@@ -25,7 +25,8 @@ from daskgan.data.index import ImageIndex, examples
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import StorageUnavailable, first_line
-from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes
+from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes, load_exactly
+from daskgan.pretrained import load_weights
 from daskgan.models.layers import sync_batchnorm
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
@@ -61,6 +62,8 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     if state is not None:
         checkpoint.check_compatible(state, model_id, resume_url)
         _restore_networks(gan, state)
+    if state is None and config.train.init_from:
+        _initialise_from(gan, config)
     start = state["iteration"] if state else 0
     if state is not None:  # checkpoints after the one resumed from belong to an abandoned branch
         from_rank0(lambda: checkpoint.rewind(config.output.run_url, start, config.output.storage_options))
@@ -252,6 +255,8 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     """G, D (DDP), optimizers, augmentation and EMA; ``num_classes`` > 0 makes G and D class-conditional."""
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     G, D = build_models(config.model, config.data.resolution, num_classes)
+    if config.train.freeze_d:
+        D.freeze(config.train.freeze_d)  # before DDP: frozen parameters stay out of its reducer
     if config.model.sync_batchnorm:
         G, D = sync_batchnorm(G), sync_batchnorm(D)
     if config.train.precision != "fp32":
@@ -271,6 +276,22 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
                torch.optim.Adam(G.parameters(), lr=config.train.lr_g, betas=betas),
                torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada, G_ema, num_classes)
+
+
+def _initialise_from(gan: Gan, config: JobConfig) -> None:
+    """Fine-tuning (``train.init_from``): G, D and G's average from other weights, a daskgan checkpoint or an
+    NVlabs pickle, read with ``output.storage_options``; optimizers, iteration count and records start fresh."""
+    url = config.train.init_from
+    source = load_weights(url, config.output.storage_options)
+    load_exactly(gan.G.module, source["G"], f"train.init_from: {url} G")
+    if gan.G_ema is not None:
+        load_exactly(gan.G_ema, source.get("G_ema", source["G"]), f"train.init_from: {url} G_ema")
+    if "D" in source:
+        load_exactly(gan.D.module, source["D"], f"train.init_from: {url} D")
+    else:
+        logger.warning("train.init_from: %s holds no discriminator; D starts from random weights", url)
+    if dist.get_rank() == 0:
+        logger.info("fine-tuning from %s", url)
 
 
 def _restore_networks(gan: Gan, state: dict) -> None:

@@ -106,6 +106,7 @@ def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int,
     """One G update over ``micro_batches`` fresh batches of fakes, judged by D (whose weights stay untouched)."""
     gan.opt_G.zero_grad(set_to_none=True)
     stats = _Means()
+    trainable = [p.requires_grad for p in gan.D.module.parameters()]  # frozen layers (Freeze-D) stay frozen
     gan.D.module.requires_grad_(False)  # G's step goes through the bare D: D stays out of DDP's reducer here
     try:
         for last, _ in _marking_last(range(micro_batches)):
@@ -121,7 +122,8 @@ def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int,
                 (total / micro_batches).backward()
             stats.add(loss_G=loss_G)
     finally:
-        gan.D.module.requires_grad_(True)
+        for parameter, flag in zip(gan.D.module.parameters(), trainable):
+            parameter.requires_grad_(flag)
     if ortho:
         orthogonal_regularisation(gan.G.module, ortho)
     sanitise_gradients(gan.G.module)
