@@ -35,8 +35,8 @@ def test_each_augmentation_changes_images_and_keeps_shape_and_range(augmentation
     assert out.shape == images.shape and torch.isfinite(out).all()
     changed = (out - images).abs().flatten(1).amax(1) > 1e-4
     assert changed.any(), f"{augmentation} at p=1 changed nothing"
-    if augmentation in GEOMETRIC:  # resampling stays inside the input's value range
-        assert out.min() >= images.min() - 1e-5 and out.max() <= images.max() + 1e-5
+    if augmentation in GEOMETRIC:  # wavelet-filtered resampling rings a little on white noise (as NVlabs')
+        assert out.abs().max() <= 1.6 * images.abs().max()
     else:  # colour transforms move values, by a bounded amount
         assert out.abs().max() < 20
 
@@ -102,3 +102,23 @@ def test_rt_is_the_same_on_every_rank(dask_client):
     results = dispatch.results(dispatch.run(dask_client, rank_rt), timeout=120)
     assert [r[0] for r in results] == [pytest.approx(0.5)] * 2
     assert results[0][1] == results[1][1]
+
+
+def gaussian_blob(size, cx, cy, sigma=1.2):
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    return torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))[None, None].repeat(1, 3, 1, 1)
+
+
+def test_geometric_resampling_keeps_detail_as_nvlabs_supersampling():
+    from daskgan.training.augment import warp
+
+    image = gaussian_blob(32, 16, 16)
+    half_pixel = torch.tensor([[[1.0, 0, 1 / 32], [0, 1, 0], [0, 0, 1]]])  # output x samples input x + 0.5 px
+    shifted = warp(image, half_pixel)
+    exact = gaussian_blob(32, 15.5, 16)
+    assert (shifted - exact).abs().max() < 0.01, "2x supersampling between sym6 filters: a sharp sub-pixel shift"
+    single_bilinear = torch.nn.functional.grid_sample(
+        image, torch.nn.functional.affine_grid(half_pixel[:, :2], list(image.shape), align_corners=False),
+        mode="bilinear", padding_mode="reflection", align_corners=False)
+    assert (single_bilinear - exact).abs().max() > 0.05, "what one bilinear pass at 1x loses"
+    assert (warp(image, torch.eye(3)[None]) - image).abs().max() < 1e-5, "the identity is lossless"

@@ -2,10 +2,9 @@
 
 Every image the discriminator sees (real and fake) goes through ``AugmentPipe``; each enabled augmentation fires
 per image with probability ``p``. Geometric augmentations compose one 2-D affine matrix per image (applied once
-with ``grid_sample``), colour augmentations one 4x4 colour matrix, as in NVlabs' ``training/augment.py``. The
-differences from NVlabs: resampling is bilinear with reflection padding rather than their padded, wavelet-filtered
-up/down-sampling, so strongly scaled images alias a little more. Everything is differentiable, so the generator
-is trained through it.
+with NVlabs' resampling: reflect padding, 2x supersampling between sym6 wavelet filters), colour augmentations one
+4x4 colour matrix, as in NVlabs' ``training/augment.py``. Everything is differentiable, so the generator is trained
+through it.
 
 ``AdaController`` is NVlabs' heuristic: the sign of D(real) is summed over ``interval`` minibatches and all ranks
 (one all-reduce), r_t = E[sign(D(real))], and p moves by sign(r_t - target) * batch * interval / (speed_kimg*1000),
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daskgan import ranks
+from daskgan.models.resample import fir_filter, upfirdn2d, upsample2d
 
 BLIT = ("xflip", "rotate90", "xint")
 GEOMETRIC = ("scale", "rotate", "aniso", "xfrac")
@@ -83,8 +83,7 @@ class AugmentPipe(nn.Module):
             matrix = matrix @ _translate2d(shift[:, 0], shift[:, 1])
         if torch.equal(matrix, torch.eye(3, device=images.device).expand_as(matrix)):
             return images
-        grid = F.affine_grid(matrix[:, :2, :], list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return warp(images, matrix)
 
     def _color(self, images: torch.Tensor, p: float) -> torch.Tensor:
         n, channels, height, width = images.shape
@@ -112,6 +111,55 @@ class AugmentPipe(nn.Module):
             return images
         flat = images.reshape(n, channels, height * width)
         return (matrix[:, :3, :3] @ flat + matrix[:, :3, 3:]).reshape(n, channels, height, width)
+
+
+# Symlet 6 low-pass (PyWavelets' 'sym6' dec_lo): NVlabs' filter for geometric augmentation's 2x supersampling
+SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
+        0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
+        0.0017677118642428036, -0.007800708325034148)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample ``images`` through ``theta`` (N, 3, 3: output -> input, in ``affine_grid``'s normalised
+    coordinates) as NVlabs: reflect-pad just enough for every sampled point and the filter, upsample 2x with the
+    sym6 filter, sample bilinearly there, filter back down and crop. A single bilinear pass at 1x blurs what D
+    sees; sampling at 2x between two wavelet filters keeps the detail."""
+    n, channels, height, width = images.shape
+    kernel = fir_filter(SYM6, images.device)
+    reach = len(SYM6) // 4  # the filter's reach at 2x, in pixels of the input
+
+    def scale(sx: float, sy: float) -> torch.Tensor:
+        return _scale2d(theta.new_full((n,), sx), theta.new_full((n,), sy))
+
+    def shift(tx: float, ty: float) -> torch.Tensor:
+        return _translate2d(theta.new_full((n,), tx), theta.new_full((n,), ty))
+
+    pixels = scale(width / 2, height / 2) @ theta @ scale(2 / width, 2 / height)  # centred pixel coordinates
+    left, top, right, bottom = _reflect_margins(pixels, width, height, reach)
+    images = F.pad(images, [left, right, top, bottom], mode="reflect")
+    pixels = shift((left - right) / 2, (top - bottom) / 2) @ pixels
+    images = upsample2d(images, kernel)
+    pixels = shift(-0.5, -0.5) @ scale(2, 2) @ pixels @ scale(0.5, 0.5) @ shift(0.5, 0.5)
+    out_height, out_width = (height + 2 * reach) * 2, (width + 2 * reach) * 2
+    theta = scale(2 / images.shape[3], 2 / images.shape[2]) @ pixels @ scale(out_width / 2, out_height / 2)
+    grid = F.affine_grid(theta[:, :2, :], [n, channels, out_height, out_width], align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    taps = len(SYM6)
+    before, after = -2 * reach + (taps - 1) // 2, -2 * reach + (taps - 2) // 2
+    return upfirdn2d(images, kernel, down=2, padding=(before, after, before, after), flip_kernel=True)
+
+
+def _reflect_margins(pixels: torch.Tensor, width: int, height: int, reach: int) -> list[int]:
+    """Left, top, right, bottom padding (shared by the batch) that covers where the output's corners sample from,
+    plus the filter's reach, and no more than reflection allows."""
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    corners = pixels.new_tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0, 1.0, 1.0, 1.0]])
+    sampled = (pixels @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)  # (xy, N * corners)
+    margin = torch.cat([-sampled, sampled]).max(dim=1).values  # x0, y0, x1, y1
+    margin = margin + pixels.new_tensor([2 * reach - cx, 2 * reach - cy] * 2)
+    limit = pixels.new_tensor([width - 1, height - 1] * 2)
+    left, top, right, bottom = margin.clamp(min=0).minimum(limit).ceil().int().tolist()
+    return [left, top, right, bottom]
 
 
 class AdaController:
