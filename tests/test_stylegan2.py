@@ -132,3 +132,15 @@ def test_style_mixing_takes_one_cutoff_per_batch_and_leaves_the_average_w():
     assert changed.any() and (changed == changed[0]).all(), "the same cutoff for every sample of the batch"
     first = int(changed[0].float().argmax())
     assert changed[0, first:].all() and not changed[0, :first].any()
+
+
+def test_orig_discriminator_blocks_have_no_residual_skip_as_nvlabs_cifar():
+    from daskgan.config.presets import preset_settings
+
+    assert preset_settings("cifar", 32, 2)["model"]["d_architecture"] == "orig"
+    torch.manual_seed(0)
+    D = Discriminator(16, fmaps=1 / 64, channel_max=8, architecture="orig")
+    assert not any("skip" in name for name, _ in D.named_parameters())
+    block, x = D.blocks[0], torch.randn(2, 3, 16, 16)
+    assert torch.equal(block(x), block.conv1(block.conv0(block.fromrgb(x)))), "convs alone, no √½ gains"
+    assert D(torch.randn(4, 3, 16, 16)).shape == (4,)

@@ -32,6 +32,7 @@ class StyleGanSpec:
     mapping_layers: int
     style_mixing: float = 0.9
     pl_weight: float = 2.0
+    d_architecture: str = "resnet"
 
 
 def _auto(resolution: int, workers: int) -> StyleGanSpec:
@@ -48,9 +49,11 @@ STYLEGAN_PRESETS: dict[str, Callable[[int, int], StyleGanSpec]] = {
     "paper256": lambda res, n: StyleGanSpec(25000, 64, 8, 0.5, 0.0025, 1.0, 20, None, 8),
     "paper512": lambda res, n: StyleGanSpec(25000, 64, 8, 1.0, 0.0025, 0.5, 20, None, 8),
     "paper1024": lambda res, n: StyleGanSpec(25000, 32, 4, 1.0, 0.002, 2.0, 10, None, 8),
-    # cifar: NVlabs also turn style mixing and path-length regularisation off
+    # NVlabs' `stylegan2`: the original StyleGAN2 settings (the source of their ffhq512/1024 transfer networks)
+    "stylegan2": lambda res, n: StyleGanSpec(25000, 32, 4, 1.0, 0.002, 10.0, 10, None, 8),
+    # cifar: NVlabs also turn style mixing and path-length regularisation off, and D's residual connections
     "cifar": lambda res, n: StyleGanSpec(100000, 64, 32, 1.0, 0.0025, 0.01, 500, 0.05, 2, style_mixing=0.0,
-                                         pl_weight=0.0),
+                                         pl_weight=0.0, d_architecture="orig"),
 }
 
 
@@ -94,7 +97,8 @@ def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
     return {
         "data": {"batch_size": per_worker},
         "model": {"family": "stylegan2", "z_dim": 512, "w_dim": 512, "fmaps": spec.fmaps, "mapping_layers": spec.mapping_layers,
-                  "mbstd_group": min(spec.mbstd, per_worker), "style_mixing": spec.style_mixing},
+                  "mbstd_group": min(spec.mbstd, per_worker), "style_mixing": spec.style_mixing,
+                  "d_architecture": spec.d_architecture},
         "train": {"iterations": spec.kimg * 1000 // global_batch, "lr_g": spec.lrate, "lr_d": spec.lrate,
                   "beta1": 0.0, "beta2": 0.99, "r1_gamma": spec.gamma, "r1_interval": 16, "ema_kimg": spec.ema_kimg,
                   "ema_rampup": spec.ramp, "pl_weight": spec.pl_weight, "pl_interval": 4},

@@ -18,6 +18,7 @@ from daskgan.config.credentials import check_no_plain_secrets, redact
 
 FAMILIES = ("dcgan", "stylegan2", "biggan")  # daskgan.models.FAMILIES
 LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
+D_ARCHITECTURES = ("resnet", "orig")  # daskgan.models.stylegan2: StyleGAN2 D with or without residual skips
 AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.augment.PIPELINES
 METRICS = ("fid", "kid")  # daskgan.metrics.METRICS; lower is better for both
 BIGGAN_G_BLOCKS = {32: 3, 64: 4, 128: 5, 256: 6}  # G's blocks per resolution (daskgan.models.biggan.ARCHITECTURES)
@@ -71,6 +72,7 @@ class ModelConfig:
     channel_max: int = 512  # stylegan2
     style_mixing: float = 0.9  # stylegan2: probability of mixing two w's while training
     mbstd_group: int = 4  # stylegan2: samples per minibatch-std group in D
+    d_architecture: str = "resnet"  # stylegan2: D blocks with residual skips, or 'orig' (NVlabs' cifar) without
     conditional: bool = False  # dcgan, stylegan2: condition G and D on the class folders' labels (biggan always is)
     sync_batchnorm: bool = False  # batch statistics over all workers' batches (families with BatchNorm)
     shared_dim: int = 128  # biggan: width of the class embedding shared by G's conditional BatchNorms
@@ -87,6 +89,8 @@ class ModelConfig:
         require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
         require(not self.conditional or self.family in ("dcgan", "stylegan2"), "model.conditional",
                 "applies to dcgan and stylegan2 (biggan is always conditional)")
+        require(self.d_architecture in D_ARCHITECTURES, "model.d_architecture",
+                f"must be one of {list(D_ARCHITECTURES)}, got {self.d_architecture!r}")
 
 
 @dataclass
@@ -275,6 +279,7 @@ class JobConfig:
             require(self.model.z_dim >= BIGGAN_G_BLOCKS[self.data.resolution] + 1, "model.z_dim",
                     "must be at least the number of G blocks + 1 (hierarchical z gives each a chunk)")
         stylegan_only = {"train.pl_weight": self.train.pl_weight > 0, "train.precision": self.train.precision != "fp32",
+                         "model.d_architecture": self.model.d_architecture != "resnet",
                          "train.freeze_d": self.train.freeze_d > 0}
         for key, used in stylegan_only.items():
             require(not used or self.model.family == "stylegan2", key, f"is not supported for {self.model.family}")

@@ -36,6 +36,7 @@ from daskgan.models.layers import one_hot
 from daskgan.models.resample import downsample2d, fir_filter, upfirdn2d, upsample2d
 
 LRELU_GAIN = math.sqrt(2)
+D_ARCHITECTURES = {"resnet": True, "orig": False}  # D architecture -> whether its blocks have residual skips
 D_MAPPING_LAYERS = 8  # depth of D's label mapping: NVlabs' default whatever G's mapping depth
 CONV_CLAMP = 256.0  # activations of reduced-precision layers are clamped to +-CONV_CLAMP (NVlabs' conv_clamp)
 
@@ -311,13 +312,16 @@ class MinibatchStd(nn.Module):
 
 
 class DiscriminatorBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, from_rgb: bool, resolution: int):
+    """fromrgb (top block only), conv0, conv1 halving the resolution; ``residual`` (NVlabs' ``resnet``) adds a
+    1x1 down-sampled skip, both paths scaled by √½; without it (``orig``) the convs alone."""
+
+    def __init__(self, in_channels: int, out_channels: int, from_rgb: bool, resolution: int, residual: bool = True):
         super().__init__()
         self.resolution, self.compute_dtype = resolution, None
         self.fromrgb = EqualConv2d(3, in_channels, 1) if from_rgb else None
         self.conv0 = EqualConv2d(in_channels, in_channels, 3)
         self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
-        self.skip = EqualConv2d(in_channels, out_channels, 1, activation=False, bias=False, down=True)
+        self.skip = EqualConv2d(in_channels, out_channels, 1, activation=False, bias=False, down=True) if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute_dtype is None:
@@ -325,19 +329,21 @@ class DiscriminatorBlock(nn.Module):
         with autocast_to(x.device, self.compute_dtype):
             if self.fromrgb is not None:
                 x = self.fromrgb(x)
+            if self.skip is None:
+                return self.conv1(self.conv0(x))
             residual = self.skip(x, gain=math.sqrt(0.5))
             return residual + self.conv1(self.conv0(x), gain=math.sqrt(0.5))
 
 
 class Discriminator(ReducedPrecisionBlocks, nn.Module):
     def __init__(self, resolution: int, fmaps: float = 0.5, channel_max: int = 512, mbstd_group: int = 4,
-                 num_classes: int = 0, mapping_layers: int = D_MAPPING_LAYERS):
+                 num_classes: int = 0, mapping_layers: int = D_MAPPING_LAYERS, architecture: str = "resnet"):
         super().__init__()
         self.resolution = resolution
         resolutions = [2 ** i for i in range(int(math.log2(resolution)), 2, -1)]
         self.blocks = nn.Sequential(*[
             DiscriminatorBlock(channels_at(r, fmaps, channel_max), channels_at(r // 2, fmaps, channel_max),
-                               from_rgb=(r == resolution), resolution=r)
+                               from_rgb=(r == resolution), resolution=r, residual=D_ARCHITECTURES[architecture])
             for r in resolutions])
         channels = channels_at(4, fmaps, channel_max)
         self.mbstd = MinibatchStd(mbstd_group)
@@ -368,4 +374,5 @@ def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, n
     m = model_config
     return (Generator(resolution, m.z_dim, m.w_dim, m.mapping_layers, m.fmaps, m.channel_max, m.style_mixing,
                       num_classes),
-            Discriminator(resolution, m.fmaps, m.channel_max, m.mbstd_group, num_classes))
+            Discriminator(resolution, m.fmaps, m.channel_max, m.mbstd_group, num_classes,
+                          architecture=m.d_architecture))

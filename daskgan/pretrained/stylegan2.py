@@ -32,7 +32,8 @@ def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
             state[key] = _loaded(G, generator_state(networks[key].tensors()), f"{url} {key}")
     state.setdefault("G", state.get("G_ema"))
     if isinstance(networks.get("D"), PersistentRecord):
-        D = Discriminator(resolution, model.fmaps, model.channel_max, model.mbstd_group, classes)
+        D = Discriminator(resolution, model.fmaps, model.channel_max, model.mbstd_group, classes,
+                          architecture=model.d_architecture)
         state["D"] = _loaded(D, discriminator_state(networks["D"].tensors(), resolution), f"{url} D")
     return state
 
@@ -48,14 +49,14 @@ def model_description(generator: PersistentRecord, discriminator: PersistentReco
     _require(g.get("img_channels", 3) == 3, url, f"img_channels {g.get('img_channels')}: only RGB is supported yet")
     _require(synthesis.get("architecture", "skip") == "skip", url,
              f"G architecture {synthesis.get('architecture')!r}: only NVlabs' default 'skip' is supported yet")
-    _require(d.get("architecture", "resnet") == "resnet", url,
-             f"D architecture {d.get('architecture')!r}: only NVlabs' default 'resnet' is supported yet")
+    _require(d.get("architecture", "resnet") in ("resnet", "orig"), url,
+             f"D architecture {d.get('architecture')!r}: NVlabs' 'resnet' and 'orig' are supported")
     model = ModelConfig(family="stylegan2", z_dim=int(g["z_dim"]), w_dim=int(g["w_dim"]),
                         mapping_layers=int(mapping.get("num_layers", 8)),
                         fmaps=synthesis.get("channel_base", CHANNEL_BASE_PER_FMAP) / CHANNEL_BASE_PER_FMAP,
                         channel_max=int(synthesis.get("channel_max", 512)),
                         mbstd_group=int(dict(d.get("epilogue_kwargs") or {}).get("mbstd_group_size", 4)),
-                        conditional=int(g.get("c_dim", 0)) > 0)
+                        conditional=int(g.get("c_dim", 0)) > 0, d_architecture=d.get("architecture", "resnet"))
     return model, int(g["img_resolution"]), int(g.get("c_dim", 0))
 
 
