@@ -187,3 +187,34 @@ def test_stylegan2_fakes_take_the_dataset_label_distribution_others_uniform():
     assert abs(float((drawn == 0).float().mean()) - 0.9) < 0.03 and not (drawn == 2).any()
     uniform = Noise(torch.Generator().manual_seed(0), 4, 3, torch.device("cpu")).draw(3000)[1]
     assert all(abs(float((uniform == c).float().mean()) - 1 / 3) < 0.03 for c in range(3))
+
+
+def test_stylegan2_adam_is_corrected_for_the_lazy_regularisation_steps_as_nvlabs():
+    from daskgan.config import JobConfig
+    from daskgan.training.loop import _adam_settings
+
+    def job(family):
+        return JobConfig.from_dict({"name": "t", "data": {"url": "memory://x"}, "model": {"family": family},
+                                    "train": {"beta1": 0.0, "beta2": 0.99},
+                                    "output": {"run_url": "memory://run"}})
+
+    lr, betas = _adam_settings(job("stylegan2"), 0.0025, 16)
+    assert lr == pytest.approx(0.0025 * 16 / 17) and betas == (0.0, pytest.approx(0.99 ** (16 / 17)))
+    assert _adam_settings(job("dcgan"), 0.0002, 16) == (0.0002, (0.0, 0.99)), "other families: as configured"
+
+
+def test_r1_pass_steps_d_by_the_penalty_gradient_alone(process_group):
+    from daskgan.training.losses import r1_penalty
+    from daskgan.training.steps import r1_step
+
+    gan = toy_gan()
+    images, _, _ = reference_data(6)
+    reference = ToyDiscriminator()
+    reference.load_state_dict(gan.D.module.state_dict())
+    real = images.clone().requires_grad_(True)
+    (r1_penalty(real, reference(real)) * 2.5).backward()  # one batch = the mean over its micro-batches
+    expected = [p.detach() - (0.0 if p.grad is None else 0.5 * p.grad) for p in reference.parameters()]  # SGD lr 0.5
+    stats = r1_step(gan, batches(images, 3), torch.device("cpu"), r1_weight=2.5)
+    assert stats["r1_penalty"] > 0
+    for got, want in zip(gan.D.module.parameters(), expected):
+        assert torch.allclose(got, want, atol=1e-6)

@@ -37,12 +37,15 @@ from daskgan.training.compiled import compile_forward
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
-from daskgan.training.steps import Gan, Noise, discriminator_step, fake_label_weights, generator_step
+from daskgan.training.steps import (Gan, Noise, discriminator_step, fake_label_weights, generator_step,
+                                    path_length_step, r1_step)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
+
+PL_BATCH_SHRINK = 2  # the path-length pass runs on this fraction of the batch (NVlabs' pl_batch_shrink)
 
 
 def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -164,14 +167,35 @@ def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: No
                      iteration: int) -> tuple[dict[str, float], StreamPosition]:
     """``d_steps`` D steps and one G step; returns the statistics (mean over ranks) and the data position."""
     train, loss = config.train, LOSSES[config.train.loss]
+    separate = separate_regularisation(config)
     for d_step in range(train.d_steps):
         batches = [next(stream) for _ in range(train.accumulate)]
         r1_weight = _lazy_weight(train.r1_gamma / 2, train.r1_interval, (iteration - 1) * train.d_steps + d_step + 1)
-        stats = discriminator_step(gan, loss, batches, noise, r1_weight)
-    stats.update(generator_step(gan, loss, train.accumulate, config.data.batch_size, noise,
-                                pl_weight=_lazy_weight(train.pl_weight, train.pl_interval, iteration),
-                                pl_decay=train.pl_decay, ortho=train.ortho_reg))
+        stats = discriminator_step(gan, loss, batches, noise, 0.0 if separate else r1_weight)
+        if separate and r1_weight:
+            stats.update(r1_step(gan, batches, noise.device, r1_weight))
+    stats.update(generator_step(gan, loss, train.accumulate, config.data.batch_size, noise, ortho=train.ortho_reg))
+    pl_weight = _lazy_weight(train.pl_weight, train.pl_interval, iteration)
+    if pl_weight:
+        stats.update(path_length_step(gan, train.accumulate, max(1, config.data.batch_size // PL_BATCH_SHRINK), noise,
+                                      pl_weight, train.pl_decay))
     return _mean_across_ranks(stats, noise.device), batches[-1].position
+
+
+def separate_regularisation(config: JobConfig) -> bool:
+    """Whether lazy regularisers take their own passes and optimiser steps (StyleGAN2, as NVlabs) rather than
+    riding on the main D step (the other families)."""
+    return config.model.family == "stylegan2"
+
+
+def _adam_settings(config: JobConfig, lr: float, interval: int) -> tuple[float, tuple[float, float]]:
+    """Adam's lr and betas: for StyleGAN2, NVlabs' correction for the extra regularisation step every
+    ``interval`` steps (lr x r, betas ** r with r = interval / (interval + 1)); as configured otherwise."""
+    betas = (config.train.beta1, config.train.beta2)
+    if not separate_regularisation(config):
+        return lr, betas
+    ratio = interval / (interval + 1)
+    return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
 
 
 def _lazy_weight(weight: float, interval: int, step: int) -> float:
@@ -265,7 +289,6 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
                                           config.train.reduced_precision_resolutions)
     G, D = G.to(device), D.to(device)
     device_ids = [device.index] if device.type == "cuda" else None
-    betas = (config.train.beta1, config.train.beta2)
     augment = AugmentPipe(PIPELINES[config.augment.pipeline]).to(device)
     augment.p.fill_(config.augment.p if config.augment.mode != "off" else 0.0)
     ada = (AdaController(augment, config.augment.target, config.augment.interval, config.augment.speed_kimg)
@@ -274,8 +297,13 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     if config.train.compile:
         G, D = compile_forward(G), compile_forward(D)
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
-               torch.optim.Adam(G.parameters(), lr=config.train.lr_g, betas=betas),
-               torch.optim.Adam(D.parameters(), lr=config.train.lr_d, betas=betas), augment, ada, G_ema, num_classes)
+               _adam(G, *_adam_settings(config, config.train.lr_g, config.train.pl_interval)),
+               _adam(D, *_adam_settings(config, config.train.lr_d, config.train.r1_interval)),
+               augment, ada, G_ema, num_classes)
+
+
+def _adam(network: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    return torch.optim.Adam(network.parameters(), lr=lr, betas=betas)
 
 
 def _initialise_from(gan: Gan, config: JobConfig) -> None:

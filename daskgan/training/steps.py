@@ -2,9 +2,10 @@
 
 Each step runs over ``accumulate`` micro-batches: DDP's ``no_sync`` keeps the gradients of all but the last
 micro-batch local, so one all-reduce per step carries their sum and the update equals one step on the whole batch
-(per-worker batch x workers x accumulate). Regularisers ride on the main losses every n-th step, scaled by n (lazy
-regularisation): R1 on the reals in a D step, path length on the fakes in a G step; BigGAN's orthogonal
-regularisation is added to G's gradients just before its update, and non-finite gradients are sanitised. Passes that need double backward run eagerly
+(per-worker batch x workers x accumulate). Lazy regularisation (every n-th step, scaled by n): for StyleGAN2 as
+NVlabs, R1 and path length are passes with their own optimiser steps (``r1_step``, ``path_length_step``: their
+'Dreg' and 'Greg' phases, path length on half the batch); for the other families R1 rides on the D step's loss.
+BigGAN's orthogonal regularisation is added to G's gradients just before its update, and non-finite gradients are sanitised. Passes that need double backward run eagerly
 when the networks are compiled (``daskgan.compiled``).
 """
 
@@ -73,7 +74,8 @@ def fake_label_weights(family: str, labels: tuple[int, ...], num_classes: int) -
 
 def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noise,
                        r1_weight: float = 0.0) -> dict[str, float]:
-    """One D update over the micro-batches ``batches`` (reals and as many fakes), with R1 when ``r1_weight`` > 0."""
+    """One D update over the micro-batches ``batches`` (reals and as many fakes), with R1 folded in when
+    ``r1_weight`` > 0."""
     gan.opt_D.zero_grad(set_to_none=True)
     stats = _Means()
     for last, batch in _marking_last(batches):
@@ -96,13 +98,29 @@ def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noi
             (loss_fake / len(batches)).backward()
         stats.add(loss_D_real=loss_real, loss_D_fake=loss_fake, D_x=torch.sigmoid(real_logits).mean(),
                   D_G_z=torch.sigmoid(fake_logits).mean(), **({"r1_penalty": r1} if r1 is not None else {}))
-    sanitise_gradients(gan.D.module)
-    gan.opt_D.step()
+    _update(gan.opt_D, gan.D.module)
+    return stats.means()
+
+
+def r1_step(gan: Gan, batches: list[Batch], device: torch.device, r1_weight: float) -> dict[str, float]:
+    """NVlabs' lazy R1 as its own pass and optimiser step ('Dreg'), on the reals of the D step just taken."""
+    gan.opt_D.zero_grad(set_to_none=True)
+    stats = _Means()
+    for last, batch in _marking_last(batches):
+        real = batch.images.to(device).detach().requires_grad_(True)
+        labels = batch.labels.to(device) if gan.num_classes else None
+        with _sync_when(gan.D, last), eager(gan.D):
+            logits = gan.D(gan.augment(real), labels)
+            penalty = r1_penalty(real, logits)
+            # logits x 0 puts every parameter in the graph (as NVlabs): DDP expects a gradient for each
+            (logits.sum() * 0 + penalty * r1_weight / len(batches)).backward()
+        stats.add(r1_penalty=penalty)
+    _update(gan.opt_D, gan.D.module)
     return stats.means()
 
 
 def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int, noise: Noise,
-                   pl_weight: float = 0.0, pl_decay: float = 0.01, ortho: float = 0.0) -> dict[str, float]:
+                   ortho: float = 0.0) -> dict[str, float]:
     """One G update over ``micro_batches`` fresh batches of fakes, judged by D (whose weights stay untouched)."""
     gan.opt_G.zero_grad(set_to_none=True)
     stats = _Means()
@@ -111,24 +129,39 @@ def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int,
     try:
         for last, _ in _marking_last(range(micro_batches)):
             z, labels = noise.draw(batch_size)
-            with _sync_when(gan.G, last), eager(gan.G, when=pl_weight > 0):
-                fake, ws = gan.G(z, labels, return_ws=True) if pl_weight else (gan.G(z, labels), None)
-                loss_G = loss.g(gan.D.module(gan.augment(fake), labels))
-                total = loss_G
-                if pl_weight:
-                    penalty = _path_length_step(gan, fake, ws, pl_decay)
-                    total = total + penalty * pl_weight
-                    stats.add(pl_penalty=penalty, pl_mean=gan.pl_target)
-                (total / micro_batches).backward()
+            with _sync_when(gan.G, last):
+                loss_G = loss.g(gan.D.module(gan.augment(gan.G(z, labels)), labels))
+                (loss_G / micro_batches).backward()
             stats.add(loss_G=loss_G)
     finally:
         for parameter, flag in zip(gan.D.module.parameters(), trainable):
             parameter.requires_grad_(flag)
     if ortho:
         orthogonal_regularisation(gan.G.module, ortho)
-    sanitise_gradients(gan.G.module)
-    gan.opt_G.step()
+    _update(gan.opt_G, gan.G.module)
     return stats.means()
+
+
+def path_length_step(gan: Gan, micro_batches: int, batch_size: int, noise: Noise, pl_weight: float,
+                     pl_decay: float = 0.01) -> dict[str, float]:
+    """NVlabs' lazy path-length regularisation as its own pass and optimiser step ('Greg'), on fresh latents
+    (NVlabs: half the batch, ``pl_batch_shrink`` 2)."""
+    gan.opt_G.zero_grad(set_to_none=True)
+    stats = _Means()
+    for last, _ in _marking_last(range(micro_batches)):
+        z, labels = noise.draw(batch_size)
+        with _sync_when(gan.G, last), eager(gan.G):
+            fake, ws = gan.G(z, labels, return_ws=True)
+            penalty = _path_length_step(gan, fake, ws, pl_decay)
+            (fake[:, 0, 0, 0].sum() * 0 + penalty * pl_weight / micro_batches).backward()  # every parameter in the graph
+        stats.add(pl_penalty=penalty, pl_mean=gan.pl_target)
+    _update(gan.opt_G, gan.G.module)
+    return stats.means()
+
+
+def _update(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+    sanitise_gradients(module)
+    optimizer.step()
 
 
 def sanitise_gradients(module: nn.Module) -> None:
