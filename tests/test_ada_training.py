@@ -100,3 +100,30 @@ def test_conditional_stylegan2_ada_with_path_length_runs_on_two_workers_and_resu
     for key in ("G", "D", "G_ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_a_grayscale_dataset_end_to_end(dask_client, tiny_dataset, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from daskgan.run import storage
+    from daskgan.tools.generate import generate
+
+    url, options = tiny_dataset
+    gray = stylegan2_job(url, options, "gray", iterations=4)
+    gray.data.channels, gray.augment.p, gray.augment.mode = 1, 0.5, "fixed"  # every augmentation on 1 channel
+    gray.metrics.every, gray.metrics.images = 4, 16
+    gray.output.grid_every = 4
+    summary = run_job(dask_client, gray)
+    records = load(gray.output.run_url, options)
+    assert records["fid"].dropna().size == 1 and records["loss_G"].notna().all()
+    for name in ("reals", "000000004"):
+        grid = Image.open(io.BytesIO(storage.read_bytes(f"{gray.output.run_url}/grids/{name}.png", options)))
+        assert grid.mode == "L", f"{name}: a grayscale grid"
+    state = checkpoint.load(summary["checkpoint"], options)
+    assert state["model"]["channels"] == 1 and state["G"]["blocks.0.torgb.weight"].shape[0] == 1
+    generate(summary["checkpoint"], [0], (tmp_path / "out").as_uri(), storage_options=options, class_index=1)
+    image = Image.open(tmp_path / "out" / "seed0000.png")
+    assert image.mode == "L" and np.array(image).std() > 0

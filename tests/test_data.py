@@ -197,3 +197,18 @@ def test_mirror_adds_an_x_flipped_copy_of_every_image(shapes_dataset):
     assert torch.equal(flipped.images, originals.images.flip(-1)), "entries n.. are the x-flipped images"
     assert torch.equal(flipped.labels, originals.labels)
     assert (originals.position.epoch, flipped.position.epoch) == (0, 0), "an epoch holds both copies"
+
+
+def test_images_decode_to_one_channel_for_a_grayscale_dataset():
+    import io
+
+    from PIL import Image
+
+    from daskgan.data.decode import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 8), (200, 100, 50)).save(buffer, format="PNG")
+    gray = decode_image(buffer.getvalue(), 8, channels=1)
+    luma = round(200 * 299 / 1000 + 100 * 587 / 1000 + 50 * 114 / 1000)  # PIL's ITU-R 601-2 conversion
+    assert gray.shape == (1, 8, 8) and torch.allclose(gray, torch.full((1, 8, 8), luma / 127.5 - 1), atol=1e-6)
+    assert decode_image(buffer.getvalue(), 8).shape == (3, 8, 8)

@@ -40,6 +40,7 @@ class DataConfig:
     cache_max_gb: Optional[float] = None  # its bound; default: 80% of the disk space it can have at start
     shuffle: bool = True
     mirror: bool = False  # x-flipped copies of every image double the dataset (NVlabs' --mirror)
+    channels: int = 3  # 3 (RGB) or 1 (grayscale): what images are decoded to and what G makes and D sees
     retry_tries: int = 8  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
     retry_seconds: float = 300.0  # and the most time spent retrying one fetch before the run stops
     manifest: Optional[str] = None  # URL of the dataset's listing to reuse or write; default: in the run directory
@@ -54,6 +55,7 @@ class DataConfig:
         require(self.retry_tries >= 1 and self.retry_seconds > 0, "data.retry_tries/retry_seconds",
                 "must be >= 1 / > 0")
         require(self.cache_max_gb is None or self.cache_max_gb > 0, "data.cache_max_gb", "must be > 0")
+        require(self.channels in (1, 3), "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         require(self.listing_timeout_s > 0, "data.listing_timeout_s", "must be > 0")
         check_no_plain_secrets(self.storage_options, "data.storage_options")
 

@@ -12,15 +12,17 @@ from PIL import Image, UnidentifiedImageError
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def decode_image(data: bytes, resolution: int) -> torch.Tensor:
-    """Decode image bytes to a (3, R, R) float tensor in [-1, 1]: RGB, centre crop to square, resize."""
+def decode_image(data: bytes, resolution: int, channels: int = 3) -> torch.Tensor:
+    """Decode image bytes to a (channels, R, R) float tensor in [-1, 1]: RGB (3) or grayscale (1), centre crop
+    to square, resize."""
     with Image.open(io.BytesIO(data)) as image:
-        pixels = np.array(image.convert("RGB"))
-    return center_crop_resize(torch.from_numpy(pixels).permute(2, 0, 1), resolution)
+        pixels = np.array(image.convert("RGB" if channels == 3 else "L"))
+    pixels = torch.from_numpy(pixels)
+    return center_crop_resize(pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels[None], resolution)
 
 
 def center_crop_resize(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Crop a (3, H, W) uint8 image to its central square and resize it (antialiased bilinear) to R x R."""
+    """Crop a (C, H, W) uint8 image to its central square and resize it (antialiased bilinear) to R x R."""
     _, height, width = image.shape
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2

@@ -125,7 +125,7 @@ class ImageStream:
             try:
                 if isinstance(data, BaseException):
                     raise data
-                decoded[i] = decode_image(data, self.config.resolution)
+                decoded[i] = decode_image(data, self.config.resolution, self.config.channels)
                 self.images_read += 1
             except (FileNotFoundError, *DECODE_ERRORS) as exc:  # vanished (404) or not an image
                 self._bad.add(i)

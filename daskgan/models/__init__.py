@@ -15,9 +15,10 @@ Builder = Callable[..., tuple[nn.Module, nn.Module]]
 FAMILIES: dict[str, Builder] = {"dcgan": dcgan.build, "stylegan2": stylegan2.build, "biggan": biggan.build}
 
 
-def build_models(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """Build G and D for ``model_config.family`` (seed the RNG first: every rank must start identical)."""
-    return FAMILIES[model_config.family](model_config, resolution, num_classes)
+def build_models(model_config, resolution: int, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Module]:
+    """Build G and D for ``model_config.family`` making and judging ``channels``-channel images (seed the RNG
+    first: every rank must start identical)."""
+    return FAMILIES[model_config.family](model_config, resolution, num_classes, channels)
 
 
 CONDITIONAL_FAMILIES = frozenset({"biggan"})  # always conditioned on the class folders; stylegan2 when asked

@@ -109,7 +109,7 @@ class SelfAttention(nn.Module):
 
 class Generator(nn.Module):
     def __init__(self, resolution: int, num_classes: int, z_dim: int = 120, ch: int = 96, shared_dim: int = 128,
-                 hierarchical: bool = True, attention: int = 64, sn: SN = SN(1, 1)):
+                 hierarchical: bool = True, attention: int = 64, sn: SN = SN(1, 1), image_channels: int = 3):
         super().__init__()
         c_in, c_out, _, _ = ARCHITECTURES[resolution]
         self.z_dim, self.num_classes = z_dim, num_classes
@@ -122,7 +122,7 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList(GBlock(a * ch, b * ch, cond_dim, sn) for a, b in zip(c_in, c_out))
         self.attention = nn.ModuleDict({str(i): SelfAttention(b * ch, sn) for i, b in enumerate(c_out)
                                         if 8 * 2 ** i == attention})
-        self.output = nn.Sequential(nn.BatchNorm2d(c_out[-1] * ch), nn.ReLU(), sn.conv(c_out[-1] * ch, 3), nn.Tanh())
+        self.output = nn.Sequential(nn.BatchNorm2d(c_out[-1] * ch), nn.ReLU(), sn.conv(c_out[-1] * ch, image_channels), nn.Tanh())
         self.start_channels = c_in[0] * ch
         self.apply(_orthogonal_init)
 
@@ -140,10 +140,11 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution: int, num_classes: int, ch: int = 96, attention: int = 64, sn: SN = SN(1, 1)):
+    def __init__(self, resolution: int, num_classes: int, ch: int = 96, attention: int = 64, sn: SN = SN(1, 1),
+                 image_channels: int = 3):
         super().__init__()
         _, _, c_out, downsample = ARCHITECTURES[resolution]
-        c_in = [3] + [c * ch for c in c_out[:-1]]
+        c_in = [image_channels] + [c * ch for c in c_out[:-1]]
         self.blocks = nn.ModuleList(DBlock(a, b * ch, sn, preactivation=i > 0, downsample=down)
                                     for i, (a, b, down) in enumerate(zip(c_in, c_out, downsample)))
         sizes = [resolution // 2 ** (sum(downsample[:i + 1])) for i in range(len(c_out))]
@@ -171,10 +172,10 @@ def _orthogonal_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+def build(model_config, resolution: int, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Module]:
     """Generator and discriminator for ``model: {family: biggan, ...}`` (always class-conditional)."""
     m = model_config
     sn = SN(m.sn_singular_values, m.sn_iterations)
     return (Generator(resolution, num_classes, m.z_dim, m.g_channels, m.shared_dim, m.hierarchical,
-                      m.attention_resolution, sn),
-            Discriminator(resolution, num_classes, m.d_channels, m.attention_resolution, sn))
+                      m.attention_resolution, sn, channels),
+            Discriminator(resolution, num_classes, m.d_channels, m.attention_resolution, sn, channels))

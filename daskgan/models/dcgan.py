@@ -79,8 +79,8 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+def build(model_config, resolution: int, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Module]:
     """Generator and discriminator for ``model: {family: dcgan, ...}``; ``num_classes`` > 0: conditional."""
     m = model_config
-    return (Generator(resolution, m.z_dim, m.g_channels, num_classes=num_classes),
-            Discriminator(resolution, m.d_channels, num_classes=num_classes))
+    return (Generator(resolution, m.z_dim, m.g_channels, channels, num_classes),
+            Discriminator(resolution, m.d_channels, channels, num_classes))

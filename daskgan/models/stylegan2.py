@@ -154,11 +154,11 @@ class SynthesisLayer(nn.Module):
 
 
 class ToRGB(nn.Module):
-    def __init__(self, in_channels: int, w_dim: int):
+    def __init__(self, in_channels: int, w_dim: int, image_channels: int = 3):
         super().__init__()
         self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
-        self.weight = nn.Parameter(torch.randn(3, in_channels, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(3))
+        self.weight = nn.Parameter(torch.randn(image_channels, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(image_channels))
         self.weight_gain = 1 / math.sqrt(in_channels)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ class ReducedPrecisionBlocks:
 class SynthesisBlock(nn.Module):
     """One resolution: (constant input or 2x up-sampling conv), conv, and a toRGB added to the up-sampled image."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, image_channels: int = 3):
         super().__init__()
         self.resolution, self.compute_dtype = resolution, None
         self.first = resolution == 4
@@ -207,7 +207,7 @@ class SynthesisBlock(nn.Module):
         else:
             self.convs = nn.ModuleList([SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True),
                                         SynthesisLayer(out_channels, out_channels, w_dim, resolution)])
-        self.torgb = ToRGB(out_channels, w_dim)
+        self.torgb = ToRGB(out_channels, w_dim, image_channels)
         self.register_buffer("resample_filter", fir_filter(), persistent=False)
 
     def forward(self, x, image, ws: torch.Tensor, noise_mode: str):
@@ -255,13 +255,15 @@ class MappingNetwork(nn.Module):
 
 class Generator(ReducedPrecisionBlocks, nn.Module):
     def __init__(self, resolution: int, z_dim: int = 512, w_dim: int = 512, mapping_layers: int = 8,
-                 fmaps: float = 0.5, channel_max: int = 512, style_mixing: float = 0.9, num_classes: int = 0):
+                 fmaps: float = 0.5, channel_max: int = 512, style_mixing: float = 0.9, num_classes: int = 0,
+                 image_channels: int = 3):
         super().__init__()
         self.resolution, self.z_dim, self.style_mixing = resolution, z_dim, style_mixing
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes)
         resolutions = [2 ** i for i in range(2, int(math.log2(resolution)) + 1)]
         self.blocks = nn.ModuleList(
-            SynthesisBlock(channels_at(max(r // 2, 4), fmaps, channel_max), channels_at(r, fmaps, channel_max), w_dim, r)
+            SynthesisBlock(channels_at(max(r // 2, 4), fmaps, channel_max), channels_at(r, fmaps, channel_max), w_dim, r,
+                           image_channels)
             for r in resolutions)
         self.num_ws = sum(len(b.convs) for b in self.blocks) + 1
 
@@ -315,10 +317,11 @@ class DiscriminatorBlock(nn.Module):
     """fromrgb (top block only), conv0, conv1 halving the resolution; ``residual`` (NVlabs' ``resnet``) adds a
     1x1 down-sampled skip, both paths scaled by √½; without it (``orig``) the convs alone."""
 
-    def __init__(self, in_channels: int, out_channels: int, from_rgb: bool, resolution: int, residual: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, from_rgb: bool, resolution: int, residual: bool = True,
+                 image_channels: int = 3):
         super().__init__()
         self.resolution, self.compute_dtype = resolution, None
-        self.fromrgb = EqualConv2d(3, in_channels, 1) if from_rgb else None
+        self.fromrgb = EqualConv2d(image_channels, in_channels, 1) if from_rgb else None
         self.conv0 = EqualConv2d(in_channels, in_channels, 3)
         self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
         self.skip = EqualConv2d(in_channels, out_channels, 1, activation=False, bias=False, down=True) if residual else None
@@ -337,13 +340,15 @@ class DiscriminatorBlock(nn.Module):
 
 class Discriminator(ReducedPrecisionBlocks, nn.Module):
     def __init__(self, resolution: int, fmaps: float = 0.5, channel_max: int = 512, mbstd_group: int = 4,
-                 num_classes: int = 0, mapping_layers: int = D_MAPPING_LAYERS, architecture: str = "resnet"):
+                 num_classes: int = 0, mapping_layers: int = D_MAPPING_LAYERS, architecture: str = "resnet",
+                 image_channels: int = 3):
         super().__init__()
         self.resolution = resolution
         resolutions = [2 ** i for i in range(int(math.log2(resolution)), 2, -1)]
         self.blocks = nn.Sequential(*[
             DiscriminatorBlock(channels_at(r, fmaps, channel_max), channels_at(r // 2, fmaps, channel_max),
-                               from_rgb=(r == resolution), resolution=r, residual=D_ARCHITECTURES[architecture])
+                               from_rgb=(r == resolution), resolution=r, residual=D_ARCHITECTURES[architecture],
+                               image_channels=image_channels)
             for r in resolutions])
         channels = channels_at(4, fmaps, channel_max)
         self.mbstd = MinibatchStd(mbstd_group)
@@ -369,10 +374,10 @@ class Discriminator(ReducedPrecisionBlocks, nn.Module):
         return (x * self.cmap(None, labels)).sum(dim=1) / math.sqrt(x.shape[1])
 
 
-def build(model_config, resolution: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+def build(model_config, resolution: int, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Module]:
     """Generator and discriminator for ``model: {family: stylegan2, ...}``; ``num_classes`` > 0: conditional."""
     m = model_config
     return (Generator(resolution, m.z_dim, m.w_dim, m.mapping_layers, m.fmaps, m.channel_max, m.style_mixing,
-                      num_classes),
+                      num_classes, channels),
             Discriminator(resolution, m.fmaps, m.channel_max, m.mbstd_group, num_classes,
-                          architecture=m.d_architecture))
+                          architecture=m.d_architecture, image_channels=channels))

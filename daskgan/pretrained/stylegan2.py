@@ -23,17 +23,20 @@ def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
     """daskgan's checkpoint state (what ``run.checkpoint.load`` returns) for an NVlabs pickle's networks."""
     generator = networks.get("G_ema") or networks.get("G")
     model, resolution, classes = model_description(generator, networks.get("D"), url)
+    channels = int(generator.init_kwargs.get("img_channels", 3))
+    _require(channels in (1, 3), url, f"img_channels {channels}: RGB (3) or grayscale (1) networks only")
+    grayscale = {"channels": 1} if channels == 1 else {}  # as training.loop.model_fingerprint
     state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
-                             "model": {**asdict(model), "resolution": resolution, "num_classes": classes}}
+                             "model": {**asdict(model), "resolution": resolution, "num_classes": classes, **grayscale}}
     for key in ("G", "G_ema"):
         if isinstance(networks.get(key), PersistentRecord):
             G = Generator(resolution, model.z_dim, model.w_dim, model.mapping_layers, model.fmaps, model.channel_max,
-                          model.style_mixing, classes)
+                          model.style_mixing, classes, channels)
             state[key] = _loaded(G, generator_state(networks[key].tensors()), f"{url} {key}")
     state.setdefault("G", state.get("G_ema"))
     if isinstance(networks.get("D"), PersistentRecord):
         D = Discriminator(resolution, model.fmaps, model.channel_max, model.mbstd_group, classes,
-                          architecture=model.d_architecture)
+                          architecture=model.d_architecture, image_channels=channels)
         state["D"] = _loaded(D, discriminator_state(networks["D"].tensors(), resolution), f"{url} D")
     return state
 
@@ -46,7 +49,6 @@ def model_description(generator: PersistentRecord, discriminator: PersistentReco
         raise CheckpointUnreadable(f"{url}: its generator records no init_kwargs (not a StyleGAN2-ADA pickle)")
     synthesis, mapping = dict(g.get("synthesis_kwargs") or {}), dict(g.get("mapping_kwargs") or {})
     d = discriminator.init_kwargs if discriminator is not None else {}
-    _require(g.get("img_channels", 3) == 3, url, f"img_channels {g.get('img_channels')}: only RGB is supported yet")
     _require(synthesis.get("architecture", "skip") == "skip", url,
              f"G architecture {synthesis.get('architecture')!r}: only NVlabs' default 'skip' is supported yet")
     _require(d.get("architecture", "resnet") in ("resnet", "orig"), url,

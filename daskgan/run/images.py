@@ -10,7 +10,7 @@ from PIL import Image
 
 
 def image_grid(images: torch.Tensor, padding: int = 2, columns: int | None = None) -> torch.Tensor:
-    """Tile (N, 3, H, W) images in [-1, 1] into one (3, H', W') uint8 image, as square as possible."""
+    """Tile (N, C, H, W) images in [-1, 1] into one (C, H', W') uint8 image, as square as possible."""
     count, channels, height, width = images.shape
     columns = columns or grid_columns(count)
     rows = math.ceil(count / columns)
@@ -32,9 +32,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def png_bytes(image: torch.Tensor | Image.Image) -> bytes:
-    """Encode a (3, H, W) uint8 tensor or a PIL image as PNG."""
+    """Encode a (3, H, W) or (1, H, W) uint8 tensor (RGB or grayscale) or a PIL image as PNG."""
     if isinstance(image, torch.Tensor):
-        image = Image.fromarray(image.permute(1, 2, 0).numpy())
+        image = Image.fromarray(image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -35,7 +35,8 @@ def load_generator(state: dict, url: str = "checkpoint") -> nn.Module:
     """The generator of a checkpoint (EMA weights when present), in eval mode."""
     if not isinstance(state.get("model"), dict) or "G" not in state:
         raise CheckpointUnreadable(f"{url} holds no generator and model description: not a training checkpoint")
-    generator, _ = build_models(_model_config(state), state["model"]["resolution"], label_classes(state))
+    model = state["model"]
+    generator, _ = build_models(_model_config(state), model["resolution"], label_classes(state), model.get("channels", 3))
     try:
         generator.load_state_dict(state.get("G_ema", state["G"]))
     except RuntimeError as exc:

@@ -110,6 +110,9 @@ class AugmentPipe(nn.Module):
         if torch.equal(matrix, identity.expand_as(matrix)):
             return images
         flat = images.reshape(n, channels, height * width)
+        if channels == 1:  # grayscale, as NVlabs: the colour matrix averaged over its RGB rows
+            row = matrix[:, :3, :].mean(dim=1, keepdim=True)
+            return (flat * row[:, :, :3].sum(dim=2, keepdim=True) + row[:, :, 3:]).reshape(n, channels, height, width)
         return (matrix[:, :3, :3] @ flat + matrix[:, :3, 3:]).reshape(n, channels, height, width)
 
 

@@ -86,7 +86,7 @@ class Evaluator:
     def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
         fs, _ = storage.filesystem(self.index.url, self.config.data.storage_options)
         fetched = storage.cat_objects(fs, [self.index.paths[order[i]] for i in items])  # one concurrent fetch
-        return torch.stack([self._real_image(fs, order, i, fetched) for i in items]).to(self.device)
+        return as_rgb(torch.stack([self._real_image(fs, order, i, fetched) for i in items])).to(self.device)
 
     def _real_image(self, fs, order: list[int], item: int, fetched: dict) -> torch.Tensor:
         """Item ``item`` of the shuffled dataset; an unreadable image is replaced by the next one ``real_count``
@@ -97,7 +97,7 @@ class Evaluator:
                 data = fetched.get(path) if position == item else fs.cat_file(path)
                 if isinstance(data, BaseException) or data is None:
                     raise data or FileNotFoundError(path)
-                return decode_image(data, self.config.data.resolution)
+                return decode_image(data, self.config.data.resolution, self.config.data.channels)
             except (FileNotFoundError, *DECODE_ERRORS) as exc:
                 logger.warning("metrics: skipping unreadable image %s (%s)", path, type(exc).__name__)
         raise ValueError(f"metrics: no readable image for real item {item} of {self.index.url}")
@@ -108,7 +108,12 @@ class Evaluator:
         labels = torch.tensor([i % num_classes for i in items], device=self.device) if num_classes else None
         # NVlabs' metrics draw StyleGAN2's per-layer noise at random (grids use the fixed noise)
         noise = {"noise_mode": "random"} if isinstance(generator, stylegan2.Generator) else {}
-        return samples(generator, z, labels, **noise).to(self.device)
+        return as_rgb(samples(generator, z, labels, **noise)).to(self.device)
+
+
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale images repeated into three channels for the feature extractor (as NVlabs' metrics)."""
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
 @torch.no_grad()

@@ -113,7 +113,8 @@ def save_config(config: JobConfig) -> None:
 
 def model_fingerprint(config: JobConfig, num_classes: int) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into this job's networks."""
-    return {**asdict(config.model), "resolution": config.data.resolution, "num_classes": num_classes}
+    grayscale = {"channels": 1} if config.data.channels == 1 else {}  # RGB checkpoints stay as they were
+    return {**asdict(config.model), "resolution": config.data.resolution, "num_classes": num_classes, **grayscale}
 
 
 def resume_source(config: JobConfig, restarting: bool = False) -> str | None:
@@ -210,17 +211,18 @@ def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | 
     paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
     fs, _ = storage.filesystem(index.url, config.data.storage_options)
     fetched = storage.cat_objects(fs, sorted(set(paths)))
-    return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution) for path in paths])
+    return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution, config.data.channels)
+                        for path in paths])
 
 
-def _decoded_or_grey(data: bytes | BaseException | None, resolution: int) -> torch.Tensor:
+def _decoded_or_grey(data: bytes | BaseException | None, resolution: int, channels: int) -> torch.Tensor:
     """An unreadable example is shown as a grey tile rather than stopping the run (the stream skips it too)."""
     try:
         if isinstance(data, bytes):
-            return decode_image(data, resolution)
+            return decode_image(data, resolution, channels)
     except DECODE_ERRORS:
         pass
-    return torch.zeros(3, resolution, resolution)
+    return torch.zeros(channels, resolution, resolution)
 
 
 def _grid_latents(config: JobConfig, num_classes: int,
@@ -278,7 +280,7 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
 def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     """G, D (DDP), optimizers, augmentation and EMA; ``num_classes`` > 0 makes G and D class-conditional."""
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    G, D = build_models(config.model, config.data.resolution, num_classes)
+    G, D = build_models(config.model, config.data.resolution, num_classes, config.data.channels)
     if config.train.freeze_d:
         D.freeze(config.train.freeze_d)  # before DDP: frozen parameters stay out of its reducer
     if config.model.sync_batchnorm:
