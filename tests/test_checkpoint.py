@@ -89,3 +89,19 @@ def test_a_save_never_deletes_what_it_just_wrote(run_url):
         checkpoint.save(run_url, state(iteration), iteration, keep=3)
     written = checkpoint.save(run_url, state(600), 600, keep=3)  # older than every listed one
     assert storage.exists(written) and checkpoint.latest(run_url) == written
+
+
+def test_a_resumed_optimizer_keeps_its_moments_under_the_jobs_learning_rate():
+    import torch
+
+    from daskgan.training.loop import load_optimizer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    old = torch.optim.Adam([weight], lr=1e-3, betas=(0.5, 0.9))
+    weight.grad = torch.ones(3)
+    old.step()
+    saved = old.state_dict()
+    new = torch.optim.Adam([weight], lr=2e-4, betas=(0.0, 0.99))
+    load_optimizer(new, saved)
+    assert new.param_groups[0]["lr"] == 2e-4 and new.param_groups[0]["betas"] == (0.0, 0.99)
+    assert torch.equal(new.state[weight]["exp_avg"], old.state[weight]["exp_avg"]), "moments restored"

@@ -26,6 +26,10 @@ ARCHITECTURES = {
     256: ([16, 16, 8, 8, 4, 2], [16, 8, 8, 4, 2, 1], [1, 2, 4, 8, 8, 16, 16], [True] * 6 + [False]),
 }
 
+# The resolution BigGAN-PyTorch's D table gives each block, which decides where attention goes: the actual output
+# size, except at 32 px, where every block is labelled 16 (so attention at 16 follows all four blocks)
+D_BLOCK_LABELS = {32: [16, 16, 16, 16]}
+
 
 class SN:
     """The spectral-norm settings every layer of one network shares."""
@@ -33,8 +37,9 @@ class SN:
     def __init__(self, num_svs: int, num_itrs: int):
         self.num_svs, self.num_itrs = num_svs, num_itrs
 
-    def conv(self, c_in: int, c_out: int, kernel: int = 3) -> SNConv2d:
-        return SNConv2d(c_in, c_out, kernel, padding=kernel // 2, num_svs=self.num_svs, num_itrs=self.num_itrs)
+    def conv(self, c_in: int, c_out: int, kernel: int = 3, bias: bool = True) -> SNConv2d:
+        return SNConv2d(c_in, c_out, kernel, padding=kernel // 2, num_svs=self.num_svs, num_itrs=self.num_itrs,
+                        bias=bias)
 
     def linear(self, f_in: int, f_out: int, bias: bool = True) -> SNLinear:
         return SNLinear(f_in, f_out, self.num_svs, self.num_itrs, bias=bias)
@@ -93,8 +98,9 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, sn: SN):
         super().__init__()
-        self.theta, self.phi = sn.conv(channels, channels // 8, 1), sn.conv(channels, channels // 8, 1)
-        self.g, self.out = sn.conv(channels, channels // 2, 1), sn.conv(channels // 2, channels, 1)
+        self.theta = sn.conv(channels, channels // 8, 1, bias=False)  # no biases, as BigGAN-PyTorch's Attention
+        self.phi = sn.conv(channels, channels // 8, 1, bias=False)
+        self.g, self.out = sn.conv(channels, channels // 2, 1, bias=False), sn.conv(channels // 2, channels, 1, bias=False)
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +153,7 @@ class Discriminator(nn.Module):
         c_in = [image_channels] + [c * ch for c in c_out[:-1]]
         self.blocks = nn.ModuleList(DBlock(a, b * ch, sn, preactivation=i > 0, downsample=down)
                                     for i, (a, b, down) in enumerate(zip(c_in, c_out, downsample)))
-        sizes = [resolution // 2 ** (sum(downsample[:i + 1])) for i in range(len(c_out))]
+        sizes = D_BLOCK_LABELS.get(resolution) or [resolution // 2 ** (sum(downsample[:i + 1])) for i in range(len(c_out))]
         self.attention = nn.ModuleDict({str(i): SelfAttention(b * ch, sn) for i, (b, size) in
                                         enumerate(zip(c_out, sizes)) if size == attention})
         self.linear = sn.linear(c_out[-1] * ch, 1)

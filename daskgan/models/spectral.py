@@ -49,12 +49,15 @@ class SpectralNorm:
 
     def normalised_weight(self) -> torch.Tensor:
         matrix = self.weight.reshape(self.weight.shape[0], -1)
+        us = [getattr(self, f"u{i}") for i in range(self.num_svs)]
+        if not self.training:  # as BigGAN-PyTorch: one more power step, its vectors not kept
+            with torch.no_grad():
+                _, svs = power_iteration(matrix, us, self.num_itrs)
+            return self.weight / svs[0]
         with torch.no_grad():
-            us = [getattr(self, f"u{i}") for i in range(self.num_svs)]
-            if self.training:
-                us, _ = power_iteration(matrix, us, self.num_itrs)
-                for i, u in enumerate(us):
-                    getattr(self, f"u{i}").copy_(u)
+            us, _ = power_iteration(matrix, us, self.num_itrs)
+            for i, u in enumerate(us):
+                getattr(self, f"u{i}").copy_(u)
         # the estimate is differentiable in the weight (through the fixed vectors), as in BigGAN
         svs = [(_right(matrix, u) @ matrix.T * u).sum() for u in us]
         with torch.no_grad():

@@ -1,29 +1,39 @@
-"""Weights made elsewhere, as daskgan checkpoint states: NVlabs StyleGAN2-ADA network pickles.
+"""Weights made elsewhere, as daskgan checkpoint states: NVlabs StyleGAN2-ADA network pickles and BigGAN-PyTorch
+weights folders.
 
-``import_weights(url)`` reads an NVlabs pickle (without running the code it carries) and returns what
-``daskgan.run.checkpoint.load`` returns for a daskgan checkpoint; ``load_weights(url)`` accepts either.
+``import_weights(url)`` reads either (without running any code they might carry) and returns what
+``daskgan.run.checkpoint.load`` returns for a daskgan checkpoint; ``load_weights(url)`` accepts all three.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from daskgan.errors import CheckpointUnreadable
+from daskgan.pretrained import biggan, stylegan2
 from daskgan.pretrained.nvlabs_pickle import is_pickle, read_pickle
-from daskgan.pretrained.stylegan2 import checkpoint_state
-from daskgan.run import checkpoint, storage
+from daskgan.run import checkpoint
 from daskgan.run.storage import StorageOptions
 
 __all__ = ["import_weights", "load_weights"]
 
 
 def import_weights(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
-    """The checkpoint state (iteration 0, model description, G, G_ema, D) of the NVlabs pickle at ``url``."""
-    return checkpoint_state(read_pickle(storage.read_bytes(url, storage_options), url), url)
+    """The checkpoint state (iteration 0, model description, G, G_ema, D) of an NVlabs pickle or a
+    BigGAN-PyTorch weights folder at ``url``."""
+    if biggan.is_weights_folder(url, storage_options):
+        return biggan.checkpoint_state(url, storage_options)
+    data = checkpoint.read(url, storage_options)
+    if not is_pickle(data):
+        raise CheckpointUnreadable(f"{url} is neither an NVlabs network pickle nor a BigGAN-PyTorch weights folder")
+    return stylegan2.checkpoint_state(read_pickle(data, url), url)
 
 
 def load_weights(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
-    """A daskgan checkpoint or an NVlabs pickle, told apart by content, as a checkpoint state."""
+    """A daskgan checkpoint, an NVlabs pickle or a BigGAN-PyTorch weights folder, as a checkpoint state."""
+    if biggan.is_weights_folder(url, storage_options):
+        return biggan.checkpoint_state(url, storage_options)
     data = checkpoint.read(url, storage_options)
     if is_pickle(data):
-        return checkpoint_state(read_pickle(data, url), url)
+        return stylegan2.checkpoint_state(read_pickle(data, url), url)
     return checkpoint.parse(data, url)

@@ -327,13 +327,22 @@ def _initialise_from(gan: Gan, config: JobConfig) -> None:
 def _restore_networks(gan: Gan, state: dict) -> None:
     gan.G.module.load_state_dict(state["G"])
     gan.D.module.load_state_dict(state["D"])
-    gan.opt_G.load_state_dict(state["opt_G"])
-    gan.opt_D.load_state_dict(state["opt_D"])
+    load_optimizer(gan.opt_G, state["opt_G"])
+    load_optimizer(gan.opt_D, state["opt_D"])
     if gan.G_ema is not None:  # a checkpoint without an average starts it from the current weights
         gan.G_ema.load_state_dict(state.get("G_ema", state["G"]))
     gan.pl_target = torch.tensor(state.get("pl_target", 0.0))
     if gan.ada is not None and "augment_p" in state:  # ADA continues from the saved p; a fixed p comes from the job
         gan.augment.p.fill_(state["augment_p"])
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """The saved moments and step counts, under the job's own hyperparameters: a resume with a changed lr (or
+    betas, eps) uses the job's, not the checkpoint's (``load_state_dict`` alone would restore the old ones)."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,

@@ -1,0 +1,108 @@
+"""daskgan's BigGAN with BigGAN-PyTorch's weights gives its outputs; its weights folders import and fine-tune.
+
+Fixtures (``tests/fixtures/biggan-32/``) come from ``shared/parity/biggan-32``: a weights folder exactly as
+ajbrock/BigGAN-PyTorch (commit 9845943) ``utils.save_weights`` writes one (32 px, ch 8, 5 classes, hierarchical
+z 60, shared embedding 24, attention at 16, converged SN vectors) and its G/D outputs on fixed inputs, eval mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from daskgan.models.biggan import SN, Discriminator
+from daskgan.pretrained import import_weights
+from daskgan.tools.generate import load_generator
+
+FIXTURES = Path(__file__).parent / "fixtures" / "biggan-32"
+WEIGHTS = FIXTURES / "weights"
+
+
+def test_generator_and_discriminator_reproduce_biggan_pytorch():
+    state = import_weights(str(WEIGHTS))
+    io = torch.load(FIXTURES / "io.pt")
+    assert state["model"]["family"] == "biggan" and state["model"]["num_classes"] == 5
+    with torch.no_grad():
+        images = load_generator(state, str(WEIGHTS))(io["z"], io["y"])
+        model = state["model"]
+        D = Discriminator(32, 5, model["d_channels"], model["attention_resolution"], SN(1, 1))
+        D.load_state_dict(state["D"])
+        logits = D.eval()(io["images"], io["y"])
+    assert (images - io["images"]).abs().max() <= 1e-4
+    assert (logits - io["logits"].flatten()).abs().max() <= 1e-3
+
+
+def test_eval_spectral_norm_takes_one_unsaved_power_step():
+    from daskgan.models.spectral import SNLinear
+
+    torch.manual_seed(0)
+    layer = SNLinear(6, 4)
+    stored = layer.u0.clone()
+    x = torch.randn(3, 6)
+    layer.eval()
+    evaluated = layer(x)
+    assert torch.equal(layer.u0, stored), "eval keeps the stored vector"
+    u = torch.nn.functional.normalize(stored @ layer.weight, dim=1)  # the reference's step: v from the stored u
+    u_next = torch.nn.functional.normalize(u @ layer.weight.T, dim=1)
+    sigma = (u @ layer.weight.T * u_next).sum()
+    assert torch.allclose(evaluated, x @ (layer.weight / sigma).T + layer.bias, atol=1e-6)
+
+
+def test_attention_convs_have_no_bias_as_the_reference():
+    D = Discriminator(32, 5, ch=8, attention=16)
+    assert not [name for name, _ in D.named_parameters() if name.startswith("attention") and name.endswith("bias")]
+    assert sorted({name.split(".")[1] for name, _ in D.named_parameters() if name.startswith("attention")}) == \
+        ["0", "1", "2", "3"], "at 32 px the reference labels every D block 16: attention follows all four"
+
+
+def five_class_dataset(url: str, options: dict) -> None:
+    """The 4-class shapes dataset plus a fifth class folder (copies of the circles), as the weights have 5 classes."""
+    from daskgan.data import synthetic
+    from daskgan.run import storage
+
+    synthetic.write_dataset(url, images=20, resolution=32, storage_options=options)
+    fs, root = storage.filesystem(url, options)
+    circles = fs.find(f"{root.rstrip('/')}/circle")
+    storage.write_many({f"{url}/zz-fifth/{i}.png": fs.cat_file(path) for i, path in enumerate(circles)}, options)
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_biggan_pytorch_folder_on_two_workers(dask_client, s3_bucket):
+    from daskgan.cluster.driver import run_job
+    from daskgan.config import JobConfig
+    from daskgan.run import checkpoint, storage
+    from daskgan.run.records import load
+
+    bucket, options = s3_bucket
+    five_class_dataset(f"{bucket}/data", options)
+    for file in WEIGHTS.iterdir():
+        storage.write_bytes(f"{bucket}/biggan/weights/{file.name}", file.read_bytes(), options)
+    job = JobConfig.from_dict({
+        "data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 32, "batch_size": 2},
+        "model": {"family": "biggan", "z_dim": 60, "g_channels": 8, "d_channels": 8, "shared_dim": 24,
+                  "attention_resolution": 16},
+        "train": {"iterations": 2, "init_from": f"{bucket}/biggan/weights", "lr_g": 1e-5, "lr_d": 3e-5},
+        "output": {"run_url": f"{bucket}/tuned", "storage_options": options, "checkpoint_every": 2}})
+    summary = run_job(dask_client, job)
+    assert load(job.output.run_url, options)["iteration"].tolist() == [1, 2]
+    tuned, imported = checkpoint.load(summary["checkpoint"], options), import_weights(str(WEIGHTS))
+    assert [g["lr"] for g in tuned["opt_G"]["param_groups"]] == [1e-5]
+    assert [g["lr"] for g in tuned["opt_D"]["param_groups"]] == [3e-5], "the job's learning rates, not the folder's"
+    moved = (tuned["G"]["linear.weight"] - imported["G"]["linear.weight"]).abs().max()
+    assert 0 < moved < 0.01, "G continued from the folder's weights"
+
+
+def test_weights_of_another_class_count_are_refused_naming_the_tensor():
+    from daskgan.config import JobConfig
+    from daskgan.errors import CheckpointMismatch
+    from daskgan.models import build_models, load_exactly
+
+    job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 32},
+                               "model": {"family": "biggan", "z_dim": 60, "g_channels": 8, "d_channels": 8,
+                                         "shared_dim": 24, "attention_resolution": 16},
+                               "output": {"run_url": "memory://run"}})
+    G, _ = build_models(job.model, 32, 4)
+    with pytest.raises(CheckpointMismatch, match=r"shapes \(given vs built\) shared\.weight \(5, 24\) vs \(4, 24\)"):
+        load_exactly(G, import_weights(str(WEIGHTS))["G"], "G.pth")
