@@ -48,6 +48,11 @@ def test_ema_update_matches_its_formula():
     for old, new, current in zip(before, average.parameters(), model.parameters()):
         assert torch.allclose(new, 0.9 * old + 0.1 * current)
     assert torch.equal(average[1].running_mean, model[1].running_mean)
+    old_mean = average[1].running_mean.clone()
+    model(torch.randn(8, 3))
+    update_ema(average, model, beta=0.9, average_buffers=True)  # BigGAN-PyTorch: statistics averaged too
+    assert torch.allclose(average[1].running_mean, 0.9 * old_mean + 0.1 * model[1].running_mean)
+    assert average[1].num_batches_tracked == model[1].num_batches_tracked
 
 
 def test_ema_copies_the_generator_until_its_start_iteration():

@@ -54,3 +54,14 @@ def test_biggan_presets_split_the_global_batch_over_workers_and_accumulation():
     sagan = JobConfig.from_dict(job(preset="sagan", data={"url": "memory://d", "resolution": 128}), workers=2)
     assert (sagan.data.batch_size * 2 * sagan.train.accumulate, sagan.train.d_steps) == (256, 1)
     assert (sagan.train.lr_g, sagan.train.lr_d, sagan.model.hierarchical) == (1e-4, 4e-4, False)
+
+
+def test_the_released_biggan_recipe_beside_the_papers():
+    released = JobConfig.from_dict(job(preset="biggan-pytorch", data={"url": "memory://d", "resolution": 128}),
+                                   workers=8)
+    train = released.train
+    assert (released.data.batch_size * 8 * train.accumulate, train.d_steps, train.lr_g, train.lr_d) == \
+        (2048, 1, 1e-4, 4e-4)
+    assert (train.ortho_reg, train.adam_eps) == (0.0, 1e-6)
+    paper = JobConfig.from_dict(job(preset="biggan", data={"url": "memory://d", "resolution": 128}), workers=8)
+    assert paper.train.adam_eps == 1e-8 and paper.train.d_steps == 2

@@ -218,3 +218,14 @@ def test_r1_pass_steps_d_by_the_penalty_gradient_alone(process_group):
     assert stats["r1_penalty"] > 0
     for got, want in zip(gan.D.module.parameters(), expected):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_adam_eps_reaches_both_optimizers(process_group):
+    from daskgan.config import JobConfig
+    from daskgan.training.loop import _build
+
+    job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 8},
+                               "model": {"z_dim": 4, "g_channels": 4, "d_channels": 4},
+                               "train": {"adam_eps": 1e-6}, "output": {"run_url": "memory://run"}})
+    gan = _build(job, 0, torch.device("cpu"))
+    assert [g["eps"] for g in (*gan.opt_G.param_groups, *gan.opt_D.param_groups)] == [1e-6, 1e-6]

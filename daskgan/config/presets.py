@@ -74,12 +74,16 @@ class BigGanSpec:
     z_dim: int
     hierarchical: bool
     iterations: int
+    adam_eps: float = 1e-8
 
 
 BIGGAN_PRESETS: dict[str, BigGanSpec] = {
-    # BigGAN (Brock et al. 2019, ImageNet 128): batch 2048, 2 D steps, lr 5e-5 / 2e-4, ortho 1e-4, EMA 0.9999 from
-    # 20k, ch 96, z 120 split hierarchically (ajbrock's launch_BigGAN_bs256x8.sh: 256 x 8 accumulations)
+    # BigGAN, the paper's values (Brock et al. 2019, ImageNet 128): batch 2048, 2 D steps, lr 5e-5 / 2e-4, ortho
+    # 1e-4, EMA 0.9999 from 20k, ch 96, z 120 split hierarchically
     "biggan": BigGanSpec(2048, 8, 2, 5e-5, 2e-4, 1e-4, 0.9999, 20000, 96, 120, True, 150000),
+    # the released models' recipe (ajbrock's launch_BigGAN_bs256x8.sh): 256 x 8 accumulations, 1 D step, lr 1e-4 /
+    # 4e-4, no orthogonal regularisation, Adam eps 1e-6
+    "biggan-pytorch": BigGanSpec(2048, 8, 1, 1e-4, 4e-4, 0.0, 0.9999, 20000, 96, 120, True, 150000, adam_eps=1e-6),
     # SA-GAN (Zhang et al. 2019; launch_SAGAN_bs128x2_ema.sh): batch 256 (128 x 2), TTUR 1e-4 / 4e-4, 1 D step
     "sagan": BigGanSpec(256, 2, 1, 1e-4, 4e-4, 0.0, 0.9999, 2000, 64, 128, False, 1000000),
 }
@@ -117,7 +121,7 @@ def _biggan_settings(name: str, spec: BigGanSpec, workers: int) -> dict[str, Any
                   "hierarchical": spec.hierarchical, "attention_resolution": 64},
         "train": {"iterations": spec.iterations, "loss": "hinge", "lr_g": spec.lr_g, "lr_d": spec.lr_d,
                   "beta1": 0.0, "beta2": 0.999, "d_steps": spec.d_steps, "accumulate": spec.accumulate,
-                  "ortho_reg": spec.ortho, "ema_kimg": ema_kimg, "ema_start": spec.ema_start},
+                  "ortho_reg": spec.ortho, "ema_kimg": ema_kimg, "ema_start": spec.ema_start, "adam_eps": spec.adam_eps},
     }
 
 

@@ -111,6 +111,7 @@ class TrainConfig:
     ema_kimg: float = 0.0  # generator EMA half-life in thousand images (0: no EMA); grids then use G_ema
     ema_rampup: Optional[float] = None  # half-life at most this fraction of the images seen so far
     ema_start: int = 0  # before this iteration the average just copies G (BigGAN's ema_start)
+    adam_eps: float = 1e-8  # Adam's epsilon (BigGAN-PyTorch's released models: 1e-6)
     init_from: Optional[str] = None  # start from these weights (daskgan checkpoint or NVlabs pickle), iteration 0
     freeze_d: int = 0  # StyleGAN2: D's first (highest-resolution) layers kept frozen (NVlabs' --freezed)
     d_steps: int = 1  # discriminator steps per generator step (BigGAN: 2)
@@ -131,6 +132,7 @@ class TrainConfig:
         require(self.r1_gamma >= 0 and self.r1_interval >= 1, "train.r1_gamma/r1_interval", "must be >= 0 / >= 1")
         require(self.ema_kimg >= 0, "train.ema_kimg", "must be >= 0")
         require(self.freeze_d >= 0, "train.freeze_d", "must be >= 0")
+        require(self.adam_eps > 0, "train.adam_eps", "must be > 0")
         require(self.ema_rampup is None or self.ema_rampup > 0, "train.ema_rampup", "must be > 0")
         for name in ("d_steps", "accumulate", "pl_interval", "reduced_precision_resolutions"):
             require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")

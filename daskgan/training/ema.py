@@ -30,9 +30,11 @@ def ema_beta_at(train: "TrainConfig", iteration: int, global_batch: int) -> floa
 
 
 @torch.no_grad()
-def update_ema(average: nn.Module, model: nn.Module, beta: float) -> None:
-    """average = beta * average + (1 - beta) * model for parameters; buffers (e.g. BatchNorm statistics) copied."""
+def update_ema(average: nn.Module, model: nn.Module, beta: float, average_buffers: bool = False) -> None:
+    """average = beta * average + (1 - beta) * model for parameters. Buffers (BatchNorm statistics, spectral-norm
+    vectors) are copied, as NVlabs, or averaged too with ``average_buffers``, as BigGAN-PyTorch's ema (counters
+    are copied either way)."""
     for p_average, p in zip(average.parameters(), model.parameters()):
         p_average.copy_(p.detach().lerp(p_average, beta))
     for b_average, b in zip(average.buffers(), model.buffers()):
-        b_average.copy_(b)
+        b_average.copy_(b.lerp(b_average, beta) if average_buffers and b.is_floating_point() else b)

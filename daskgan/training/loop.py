@@ -145,7 +145,8 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         if gan.ada is not None:
             gan.ada.update(iteration, global_batch * train.d_steps)
         if gan.G_ema is not None:
-            update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch))
+            update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch),
+                       average_buffers=config.model.family == "biggan")
         step_seconds = time.perf_counter() - started  # before any evaluation or grid
         sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
         last = iteration == train.iterations
@@ -299,13 +300,13 @@ def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     if config.train.compile:
         G, D = compile_forward(G), compile_forward(D)
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
-               _adam(G, *_adam_settings(config, config.train.lr_g, config.train.pl_interval)),
-               _adam(D, *_adam_settings(config, config.train.lr_d, config.train.r1_interval)),
+               _adam(G, *_adam_settings(config, config.train.lr_g, config.train.pl_interval), config.train.adam_eps),
+               _adam(D, *_adam_settings(config, config.train.lr_d, config.train.r1_interval), config.train.adam_eps),
                augment, ada, G_ema, num_classes)
 
 
-def _adam(network: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    return torch.optim.Adam(network.parameters(), lr=lr, betas=betas)
+def _adam(network: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
+    return torch.optim.Adam(network.parameters(), lr=lr, betas=betas, eps=eps)
 
 
 def _initialise_from(gan: Gan, config: JobConfig) -> None:
