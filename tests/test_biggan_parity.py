@@ -106,3 +106,47 @@ def test_weights_of_another_class_count_are_refused_naming_the_tensor():
     G, _ = build_models(job.model, 32, 4)
     with pytest.raises(CheckpointMismatch, match=r"shapes \(given vs built\) shared\.weight \(5, 24\) vs \(4, 24\)"):
         load_exactly(G, import_weights(str(WEIGHTS))["G"], "G.pth")
+
+
+def test_standing_statistics_replace_the_batchnorm_statistics_used_at_sampling(tmp_path):
+    from PIL import Image
+
+    from daskgan.models.layers import standing_statistics
+    from daskgan.tools.cli import main
+
+    state = import_weights(str(WEIGHTS))
+    G = load_generator(state, "folder")
+    stored = G.blocks[0].bn1.norm.running_mean.clone()
+    z, y = torch.randn(8, 60), torch.arange(8) % 5
+    before = G(z, y)
+    torch.manual_seed(0)
+    standing_statistics(G, lambda: (torch.randn(16, 60), torch.randint(5, (16,))), passes=4)
+    assert not G.training and not torch.allclose(G.blocks[0].bn1.norm.running_mean, stored)
+    assert G.blocks[0].bn1.norm.momentum == 0.1, "the layer's own momentum comes back"
+    assert not torch.allclose(G(z, y), before)
+    assert main(["sample", str(WEIGHTS), "--out", str(tmp_path / "plain"), "--per-class", "2"]) == 0
+    assert main(["sample", str(WEIGHTS), "--out", str(tmp_path / "standing"), "--per-class", "2",
+                 "--standing-stats", "4"]) == 0
+    plain, standing = (Image.open(tmp_path / d / "classes.png").tobytes() for d in ("plain", "standing"))
+    assert plain != standing
+
+
+def test_evaluation_with_standing_statistics_leaves_the_runs_generator_alone(tmp_path):
+    from daskgan.config import JobConfig
+    from daskgan.data import synthetic
+    from daskgan.data.index import index_images
+    from daskgan.training.evaluation import Evaluator
+
+    data_url = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data_url, images=8, resolution=32)
+    G = load_generator(import_weights(str(WEIGHTS)), "folder")
+    stored = G.blocks[0].bn1.norm.running_mean.clone()
+    scores = {}
+    for passes in (0, 3):
+        config = JobConfig.from_dict({"name": "m", "data": {"url": data_url, "resolution": 32, "batch_size": 4},
+                                      "model": {"family": "biggan", "z_dim": 60},
+                                      "metrics": {"every": 1, "images": 8, "standing_stats": passes, "kinds": ["fid"]},
+                                      "output": {"run_url": tmp_path.as_uri() + f"/run{passes}"}})
+        scores[passes] = Evaluator(config, index_images(data_url), torch.device("cpu")).evaluate(G, 5, 1)["fid"]
+    assert scores[0] != scores[3], "the fakes were drawn with other BatchNorm statistics"
+    assert torch.equal(G.blocks[0].bn1.norm.running_mean, stored) and not G.training

@@ -65,3 +65,8 @@ def test_the_released_biggan_recipe_beside_the_papers():
     assert (train.ortho_reg, train.adam_eps) == (0.0, 1e-6)
     paper = JobConfig.from_dict(job(preset="biggan", data={"url": "memory://d", "resolution": 128}), workers=8)
     assert paper.train.adam_eps == 1e-8 and paper.train.d_steps == 2
+
+
+def test_biggan_256_takes_a_longer_z():
+    config = JobConfig.from_dict(job(preset="biggan", data={"url": "memory://d", "resolution": 256}), workers=8)
+    assert config.model.z_dim == 140

@@ -88,13 +88,15 @@ BIGGAN_PRESETS: dict[str, BigGanSpec] = {
     "sagan": BigGanSpec(256, 2, 1, 1e-4, 4e-4, 0.0, 0.9999, 2000, 64, 128, False, 1000000),
 }
 
+BIGGAN_256_Z = 140  # BigGAN-256 splits a longer z over its one more block (20 per slot, as 120 at 128)
+
 PRESETS = (*STYLEGAN_PRESETS, *BIGGAN_PRESETS)
 
 
 def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
     """The job settings (a nested mapping, like a job file's) that preset ``name`` gives for ``workers`` workers."""
     if name in BIGGAN_PRESETS:
-        return _biggan_settings(name, BIGGAN_PRESETS[name], workers)
+        return _biggan_settings(name, BIGGAN_PRESETS[name], workers, resolution)
     spec = STYLEGAN_PRESETS[name](resolution, workers)
     per_worker = _per_worker(name, spec.batch, workers)
     global_batch = per_worker * workers
@@ -110,14 +112,14 @@ def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
     }
 
 
-def _biggan_settings(name: str, spec: BigGanSpec, workers: int) -> dict[str, Any]:
+def _biggan_settings(name: str, spec: BigGanSpec, workers: int, resolution: int) -> dict[str, Any]:
     per_worker = _per_worker(name, spec.batch, workers * spec.accumulate)
     global_batch = per_worker * workers * spec.accumulate
     # a per-step decay is a half-life of ln(0.5)/ln(decay) steps of global_batch images
     ema_kimg = math.log(0.5) / math.log(spec.ema_decay) * global_batch / 1000
     return {
         "data": {"batch_size": per_worker},
-        "model": {"family": "biggan", "z_dim": spec.z_dim, "g_channels": spec.channels, "d_channels": spec.channels,
+        "model": {"family": "biggan", "z_dim": BIGGAN_256_Z if resolution == 256 and spec.hierarchical else spec.z_dim, "g_channels": spec.channels, "d_channels": spec.channels,
                   "hierarchical": spec.hierarchical, "attention_resolution": 64},
         "train": {"iterations": spec.iterations, "loss": "hinge", "lr_g": spec.lr_g, "lr_d": spec.lr_d,
                   "beta1": 0.0, "beta2": 0.999, "d_steps": spec.d_steps, "accumulate": spec.accumulate,

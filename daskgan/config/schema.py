@@ -199,9 +199,11 @@ class MetricsConfig:
     extractor_url: Optional[str] = None  # NVlabs' inception-2015-12-05.pt (TorchScript); None: random-cnn-v1
     storage_options: dict = field(default_factory=dict)  # for extractor_url
     kid_subset_size: int = 1000
+    standing_stats: int = 0  # BigGAN: evaluate with BatchNorm statistics averaged over this many batches (0: off)
 
     def validate(self) -> None:
         require(self.every >= 0, "metrics.every", "must be >= 0")
+        require(self.standing_stats >= 0, "metrics.standing_stats", "must be >= 0")
         require(bool(self.kinds) and set(self.kinds) <= set(METRICS), "metrics.kinds",
                  f"must be a non-empty list from {list(METRICS)}, got {self.kinds!r}")
         require(self.images >= 2 and (self.real_images is None or self.real_images >= 2), "metrics.images",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -59,3 +61,24 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Integer labels (N,) as one-hot rows; (N, C) float rows (e.g. a blend of two classes) pass unchanged."""
     return F.one_hot(labels, num_classes).float() if labels.dim() == 1 else labels.float()
+
+
+@torch.no_grad()
+def standing_statistics(generator: nn.Module, draw: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                        passes: int) -> None:
+    """BigGAN's standing statistics: reset the BatchNorm statistics of ``generator`` (in place) and accumulate
+    their plain average over ``passes`` training-mode forwards of ``draw()``'s latents, then return it to eval
+    mode. Sampling then normalises with statistics of many batches rather than the training run's moving ones."""
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    generator.train()
+    try:
+        for _ in range(passes):
+            generator(*draw())
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        generator.eval()

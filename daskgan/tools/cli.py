@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
     sample.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--standing-stats", type=int, default=0, metavar="N",
+                        help="BatchNorm statistics averaged over N batches before sampling (BigGAN; default off)")
     _add_output_options(sample)
     sample.set_defaults(run=sample_command)
     return parser
@@ -127,7 +129,8 @@ def sample_command(args: argparse.Namespace) -> int:
     from daskgan.tools.sample import sample
 
     written = sample(args.checkpoint, args.out, classes=args.classes, per_class=args.per_class, steps=args.steps,
-                     seed=args.seed, truncation=args.trunc, storage_options=_options(args))
+                     seed=args.seed, truncation=args.trunc, storage_options=_options(args),
+                     standing_stats=args.standing_stats)
     print(f"daskgan: wrote {', '.join(url.rsplit('/', 1)[1] for url in written)} to {args.out}")
     return 0
 

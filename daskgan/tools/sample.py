@@ -19,6 +19,7 @@ import logging
 import torch
 
 from daskgan.errors import RequestError
+from daskgan.models.layers import standing_statistics
 from daskgan.pretrained import load_weights
 from daskgan.run import storage
 from daskgan.run.images import image_grid, png_bytes
@@ -27,14 +28,22 @@ from daskgan.tools.generate import Drawer, label_classes, load_generator
 
 logger = logging.getLogger(__name__)
 
+STANDING_BATCH = 64  # latents per standing-statistics pass
+
 
 @torch.no_grad()
 def sample(checkpoint_url: str, out_url: str, *, classes: list[int] | None = None, per_class: int = 8,
            steps: int = 8, seed: int = 0, truncation: float | None = None,
-           storage_options: StorageOptions | None = None) -> list[str]:
-    """Write the grids for ``classes`` (default: all) of the checkpoint's generator; returns the URLs written."""
+           storage_options: StorageOptions | None = None, standing_stats: int = 0) -> list[str]:
+    """Write the grids for ``classes`` (default: all) of the checkpoint's generator; returns the URLs written.
+    ``standing_stats``: first average BatchNorm statistics over that many batches of 64 (BigGAN's standing
+    statistics; no effect on StyleGAN2)."""
     state = load_weights(checkpoint_url, storage_options)
     generator, num_classes = load_generator(state, checkpoint_url), label_classes(state)
+    if standing_stats:
+        torch.manual_seed(seed)
+        standing_statistics(generator, lambda: (torch.randn(STANDING_BATCH, generator.z_dim), torch.randint(
+            num_classes, (STANDING_BATCH,)) if num_classes else None), standing_stats)
     rows = _classes(classes, num_classes)
     draw = Drawer(generator, truncation)
     z = draw.latents(range(seed, seed + per_class))  # the first is `generate`'s image for `seed`

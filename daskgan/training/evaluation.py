@@ -6,6 +6,7 @@ and cached in the run directory (``metrics/real-<key>.pt``); each evaluation is 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -19,6 +20,7 @@ from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex
 from daskgan.models import stylegan2
+from daskgan.models.layers import standing_statistics
 from daskgan.ranks import from_rank0
 from daskgan.run import storage
 
@@ -43,10 +45,18 @@ class Evaluator:
         embeds a share, rank 0 alone holds the features and scores, every rank gets the scores."""
         m = self.config.metrics
         real = self._real_features()
+        if m.standing_stats:
+            generator = copy.deepcopy(generator)  # the run's own statistics stay as they are
+            standing_statistics(generator, lambda: self._standing_latents(num_classes), m.standing_stats)
         fake = metrics.embed_share(m.images, lambda items: self._generated(generator, num_classes, items),
                                    self.extractor)
         scores = from_rank0(lambda: self._scores(real, fake, iteration))
         return {**scores, "metrics_extractor": self.extractor.name}
+
+    def _standing_latents(self, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch = self.config.data.batch_size
+        z = torch.randn(batch, self.config.model.z_dim, device=self.device)
+        return z, torch.randint(num_classes, (batch,), device=self.device) if num_classes else None
 
     def _scores(self, real: torch.Tensor, fake: torch.Tensor, iteration: int) -> dict[str, float]:
         m = self.config.metrics
