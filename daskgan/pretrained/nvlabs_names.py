@@ -35,17 +35,26 @@ def _without_filters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in state.items() if not name.endswith("resample_filter")}
 
 
-def _mapping_name(rest: str) -> str:
-    return re.sub(r"^fc(\d+)\.", r"net.\1.", rest)
+def _renamed_mapping(name: str, module: str) -> str | None:
+    """``mapping.fc<i>.x`` -> ``<module>.net.<i>.x`` (``embed``, ``w_avg`` keep their names); None otherwise."""
+    if not name.startswith("mapping."):
+        return None
+    return module + "." + re.sub(r"^fc(\d+)\.", r"net.\1.", name[len("mapping."):])
+
+
+def _block(name: str, pattern: str, network: str) -> tuple[int, str]:
+    """The resolution and the rest of a block parameter's name."""
+    match = re.fullmatch(pattern, name)
+    if not match:
+        raise CheckpointMismatch(f"{name}: not a parameter of NVlabs' StyleGAN2 {network}")
+    return int(match[1]), match[2]
 
 
 def _generator_name(name: str) -> str:
-    if name.startswith("mapping."):
-        return "mapping." + _mapping_name(name[len("mapping."):])
-    match = re.fullmatch(r"synthesis\.b(\d+)\.(.+)", name)
-    if not match:
-        raise CheckpointMismatch(f"{name}: not a parameter of NVlabs' StyleGAN2 generator")
-    resolution, rest = int(match[1]), match[2]
+    mapping = _renamed_mapping(name, "mapping")
+    if mapping:
+        return mapping
+    resolution, rest = _block(name, r"synthesis\.b(\d+)\.(.+)", "generator")
     block = int(math.log2(resolution)) - 2
     layer = re.fullmatch(r"conv([01])\.(.+)", rest)
     if layer:
@@ -55,12 +64,10 @@ def _generator_name(name: str) -> str:
 
 
 def _discriminator_name(name: str, resolution: int) -> str:
-    if name.startswith("mapping."):
-        return "cmap." + _mapping_name(name[len("mapping."):])
-    match = re.fullmatch(r"b(\d+)\.(.+)", name)
-    if not match:
-        raise CheckpointMismatch(f"{name}: not a parameter of NVlabs' StyleGAN2 discriminator")
-    block_resolution, rest = int(match[1]), match[2]
+    mapping = _renamed_mapping(name, "cmap")
+    if mapping:
+        return mapping
+    block_resolution, rest = _block(name, r"b(\d+)\.(.+)", "discriminator")
     if block_resolution == 4:  # the epilogue: conv, fc, out
         return rest
     return f"blocks.{int(math.log2(resolution)) - int(math.log2(block_resolution))}.{rest}"
