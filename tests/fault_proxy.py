@@ -58,6 +58,8 @@ class FaultProxy:
                 fault = proxy._choose(self.command, self.path)
                 proxy.faults.counts[fault or "forwarded"] += 1
                 proxy.faults.counts[self.command] += 1
+                if self.headers.get("Range"):
+                    proxy.faults.counts[f"ranged {self.command}"] += 1
                 if fault == "reset":
                     # RST instead of FIN: the client sees "connection reset by peer"
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

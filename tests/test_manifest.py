@@ -74,7 +74,7 @@ def slow_rank0_value(seconds, timeout_s):
 
 @pytest.mark.slow
 def test_ranks_wait_for_a_listing_longer_than_the_collective_timeout(dask_client):
-    with pytest.raises(RuntimeError, match="Timed out"):  # the defect: bounded by the process group timeout
+    with pytest.raises(RuntimeError, match=r"(?i)timed out|timeout"):  # the defect: bounded by the collective timeout
         dispatch.results(dispatch.run(dask_client, slow_rank0_value, 6, None, timeout=2), timeout=60)
     futures = dispatch.run(dask_client, slow_rank0_value, 6, 60, timeout=2)
     assert dispatch.results(futures, timeout=60) == ["listed", "listed"]

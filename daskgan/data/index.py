@@ -3,12 +3,14 @@ each rank's disjoint shard of every epoch's permutation (as DistributedSampler, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 from dataclasses import dataclass
 
 import torch
 
+from daskgan.data.archive import ZipEntry, list_zip, read_members
 from daskgan.errors import NotFound
 from daskgan.run import storage
 from daskgan.seeding import derive_seed
@@ -28,15 +30,28 @@ class ImageIndex:
     labels: tuple[int, ...]
     classes: tuple[str, ...]
     sizes: tuple[int, ...] = ()
+    archive: str | None = None  # a zip archive's path: ``paths`` are then its member names
+    entries: tuple[ZipEntry, ...] = ()  # where each member lies in the archive
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def object_key(self, path: str) -> str:
+        """A name for ``path`` unique across datasets (a member is named with its archive), e.g. for caches."""
+        return f"{self.archive}/{path}" if self.archive else path
+
+    @functools.cached_property
+    def entry_of(self) -> dict[str, ZipEntry]:
+        return dict(zip(self.paths, self.entries))
+
 
 def index_images(url: str, storage_options: storage.StorageOptions | None = None) -> ImageIndex:
-    """List the images under ``url``. Files in subfolders are labelled by their first folder, sorted by name."""
+    """List the images under ``url``: a folder (files in subfolders are labelled by their first folder, sorted by
+    name) or an NVlabs zip archive (labels from its ``dataset.json``)."""
     fs, root = storage.filesystem(url, storage_options)
     root = root.rstrip("/")
+    if root.lower().endswith(".zip"):
+        return _index_archive(url, fs, root)
     listing = _find(url, fs, root)
     images = sorted(p for p in listing if p.lower().endswith(IMAGE_SUFFIXES))
     if not images:
@@ -54,6 +69,33 @@ def index_images(url: str, storage_options: storage.StorageOptions | None = None
     label_of = {c: i for i, c in enumerate(classes)}
     paths = [p for p, _ in kept]
     return ImageIndex(url, tuple(paths), tuple(label_of[c] for _, c in kept), classes, _sizes(listing, paths))
+
+
+def _index_archive(url: str, fs, path: str) -> ImageIndex:
+    names, entries, labelled = _list_zip(url, fs, path)
+    if not names:
+        raise NotFound(f"data.url: no images ({', '.join(IMAGE_SUFFIXES)}) in the archive {url}")
+    label_of = {str(name).replace("\\", "/"): int(label) for name, label in (labelled or [])}
+    missing = [n for n in names if labelled is not None and n not in label_of]
+    if missing:
+        raise NotFound(f"data.url: {url}: dataset.json has no label for {len(missing)} images, e.g. {missing[0]}")
+    labels = tuple(label_of[n] for n in names) if labelled is not None else (0,) * len(names)
+    classes = tuple(str(c) for c in range(max(labels) + 1)) if labelled is not None else ()
+    return ImageIndex(url, tuple(names), labels, classes, tuple(entries[n].size for n in names), path,
+                      tuple(entries[n] for n in names))
+
+
+@storage.operation
+def _list_zip(url: str, fs, path: str):
+    return list_zip(fs, path, url, IMAGE_SUFFIXES)
+
+
+def fetch_objects(index: ImageIndex, fs, paths: list[str]) -> dict[str, bytes | BaseException]:
+    """Whole images by their index paths, concurrently: objects (one GET each) or archive members (one ranged GET
+    each). A failed fetch maps to its error, for the caller to retry or skip."""
+    if index.archive is None:
+        return storage.cat_objects(fs, paths)
+    return read_members(fs, index.archive, {path: index.entry_of[path] for path in paths})
 
 
 def _sizes(listing: dict[str, dict], paths: list[str]) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ import posixpath
 import time
 
 from daskgan.config import DataConfig, OutputConfig
+from daskgan.data.archive import ZipEntry
 from daskgan.data.index import ImageIndex, index_images
 from daskgan.errors import ConfigError
 from daskgan.ranks import from_rank0
@@ -63,11 +64,17 @@ def ensure_manifest(data: DataConfig, url: str, options: StorageOptions) -> None
 
 def manifest_bytes(index: ImageIndex, root: str) -> bytes:
     """The manifest of ``index``: keys relative to ``root``, the dataset's folder in its filesystem, so that
-    a million entries stay a few MB."""
-    root = root.rstrip("/")
+    a million entries stay a few MB. An archive's members keep their names, with where each lies in it."""
     sizes = index.sizes or (0,) * len(index)
-    document = {"format": FORMAT, "dataset": index.url, "root": root, "classes": list(index.classes),
-                "images": [[posixpath.relpath(p, root), s, label] for p, s, label in zip(index.paths, sizes, index.labels)]}
+    if index.archive:
+        root = ""
+        rows = [[p, s, label, *entry.as_list()] for p, s, label, entry in zip(index.paths, sizes, index.labels,
+                                                                                index.entries)]
+    else:
+        root = root.rstrip("/")
+        rows = [[posixpath.relpath(p, root), s, label] for p, s, label in zip(index.paths, sizes, index.labels)]
+    document = {"format": FORMAT, "dataset": index.url, "root": root, "archive": index.archive,
+                "classes": list(index.classes), "images": rows}
     return gzip.compress(json.dumps(document, separators=(",", ":")).encode(), compresslevel=6)
 
 
@@ -81,13 +88,15 @@ def parse_manifest(data: bytes, url: str) -> ImageIndex:
         document = json.loads(gzip.decompress(data))
         if document.get("format") != FORMAT:
             raise ValueError(f"format {document.get('format')!r}")
-        root, classes = document["root"], tuple(str(c) for c in document["classes"])
-        keys, sizes, labels = zip(*document["images"]) if document["images"] else ((), (), ())
+        root, classes, archive = document["root"], tuple(str(c) for c in document["classes"]), document.get("archive")
+        columns = list(zip(*document["images"])) or [()] * (7 if archive else 3)
+        keys, sizes, labels = columns[:3]
         if any(not 0 <= label < max(len(classes), 1) for label in labels):
             raise ValueError("a label out of range")
-        prefix = root.rstrip("/") + "/"
-        return ImageIndex(str(document["dataset"]), tuple(prefix + k for k in keys),
-                          tuple(int(v) for v in labels), classes, tuple(int(v) for v in sizes))
+        prefix = "" if archive else root.rstrip("/") + "/"
+        entries = tuple(ZipEntry(*(int(v) for v in row)) for row in zip(*columns[3:7])) if archive else ()
+        return ImageIndex(str(document["dataset"]), tuple(prefix + k for k in keys), tuple(int(v) for v in labels),
+                          classes, tuple(int(v) for v in sizes), archive, entries)
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{url} is not a daskgan dataset manifest ({type(exc).__name__}: {exc}); delete it to "
                           f"list the dataset again") from None

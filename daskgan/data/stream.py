@@ -20,7 +20,8 @@ import torch
 from daskgan.config import DataConfig
 from daskgan.data.cache import DiskCache
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex, shard_indices
+from daskgan.data.archive import CorruptMember
+from daskgan.data.index import ImageIndex, fetch_objects, shard_indices
 from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
@@ -134,29 +135,29 @@ class ImageStream:
                                type(exc).__name__, exc, self.skipped)
         return decoded
 
-    def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | FileNotFoundError]:
-        """Fetch objects concurrently (one ``cat`` of the list), through the local cache when one is set.
+    def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | BaseException]:
+        """Fetch objects (or archive members) concurrently, through the local cache when one is set.
 
-        A vanished object comes back as its ``FileNotFoundError`` (skipped and counted by the caller). Throttling,
+        A vanished object or a corrupt member comes back as its error (skipped and counted by the caller). Throttling,
         server errors and resets are retried with backoff (``data.retry_tries``/``retry_seconds``), never taken
         for a bad image; refused credentials stop the run with a message naming the dataset."""
-        result: dict[str, bytes | FileNotFoundError] = {}
+        result: dict[str, bytes | BaseException] = {}
         if self._cache is not None:
             for path in paths:
-                data = self._cache.read(path, self._sizes.get(path, 0))
+                data = self._cache.read(self.index.object_key(path), self._sizes.get(path, 0))
                 if data is not None:
                     result[path] = data
         missing = [p for p in paths if p not in result]
         backoff = storage.Backoff(self.config.retry_tries, self.config.retry_seconds)
         while missing:
-            fetched = storage.cat_objects(self._fs, missing)
+            fetched = fetch_objects(self.index, self._fs, missing)
             failed = {}
             for path in missing:
                 value = fetched.get(path, FileNotFoundError(path))
-                if isinstance(value, (bytes, FileNotFoundError)):
+                if isinstance(value, (bytes, FileNotFoundError, CorruptMember)):
                     result[path] = value
                     if self._cache is not None and isinstance(value, bytes):
-                        self._cache.write(path, value, self._sizes.get(path, 0))
+                        self._cache.write(self.index.object_key(path), value, self._sizes.get(path, 0))
                 elif storage.is_transient(value):
                     failed[path] = value
                 else:  # refused credentials (named with the dataset's URL), or a bug: not worth retrying

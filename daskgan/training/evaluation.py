@@ -18,7 +18,7 @@ from torch import nn
 from daskgan import metrics, ranks
 from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex
+from daskgan.data.index import ImageIndex, fetch_objects
 from daskgan.models import stylegan2
 from daskgan.models.layers import standing_statistics
 from daskgan.ranks import from_rank0
@@ -95,7 +95,7 @@ class Evaluator:
 
     def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
         fs, _ = storage.filesystem(self.index.url, self.config.data.storage_options)
-        fetched = storage.cat_objects(fs, [self.index.paths[order[i]] for i in items])  # one concurrent fetch
+        fetched = fetch_objects(self.index, fs, [self.index.paths[order[i]] for i in items])  # one concurrent fetch
         return as_rgb(torch.stack([self._real_image(fs, order, i, fetched) for i in items])).to(self.device)
 
     def _real_image(self, fs, order: list[int], item: int, fetched: dict) -> torch.Tensor:
@@ -104,7 +104,7 @@ class Evaluator:
         for position in range(item, len(order), self.real_count):
             path = self.index.paths[order[position]]
             try:
-                data = fetched.get(path) if position == item else fs.cat_file(path)
+                data = fetched.get(path) if position == item else fetch_objects(self.index, fs, [path])[path]
                 if isinstance(data, BaseException) or data is None:
                     raise data or FileNotFoundError(path)
                 return decode_image(data, self.config.data.resolution, self.config.data.channels)

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex, examples
+from daskgan.data.index import ImageIndex, examples, fetch_objects
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import StorageUnavailable, first_line
@@ -211,7 +211,7 @@ def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | 
     ``reals.png``: what the samples should come to look like."""
     paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
     fs, _ = storage.filesystem(index.url, config.data.storage_options)
-    fetched = storage.cat_objects(fs, sorted(set(paths)))
+    fetched = fetch_objects(index, fs, sorted(set(paths)))
     return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution, config.data.channels)
                         for path in paths])
 

@@ -1,0 +1,89 @@
+"""Images inside a zip archive in object storage (NVlabs' ``dataset_tool.py`` format), read member by member
+with range requests: the central directory is read once (a few ranged GETs at the archive's end), then each
+image costs one ranged GET of its local header and data; the archive is never downloaded whole.
+
+NVlabs' layout: ``00000/img00000000.png``, ... and an optional ``dataset.json`` holding
+``{"labels": [["00000/img00000000.png", 6], ...]}`` (or ``null`` for an unlabelled dataset); images are taken in
+sorted member-name order, as their ``ImageFolderDataset`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from daskgan.errors import NotFound
+from daskgan.run import storage
+
+LOCAL_HEADER = 30  # fixed part of a zip local file header
+HEADER_SLACK = 64  # bytes fetched beyond the central directory's extra-field length, for the local header's own
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """Where a member's bytes are: its local header's offset, compressed size, method and uncompressed size."""
+
+    offset: int
+    compressed_size: int
+    method: int
+    size: int
+
+    def as_list(self) -> list[int]:
+        return [self.offset, self.compressed_size, self.method, self.size]
+
+
+def list_zip(fs: Any, path: str, url: str, suffixes: tuple[str, ...]) -> tuple[list[str], dict[str, ZipEntry], Any]:
+    """The archive's image member names (sorted), where each lies, and ``dataset.json``'s ``labels`` (or None)."""
+    try:
+        with fs.open(path, "rb", block_size=2**20) as handle, zipfile.ZipFile(handle) as archive:
+            infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
+            labels = json.loads(archive.read("dataset.json")).get("labels") if "dataset.json" in infos else None
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as error:  # a short file fails its seeks
+        raise NotFound(f"data.url: {url} is not a readable zip archive ({error})") from None
+    names = sorted(name for name in infos if name.lower().endswith(suffixes))
+    entries = {name: ZipEntry(info.header_offset, info.compress_size, info.compress_type, info.file_size)
+               for name, info in infos.items() if name in set(names)}
+    for name in names:
+        if entries[name].method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise NotFound(f"data.url: {url}: member {name} uses zip compression method {entries[name].method}; "
+                           f"only stored and deflated members are read")
+    return names, entries, labels
+
+
+def read_members(fs: Any, path: str, entries: dict[str, ZipEntry]) -> dict[str, bytes | BaseException]:
+    """The uncompressed bytes of several members, fetched concurrently (one ranged GET each); a member whose
+    fetch failed maps to the error, for the caller's retry or skip."""
+    names = list(entries)
+    starts = [entries[n].offset for n in names]
+    ends = [entries[n].offset + LOCAL_HEADER + len(n.encode()) + HEADER_SLACK + entries[n].compressed_size
+            for n in names]
+    fetched = fs.cat_ranges([path] * len(names), starts, ends, on_error="return")
+    result: dict[str, bytes | BaseException] = {}
+    for name, raw in zip(names, fetched):
+        if isinstance(raw, BaseException):
+            result[name] = raw
+            continue
+        result[name] = _member_bytes(fs, path, entries[name], raw)
+    return result
+
+
+class CorruptMember(ValueError):
+    """A member whose stored bytes cannot be read back: skipped and counted like an image that does not decode."""
+
+
+def _member_bytes(fs: Any, path: str, entry: ZipEntry, raw: bytes) -> bytes | BaseException:
+    if raw[:4] != b"PK\x03\x04":
+        return CorruptMember(f"no local header at offset {entry.offset}")
+    name_length, extra_length = struct.unpack("<HH", raw[26:30])
+    start = LOCAL_HEADER + name_length + extra_length
+    data = raw[start:start + entry.compressed_size]
+    if len(data) < entry.compressed_size:  # a local extra field longer than the slack: fetch exactly
+        data = fs.cat_file(path, start=entry.offset + start, end=entry.offset + start + entry.compressed_size)
+    try:
+        return zlib.decompress(data, -15) if entry.method == zipfile.ZIP_DEFLATED else data
+    except zlib.error as error:
+        return CorruptMember(f"member at offset {entry.offset} does not inflate ({error})")
