@@ -120,3 +120,14 @@ def test_an_nvlabs_zip_trains_with_its_labels_on_two_workers(dask_client, zip_in
     summary = run_job(dask_client, job)
     assert load(job.output.run_url, options)["iteration"].tolist() == [1, 2, 3]
     assert checkpoint.load(summary["checkpoint"], options)["model"]["num_classes"] == 3, "dataset.json's 3 classes"
+
+
+def test_a_folder_with_nvlabs_dataset_json_takes_its_labels(s3_bucket):
+    bucket, options = s3_bucket
+    _, images = nvlabs_zip(6)
+    storage.write_many({f"{bucket}/folder/{name}": data for name, data in images.items()}, options)
+    labels = [[name, 5 - i] for i, name in enumerate(sorted(images))]
+    storage.write_bytes(f"{bucket}/folder/dataset.json", json.dumps({"labels": labels}).encode(), options)
+    index = index_images(f"{bucket}/folder", options)
+    assert list(index.labels) == [5, 4, 3, 2, 1, 0] and len(index.classes) == 6
+    assert all(path.endswith(name) for path, name in zip(index.paths, sorted(images)))

@@ -4,6 +4,7 @@ each rank's disjoint shard of every epoch's permutation (as DistributedSampler, 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ class ImageIndex:
 
 def index_images(url: str, storage_options: storage.StorageOptions | None = None) -> ImageIndex:
     """List the images under ``url``: a folder (files in subfolders are labelled by their first folder, sorted by
-    name) or an NVlabs zip archive (labels from its ``dataset.json``)."""
+    name; or, when it holds NVlabs' ``dataset.json``, every image labelled by it) or an NVlabs zip archive (labels
+    from its ``dataset.json``)."""
     fs, root = storage.filesystem(url, storage_options)
     root = root.rstrip("/")
     if root.lower().endswith(".zip"):
@@ -58,6 +60,10 @@ def index_images(url: str, storage_options: storage.StorageOptions | None = None
         raise NotFound(f"data.url: no images ({', '.join(IMAGE_SUFFIXES)}) under {url}: check the URL, or upload "
                        f"images (one subfolder per class) there")
     relative = [posixpath.relpath(p, root) for p in images]
+    if f"{root}/dataset.json" in listing:
+        document = json.loads(_read_file(url, fs, f"{root}/dataset.json"))
+        labels, classes = dataset_json_labels(relative, document.get("labels"), url)
+        return ImageIndex(url, tuple(images), labels, classes, _sizes(listing, images))
     in_folders = ["/" in r for r in relative]
     if not any(in_folders):
         return ImageIndex(url, tuple(images), (0,) * len(images), (), _sizes(listing, images))
@@ -75,14 +81,27 @@ def _index_archive(url: str, fs, path: str) -> ImageIndex:
     names, entries, labelled = _list_zip(url, fs, path)
     if not names:
         raise NotFound(f"data.url: no images ({', '.join(IMAGE_SUFFIXES)}) in the archive {url}")
-    label_of = {str(name).replace("\\", "/"): int(label) for name, label in (labelled or [])}
-    missing = [n for n in names if labelled is not None and n not in label_of]
-    if missing:
-        raise NotFound(f"data.url: {url}: dataset.json has no label for {len(missing)} images, e.g. {missing[0]}")
-    labels = tuple(label_of[n] for n in names) if labelled is not None else (0,) * len(names)
-    classes = tuple(str(c) for c in range(max(labels) + 1)) if labelled is not None else ()
+    labels, classes = dataset_json_labels(names, labelled, url)
     return ImageIndex(url, tuple(names), labels, classes, tuple(entries[n].size for n in names), path,
                       tuple(entries[n] for n in names))
+
+
+def dataset_json_labels(names: list[str], labelled: list | None, url: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Labels of ``names`` and class names from NVlabs' ``dataset.json`` ``labels`` (``[[name, class], ...]``;
+    None: an unlabelled dataset)."""
+    if labelled is None:
+        return (0,) * len(names), ()
+    label_of = {str(name).replace("\\", "/"): int(label) for name, label in labelled}
+    missing = [n for n in names if n not in label_of]
+    if missing:
+        raise NotFound(f"data.url: {url}: dataset.json has no label for {len(missing)} images, e.g. {missing[0]}")
+    labels = tuple(label_of[n] for n in names)
+    return labels, tuple(str(c) for c in range(max(labels) + 1))
+
+
+@storage.operation
+def _read_file(url: str, fs, path: str) -> bytes:
+    return fs.cat_file(path)
 
 
 @storage.operation
