@@ -138,3 +138,61 @@ def test_fid_fakes_of_stylegan2_carry_random_noise_as_nvlabs_metrics(tmp_path):
     z = torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(1_000_000 + i)) for i in (0, 1)])
     assert not torch.allclose(fakes, samples(G, z, None)), "not the fixed (const) noise of the grids"
     assert torch.allclose(fakes, samples(G, z, None, noise_mode="random"))
+
+
+def test_inception_score_of_known_distributions():
+    classes = 10
+    confident_and_diverse = torch.eye(classes).repeat(50, 1)  # every class equally often, each image certain
+    assert metrics.inception_score(confident_and_diverse) == pytest.approx(classes)
+    assert metrics.inception_score(torch.full((500, classes), 1 / classes)) == pytest.approx(1.0), "no confidence"
+    one_class = torch.zeros(500, classes)
+    one_class[:, 3] = 1
+    assert metrics.inception_score(one_class) == pytest.approx(1.0), "no diversity"
+    mixed = torch.eye(classes).repeat(50, 1) * 0.5 + 0.05  # half certain: between the two
+    assert 1 < metrics.inception_score(mixed) < classes
+
+
+class FakeClassifyingInception(torch.nn.Module):
+    """Features as FakeInception; class probabilities from the mean colour (3 classes), as a detector would."""
+
+    def forward(self, images: torch.Tensor, return_features: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        colours = images.float().mean(dim=[2, 3])
+        if return_features:
+            return torch.cat([colours, torch.zeros(len(images), 2045)], dim=1)
+        return torch.softmax(colours / 10, dim=1)
+
+
+def test_evaluation_scores_is_beside_fid_and_ranks_checkpoints_high_to_low(tmp_path):
+    from daskgan.config import JobConfig
+    from daskgan.config.schema import HIGHER_IS_BETTER
+    from daskgan.data import synthetic
+    from daskgan.data.index import index_images
+    from daskgan.models.dcgan import Generator
+    from daskgan.run import checkpoint
+    from daskgan.training.evaluation import Evaluator
+
+    detector = tmp_path / "inception.pt"
+    torch.jit.script(FakeClassifyingInception()).save(str(detector))
+    data_url = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data_url, images=8, resolution=16)
+    config = JobConfig.from_dict({"name": "m", "data": {"url": data_url, "resolution": 16},
+                                  "metrics": {"every": 1, "images": 20, "kinds": ["is", "fid"],
+                                              "extractor_url": detector.as_uri()},
+                                  "output": {"run_url": tmp_path.as_uri() + "/run", "keep_best": 1}})
+    assert config.ranking_metric == "is" and "is" in HIGHER_IS_BETTER
+    scores = Evaluator(config, index_images(data_url), torch.device("cpu")).evaluate(Generator(16, 100, 8), 0, 1)
+    assert scores["is"] >= 1 and scores["fid"] >= 0 and scores["metrics_extractor"] == "inception-v3"
+    run = tmp_path.as_uri() + "/ranked"
+    for iteration, score in ((1, 2.0), (2, 5.0), (3, 3.0)):
+        checkpoint.save(run, {"iteration": iteration}, iteration, keep=1, score=score, keep_best=1, metric="is",
+                        higher_is_better=True)
+    assert [entry["iteration"] for entry in checkpoint.index(run)["best"]] == [2], "the highest IS is the best"
+
+
+def test_is_without_an_inception_extractor_is_one_clear_error():
+    from daskgan.config import ConfigError, JobConfig
+
+    with pytest.raises(ConfigError, match="'is' needs Inception's class probabilities"):
+        JobConfig.from_dict({"name": "m", "data": {"url": "memory://d"}, "metrics": {"kinds": ["fid", "is"]},
+                             "output": {"run_url": "memory://run"}})

@@ -20,7 +20,8 @@ FAMILIES = ("dcgan", "stylegan2", "biggan")  # daskgan.models.FAMILIES
 LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
 D_ARCHITECTURES = ("resnet", "orig")  # daskgan.models.stylegan2: StyleGAN2 D with or without residual skips
 AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.augment.PIPELINES
-METRICS = ("fid", "kid")  # daskgan.metrics.METRICS; lower is better for both
+METRICS = ("fid", "kid", "is")  # daskgan.metrics.METRICS
+HIGHER_IS_BETTER = ("is",)  # the Inception Score; FID and KID are better lower
 BIGGAN_G_BLOCKS = {32: 3, 64: 4, 128: 5, 256: 6}  # G's blocks per resolution (daskgan.models.biggan.ARCHITECTURES)
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERNAL = {"internal": True}  # field metadata: set by daskgan, refused in a job file
@@ -156,7 +157,7 @@ class OutputConfig:
     keep_checkpoints: int = 3
     resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", or a checkpoint URL
     keep_best: int = 0  # also keep the k best checkpoints by best_metric (each evaluation then saves one)
-    best_metric: Optional[str] = None  # one of metrics.kinds (default: the first); lower is better
+    best_metric: Optional[str] = None  # one of metrics.kinds (default: the first); FID/KID lower, IS higher
 
     def validate(self) -> None:
         check_no_plain_secrets(self.storage_options, "output.storage_options")
@@ -209,6 +210,9 @@ class MetricsConfig:
         require(self.images >= 2 and (self.real_images is None or self.real_images >= 2), "metrics.images",
                  "must be >= 2")
         require(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be >= 2")
+        require("is" not in self.kinds or self.extractor_url, "metrics.kinds",
+                "'is' needs Inception's class probabilities: set metrics.extractor_url to NVlabs' "
+                "inception-2015-12-05.pt")
         check_no_plain_secrets(self.storage_options, "metrics.storage_options")
 
 

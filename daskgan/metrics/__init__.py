@@ -1,8 +1,9 @@
-"""FID and KID over all workers, with a pluggable feature extractor (see ``extractors`` for the choice)."""
+"""FID, KID and IS over all workers, with a pluggable feature extractor (see ``extractors`` for the choice)."""
 
-from daskgan.metrics.distances import METRICS, compute, feature_statistics, fid, frechet_distance, kid, sqrtm_psd
+from daskgan.metrics.distances import (METRICS, compute, feature_statistics, fid, frechet_distance, inception_score, kid,
+                                      sqrtm_psd)
 from daskgan.metrics.embedding import embed_share
 from daskgan.metrics.extractors import RandomCnnFeatures, TorchScriptInception, load_extractor
 
 __all__ = ["METRICS", "RandomCnnFeatures", "TorchScriptInception", "compute", "embed_share", "feature_statistics",
-           "fid", "frechet_distance", "kid", "load_extractor", "sqrtm_psd"]
+           "fid", "frechet_distance", "inception_score", "kid", "load_extractor", "sqrtm_psd"]

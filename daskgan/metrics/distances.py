@@ -1,4 +1,5 @@
-"""FID and KID on feature matrices (float64 statistics), and the PSD matrix square root FID needs."""
+"""FID and KID on feature matrices (float64 statistics), the PSD matrix square root FID needs, and the Inception
+Score on class probabilities."""
 
 from __future__ import annotations
 
@@ -56,7 +57,24 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size:
     return total / subsets / n
 
 
-def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000) -> dict[str, float]:
-    """The requested metrics (``fid``, ``kid``) of generated against real features."""
-    functions = {"fid": fid, "kid": lambda r, f: kid(r, f, subset_size=kid_subset_size)}
-    return {name: functions[name](real, fake) for name in names}
+def inception_score(probabilities: torch.Tensor, splits: int = 10) -> float:
+    """Inception Score (Salimans et al. 2016) as NVlabs and BigGAN-PyTorch compute it: over ``splits`` equal
+    parts of the (N, classes) probabilities, exp(mean KL(p(y|x) || p(y))), averaged over the parts."""
+    probabilities = probabilities.double()
+    count = len(probabilities)
+    scores = []
+    for i in range(splits):
+        part = probabilities[i * count // splits:(i + 1) * count // splits]
+        marginal = part.mean(dim=0, keepdim=True)
+        kl = (part * (part.clamp_min(1e-30).log() - marginal.clamp_min(1e-30).log())).sum(dim=1).mean()
+        scores.append(float(kl.exp()))
+    return sum(scores) / len(scores)
+
+
+def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000,
+            probabilities: torch.Tensor | None = None) -> dict[str, float]:
+    """The requested metrics of generated against real features (``fid``, ``kid``) and of the generated images'
+    class ``probabilities`` (``is``)."""
+    functions = {"fid": lambda: fid(real, fake), "kid": lambda: kid(real, fake, subset_size=kid_subset_size),
+                 "is": lambda: inception_score(probabilities)}
+    return {name: functions[name]() for name in names}

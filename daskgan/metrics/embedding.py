@@ -10,13 +10,11 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from daskgan import ranks
 
 
-def embed_share(count: int, images_of: Callable[[list[int]], torch.Tensor], extractor: nn.Module,
-                batch_size: int = 64) -> torch.Tensor | None:
+def embed_share(count: int, images_of: Callable[[list[int]], torch.Tensor],
+                extractor: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64) -> torch.Tensor | None:
     """Features (float32, on the CPU) of items 0..count-1, in item order, on rank 0; ``None`` on other ranks.
 
     This rank embeds items rank, rank + world, ... ``images_of(indices)`` returns those items' images

@@ -27,6 +27,8 @@ class RandomCnnFeatures(nn.Module):
     """The default extractor: random but fixed convolutions (seed 0), the same on every machine with this torch."""
 
     name = "random-cnn-v1"
+    feature_width = 512
+    classifies = False  # no class probabilities: no Inception Score
 
     def __init__(self):
         super().__init__()
@@ -48,6 +50,8 @@ class TorchScriptInception(nn.Module):
     """NVlabs' Inception-v3 TorchScript (``detector(uint8_images, return_features=True)`` -> 2048 features)."""
 
     name = "inception-v3"
+    feature_width = 2048
+    classifies = True
 
     def __init__(self, url: str, storage_options: StorageOptions | None = None):
         super().__init__()
@@ -57,6 +61,12 @@ class TorchScriptInception(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
         return self.detector(pixels, return_features=True)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for the Inception Score (NVlabs: the softmax without the output bias)."""
+        pixels = ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+        return self.detector(pixels, no_output_bias=True)
 
 
 def load_extractor(url: str | None, storage_options: StorageOptions | None = None) -> nn.Module:

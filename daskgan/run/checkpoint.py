@@ -2,7 +2,7 @@
 
 The checkpoint object is written completely first and the pointer second, so a crash mid-write never leaves a
 "latest" that points at a broken file. The newest ``keep`` checkpoints are kept, and with ``keep_best`` also the
-best by a metric (lower is better, e.g. FID); ``index.json`` lists the kept ones and their scores, so any of them
+best by a metric (lower is better for FID and KID, higher for IS); ``index.json`` lists the kept ones and their scores, so any of them
 can be resumed from or sampled. Old checkpoints are deleted last. Nothing secret goes in: the job config is stored
 with credentials redacted.
 """
@@ -32,7 +32,7 @@ def directory(run_url: str) -> str:
 
 def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
          storage_options: StorageOptions | None = None, *, score: float | None = None, keep_best: int = 0,
-         metric: str = "fid") -> str:
+         metric: str = "fid", higher_is_better: bool = False) -> str:
     """Write ``state`` as the checkpoint of ``iteration`` (with its ``metric`` ``score``, if evaluated), update
     the index and the pointer, then drop what is neither among the newest ``keep`` nor the best ``keep_best``.
 
@@ -47,7 +47,8 @@ def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
     listed = dict(list_checkpoints(run_url, storage_options))
     current = {i: u for i, u in listed.items() if i <= iteration}
     newest = sorted(current)[-keep:]
-    best = sorted((i for i in current if i in scores), key=lambda i: (scores[i], i))[:keep_best]
+    sign = -1 if higher_is_better else 1  # IS ranks high to low; FID and KID low to high
+    best = sorted((i for i in current if i in scores), key=lambda i: (sign * scores[i], i))[:keep_best]
     _write_index(run_url, current, newest, best, scores, metric, storage_options)
     storage.write_json(storage.join(directory(run_url), POINTER), {"iteration": iteration, "name": name},
                        storage_options)

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from daskgan.config.schema import METRICS
 from daskgan.run import storage
 from daskgan.run.images import image_grid, png_bytes
 from daskgan.run.storage import StorageOptions
@@ -172,7 +173,7 @@ def _tensorboard_tag(name: str) -> str:
         return f"D/{name}"
     if name.startswith("ada_"):
         return f"ada/{name[4:]}"
-    if name in ("fid", "kid"):
+    if name in METRICS:
         return f"metrics/{name}"
     if name in ("restarts", "redone_iterations"):
         return f"recovery/{name}"

@@ -16,11 +16,12 @@ PANELS = (  # (title, [(column or sum of columns, label)])
     ("ADA", [(("ada_p",), "p"), (("ada_rt",), "r_t")]),
     ("FID", [(("fid",), "FID")]),
     ("KID", [(("kid",), "KID")]),
+    ("IS", [(("is",), "Inception Score")]),
 )
 
 
 def summary_png(records: pd.DataFrame, title: str = "") -> bytes:
-    """A PNG with one panel per series group that the records hold (losses always; ADA, FID, KID when present);
+    """A PNG with one panel per series group that the records hold (losses always; ADA, FID, KID, IS when present);
     noisy per-iteration series are drawn raw and as a moving average."""
     import matplotlib
 

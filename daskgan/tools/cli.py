@@ -17,6 +17,7 @@ import yaml
 from daskgan import dispatch
 from daskgan.cluster import ClusterSpec, connect, load_cluster_spec, render
 from daskgan.config import load_job
+from daskgan.config.schema import METRICS
 from daskgan.errors import ConfigError, UserError, first_line
 from daskgan.run import storage
 from daskgan.tools import sandbox
@@ -179,7 +180,7 @@ def _train_with_progress(client, job, show_bar: bool) -> dict:
             bar.set_postfix(loss_G=f"{record['loss_G']:.3f}", loss_D=f"{record['loss_D_real'] + record['loss_D_fake']:.3f}",
                             img_s=f"{record['images_per_s']:.0f}", refresh=False)
             if not show_bar and (record["iteration"] % job.output.flush_every == 0 or "fid" in record):
-                scores = "".join(f", {k} {record[k]:.4g}" for k in ("fid", "kid", "ada_p") if k in record)
+                scores = "".join(f", {k} {record[k]:.4g}" for k in (*METRICS, "ada_p") if k in record)
                 logger.info("iteration %d: loss_G %.3f%s", record["iteration"], record["loss_G"], scores)
 
         return run_job(client, job, on_record=show)
@@ -199,7 +200,7 @@ def _metric_trends(summary: dict) -> list[str]:
     """One line per metric: its value at the first and the last evaluation of the run."""
     evaluations = summary.get("evaluations") or []
     lines = []
-    for kind in ("fid", "kid"):
+    for kind in METRICS:
         scored = [e for e in evaluations if kind in e]
         if scored:
             first, last = scored[0], scored[-1]

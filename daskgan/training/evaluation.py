@@ -41,15 +41,15 @@ class Evaluator:
         self._real_cached = False  # whether every rank has taken part in computing (or reading) the real features
 
     def evaluate(self, generator: nn.Module, num_classes: int, iteration: int) -> dict[str, Any]:
-        """FID/KID of ``generator`` (in eval mode, training RNG untouched) against the real features; every rank
-        embeds a share, rank 0 alone holds the features and scores, every rank gets the scores."""
+        """FID/KID of ``generator`` (in eval mode, training RNG untouched) against the real features, and IS of its
+        images; every rank embeds a share, rank 0 alone holds the features and scores, every rank gets them."""
         m = self.config.metrics
         real = self._real_features()
         if m.standing_stats:
             generator = copy.deepcopy(generator)  # the run's own statistics stay as they are
             standing_statistics(generator, lambda: self._standing_latents(num_classes), m.standing_stats)
         fake = metrics.embed_share(m.images, lambda items: self._generated(generator, num_classes, items),
-                                   self.extractor)
+                                   self._fake_embedding)
         scores = from_rank0(lambda: self._scores(real, fake, iteration))
         return {**scores, "metrics_extractor": self.extractor.name}
 
@@ -58,9 +58,19 @@ class Evaluator:
         z = torch.randn(batch, self.config.model.z_dim, device=self.device)
         return z, torch.randint(num_classes, (batch,), device=self.device) if num_classes else None
 
+    def _fake_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The extractor's features, followed by its class probabilities when IS is asked for (one pass of
+        generated images serves every metric)."""
+        features = self.extractor(images)
+        if "is" not in self.config.metrics.kinds:
+            return features
+        return torch.cat([features, self.extractor.probabilities(images)], dim=1)
+
     def _scores(self, real: torch.Tensor, fake: torch.Tensor, iteration: int) -> dict[str, float]:
         m = self.config.metrics
-        scores = metrics.compute(m.kinds, real, fake, kid_subset_size=m.kid_subset_size)
+        width = self.extractor.feature_width
+        scores = metrics.compute(m.kinds, real, fake[:, :width], kid_subset_size=m.kid_subset_size,
+                                 probabilities=fake[:, width:])
         report = {"iteration": iteration, "extractor": self.extractor.name, "images": m.images,
                   "real_images": self.real_count, **scores}
         storage.write_json(storage.join(self.config.output.run_url, "metrics", f"{iteration:09d}.json"), report,

@@ -20,6 +20,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan.config import JobConfig
+from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, examples, fetch_objects
 from daskgan.data.manifest import training_index
@@ -97,7 +98,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
 
 def evaluations(table: pd.DataFrame) -> list[dict[str, Any]]:
     """The run's FID/KID evaluations in order: iteration, extractor and each score (empty without metrics)."""
-    kinds = [kind for kind in ("fid", "kid") if kind in table.columns]
+    kinds = [kind for kind in METRICS if kind in table.columns]
     if not kinds:
         return []
     rows = table.dropna(subset=kinds, how="all")
@@ -271,7 +272,8 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
     out = config.output
     try:
         return checkpoint.save(out.run_url, state, iteration, out.keep_checkpoints, out.storage_options,
-                               score=score, keep_best=out.keep_best, metric=config.ranking_metric)
+                               score=score, keep_best=out.keep_best, metric=config.ranking_metric,
+                               higher_is_better=config.ranking_metric in HIGHER_IS_BETTER)
     except StorageUnavailable as error:
         logger.error("checkpoint of iteration %d not written, training goes on: %s", iteration, error)
         writer.annotate_next(checkpoint_failed=iteration, checkpoint_error=first_line(error))
