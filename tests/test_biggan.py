@@ -73,3 +73,35 @@ def test_self_attention_starts_as_the_identity():
     assert torch.equal(block(x), x)
     block.gamma.data.fill_(1.0)
     assert not torch.allclose(block(x), x)
+
+
+@pytest.mark.parametrize("hierarchical, shared, expected", [
+    (True, True, (16, 8 + 5)),  # BigGAN: [shared embedding, z chunk] -> (channels, shared_dim + chunk)
+    (False, True, (16, 8)),  # non-hierarchical BigGAN-PyTorch: the shared embedding alone (not [y, z])
+    (False, False, (3, 16)),  # SA-GAN: the layer's own class embedding (classes, channels)
+])
+def test_conditional_batchnorm_inputs_follow_biggan_pytorch(hierarchical, shared, expected):
+    from daskgan.models.biggan import Generator
+
+    G = Generator(32, 3, z_dim=20, ch=4, shared_dim=8, hierarchical=hierarchical, attention=0, shared=shared)
+    assert tuple(G.blocks[0].bn1.gain.weight.shape) == expected
+    assert (G.shared is None) == (not shared)
+    assert G.linear.weight.shape[1] == (5 if hierarchical else 20), "non-hierarchical: all of z into the linear"
+    labels = torch.tensor([0, 2])
+    assert G(torch.randn(2, 20), labels).shape == (2, 3, 32, 32)
+    blend = torch.tensor([[0.5, 0.0, 0.5], [1.0, 0.0, 0.0]])
+    G.eval()
+    assert torch.allclose(G(torch.zeros(2, 20), torch.nn.functional.one_hot(labels, 3).float())[1],
+                          G(torch.zeros(2, 20), labels)[1], atol=1e-6), "class weights blend like indices"
+    assert G(torch.zeros(2, 20), blend).shape == (2, 3, 32, 32)
+
+
+def test_initialisations_as_biggan_pytorch():
+    from daskgan.models.biggan import Generator
+
+    checks = {"N02": lambda w: abs(w.std().item() - 0.02) < 0.005,
+              "ortho": lambda w: torch.allclose(w.T @ w, torch.eye(w.shape[1]), atol=1e-5),  # orthonormal columns
+              "xavier": lambda w: w.abs().max().item() <= (6 / sum(w.shape)) ** 0.5 + 1e-6}
+    for init, check in checks.items():
+        torch.manual_seed(0)
+        assert check(Generator(32, 3, z_dim=20, ch=4, shared_dim=8, attention=0, init=init).linear.weight), init

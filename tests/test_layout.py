@@ -90,7 +90,7 @@ def test_registries_implement_exactly_the_names_the_schema_accepts():
     from daskgan.config import schema
     from daskgan.metrics import METRICS
     from daskgan.models import FAMILIES
-    from daskgan.models.biggan import ARCHITECTURES
+    from daskgan.models.biggan import ARCHITECTURES, INITS
     from daskgan.models.stylegan2 import D_ARCHITECTURES
     from daskgan.training.augment import PIPELINES
     from daskgan.training.losses import LOSSES
@@ -100,4 +100,5 @@ def test_registries_implement_exactly_the_names_the_schema_accepts():
     assert set(PIPELINES) == set(schema.AUGMENT_PIPELINES)
     assert set(METRICS) == set(schema.METRICS)
     assert set(D_ARCHITECTURES) == set(schema.D_ARCHITECTURES)
+    assert set(INITS) == set(schema.BIGGAN_INITS)
     assert {r: len(a[0]) for r, a in ARCHITECTURES.items()} == schema.BIGGAN_G_BLOCKS

@@ -75,6 +75,8 @@ class BigGanSpec:
     hierarchical: bool
     iterations: int
     adam_eps: float = 1e-8
+    shared_embedding: bool = True
+    init: str = "ortho"
 
 
 BIGGAN_PRESETS: dict[str, BigGanSpec] = {
@@ -85,7 +87,9 @@ BIGGAN_PRESETS: dict[str, BigGanSpec] = {
     # 4e-4, no orthogonal regularisation, Adam eps 1e-6
     "biggan-pytorch": BigGanSpec(2048, 8, 1, 1e-4, 4e-4, 0.0, 0.9999, 20000, 96, 120, True, 150000, adam_eps=1e-6),
     # SA-GAN (Zhang et al. 2019; launch_SAGAN_bs128x2_ema.sh): batch 256 (128 x 2), TTUR 1e-4 / 4e-4, 1 D step
-    "sagan": BigGanSpec(256, 2, 1, 1e-4, 4e-4, 0.0, 0.9999, 2000, 64, 128, False, 1000000),
+    # per-layer class embeddings (no shared one), z only into the first layer, xavier initialisation
+    "sagan": BigGanSpec(256, 2, 1, 1e-4, 4e-4, 0.0, 0.9999, 2000, 64, 128, False, 1000000, shared_embedding=False,
+                        init="xavier"),
 }
 
 BIGGAN_256_Z = 140  # BigGAN-256 splits a longer z over its one more block (20 per slot, as 120 at 128)
@@ -120,7 +124,8 @@ def _biggan_settings(name: str, spec: BigGanSpec, workers: int, resolution: int)
     return {
         "data": {"batch_size": per_worker},
         "model": {"family": "biggan", "z_dim": BIGGAN_256_Z if resolution == 256 and spec.hierarchical else spec.z_dim, "g_channels": spec.channels, "d_channels": spec.channels,
-                  "hierarchical": spec.hierarchical, "attention_resolution": 64},
+                  "hierarchical": spec.hierarchical, "attention_resolution": 64,
+                  "shared_embedding": spec.shared_embedding, "init": spec.init},
         "train": {"iterations": spec.iterations, "loss": "hinge", "lr_g": spec.lr_g, "lr_d": spec.lr_d,
                   "beta1": 0.0, "beta2": 0.999, "d_steps": spec.d_steps, "accumulate": spec.accumulate,
                   "ortho_reg": spec.ortho, "ema_kimg": ema_kimg, "ema_start": spec.ema_start, "adam_eps": spec.adam_eps},

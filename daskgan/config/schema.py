@@ -18,6 +18,7 @@ from daskgan.config.credentials import check_no_plain_secrets, redact
 
 FAMILIES = ("dcgan", "stylegan2", "biggan")  # daskgan.models.FAMILIES
 LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
+BIGGAN_INITS = ("ortho", "N02", "xavier")  # daskgan.models.biggan.INITS
 D_ARCHITECTURES = ("resnet", "orig")  # daskgan.models.stylegan2: StyleGAN2 D with or without residual skips
 AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.augment.PIPELINES
 METRICS = ("fid", "kid", "is")  # daskgan.metrics.METRICS
@@ -80,6 +81,8 @@ class ModelConfig:
     sync_batchnorm: bool = False  # batch statistics over all workers' batches (families with BatchNorm)
     shared_dim: int = 128  # biggan: width of the class embedding shared by G's conditional BatchNorms
     hierarchical: bool = True  # biggan: split z over G's blocks (hierarchical latent)
+    shared_embedding: bool = True  # biggan: one class embedding for every BatchNorm (BigGAN); False: per layer (SA-GAN)
+    init: str = "ortho"  # biggan: weight initialisation, ortho (BigGAN), N02 or xavier (SA-GAN)
     attention_resolution: int = 64  # biggan: resolution of the self-attention block (0: none)
     sn_singular_values: int = 1  # biggan: singular values tracked per spectrally normalised layer
     sn_iterations: int = 1  # biggan: power iterations per training step
@@ -92,6 +95,9 @@ class ModelConfig:
         require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
         require(not self.conditional or self.family in ("dcgan", "stylegan2"), "model.conditional",
                 "applies to dcgan and stylegan2 (biggan is always conditional)")
+        require(self.init in BIGGAN_INITS, "model.init", f"must be one of {list(BIGGAN_INITS)}, got {self.init!r}")
+        require(self.shared_embedding or not self.hierarchical, "model.shared_embedding",
+                "false (per-layer class embeddings) needs hierarchical: false, as in BigGAN-PyTorch")
         require(self.d_architecture in D_ARCHITECTURES, "model.d_architecture",
                 f"must be one of {list(D_ARCHITECTURES)}, got {self.d_architecture!r}")
 

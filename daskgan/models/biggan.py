@@ -12,6 +12,8 @@ BigGAN's ``ch`` (96 for ImageNet 128).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,10 +61,32 @@ class ConditionalBatchNorm(nn.Module):
         return self.norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
 
 
+class ClassBatchNorm(ConditionalBatchNorm):
+    """BatchNorm whose gain and bias are the class's own embeddings in this layer (SA-GAN; BigGAN-PyTorch without
+    ``G_shared``): the conditioning is the label itself (indices, or class weights for a blend)."""
+
+    def __init__(self, channels: int, num_classes: int):
+        nn.Module.__init__(self)
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain, self.bias = nn.Embedding(num_classes, channels), nn.Embedding(num_classes, channels)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        gain, bias = 1 + _embedded(self.gain, labels), _embedded(self.bias, labels)
+        return self.norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
+
+
+def _embedded(embedding: nn.Embedding, labels: torch.Tensor) -> torch.Tensor:
+    return labels.float() @ embedding.weight if labels.dim() == 2 else embedding(labels)
+
+
 class GBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, cond_dim: int, sn: SN):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, sn: SN, num_classes: int = 0):
+        """``num_classes`` > 0: per-layer class embeddings (no shared embedding) instead of ``cond_dim`` inputs."""
         super().__init__()
-        self.bn1, self.bn2 = ConditionalBatchNorm(c_in, cond_dim, sn), ConditionalBatchNorm(c_out, cond_dim, sn)
+        if num_classes:
+            self.bn1, self.bn2 = ClassBatchNorm(c_in, num_classes), ClassBatchNorm(c_out, num_classes)
+        else:
+            self.bn1, self.bn2 = ConditionalBatchNorm(c_in, cond_dim, sn), ConditionalBatchNorm(c_out, cond_dim, sn)
         self.conv1, self.conv2, self.shortcut = sn.conv(c_in, c_out), sn.conv(c_out, c_out), sn.conv(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -114,29 +138,39 @@ class SelfAttention(nn.Module):
 
 
 class Generator(nn.Module):
+    """BigGAN's G. Class conditioning as BigGAN-PyTorch: ``shared`` (BigGAN) embeds the label once and every
+    conditional BatchNorm maps [embedding, its z chunk] (``hierarchical``) or the embedding alone; without
+    ``shared`` (SA-GAN) each BatchNorm has its own class embeddings and z enters only the first layer."""
+
     def __init__(self, resolution: int, num_classes: int, z_dim: int = 120, ch: int = 96, shared_dim: int = 128,
-                 hierarchical: bool = True, attention: int = 64, sn: SN = SN(1, 1), image_channels: int = 3):
+                 hierarchical: bool = True, attention: int = 64, sn: SN = SN(1, 1), image_channels: int = 3,
+                 shared: bool = True, init: str = "ortho"):
         super().__init__()
         c_in, c_out, _, _ = ARCHITECTURES[resolution]
         self.z_dim, self.num_classes = z_dim, num_classes
         slots = len(c_in) + 1 if hierarchical else 1
         chunk = z_dim // slots
         self.z_split = [z_dim - chunk * (slots - 1)] + [chunk] * (slots - 1)
-        cond_dim = shared_dim + (chunk if hierarchical else z_dim)
-        self.shared = nn.Embedding(num_classes, shared_dim)
+        self.shared = nn.Embedding(num_classes, shared_dim) if shared else None
+        cond_dim = shared_dim + (chunk if hierarchical else 0)
         self.linear = sn.linear(self.z_split[0], c_in[0] * ch * 16)
-        self.blocks = nn.ModuleList(GBlock(a * ch, b * ch, cond_dim, sn) for a, b in zip(c_in, c_out))
+        self.blocks = nn.ModuleList(GBlock(a * ch, b * ch, cond_dim, sn, 0 if shared else num_classes)
+                                    for a, b in zip(c_in, c_out))
         self.attention = nn.ModuleDict({str(i): SelfAttention(b * ch, sn) for i, b in enumerate(c_out)
                                         if 8 * 2 ** i == attention})
-        self.output = nn.Sequential(nn.BatchNorm2d(c_out[-1] * ch), nn.ReLU(), sn.conv(c_out[-1] * ch, image_channels), nn.Tanh())
+        self.output = nn.Sequential(nn.BatchNorm2d(c_out[-1] * ch), nn.ReLU(), sn.conv(c_out[-1] * ch, image_channels),
+                                    nn.Tanh())
         self.start_channels = c_in[0] * ch
-        self.apply(_orthogonal_init)
+        self.apply(INITS[init])
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``labels``: class indices (N,) or class weights (N, C) (a blend, for class interpolation)."""
-        embedded = self.shared(labels) if labels.dim() == 1 else labels.float() @ self.shared.weight
         chunks = z.split(self.z_split, dim=1)
-        conds = [torch.cat([embedded, c], dim=1) for c in chunks[1:]] or [torch.cat([embedded, z], dim=1)]
+        if self.shared is None:
+            conds = [labels]
+        else:
+            embedded = _embedded(self.shared, labels)
+            conds = [torch.cat([embedded, c], dim=1) for c in chunks[1:]] or [embedded]
         h = self.linear(chunks[0]).view(z.shape[0], self.start_channels, 4, 4)
         for i, block in enumerate(self.blocks):
             h = block(h, conds[min(i, len(conds) - 1)])
@@ -147,7 +181,7 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     def __init__(self, resolution: int, num_classes: int, ch: int = 96, attention: int = 64, sn: SN = SN(1, 1),
-                 image_channels: int = 3):
+                 image_channels: int = 3, init: str = "ortho"):
         super().__init__()
         _, _, c_out, downsample = ARCHITECTURES[resolution]
         c_in = [image_channels] + [c * ch for c in c_out[:-1]]
@@ -158,7 +192,7 @@ class Discriminator(nn.Module):
                                         enumerate(zip(c_out, sizes)) if size == attention})
         self.linear = sn.linear(c_out[-1] * ch, 1)
         self.embed = SNEmbedding(num_classes, c_out[-1] * ch, sn.num_svs, sn.num_itrs)
-        self.apply(_orthogonal_init)
+        self.apply(INITS[init])
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = images
@@ -170,12 +204,20 @@ class Discriminator(nn.Module):
         return (self.linear(features).flatten() + (self.embed(labels) * features).sum(dim=1))
 
 
-def _orthogonal_init(module: nn.Module) -> None:
-    """BigGAN's default initialisation (G_init/D_init 'ortho')."""
-    if isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
-        nn.init.orthogonal_(module.weight)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
+def _initialiser(weights: Callable[[torch.Tensor], Any]) -> Callable[[nn.Module], None]:
+    """BigGAN-PyTorch's G_init/D_init: ``weights`` for conv, linear and embedding weights, zero biases."""
+
+    def initialise(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
+            weights(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    return initialise
+
+
+INITS = {"ortho": _initialiser(nn.init.orthogonal_), "N02": _initialiser(lambda w: nn.init.normal_(w, 0.0, 0.02)),
+         "xavier": _initialiser(nn.init.xavier_uniform_)}
 
 
 def build(model_config, resolution: int, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Module]:
@@ -183,5 +225,5 @@ def build(model_config, resolution: int, num_classes: int, channels: int = 3) ->
     m = model_config
     sn = SN(m.sn_singular_values, m.sn_iterations)
     return (Generator(resolution, num_classes, m.z_dim, m.g_channels, m.shared_dim, m.hierarchical,
-                      m.attention_resolution, sn, channels),
-            Discriminator(resolution, num_classes, m.d_channels, m.attention_resolution, sn, channels))
+                      m.attention_resolution, sn, channels, m.shared_embedding, m.init),
+            Discriminator(resolution, num_classes, m.d_channels, m.attention_resolution, sn, channels, m.init))

@@ -50,7 +50,7 @@ def checkpoint_state(url: str, storage_options: StorageOptions | None = None) ->
             load_exactly(network, discriminator_state(reference), f"{url}/{file}")
         else:
             network = Generator(resolution, classes, model.z_dim, model.g_channels, model.shared_dim,
-                                model.hierarchical, model.attention_resolution, sn)
+                                model.hierarchical, model.attention_resolution, sn, shared=model.shared_embedding)
             load_exactly(network, generator_state(reference), f"{url}/{file}")
         state[key] = network.state_dict()
     return state
@@ -58,14 +58,14 @@ def checkpoint_state(url: str, storage_options: StorageOptions | None = None) ->
 
 def model_description(config: dict, url: str) -> tuple[ModelConfig, int, int]:
     """daskgan's model config, resolution and class count from BigGAN-PyTorch's training ``config``."""
-    if not config.get("G_shared", True) or not config.get("hier", True):
-        raise CheckpointMismatch(f"{url}: only BigGAN's shared, hierarchical class conditioning is supported yet")
     if str(config.get("G_attn", "64")) != str(config.get("D_attn", "64")) or "_" in str(config.get("G_attn", "")):
         raise CheckpointMismatch(f"{url}: attention at one resolution in G and D is supported, got G "
                                  f"{config.get('G_attn')!r}, D {config.get('D_attn')!r}")
     model = ModelConfig(family="biggan", z_dim=int(config["dim_z"]), g_channels=int(config["G_ch"]),
                         d_channels=int(config["D_ch"]), shared_dim=int(config.get("shared_dim") or config["dim_z"]),
-                        hierarchical=True, attention_resolution=int(config.get("G_attn", 64)),
+                        hierarchical=bool(config.get("hier", False)),
+                        shared_embedding=bool(config.get("G_shared", False)),
+                        attention_resolution=int(config.get("G_attn", 64)),
                         sn_singular_values=int(config.get("num_G_SVs", 1)),
                         sn_iterations=int(config.get("num_G_SV_itrs", 1)))
     return model, int(config["resolution"]), int(config["n_classes"])
