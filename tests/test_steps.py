@@ -229,3 +229,20 @@ def test_adam_eps_reaches_both_optimizers(process_group):
                                "train": {"adam_eps": 1e-6}, "output": {"run_url": "memory://run"}})
     gan = _build(job, 0, torch.device("cpu"))
     assert [g["eps"] for g in (*gan.opt_G.param_groups, *gan.opt_D.param_groups)] == [1e-6, 1e-6]
+
+
+def test_g_accumulates_its_own_number_of_micro_batches(process_group):
+    from daskgan.config import JobConfig
+    from daskgan.training.loop import _build, _train_iteration
+    from daskgan.training.steps import Noise
+
+    job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 8, "batch_size": 2},
+                               "model": {"z_dim": 4, "g_channels": 4, "d_channels": 4},
+                               "train": {"accumulate": 2, "g_accumulate": 3}, "output": {"run_url": "memory://run"}})
+    gan = _build(job, 0, torch.device("cpu"))
+    calls = []
+    gan.G.module.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
+    stream = iter([Batch(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), StreamPosition())] * 2)
+    noise = Noise(torch.Generator().manual_seed(0), 4, 0, torch.device("cpu"))
+    _train_iteration(job, gan, stream, noise, 1)
+    assert calls == [2, 2, 2, 2, 2], "2 fake micro-batches for D's step, then 3 for G's (BigGAN-PyTorch's counts)"

@@ -123,6 +123,7 @@ class TrainConfig:
     freeze_d: int = 0  # StyleGAN2: D's first (highest-resolution) layers kept frozen (NVlabs' --freezed)
     d_steps: int = 1  # discriminator steps per generator step (BigGAN: 2)
     accumulate: int = 1  # micro-batches per optimiser step: global batch = batch_size x workers x accumulate
+    g_accumulate: Optional[int] = None  # G's own count (BigGAN-PyTorch's num_G_accumulations); default: accumulate
     ortho_reg: float = 0.0  # BigGAN's orthogonal regularisation strength on G's weights (0: off; BigGAN 1e-4)
     pl_weight: float = 0.0  # stylegan2: path-length regularisation weight (0: off; NVlabs 2)
     pl_interval: int = 4  # lazy: every pl_interval-th iteration, weighted by the interval
@@ -141,6 +142,7 @@ class TrainConfig:
         require(self.freeze_d >= 0, "train.freeze_d", "must be >= 0")
         require(self.adam_eps > 0, "train.adam_eps", "must be > 0")
         require(self.ema_rampup is None or self.ema_rampup > 0, "train.ema_rampup", "must be > 0")
+        require(self.g_accumulate is None or self.g_accumulate >= 1, "train.g_accumulate", "must be >= 1")
         for name in ("d_steps", "accumulate", "pl_interval", "reduced_precision_resolutions"):
             require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
         require(self.ema_start >= 0 and self.ortho_reg >= 0 and self.pl_weight >= 0,

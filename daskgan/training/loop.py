@@ -177,10 +177,11 @@ def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: No
         stats = discriminator_step(gan, loss, batches, noise, 0.0 if separate else r1_weight)
         if separate and r1_weight:
             stats.update(r1_step(gan, batches, noise.device, r1_weight))
-    stats.update(generator_step(gan, loss, train.accumulate, config.data.batch_size, noise, ortho=train.ortho_reg))
+    g_micro_batches = train.g_accumulate or train.accumulate
+    stats.update(generator_step(gan, loss, g_micro_batches, config.data.batch_size, noise, ortho=train.ortho_reg))
     pl_weight = _lazy_weight(train.pl_weight, train.pl_interval, iteration)
     if pl_weight:
-        stats.update(path_length_step(gan, train.accumulate, max(1, config.data.batch_size // PL_BATCH_SHRINK), noise,
+        stats.update(path_length_step(gan, g_micro_batches, max(1, config.data.batch_size // PL_BATCH_SHRINK), noise,
                                       pl_weight, train.pl_decay))
     return _mean_across_ranks(stats, noise.device), batches[-1].position
 
