@@ -14,6 +14,7 @@ from distributed import Client
 from daskgan import dispatch
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
+from daskgan.lease import DriverLease, clear_stop
 from daskgan.training.loop import train_gan
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,22 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     Returns rank 0's summary (run URL, iterations, last checkpoint). A rank that raises fails the job here, naming
     its rank. A worker that leaves the cluster instead triggers a restart (``config.recovery``): wait for workers,
     then resume from the newest checkpoint; the cause is recorded in the run's records and TensorBoard.
+    This client is the run's driver while it runs (``daskgan.lease``): a run another live client drives is
+    refused, and if this client dies the ranks checkpoint and stop ``recovery.driver_timeout_s`` later.
     """
     world_size = len(dispatch.worker_addresses(client))
+    lease = DriverLease(client, config.output.run_url, config.recovery.driver_timeout_s)
+    lease.acquire()  # a run another live client drives is refused here
+    clear_stop(client, config.output.run_url)
+    try:
+        return _drive(client, config, lease, world_size, on_record, timeout)
+    finally:
+        lease.release()
+
+
+def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: int,
+           on_record: Callable[[dict[str, Any]], None] | None, timeout: float) -> dict[str, Any]:
+    """Dispatch, follow the records, and re-dispatch after a lost worker (see ``run_job``)."""
     job, restart, restarts = config, None, 0
     while True:
         last_seen = 0
@@ -35,7 +50,7 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
         try:
             futures = dispatch.run(client, train_gan, job, restart=restart, timeout=timeout)
             for record in monitor.records(futures):
-                last_seen = record["iteration"]
+                last_seen = lease.iteration = record["iteration"]
                 if on_record is not None:
                     on_record(record)
             return dispatch.results(futures)[0]

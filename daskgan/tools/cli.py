@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar, log lines only (also when stderr is not a terminal)")
     train.set_defaults(run=train_command)
+    stop = commands.add_parser("stop", help="stop a running training: checkpoint, then stop")
+    stop.add_argument("run_url", help="the run directory (output.run_url)")
+    stop.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
+    stop.add_argument("--now", action="store_true", help="stop without a final checkpoint")
+    stop.set_defaults(run=stop_command)
     cluster = commands.add_parser("cluster", help="cluster specs").add_subparsers(
         dest="action", required=True, parser_class=OneLineParser)
     render_parser = cluster.add_parser("render", help="print the object the cluster backend would get")
@@ -140,6 +145,15 @@ def _options(args: argparse.Namespace) -> dict:
     return {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
 
 
+def stop_command(args: argparse.Namespace) -> int:
+    from daskgan.lease import request_stop
+
+    with connect(load_cluster_spec(args.cluster)) as client:
+        request_stop(client, args.run_url, now=args.now)
+    print(f"daskgan: asked {args.run_url} to stop{' now' if args.now else ' after a checkpoint'}")
+    return 0
+
+
 def render_command(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(render(load_cluster_spec(args.spec)), sort_keys=False), end="")
     return 0
@@ -211,7 +225,9 @@ def _metric_trends(summary: dict) -> list[str]:
 
 def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None:
     run_url = summary["run_url"]
-    lines = [f"daskgan: trained {summary['iterations']} iterations; run directory {run_url}",
+    done = (f"stopped at iteration {summary['last_iteration']} of {summary['iterations']} ({summary['stopped']})"
+            if summary.get("stopped") else f"trained {summary['iterations']} iterations")
+    lines = [f"daskgan: {done}; run directory {run_url}",
              f"  records:     {run_url}/records.parquet (and records/*.jsonl)",
              f"  grids:       {run_url}/grids/",
              f"  tensorboard: tensorboard --logdir {run_url}/tb",

@@ -29,6 +29,8 @@ from daskgan.errors import StorageUnavailable, first_line
 from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes, load_exactly
 from daskgan.pretrained import load_weights
 from daskgan.models.layers import sync_batchnorm
+from daskgan import ranks
+from daskgan.lease import DriverWatch
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
 from daskgan.run.images import grid_columns
@@ -83,7 +85,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,
                     config.train.iterations, world_size, f" (resumed from {resume_url})" if resume_url else "")
     try:
-        last_checkpoint = _loop(config, gan, stream, noise, writer, start, model_id)
+        last_checkpoint, stopped = _loop(config, gan, stream, noise, writer, start, model_id)
     finally:
         stream.close()
         if writer is not None:
@@ -93,7 +95,8 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     table = writer.close()
     return {"run_url": config.output.run_url, "iterations": config.train.iterations, "records": len(table),
             "checkpoint": last_checkpoint, "skipped_images": stream.skipped, "resumed_from": resume_url,
-            "evaluations": evaluations(table)}
+            "evaluations": evaluations(table), "stopped": stopped,
+            "last_iteration": int(table["iteration"].max()) if len(table) else start}
 
 
 def evaluations(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -132,13 +135,16 @@ def resume_source(config: JobConfig, restarting: bool = False) -> str | None:
 
 
 def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: records.RunWriter | None,
-          start: int, model_id: dict) -> str | None:
+          start: int, model_id: dict) -> tuple[str | None, str | None]:
+    """Iterations from ``start`` on; returns the last checkpoint and why the run stopped early (None: it did
+    not: ``checkpoint`` or ``now`` after a stop request or the driver's silence)."""
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
     if writer is not None and start == 0:
         writer.grid(0, _real_examples(config, stream.index, grid_labels), name="reals")
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
+    watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if writer is not None else None
     last_checkpoint = None
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
@@ -160,10 +166,29 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                            "skipped_images": stream.skipped, **_augment_fields(config, gan), **scores})
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
-        if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best):
+        stop = _agreed_stop(watch)
+        if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best) or stop == "checkpoint":
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
                                                scores.get(config.ranking_metric), writer) or last_checkpoint
-    return last_checkpoint
+        if stop != "continue":
+            if writer is not None:
+                logger.warning("stopping at iteration %d (%s)", iteration, stop)
+                storage.write_json(storage.join(out.run_url, STATE_FILE), {"state": "stopped", "iteration": iteration,
+                                                                          "checkpoint": last_checkpoint},
+                                   out.storage_options)
+            return last_checkpoint, stop
+    return last_checkpoint, None
+
+
+STATE_FILE = "state.json"  # written when a run stops early: state, iteration, checkpoint
+STOPS = ("continue", "checkpoint", "now")  # what the ranks agree to do after an iteration (index = severity)
+
+
+def _agreed_stop(watch: DriverWatch | None) -> str:
+    """Rank 0's verdict on the driver and stop requests, shared with every rank (one tiny all-reduce)."""
+    verdict = torch.tensor([STOPS.index(watch.check()) if watch is not None else 0], device=ranks.collective_device())
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    return STOPS[int(verdict)]
 
 
 def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise,

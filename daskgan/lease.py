@@ -1,0 +1,129 @@
+"""One driver per run, and no orphans: a heartbeat the driving client keeps on the scheduler, which rank 0 watches.
+
+The driver (``cluster.driver.run_job``) publishes a counter on the scheduler (a Dask ``Variable`` named after the
+run directory) and bumps it every few seconds. Rank 0 notes, on its own clock, when it last saw the counter move;
+once it has not moved for ``recovery.driver_timeout_s`` (the client was killed, the laptop slept, the network is
+gone) the ranks write a checkpoint and stop, so nothing trains unwatched and the next ``daskgan train`` resumes.
+A second driver for the same run sees the counter move and refuses to start. ``daskgan stop`` leaves a request
+under a second name, which rank 0 honours the same way. Counters rather than timestamps: the client's clock and
+the workers' need not agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from distributed import Variable
+
+from daskgan.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 1.0  # how often rank 0 looks at the scheduler
+
+
+class RunActive(UserError):
+    """The run already has a live driver."""
+
+
+def variable_name(run_url: str, kind: str) -> str:
+    return f"daskgan-{kind}-{hashlib.sha1(run_url.encode()).hexdigest()[:16]}"
+
+
+def _read(name: str, client: Any = None) -> Any:
+    try:
+        return Variable(name, client=client).get(timeout=0.5)
+    except TimeoutError:  # never set
+        return None
+
+
+class DriverLease:
+    """The client side: refuse a run that another live driver holds, then keep the heartbeat going."""
+
+    def __init__(self, client: Any, run_url: str, timeout_s: float):
+        self.client, self.run_url, self.timeout_s = client, run_url, timeout_s
+        self.interval_s = max(0.5, min(10.0, timeout_s / 4))
+        self._variable = Variable(variable_name(run_url, "driver"), client=client)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.driver = f"{socket.gethostname()}:{os.getpid()}"
+        self.iteration = 0  # the newest record this driver saw, shown to a refused second driver
+
+    def acquire(self) -> None:
+        """Take the run, unless another driver's heartbeat moves within ``1.5 x`` its interval."""
+        held = _read(self._variable.name, self.client)
+        if held is not None:
+            time.sleep(1.5 * float(held.get("interval_s", self.interval_s)))
+            again = _read(self._variable.name, self.client)
+            if again is not None and again.get("beat") != held.get("beat"):
+                raise RunActive(f"{self.run_url} is being trained by {again.get('driver')} (iteration "
+                                f"{again.get('iteration')}); stop it first (daskgan stop), or wait")
+        self._beat(0)
+        self._thread = threading.Thread(target=self._keep_beating, daemon=True, name="daskgan-driver-lease")
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._variable.delete()
+
+    def _keep_beating(self) -> None:
+        beat = 1
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat(beat)
+            except Exception as error:  # the scheduler gone for a moment: the ranks will judge by the timeout
+                logger.warning("driver heartbeat not sent: %s", error)
+            beat += 1
+
+    def _beat(self, beat: int) -> None:
+        self._variable.set({"beat": beat, "driver": self.driver, "iteration": self.iteration,
+                            "interval_s": self.interval_s})
+
+
+def request_stop(client: Any, run_url: str, now: bool = False) -> None:
+    """Ask the ranks of the run at ``run_url`` to stop: after a checkpoint, or at once with ``now``."""
+    Variable(variable_name(run_url, "stop"), client=client).set("now" if now else "checkpoint")
+
+
+class DriverWatch:
+    """Rank 0's side: whether the run should go on, stop after a checkpoint, or stop now."""
+
+    def __init__(self, run_url: str, timeout_s: float):
+        self.run_url, self.timeout_s = run_url, timeout_s
+        self._driver, self._stop = variable_name(run_url, "driver"), variable_name(run_url, "stop")
+        self._last_beat: Any = None
+        self._moved_at = self._checked_at = time.monotonic()
+        self.verdict = "continue"
+
+    def check(self) -> str:
+        """``continue``, ``checkpoint`` (stop after one: asked, or the driver silent for ``timeout_s``) or ``now``."""
+        if time.monotonic() - self._checked_at < CHECK_EVERY_S or self.verdict != "continue":
+            return self.verdict
+        self._checked_at = time.monotonic()
+        requested = _read(self._stop)
+        if requested in ("checkpoint", "now"):
+            self.verdict = requested
+            logger.warning("stop requested for %s (%s)", self.run_url, requested)
+            return self.verdict
+        held = _read(self._driver)
+        if held is None:  # dispatched without a lease (a user's own dispatch.run): nothing to watch
+            return self.verdict
+        if held.get("beat") != self._last_beat:
+            self._last_beat, self._moved_at = held.get("beat"), time.monotonic()
+        elif time.monotonic() - self._moved_at > self.timeout_s:
+            logger.warning("driver %s silent for %.0f s: checkpoint and stop", held.get("driver"), self.timeout_s)
+            self.verdict = "checkpoint"
+        return self.verdict
+
+
+def clear_stop(client: Any, run_url: str) -> None:
+    """Forget a stop request (a new driver starts the run again)."""
+    Variable(variable_name(run_url, "stop"), client=client).delete()

@@ -1,0 +1,103 @@
+"""A run outlives (or not) its client: the CLI driver killed mid-run leaves no orphans, a second driver for an active
+run is refused, and `daskgan stop` ends a run after a checkpoint. The client is `daskgan train` as its own process
+against the session's scheduler and two worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daskgan.run import checkpoint, storage
+from daskgan.run.records import load
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER_TIMEOUT_S = 4
+
+
+@pytest.fixture
+def cli_run(dask_client, shapes_in_bucket, tmp_path):
+    """(start(iterations) -> Popen of `daskgan train`, run URL, storage options, cluster spec path)."""
+    bucket, options = shapes_in_bucket(16)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": dask_client.scheduler.address}}))
+    run_url = f"{bucket}/run"
+
+    def start(iterations: int) -> subprocess.Popen:
+        job = {"name": "lease", "data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 16,
+                                         "batch_size": 4},
+               "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": iterations},
+               "recovery": {"driver_timeout_s": DRIVER_TIMEOUT_S},
+               "output": {"run_url": run_url, "storage_options": options, "flush_every": 10,
+                          "checkpoint_every": 10_000, "grid_every": 10_000}}
+        path = tmp_path / f"job-{iterations}.yaml"
+        path.write_text(yaml.safe_dump(job))
+        return daskgan_process("train", str(path), "--cluster", str(spec), "--no-progress")
+
+    return start, run_url, options, spec
+
+
+def daskgan_process(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "daskgan.tools.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {seconds} s")
+
+
+def newest_checkpoint(run_url: str, options: dict) -> int:
+    listed = checkpoint.list_checkpoints(run_url, options)
+    return listed[-1][0] if listed else 0
+
+
+def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_run, dask_client):
+    start, run_url, options, _ = cli_run
+    first = start(100_000)
+    wait_for(lambda: storage.exists(f"{run_url}/records", options) and load(run_url, options) is not None
+             and len(load(run_url, options)) >= 10, 90, "records of the first client")
+    second = start(100_000)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 2 and err.count("\n") == 1, err
+    assert "is being trained by" in err and run_url in err
+
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = time.monotonic()
+    stopped_at = wait_for(lambda: newest_checkpoint(run_url, options), DRIVER_TIMEOUT_S + 60,
+                          "a checkpoint after the driver died")
+    wait_for(lambda: not any(dask_client.processing().values()), 30, "idle workers")
+    assert time.monotonic() - killed_at < DRIVER_TIMEOUT_S + 60
+    assert storage.read_bytes(f"{run_url}/state.json", options)
+
+    resumed = start(stopped_at + 15)
+    out, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err
+    iterations = load(run_url, options)["iteration"].tolist()
+    assert iterations == list(range(1, stopped_at + 16)), "none duplicated, none missing"
+
+
+def test_stop_ends_a_run_after_a_checkpoint(cli_run):
+    start, run_url, options, spec = cli_run
+    running = start(100_000)
+    wait_for(lambda: storage.exists(f"{run_url}/records", options), 90, "records")
+    stop = daskgan_process("stop", run_url, "--cluster", str(spec))
+    assert stop.wait(timeout=60) == 0
+    out, err = running.communicate(timeout=90)
+    assert running.returncode == 0, err
+    assert "stopped at iteration" in out and "(checkpoint)" in out
+    assert newest_checkpoint(run_url, options) == load(run_url, options)["iteration"].max() > 0
