@@ -26,6 +26,7 @@ from daskgan.errors import UserError
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 1.0  # how often rank 0 looks at the scheduler
+STATE_FILE = "state.json"  # in the run directory when its ranks stopped early: state, iteration, checkpoint
 
 
 class RunActive(UserError):
@@ -57,13 +58,10 @@ class DriverLease:
 
     def acquire(self) -> None:
         """Take the run, unless another driver's heartbeat moves within ``1.5 x`` its interval."""
-        held = _read(self._variable.name, self.client)
-        if held is not None:
-            time.sleep(1.5 * float(held.get("interval_s", self.interval_s)))
-            again = _read(self._variable.name, self.client)
-            if again is not None and again.get("beat") != held.get("beat"):
-                raise RunActive(f"{self.run_url} is being trained by {again.get('driver')} (iteration "
-                                f"{again.get('iteration')}); stop it first (daskgan stop), or wait")
+        if driver_is_live(self.client, self.run_url):
+            held = _read(self._variable.name, self.client)
+            raise RunActive(f"{self.run_url} is being trained by {held.get('driver')} (iteration "
+                            f"{held.get('iteration')}); stop it first (daskgan stop), or wait")
         self._beat(0)
         self._thread = threading.Thread(target=self._keep_beating, daemon=True, name="daskgan-driver-lease")
         self._thread.start()
@@ -122,6 +120,17 @@ class DriverWatch:
             logger.warning("driver %s silent for %.0f s: checkpoint and stop", held.get("driver"), self.timeout_s)
             self.verdict = "checkpoint"
         return self.verdict
+
+
+def driver_is_live(client: Any, run_url: str, wait_s: float | None = None) -> bool:
+    """Whether a driver's heartbeat for the run moves (watched for ``1.5 x`` its interval)."""
+    name = variable_name(run_url, "driver")
+    held = _read(name, client)
+    if held is None:
+        return False
+    time.sleep(wait_s if wait_s is not None else 1.5 * float(held.get("interval_s", 1.0)))
+    again = _read(name, client)
+    return again is not None and again.get("beat") != held.get("beat")
 
 
 def clear_stop(client: Any, run_url: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from daskgan.cluster.status import run_status
 from daskgan.run import checkpoint, storage
 from daskgan.run.records import load
 
@@ -74,6 +75,7 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     out, err = second.communicate(timeout=60)
     assert second.returncode == 2 and err.count("\n") == 1, err
     assert "is being trained by" in err and run_url in err
+    assert run_status(run_url, options, dask_client)["state"] == "running"
 
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -82,13 +84,17 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
                           "a checkpoint after the driver died")
     wait_for(lambda: not any(dask_client.processing().values()), 30, "idle workers")
     assert time.monotonic() - killed_at < DRIVER_TIMEOUT_S + 60
-    assert storage.read_bytes(f"{run_url}/state.json", options)
+    stopped = run_status(run_url, options, dask_client)
+    assert (stopped["state"], stopped["iteration"]) == ("stopped", stopped_at)
 
     resumed = start(stopped_at + 15)
     out, err = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, err
     iterations = load(run_url, options)["iteration"].tolist()
     assert iterations == list(range(1, stopped_at + 16)), "none duplicated, none missing"
+    shown = daskgan_process("status", run_url, "--endpoint-url", options["endpoint_url"])
+    out, err = shown.communicate(timeout=60)
+    assert shown.returncode == 0 and f"finished, iteration {stopped_at + 15} of {stopped_at + 15}" in out, err
 
 
 def test_stop_ends_a_run_after_a_checkpoint(cli_run):
@@ -101,3 +107,4 @@ def test_stop_ends_a_run_after_a_checkpoint(cli_run):
     assert running.returncode == 0, err
     assert "stopped at iteration" in out and "(checkpoint)" in out
     assert newest_checkpoint(run_url, options) == load(run_url, options)["iteration"].max() > 0
+    assert run_status(run_url, options)["state"] == "stopped"

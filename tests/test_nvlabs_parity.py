@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nvlabs_pickles import nvlabs_pickle
 
 from daskgan.errors import CheckpointUnreadable, UnsafePickle

@@ -58,3 +58,17 @@ def test_summary_has_a_panel_per_series_the_records_hold():
     evaluated = with_ada.assign(fid=[50.0 / i if i % 50 == 0 else None for i in iterations])
     heights = [Image.open(io.BytesIO(summary_png(table))).size[1] for table in (losses, with_ada, evaluated)]
     assert heights[0] < heights[1] < heights[2], "ADA and FID each add a panel"
+
+
+def test_status_of_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path):
+    from daskgan.tools.cli import main
+
+    assert main(["status", str(tmp_path)]) == 2
+
+
+def test_status_of_a_run_without_records_is_not_started(tmp_path):
+    from daskgan.cluster.status import run_status
+
+    (tmp_path / "config.yaml").write_text("train: {iterations: 10}\n")
+    status = run_status(str(tmp_path))
+    assert (status["state"], status["iteration"], status["checkpoint"]) == ("not started", 0, None)

@@ -18,9 +18,9 @@ from typing import Iterator
 import torch
 
 from daskgan.config import DataConfig
+from daskgan.data.archive import CorruptMember
 from daskgan.data.cache import DiskCache
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.archive import CorruptMember
 from daskgan.data.index import ImageIndex, fetch_objects, shard_indices
 from daskgan.run import storage
 

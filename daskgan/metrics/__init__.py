@@ -1,7 +1,15 @@
 """FID, KID and IS over all workers, with a pluggable feature extractor (see ``extractors`` for the choice)."""
 
-from daskgan.metrics.distances import (METRICS, compute, feature_statistics, fid, frechet_distance, inception_score, kid,
-                                      sqrtm_psd)
+from daskgan.metrics.distances import (
+    METRICS,
+    compute,
+    feature_statistics,
+    fid,
+    frechet_distance,
+    inception_score,
+    kid,
+    sqrtm_psd,
+)
 from daskgan.metrics.embedding import embed_share
 from daskgan.metrics.extractors import RandomCnnFeatures, TorchScriptInception, load_extractor
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
 from daskgan import ranks
 
 

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar, log lines only (also when stderr is not a terminal)")
     train.set_defaults(run=train_command)
+    status = commands.add_parser("status", help="where a run stands: state, iteration, losses, speed, ETA")
+    status.add_argument("run_url", help="the run directory (output.run_url)")
+    status.add_argument("--cluster", help="cluster spec YAML: also ask whether a driver is live there")
+    status.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    status.set_defaults(run=status_command)
     stop = commands.add_parser("stop", help="stop a running training: checkpoint, then stop")
     stop.add_argument("run_url", help="the run directory (output.run_url)")
     stop.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
@@ -143,6 +148,15 @@ def sample_command(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> dict:
     return {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from daskgan.cluster.status import format_status, run_status
+
+    with ExitStack() as stack:
+        client = stack.enter_context(connect(load_cluster_spec(args.cluster))) if args.cluster else None
+        print(format_status(run_status(args.run_url, _options(args), client)))
+    return 0
 
 
 def stop_command(args: argparse.Namespace) -> int:

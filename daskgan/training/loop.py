@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
+from daskgan import ranks
 from daskgan.config import JobConfig
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
@@ -26,11 +27,10 @@ from daskgan.data.index import ImageIndex, examples, fetch_objects
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import StorageUnavailable, first_line
+from daskgan.lease import STATE_FILE, DriverWatch
 from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes, load_exactly
-from daskgan.pretrained import load_weights
 from daskgan.models.layers import sync_batchnorm
-from daskgan import ranks
-from daskgan.lease import DriverWatch
+from daskgan.pretrained import load_weights
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
 from daskgan.run.images import grid_columns
@@ -40,8 +40,15 @@ from daskgan.training.compiled import compile_forward
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
-from daskgan.training.steps import (Gan, Noise, discriminator_step, fake_label_weights, generator_step,
-                                    path_length_step, r1_step)
+from daskgan.training.steps import (
+    Gan,
+    Noise,
+    discriminator_step,
+    fake_label_weights,
+    generator_step,
+    path_length_step,
+    r1_step,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,7 +187,6 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     return last_checkpoint, None
 
 
-STATE_FILE = "state.json"  # written when a run stops early: state, iteration, checkpoint
 STOPS = ("continue", "checkpoint", "now")  # what the ranks agree to do after an iteration (index = severity)
 
 

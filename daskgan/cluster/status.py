@@ -1,0 +1,90 @@
+"""``daskgan status``: where a run stands, from its run directory (and, given a cluster, whether a driver is live).
+
+States: ``finished`` (the last record is the job's last iteration), ``stopped`` (a stop request or a silent driver
+made the ranks checkpoint and stop: ``state.json``), ``running`` (a driver's heartbeat moves on the cluster),
+``interrupted`` (none of these: a driver died and its ranks stopped at a checkpoint, or a run that never got
+going), ``not started`` (no records).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import yaml
+
+from daskgan.errors import NotFound
+from daskgan.lease import STATE_FILE, driver_is_live
+from daskgan.run import checkpoint, storage
+from daskgan.run.records import load
+from daskgan.run.storage import StorageOptions
+
+
+def run_status(run_url: str, storage_options: StorageOptions | None = None, client: Any = None) -> dict[str, Any]:
+    """The run's state, progress, last losses and p, restarts, speed and ETA, newest checkpoint (plain data)."""
+    config = _read_yaml(run_url, "config.yaml", storage_options)
+    records = load(run_url, storage_options)
+    iterations = int(config.get("train", {}).get("iterations", 0))
+    status: dict[str, Any] = {"run_url": run_url, "iterations": iterations, "iteration": 0,
+                              "checkpoint": checkpoint.latest(run_url, storage_options)}
+    if len(records):
+        last = records.iloc[-1]
+        status.update(iteration=int(last["iteration"]), **{k: float(last[k]) for k in
+                                                          ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")
+                                                          if k in records.columns and last[k] == last[k]})
+        status["restarts"] = int(records["restarts"].max()) if "restarts" in records.columns else 0
+        status.update(_speed(records, iterations))
+    status["state"] = _state(run_url, status, storage_options, client)
+    return status
+
+
+def _state(run_url: str, status: dict, storage_options: StorageOptions | None, client: Any) -> str:
+    if status["iterations"] and status["iteration"] >= status["iterations"]:
+        return "finished"
+    if client is not None and driver_is_live(client, run_url):
+        return "running"
+    stopped = _read_json(run_url, STATE_FILE, storage_options)
+    if stopped.get("state") == "stopped" and stopped.get("iteration") == status["iteration"]:
+        return "stopped"
+    return "interrupted" if status["iteration"] else "not started"
+
+
+def _speed(records, iterations: int) -> dict[str, float]:
+    """Iterations per second over the newest records (warm steps) and the time the rest would take at that rate."""
+    recent = records.tail(50)
+    if "images_per_s" not in recent.columns or len(recent) < 2:
+        return {}
+    per_iteration = float((recent["kimg"].diff().dropna() * 1000 / recent["images_per_s"].iloc[1:]).median())
+    if not per_iteration > 0:
+        return {}
+    remaining = max(iterations - int(recent["iteration"].iloc[-1]), 0)
+    return {"iterations_per_s": 1 / per_iteration, "eta_s": remaining * per_iteration}
+
+
+def _read_yaml(run_url: str, name: str, storage_options: StorageOptions | None) -> dict:
+    try:
+        return yaml.safe_load(storage.read_bytes(storage.join(run_url, name), storage_options)) or {}
+    except NotFound:
+        raise NotFound(f"{run_url} is not a daskgan run directory (no {name})") from None
+
+
+def _read_json(run_url: str, name: str, storage_options: StorageOptions | None) -> dict:
+    url = storage.join(run_url, name)
+    return json.loads(storage.read_bytes(url, storage_options)) if storage.exists(url, storage_options) else {}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status as the command prints it."""
+    lines = [f"{status['run_url']}: {status['state']}, iteration {status['iteration']} of {status['iterations']}"]
+    losses = ", ".join(f"{k} {status[k]:.4g}" for k in ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")
+                       if k in status)
+    if losses:
+        lines.append(f"  {losses}")
+    if "iterations_per_s" in status:
+        eta = time.strftime("%H:%M:%S", time.gmtime(status["eta_s"])) if status["eta_s"] < 86400 else \
+            f"{status['eta_s'] / 86400:.1f} days"
+        lines.append(f"  {status['iterations_per_s']:.2f} it/s, {eta} left at that rate; restarts "
+                     f"{status.get('restarts', 0)}")
+    lines.append(f"  checkpoint: {status['checkpoint']}")
+    return "\n".join(lines)
