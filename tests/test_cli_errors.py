@@ -18,7 +18,6 @@ from daskgan.config import ModelConfig
 from daskgan.dispatch import free_port
 from daskgan.models import build_models
 from daskgan.run import checkpoint
-from daskgan.tools.sandbox import LoopbackS3
 
 ROOT = Path(__file__).parent.parent
 

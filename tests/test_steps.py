@@ -191,16 +191,16 @@ def test_stylegan2_fakes_take_the_dataset_label_distribution_others_uniform():
 
 def test_stylegan2_adam_is_corrected_for_the_lazy_regularisation_steps_as_nvlabs():
     from daskgan.config import JobConfig
-    from daskgan.training.loop import _adam_settings
+    from daskgan.training.setup import adam_settings
 
     def job(family):
         return JobConfig.from_dict({"name": "t", "data": {"url": "memory://x"}, "model": {"family": family},
                                     "train": {"beta1": 0.0, "beta2": 0.99},
                                     "output": {"run_url": "memory://run"}})
 
-    lr, betas = _adam_settings(job("stylegan2"), 0.0025, 16)
+    lr, betas = adam_settings(job("stylegan2"), 0.0025, 16)
     assert lr == pytest.approx(0.0025 * 16 / 17) and betas == (0.0, pytest.approx(0.99 ** (16 / 17)))
-    assert _adam_settings(job("dcgan"), 0.0002, 16) == (0.0002, (0.0, 0.99)), "other families: as configured"
+    assert adam_settings(job("dcgan"), 0.0002, 16) == (0.0002, (0.0, 0.99)), "other families: as configured"
 
 
 def test_r1_pass_steps_d_by_the_penalty_gradient_alone(process_group):
@@ -222,24 +222,25 @@ def test_r1_pass_steps_d_by_the_penalty_gradient_alone(process_group):
 
 def test_adam_eps_reaches_both_optimizers(process_group):
     from daskgan.config import JobConfig
-    from daskgan.training.loop import _build
+    from daskgan.training.setup import build_gan
 
     job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 8},
                                "model": {"z_dim": 4, "g_channels": 4, "d_channels": 4},
                                "train": {"adam_eps": 1e-6}, "output": {"run_url": "memory://run"}})
-    gan = _build(job, 0, torch.device("cpu"))
+    gan = build_gan(job, 0, torch.device("cpu"))
     assert [g["eps"] for g in (*gan.opt_G.param_groups, *gan.opt_D.param_groups)] == [1e-6, 1e-6]
 
 
 def test_g_accumulates_its_own_number_of_micro_batches(process_group):
     from daskgan.config import JobConfig
-    from daskgan.training.loop import _build, _train_iteration
+    from daskgan.training.loop import _train_iteration
+    from daskgan.training.setup import build_gan
     from daskgan.training.steps import Noise
 
     job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 8, "batch_size": 2},
                                "model": {"z_dim": 4, "g_channels": 4, "d_channels": 4},
                                "train": {"accumulate": 2, "g_accumulate": 3}, "output": {"run_url": "memory://run"}})
-    gan = _build(job, 0, torch.device("cpu"))
+    gan = build_gan(job, 0, torch.device("cpu"))
     calls = []
     gan.G.module.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
     stream = iter([Batch(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), StreamPosition())] * 2)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from daskgan.errors import NotFound
-from daskgan.run import storage
 
 LOCAL_HEADER = 30  # fixed part of a zip local file header
 HEADER_SLACK = 64  # bytes fetched beyond the central directory's extra-field length, for the local header's own

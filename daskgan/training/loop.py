@@ -8,7 +8,6 @@ noise-generator state and data-stream position.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 
 from daskgan import ranks
 from daskgan.config import JobConfig
@@ -28,18 +26,15 @@ from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import StorageUnavailable, first_line
 from daskgan.lease import STATE_FILE, DriverWatch
-from daskgan.models import REDUCED_PRECISION, build_models, conditioning_classes, load_exactly
-from daskgan.models.layers import sync_batchnorm
-from daskgan.pretrained import load_weights
+from daskgan.models import conditioning_classes
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
 from daskgan.run.images import grid_columns
 from daskgan.seeding import derive_seed
-from daskgan.training.augment import PIPELINES, AdaController, AugmentPipe
-from daskgan.training.compiled import compile_forward
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
+from daskgan.training.setup import build_gan, initialise_from, restore_networks, separate_regularisation
 from daskgan.training.steps import (
     Gan,
     Noise,
@@ -69,14 +64,14 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     index = training_index(config.data, config.output)
     from_rank0(lambda: save_config(config))  # the first write: a missing bucket stops every rank here
     model_id = model_fingerprint(config, len(index.classes))
-    gan = _build(config, conditioning_classes(config.model, len(index.classes)), device)
+    gan = build_gan(config, conditioning_classes(config.model, len(index.classes)), device)
     resume_url = from_rank0(lambda: resume_source(config, restarting=restart is not None))
     state = checkpoint.load(resume_url, config.output.storage_options) if resume_url else None
     if state is not None:
         checkpoint.check_compatible(state, model_id, resume_url)
-        _restore_networks(gan, state)
+        restore_networks(gan, state)
     if state is None and config.train.init_from:
-        _initialise_from(gan, config)
+        initialise_from(gan, config)
     start = state["iteration"] if state else 0
     if state is not None:  # checkpoints after the one resumed from belong to an abandoned branch
         from_rank0(lambda: checkpoint.rewind(config.output.run_url, start, config.output.storage_options))
@@ -217,22 +212,6 @@ def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: No
     return _mean_across_ranks(stats, noise.device), batches[-1].position
 
 
-def separate_regularisation(config: JobConfig) -> bool:
-    """Whether lazy regularisers take their own passes and optimiser steps (StyleGAN2, as NVlabs) rather than
-    riding on the main D step (the other families)."""
-    return config.model.family == "stylegan2"
-
-
-def _adam_settings(config: JobConfig, lr: float, interval: int) -> tuple[float, tuple[float, float]]:
-    """Adam's lr and betas: for StyleGAN2, NVlabs' correction for the extra regularisation step every
-    ``interval`` steps (lr x r, betas ** r with r = interval / (interval + 1)); as configured otherwise."""
-    betas = (config.train.beta1, config.train.beta2)
-    if not separate_regularisation(config):
-        return lr, betas
-    ratio = interval / (interval + 1)
-    return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
-
-
 def _lazy_weight(weight: float, interval: int, step: int) -> float:
     """Lazy regularisation: the weight times the interval (making up for the skipped steps) on every
     ``interval``-th step, else 0."""
@@ -310,74 +289,6 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
         logger.error("checkpoint of iteration %d not written, training goes on: %s", iteration, error)
         writer.annotate_next(checkpoint_failed=iteration, checkpoint_error=first_line(error))
         return None
-
-
-def _build(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
-    """G, D (DDP), optimizers, augmentation and EMA; ``num_classes`` > 0 makes G and D class-conditional."""
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    G, D = build_models(config.model, config.data.resolution, num_classes, config.data.channels)
-    if config.train.freeze_d:
-        D.freeze(config.train.freeze_d)  # before DDP: frozen parameters stay out of its reducer
-    if config.model.sync_batchnorm:
-        G, D = sync_batchnorm(G), sync_batchnorm(D)
-    if config.train.precision != "fp32":
-        for network in (G, D):
-            network.use_reduced_precision(REDUCED_PRECISION[config.train.precision],
-                                          config.train.reduced_precision_resolutions)
-    G, D = G.to(device), D.to(device)
-    device_ids = [device.index] if device.type == "cuda" else None
-    augment = AugmentPipe(PIPELINES[config.augment.pipeline]).to(device)
-    augment.p.fill_(config.augment.p if config.augment.mode != "off" else 0.0)
-    ada = (AdaController(augment, config.augment.target, config.augment.interval, config.augment.speed_kimg)
-           if config.augment.mode == "ada" else None)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if config.train.ema_kimg > 0 else None
-    if config.train.compile:
-        G, D = compile_forward(G), compile_forward(D)
-    return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
-               _adam(G, *_adam_settings(config, config.train.lr_g, config.train.pl_interval), config.train.adam_eps),
-               _adam(D, *_adam_settings(config, config.train.lr_d, config.train.r1_interval), config.train.adam_eps),
-               augment, ada, G_ema, num_classes)
-
-
-def _adam(network: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
-    return torch.optim.Adam(network.parameters(), lr=lr, betas=betas, eps=eps)
-
-
-def _initialise_from(gan: Gan, config: JobConfig) -> None:
-    """Fine-tuning (``train.init_from``): G, D and G's average from other weights, a daskgan checkpoint or an
-    NVlabs pickle, read with ``output.storage_options``; optimizers, iteration count and records start fresh."""
-    url = config.train.init_from
-    source = load_weights(url, config.output.storage_options)
-    load_exactly(gan.G.module, source["G"], f"train.init_from: {url} G")
-    if gan.G_ema is not None:
-        load_exactly(gan.G_ema, source.get("G_ema", source["G"]), f"train.init_from: {url} G_ema")
-    if "D" in source:
-        load_exactly(gan.D.module, source["D"], f"train.init_from: {url} D")
-    else:
-        logger.warning("train.init_from: %s holds no discriminator; D starts from random weights", url)
-    if dist.get_rank() == 0:
-        logger.info("fine-tuning from %s", url)
-
-
-def _restore_networks(gan: Gan, state: dict) -> None:
-    gan.G.module.load_state_dict(state["G"])
-    gan.D.module.load_state_dict(state["D"])
-    load_optimizer(gan.opt_G, state["opt_G"])
-    load_optimizer(gan.opt_D, state["opt_D"])
-    if gan.G_ema is not None:  # a checkpoint without an average starts it from the current weights
-        gan.G_ema.load_state_dict(state.get("G_ema", state["G"]))
-    gan.pl_target = torch.tensor(state.get("pl_target", 0.0))
-    if gan.ada is not None and "augment_p" in state:  # ADA continues from the saved p; a fixed p comes from the job
-        gan.augment.p.fill_(state["augment_p"])
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """The saved moments and step counts, under the job's own hyperparameters: a resume with a changed lr (or
-    betas, eps) uses the job's, not the checkpoint's (``load_state_dict`` alone would restore the old ones)."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, own in zip(optimizer.param_groups, settings):
-        group.update(own)
 
 
 def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
