@@ -1,7 +1,7 @@
 """One driver per run, and no orphans: a heartbeat the driving client keeps on the scheduler, which rank 0 watches.
 
-The driver (``cluster.driver.run_job``) publishes a counter on the scheduler (a Dask ``Variable`` named after the
-run directory) and bumps it every few seconds. Rank 0 notes, on its own clock, when it last saw the counter move;
+The driver (``cluster.driver.run_job``) publishes a counter on the scheduler (scheduler metadata under a key
+named after the run directory) and bumps it every few seconds. Rank 0 notes, on its own clock, when it last saw the counter move;
 once it has not moved for ``recovery.driver_timeout_s`` (the client was killed, the laptop slept, the network is
 gone) the ranks write a checkpoint and stop, so nothing trains unwatched and the next ``daskgan train`` resumes.
 A second driver for the same run sees the counter move and refuses to start. ``daskgan stop`` leaves a request
@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from distributed import Variable
+from distributed import get_client
 
 from daskgan.errors import UserError
 
@@ -33,15 +33,17 @@ class RunActive(UserError):
     """The run already has a live driver."""
 
 
-def variable_name(run_url: str, kind: str) -> str:
-    return f"daskgan-{kind}-{hashlib.sha1(run_url.encode()).hexdigest()[:16]}"
+def metadata_key(run_url: str, kind: str) -> list[str]:
+    """Where the run's ``driver`` heartbeat or ``stop`` request lives in the scheduler's metadata."""
+    return ["daskgan", kind, hashlib.sha1(run_url.encode()).hexdigest()[:16]]
 
 
-def _read(name: str, client: Any = None) -> Any:
-    try:
-        return Variable(name, client=client).get(timeout=0.5)
-    except TimeoutError:  # never set
-        return None
+def _read(key: list[str], client: Any = None) -> Any:
+    return (client or get_client()).get_metadata(key, default=None)
+
+
+def _write(key: list[str], value: Any, client: Any = None) -> None:
+    (client or get_client()).set_metadata(key, value)
 
 
 class DriverLease:
@@ -50,7 +52,7 @@ class DriverLease:
     def __init__(self, client: Any, run_url: str, timeout_s: float):
         self.client, self.run_url, self.timeout_s = client, run_url, timeout_s
         self.interval_s = max(0.5, min(10.0, timeout_s / 4))
-        self._variable = Variable(variable_name(run_url, "driver"), client=client)
+        self._key = metadata_key(run_url, "driver")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
@@ -59,7 +61,7 @@ class DriverLease:
     def acquire(self) -> None:
         """Take the run, unless another driver's heartbeat moves within ``1.5 x`` its interval."""
         if driver_is_live(self.client, self.run_url):
-            held = _read(self._variable.name, self.client)
+            held = _read(self._key, self.client)
             raise RunActive(f"{self.run_url} is being trained by {held.get('driver')} (iteration "
                             f"{held.get('iteration')}); stop it first (daskgan stop), or wait")
         self._beat(0)
@@ -70,7 +72,7 @@ class DriverLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._variable.delete()
+        _write(self._key, None, self.client)
 
     def _keep_beating(self) -> None:
         beat = 1
@@ -82,13 +84,13 @@ class DriverLease:
             beat += 1
 
     def _beat(self, beat: int) -> None:
-        self._variable.set({"beat": beat, "driver": self.driver, "iteration": self.iteration,
-                            "interval_s": self.interval_s})
+        _write(self._key, {"beat": beat, "driver": self.driver, "iteration": self.iteration,
+                           "interval_s": self.interval_s}, self.client)
 
 
 def request_stop(client: Any, run_url: str, now: bool = False) -> None:
     """Ask the ranks of the run at ``run_url`` to stop: after a checkpoint, or at once with ``now``."""
-    Variable(variable_name(run_url, "stop"), client=client).set("now" if now else "checkpoint")
+    _write(metadata_key(run_url, "stop"), "now" if now else "checkpoint", client)
 
 
 class DriverWatch:
@@ -96,7 +98,7 @@ class DriverWatch:
 
     def __init__(self, run_url: str, timeout_s: float):
         self.run_url, self.timeout_s = run_url, timeout_s
-        self._driver, self._stop = variable_name(run_url, "driver"), variable_name(run_url, "stop")
+        self._driver, self._stop = metadata_key(run_url, "driver"), metadata_key(run_url, "stop")
         self._last_beat: Any = None
         self._moved_at = self._checked_at = time.monotonic()
         self.verdict = "continue"
@@ -124,15 +126,15 @@ class DriverWatch:
 
 def driver_is_live(client: Any, run_url: str, wait_s: float | None = None) -> bool:
     """Whether a driver's heartbeat for the run moves (watched for ``1.5 x`` its interval)."""
-    name = variable_name(run_url, "driver")
-    held = _read(name, client)
+    key = metadata_key(run_url, "driver")
+    held = _read(key, client)
     if held is None:
         return False
     time.sleep(wait_s if wait_s is not None else 1.5 * float(held.get("interval_s", 1.0)))
-    again = _read(name, client)
+    again = _read(key, client)
     return again is not None and again.get("beat") != held.get("beat")
 
 
 def clear_stop(client: Any, run_url: str) -> None:
     """Forget a stop request (a new driver starts the run again)."""
-    Variable(variable_name(run_url, "stop"), client=client).delete()
+    _write(metadata_key(run_url, "stop"), None, client)
