@@ -49,8 +49,8 @@ def _write(key: list[str], value: Any, client: Any = None) -> None:
 class DriverLease:
     """The client side: refuse a run that another live driver holds, then keep the heartbeat going."""
 
-    def __init__(self, client: Any, run_url: str, timeout_s: float):
-        self.client, self.run_url, self.timeout_s = client, run_url, timeout_s
+    def __init__(self, client: Any, run_url: str, timeout_s: float, iterations: int = 0):
+        self.client, self.run_url, self.timeout_s, self.iterations = client, run_url, timeout_s, iterations
         self.interval_s = max(0.5, min(10.0, timeout_s / 4))
         self._key = metadata_key(run_url, "driver")
         self._stop = threading.Event()
@@ -85,7 +85,12 @@ class DriverLease:
 
     def _beat(self, beat: int) -> None:
         _write(self._key, {"beat": beat, "driver": self.driver, "iteration": self.iteration,
-                           "interval_s": self.interval_s}, self.client)
+                           "iterations": self.iterations, "interval_s": self.interval_s}, self.client)
+
+
+def held_lease(client: Any, run_url: str) -> dict | None:
+    """What the run's driver last published (driver, iteration, iterations), or None without a driver."""
+    return _read(metadata_key(run_url, "driver"), client)
 
 
 def request_stop(client: Any, run_url: str, now: bool = False) -> None:

@@ -108,3 +108,28 @@ def test_stop_ends_a_run_after_a_checkpoint(cli_run):
     assert "stopped at iteration" in out and "(checkpoint)" in out
     assert newest_checkpoint(run_url, options) == load(run_url, options)["iteration"].max() > 0
     assert run_status(run_url, options)["state"] == "stopped"
+
+
+def test_attach_follows_a_run_live_until_its_driver_lets_go(cli_run):
+    start, run_url, options, spec = cli_run
+    running = start(100_000)
+    wait_for(lambda: storage.exists(f"{run_url}/records", options), 90, "records")
+    follower = daskgan_process("attach", run_url, "--cluster", str(spec))
+    time.sleep(4)
+    assert daskgan_process("stop", run_url, "--cluster", str(spec)).wait(timeout=60) == 0
+    out, err = running.communicate(timeout=90)
+    assert running.returncode == 0, err
+    followed, err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    lines = [line for line in followed.splitlines() if line.startswith("iteration ")]
+    assert len(lines) >= 2 and all(" of 100000: loss_G " in line for line in lines), followed
+    assert "driver let go after iteration" in followed
+    shown = [int(line.split()[1]) for line in lines]
+    assert shown == sorted(shown) and shown[-1] <= load(run_url, options)["iteration"].max()
+
+
+def test_attach_to_a_run_without_a_driver_is_one_clear_error(cli_run):
+    _, run_url, _, spec = cli_run
+    follower = daskgan_process("attach", run_url, "--cluster", str(spec))
+    out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 2 and "has no live driver on this cluster" in err and err.count("\n") == 1

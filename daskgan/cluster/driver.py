@@ -31,7 +31,7 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     refused, and if this client dies the ranks checkpoint and stop ``recovery.driver_timeout_s`` later.
     """
     world_size = len(dispatch.worker_addresses(client))
-    lease = DriverLease(client, config.output.run_url, config.recovery.driver_timeout_s)
+    lease = DriverLease(client, config.output.run_url, config.recovery.driver_timeout_s, config.train.iterations)
     lease.acquire()  # a run another live client drives is refused here
     clear_stop(client, config.output.run_url)
     try:

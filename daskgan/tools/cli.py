@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from contextlib import ExitStack
 from typing import NoReturn
 
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", help="cluster spec YAML: also ask whether a driver is live there")
     status.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     status.set_defaults(run=status_command)
+    attach = commands.add_parser("attach", help="follow a running training live")
+    attach.add_argument("run_url", help="the run directory (output.run_url)")
+    attach.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
+    attach.set_defaults(run=attach_command)
     stop = commands.add_parser("stop", help="stop a running training: checkpoint, then stop")
     stop.add_argument("run_url", help="the run directory (output.run_url)")
     stop.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
@@ -156,6 +161,23 @@ def status_command(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         client = stack.enter_context(connect(load_cluster_spec(args.cluster))) if args.cluster else None
         print(format_status(run_status(args.run_url, _options(args), client)))
+    return 0
+
+
+def attach_command(args: argparse.Namespace) -> int:
+    from daskgan.cluster.attach import attach
+
+    shown = [0.0]
+
+    def show(record: dict) -> None:  # a line a second at most
+        if time.monotonic() - shown[0] >= 1.0:
+            shown[0] = time.monotonic()
+            print(f"iteration {record['iteration']} of {record['iterations']}: loss_G {record['loss_G']:.3f}", flush=True)
+
+    with connect(load_cluster_spec(args.cluster)) as client:
+        followed = attach(client, args.run_url, show)
+    last = followed["last_record"].get("iteration", "none")
+    print(f"daskgan: {args.run_url}'s driver let go after iteration {last} (followed {followed['followed_s']:.0f} s)")
     return 0
 
 
