@@ -131,3 +131,65 @@ def test_a_folder_with_nvlabs_dataset_json_takes_its_labels(s3_bucket):
     index = index_images(f"{bucket}/folder", options)
     assert list(index.labels) == [5, 4, 3, 2, 1, 0] and len(index.classes) == 6
     assert all(path.endswith(name) for path, name in zip(index.paths, sorted(images)))
+
+
+def odd_and_broken_images() -> dict[str, bytes]:
+    """Class folders holding what real datasets hold: non-square, grayscale, RGBA, palette, CMYK JPEG, and broken."""
+    def encoded(image, fmt="PNG"):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 20))  # a blue band on the left
+    good = {"a/wide.png": encoded(wide), "a/gray.png": encoded(Image.new("L", (16, 16), 77)),
+            "a/rgba.png": encoded(Image.new("RGBA", (16, 16), (1, 2, 3, 4))),
+            "b/palette.png": encoded(Image.new("P", (16, 16), 3)),
+            "b/cmyk.jpg": encoded(Image.new("CMYK", (16, 24), (0, 255, 0, 0)), "JPEG")}
+    truncated = good["a/wide.png"][: len(good["a/wide.png"]) // 2]
+    return {**good, "b/garbage.png": b"not an image at all", "b/truncated.png": truncated, "b/empty.png": b""}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crop", ["center", "pad"])
+def test_dataset_command_converts_odd_images_and_reports_the_broken_ones(dask_client, s3_bucket, tmp_path, crop):
+    from daskgan.data.convert import convert_dataset
+
+    bucket, options = s3_bucket
+    storage.write_many({f"{bucket}/raw/{name}": data for name, data in odd_and_broken_images().items()}, options)
+    report = convert_dataset(dask_client, f"{bucket}/raw", f"{bucket}/out-{crop}.zip", 8, policy=crop,
+                             storage_options=options)
+    assert report["images"] == 5 and report["classes"] == ["a", "b"]
+    assert sorted(s["path"].rsplit("/", 1)[1] for s in report["skipped"]) == ["empty.png", "garbage.png",
+                                                                               "truncated.png"]
+    assert all(s["reason"] for s in report["skipped"])
+    index = index_images(f"{bucket}/out-{crop}.zip", options)
+    assert len(index) == 5 and index.classes == ("0", "1") and list(index.labels) == [0, 0, 0, 1, 1]
+    fs, path = storage.filesystem(f"{bucket}/out-{crop}.zip", options)
+    with fs.open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+        members = sorted(n for n in archive.namelist() if n.endswith(".png"))
+        assert members[0] == "00000/img00000000.png"
+        images = {n: Image.open(io.BytesIO(archive.read(n))) for n in members}
+    assert all(image.size == (8, 8) and image.mode == "RGB" for image in images.values())
+    wide = images[members[2]]  # a/wide.png, third in the source's sorted order (gray, rgba, wide)
+    corner, middle = wide.getpixel((0, 4)), wide.getpixel((4, 4))
+    if crop == "pad":
+        assert wide.getpixel((4, 0)) == (0, 0, 0) and corner[2] > 200, "black bars above and below, blue kept"
+    else:
+        assert corner[0] > 200 and middle[0] > 200, "the centre square is all red: the blue band is cropped away"
+
+
+@pytest.mark.slow
+def test_dataset_command_line_makes_a_grayscale_zip(tmp_path):
+    from daskgan.tools.cli import main
+
+    source = tmp_path / "raw"
+    source.mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 10), (i * 80, 10, 10)).save(source / f"{i}.png")
+    dest = tmp_path / "gray.zip"
+    assert main(["dataset", str(source), str(dest), "--resolution", "8", "--channels", "1"]) == 0
+    with zipfile.ZipFile(dest) as archive:
+        image = Image.open(io.BytesIO(archive.read("00000/img00000000.png")))
+        assert image.mode == "L" and image.size == (8, 8)
+        assert json.loads(archive.read("dataset.json"))["labels"] is None, "no class folders: unlabelled"

@@ -65,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", help="cluster spec YAML: also ask whether a driver is live there")
     status.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     status.set_defaults(run=status_command)
+    dataset = commands.add_parser("dataset", help="convert images once, on the cluster, into an NVlabs-format zip")
+    dataset.add_argument("source", help="a folder of images (class subfolders or dataset.json) or a zip")
+    dataset.add_argument("dest", help="the zip to write, e.g. s3://bucket/shapes-64.zip")
+    dataset.add_argument("--resolution", type=int, required=True, help="square size in pixels")
+    dataset.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3 (RGB) or 1 (grayscale)")
+    dataset.add_argument("--crop", choices=("center", "pad"), default="center",
+                         help="make images square by cropping the centre (default) or padding with black")
+    dataset.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
+    dataset.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    dataset.set_defaults(run=dataset_command)
     attach = commands.add_parser("attach", help="follow a running training live")
     attach.add_argument("run_url", help="the run directory (output.run_url)")
     attach.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
@@ -161,6 +171,27 @@ def status_command(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         client = stack.enter_context(connect(load_cluster_spec(args.cluster))) if args.cluster else None
         print(format_status(run_status(args.run_url, _options(args), client)))
+    return 0
+
+
+def dataset_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from daskgan.data.convert import convert_dataset
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    spec = load_cluster_spec(args.cluster) if args.cluster else ClusterSpec().validate()
+    with connect(spec) as client, tqdm(unit="chunk", disable=not sys.stderr.isatty()) as bar:
+        report = convert_dataset(client, args.source, args.dest, args.resolution, args.channels, args.crop,
+                                 _options(args), on_chunk=progress)
+    for skipped in report["skipped"]:
+        print(f"  skipped {skipped['path']}: {skipped['reason']}")
+    print(f"daskgan: wrote {report['images']} images ({len(report['classes']) or 'no'} classes, "
+          f"{args.resolution}px, {args.channels} channel(s)) to {args.dest}; {len(report['skipped'])} skipped; "
+          f"report {args.dest}.report.json")
     return 0
 
 
