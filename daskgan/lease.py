@@ -84,13 +84,19 @@ class DriverLease:
             beat += 1
 
     def _beat(self, beat: int) -> None:
-        _write(self._key, {"beat": beat, "driver": self.driver, "iteration": self.iteration,
+        _write(self._key, {"beat": beat, "run_url": self.run_url, "driver": self.driver, "iteration": self.iteration,
                            "iterations": self.iterations, "interval_s": self.interval_s}, self.client)
 
 
 def held_lease(client: Any, run_url: str) -> dict | None:
     """What the run's driver last published (driver, iteration, iterations), or None without a driver."""
     return _read(metadata_key(run_url, "driver"), client)
+
+
+def active_runs(client: Any) -> list[dict]:
+    """The leases of every run with a driver on this cluster (run_url, driver, iteration, iterations)."""
+    leases = _read(["daskgan", "driver"], client) or {}
+    return sorted((lease for lease in leases.values() if lease), key=lambda lease: lease["run_url"])
 
 
 def request_stop(client: Any, run_url: str, now: bool = False) -> None:

@@ -76,6 +76,9 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     assert second.returncode == 2 and err.count("\n") == 1, err
     assert "is being trained by" in err and run_url in err
     assert run_status(run_url, options, dask_client)["state"] == "running"
+    listed = daskgan_process("runs", "--cluster", str(cli_run[3]))
+    out, err = listed.communicate(timeout=60)
+    assert listed.returncode == 0 and f"{run_url}: iteration " in out and "of 100000, driven by" in out, err
 
     first.send_signal(signal.SIGKILL)
     first.wait()

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
     dataset.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     dataset.set_defaults(run=dataset_command)
+    runs = commands.add_parser("runs", help="the trainings with a live driver on a cluster")
+    runs.add_argument("--cluster", required=True, help="cluster spec YAML")
+    runs.set_defaults(run=runs_command)
     attach = commands.add_parser("attach", help="follow a running training live")
     attach.add_argument("run_url", help="the run directory (output.run_url)")
     attach.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
@@ -192,6 +195,17 @@ def dataset_command(args: argparse.Namespace) -> int:
     print(f"daskgan: wrote {report['images']} images ({len(report['classes']) or 'no'} classes, "
           f"{args.resolution}px, {args.channels} channel(s)) to {args.dest}; {len(report['skipped'])} skipped; "
           f"report {args.dest}.report.json")
+    return 0
+
+
+def runs_command(args: argparse.Namespace) -> int:
+    from daskgan.lease import active_runs
+
+    with connect(load_cluster_spec(args.cluster)) as client:
+        leases = active_runs(client)
+    for lease in leases:
+        print(f"{lease['run_url']}: iteration {lease['iteration']} of {lease['iterations']}, driven by {lease['driver']}")
+    print(f"daskgan: {len(leases)} run(s) with a driver on this cluster")
     return 0
 
 
