@@ -196,3 +196,29 @@ def test_is_without_an_inception_extractor_is_one_clear_error():
     with pytest.raises(ConfigError, match="'is' needs Inception's class probabilities"):
         JobConfig.from_dict({"name": "m", "data": {"url": "memory://d"}, "metrics": {"kinds": ["fid", "is"]},
                              "output": {"run_url": "memory://run"}})
+
+
+def test_real_features_cached_beside_the_dataset_serve_another_run(tmp_path):
+    from daskgan.config import JobConfig
+    from daskgan.data import synthetic
+    from daskgan.data.index import index_images
+    from daskgan.models.dcgan import Generator
+    from daskgan.training.evaluation import Evaluator
+
+    data_url = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data_url, images=8, resolution=16)
+    shared = tmp_path / "feature-cache"
+
+    def evaluate(run: str) -> float:
+        config = JobConfig.from_dict({"name": run, "data": {"url": data_url, "resolution": 16},
+                                      "metrics": {"every": 1, "images": 6, "kinds": ["fid"],
+                                                  "real_cache_url": shared.as_uri()},
+                                      "output": {"run_url": tmp_path.as_uri() + f"/{run}"}})
+        torch.manual_seed(0)
+        return Evaluator(config, index_images(data_url), torch.device("cpu")).evaluate(Generator(16, 100, 8), 0, 1)["fid"]
+
+    first = evaluate("run-a")
+    cached = list(shared.glob("real-*.pt"))
+    assert len(cached) == 1 and not list((tmp_path / "run-a").rglob("real-*.pt"))
+    torch.save(torch.load(cached[0]) + 1.0, cached[0])  # a second run must use the cache, not embed again
+    assert evaluate("run-b") != first

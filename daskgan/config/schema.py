@@ -206,7 +206,9 @@ class MetricsConfig:
     images: int = 1000  # generated images per evaluation (papers: 50000)
     real_images: Optional[int] = None  # real images for the reference statistics (default: images)
     extractor_url: Optional[str] = None  # NVlabs' inception-2015-12-05.pt (TorchScript); None: random-cnn-v1
-    storage_options: dict = field(default_factory=dict)  # for extractor_url
+    storage_options: dict = field(default_factory=dict)  # for extractor_url and real_cache_url
+    real_cache_url: Optional[str] = None  # where real features are cached, e.g. beside the dataset to share them
+    # between runs (keyed by dataset, resolution, extractor and count); default: the run's metrics/ folder
     kid_subset_size: int = 1000
     standing_stats: int = 0  # BigGAN: evaluate with BatchNorm statistics averaged over this many batches (0: off)
 

@@ -83,20 +83,26 @@ class Evaluator:
         """The real features on rank 0 (``None`` elsewhere): read from the run's cache, or embedded by every rank
         and cached."""
         if not self._real_cached:
-            out = self.config.output
-            url = storage.join(out.run_url, "metrics", f"real-{self._cache_key()}.pt")
-            if from_rank0(lambda: storage.exists(url, out.storage_options)):
+            url, options = self._real_cache()
+            if from_rank0(lambda: storage.exists(url, options)):
                 if ranks.rank() == 0:
-                    self._real = torch.load(io.BytesIO(storage.read_bytes(url, out.storage_options)),
-                                            weights_only=True).float()
+                    self._real = torch.load(io.BytesIO(storage.read_bytes(url, options)), weights_only=True).float()
             else:
                 order = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(0)).tolist()
                 self._real = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
                                                  self.extractor)
                 if ranks.rank() == 0:
-                    storage.write_bytes(url, storage.torch_bytes(self._real), out.storage_options)
+                    storage.write_bytes(url, storage.torch_bytes(self._real), options)
             self._real_cached = True
         return self._real
+
+    def _real_cache(self) -> tuple[str, dict]:
+        """Where this run's real features are cached: ``metrics.real_cache_url`` (shared by runs on the same
+        dataset), else the run directory."""
+        m, name = self.config.metrics, f"real-{self._cache_key()}.pt"
+        if m.real_cache_url:
+            return storage.join(m.real_cache_url, name), m.storage_options
+        return storage.join(self.config.output.run_url, "metrics", name), self.config.output.storage_options
 
     def _cache_key(self) -> str:
         data = self.config.data
