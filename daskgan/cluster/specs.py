@@ -107,8 +107,9 @@ class ClusterSpec:
 
 
 def load_cluster_spec(path: str | Path) -> ClusterSpec:
+    data = load_yaml_mapping(path)  # its errors name the file already
     try:
-        return build_dataclass(ClusterSpec, load_yaml_mapping(path), "").validate()
+        return build_dataclass(ClusterSpec, data, "").validate()
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

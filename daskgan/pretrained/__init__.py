@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from daskgan.errors import CheckpointUnreadable
+from daskgan.errors import CheckpointUnreadable, NotFound
 from daskgan.pretrained import biggan, stylegan2
 from daskgan.pretrained.nvlabs_pickle import is_pickle, read_pickle
-from daskgan.run import checkpoint
+from daskgan.run import checkpoint, storage
 from daskgan.run.storage import StorageOptions
 
 __all__ = ["import_weights", "load_weights"]
@@ -23,7 +23,11 @@ def import_weights(url: str, storage_options: StorageOptions | None = None) -> d
     BigGAN-PyTorch weights folder at ``url``."""
     if biggan.is_weights_folder(url, storage_options):
         return biggan.checkpoint_state(url, storage_options)
-    data = checkpoint.read(url, storage_options)
+    try:
+        data = storage.read_bytes(url, storage_options)
+    except NotFound:
+        raise NotFound(f"{url} does not exist: give an NVlabs network pickle or a BigGAN-PyTorch weights folder "
+                       f"(G.pth, D.pth, state_dict.pth)") from None
     if not is_pickle(data):
         raise CheckpointUnreadable(f"{url} is neither an NVlabs network pickle nor a BigGAN-PyTorch weights folder")
     return stylegan2.checkpoint_state(read_pickle(data, url), url)

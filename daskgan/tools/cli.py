@@ -1,6 +1,5 @@
-"""Command line: ``daskgan train jobs/<job>.yaml [--cluster cluster/<spec>.yaml]``,
-``daskgan cluster render cluster/<spec>.yaml``, ``daskgan generate <checkpoint> --seeds 0-7 --out <dir>`` and
-``daskgan sample <checkpoint> --out <dir>``."""
+"""Command line: train a job on a Dask cluster; follow, stop and inspect its runs (status, attach, runs, stop);
+convert a dataset on the cluster; generate, sample and import weights (see README.md's "Command line")."""
 
 from __future__ import annotations
 
