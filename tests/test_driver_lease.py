@@ -26,13 +26,14 @@ DRIVER_TIMEOUT_S = 4
 
 @pytest.fixture
 def cli_run(dask_client, shapes_in_bucket, tmp_path):
-    """(start(iterations) -> Popen of `daskgan train`, run URL, storage options, cluster spec path)."""
+    """(start(iterations) -> Popen of `daskgan train` (``start.write_job(iterations)`` only writes the job file),
+    run URL, storage options, cluster spec path)."""
     bucket, options = shapes_in_bucket(16)
     spec = tmp_path / "cluster.yaml"
     spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": dask_client.scheduler.address}}))
     run_url = f"{bucket}/run"
 
-    def start(iterations: int) -> subprocess.Popen:
+    def write_job(iterations: int) -> Path:
         job = {"name": "lease", "data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 16,
                                          "batch_size": 4},
                "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": iterations},
@@ -41,8 +42,12 @@ def cli_run(dask_client, shapes_in_bucket, tmp_path):
                           "checkpoint_every": 10_000, "grid_every": 10_000}}
         path = tmp_path / f"job-{iterations}.yaml"
         path.write_text(yaml.safe_dump(job))
-        return daskgan_process("train", str(path), "--cluster", str(spec), "--no-progress")
+        return path
 
+    def start(iterations: int) -> subprocess.Popen:
+        return daskgan_process("train", str(write_job(iterations)), "--cluster", str(spec), "--no-progress")
+
+    start.write_job = write_job
     return start, run_url, options, spec
 
 
@@ -136,3 +141,21 @@ def test_attach_to_a_run_without_a_driver_is_one_clear_error(cli_run):
     follower = daskgan_process("attach", run_url, "--cluster", str(spec))
     out, err = follower.communicate(timeout=60)
     assert follower.returncode == 2 and "has no live driver on this cluster" in err and err.count("\n") == 1
+
+
+def test_a_detached_run_outlives_its_client(cli_run, tmp_path, dask_client):
+    start, run_url, options, spec = cli_run
+    detached = daskgan_process("train", str(start.write_job(30)), "--cluster", str(spec), "--detach")
+    out, err = detached.communicate(timeout=60)
+    assert detached.returncode == 0 and "is driven from the scheduler" in out, err
+    wait_for(lambda: storage.exists(f"{run_url}/config.yaml", options), 60, "the detached run starting")
+    wait_for(lambda: run_status(run_url, options)["state"] == "finished", 120, "the detached run finishing")
+    assert load(run_url, options)["iteration"].tolist() == list(range(1, 31))
+
+
+def test_detach_needs_a_cluster_that_outlives_the_command(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"data": {"url": "memory://d"}, "output": {"run_url": "memory://r"}}))
+    refused = daskgan_process("train", str(job), "--detach")
+    out, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "--detach: needs a cluster that outlives this command" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -98,3 +99,26 @@ def restart_config(config: JobConfig, workers: int, original_workers: int) -> Jo
             logger.warning("global batch %d does not divide over %d workers; using %d", global_batch, workers,
                            job.data.batch_size * workers)
     return job
+
+
+def detach(client: Client, config: JobConfig) -> str:
+    """Start ``run_job`` for ``config`` in the scheduler's process, where it outlives this client; returns the
+    scheduler's address. The driver lives as long as the scheduler: if the scheduler dies, so does the cluster
+    (its workers lose it), and the run stops where its last checkpoint left it."""
+    client.run_on_scheduler(_start_driver_thread, config)
+    return client.scheduler.address
+
+
+def _start_driver_thread(config: JobConfig, dask_scheduler=None) -> None:
+    """In the scheduler process: a thread with its own client drives the run, logging what it would have printed."""
+
+    def drive() -> None:
+        try:
+            with Client(dask_scheduler.address, set_as_default=False) as client:
+                summary = run_job(client, config)
+            logger.info("detached run %s ended: %s", config.output.run_url,
+                        f"stopped ({summary['stopped']})" if summary.get("stopped") else "finished")
+        except Exception:
+            logger.exception("detached run %s failed", config.output.run_url)
+
+    threading.Thread(target=drive, daemon=True, name=f"daskgan-driver-{config.name}").start()

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar, log lines only (also when stderr is not a terminal)")
+    train.add_argument("--detach", action="store_true",
+                       help="drive the run from the cluster's scheduler and return: it outlives this client")
     train.set_defaults(run=train_command)
     status = commands.add_parser("status", help="where a run stands: state, iteration, losses, speed, ETA")
     status.add_argument("run_url", help="the run directory (output.run_url)")
@@ -254,12 +256,26 @@ def train_command(args: argparse.Namespace) -> int:
         if job.preset and workers != job.preset_workers:
             job = load_job(args.job, workers=workers)  # the preset scales with the workers actually there
         job = sandbox.prepare(job, endpoint) if job.sandbox else job
+        if args.detach:
+            return _detach(client, job, spec)
         # a bar's \r updates only help on a terminal; logs and CI get a log line every flush_every iterations
         summary = _train_with_progress(client, job, show_bar=not args.no_progress and sys.stderr.isatty())
         local_copy = job.sandbox.copy_results_to if job.sandbox else None
         if local_copy:
             _replace_local_copy(job.output.run_url, local_copy, job.output.storage_options)
     _report(summary, local_copy, stopped_server=endpoint is not None)
+    return 0
+
+
+def _detach(client, job, spec: ClusterSpec) -> int:
+    from daskgan.cluster.driver import detach
+
+    if spec.kind != "scheduler" or job.sandbox:
+        raise ConfigError("--detach: needs a cluster that outlives this command (a `scheduler` cluster spec) and "
+                          "a job without a sandbox")
+    address = detach(client, job)
+    print(f"daskgan: {job.output.run_url} is driven from the scheduler at {address}; follow it with daskgan attach, "
+          f"see it with daskgan status, end it with daskgan stop")
     return 0
 
 
