@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -35,6 +36,13 @@ def conditioning_classes(model_config, dataset_classes: int) -> int:
     return 0
 
 
+def model_description(model_config, resolution: int, num_classes: int, channels: int = 3) -> dict:
+    """What a checkpoint records of its networks (and a job's must match to load it): the model config, resolution,
+    class count and, for grayscale networks only, the channels (RGB checkpoints stay as they were)."""
+    grayscale = {"channels": 1} if channels == 1 else {}
+    return {**dataclasses.asdict(model_config), "resolution": resolution, "num_classes": num_classes, **grayscale}
+
+
 def load_exactly(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load ``state`` into ``network`` only if every tensor is used and every shape equal; otherwise refuse,
     naming the tensors (a network of another resolution, width or class count)."""
@@ -48,3 +56,10 @@ def load_exactly(network: nn.Module, state: dict[str, torch.Tensor], what: str) 
                     if items]
         raise CheckpointMismatch(f"{what} does not fit the job's network: {'; '.join(problems)}")
     network.load_state_dict(state)
+
+
+def loaded_copy(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``state`` loaded into ``network`` (``load_exactly``), returned as the network holds it, copied: the same
+    network can then take another set of weights."""
+    load_exactly(network, state, what)
+    return {name: tensor.clone() for name, tensor in network.state_dict().items()}

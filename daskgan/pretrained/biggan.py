@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointMismatch, CheckpointUnreadable, NotFound
-from daskgan.models import load_exactly
-from daskgan.models.biggan import SN, Discriminator, Generator
+from daskgan.models import build_models, loaded_copy, model_description
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
 
@@ -37,26 +35,20 @@ def checkpoint_state(url: str, storage_options: StorageOptions | None = None) ->
     config = _read(url, "state_dict.pth", storage_options).get("config")
     if not isinstance(config, dict):
         raise CheckpointUnreadable(f"{url}/state_dict.pth holds no 'config': not a BigGAN-PyTorch weights folder")
-    model, resolution, classes = model_description(config, url)
+    model, resolution, classes = folder_model(config, url)
     state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
-                             "model": {**asdict(model), "resolution": resolution, "num_classes": classes}}
-    sn = SN(model.sn_singular_values, model.sn_iterations)
+                             "model": model_description(model, resolution, classes)}
+    G, D = build_models(model, resolution, classes)  # G takes G's and then G_ema's weights in turn
     for key, file in NETWORK_FILES.items():
         if key != "G" and not storage.exists(storage.join(url, file), storage_options):
             continue
         reference = _read(url, file, storage_options)
-        if key == "D":
-            network = Discriminator(resolution, classes, model.d_channels, model.attention_resolution, sn)
-            load_exactly(network, discriminator_state(reference), f"{url}/{file}")
-        else:
-            network = Generator(resolution, classes, model.z_dim, model.g_channels, model.shared_dim,
-                                model.hierarchical, model.attention_resolution, sn, shared=model.shared_embedding)
-            load_exactly(network, generator_state(reference), f"{url}/{file}")
-        state[key] = network.state_dict()
+        network, tensors = (D, discriminator_state(reference)) if key == "D" else (G, generator_state(reference))
+        state[key] = loaded_copy(network, tensors, f"{url}/{file}")
     return state
 
 
-def model_description(config: dict, url: str) -> tuple[ModelConfig, int, int]:
+def folder_model(config: dict, url: str) -> tuple[ModelConfig, int, int]:
     """daskgan's model config, resolution and class count from BigGAN-PyTorch's training ``config``."""
     if str(config.get("G_attn", "64")) != str(config.get("D_attn", "64")) or "_" in str(config.get("G_attn", "")):
         raise CheckpointMismatch(f"{url}: attention at one resolution in G and D is supported, got G "

@@ -3,16 +3,11 @@ pickle records, G, G_ema and D mapped onto daskgan's modules, every tensor used 
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
-
-import torch
-from torch import nn
 
 from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointMismatch, CheckpointUnreadable
-from daskgan.models import load_exactly
-from daskgan.models.stylegan2 import Discriminator, Generator
+from daskgan.models import build_models, loaded_copy, model_description
 from daskgan.pretrained.nvlabs_names import discriminator_state, generator_state
 from daskgan.pretrained.nvlabs_pickle import PersistentRecord
 
@@ -22,27 +17,23 @@ CHANNEL_BASE_PER_FMAP = 32768  # NVlabs' channel_base = 32768 * daskgan's fmaps
 def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
     """daskgan's checkpoint state (what ``run.checkpoint.load`` returns) for an NVlabs pickle's networks."""
     generator = networks.get("G_ema") or networks.get("G")
-    model, resolution, classes = model_description(generator, networks.get("D"), url)
+    model, resolution, classes = pickle_model(generator, networks.get("D"), url)
     channels = int(generator.init_kwargs.get("img_channels", 3))
     _require(channels in (1, 3), url, f"img_channels {channels}: RGB (3) or grayscale (1) networks only")
-    grayscale = {"channels": 1} if channels == 1 else {}  # as training.loop.model_fingerprint
     state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
-                             "model": {**asdict(model), "resolution": resolution, "num_classes": classes, **grayscale}}
+                             "model": model_description(model, resolution, classes, channels)}
+    G, D = build_models(model, resolution, classes, channels)  # G takes G's and then G_ema's weights in turn
     for key in ("G", "G_ema"):
         if isinstance(networks.get(key), PersistentRecord):
-            G = Generator(resolution, model.z_dim, model.w_dim, model.mapping_layers, model.fmaps, model.channel_max,
-                          model.style_mixing, classes, channels)
-            state[key] = _loaded(G, generator_state(networks[key].tensors()), f"{url} {key}")
+            state[key] = loaded_copy(G, generator_state(networks[key].tensors()), f"{url} {key}")
     state.setdefault("G", state.get("G_ema"))
     if isinstance(networks.get("D"), PersistentRecord):
-        D = Discriminator(resolution, model.fmaps, model.channel_max, model.mbstd_group, classes,
-                          architecture=model.d_architecture, image_channels=channels)
-        state["D"] = _loaded(D, discriminator_state(networks["D"].tensors(), resolution), f"{url} D")
+        state["D"] = loaded_copy(D, discriminator_state(networks["D"].tensors(), resolution), f"{url} D")
     return state
 
 
-def model_description(generator: PersistentRecord, discriminator: PersistentRecord | None,
-                      url: str) -> tuple[ModelConfig, int, int]:
+def pickle_model(generator: PersistentRecord, discriminator: PersistentRecord | None,
+                 url: str) -> tuple[ModelConfig, int, int]:
     """daskgan's model config, resolution and class count from the generator's (and D's) ``init_kwargs``."""
     g = generator.init_kwargs
     if not g or "z_dim" not in g:
@@ -60,11 +51,6 @@ def model_description(generator: PersistentRecord, discriminator: PersistentReco
                         mbstd_group=int(dict(d.get("epilogue_kwargs") or {}).get("mbstd_group_size", 4)),
                         conditional=int(g.get("c_dim", 0)) > 0, d_architecture=d.get("architecture", "resnet"))
     return model, int(g["img_resolution"]), int(g.get("c_dim", 0))
-
-
-def _loaded(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    load_exactly(network, state, what)
-    return network.state_dict()
 
 
 def _require(condition: bool, url: str, message: str) -> None:

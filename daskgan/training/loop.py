@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +25,7 @@ from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import StorageUnavailable, first_line
 from daskgan.lease import STATE_FILE, DriverWatch
-from daskgan.models import conditioning_classes
+from daskgan.models import conditioning_classes, model_description
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
 from daskgan.run.images import grid_columns
@@ -119,8 +118,7 @@ def save_config(config: JobConfig) -> None:
 
 def model_fingerprint(config: JobConfig, num_classes: int) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into this job's networks."""
-    grayscale = {"channels": 1} if config.data.channels == 1 else {}  # RGB checkpoints stay as they were
-    return {**asdict(config.model), "resolution": config.data.resolution, "num_classes": num_classes, **grayscale}
+    return model_description(config.model, config.data.resolution, num_classes, config.data.channels)
 
 
 def resume_source(config: JobConfig, restarting: bool = False) -> str | None:
