@@ -4,7 +4,10 @@ The driver (``cluster.driver.run_job``) publishes a counter on the scheduler (sc
 named after the run directory) and bumps it every few seconds. Rank 0 notes, on its own clock, when it last saw the counter move;
 once it has not moved for ``recovery.driver_timeout_s`` (the client was killed, the laptop slept, the network is
 gone) the ranks write a checkpoint and stop, so nothing trains unwatched and the next ``daskgan train`` resumes.
-A second driver for the same run sees the counter move and refuses to start. ``daskgan stop`` leaves a request
+A second driver for the same run sees the counter move and refuses to start; one that starts after a driver died,
+before its ranks noticed, takes the run over: each lease carries a token, and ranks that see another driver's
+token than the one that started them checkpoint and stop (the new driver's dispatch queues behind them and resumes
+from that checkpoint). ``daskgan stop`` leaves a request
 under a second name, which rank 0 honours the same way. Counters rather than timestamps: the client's clock and
 the workers' need not agree.
 """
@@ -17,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from distributed import get_client
@@ -56,6 +60,7 @@ class DriverLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
+        self.token = uuid.uuid4().hex  # tells this driver from a later one in the same process (detached drivers)
         self.iteration = 0  # the newest record this driver saw, shown to a refused second driver
 
     def acquire(self) -> None:
@@ -84,8 +89,9 @@ class DriverLease:
             beat += 1
 
     def _beat(self, beat: int) -> None:
-        _write(self._key, {"beat": beat, "run_url": self.run_url, "driver": self.driver, "iteration": self.iteration,
-                           "iterations": self.iterations, "interval_s": self.interval_s}, self.client)
+        _write(self._key, {"beat": beat, "token": self.token, "run_url": self.run_url, "driver": self.driver,
+                           "iteration": self.iteration, "iterations": self.iterations, "interval_s": self.interval_s},
+               self.client)
 
 
 def held_lease(client: Any, run_url: str) -> dict | None:
@@ -111,6 +117,7 @@ class DriverWatch:
         self.run_url, self.timeout_s = run_url, timeout_s
         self._driver, self._stop = metadata_key(run_url, "driver"), metadata_key(run_url, "stop")
         self._last_beat: Any = None
+        self._token: Any = None  # the lease of the driver that started these ranks
         self._moved_at = self._checked_at = time.monotonic()
         self.verdict = "continue"
 
@@ -127,7 +134,11 @@ class DriverWatch:
         held = _read(self._driver)
         if held is None:  # dispatched without a lease (a user's own dispatch.run): nothing to watch
             return self.verdict
-        if held.get("beat") != self._last_beat:
+        self._token = self._token or held.get("token")
+        if held.get("token") != self._token:
+            logger.warning("driver %s took the run over: checkpoint and stop, it resumes from there", held.get("driver"))
+            self.verdict = "checkpoint"
+        elif held.get("beat") != self._last_beat:
             self._last_beat, self._moved_at = held.get("beat"), time.monotonic()
         elif time.monotonic() - self._moved_at > self.timeout_s:
             logger.warning("driver %s silent for %.0f s: checkpoint and stop", held.get("driver"), self.timeout_s)

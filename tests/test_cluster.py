@@ -15,15 +15,15 @@ ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted((ROOT / "cluster").glob("*.yaml"))
 
 
-def daskcluster_schema():
-    """dask-kubernetes' DaskCluster schema, its internal references made local; k8s PodSpec/ServiceSpec references
-    (resolved from a package not available here) are checked separately against the kubernetes client's models."""
+def operator_schema(crd: str | None = None):
+    """dask-kubernetes' DaskCluster schema (or, with ``crd``, the openAPI schema of that CRD file, e.g.
+    ``daskjob.yaml``), its internal references made local; k8s PodSpec/ServiceSpec references (resolved from a
+    package not available here) are checked separately against the kubernetes client's models."""
     import dask_kubernetes
 
-    path = Path(dask_kubernetes.__file__).parent / "operator" / "customresources" / "templates.yaml"
-    text = path.read_text()
-    text = text.replace("python://dask_kubernetes/operator/customresources/templates.yaml#", "#")
-    definitions = yaml.safe_load(text)["definitions"]
+    folder = Path(dask_kubernetes.__file__).parent / "operator" / "customresources"
+    local = lambda text: text.replace("python://dask_kubernetes/operator/customresources/templates.yaml#", "#")
+    definitions = yaml.safe_load(local((folder / "templates.yaml").read_text()))["definitions"]
 
     def local_refs(node):
         if isinstance(node, dict):
@@ -33,7 +33,10 @@ def daskcluster_schema():
         return [local_refs(v) for v in node] if isinstance(node, list) else node
 
     definitions = local_refs(definitions)
-    return {**definitions["dask.k8s.api.v1.DaskCluster"], "definitions": definitions}
+    if crd is None:
+        return {**definitions["dask.k8s.api.v1.DaskCluster"], "definitions": definitions}
+    schema = yaml.safe_load(local((folder / crd).read_text()))["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return {**local_refs(schema), "definitions": definitions}
 
 
 def check_k8s_model(data, type_name, path):
@@ -65,7 +68,7 @@ def test_kubernetes_manifest_is_a_valid_daskcluster_with_gpus_and_secret_refs():
     from dask_kubernetes.operator import make_cluster_spec
 
     manifest = render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))
-    jsonschema.validate(manifest, daskcluster_schema())
+    jsonschema.validate(manifest, operator_schema())
     check_k8s_model(manifest["spec"]["worker"]["spec"], "V1PodSpec", "worker.spec")
     check_k8s_model(manifest["spec"]["scheduler"]["spec"], "V1PodSpec", "scheduler.spec")
     check_k8s_model(manifest["spec"]["scheduler"]["service"], "V1ServiceSpec", "scheduler.service")
@@ -140,3 +143,73 @@ def test_cli_render_prints_the_manifest(capsys):
     assert main(["cluster", "render", str(ROOT / "cluster" / "kubernetes.yaml")]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))
+
+
+def rendered_daskjob(tmp_path, job: dict, spec: str = "kubernetes.yaml") -> list[dict]:
+    """``daskgan cluster render <spec> --job <job>`` as the YAML documents it prints."""
+    import contextlib
+    import io
+
+    path = tmp_path / "my_job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["cluster", "render", str(ROOT / "cluster" / spec), "--job", str(path)]) == 0
+    return list(yaml.safe_load_all(printed.getvalue()))
+
+
+PLAIN_JOB = {"data": {"url": "s3://datasets/shapes", "resolution": 16}, "output": {"run_url": "s3://runs/shapes"}}
+
+
+def test_a_job_renders_as_a_daskjob_the_operator_accepts(tmp_path):
+    import jsonschema
+
+    from daskgan.config import load_job
+
+    config_map, daskjob = rendered_daskjob(tmp_path, PLAIN_JOB)
+    jsonschema.validate(daskjob, operator_schema("daskjob.yaml"))
+    runner = daskjob["spec"]["job"]["spec"]
+    check_k8s_model(runner, "V1PodSpec", "job.spec")
+    check_k8s_model(daskjob["spec"]["cluster"]["spec"]["worker"]["spec"], "V1PodSpec", "cluster.worker.spec")
+    check_k8s_model(config_map, "V1ConfigMap", "configmap")
+    assert daskjob["metadata"] == config_map["metadata"] == {"name": "daskgan-my-job", "namespace": "gan-training"}
+    assert daskjob["spec"]["cluster"]["spec"] == render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))["spec"]
+
+    driver = runner["containers"][0]
+    assert runner["restartPolicy"] == "OnFailure"
+    mount, = driver["volumeMounts"]
+    assert runner["volumes"] == [{"name": mount["name"], "configMap": {"name": config_map["metadata"]["name"]}}]
+    job_file, = config_map["data"]
+    assert driver["args"][:3] == ["daskgan", "train", f"{mount['mountPath']}/{job_file}"]
+    assert "DASK_SCHEDULER_ADDRESS" not in str(driver), "the operator sets it to the job's own scheduler"
+    assert "secretKeyRef" not in str(runner), "the driver never touches storage: it gets no credentials"
+
+    mounted = tmp_path / "mounted" / job_file
+    mounted.parent.mkdir()
+    mounted.write_text(config_map["data"][job_file])
+    assert load_job(mounted) == load_job(tmp_path / "my_job.yaml"), "the pod trains the same job, under its name"
+
+
+def test_daskjob_refuses_what_cannot_run_there(tmp_path, capsys):
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump({**PLAIN_JOB, "sandbox": {"s3_server": True}}))
+    assert main(["cluster", "render", str(ROOT / "cluster" / "kubernetes.yaml"), "--job", str(path)]) == 2
+    assert "sandbox: runs on this machine only" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump(PLAIN_JOB))
+    assert main(["cluster", "render", str(ROOT / "cluster" / "local.yaml"), "--job", str(path)]) == 2
+    assert "a DaskJob needs a kubernetes cluster spec" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**PLAIN_JOB, "data": {"url": "s3://d", "resolution": "big"}}))
+    assert main(["cluster", "render", str(ROOT / "cluster" / "kubernetes.yaml"), "--job", str(path)]) == 2
+    assert "data.resolution" in capsys.readouterr().err
+
+
+def test_without_a_spec_a_command_uses_dask_scheduler_address(monkeypatch):
+    import dask
+
+    from daskgan.cluster import default_cluster_spec
+
+    with dask.config.set({"scheduler-address": None}):
+        assert default_cluster_spec().kind == "local"
+    with dask.config.set({"scheduler-address": "tcp://daskgan-my-job-scheduler.gan-training.svc:8786"}):
+        spec = default_cluster_spec()
+    assert (spec.kind, spec.scheduler.address) == ("scheduler", "tcp://daskgan-my-job-scheduler.gan-training.svc:8786")

@@ -33,19 +33,20 @@ def cli_run(dask_client, shapes_in_bucket, tmp_path):
     spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": dask_client.scheduler.address}}))
     run_url = f"{bucket}/run"
 
-    def write_job(iterations: int) -> Path:
+    def write_job(iterations: int, driver_timeout_s: float = DRIVER_TIMEOUT_S) -> Path:
         job = {"name": "lease", "data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 16,
                                          "batch_size": 4},
                "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": iterations},
-               "recovery": {"driver_timeout_s": DRIVER_TIMEOUT_S},
+               "recovery": {"driver_timeout_s": driver_timeout_s},
                "output": {"run_url": run_url, "storage_options": options, "flush_every": 10,
                           "checkpoint_every": 10_000, "grid_every": 10_000}}
         path = tmp_path / f"job-{iterations}.yaml"
         path.write_text(yaml.safe_dump(job))
         return path
 
-    def start(iterations: int) -> subprocess.Popen:
-        return daskgan_process("train", str(write_job(iterations)), "--cluster", str(spec), "--no-progress")
+    def start(iterations: int, driver_timeout_s: float = DRIVER_TIMEOUT_S) -> subprocess.Popen:
+        return daskgan_process("train", str(write_job(iterations, driver_timeout_s)), "--cluster", str(spec),
+                               "--no-progress")
 
     start.write_job = write_job
     return start, run_url, options, spec
@@ -105,6 +106,29 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     assert shown.returncode == 0 and f"finished, iteration {stopped_at + 15} of {stopped_at + 15}" in out, err
 
 
+def test_a_new_driver_right_after_a_killed_one_takes_over_from_its_ranks(cli_run, dask_client):
+    """Restarted before the dead driver's ranks noticed (within driver_timeout_s): the new driver's heartbeat must
+    not keep the old ranks going; they checkpoint and stop, and the new dispatch resumes from that checkpoint."""
+    from daskgan.lease import request_stop
+
+    start, run_url, options, _ = cli_run
+    first = start(100_000, driver_timeout_s=90)
+    wait_for(lambda: storage.exists(f"{run_url}/records", options) and load(run_url, options) is not None
+             and len(load(run_url, options)) >= 10, 90, "records of the first client")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    target = int(load(run_url, options)["iteration"].max()) + 1200  # beyond where the old ranks get on their own
+    resumed = start(target, driver_timeout_s=90)
+    try:
+        out, err = resumed.communicate(timeout=150)
+    finally:  # without the takeover the old ranks train on for ever: end them, or they block the session's cluster
+        resumed.kill()
+        request_stop(dask_client, run_url, now=True)
+        wait_for(lambda: not any(dask_client.processing().values()), 60, "idle workers")
+    assert resumed.returncode == 0, err
+    assert load(run_url, options)["iteration"].tolist() == list(range(1, target + 1)), "none duplicated or missing"
+
+
 def test_stop_ends_a_run_after_a_checkpoint(cli_run):
     start, run_url, options, spec = cli_run
     running = start(100_000)
@@ -159,3 +183,93 @@ def test_detach_needs_a_cluster_that_outlives_the_command(tmp_path):
     refused = daskgan_process("train", str(job), "--detach")
     out, err = refused.communicate(timeout=120)
     assert refused.returncode == 2 and "--detach: needs a cluster that outlives this command" in err
+
+
+def test_a_daskjob_runner_trains_on_the_scheduler_the_operator_names(cli_run, dask_client, tmp_path):
+    """The rendered DaskJob's runner container, run as the operator would run it: its args, its env, the job file
+    where the ConfigMap is mounted, and DASK_SCHEDULER_ADDRESS (the operator's) pointing at a scheduler."""
+    from daskgan.cluster.daskjob import daskjob_manifests
+    from daskgan.cluster.specs import KubernetesSpec
+
+    start, run_url, options, _ = cli_run
+    config_map, daskjob = daskjob_manifests(KubernetesSpec(image="daskgan:test", n_workers=2), start.write_job(12))
+    driver = daskjob["spec"]["job"]["spec"]["containers"][0]
+    mount = tmp_path / "mount"  # stands in for the ConfigMap volume at driver["volumeMounts"][0]["mountPath"]
+    mount.mkdir()
+    for name, text in config_map["data"].items():
+        (mount / name).write_text(text)
+    args = [arg.replace(driver["volumeMounts"][0]["mountPath"], str(mount)) for arg in driver["args"]]
+    assert args[0] == "daskgan"
+    env = {**os.environ, **{e["name"]: e["value"] for e in driver["env"]},
+           "DASK_SCHEDULER_ADDRESS": dask_client.scheduler.address}
+    runner = subprocess.run([sys.executable, "-m", "daskgan.tools.cli", *args[1:]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert runner.returncode == 0, runner.stderr
+    assert "cluster: 2 workers" in runner.stdout and "trained 12 iterations" in runner.stdout
+    assert load(run_url, options)["iteration"].tolist() == list(range(1, 13))
+
+
+@pytest.fixture
+def own_cluster(s3_server, tmp_path):
+    """A scheduler and 2 workers as processes of their own (the session's scheduler must not be killed); returns
+    start() -> (scheduler address, [scheduler, worker, worker] processes), started again at the same address."""
+    from daskgan.dispatch import free_port
+
+    port = free_port()
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    started: list[subprocess.Popen] = []
+    log = open(tmp_path / "cluster.log", "a")
+
+    def process(*args: str) -> subprocess.Popen:
+        started.append(subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=log, env=env))
+        return started[-1]
+
+    def start():
+        from distributed import Client
+
+        address = f"tcp://127.0.0.1:{port}"
+        scheduler = process("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                            "--dashboard-address", ":0")
+        workers = [process("distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1")
+                   for _ in range(2)]
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        return address, [scheduler, *workers]
+
+    yield start
+    for running in started:
+        running.kill()
+        running.wait()
+    log.close()
+
+
+def test_a_detached_run_whose_scheduler_dies_stays_at_its_checkpoint_and_resumes(cli_run, own_cluster, tmp_path):
+    """README: the detached driver lives in the scheduler; if it dies, the workers lose the cluster too (no orphans)
+    and the run stays at its last checkpoint; the next `daskgan train` resumes it."""
+    start, run_url, options, _ = cli_run
+    address, processes = own_cluster()
+    spec = tmp_path / "own.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": address}}))
+    job = start.write_job(100_000)
+    job_data = yaml.safe_load(job.read_text())
+    job_data["output"]["checkpoint_every"] = 20
+    job.write_text(yaml.safe_dump(job_data))
+    detached = daskgan_process("train", str(job), "--cluster", str(spec), "--detach")
+    assert detached.wait(timeout=60) == 0
+    wait_for(lambda: newest_checkpoint(run_url, options) >= 40, 120, "two checkpoints of the detached run")
+
+    scheduler, *workers = processes
+    scheduler.send_signal(signal.SIGKILL)
+    scheduler.wait()
+    wait_for(lambda: all(worker.poll() is not None for worker in workers), 60, "the workers leaving with it")
+    kept = newest_checkpoint(run_url, options)
+    time.sleep(2)
+    assert newest_checkpoint(run_url, options) == kept, "nothing trains on once the workers are gone"
+    interrupted = run_status(run_url, options)
+    assert interrupted["state"] == "interrupted" and interrupted["iteration"] >= kept
+
+    address, _ = own_cluster()
+    resumed = daskgan_process("train", str(start.write_job(kept + 15)), "--cluster", str(spec), "--no-progress")
+    out, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err
+    assert load(run_url, options)["iteration"].tolist() == list(range(1, kept + 16)), "none duplicated or missing"

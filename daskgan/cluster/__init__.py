@@ -9,9 +9,10 @@ from daskgan.cluster.specs import (
     MissingExtra,
     SchedulerSpec,
     connect,
+    default_cluster_spec,
     load_cluster_spec,
     render,
 )
 
 __all__ = ["ClusterSpec", "Ec2Spec", "KubernetesSpec", "LocalSpec", "MissingExtra", "SchedulerSpec", "connect",
-           "load_cluster_spec", "render"]
+           "default_cluster_spec", "load_cluster_spec", "render"]

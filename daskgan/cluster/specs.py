@@ -114,6 +114,17 @@ def load_cluster_spec(path: str | Path) -> ClusterSpec:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def default_cluster_spec() -> ClusterSpec:
+    """The cluster of a command given no spec: the scheduler Dask itself would connect to (``DASK_SCHEDULER_ADDRESS``,
+    which the dask-kubernetes operator sets in a DaskJob's runner pod), else a local cluster of 2 worker processes."""
+    import dask
+
+    address = dask.config.get("scheduler-address", default=None)
+    if address:
+        return ClusterSpec(kind="scheduler", scheduler=SchedulerSpec(address=address)).validate()
+    return ClusterSpec().validate()
+
+
 def render(spec: ClusterSpec) -> dict[str, Any]:
     """The exact object the backend gets: LocalCluster/EC2Cluster keyword arguments, or the DaskCluster manifest."""
     settings = spec.settings()

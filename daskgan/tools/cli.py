@@ -15,7 +15,7 @@ from typing import NoReturn
 import yaml
 
 from daskgan import dispatch
-from daskgan.cluster import ClusterSpec, connect, load_cluster_spec, render
+from daskgan.cluster import ClusterSpec, connect, default_cluster_spec, load_cluster_spec, render
 from daskgan.config import load_job
 from daskgan.config.schema import METRICS
 from daskgan.errors import ConfigError, UserError, first_line
@@ -25,6 +25,8 @@ from daskgan.tools import sandbox
 logger = logging.getLogger("daskgan")
 
 
+DEFAULT_CLUSTER_HELP = ("cluster spec YAML (default: the scheduler at DASK_SCHEDULER_ADDRESS if set, else a local "
+                        "cluster of 2 worker processes)")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -55,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = commands.add_parser("train", help="train a GAN job on a Dask cluster")
     train.add_argument("job", help="job YAML file, e.g. jobs/demo.yaml")
-    train.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
+    train.add_argument("--cluster", help=DEFAULT_CLUSTER_HELP)
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar, log lines only (also when stderr is not a terminal)")
     train.add_argument("--detach", action="store_true",
@@ -73,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3 (RGB) or 1 (grayscale)")
     dataset.add_argument("--crop", choices=("center", "pad"), default="center",
                          help="make images square by cropping the centre (default) or padding with black")
-    dataset.add_argument("--cluster", help="cluster spec YAML (default: a local cluster of 2 worker processes)")
+    dataset.add_argument("--cluster", help=DEFAULT_CLUSTER_HELP)
     dataset.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     dataset.set_defaults(run=dataset_command)
     runs = commands.add_parser("runs", help="the trainings with a live driver on a cluster")
@@ -92,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True, parser_class=OneLineParser)
     render_parser = cluster.add_parser("render", help="print the object the cluster backend would get")
     render_parser.add_argument("spec", help="cluster spec YAML, e.g. cluster/kubernetes.yaml")
+    render_parser.add_argument("--job", help="a job YAML: print the DaskJob that trains it on this cluster "
+                                             "(kind: kubernetes; with the ConfigMap holding the job file)")
     render_parser.set_defaults(run=render_command)
     generate = commands.add_parser("generate", help="images from a checkpoint, one PNG per seed")
     generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt), or an NVlabs "
@@ -187,7 +191,7 @@ def dataset_command(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
-    spec = load_cluster_spec(args.cluster) if args.cluster else ClusterSpec().validate()
+    spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
     with connect(spec) as client, tqdm(unit="chunk", disable=not sys.stderr.isatty()) as bar:
         report = convert_dataset(client, args.source, args.dest, args.resolution, args.channels, args.crop,
                                  _options(args), on_chunk=progress)
@@ -237,12 +241,20 @@ def stop_command(args: argparse.Namespace) -> int:
 
 
 def render_command(args: argparse.Namespace) -> int:
-    print(yaml.safe_dump(render(load_cluster_spec(args.spec)), sort_keys=False), end="")
+    spec = load_cluster_spec(args.spec)
+    if args.job is None:
+        print(yaml.safe_dump(render(spec), sort_keys=False), end="")
+        return 0
+    from daskgan.cluster.daskjob import daskjob_manifests, to_yaml
+
+    if spec.kind != "kubernetes":
+        raise ConfigError(f"--job: a DaskJob needs a kubernetes cluster spec; {args.spec} is kind: {spec.kind}")
+    print(to_yaml(daskjob_manifests(spec.settings(), args.job)), end="")
     return 0
 
 
 def train_command(args: argparse.Namespace) -> int:
-    spec = load_cluster_spec(args.cluster) if args.cluster else ClusterSpec().validate()
+    spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
     job = load_job(args.job, workers=spec.planned_workers() or 1)  # refuse a bad job before starting anything
     with ExitStack() as stack:
         endpoint = None

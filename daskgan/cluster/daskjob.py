@@ -1,0 +1,86 @@
+"""A training as a dask-kubernetes ``DaskJob``: the run's driver in a pod of its own, beside the cluster it drives.
+
+The operator starts the DaskCluster of the job's spec and a runner pod whose containers find its scheduler in
+``DASK_SCHEDULER_ADDRESS`` (the operator sets it); the runner runs ``daskgan train`` on the job file, which a
+ConfigMap mounts. Nothing depends on the machine that applied the manifest, so the run is detached by construction.
+When the runner exits 0 the operator marks the job successful and removes the cluster; a runner that fails is
+restarted in place (``restartPolicy: OnFailure``) and its new driver resumes the run from its newest checkpoint.
+The runner holds no storage credentials: the client side of a run never touches the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+from daskgan.cluster.specs import KubernetesSpec, kubernetes_manifest
+from daskgan.config import ConfigError, load_job
+
+JOB_MOUNT = "/etc/daskgan"
+JOB_FILE = "job.yaml"
+
+
+def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path) -> list[dict[str, Any]]:
+    """The ConfigMap holding the job file and the DaskJob (kubernetes.dask.org/v1) that trains it.
+
+    The job is validated first, as ``daskgan train`` would for this cluster's size. Both are named
+    ``<spec name>-<job name>`` (so one spec serves many jobs; the operator names the job's DaskCluster the same,
+    and its scheduler service ``<that>-scheduler``)."""
+    job = load_job(job_path, workers=k8s.n_workers)
+    if job.sandbox:
+        raise ConfigError(f"{job_path}: sandbox: runs on this machine only (a loopback S3 server); a DaskJob needs "
+                          "a job on storage the cluster reaches")
+    name = kubernetes_name(f"{k8s.name}-{job.name}")
+    metadata = {"name": name, "namespace": k8s.namespace}
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(metadata),
+                  "data": {JOB_FILE: _job_file_text(Path(job_path), job.name)}}
+    cluster = kubernetes_manifest(k8s)
+    daskjob = {"apiVersion": cluster["apiVersion"], "kind": "DaskJob", "metadata": dict(metadata),
+               "spec": {"job": {"spec": _runner_pod(k8s, name)}, "cluster": {"spec": cluster["spec"]}}}
+    return [config_map, daskjob]
+
+
+def kubernetes_name(text: str) -> str:
+    """``text`` as a Kubernetes object name (lowercase RFC 1123: letters, digits, '-'; at most 63 characters)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-")
+    if not name:
+        raise ConfigError(f"name: {text!r} gives no Kubernetes object name (letters, digits and '-')")
+    return name
+
+
+def _job_file_text(job_path: Path, name: str) -> str:
+    """The job file as written (comments kept, trailing blanks dropped), named as ``daskgan train`` named it here:
+    in the pod it is ``job.yaml``, which would otherwise name the run ``job``."""
+    lines = [line.rstrip() for line in job_path.read_text().splitlines()]
+    has_name = any(re.match(r"name\s*:", line) for line in lines)
+    return "\n".join(lines if has_name else [f"name: {name}", *lines]) + "\n"
+
+
+def to_yaml(manifests: list[dict[str, Any]]) -> str:
+    """The manifests as YAML documents for ``kubectl apply -f``, multi-line strings (the job file) as blocks."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:  # the same dict twice is written out twice, not as &id001
+            return True
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump_all(manifests, Dumper=Dumper, sort_keys=False)
+
+
+def _runner_pod(k8s: KubernetesSpec, config_map: str) -> dict[str, Any]:
+    """The driver's pod: ``daskgan train`` on the mounted job file, against the operator's scheduler."""
+    container = {
+        "name": "driver", "image": k8s.image,
+        "args": ["daskgan", "train", f"{JOB_MOUNT}/{JOB_FILE}", "--no-progress"],
+        "env": [{"name": name, "value": str(value)} for name, value in k8s.env.items()],
+        "resources": copy.deepcopy(k8s.scheduler_resources),
+        "volumeMounts": [{"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}],
+    }
+    return {"restartPolicy": "OnFailure", "containers": [container],
+            "volumes": [{"name": "job", "configMap": {"name": config_map}}]}
