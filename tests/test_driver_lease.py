@@ -81,7 +81,12 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     out, err = second.communicate(timeout=60)
     assert second.returncode == 2 and err.count("\n") == 1, err
     assert "is being trained by" in err and run_url in err
-    assert run_status(run_url, options, dask_client)["state"] == "running"
+    running = run_status(run_url, options, dask_client)
+    assert running["state"] == "running" and running["driver"].endswith(f":{first.pid}")
+    assert running["workers"] == sorted(dask_client.scheduler_info(n_workers=-1)["workers"]) and len(running["workers"]) == 2
+    shown = daskgan_process("status", run_url, "--cluster", str(cli_run[3]), "--endpoint-url", options["endpoint_url"])
+    out, err = shown.communicate(timeout=60)
+    assert shown.returncode == 0 and f"driver {running['driver']}; 2 workers: " in out, err
     listed = daskgan_process("runs", "--cluster", str(cli_run[3]))
     out, err = listed.communicate(timeout=60)
     assert listed.returncode == 0 and f"{run_url}: iteration " in out and "of 100000, driven by" in out, err

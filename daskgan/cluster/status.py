@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from daskgan.errors import NotFound
-from daskgan.lease import STATE_FILE, driver_is_live
+from daskgan.lease import STATE_FILE, driver_is_live, held_lease
 from daskgan.run import checkpoint, storage
 from daskgan.run.records import load
 from daskgan.run.storage import StorageOptions
@@ -36,6 +36,9 @@ def run_status(run_url: str, storage_options: StorageOptions | None = None, clie
         status["restarts"] = int(records["restarts"].max()) if "restarts" in records.columns else 0
         status.update(_speed(records, iterations))
     status["state"] = _state(run_url, status, storage_options, client)
+    if status["state"] == "running":  # only a live driver's lease names it
+        status["driver"] = held_lease(client, run_url)["driver"]
+        status["workers"] = sorted(client.scheduler_info(n_workers=-1)["workers"])
     return status
 
 
@@ -86,5 +89,7 @@ def format_status(status: dict[str, Any]) -> str:
             f"{status['eta_s'] / 86400:.1f} days"
         lines.append(f"  {status['iterations_per_s']:.2f} it/s, {eta} left at that rate; restarts "
                      f"{status.get('restarts', 0)}")
+    if "driver" in status:
+        lines.append(f"  driver {status['driver']}; {len(status['workers'])} workers: {', '.join(status['workers'])}")
     lines.append(f"  checkpoint: {status['checkpoint']}")
     return "\n".join(lines)
