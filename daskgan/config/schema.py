@@ -42,6 +42,7 @@ class DataConfig:
     cache_max_gb: Optional[float] = None  # its bound; default: 80% of the disk space it can have at start
     shuffle: bool = True
     mirror: bool = False  # x-flipped copies of every image double the dataset (NVlabs' --mirror)
+    shuffle_shards: int = 4  # tar shards: shards read (and their images shuffled) together, and GETs in flight
     channels: int = 3  # 3 (RGB) or 1 (grayscale): what images are decoded to and what G makes and D sees
     retry_tries: int = 8  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
     retry_seconds: float = 300.0  # and the most time spent retrying one fetch before the run stops
@@ -54,6 +55,7 @@ class DataConfig:
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
         require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
+        require(self.shuffle_shards >= 1, "data.shuffle_shards", "must be >= 1")
         require(self.retry_tries >= 1 and self.retry_seconds > 0, "data.retry_tries/retry_seconds",
                 "must be >= 1 / > 0")
         require(self.cache_max_gb is None or self.cache_max_gb > 0, "data.cache_max_gb", "must be > 0")

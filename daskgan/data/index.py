@@ -1,5 +1,6 @@
-"""What a dataset holds and which part each rank reads: the image objects under a URL with their labels, and
-each rank's disjoint shard of every epoch's permutation (as DistributedSampler, without padding duplicates)."""
+"""What a dataset holds and which part each rank reads: the images under a URL (objects, zip members or tar-shard
+members) with their labels, and each rank's disjoint part of every epoch (as DistributedSampler, without padding
+duplicates; for tar shards, whole shards per rank, see ``shards``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from daskgan.data.archive import ZipEntry, list_zip, read_members
+from daskgan.data.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, TarMember, expand_braces, is_shard_pattern, read_members_ranged, scan_shards
 from daskgan.errors import NotFound
 from daskgan.run import storage
 from daskgan.seeding import derive_seed
@@ -23,8 +25,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 @dataclass(frozen=True)
 class ImageIndex:
-    """The image objects of a dataset: filesystem paths (no protocol), their labels, the class names and (when
-    listed with them) the objects' sizes in bytes."""
+    """The images of a dataset: filesystem paths (no protocol; a tar member's is ``<shard>/<member>``), their
+    labels, the class names and (when listed with them) the images' sizes in bytes."""
 
     url: str
     paths: tuple[str, ...]
@@ -32,7 +34,8 @@ class ImageIndex:
     classes: tuple[str, ...]
     sizes: tuple[int, ...] = ()
     archive: str | None = None  # a zip archive's path: ``paths`` are then its member names
-    entries: tuple[ZipEntry, ...] = ()  # where each member lies in the archive
+    entries: tuple[ZipEntry | TarMember, ...] = ()  # where each member lies in the archive or its shard
+    shards: tuple[str, ...] = ()  # tar shards' paths: ``paths`` are then their members
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -42,20 +45,25 @@ class ImageIndex:
         return f"{self.archive}/{path}" if self.archive else path
 
     @functools.cached_property
-    def entry_of(self) -> dict[str, ZipEntry]:
+    def entry_of(self) -> dict[str, ZipEntry | TarMember]:
         return dict(zip(self.paths, self.entries))
 
 
 def index_images(url: str, storage_options: storage.StorageOptions | None = None) -> ImageIndex:
     """List the images under ``url``: a folder (files in subfolders are labelled by their first folder, sorted by
-    name; or, when it holds NVlabs' ``dataset.json``, every image labelled by it) or an NVlabs zip archive (labels
-    from its ``dataset.json``)."""
+    name; or, when it holds NVlabs' ``dataset.json``, every image labelled by it), an NVlabs zip archive (labels
+    from its ``dataset.json``), or tar shards: a brace pattern, one ``.tar``, or a folder holding only shards."""
     fs, root = storage.filesystem(url, storage_options)
     root = root.rstrip("/")
     if root.lower().endswith(".zip"):
         return _index_archive(url, fs, root)
+    if is_shard_pattern(root):
+        return _index_shards(url, fs, expand_braces(root))
     listing = _find(url, fs, root)
     images = sorted(p for p in listing if p.lower().endswith(IMAGE_SUFFIXES))
+    shards = sorted(p for p in listing if p.lower().endswith(SHARD_SUFFIX))
+    if not images and shards:
+        return _index_shards(url, fs, shards)
     if not images:
         raise NotFound(f"data.url: no images ({', '.join(IMAGE_SUFFIXES)}) under {url}: check the URL, or upload "
                        f"images (one subfolder per class) there")
@@ -86,6 +94,25 @@ def _index_archive(url: str, fs, path: str) -> ImageIndex:
                       tuple(entries[n] for n in names))
 
 
+def _index_shards(url: str, fs, shards: list[str]) -> ImageIndex:
+    paths, members, labels = _scan_shards(url, fs, shards)
+    if not paths:
+        raise NotFound(f"data.url: no images ({', '.join(IMAGE_EXTENSIONS)}) in the tar shards of {url}")
+    unlabelled = labels.count(None)
+    if 0 < unlabelled < len(labels):
+        example = paths[labels.index(None)]
+        raise NotFound(f"data.url: {url}: {unlabelled} of {len(labels)} samples have no label (.cls or .json), "
+                       f"e.g. {example}")
+    classes = () if unlabelled else tuple(str(c) for c in range(max(labels) + 1))
+    return ImageIndex(url, tuple(paths), tuple(label or 0 for label in labels), classes,
+                      tuple(m.size for m in members), entries=tuple(members), shards=tuple(shards))
+
+
+@storage.operation
+def _scan_shards(url: str, fs, shards: list[str]):
+    return scan_shards(fs, shards, url)
+
+
 def dataset_json_labels(names: list[str], labelled: list | None, url: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Labels of ``names`` and class names from NVlabs' ``dataset.json`` ``labels`` (``[[name, class], ...]``;
     None: an unlabelled dataset)."""
@@ -110,8 +137,10 @@ def _list_zip(url: str, fs, path: str):
 
 
 def fetch_objects(index: ImageIndex, fs, paths: list[str]) -> dict[str, bytes | BaseException]:
-    """Whole images by their index paths, concurrently: objects (one GET each) or archive members (one ranged GET
-    each). A failed fetch maps to its error, for the caller to retry or skip."""
+    """Whole images by their index paths, concurrently: objects (one GET each) or archive or shard members (one
+    ranged GET each). A failed fetch maps to its error, for the caller to retry or skip."""
+    if index.shards:
+        return read_members_ranged(fs, index.shards, {path: index.entry_of[path] for path in paths})
     if index.archive is None:
         return storage.cat_objects(fs, paths)
     return read_members(fs, index.archive, {path: index.entry_of[path] for path in paths})

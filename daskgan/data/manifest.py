@@ -17,6 +17,7 @@ import time
 
 from daskgan.config import DataConfig, OutputConfig
 from daskgan.data.archive import ZipEntry
+from daskgan.data.shards import TarMember
 from daskgan.data.index import ImageIndex, index_images
 from daskgan.errors import ConfigError
 from daskgan.ranks import from_rank0
@@ -64,9 +65,14 @@ def ensure_manifest(data: DataConfig, url: str, options: StorageOptions) -> None
 
 def manifest_bytes(index: ImageIndex, root: str) -> bytes:
     """The manifest of ``index``: keys relative to ``root``, the dataset's folder in its filesystem, so that
-    a million entries stay a few MB. An archive's members keep their names, with where each lies in it."""
+    a million entries stay a few MB. An archive's members keep their names, with where each lies in it; a shard's
+    members are named within their shard, whose path the manifest lists once."""
     sizes = index.sizes or (0,) * len(index)
-    if index.archive:
+    if index.shards:
+        root = ""
+        rows = [[p[len(index.shards[m.shard]) + 1:], s, label, m.shard, m.offset]
+                for p, s, label, m in zip(index.paths, sizes, index.labels, index.entries)]
+    elif index.archive:
         root = ""
         rows = [[p, s, label, *entry.as_list()] for p, s, label, entry in zip(index.paths, sizes, index.labels,
                                                                                 index.entries)]
@@ -74,7 +80,7 @@ def manifest_bytes(index: ImageIndex, root: str) -> bytes:
         root = root.rstrip("/")
         rows = [[posixpath.relpath(p, root), s, label] for p, s, label in zip(index.paths, sizes, index.labels)]
     document = {"format": FORMAT, "dataset": index.url, "root": root, "archive": index.archive,
-                "classes": list(index.classes), "images": rows}
+                "shards": list(index.shards), "classes": list(index.classes), "images": rows}
     return gzip.compress(json.dumps(document, separators=(",", ":")).encode(), compresslevel=6)
 
 
@@ -89,15 +95,22 @@ def parse_manifest(data: bytes, url: str) -> ImageIndex:
         if document.get("format") != FORMAT:
             raise ValueError(f"format {document.get('format')!r}")
         root, classes, archive = document["root"], tuple(str(c) for c in document["classes"]), document.get("archive")
-        columns = list(zip(*document["images"])) or [()] * (7 if archive else 3)
+        shards = tuple(str(s) for s in document.get("shards") or ())
+        columns = list(zip(*document["images"])) or [()] * (7 if archive else 5 if shards else 3)
         keys, sizes, labels = columns[:3]
         if any(not 0 <= label < max(len(classes), 1) for label in labels):
             raise ValueError("a label out of range")
-        prefix = "" if archive else root.rstrip("/") + "/"
-        entries = tuple(ZipEntry(*(int(v) for v in row)) for row in zip(*columns[3:7])) if archive else ()
-        return ImageIndex(str(document["dataset"]), tuple(prefix + k for k in keys), tuple(int(v) for v in labels),
-                          classes, tuple(int(v) for v in sizes), archive, entries)
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if shards:
+            entries = tuple(TarMember(int(shard), int(offset), int(size))
+                            for shard, offset, size in zip(columns[3], columns[4], sizes))
+            paths = tuple(f"{shards[m.shard]}/{k}" for k, m in zip(keys, entries))
+        else:
+            prefix = "" if archive else root.rstrip("/") + "/"
+            entries = tuple(ZipEntry(*(int(v) for v in row)) for row in zip(*columns[3:7])) if archive else ()
+            paths = tuple(prefix + k for k in keys)
+        return ImageIndex(str(document["dataset"]), paths, tuple(int(v) for v in labels), classes,
+                          tuple(int(v) for v in sizes), archive, entries, shards)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise ConfigError(f"{url} is not a daskgan dataset manifest ({type(exc).__name__}: {exc}); delete it to "
                           f"list the dataset again") from None
 

@@ -5,6 +5,8 @@
   so storage latency hides behind compute. Unreadable objects are skipped, counted and logged once.
 - Its position (epoch, index within the rank's shard) is part of every batch, so a checkpoint can resume the
   stream exactly where it stopped.
+- Tar shards are read whole, a window of them at a time, by a ``ShardReader`` (see ``shards``); the epoch's order
+  is then the rank's windows', and a position mid-shard resumes as exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from daskgan.data.archive import CorruptMember
 from daskgan.data.cache import DiskCache
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, fetch_objects, shard_indices
+from daskgan.data.shards import ShardReader, epoch_windows
 from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class ImageStream:
         self._bad: set[int] = set()
         self._cache = DiskCache(config.cache_dir, _bytes(config.cache_max_gb)) if config.cache_dir else None
         self._sizes = dict(zip(index.paths, index.sizes))
+        self._reader = (ShardReader(self._fs, index.shards, index.entry_of, ahead=config.shuffle_shards)
+                        if index.shards else None)
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True,
@@ -79,6 +84,8 @@ class ImageStream:
                 self._queue.get_nowait()
             except queue.Empty:
                 self._thread.join(timeout=0.1)
+        if self._reader is not None:
+            self._reader.close()
 
     def _produce(self, start: StreamPosition) -> None:
         try:
@@ -98,8 +105,7 @@ class ImageStream:
         With ``data.mirror`` the epoch holds every image twice, entries n.. being the x-flipped copies (NVlabs'
         ``--mirror``); an image fetched for one copy serves both."""
         count = len(self.index)
-        shard = shard_indices(count * (2 if self.config.mirror else 1), self.rank, self.world_size, epoch, self.seed,
-                              self.config.shuffle)
+        shard = self._epoch_order(epoch, offset)
         chunk_size = self.config.fetch_batch or self.config.batch_size
         images, labels, emitted = [], [], offset > 0
         while offset < len(shard) and not self._stop.is_set():
@@ -116,6 +122,17 @@ class ImageStream:
                     self._put(Batch(torch.stack(images), torch.tensor(labels), StreamPosition(epoch, offset)))
                     images, labels, emitted = [], [], True
         return emitted
+
+    def _epoch_order(self, epoch: int, offset: int) -> list[int]:
+        """The images this rank reads in ``epoch`` (mirrored copies from ``len(index)`` on); for tar shards, the
+        order of its windows, whose reading starts at the one holding ``offset``."""
+        count = len(self.index) * (2 if self.config.mirror else 1)
+        if self._reader is None:
+            return shard_indices(count, self.rank, self.world_size, epoch, self.seed, self.config.shuffle)
+        windows = epoch_windows(self.index.entries, len(self.index.shards), self.rank, self.world_size, epoch,
+                                self.seed, self.config.shuffle_shards, self.config.shuffle, self.config.mirror)
+        self._reader.plan(windows, offset)
+        return [image for window in windows for image in window.order]
 
     def _fetch_decoded(self, indices: list[int]) -> dict[int, torch.Tensor]:
         raw = self._fetch_bytes([self.index.paths[i] for i in indices])
@@ -150,7 +167,7 @@ class ImageStream:
         missing = [p for p in paths if p not in result]
         backoff = storage.Backoff(self.config.retry_tries, self.config.retry_seconds)
         while missing:
-            fetched = fetch_objects(self.index, self._fs, missing)
+            fetched = self._reader.read(missing) if self._reader else fetch_objects(self.index, self._fs, missing)
             failed = {}
             for path in missing:
                 value = fetched.get(path, FileNotFoundError(path))
