@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from test_archive import png
 
 from daskgan.config import DataConfig, OutputConfig
 from daskgan.data.decode import decode_image
-from daskgan.data.index import index_images
+from daskgan.data.index import fetch_objects, index_images
 from daskgan.data.manifest import training_index
 from daskgan.data.shards import epoch_windows, expand_braces, sample_key, tar_shard
 from daskgan.data.stream import ImageStream
@@ -187,3 +186,63 @@ def test_a_shard_set_trains_with_its_labels_and_resumes_as_an_uninterrupted_run(
     records = load(f"{bucket}/resumed", options)
     assert records["iteration"].tolist() == list(range(1, 7))
     assert records["loss_G"].tolist() == load(f"{bucket}/straight", options)["loss_G"].tolist(), "the same batches"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crop", ["center", "center-wide", "pad"])
+def test_dataset_command_writes_shards_with_a_manifest_and_reports_the_broken_inputs(dask_client, s3_bucket, crop):
+    from PIL import Image
+    from test_archive import odd_and_broken_images
+
+    from daskgan.data.convert import convert_dataset
+    from daskgan.data.manifest import RUN_MANIFEST, read_manifest
+
+    bucket, options = s3_bucket
+    storage.write_many({f"{bucket}/raw/{name}": data for name, data in odd_and_broken_images().items()}, options)
+    dest = f"{bucket}/shards-{crop}"
+    report = convert_dataset(dask_client, f"{bucket}/raw", dest, 8, policy=crop, storage_options=options,
+                             shard_mb=0.001)  # a kilobyte: an image or two a shard
+    assert report["format"] == "shards" and report["images"] == 5 and report["classes"] == ["a", "b"]
+    assert sorted(s["path"].rsplit("/", 1)[1] for s in report["skipped"]) == ["empty.png", "garbage.png",
+                                                                               "truncated.png"]
+    scanned = index_images(dest, options)
+    assert len(scanned.shards) > 1 and list(scanned.labels) == [0, 0, 0, 1, 1]
+    assert read_manifest(storage.join(dest, RUN_MANIFEST), options).entries == scanned.entries
+    assert training_index(DataConfig(url=dest, storage_options=options),
+                          OutputConfig(run_url=f"{bucket}/run-{crop}", storage_options=options)).paths == scanned.paths
+    fs, _ = storage.filesystem(dest, options)
+    wide_path = next(p for p in scanned.paths if p.endswith(f"/{2:09d}.png"))  # a/wide.png: third in source order
+    wide = Image.open(io.BytesIO(fetch_objects(scanned, fs, [wide_path])[wide_path]))
+    assert wide.size == (8, 8) and wide.mode == "RGB"
+    left, centre, top = wide.getpixel((0, 4)), wide.getpixel((4, 4)), wide.getpixel((4, 0))
+    if crop == "center":
+        assert left[0] > 200 and centre[0] > 200, "the centre square is all red: the blue band is cropped away"
+    elif crop == "center-wide":
+        assert top == (0, 0, 0) and left[2] > 100 and centre[0] > 200, "a 4:3 band: bars, part of the blue kept"
+    else:
+        assert top == (0, 0, 0) and left[2] > 200, "black bars above and below, the blue band kept"
+
+
+@pytest.mark.slow
+def test_a_rerun_of_the_dataset_command_keeps_the_shards_already_written(dask_client, s3_bucket):
+    from daskgan.data.convert import convert_dataset
+    from daskgan.errors import ConfigError
+
+    bucket, options = s3_bucket
+    storage.write_many({f"{bucket}/raw/{i % 2}/{i}.png": png(i * 20) for i in range(8)}, options)
+    dest = f"{bucket}/shards"
+    convert_dataset(dask_client, f"{bucket}/raw", dest, 8, storage_options=options, shard_mb=0.0025)
+    names = sorted(n for n in storage.list_names(dest, options) if n.endswith(".tar"))
+    assert len(names) >= 3
+    kept, lost = storage.join(dest, names[0]), storage.join(dest, names[1])
+    original = storage.read_bytes(lost, options)
+    marker = storage.read_bytes(kept, options)[:-1024] + bytes(1024)  # same length, last block zeroed
+    storage.write_bytes(kept, marker, options)
+    storage.remove(lost, options)  # an interrupted run: this shard and its note never got written
+    storage.remove(storage.join(dest, ".progress", names[1].replace(".tar", ".json")), options)
+    report = convert_dataset(dask_client, f"{bucket}/raw", dest, 8, storage_options=options, shard_mb=0.0025)
+    assert report["images"] == 8
+    assert storage.read_bytes(kept, options) == marker, "a shard already written is not converted again"
+    assert storage.read_bytes(lost, options) == original, "the missing one is written as the first run would have"
+    with pytest.raises(ConfigError, match="holds shards of another conversion"):
+        convert_dataset(dask_client, f"{bucket}/raw", dest, 16, storage_options=options)

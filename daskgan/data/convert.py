@@ -1,11 +1,21 @@
-"""``daskgan dataset``: images converted once, on the Dask workers, into an NVlabs-format zip at the training
-resolution (the counterpart of NVlabs' ``dataset_tool.py``), so training reads small, uniform, pre-cropped members.
+"""``daskgan dataset``: images converted once, on the Dask workers, at the training resolution (the counterpart of
+NVlabs' ``dataset_tool.py``), so training reads small, uniform, pre-cropped images: an NVlabs-format zip or
+WebDataset-style tar shards.
 
-The source (a folder, class subfolders or ``dataset.json`` giving labels, or a zip) is listed once; workers fetch
-and convert chunks in parallel (decode, crop or pad to a square, resize with Lanczos as NVlabs, to RGB or
-grayscale, re-encode as PNG); the client writes the archive in the source's order — members
-``00000/img00000000.png``, ..., stored uncompressed as NVlabs', ``dataset.json`` with the labels — and a report
-``<dest>.report.json`` (count, classes, resolution, channels, every skipped input with its reason).
+The source (a folder, class subfolders or ``dataset.json`` giving labels, a zip, or shards) is listed once; workers
+fetch and convert chunks in parallel (decode, crop or pad to a square, resize with Lanczos as NVlabs, to RGB or
+grayscale, re-encode as PNG).
+
+- zip: the client writes the archive in the source's order — members ``00000/img00000000.png``, ..., stored
+  uncompressed as NVlabs', ``dataset.json`` with the labels.
+- shards: each worker task converts one shard's images and writes the shard itself (``shard-000000.tar``, ...,
+  samples ``<n>.png`` with ``<n>.cls`` labels) and a note of what it holds under ``.progress/``, so a re-run skips
+  the shards already written; at the end the client writes the folder's ``dataset-manifest.json.gz`` (every
+  image's shard, offset and label: training reads it instead of the shards' headers). Images per shard come from
+  ``shard_mb`` and the converted size of the first images.
+
+Both write a report ``<dest>.report.json`` (count, classes, resolution, channels, every skipped input with its
+reason).
 """
 
 from __future__ import annotations
@@ -13,27 +23,53 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import zipfile
 from typing import Any, Callable
 
+from distributed import as_completed
 from PIL import Image
 
 from daskgan.data.decode import DECODE_ERRORS
 from daskgan.data.index import ImageIndex, fetch_objects, index_images
+from daskgan.data.manifest import RUN_MANIFEST, manifest_bytes
+from daskgan.data.shards import TarMember, samples_in, tar_shard
+from daskgan.errors import ConfigError
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("center", "pad")  # crop the central square, or pad the short side with black
-CHUNK = 256  # images per worker task
+FORMATS = ("zip", "shards")
+POLICIES = ("center", "center-wide", "pad")  # central square; central 4:3 band on a black square; pad with black
+WIDE_ASPECT = 4 / 3  # center-wide's band (NVlabs' center-crop-wide for LSUN cars' 512x384)
+CHUNK = 256  # images per worker task (zip)
+PROBE = 64  # images converted first to size the shards
+PROGRESS = ".progress"
 
 
 def convert_image(data: bytes, resolution: int, channels: int, policy: str) -> bytes:
     """One image as the archive stores it: square by ``policy``, ``resolution`` pixels, PNG."""
     with Image.open(io.BytesIO(data)) as opened:
         image = opened.convert("RGB" if channels == 3 else "L")
+    image = _square(image, resolution, policy)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _square(image: Image.Image, resolution: int, policy: str) -> Image.Image:
+    """``image`` as a ``resolution`` square: its central square (``center``), its central ``WIDE_ASPECT`` band
+    resized to the full width between black bars (``center-wide``), or the whole image between black bars (``pad``)."""
     width, height = image.size
+    if policy == "center-wide":
+        band_width, band_height = min(width, round(height * WIDE_ASPECT)), min(height, round(width / WIDE_ASPECT))
+        left, top = (width - band_width) // 2, (height - band_height) // 2
+        band = image.crop((left, top, left + band_width, top + band_height))
+        band = band.resize((resolution, max(1, round(resolution / WIDE_ASPECT))), Image.LANCZOS)
+        canvas = Image.new(image.mode, (resolution, resolution))
+        canvas.paste(band, (0, (resolution - band.height) // 2))
+        return canvas
     side = min(width, height) if policy == "center" else max(width, height)
     if policy == "center":
         left, top = (width - side) // 2, (height - side) // 2
@@ -42,11 +78,7 @@ def convert_image(data: bytes, resolution: int, channels: int, policy: str) -> b
         canvas = Image.new(image.mode, (side, side))
         canvas.paste(image, ((side - width) // 2, (side - height) // 2))
         image = canvas
-    if side != resolution:
-        image = image.resize((resolution, resolution), Image.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)
-    return out.getvalue()
+    return image if side == resolution else image.resize((resolution, resolution), Image.LANCZOS)
 
 
 def convert_chunk(index: ImageIndex, positions: list[int], storage_options: StorageOptions, resolution: int,
@@ -68,15 +100,36 @@ def convert_chunk(index: ImageIndex, positions: list[int], storage_options: Stor
 
 def convert_dataset(client: Any, source_url: str, dest_url: str, resolution: int, channels: int = 3,
                     policy: str = "center", storage_options: StorageOptions | None = None,
-                    on_chunk: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Convert ``source_url`` into the NVlabs zip ``dest_url`` on the cluster of ``client``; returns the report.
-    ``on_chunk(done, total)`` follows the progress, chunk by chunk."""
+                    on_chunk: Callable[[int, int], None] | None = None, format: str | None = None,
+                    shard_mb: float = 256.0) -> dict[str, Any]:
+    """Convert ``source_url`` into ``dest_url`` on the cluster of ``client``: an NVlabs zip (``format: zip``, the
+    default for a ``.zip`` destination) or tar shards of about ``shard_mb`` MiB in the folder ``dest_url``
+    (``shards``, the default otherwise); returns the report. ``on_chunk(done, total)`` follows the progress."""
     options = storage_options or {}
+    format = format or ("zip" if dest_url.lower().endswith(".zip") else "shards")
+    if format not in FORMATS:
+        raise ConfigError(f"--format: must be one of {', '.join(FORMATS)}, got {format!r}")
+    if policy not in POLICIES:
+        raise ConfigError(f"--crop: must be one of {', '.join(POLICIES)}, got {policy!r}")
     index = index_images(source_url, options)
-    chunks = [list(range(start, min(start + CHUNK, len(index)))) for start in range(0, len(index), CHUNK)]
+    settings = {"resolution": resolution, "channels": channels, "policy": policy}
     shared = client.scatter(index, broadcast=True)
-    futures = client.map(convert_chunk, [shared] * len(chunks), chunks, storage_options=options, resolution=resolution,
-                         channels=channels, policy=policy, pure=False)
+    if format == "zip":
+        images, skipped = _write_zip(client, shared, index, dest_url, settings, options, on_chunk)
+    else:
+        images, skipped = _write_shards(client, shared, index, dest_url, settings, options, shard_mb, on_chunk)
+    report = {"source": source_url, "dest": dest_url, "format": format, "images": images,
+              "classes": list(index.classes), **settings, "skipped": skipped}
+    storage.write_json(f"{dest_url.rstrip('/')}.report.json", report, options)
+    return report
+
+
+def _write_zip(client: Any, shared: Any, index: ImageIndex, dest_url: str, settings: dict,
+               options: StorageOptions, on_chunk: Callable[[int, int], None] | None) -> tuple[int, list[dict]]:
+    """Workers convert chunks; the client writes them into the archive in the source's order."""
+    chunks = [list(range(start, min(start + CHUNK, len(index)))) for start in range(0, len(index), CHUNK)]
+    futures = client.map(convert_chunk, [shared] * len(chunks), chunks, storage_options=options, pure=False,
+                         **settings)
     kept: list[tuple[str, int]] = []
     skipped: list[dict[str, str]] = []
     fs, path = storage.filesystem(dest_url, options)
@@ -84,8 +137,7 @@ def convert_dataset(client: Any, source_url: str, dest_url: str, resolution: int
         for done, future in enumerate(futures, 1):  # in the source's order, whatever order the workers finish in
             for position, png, reason in future.result():
                 if png is None:
-                    skipped.append({"path": index.paths[position], "reason": reason})
-                    logger.warning("dataset: skipping %s (%s)", index.paths[position], reason)
+                    skipped.append(_skip(index.paths[position], reason))
                     continue
                 name = f"{len(kept) // 1000:05d}/img{len(kept):08d}.png"
                 archive.writestr(name, png)
@@ -95,7 +147,100 @@ def convert_dataset(client: Any, source_url: str, dest_url: str, resolution: int
                 on_chunk(done, len(futures))
         labels = [[name, label] for name, label in kept] if index.classes else None
         archive.writestr("dataset.json", json.dumps({"labels": labels}))
-    report = {"source": source_url, "dest": dest_url, "images": len(kept), "classes": list(index.classes),
-              "resolution": resolution, "channels": channels, "policy": policy, "skipped": skipped}
-    storage.write_json(f"{dest_url}.report.json", report, options)
-    return report
+    return len(kept), skipped
+
+
+def _skip(path: str, reason: str | None) -> dict[str, str]:
+    logger.warning("dataset: skipping %s (%s)", path, reason)
+    return {"path": path, "reason": reason or ""}
+
+
+def _write_shards(client: Any, shared: Any, index: ImageIndex, dest_url: str, settings: dict,
+                  options: StorageOptions, shard_mb: float,
+                  on_chunk: Callable[[int, int], None] | None) -> tuple[int, list[dict]]:
+    """Workers convert and write a shard each; shards a previous run wrote (their notes) are kept. The client
+    then writes the folder's manifest."""
+    notes = _notes_written(dest_url, settings, options)
+    per_shard = (next(iter(notes.values()))["images_per_shard"] if notes else
+                 _images_per_shard(client, shared, len(index), settings, options, shard_mb))
+    starts = range(0, len(index), per_shard)
+    todo = [number for number in range(len(starts)) if number not in notes]
+    if notes:
+        logger.info("dataset: %d of %d shards already written to %s; converting the rest", len(notes), len(starts),
+                    dest_url)
+    futures = client.map(write_shard, [shared] * len(todo), todo,
+                         [list(range(starts[n], min(starts[n] + per_shard, len(index)))) for n in todo],
+                         dest_url=dest_url, images_per_shard=per_shard, storage_options=options, pure=False,
+                         **settings)
+    for future in as_completed(futures):
+        note = future.result()
+        notes[note["shard"]] = note
+        future.release()
+        if on_chunk is not None:
+            on_chunk(len(notes), len(starts))
+    ordered = [notes[number] for number in sorted(notes)]
+    written = shard_index(dest_url, ordered, index.classes, options)
+    storage.write_bytes(storage.join(dest_url, RUN_MANIFEST),
+                        manifest_bytes(written, storage.filesystem(dest_url, options)[1]), options)
+    return len(written), [skipped for note in ordered for skipped in note["skipped"]]
+
+
+def write_shard(index: ImageIndex, number: int, positions: list[int], dest_url: str, images_per_shard: int,
+                storage_options: StorageOptions, resolution: int, channels: int, policy: str) -> dict[str, Any]:
+    """On a worker: convert the images at ``positions`` and write them as ``shard-<number>.tar`` (samples named by
+    source position, ``.png`` with a ``.cls`` label), then the note of what it holds: a note means its shard is
+    whole, so a re-run skips it."""
+    samples, skipped = [], []
+    for position, png, reason in convert_chunk(index, positions, storage_options, resolution, channels, policy):
+        if png is None:
+            skipped.append(_skip(index.paths[position], reason))
+            continue
+        label = {"cls": str(index.labels[position]).encode()} if index.classes else {}
+        samples.append((f"{position:09d}", {"png": png, **label}))
+    note = {"shard": number, "name": None, "members": [], "skipped": skipped, "images_per_shard": images_per_shard,
+            "settings": {"resolution": resolution, "channels": channels, "policy": policy}}
+    if samples:
+        data = tar_shard(samples)
+        note["name"] = f"shard-{number:06d}.tar"
+        storage.write_bytes(storage.join(dest_url, note["name"]), data, storage_options)
+        note["members"] = [list(sample) for sample in samples_in(io.BytesIO(data))]
+    storage.write_json(storage.join(dest_url, PROGRESS, f"shard-{number:06d}.json"), note, storage_options)
+    return note
+
+
+def _notes_written(dest_url: str, settings: dict, options: StorageOptions) -> dict[int, dict]:
+    """The notes of shards a previous run of the same conversion wrote to ``dest_url`` (another conversion's are
+    refused: its shards would mix with these)."""
+    folder = storage.join(dest_url, PROGRESS)
+    notes = {}
+    for name in storage.list_names(folder, options):
+        note = storage.read_json(storage.join(folder, name), options)
+        if note.get("settings") != settings:
+            raise ConfigError(f"{dest_url} holds shards of another conversion ({note.get('settings')}): choose "
+                              f"another destination, or delete it")
+        notes[int(note["shard"])] = note
+    return notes
+
+
+def _images_per_shard(client: Any, shared: Any, count: int, settings: dict, options: StorageOptions,
+                      shard_mb: float) -> int:
+    """How many images make about ``shard_mb`` MiB, from the converted size of the first ones (tar headers and
+    the label member included)."""
+    probe = client.submit(convert_chunk, shared, list(range(min(PROBE, count))), storage_options=options,
+                          pure=False, **settings).result()
+    sizes = [len(png) + 3 * 512 for _, png, _ in probe if png is not None] or [3 * 512]
+    return max(1, int(shard_mb * 2**20 / (sum(sizes) / len(sizes))))
+
+
+def shard_index(dest_url: str, notes: list[dict], classes: tuple[str, ...], options: StorageOptions) -> ImageIndex:
+    """The index of the shards the notes describe (shards numbered as written; empty ones left out)."""
+    _, root = storage.filesystem(dest_url, options)
+    shards = [posixpath.join(root.rstrip("/"), note["name"]) for note in notes if note["name"]]
+    paths, entries, labels = [], [], []
+    for number, note in enumerate(note for note in notes if note["name"]):
+        for member, offset, size, label in note["members"]:
+            paths.append(f"{shards[number]}/{member}")
+            entries.append(TarMember(number, offset, size))
+            labels.append(label or 0)
+    return ImageIndex(dest_url, tuple(paths), tuple(labels), classes, tuple(e.size for e in entries),
+                      entries=tuple(entries), shards=tuple(shards))

@@ -9,6 +9,7 @@ collective. The manifest is JSON: reading one from a bucket runs no code from it
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -17,7 +18,7 @@ import time
 
 from daskgan.config import DataConfig, OutputConfig
 from daskgan.data.archive import ZipEntry
-from daskgan.data.shards import TarMember
+from daskgan.data.shards import TarMember, is_shard_pattern
 from daskgan.data.index import ImageIndex, index_images
 from daskgan.errors import ConfigError
 from daskgan.ranks import from_rank0
@@ -56,11 +57,24 @@ def ensure_manifest(data: DataConfig, url: str, options: StorageOptions) -> None
             raise ConfigError(f"data.manifest: {url} lists {listed}, not data.url {data.url}")
         logger.warning("dataset: the run's manifest lists %s, not %s: listing again", listed, data.url)
     started = time.perf_counter()
-    logger.info("dataset: listing %s", data.url)
-    index = index_images(data.url, data.storage_options)
+    index = dataset_manifest(data)
+    if index is None:
+        logger.info("dataset: listing %s", data.url)
+        index = index_images(data.url, data.storage_options)
     storage.write_bytes(url, manifest_bytes(index, storage.filesystem(data.url, data.storage_options)[1]), options)
     logger.info("dataset: %d images in %d classes listed in %.1f s, manifest %s", len(index), len(index.classes),
                 time.perf_counter() - started, url)
+
+
+def dataset_manifest(data: DataConfig) -> ImageIndex | None:
+    """The manifest a dataset folder carries (``daskgan dataset`` writes one beside its shards), else None."""
+    if is_shard_pattern(data.url) or data.url.lower().endswith(".zip"):
+        return None
+    beside = storage.join(data.url, RUN_MANIFEST)
+    if not storage.exists(beside, data.storage_options):
+        return None
+    logger.info("dataset: reading the manifest %s instead of listing", beside)
+    return dataclasses.replace(read_manifest(beside, data.storage_options), url=data.url)
 
 
 def manifest_bytes(index: ImageIndex, root: str) -> bytes:
@@ -68,8 +82,11 @@ def manifest_bytes(index: ImageIndex, root: str) -> bytes:
     a million entries stay a few MB. An archive's members keep their names, with where each lies in it; a shard's
     members are named within their shard, whose path the manifest lists once."""
     sizes = index.sizes or (0,) * len(index)
-    if index.shards:
-        root = ""
+    shards = list(index.shards)
+    if shards:
+        folders = {posixpath.dirname(shard) for shard in shards}
+        root = folders.pop() if len(folders) == 1 else ""
+        shards = [posixpath.relpath(shard, root) if root else shard for shard in shards]
         rows = [[p[len(index.shards[m.shard]) + 1:], s, label, m.shard, m.offset]
                 for p, s, label, m in zip(index.paths, sizes, index.labels, index.entries)]
     elif index.archive:
@@ -80,7 +97,7 @@ def manifest_bytes(index: ImageIndex, root: str) -> bytes:
         root = root.rstrip("/")
         rows = [[posixpath.relpath(p, root), s, label] for p, s, label in zip(index.paths, sizes, index.labels)]
     document = {"format": FORMAT, "dataset": index.url, "root": root, "archive": index.archive,
-                "shards": list(index.shards), "classes": list(index.classes), "images": rows}
+                "shards": shards, "classes": list(index.classes), "images": rows}
     return gzip.compress(json.dumps(document, separators=(",", ":")).encode(), compresslevel=6)
 
 
@@ -95,7 +112,7 @@ def parse_manifest(data: bytes, url: str) -> ImageIndex:
         if document.get("format") != FORMAT:
             raise ValueError(f"format {document.get('format')!r}")
         root, classes, archive = document["root"], tuple(str(c) for c in document["classes"]), document.get("archive")
-        shards = tuple(str(s) for s in document.get("shards") or ())
+        shards = tuple(posixpath.join(root, str(s)) for s in document.get("shards") or ())
         columns = list(zip(*document["images"])) or [()] * (7 if archive else 5 if shards else 3)
         keys, sizes, labels = columns[:3]
         if any(not 0 <= label < max(len(classes), 1) for label in labels):

@@ -84,24 +84,29 @@ def scan_shards(fs: Any, shards: list[str], url: str) -> tuple[list[str], list[T
 
 
 def _scan_shard(fs: Any, shard: str, url: str) -> list[tuple[str, int, int, int | None]]:
-    """(image member, data offset, size, label) of one shard's samples, in the shard's order; its headers are read
-    in one sequential pass, the label members' bytes too."""
-    images: dict[str, tuple[str, int, int]] = {}
-    labels: dict[str, int] = {}
     try:
-        with fs.open(shard, "rb", block_size=SCAN_BLOCK) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, extension = sample_key(info.name)
-                if extension in IMAGE_EXTENSIONS:
-                    images.setdefault(key, (info.name, info.offset_data, info.size))
-                elif extension in ("cls", "json"):
-                    label = _label(tar.extractfile(info).read(), extension)
-                    if label is not None:
-                        labels[key] = label
+        with fs.open(shard, "rb", block_size=SCAN_BLOCK) as handle:
+            return samples_in(handle)
     except tarfile.TarError as error:
         raise NotFound(f"data.url: {url}: {shard} is not a readable tar shard ({error})") from None
+
+
+def samples_in(handle: Any) -> list[tuple[str, int, int, int | None]]:
+    """(image member, data offset, size, label or None) of a shard's samples, in the shard's order, from one
+    sequential pass over its headers (and its label members' bytes)."""
+    images: dict[str, tuple[str, int, int]] = {}
+    labels: dict[str, int] = {}
+    with tarfile.open(fileobj=handle, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, extension = sample_key(info.name)
+            if extension in IMAGE_EXTENSIONS:
+                images.setdefault(key, (info.name, info.offset_data, info.size))
+            elif extension in ("cls", "json"):
+                label = _label(tar.extractfile(info).read(), extension)
+                if label is not None:
+                    labels[key] = label
     return [(name, offset, size, labels.get(key)) for key, (name, offset, size) in images.items()]
 
 

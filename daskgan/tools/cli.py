@@ -68,13 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", help="cluster spec YAML: also ask whether a driver is live there")
     status.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     status.set_defaults(run=status_command)
-    dataset = commands.add_parser("dataset", help="convert images once, on the cluster, into an NVlabs-format zip")
-    dataset.add_argument("source", help="a folder of images (class subfolders or dataset.json) or a zip")
-    dataset.add_argument("dest", help="the zip to write, e.g. s3://bucket/shapes-64.zip")
+    dataset = commands.add_parser("dataset", help="convert images once, on the cluster, into an NVlabs-format zip "
+                                                  "or tar shards")
+    dataset.add_argument("source", help="a folder of images (class subfolders or dataset.json), a zip or tar shards")
+    dataset.add_argument("dest", help="the zip to write (s3://bucket/shapes-64.zip) or the shards' folder")
+    dataset.add_argument("--format", choices=("zip", "shards"),
+                         help="zip (NVlabs) or shards (WebDataset tar); default: zip for a .zip destination")
+    dataset.add_argument("--shard-mb", type=float, default=256.0, help="shards: about this many MiB each (256)")
     dataset.add_argument("--resolution", type=int, required=True, help="square size in pixels")
     dataset.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3 (RGB) or 1 (grayscale)")
-    dataset.add_argument("--crop", choices=("center", "pad"), default="center",
-                         help="make images square by cropping the centre (default) or padding with black")
+    dataset.add_argument("--crop", choices=("center", "center-wide", "pad"), default="center",
+                         help="make images square by cropping the centre (default), by the central 4:3 band "
+                              "between black bars (NVlabs' center-crop-wide), or by padding with black")
     dataset.add_argument("--cluster", help=DEFAULT_CLUSTER_HELP)
     dataset.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     dataset.set_defaults(run=dataset_command)
@@ -194,12 +199,12 @@ def dataset_command(args: argparse.Namespace) -> int:
     spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
     with connect(spec) as client, tqdm(unit="chunk", disable=not sys.stderr.isatty()) as bar:
         report = convert_dataset(client, args.source, args.dest, args.resolution, args.channels, args.crop,
-                                 _options(args), on_chunk=progress)
+                                 _options(args), on_chunk=progress, format=args.format, shard_mb=args.shard_mb)
     for skipped in report["skipped"]:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
     print(f"daskgan: wrote {report['images']} images ({len(report['classes']) or 'no'} classes, "
           f"{args.resolution}px, {args.channels} channel(s)) to {args.dest}; {len(report['skipped'])} skipped; "
-          f"report {args.dest}.report.json")
+          f"report {args.dest.rstrip('/')}.report.json")
     return 0
 
 
