@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel must be installed before anything that depends on torch, or pip pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-loaders clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/scale.py
+
+# loaders side by side with WebDataset and Mosaic Streaming, installed beside the CPU torch without their torch pins
+bench-loaders: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q --no-deps "mosaicml-streaming==0.13.0"
+	$(BIN)/python benchmarks/loaders.py
 
 clean:
 	rm -rf $(VENV) demo-output

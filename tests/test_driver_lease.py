@@ -174,12 +174,18 @@ def test_attach_to_a_run_without_a_driver_is_one_clear_error(cli_run):
 
 def test_a_detached_run_outlives_its_client(cli_run, tmp_path, dask_client):
     start, run_url, options, spec = cli_run
-    detached = daskgan_process("train", str(start.write_job(30)), "--cluster", str(spec), "--detach")
+    detached = daskgan_process("train", str(start.write_job(600)), "--cluster", str(spec), "--detach")
     out, err = detached.communicate(timeout=60)
     assert detached.returncode == 0 and "is driven from the scheduler" in out, err
-    wait_for(lambda: storage.exists(f"{run_url}/config.yaml", options), 60, "the detached run starting")
-    wait_for(lambda: run_status(run_url, options)["state"] == "finished", 120, "the detached run finishing")
-    assert load(run_url, options)["iteration"].tolist() == list(range(1, 31))
+    wait_for(lambda: storage.exists(f"{run_url}/records", options), 60, "the detached run's first records")
+    assert run_status(run_url, options, dask_client)["state"] == "running"
+    follower = daskgan_process("attach", run_url, "--cluster", str(spec))
+    followed, err = follower.communicate(timeout=180)
+    assert follower.returncode == 0, err
+    lines = [line for line in followed.splitlines() if line.startswith("iteration ")]
+    assert len(lines) >= 2 and "driver let go after iteration 600" in followed, followed
+    wait_for(lambda: run_status(run_url, options)["state"] == "finished", 60, "the detached run finishing")
+    assert load(run_url, options)["iteration"].tolist() == list(range(1, 601))
 
 
 def test_detach_needs_a_cluster_that_outlives_the_command(tmp_path):

@@ -156,8 +156,8 @@ def epoch_windows(members: tuple[TarMember, ...], shard_count: int, rank: int, w
         images = [image for shard in group for image in in_shard.get(shard, [])]
         images += [image + count for image in images] if mirror else []
         if shuffle:
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
-                derive_seed(seed, epoch * 1_000_003 + rank * 7919 + start))).tolist()
+            window_seed = derive_seed(derive_seed(derive_seed(seed, epoch), rank), start)
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(window_seed)).tolist()
             images = [images[i] for i in order]
         windows.append(Window(group, tuple(images)))
     return windows

@@ -1,0 +1,263 @@
+"""Training-data loaders side by side: images/s delivered to one consumer, the same images, the same S3 server.
+
+For two image sets (64 px PNG and 256 px JPEG) on the loopback S3 server (moto, its own process), as is and behind
+a proxy that adds 20 ms to every request (S3's first-byte latency), one pass over every image by:
+
+- daskgan per-object (``ImageStream`` over a folder: one GET per image, many in flight), zip (one ranged GET per
+  member) and tar shards (one GET per shard, a window of shards in flight);
+- dask-pytorch-ddp's ``S3ImageFolder`` pattern: a torch ``DataLoader`` (2 worker processes) whose dataset GETs one
+  object per item with boto3;
+- WebDataset over the same shards (HTTP URLs, 2 DataLoader workers);
+- Mosaic Streaming over MDS shards of the same images (cold local cache, 2 DataLoader workers);
+- decoding the same bytes from memory in one process: the ceiling.
+
+Every loader decodes with the same function (daskgan's ``decode_image``) to (3, R, R) float tensors, so the figures
+compare getting bytes, not decoders. Mosaic Streaming imports torchvision at import time only (a base class and
+``to_tensor`` for its vision datasets, which this does not use); where no torchvision fits the installed torch
+(this CPU machine: the registry's torchvision wheels are CUDA builds), a stand-in with those two names is put on
+its path, and the figures say so.
+
+Run: ``make bench-loaders`` (installs the peers: ``pip install '.[bench]'`` and Mosaic without its torch
+requirements), or ``.venv/bin/python benchmarks/loaders.py [--images N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from daskgan.config import DataConfig
+from daskgan.data import synthetic
+from daskgan.data.decode import decode_image
+from daskgan.data.index import index_images
+from daskgan.data.shards import tar_shard
+from daskgan.data.stream import ImageStream
+from daskgan.run import storage
+from daskgan.tools.sandbox import LoopbackS3
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fault_proxy import FaultProxy, Faults  # noqa: E402  (the tests' proxy: 20 ms on every request)
+
+BATCH, SHARDS, WORKERS, LATENCY_S = 64, 8, 2, 0.020
+
+
+def image_set(kind: str, count: int) -> tuple[int, list[bytes]]:
+    """(resolution, encoded images) of the generated shapes: ``png64`` or ``jpeg256``."""
+    resolution, fmt = (64, "PNG") if kind == "png64" else (256, "JPEG")
+    rng = random.Random(0)
+    encoded = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        synthetic.draw_image(synthetic.SHAPES[i % 4], resolution, rng).save(buffer, format=fmt, quality=90)
+        encoded.append(buffer.getvalue())
+    return resolution, encoded
+
+
+def upload(bucket: str, images: list[bytes], options: dict, mds_folder: Path) -> dict[str, str]:
+    """The same images as objects, an NVlabs zip, tar shards and Mosaic MDS shards; returns their URLs."""
+    ext = "png" if images[0][:4] == b"\x89PNG" else "jpg"
+    storage.write_many({f"{bucket}/objects/{i % 4}/{i:06d}.{ext}": data for i, data in enumerate(images)}, options)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for i, data in enumerate(images):
+            zipped.writestr(f"{i // 1000:05d}/img{i:08d}.{ext}", data)
+        zipped.writestr("dataset.json", json.dumps({"labels": [[f"{i // 1000:05d}/img{i:08d}.{ext}", i % 4]
+                                                               for i in range(len(images))]}))
+    storage.write_bytes(f"{bucket}/data.zip", archive.getvalue(), options)
+    per_shard = -(-len(images) // SHARDS)
+    for shard in range(SHARDS):
+        samples = [(f"{i:06d}", {ext: images[i], "cls": str(i % 4).encode()})
+                   for i in range(shard * per_shard, min((shard + 1) * per_shard, len(images)))]
+        storage.write_bytes(f"{bucket}/shards/train-{shard:06d}.tar", tar_shard(samples), options)
+    mds = _write_mds(images, mds_folder)
+    if mds:
+        storage.write_many({f"{bucket}/mds/{p.name}": p.read_bytes() for p in mds_folder.iterdir()}, options)
+    return {"objects": f"{bucket}/objects", "zip": f"{bucket}/data.zip",
+            "shards": f"{bucket}/shards/train-{{000000..{SHARDS - 1:06d}}}.tar", "mds": f"{bucket}/mds" if mds else ""}
+
+
+def daskgan_rate(url: str, options: dict, resolution: int, count: int) -> float:
+    index = index_images(url, options)  # listing (and the shards' header scan) excluded, as a manifest would be
+    config = DataConfig(url=url, storage_options=options, resolution=resolution, batch_size=BATCH, fetch_batch=256,
+                        prefetch_batches=8, shuffle_shards=4)
+    stream = ImageStream(index, config)
+    rate = steady_rate((len(batch.images) for batch in stream), count)
+    stream.close()
+    return rate
+
+
+class BotoPerItem(torch.utils.data.Dataset):
+    """dask-pytorch-ddp's S3ImageFolder pattern: a boto3 ``get_object`` per item, in the DataLoader's workers."""
+
+    def __init__(self, bucket: str, keys: list[str], endpoint_url: str, resolution: int):
+        self.bucket, self.keys, self.endpoint_url, self.resolution = bucket, keys, endpoint_url, resolution
+        self._client = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        if self._client is None:  # one per worker process
+            import boto3
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url)
+        data = self._client.get_object(Bucket=self.bucket, Key=self.keys[item])["Body"].read()
+        return decode_image(data, self.resolution)
+
+
+def steady_rate(batch_sizes: Iterator[int], count: int) -> float:
+    """Images/s from the first batch's arrival to the batch that completes ``count`` images: start-up (worker
+    processes, the first shards' GETs) left out, as it is from a run of days."""
+    first = next(batch_sizes)
+    started, delivered = time.perf_counter(), 0
+    for size in batch_sizes:
+        delivered += size
+        if first + delivered >= count:
+            break
+    return delivered / (time.perf_counter() - started)
+
+
+def loader_rate(dataset, count: int, **loader_options) -> float:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=WORKERS, **loader_options)
+    return steady_rate((len(batch) for batch in loader), count)
+
+
+def boto_rate(url: str, options: dict, resolution: int, count: int) -> float:
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    keys = sorted(p.split("/", 1)[1] for p in index_images(url, options).paths)
+    return loader_rate(BotoPerItem(bucket, keys, options["endpoint_url"], resolution), count, shuffle=True)
+
+
+def webdataset_rate(pattern: str, endpoint_url: str, resolution: int, count: int) -> float:
+    """WebDataset reading ``s3://`` shards as its users do (``pipe:aws s3 cp``): one streamed GET per shard, here
+    boto3's streaming body registered as its ``s3`` opener."""
+    import webdataset as wds
+
+    def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+        import boto3
+
+        bucket, key = url.removeprefix("s3://").split("/", 1)
+        return boto3.client("s3", endpoint_url=endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = open_s3  # its table of URL openers
+    dataset = (wds.WebDataset(pattern, shardshuffle=False, empty_check=False)
+               .map(lambda sample: decode_image(sample.get("png") or sample["jpg"], resolution)))
+    return loader_rate(dataset, count)
+
+
+def mosaic_rate(remote: str, endpoint_url: str, resolution: int, count: int) -> float:
+    from streaming import StreamingDataset
+
+    os.environ["S3_ENDPOINT_URL"] = endpoint_url
+    with tempfile.TemporaryDirectory() as local:  # a cold cache every time
+
+        class Decoded(StreamingDataset):
+            def __getitem__(self, item):
+                return decode_image(super().__getitem__(item)["image"], resolution)
+
+        dataset = Decoded(remote=remote, local=local, batch_size=BATCH, shuffle=False)
+        return loader_rate(dataset, count)
+
+
+def _write_mds(images: list[bytes], folder: Path) -> bool:
+    try:
+        _import_mosaic()
+        from streaming import MDSWriter
+    except ImportError as error:
+        print(f"Mosaic Streaming not measured: {error}")
+        return False
+    with MDSWriter(out=str(folder), columns={"image": "bytes", "label": "int"}, size_limit=2**20 * 32) as writer:
+        for i, data in enumerate(images):
+            writer.write({"image": data, "label": i % 4})
+    return True
+
+
+MOSAIC_STANDIN = False
+
+
+def _import_mosaic() -> None:
+    """Import Mosaic Streaming; without a usable torchvision, through a stand-in for the two names it imports."""
+    global MOSAIC_STANDIN
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        standin = Path(tempfile.mkdtemp()) / "torchvision"
+        (standin / "transforms").mkdir(parents=True)
+        (standin / "__init__.py").write_text("")
+        (standin / "datasets.py").write_text("import torch\nclass VisionDataset(torch.utils.data.Dataset):\n    pass\n"
+                                             "CIFAR10 = None\n")
+        (standin / "transforms" / "__init__.py").write_text("")
+        (standin / "transforms" / "functional.py").write_text("def to_tensor(x):\n    raise NotImplementedError\n")
+        sys.path.insert(0, str(standin.parent))
+        os.environ["PYTHONPATH"] = f"{standin.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        sys.modules.pop("torchvision", None)
+        MOSAIC_STANDIN = True
+    import streaming  # noqa: F401
+
+
+def memory_rate(images: list[bytes], resolution: int, passes: int = 3) -> float:
+    """The best of ``passes`` passes decoding every image from memory (the least disturbed by the machine)."""
+    best = float("inf")
+    for _ in range(passes):
+        started = time.perf_counter()
+        for data in images:
+            decode_image(data, resolution)
+        best = min(best, time.perf_counter() - started)
+    return len(images) / best
+
+
+def measure(kind: str, count: int, server: LoopbackS3) -> dict[str, tuple[float, float]]:
+    resolution, images = image_set(kind, count)
+    bucket = f"s3://bench-{kind}"
+    options = {"endpoint_url": server.endpoint_url}
+    storage.filesystem(bucket, options)[0].mkdir(bucket.removeprefix("s3://"))
+    with tempfile.TemporaryDirectory() as mds_folder:
+        urls = upload(bucket, images, options, Path(mds_folder))
+    rates: dict[str, list[float]] = {}
+    for delay in (0.0, LATENCY_S):
+        with FaultProxy(server.endpoint_url, Faults(delay_share=1.0, delay_s=delay)) as proxy:
+            endpoint = proxy.endpoint_url if delay else server.endpoint_url  # loopback: no proxy in between
+            via = {"endpoint_url": endpoint}
+            for name, url in (("daskgan per-object", urls["objects"]), ("daskgan zip", urls["zip"]),
+                              ("daskgan shards", urls["shards"])):
+                rates.setdefault(name, []).append(daskgan_rate(url, via, resolution, count))
+            rates.setdefault("dask-pytorch-ddp pattern (boto3 per item, DataLoader x2)", []).append(
+                boto_rate(urls["objects"], via, resolution, count))
+            rates.setdefault("WebDataset, same shards (DataLoader x2)", []).append(
+                webdataset_rate(urls["shards"], endpoint, resolution, count))
+            if urls["mds"]:
+                label = "Mosaic Streaming, MDS shards, cold cache (DataLoader x2)" + \
+                    (" [torchvision stand-in]" if MOSAIC_STANDIN else "")
+                rates.setdefault(label, []).append(mosaic_rate(urls["mds"], endpoint, resolution, count))
+    rates["decode from memory, one process (ceiling)"] = [memory_rate(images, resolution), float("nan")]
+    return {name: tuple(values) for name, values in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2048)
+    args = parser.parse_args()
+    with LoopbackS3() as server:
+        os.environ.update(server.environment())
+        tables = {kind: measure(kind, args.images, server) for kind in ("png64", "jpeg256")}
+    print(f"\nimages/s delivered to one consumer after its first batch, {args.images} images each (loopback S3 / "
+          f"+{LATENCY_S * 1000:.0f} ms per request)\n")
+    print("| loader | 64 px PNG | 64 px PNG +20 ms | 256 px JPEG | 256 px JPEG +20 ms |\n|---|---|---|---|---|")
+    for name in tables["png64"]:
+        cells = [f"{v:,.0f}" if v == v else "–" for kind in tables for v in tables[kind][name]]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
