@@ -246,3 +246,26 @@ def test_a_rerun_of_the_dataset_command_keeps_the_shards_already_written(dask_cl
     assert storage.read_bytes(lost, options) == original, "the missing one is written as the first run would have"
     with pytest.raises(ConfigError, match="holds shards of another conversion"):
         convert_dataset(dask_client, f"{bucket}/raw", dest, 16, storage_options=options)
+
+
+@pytest.mark.slow
+def test_dataset_command_line_makes_grayscale_shards_that_a_one_channel_stream_reads(tmp_path):
+    from PIL import Image
+
+    from daskgan.tools.cli import main
+
+    source = tmp_path / "raw"
+    for i in range(6):
+        (source / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), (i * 40, 10, 10)).save(source / f"class{i % 2}" / f"{i}.png")
+    dest = tmp_path / "gray-shards"
+    assert main(["dataset", str(source), str(dest), "--resolution", "8", "--channels", "1", "--shard-mb",
+                 "0.002"]) == 0
+    assert (dest / "dataset-manifest.json.gz").exists() and len(list(dest.glob("shard-*.tar"))) > 1
+    index = training_index(DataConfig(url=str(dest)), OutputConfig(run_url=str(tmp_path / "run")))
+    assert index.classes == ("class0", "class1"), "the manifest keeps the source's class names"
+    assert sorted(index.labels) == [0, 0, 0, 1, 1, 1]
+    stream = ImageStream(index, DataConfig(url=str(dest), resolution=8, batch_size=3, channels=1))
+    batch = next(stream)
+    stream.close()
+    assert batch.images.shape == (3, 1, 8, 8)
