@@ -9,6 +9,7 @@ from PIL import Image
 
 from daskgan import dispatch, train_gan
 from daskgan.cluster.monitor import RunMonitor
+from daskgan.cluster.status import format_status, run_status
 from daskgan.config import JobConfig
 from daskgan.run import checkpoint, storage
 from daskgan.run.checkpoint import CheckpointMismatch
@@ -130,6 +131,12 @@ def test_checkpoint_for_another_model_is_refused(dask_client, dataset):
     wider.model.g_channels = 8
     with pytest.raises(CheckpointMismatch, match="g_channels: checkpoint has 4, job has 8"):
         run_job(dask_client, wider)
+    failed = run_status(wider.output.run_url, options)
+    assert (failed["state"], failed["iteration"]) == ("failed", 3), "the run directory says why it ended"
+    assert "g_channels: checkpoint has 4, job has 8" in failed["error"]
+    assert "error: " in format_status(failed)
+    run_job(dask_client, job(url, options, run="other"))  # the same job as before resumes: the failure is past
+    assert run_status(wider.output.run_url, options)["state"] == "finished"
 
 
 def test_dataset_without_images_fails_clearly_on_the_client(dask_client, s3_bucket):

@@ -1,7 +1,8 @@
 """``daskgan status``: where a run stands, from its run directory (and, given a cluster, whether a driver is live).
 
 States: ``finished`` (the last record is the job's last iteration), ``stopped`` (a stop request or a silent driver
-made the ranks checkpoint and stop: ``state.json``), ``running`` (a driver's heartbeat moves on the cluster),
+made the ranks checkpoint and stop: ``state.json``), ``failed`` (rank 0 raised, ``state.json`` holds the error's
+first line), ``running`` (a driver's heartbeat moves on the cluster),
 ``interrupted`` (none of these: a driver died and its ranks stopped at a checkpoint, or a run that never got
 going), ``not started`` (no records).
 """
@@ -47,9 +48,11 @@ def _state(run_url: str, status: dict, storage_options: StorageOptions | None, c
         return "finished"
     if client is not None and driver_is_live(client, run_url):
         return "running"
-    stopped = _read_json(run_url, STATE_FILE, storage_options)
-    if stopped.get("state") == "stopped" and stopped.get("iteration") == status["iteration"]:
-        return "stopped"
+    ended = _read_json(run_url, STATE_FILE, storage_options)
+    if ended.get("state") in ("stopped", "failed") and ended.get("iteration") == status["iteration"]:
+        if ended.get("error"):
+            status["error"] = ended["error"]
+        return ended["state"]
     return "interrupted" if status["iteration"] else "not started"
 
 
@@ -89,6 +92,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"{status['eta_s'] / 86400:.1f} days"
         lines.append(f"  {status['iterations_per_s']:.2f} it/s, {eta} left at that rate; restarts "
                      f"{status.get('restarts', 0)}")
+    if "error" in status:
+        lines.append(f"  error: {status['error']}")
     if "driver" in status:
         lines.append(f"  driver {status['driver']}; {len(status['workers'])} workers: {', '.join(status['workers'])}")
     lines.append(f"  checkpoint: {status['checkpoint']}")

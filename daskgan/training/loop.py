@@ -17,6 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from daskgan import ranks
+from daskgan.dispatch import is_peer_communication_error
 from daskgan.config import JobConfig
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
@@ -57,11 +58,33 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
 
     ``restart`` (from the client's recovery) says why this is a re-dispatch: ``restart`` (count), ``cause`` and
     ``last_iteration`` (the newest record the client saw); rank 0 records it with the first new iteration.
+    A failure of rank 0's own (not a lost peer) is written to the run directory's ``state.json`` as ``failed``.
     """
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = _device()
     index = training_index(config.data, config.output)
     from_rank0(lambda: save_config(config))  # the first write: a missing bucket stops every rank here
+    try:
+        return _train(config, index, restart)
+    except Exception as error:
+        if dist.get_rank() == 0 and not is_peer_communication_error(error):
+            _record_failure(config, error)
+        raise
+
+
+def _record_failure(config: JobConfig, error: Exception) -> None:
+    """``state.json``: failed, at the newest record, with the error's first line (``daskgan status`` shows it)."""
+    out = config.output
+    try:
+        table = records.load(out.run_url, out.storage_options)
+        iteration = int(table["iteration"].max()) if len(table) else 0
+        storage.write_json(storage.join(out.run_url, STATE_FILE), {"state": "failed", "iteration": iteration,
+                                                                  "error": first_line(error)}, out.storage_options)
+    except Exception as unrecorded:  # the run's own error matters more than this note
+        logger.warning("could not record the failure in %s: %s", out.run_url, unrecorded)
+
+
+def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None) -> dict[str, Any] | None:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = _device()
     model_id = model_fingerprint(config, len(index.classes))
     gan = build_gan(config, conditioning_classes(config.model, len(index.classes)), device)
     resume_url = from_rank0(lambda: resume_source(config, restarting=restart is not None))
