@@ -1,11 +1,14 @@
 """FID/KID: the torch matrix root against scipy, behaviour on known sets, and 2 workers = 1 process."""
 
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from daskgan import dispatch, metrics, ranks
+from daskgan.run import storage
 
 
 def random_psd(dim, seed):
@@ -222,3 +225,55 @@ def test_real_features_cached_beside_the_dataset_serve_another_run(tmp_path):
     assert len(cached) == 1 and not list((tmp_path / "run-a").rglob("real-*.pt"))
     torch.save(torch.load(cached[0]) + 1.0, cached[0])  # a second run must use the cache, not embed again
     assert evaluate("run-b") != first
+
+
+def rank_statistics(images):
+    """The dataset statistics of ``images`` with every rank holding every other item, in batches of 3."""
+    mine = images[ranks.rank()::ranks.world_size()]
+    mean, covariance, count = metrics.dataset_statistics((mine[i:i + 3] for i in range(0, len(mine), 3)),
+                                                         metrics.load_extractor(None))
+    return mean, covariance, count
+
+
+@pytest.mark.slow
+def test_dataset_statistics_from_two_workers_equal_those_of_all_features_at_once(dask_client):
+    images = torch.rand(11, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    expected = metrics.feature_statistics(metrics.load_extractor(None)(images))
+    for mean, covariance, count in dispatch.results(dispatch.run(dask_client, rank_statistics, images), timeout=120):
+        assert count == 11
+        assert torch.allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(covariance, expected[1], rtol=1e-4, atol=1e-6)
+
+
+def test_fid_against_the_whole_dataset_streams_every_image_once_and_caches_its_statistics(tmp_path):
+    from daskgan.config import JobConfig
+    from daskgan.data import synthetic
+    from daskgan.data.decode import decode_image
+    from daskgan.data.index import index_images
+    from daskgan.models.dcgan import Generator
+    from daskgan.training.evaluation import Evaluator
+
+    data_url = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data_url, images=70, resolution=16)  # more than a batch of 64: a short last batch
+    config = JobConfig.from_dict({"name": "m", "data": {"url": data_url, "resolution": 16},
+                                  "metrics": {"every": 1, "images": 6, "real_images": 4, "kinds": ["fid"],
+                                              "fid_reals": "dataset"},
+                                  "output": {"run_url": tmp_path.as_uri() + "/run"}})
+    index = index_images(data_url)
+    evaluator = Evaluator(config, index, torch.device("cpu"))
+    torch.manual_seed(0)
+    generator = Generator(16, 100, 8)
+    score = evaluator.evaluate(generator, 0, 1)["fid"]
+
+    cached, = (tmp_path / "run" / "metrics").glob("real-stats-*.pt")
+    stats = torch.load(cached, weights_only=True)
+    assert stats["count"] == 70 and not list((tmp_path / "run" / "metrics").glob("real-[!s]*.pt"))
+    fs, _ = storage.filesystem(data_url)
+    every = torch.stack([decode_image(fs.cat_file(path), 16) for path in index.paths])
+    mean, covariance = metrics.feature_statistics(evaluator.extractor(every))
+    assert torch.allclose(stats["mean"], mean, atol=1e-6) and torch.allclose(stats["covariance"], covariance, atol=1e-6)
+    fakes = evaluator.extractor(evaluator._generated(generator, 0, list(range(6))))
+    assert score == pytest.approx(metrics.frechet_distance(mean, covariance, *metrics.feature_statistics(fakes)),
+                                  rel=1e-6)
+    report = json.loads((tmp_path / "run" / "metrics" / "000000001.json").read_text())
+    assert report["fid_real_images"] == 70

@@ -207,6 +207,7 @@ class MetricsConfig:
     kinds: list = field(default_factory=lambda: ["fid", "kid"])
     images: int = 1000  # generated images per evaluation (papers: 50000)
     real_images: Optional[int] = None  # real images for the reference statistics (default: images)
+    fid_reals: str = "sample"  # FID against real_images reals ("sample"), or every dataset image ("dataset", papers')
     extractor_url: Optional[str] = None  # NVlabs' inception-2015-12-05.pt (TorchScript); None: random-cnn-v1
     storage_options: dict = field(default_factory=dict)  # for extractor_url and real_cache_url
     real_cache_url: Optional[str] = None  # where real features are cached, e.g. beside the dataset to share them
@@ -222,6 +223,8 @@ class MetricsConfig:
         require(self.images >= 2 and (self.real_images is None or self.real_images >= 2), "metrics.images",
                  "must be >= 2")
         require(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be >= 2")
+        require(self.fid_reals in ("sample", "dataset"), "metrics.fid_reals",
+                f"must be sample or dataset, got {self.fid_reals!r}")
         require("is" not in self.kinds or self.extractor_url, "metrics.kinds",
                 "'is' needs Inception's class probabilities: set metrics.extractor_url to NVlabs' "
                 "inception-2015-12-05.pt")

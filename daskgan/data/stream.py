@@ -49,8 +49,11 @@ class ImageStream:
     """Endless batches of one rank's shard, prefetched by a background thread. Use as an iterator; ``close()`` it."""
 
     def __init__(self, index: ImageIndex, config: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start: StreamPosition = StreamPosition()):
+                 start: StreamPosition = StreamPosition(), epochs: int | None = None, drop_last: bool = True):
+        """``epochs``: stop after this many (endless without); ``drop_last``: whether an epoch's last batch, short
+        of ``batch_size``, is dropped (training: every batch full) or delivered (a pass over every image)."""
         self.index = index
+        self._epochs, self._drop_last = epochs, drop_last
         self.config = config
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.skipped = 0  # distinct objects that could not be read or decoded
@@ -74,6 +77,8 @@ class ImageStream:
     def __next__(self) -> Batch:
         item = self._queue.get()
         if isinstance(item, BaseException):
+            if isinstance(item, StopIteration):
+                self._queue.put(item)  # the stream stays ended
             raise item
         return item
 
@@ -96,6 +101,9 @@ class ImageStream:
                         f"rank {self.rank}: its shard of {self.index.url} holds fewer readable images than one "
                         f"batch ({self.config.batch_size}); {self.skipped} objects were unreadable")
                 epoch, offset = epoch + 1, 0
+                if self._epochs is not None and epoch - start.epoch >= self._epochs:
+                    self._put(StopIteration())
+                    return
         except BaseException as exc:  # handed to the consumer, which re-raises it in the training loop
             self._put(exc)
 
@@ -121,6 +129,9 @@ class ImageStream:
                 if len(images) == self.config.batch_size:
                     self._put(Batch(torch.stack(images), torch.tensor(labels), StreamPosition(epoch, offset)))
                     images, labels, emitted = [], [], True
+        if images and not self._drop_last and not self._stop.is_set():
+            self._put(Batch(torch.stack(images), torch.tensor(labels), StreamPosition(epoch, offset)))
+            emitted = True
         return emitted
 
     def _epoch_order(self, epoch: int, offset: int) -> list[int]:

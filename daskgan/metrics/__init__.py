@@ -10,8 +10,8 @@ from daskgan.metrics.distances import (
     kid,
     sqrtm_psd,
 )
-from daskgan.metrics.embedding import embed_share
+from daskgan.metrics.embedding import dataset_statistics, embed_share
 from daskgan.metrics.extractors import RandomCnnFeatures, TorchScriptInception, load_extractor
 
-__all__ = ["METRICS", "RandomCnnFeatures", "TorchScriptInception", "compute", "embed_share", "feature_statistics",
-           "fid", "frechet_distance", "inception_score", "kid", "load_extractor", "sqrtm_psd"]
+__all__ = ["METRICS", "RandomCnnFeatures", "TorchScriptInception", "compute", "dataset_statistics", "embed_share",
+           "feature_statistics", "fid", "frechet_distance", "inception_score", "kid", "load_extractor", "sqrtm_psd"]

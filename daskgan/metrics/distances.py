@@ -33,6 +33,11 @@ def feature_statistics(features: torch.Tensor, chunk: int = 4096) -> tuple[torch
         rows = features[start:start + chunk].double()
         total += rows.sum(0)
         products += rows.T @ rows
+    return mean_and_covariance(total, products, count)
+
+
+def mean_and_covariance(total: torch.Tensor, products: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and (unbiased) covariance of ``count`` rows from their sum and the sum of their outer products."""
     mean = total / count
     return mean, (products - count * torch.outer(mean, mean)) / (count - 1)
 
@@ -72,9 +77,16 @@ def inception_score(probabilities: torch.Tensor, splits: int = 10) -> float:
 
 
 def compute(names: list[str], real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000,
-            probabilities: torch.Tensor | None = None) -> dict[str, float]:
+            probabilities: torch.Tensor | None = None,
+            real_statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """The requested metrics of generated against real features (``fid``, ``kid``) and of the generated images'
-    class ``probabilities`` (``is``)."""
-    functions = {"fid": lambda: fid(real, fake), "kid": lambda: kid(real, fake, subset_size=kid_subset_size),
+    class ``probabilities`` (``is``); FID against ``real_statistics`` (mean, covariance) when given, e.g. a whole
+    dataset's."""
+    def fid_score() -> float:
+        if real_statistics is None:
+            return fid(real, fake)
+        return frechet_distance(*(s.double().cpu() for s in real_statistics), *feature_statistics(fake))
+
+    functions = {"fid": fid_score, "kid": lambda: kid(real, fake, subset_size=kid_subset_size),
                  "is": lambda: inception_score(probabilities)}
     return {name: functions[name]() for name in names}

@@ -1,17 +1,19 @@
 """Features of a set of items computed by all ranks together: each embeds its share, rank 0 gets the whole.
 
 At FID's 50,000 images × 2048 features the whole is 400 MB in float32: only rank 0, which computes the scores,
-holds it (``dist.gather`` of fixed-size float32 shares); the other ranks hold their own share only.
+holds it (``dist.gather`` of fixed-size float32 shares); the other ranks hold their own share only. A whole
+dataset's statistics (``dataset_statistics``) are sums instead, added up across ranks: no features are kept.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
 from daskgan import ranks
+from daskgan.metrics.distances import mean_and_covariance
 
 
 def embed_share(count: int, images_of: Callable[[list[int]], torch.Tensor],
@@ -54,3 +56,34 @@ def _feature_width(share: torch.Tensor | None) -> int:
     width = torch.tensor([0 if share is None else share.shape[1]], device=ranks.collective_device())
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     return int(width)
+
+
+def dataset_statistics(batches: Iterable[torch.Tensor], extractor: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean and covariance (float64) of the features of every image the ranks' ``batches`` hold together, and their
+    count: each rank sums its features and their outer products, one all-reduce adds the sums up. No rank holds
+    more than a batch of features, so a dataset of ImageNet's size costs its images' passes, not memory."""
+    total = products = None
+    count = 0
+    for images in batches:
+        features = extractor(images).double()
+        if total is None:
+            total = features.new_zeros(features.shape[1])
+            products = features.new_zeros(features.shape[1], features.shape[1])
+        total += features.sum(0)
+        products += features.T @ features
+        count += len(features)
+    alone = ranks.world_size() == 1
+    width = _feature_width(None if total is None else total[None]) if not alone else (0 if total is None else len(total))
+    packed = torch.zeros(width * width + width + 1, dtype=torch.float64, device=ranks.collective_device())
+    if total is not None:
+        packed[:width * width] = products.flatten().to(packed.device)
+        packed[width * width:-1] = total.to(packed.device)
+        packed[-1] = count
+    if not alone:
+        dist.all_reduce(packed)
+    packed, count = packed.cpu(), int(packed[-1])
+    if count < 2:
+        raise ValueError(f"metrics: {count} readable real images: too few for a covariance")
+    mean, covariance = mean_and_covariance(packed[width * width:-1], packed[:width * width].view(width, width), count)
+    return mean, covariance, count

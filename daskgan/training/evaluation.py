@@ -1,16 +1,19 @@
 """Metrics during training: every rank embeds its share of real and generated images, every rank gets the same
 numbers (``daskgan.metrics``). Real-image features are computed once per dataset, resolution, extractor and count
-and cached in the run directory (``metrics/real-<key>.pt``); each evaluation is also written as
-``metrics/<iteration>.json`` with the extractor that produced it.
+and cached in the run directory (``metrics/real-<key>.pt``); with ``metrics.fid_reals: dataset`` FID's reference
+is instead the mean and covariance of every image of the dataset, streamed once by all ranks and cached the same
+way (``metrics/real-stats-<key>.pt``). Each evaluation is also written as ``metrics/<iteration>.json`` with the
+extractor that produced it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +22,7 @@ from daskgan import metrics, ranks
 from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, fetch_objects
+from daskgan.data.stream import ImageStream
 from daskgan.models import stylegan2
 from daskgan.models.layers import standing_statistics
 from daskgan.ranks import from_rank0
@@ -39,12 +43,15 @@ class Evaluator:
         self.real_count = min(m.real_images or m.images, len(index))
         self._real: torch.Tensor | None = None  # rank 0 only
         self._real_cached = False  # whether every rank has taken part in computing (or reading) the real features
+        self._dataset_statistics: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0 only
 
     def evaluate(self, generator: nn.Module, num_classes: int, iteration: int) -> dict[str, Any]:
         """FID/KID of ``generator`` (in eval mode, training RNG untouched) against the real features, and IS of its
         images; every rank embeds a share, rank 0 alone holds the features and scores, every rank gets them."""
         m = self.config.metrics
-        real = self._real_features()
+        real = self._real_features() if m.fid_reals == "sample" or set(m.kinds) - {"fid", "is"} else None
+        if m.fid_reals == "dataset" and self._dataset_statistics is None:
+            self._dataset_statistics = self._whole_dataset_statistics()
         if m.standing_stats:
             generator = copy.deepcopy(generator)  # the run's own statistics stay as they are
             standing_statistics(generator, lambda: self._standing_latents(num_classes), m.standing_stats)
@@ -70,9 +77,11 @@ class Evaluator:
         m = self.config.metrics
         width = self.extractor.feature_width
         scores = metrics.compute(m.kinds, real, fake[:, :width], kid_subset_size=m.kid_subset_size,
-                                 probabilities=fake[:, width:])
+                                 probabilities=fake[:, width:], real_statistics=self._dataset_statistics)
         report = {"iteration": iteration, "extractor": self.extractor.name, "images": m.images,
                   "real_images": self.real_count, **scores}
+        if self._dataset_statistics is not None:
+            report["fid_real_images"] = len(self.index)  # FID's reference: the whole dataset
         storage.write_json(storage.join(self.config.output.run_url, "metrics", f"{iteration:09d}.json"), report,
                            self.config.output.storage_options)
         logger.info("iteration %d: %s (%s)", iteration, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
@@ -96,17 +105,47 @@ class Evaluator:
             self._real_cached = True
         return self._real
 
-    def _real_cache(self) -> tuple[str, dict]:
-        """Where this run's real features are cached: ``metrics.real_cache_url`` (shared by runs on the same
-        dataset), else the run directory."""
-        m, name = self.config.metrics, f"real-{self._cache_key()}.pt"
+    def _whole_dataset_statistics(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mean and covariance of every dataset image's features on rank 0 (``None`` elsewhere): read from the
+        cache, or streamed once by every rank (each its part of one unshuffled epoch) and cached."""
+        url, options = self._real_cache("real-stats", len(self.index))
+        if from_rank0(lambda: storage.exists(url, options)):
+            if ranks.rank() != 0:
+                return None
+            cached = torch.load(io.BytesIO(storage.read_bytes(url, options)), weights_only=True)
+            return cached["mean"], cached["covariance"]
+        logger.info("metrics: statistics of all %d images of %s, once (cached at %s)", len(self.index),
+                    self.index.url, url)
+        mean, covariance, count = metrics.dataset_statistics(self._every_image(), self.extractor)
+        if ranks.rank() != 0:
+            return None
+        storage.write_bytes(url, storage.torch_bytes({"mean": mean, "covariance": covariance, "count": count}), options)
+        logger.info("metrics: statistics of %d images cached", count)
+        return mean, covariance
+
+    def _every_image(self) -> Iterator[torch.Tensor]:
+        """This rank's part of one unshuffled pass over the dataset, as the extractor takes them (unreadable images
+        skipped, as in training; tar shards read whole)."""
+        data = dataclasses.replace(self.config.data, shuffle=False, mirror=False, batch_size=64)
+        stream = ImageStream(self.index, data, rank=ranks.rank(), world_size=ranks.world_size(), epochs=1,
+                             drop_last=False)
+        try:
+            for batch in stream:
+                yield as_rgb(batch.images).to(self.device)
+        finally:
+            stream.close()
+
+    def _real_cache(self, prefix: str = "real", count: int | None = None) -> tuple[str, dict]:
+        """Where this run's real features (or statistics) are cached: ``metrics.real_cache_url`` (shared by runs on
+        the same dataset), else the run directory."""
+        m, name = self.config.metrics, f"{prefix}-{self._cache_key(count or self.real_count)}.pt"
         if m.real_cache_url:
             return storage.join(m.real_cache_url, name), m.storage_options
         return storage.join(self.config.output.run_url, "metrics", name), self.config.output.storage_options
 
-    def _cache_key(self) -> str:
+    def _cache_key(self, count: int) -> str:
         data = self.config.data
-        text = f"{data.url}|{data.resolution}|{self.extractor.name}|{self.config.metrics.extractor_url}|{self.real_count}"
+        text = f"{data.url}|{data.resolution}|{self.extractor.name}|{self.config.metrics.extractor_url}|{count}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
