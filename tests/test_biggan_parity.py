@@ -150,3 +150,71 @@ def test_evaluation_with_standing_statistics_leaves_the_runs_generator_alone(tmp
         scores[passes] = Evaluator(config, index_images(data_url), torch.device("cpu")).evaluate(G, 5, 1)["fid"]
     assert scores[0] != scores[3], "the fakes were drawn with other BatchNorm statistics"
     assert torch.equal(G.blocks[0].bn1.norm.running_mean, stored) and not G.training
+
+
+def folder_with_moments(tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
+    """The fixture folder with G_optim.pth/D_optim.pth holding moments: parameter number i (BigGAN-PyTorch's
+    parameters() order: the network file's order without its buffers) gets exp_avg = i, exp_avg_sq = 2i, step i+1;
+    returns the folder and each network's reference parameter names in that order."""
+    import re
+    import shutil
+
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS, folder)
+    buffers = re.compile(r"\.(u\d+|sv\d+|stored_mean|stored_var)$")
+    names = {}
+    for network in ("G", "D"):
+        weights = torch.load(folder / f"{network}.pth", weights_only=True)
+        names[network] = [n for n in weights if not buffers.search(n)]
+        saved = torch.load(folder / f"{network}_optim.pth", weights_only=True)
+        saved["param_groups"][0]["lr"], saved["param_groups"][0]["eps"] = 0.123, 0.5  # must not be taken
+        saved["state"] = {i: {"step": torch.tensor(i + 1.0), "exp_avg": torch.full_like(weights[n], float(i)),
+                              "exp_avg_sq": torch.full_like(weights[n], 2.0 * i)}
+                          for i, n in enumerate(names[network])}
+        torch.save(saved, folder / f"{network}_optim.pth")
+    return folder, names
+
+
+def test_fine_tuning_can_take_the_folders_optimizer_moments_by_parameter_name(tmp_path, process_group):
+    from daskgan.config import JobConfig
+    from daskgan.training.setup import build_gan, initialise_from
+
+    folder, names = folder_with_moments(tmp_path)
+    job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 32},
+                               "model": {"family": "biggan", "z_dim": 60, "g_channels": 8, "d_channels": 8,
+                                         "shared_dim": 24, "attention_resolution": 16},
+                               "train": {"init_from": str(folder), "init_optimizers": True, "lr_g": 1e-5,
+                                         "adam_eps": 1e-6},
+                               "output": {"run_url": (tmp_path / "run").as_uri()}})
+    gan = build_gan(job, 5, torch.device("cpu"))
+    initialise_from(gan, job)
+    for optimizer, network, key in ((gan.opt_G, gan.G.module, "G"), (gan.opt_D, gan.D.module, "D")):
+        reference = torch.load(folder / f"{key}.pth", weights_only=True)
+        taken = []
+        for parameter in network.parameters():
+            number = int(optimizer.state[parameter]["exp_avg"].flatten()[0])
+            assert torch.equal(parameter.detach(), reference[names[key][number]]), \
+                f"moments {number} ({names[key][number]}) landed on a parameter that holds another tensor"
+            assert float(optimizer.state[parameter]["step"]) == number + 1
+            taken.append(number)
+        assert sorted(taken) == list(range(len(names[key]))), "every reference parameter's moments, once"
+    assert [g["lr"] for g in gan.opt_G.param_groups] == [1e-5] and gan.opt_G.param_groups[0]["eps"] == 1e-6
+
+
+def test_optimizer_moments_from_a_source_without_them_are_one_clear_error(tmp_path, process_group):
+    from daskgan.config import JobConfig
+    from daskgan.errors import ConfigError
+    from daskgan.training.setup import build_gan, initialise_from
+
+    folder, _ = folder_with_moments(tmp_path)
+    (folder / "D_optim.pth").unlink()
+    job = JobConfig.from_dict({"name": "t", "data": {"url": "memory://x", "resolution": 32},
+                               "model": {"family": "biggan", "z_dim": 60, "g_channels": 8, "d_channels": 8,
+                                         "shared_dim": 24, "attention_resolution": 16},
+                               "train": {"init_from": str(folder), "init_optimizers": True},
+                               "output": {"run_url": (tmp_path / "run").as_uri()}})
+    with pytest.raises(ConfigError, match="holds no optimizer state for both G and D"):
+        initialise_from(build_gan(job, 5, torch.device("cpu")), job)
+    with pytest.raises(ConfigError, match="train.init_optimizers: needs train.init_from"):
+        JobConfig.from_dict({"name": "t", "data": {"url": "memory://x"}, "train": {"init_optimizers": True},
+                             "output": {"run_url": "memory://run"}})

@@ -122,6 +122,7 @@ class TrainConfig:
     ema_start: int = 0  # before this iteration the average just copies G (BigGAN's ema_start)
     adam_eps: float = 1e-8  # Adam's epsilon (BigGAN-PyTorch's released models: 1e-6)
     init_from: Optional[str] = None  # start from these weights (daskgan checkpoint or NVlabs pickle), iteration 0
+    init_optimizers: bool = False  # with init_from: Adam's moments from the source too (under this job's lr/eps)
     freeze_d: int = 0  # StyleGAN2: D's first (highest-resolution) layers kept frozen (NVlabs' --freezed)
     d_steps: int = 1  # discriminator steps per generator step (BigGAN: 2)
     accumulate: int = 1  # micro-batches per optimiser step: global batch = batch_size x workers x accumulate
@@ -142,6 +143,7 @@ class TrainConfig:
         require(self.r1_gamma >= 0 and self.r1_interval >= 1, "train.r1_gamma/r1_interval", "must be >= 0 / >= 1")
         require(self.ema_kimg >= 0, "train.ema_kimg", "must be >= 0")
         require(self.freeze_d >= 0, "train.freeze_d", "must be >= 0")
+        require(not self.init_optimizers or self.init_from, "train.init_optimizers", "needs train.init_from")
         require(self.adam_eps > 0, "train.adam_eps", "must be > 0")
         require(self.ema_rampup is None or self.ema_rampup > 0, "train.ema_rampup", "must be > 0")
         require(self.g_accumulate is None or self.g_accumulate >= 1, "train.g_accumulate", "must be >= 1")

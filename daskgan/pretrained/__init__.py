@@ -15,7 +15,7 @@ from daskgan.pretrained.nvlabs_pickle import is_pickle, read_pickle
 from daskgan.run import checkpoint, storage
 from daskgan.run.storage import StorageOptions
 
-__all__ = ["import_weights", "load_weights"]
+__all__ = ["import_weights", "load_weights", "optimizer_moments"]
 
 
 def import_weights(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
@@ -41,3 +41,9 @@ def load_weights(url: str, storage_options: StorageOptions | None = None) -> dic
     if is_pickle(data):
         return stylegan2.checkpoint_state(read_pickle(data, url), url)
     return checkpoint.parse(data, url)
+
+
+def optimizer_moments(url: str, storage_options: StorageOptions | None = None) -> dict[str, dict[str, dict]]:
+    """The optimizers' per-parameter state of a BigGAN-PyTorch weights folder by daskgan parameter name (see
+    ``biggan.optimizer_moments``); other sources hold none (NVlabs pickles) or carry it in their checkpoint state."""
+    return biggan.optimizer_moments(url, storage_options) if biggan.is_weights_folder(url, storage_options) else {}

@@ -23,6 +23,8 @@ from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
 
 NETWORK_FILES = {"G": "G.pth", "G_ema": "G_ema.pth", "D": "D.pth"}
+OPTIMIZER_FILES = {"opt_G": ("G_optim.pth", "G"), "opt_D": ("D_optim.pth", "D")}
+BUFFER = re.compile(r"\.(u\d+|sv\d+|stored_mean|stored_var)$")  # spectral-norm vectors and BatchNorm statistics
 
 
 def is_weights_folder(url: str, storage_options: StorageOptions | None = None) -> bool:
@@ -63,16 +65,41 @@ def folder_model(config: dict, url: str) -> tuple[ModelConfig, int, int]:
     return model, int(config["resolution"]), int(config["n_classes"])
 
 
+def optimizer_moments(url: str, storage_options: StorageOptions | None = None) -> dict[str, dict[str, dict]]:
+    """Adam's per-parameter state in the folder's ``G_optim.pth``/``D_optim.pth`` by daskgan parameter name
+    (``{"opt_G": {name: {"step", "exp_avg", "exp_avg_sq"}}, "opt_D": ...}``; a file that is not there, no entry).
+
+    ajbrock's optimizers number parameters in ``parameters()`` order, which is the network file's order without
+    its buffers; their names are then mapped as the weights' are. Saved hyperparameters are not taken."""
+    moments = {}
+    for key, (file, network) in OPTIMIZER_FILES.items():
+        if not storage.exists(storage.join(url, file), storage_options):
+            continue
+        saved = _read(url, file, storage_options)
+        rename = generator_name if network == "G" else _block_name
+        names = [rename(n) for n in _read(url, NETWORK_FILES[network], storage_options) if not BUFFER.search(n)]
+        numbers = [i for group in saved["param_groups"] for i in group["params"]]
+        if len(numbers) != len(names):
+            raise CheckpointMismatch(f"{url}/{file}: {len(numbers)} parameters, {NETWORK_FILES[network]} has "
+                                     f"{len(names)}")
+        moments[key] = {names[position]: saved["state"][number] for position, number in enumerate(numbers)
+                        if number in saved["state"]}
+    return moments
+
+
+def generator_name(name: str) -> str:
+    """daskgan's name of a BigGAN-PyTorch generator tensor."""
+    new = _block_name(name)
+    new = re.sub(r"\.bn(\d)\.stored_mean$", r".bn\1.norm.running_mean", new)
+    new = re.sub(r"\.bn(\d)\.stored_var$", r".bn\1.norm.running_var", new)
+    new = re.sub(r"^output_layer\.0\.gain$", "output.0.weight", new)
+    new = re.sub(r"^output_layer\.0\.stored_mean$", "output.0.running_mean", new)
+    new = re.sub(r"^output_layer\.0\.stored_var$", "output.0.running_var", new)
+    return re.sub(r"^output_layer\.", "output.", new)
+
+
 def generator_state(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in reference.items():
-        new = _block_name(name)
-        new = re.sub(r"\.bn(\d)\.stored_mean$", r".bn\1.norm.running_mean", new)
-        new = re.sub(r"\.bn(\d)\.stored_var$", r".bn\1.norm.running_var", new)
-        new = re.sub(r"^output_layer\.0\.gain$", "output.0.weight", new)
-        new = re.sub(r"^output_layer\.0\.stored_mean$", "output.0.running_mean", new)
-        new = re.sub(r"^output_layer\.0\.stored_var$", "output.0.running_var", new)
-        state[re.sub(r"^output_layer\.", "output.", new)] = tensor
+    state = {generator_name(name): tensor for name, tensor in reference.items()}
     for name in [n for n in state if n.endswith("running_mean")]:  # torch's BatchNorm also counts its batches
         state[name.replace("running_mean", "num_batches_tracked")] = torch.tensor(0)
     return state

@@ -11,9 +11,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan.config import JobConfig
+from daskgan.errors import CheckpointMismatch, ConfigError
 from daskgan.models import REDUCED_PRECISION, build_models, load_exactly
 from daskgan.models.layers import sync_batchnorm
-from daskgan.pretrained import load_weights
+from daskgan.pretrained import load_weights, optimizer_moments
 from daskgan.training.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.training.compiled import compile_forward
 from daskgan.training.steps import Gan
@@ -69,8 +70,10 @@ def _adam(network: torch.nn.Module, lr: float, betas: tuple[float, float], eps: 
 
 
 def initialise_from(gan: Gan, config: JobConfig) -> None:
-    """Fine-tuning (``train.init_from``): G, D and G's average from other weights, a daskgan checkpoint or an
-    NVlabs pickle, read with ``output.storage_options``; optimizers, iteration count and records start fresh."""
+    """Fine-tuning (``train.init_from``): G, D and G's average from other weights, a daskgan checkpoint, an NVlabs
+    pickle or a BigGAN-PyTorch folder, read with ``output.storage_options``; iteration count and records start
+    fresh, and the optimizers too unless ``train.init_optimizers`` (then their moments come from the source,
+    under the job's lr, betas and eps)."""
     url = config.train.init_from
     source = load_weights(url, config.output.storage_options)
     load_exactly(gan.G.module, source["G"], f"train.init_from: {url} G")
@@ -80,8 +83,47 @@ def initialise_from(gan: Gan, config: JobConfig) -> None:
         load_exactly(gan.D.module, source["D"], f"train.init_from: {url} D")
     else:
         logger.warning("train.init_from: %s holds no discriminator; D starts from random weights", url)
+    if config.train.init_optimizers:
+        _initialise_optimizers(gan, source, url, config)
     if dist.get_rank() == 0:
         logger.info("fine-tuning from %s", url)
+
+
+def _initialise_optimizers(gan: Gan, source: dict, url: str, config: JobConfig) -> None:
+    """Adam's moments and step counts from a daskgan checkpoint's optimizers, or by parameter name from a
+    BigGAN-PyTorch folder's; a source without them is refused."""
+    if "opt_G" in source and "opt_D" in source:
+        load_optimizer(gan.opt_G, source["opt_G"])
+        load_optimizer(gan.opt_D, source["opt_D"])
+        return
+    moments = optimizer_moments(url, config.output.storage_options)
+    if set(moments) != {"opt_G", "opt_D"}:
+        raise ConfigError(f"train.init_optimizers: {url} holds no optimizer state for both G and D (NVlabs pickles "
+                          f"carry none; a BigGAN-PyTorch folder needs G_optim.pth and D_optim.pth)")
+    load_named_moments(gan.opt_G, gan.G.module, moments["opt_G"], f"{url} G_optim.pth")
+    load_named_moments(gan.opt_D, gan.D.module, moments["opt_D"], f"{url} D_optim.pth")
+
+
+def load_named_moments(optimizer: torch.optim.Optimizer, network: torch.nn.Module, moments: dict[str, dict],
+                       where: str) -> None:
+    """Per-parameter optimizer state given by parameter name into ``optimizer`` (over ``network``'s parameters),
+    under the job's hyperparameters; a name missing on either side or a moment of another shape is refused."""
+    name_of = {id(parameter): name for name, parameter in network.named_parameters()}
+    order = [name_of[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    parameters = dict(network.named_parameters())
+    unknown = sorted(set(moments) - set(order))
+    wrong = [n for n in order if n in moments and "exp_avg" in moments[n]
+             and tuple(moments[n]["exp_avg"].shape) != tuple(parameters[n].shape)]
+    if unknown or wrong:
+        raise CheckpointMismatch(f"{where}: optimizer state for parameters the network lacks ({', '.join(unknown[:3])})"
+                                 if unknown else f"{where}: moments of another shape for {', '.join(wrong[:3])}")
+    groups, position = [], 0
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(position, position + len(group["params"])))})
+        position += len(group["params"])
+    state = {number: moments[name] for number, name in enumerate(order) if name in moments}
+    load_optimizer(optimizer, {"state": state, "param_groups": groups})
 
 
 def restore_networks(gan: Gan, state: dict) -> None:
