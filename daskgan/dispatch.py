@@ -61,6 +61,12 @@ def is_peer_communication_error(error: BaseException | None) -> bool:
     return any(text in str(error).lower() for text in PEER_ERROR_MESSAGES)
 
 
+def is_cluster_error(error: BaseException | None) -> bool:
+    """Whether a rank's exception comes from losing the cluster around it (a peer, or its scheduler: distributed's
+    own errors, e.g. ``CommClosedError`` once the scheduler is gone) rather than from the rank's own work."""
+    return is_peer_communication_error(error) or type(error).__module__.startswith("distributed.")
+
+
 class RankFailure:
     """What a rank returns instead of raising when the input is at fault (the error is raised on the client)."""
 

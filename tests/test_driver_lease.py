@@ -152,11 +152,15 @@ def test_attach_follows_a_run_live_until_its_driver_lets_go(cli_run):
     running = start(100_000)
     wait_for(lambda: storage.exists(f"{run_url}/records", options), 90, "records")
     follower = daskgan_process("attach", run_url, "--cluster", str(spec))
-    time.sleep(4)
+    first = follower.stdout.readline()  # the follower is live (its start-up takes seconds on a busy machine)
+    while first and not first.startswith("iteration "):
+        first = follower.stdout.readline()
+    time.sleep(2)
     assert daskgan_process("stop", run_url, "--cluster", str(spec)).wait(timeout=60) == 0
     out, err = running.communicate(timeout=90)
     assert running.returncode == 0, err
     followed, err = follower.communicate(timeout=60)
+    followed = first + followed
     assert follower.returncode == 0, err
     lines = [line for line in followed.splitlines() if line.startswith("iteration ")]
     assert len(lines) >= 2 and all(" of 100000: loss_G " in line for line in lines), followed

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from daskgan import ranks
-from daskgan.dispatch import is_peer_communication_error
+from daskgan.dispatch import is_cluster_error
 from daskgan.config import JobConfig
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
@@ -58,14 +58,15 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
 
     ``restart`` (from the client's recovery) says why this is a re-dispatch: ``restart`` (count), ``cause`` and
     ``last_iteration`` (the newest record the client saw); rank 0 records it with the first new iteration.
-    A failure of rank 0's own (not a lost peer) is written to the run directory's ``state.json`` as ``failed``.
+    A failure of rank 0's own (not a lost peer or scheduler) is written to the run directory's ``state.json`` as
+    ``failed``.
     """
     index = training_index(config.data, config.output)
     from_rank0(lambda: save_config(config))  # the first write: a missing bucket stops every rank here
     try:
         return _train(config, index, restart)
     except Exception as error:
-        if dist.get_rank() == 0 and not is_peer_communication_error(error):
+        if dist.get_rank() == 0 and not is_cluster_error(error):
             _record_failure(config, error)
         raise
 
