@@ -9,7 +9,8 @@ a proxy that adds 20 ms to every request (S3's first-byte latency), one pass ove
   object per item with boto3;
 - WebDataset over the same shards (HTTP URLs, 2 DataLoader workers);
 - Mosaic Streaming over MDS shards of the same images (cold local cache, 2 DataLoader workers);
-- decoding the same bytes from memory in one process: the ceiling.
+- decoding the same bytes from memory in one process: the ceiling (and with Pillow alone, without daskgan's
+  optional pyspng/simplejpeg).
 
 Every loader decodes with the same function (daskgan's ``decode_image``) to (3, R, R) float tensors, so the figures
 compare getting bytes, not decoders. Mosaic Streaming imports torchvision at import time only (a base class and
@@ -40,6 +41,7 @@ import torch
 
 from daskgan.config import DataConfig
 from daskgan.data import synthetic
+from daskgan.data import decode
 from daskgan.data.decode import decode_image
 from daskgan.data.index import index_images
 from daskgan.data.shards import tar_shard
@@ -206,14 +208,21 @@ def _import_mosaic() -> None:
     import streaming  # noqa: F401
 
 
-def memory_rate(images: list[bytes], resolution: int, passes: int = 3) -> float:
-    """The best of ``passes`` passes decoding every image from memory (the least disturbed by the machine)."""
+def memory_rate(images: list[bytes], resolution: int, passes: int = 3, pillow_only: bool = False) -> float:
+    """The best of ``passes`` passes decoding every image from memory (the least disturbed by the machine), with
+    the fast decoders where installed, or with Pillow alone."""
+    saved = decode.pyspng, decode.simplejpeg
+    if pillow_only:
+        decode.pyspng = decode.simplejpeg = None
     best = float("inf")
-    for _ in range(passes):
-        started = time.perf_counter()
-        for data in images:
-            decode_image(data, resolution)
-        best = min(best, time.perf_counter() - started)
+    try:
+        for _ in range(passes):
+            started = time.perf_counter()
+            for data in images:
+                decode_image(data, resolution)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        decode.pyspng, decode.simplejpeg = saved
     return len(images) / best
 
 
@@ -241,6 +250,7 @@ def measure(kind: str, count: int, server: LoopbackS3) -> dict[str, tuple[float,
                     (" [torchvision stand-in]" if MOSAIC_STANDIN else "")
                 rates.setdefault(label, []).append(mosaic_rate(urls["mds"], endpoint, resolution, count))
     rates["decode from memory, one process (ceiling)"] = [memory_rate(images, resolution), float("nan")]
+    rates["decode from memory with Pillow alone"] = [memory_rate(images, resolution, pillow_only=True), float("nan")]
     return {name: tuple(values) for name, values in rates.items()}
 
 

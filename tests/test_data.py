@@ -9,7 +9,7 @@ from PIL import Image
 
 from daskgan.config import DataConfig
 from daskgan.data import synthetic
-from daskgan.data.decode import center_crop_resize, decode_image
+from daskgan.data.decode import DECODE_ERRORS, center_crop_resize, decode_image
 from daskgan.data.index import index_images, shard_indices
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.run import storage
@@ -212,3 +212,57 @@ def test_images_decode_to_one_channel_for_a_grayscale_dataset():
     luma = round(200 * 299 / 1000 + 100 * 587 / 1000 + 50 * 114 / 1000)  # PIL's ITU-R 601-2 conversion
     assert gray.shape == (1, 8, 8) and torch.allclose(gray, torch.full((1, 8, 8), luma / 127.5 - 1), atol=1e-6)
     assert decode_image(buffer.getvalue(), 8).shape == (3, 8, 8)
+
+
+def encoded(image, fmt: str = "PNG", **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def odd_images() -> dict[str, bytes]:
+    """What the fast decoders see: every PNG and JPEG kind Pillow reads, and bytes that are not an image."""
+    import random
+
+    from PIL import Image
+
+    from daskgan.data import synthetic
+
+    rgb = synthetic.draw_image("ring", 24, random.Random(1))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(90)
+    return {"rgb.png": encoded(rgb), "gray.png": encoded(rgb.convert("L")), "palette.png": encoded(rgb.convert("P")),
+            "rgba.png": encoded(rgba), "la.png": encoded(rgb.convert("LA")),
+            "16bit.png": encoded(Image.new("I;16", (6, 5), 300)), "rgb.jpg": encoded(rgb, "JPEG", quality=90),
+            "gray.jpg": encoded(rgb.convert("L"), "JPEG"), "cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+            "progressive.jpg": encoded(rgb, "JPEG", progressive=True), "truncated.png": encoded(rgb)[:60]}
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_fast_decoders_give_pillows_pixels_or_leave_the_image_to_pillow(monkeypatch, channels):
+    import numpy as np
+
+    from daskgan.data import decode
+
+    assert decode.pyspng is not None and decode.simplejpeg is not None, "the test extra installs both"
+    taken = {name for name, data in odd_images().items() if decode._fast_pixels(data, channels) is not None}
+    assert taken == ({"rgb.png", "gray.png", "palette.png", "rgba.png", "rgb.jpg", "gray.jpg", "progressive.jpg"}
+                     if channels == 3 else {"gray.png"}), "the fast path serves these, Pillow the rest"
+    fast = {}
+    for name, data in odd_images().items():
+        try:
+            fast[name] = decode.decode_pixels(data, channels)
+        except DECODE_ERRORS as error:
+            fast[name] = type(error)
+    monkeypatch.setattr(decode, "pyspng", None)
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    for name, data in odd_images().items():
+        try:
+            pillow = decode.decode_pixels(data, channels)
+        except DECODE_ERRORS as error:
+            assert fast[name] is type(error), f"{name}: the same error as Pillow's"
+            continue
+        assert isinstance(fast[name], np.ndarray) and fast[name].dtype == np.uint8, name
+        assert np.array_equal(fast[name], pillow), f"{name}: pixels differ from Pillow's"
