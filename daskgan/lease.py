@@ -136,7 +136,8 @@ class DriverWatch:
             return self.verdict
         self._token = self._token or held.get("token")
         if held.get("token") != self._token:
-            logger.warning("driver %s took the run over: checkpoint and stop, it resumes from there", held.get("driver"))
+            logger.warning("driver %s took the run over: checkpoint and stop, it resumes from there",
+                           held.get("driver"))
             self.verdict = "checkpoint"
         elif held.get("beat") != self._last_beat:
             self._last_beat, self._moved_at = held.get("beat"), time.monotonic()

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from daskgan.data.archive import ZipEntry, list_zip, read_members
-from daskgan.data.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, TarMember, expand_braces, is_shard_pattern, read_members_ranged, scan_shards
+from daskgan.data.shards import (
+    IMAGE_EXTENSIONS,
+    SHARD_SUFFIX,
+    TarMember,
+    expand_braces,
+    is_shard_pattern,
+    read_members_ranged,
+    scan_shards,
+)
 from daskgan.errors import NotFound
 from daskgan.run import storage
 from daskgan.seeding import derive_seed

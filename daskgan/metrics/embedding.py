@@ -74,7 +74,8 @@ def dataset_statistics(batches: Iterable[torch.Tensor], extractor: Callable[[tor
         products += features.T @ features
         count += len(features)
     alone = ranks.world_size() == 1
-    width = _feature_width(None if total is None else total[None]) if not alone else (0 if total is None else len(total))
+    mine = None if total is None else total[None]
+    width = (0 if total is None else len(total)) if alone else _feature_width(mine)
     packed = torch.zeros(width * width + width + 1, dtype=torch.float64, device=ranks.collective_device())
     if total is not None:
         packed[:width * width] = products.flatten().to(packed.device)
