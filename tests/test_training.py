@@ -181,3 +181,15 @@ def test_a_checkpoint_that_cannot_be_written_is_recorded_and_training_goes_on(pr
     records = load(config.output.run_url).set_index("iteration")
     assert records.loc[4, "checkpoint_failed"] == 3 and "still failing" in records.loc[4, "checkpoint_error"]
     assert [i for i, _ in checkpoint.list_checkpoints(config.output.run_url)] == [6]
+
+
+def test_fid_against_the_whole_dataset_on_two_workers_evaluates_again_and_again(dask_client, dataset):
+    url, options = dataset
+    config = job(url, options, run="dataset-fid", iterations=3)
+    config.metrics.every, config.metrics.images, config.metrics.kinds = 1, 8, ["fid"]
+    config.metrics.fid_reals = "dataset"
+    run_job(dask_client, config)
+    table = load(config.output.run_url, options)
+    assert table["fid"].notna().tolist() == [True, True, True], "every rank takes part in each evaluation"
+    fs, root = storage.filesystem(config.output.run_url, options)
+    assert len(fs.glob(f"{root}/metrics/real-stats-*.pt")) == 1, "the statistics are computed once"

@@ -44,14 +44,15 @@ class Evaluator:
         self._real: torch.Tensor | None = None  # rank 0 only
         self._real_cached = False  # whether every rank has taken part in computing (or reading) the real features
         self._dataset_statistics: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0 only
+        self._statistics_ready = False  # every rank took part in computing (or reading) them
 
     def evaluate(self, generator: nn.Module, num_classes: int, iteration: int) -> dict[str, Any]:
         """FID/KID of ``generator`` (in eval mode, training RNG untouched) against the real features, and IS of its
         images; every rank embeds a share, rank 0 alone holds the features and scores, every rank gets them."""
         m = self.config.metrics
         real = self._real_features() if m.fid_reals == "sample" or set(m.kinds) - {"fid", "is"} else None
-        if m.fid_reals == "dataset" and self._dataset_statistics is None:
-            self._dataset_statistics = self._whole_dataset_statistics()
+        if m.fid_reals == "dataset" and not self._statistics_ready:  # a collective: every rank, once
+            self._dataset_statistics, self._statistics_ready = self._whole_dataset_statistics(), True
         if m.standing_stats:
             generator = copy.deepcopy(generator)  # the run's own statistics stay as they are
             standing_statistics(generator, lambda: self._standing_latents(num_classes), m.standing_stats)
