@@ -251,8 +251,12 @@ def _rendezvous_store(rank: int, host: str, port: int | None, name: str, timeout
 
 
 def worker_addresses(client: Client) -> list[str]:
-    """Addresses of every worker the scheduler knows now (not only the first page of a large cluster)."""
-    return list(client.scheduler_info(n_workers=-1)["workers"])
+    """Addresses of every worker the scheduler knows now (not only the first page of a large cluster).
+
+    Asked of the scheduler, not read from ``client.scheduler_info()``: that returns a cache the client's own
+    periodic refresh overwrites with a worker-less identity, so it can come back empty under load.
+    """
+    return list(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
 
 
 def free_port() -> int:

@@ -114,3 +114,15 @@ def test_a_peer_that_stops_answering_is_a_lost_worker_not_a_failure(dask_client)
     assert "stopped answering" in str(caught.value)
     assert "rank 0" in str(caught.value) and dispatch.is_peer_communication_error(caught.value.__cause__)
     time.sleep(12)  # the vanished task ends; the workers are free for the next test
+
+
+def test_worker_list_is_whole_while_the_client_refreshes_its_cache(dask_client):
+    """distributed's client refreshes a cached scheduler identity with no workers in it every few seconds; a
+    worker list read from that cache came back empty on CI (a 2-worker list indexed at [1] failed)."""
+    import dask
+    from distributed import Client
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):
+        with Client(dask_client.scheduler.address, set_as_default=False) as client:
+            counts = {len(dispatch.worker_addresses(client)) for _ in range(300)}
+    assert counts == {2}

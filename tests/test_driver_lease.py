@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from daskgan import dispatch
 from daskgan.cluster.status import run_status
 from daskgan.run import checkpoint, storage
 from daskgan.run.records import load
@@ -83,7 +84,7 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     assert "is being trained by" in err and run_url in err
     running = run_status(run_url, options, dask_client)
     assert running["state"] == "running" and running["driver"].endswith(f":{first.pid}")
-    assert running["workers"] == sorted(dask_client.scheduler_info(n_workers=-1)["workers"]) and len(running["workers"]) == 2
+    assert running["workers"] == sorted(dispatch.worker_addresses(dask_client)) and len(running["workers"]) == 2
     shown = daskgan_process("status", run_url, "--cluster", str(cli_run[3]), "--endpoint-url", options["endpoint_url"])
     out, err = shown.communicate(timeout=60)
     assert shown.returncode == 0 and f"driver {running['driver']}; 2 workers: " in out, err

@@ -7,6 +7,7 @@ import time
 import pytest
 from distributed.core import Status
 
+from daskgan import dispatch
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
 from daskgan.cluster.driver import restart_config, run_job
 from daskgan.config import JobConfig
@@ -110,7 +111,7 @@ def test_job_continues_on_fewer_workers_when_one_does_not_come_back(shapes_in_bu
         def preempt_for_good(record):
             if record["iteration"] == 7 and not record.get("restarts"):
                 # like a preempted node: rank 1's worker dies and its nanny (in this process) does not restart it
-                victim = sorted(client.scheduler_info(n_workers=-1)["workers"])[1]
+                victim = sorted(dispatch.worker_addresses(client))[1]
                 nanny = next(n for n in client.cluster.workers.values() if n.worker_address == victim)
                 nanny.status = Status.closing_gracefully  # a nanny in this state does not restart its worker
                 os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from daskgan import dispatch
 from daskgan.errors import NotFound
 from daskgan.lease import STATE_FILE, driver_is_live, held_lease
 from daskgan.run import checkpoint, storage
@@ -39,7 +40,7 @@ def run_status(run_url: str, storage_options: StorageOptions | None = None, clie
     status["state"] = _state(run_url, status, storage_options, client)
     if status["state"] == "running":  # only a live driver's lease names it
         status["driver"] = held_lease(client, run_url)["driver"]
-        status["workers"] = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        status["workers"] = sorted(dispatch.worker_addresses(client))
     return status
 
 
