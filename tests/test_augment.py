@@ -122,3 +122,48 @@ def test_geometric_resampling_keeps_detail_as_nvlabs_supersampling():
         mode="bilinear", padding_mode="reflection", align_corners=False)
     assert (single_bilinear - exact).abs().max() > 0.05, "what one bilinear pass at 1x loses"
     assert (warp(image, torch.eye(3)[None]) - image).abs().max() < 1e-5, "the identity is lossless"
+
+
+def smooth_batch(n, size=16):
+    torch.manual_seed(5)
+    coarse = torch.nn.functional.interpolate(torch.rand(n, 3, size // 2, size // 2) * 2 - 1, size=size,
+                                             mode="bilinear", align_corners=False)
+    return torch.nn.functional.avg_pool2d(coarse, 3, 1, 1, count_include_pad=False)
+
+
+def blit_through_warp(images, flip, turns, dx, dy):
+    import math
+
+    from daskgan.training.augment import _rotate2d, _scale2d, _translate2d, warp
+
+    size, ones = images.shape[-1], torch.ones(len(images))
+    matrix = (_scale2d(1 - 2 * flip, ones) @ _rotate2d(-math.pi / 2 * turns)
+              @ _translate2d(dx * 2 / size, dy * 2 / size))
+    return warp(images, matrix)
+
+
+def test_pixel_blits_move_pixels_as_the_general_warp_does_without_resampling():
+    """The paper's pixel blitting (x-flip, quarter turns, whole-pixel shifts) done as pixel moves: lossless, and
+    what NVlabs' warp makes of the same draws (its shifts exactly; its flips and turns up to its filters'
+    smoothing of the finest detail)."""
+    from daskgan.training.augment import blit
+
+    n, zeros = 64, torch.zeros(64)
+    torch.manual_seed(4)
+    flip, turns = torch.randint(0, 2, (n,)).float(), torch.randint(0, 4, (n,)).float()
+    dx, dy = torch.randint(-2, 3, (n,)).float(), torch.randint(-2, 3, (n,)).float()
+    noise = batch(n=n)
+    assert (blit(noise, zeros, zeros, dx, dy) - blit_through_warp(noise, zeros, zeros, dx, dy)).abs().max() < 1e-4
+    smooth = smooth_batch(n)
+    assert (blit(smooth, flip, turns, dx, dy) - blit_through_warp(smooth, flip, turns, dx, dy)).abs().max() < 0.06
+    moved = blit(noise, flip, turns, zeros, zeros)
+    assert not torch.equal(moved, noise)
+    assert torch.equal(moved.flatten(1).sort(1).values, noise.flatten(1).sort(1).values), "pixels moved, none made"
+
+
+def test_a_blit_pipeline_does_not_resample(monkeypatch):
+    from daskgan.training import augment
+
+    monkeypatch.setattr(augment, "warp", lambda *a: pytest.fail("a blit-only pipeline resampled"))
+    out = pipe_with_p(PIPELINES["blit"], 1.0)(batch())
+    assert out.shape == batch().shape

@@ -57,16 +57,18 @@ class AugmentPipe(nn.Module):
         n, _, height, width = images.shape
         fires = _Chance(n, p, images.device)
         on = set(self.augmentations)
-        matrix = torch.eye(3, device=images.device).repeat(n, 1, 1)
-        if "xflip" in on:
-            flip = fires.integers(2)
-            matrix = matrix @ _scale2d(1 - 2 * flip, torch.ones_like(flip))
-        if "rotate90" in on:
-            matrix = matrix @ _rotate2d(-math.pi / 2 * fires.integers(4))
-        if "xint" in on:  # whole-pixel shifts; normalised coordinates span 2 per image side
+        zeros = torch.zeros(n, device=images.device)
+        flip = fires.integers(2) if "xflip" in on else zeros
+        quarter_turns = fires.integers(4) if "rotate90" in on else zeros
+        if "xint" in on:  # whole-pixel shifts
             shift = (fires.uniform(2) * 2 - 1) * self.xint_max
-            matrix = matrix @ _translate2d(torch.round(shift[:, 0] * width) * 2 / width,
-                                           torch.round(shift[:, 1] * height) * 2 / height)
+            dx, dy = torch.round(shift[:, 0] * width), torch.round(shift[:, 1] * height)
+        else:
+            dx = dy = zeros
+        if on.isdisjoint(GEOMETRIC):  # only pixel moves: done exactly, what the resampling below gives for them
+            return blit(images, flip, quarter_turns, dx, dy)
+        matrix = _scale2d(1 - 2 * flip, torch.ones_like(flip)) @ _rotate2d(-math.pi / 2 * quarter_turns)
+        matrix = matrix @ _translate2d(dx * 2 / width, dy * 2 / height)  # normalised coordinates span 2 a side
         if "scale" in on:
             s = torch.exp2(fires.normal() * self.scale_std)
             matrix = matrix @ _scale2d(s, s)
@@ -150,6 +152,28 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     taps = len(SYM6)
     before, after = -2 * reach + (taps - 1) // 2, -2 * reach + (taps - 2) // 2
     return upfirdn2d(images, kernel, down=2, padding=(before, after, before, after), flip_kernel=True)
+
+
+def blit(images: torch.Tensor, flip: torch.Tensor, quarter_turns: torch.Tensor, dx: torch.Tensor,
+         dy: torch.Tensor) -> torch.Tensor:
+    """The pixel-blitting augmentations (x-flip, quarter turns, whole-pixel shifts with reflection) as pixel moves,
+    per image: the same images ``warp`` makes of them (its 2x filters cancel on whole pixels), without resampling,
+    so a blit-only pipeline costs next to nothing (NVlabs composes them into the general warp)."""
+    n, _, height, width = images.shape
+    images = torch.where(flip.view(n, 1, 1, 1) > 0, images.flip(3), images)
+    turned = torch.stack([torch.rot90(images, -k, dims=(2, 3)) for k in range(4)])  # square images
+    images = turned[quarter_turns.long(), torch.arange(n, device=images.device)]
+    rows = _reflected(torch.arange(height, device=images.device) + dy.long()[:, None], height)  # (N, H)
+    cols = _reflected(torch.arange(width, device=images.device) + dx.long()[:, None], width)  # (N, W)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _reflected(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices outside [0, size) mirrored back in without repeating the edge (``F.pad``'s reflect)."""
+    period = 2 * (size - 1)
+    index = index.abs() % period
+    return torch.where(index >= size, period - index, index)
 
 
 def _reflect_margins(pixels: torch.Tensor, width: int, height: int, reach: int) -> list[int]:
