@@ -33,7 +33,7 @@ from PIL import Image
 from daskgan.data.decode import DECODE_ERRORS
 from daskgan.data.index import ImageIndex, fetch_objects, index_images
 from daskgan.data.manifest import RUN_MANIFEST, manifest_bytes
-from daskgan.data.shards import TarMember, samples_in, tar_shard
+from daskgan.data.shards import flatten_samples, samples_in, tar_shard
 from daskgan.errors import ConfigError
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
@@ -235,12 +235,8 @@ def _images_per_shard(client: Any, shared: Any, count: int, settings: dict, opti
 def shard_index(dest_url: str, notes: list[dict], classes: tuple[str, ...], options: StorageOptions) -> ImageIndex:
     """The index of the shards the notes describe (shards numbered as written; empty ones left out)."""
     _, root = storage.filesystem(dest_url, options)
-    shards = [posixpath.join(root.rstrip("/"), note["name"]) for note in notes if note["name"]]
-    paths, entries, labels = [], [], []
-    for number, note in enumerate(note for note in notes if note["name"]):
-        for member, offset, size, label in note["members"]:
-            paths.append(f"{shards[number]}/{member}")
-            entries.append(TarMember(number, offset, size))
-            labels.append(label or 0)
-    return ImageIndex(dest_url, tuple(paths), tuple(labels), classes, tuple(e.size for e in entries),
-                      entries=tuple(entries), shards=tuple(shards))
+    written = [note for note in notes if note["name"]]
+    shards = [posixpath.join(root.rstrip("/"), note["name"]) for note in written]
+    paths, entries, labels = flatten_samples(shards, [note["members"] for note in written])
+    return ImageIndex(dest_url, tuple(paths), tuple(label or 0 for label in labels), classes,
+                      tuple(e.size for e in entries), entries=tuple(entries), shards=tuple(shards))

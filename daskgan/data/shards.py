@@ -73,13 +73,20 @@ def scan_shards(fs: Any, shards: list[str], url: str) -> tuple[list[str], list[T
     """Every image sample of ``shards``: its path (``<shard>/<member>``), where it lies and its label (or None)."""
     with ThreadPoolExecutor(min(SCAN_THREADS, len(shards))) as pool:
         scanned = list(pool.map(lambda shard: _scan_shard(fs, shard, url), shards))
+    paths, members, labels = flatten_samples(shards, scanned)
+    logger.info("dataset: %d images in %d shards under %s", len(paths), len(shards), url)
+    return paths, members, labels
+
+
+def flatten_samples(shards: list[str], samples: list[list[tuple[str, int, int, int | None]]]
+                    ) -> tuple[list[str], list[TarMember], list[int | None]]:
+    """Paths (``<shard>/<member>``), places and labels of every sample, from each shard's ``samples_in`` list."""
     paths, members, labels = [], [], []
-    for number, (shard, samples) in enumerate(zip(shards, scanned)):
-        for name, offset, size, label in samples:
+    for number, (shard, shard_samples) in enumerate(zip(shards, samples)):
+        for name, offset, size, label in shard_samples:
             paths.append(f"{shard}/{name}")
             members.append(TarMember(number, offset, size))
             labels.append(label)
-    logger.info("dataset: %d images in %d shards under %s", len(paths), len(shards), url)
     return paths, members, labels
 
 

@@ -166,7 +166,8 @@ def blit(images: torch.Tensor, flip: torch.Tensor, quarter_turns: torch.Tensor, 
     rows = _reflected(torch.arange(height, device=images.device) + dy.long()[:, None], height)  # (N, H)
     cols = _reflected(torch.arange(width, device=images.device) + dx.long()[:, None], width)  # (N, W)
     batch = torch.arange(n, device=images.device)[:, None, None]
-    return images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    moved = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return moved.permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the networks and DDP expect
 
 
 def _reflected(index: torch.Tensor, size: int) -> torch.Tensor:
