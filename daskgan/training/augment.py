@@ -65,8 +65,9 @@ class AugmentPipe(nn.Module):
             dx, dy = torch.round(shift[:, 0] * width), torch.round(shift[:, 1] * height)
         else:
             dx = dy = zeros
-        if on.isdisjoint(GEOMETRIC):  # only pixel moves: done exactly, what the resampling below gives for them
-            return blit(images, flip, quarter_turns, dx, dy)
+        if on.isdisjoint(GEOMETRIC):  # only pixel moves: done exactly, without the resampling below
+            moves = torch.stack([flip, quarter_turns, dx, dy])
+            return blit(images, flip, quarter_turns, dx, dy) if moves.any() else images
         matrix = _scale2d(1 - 2 * flip, torch.ones_like(flip)) @ _rotate2d(-math.pi / 2 * quarter_turns)
         matrix = matrix @ _translate2d(dx * 2 / width, dy * 2 / height)  # normalised coordinates span 2 a side
         if "scale" in on:
@@ -157,8 +158,9 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def blit(images: torch.Tensor, flip: torch.Tensor, quarter_turns: torch.Tensor, dx: torch.Tensor,
          dy: torch.Tensor) -> torch.Tensor:
     """The pixel-blitting augmentations (x-flip, quarter turns, whole-pixel shifts with reflection) as pixel moves,
-    per image: the same images ``warp`` makes of them (its 2x filters cancel on whole pixels), without resampling,
-    so a blit-only pipeline costs next to nothing (NVlabs composes them into the general warp)."""
+    per image, without resampling, so a blit-only pipeline costs next to nothing. NVlabs composes them into the
+    general warp: its whole-pixel shifts are these exactly (the 2x filters cancel), its flips and turns these up
+    to the filters' smoothing of the finest detail (the sym6 filter is not symmetric)."""
     n, _, height, width = images.shape
     images = torch.where(flip.view(n, 1, 1, 1) > 0, images.flip(3), images)
     turned = torch.stack([torch.rot90(images, -k, dims=(2, 3)) for k in range(4)])  # square images
