@@ -118,21 +118,28 @@ def test_a_new_driver_right_after_a_killed_one_takes_over_from_its_ranks(cli_run
     from daskgan.lease import request_stop
 
     start, run_url, options, _ = cli_run
-    first = start(100_000, driver_timeout_s=90)
+    # Left alone, the dead driver's ranks would hold the workers for 600 s: within the minutes given here only a
+    # takeover gives the new driver its checkpoint and its own iterations, however slow the machine.
+    first = start(100_000, driver_timeout_s=600)
     wait_for(lambda: storage.exists(f"{run_url}/records", options) and load(run_url, options) is not None
              and len(load(run_url, options)) >= 10, 90, "records of the first client")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    target = int(load(run_url, options)["iteration"].max()) + 1200  # beyond where the old ranks get on their own
-    resumed = start(target, driver_timeout_s=90)
+    resumed = start(100_000, driver_timeout_s=600)
     try:
-        out, err = resumed.communicate(timeout=150)
-    finally:  # without the takeover the old ranks train on for ever: end them, or they block the session's cluster
+        taken_over_at = wait_for(lambda: newest_checkpoint(run_url, options), 150, "the old ranks' checkpoint")
+        wait_for(lambda: load(run_url, options)["iteration"].max() >= taken_over_at + 20, 150,
+                 "the new driver's iterations")
+        request_stop(dask_client, run_url)
+        out, err = resumed.communicate(timeout=120)
+    finally:  # without the takeover the old ranks train on: end them, or they block the session's cluster
         resumed.kill()
         request_stop(dask_client, run_url, now=True)
         wait_for(lambda: not any(dask_client.processing().values()), 60, "idle workers")
     assert resumed.returncode == 0, err
-    assert load(run_url, options)["iteration"].tolist() == list(range(1, target + 1)), "none duplicated or missing"
+    iterations = load(run_url, options)["iteration"].tolist()
+    assert iterations == list(range(1, len(iterations) + 1)), "none duplicated or missing"
+    assert newest_checkpoint(run_url, options) == iterations[-1] > taken_over_at + 20
 
 
 def test_stop_ends_a_run_after_a_checkpoint(cli_run):
