@@ -1,18 +1,18 @@
 """A small procedurally drawn image dataset, so the demo and tests need no download.
 
-Each class is a shape (circle, square, triangle, ring) drawn in a random colour, size and position over a
-two-colour gradient background. Files go to ``<url>/<shape>/<index>.png``, so class subfolders become labels.
+Each class is a shape (circle, square, triangle, ring) drawn in a random bright colour, size and position on a
+plain dark background. Files go to ``<url>/<shape>/<index>.png``, so class subfolders become labels.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 
 from PIL import Image, ImageDraw
 
 from daskgan.run import storage
+from daskgan.run.images import png_bytes
 from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -22,15 +22,13 @@ SHAPES = ("circle", "square", "triangle", "ring")
 
 def draw_image(shape: str, resolution: int, rng: random.Random) -> Image.Image:
     """One RGB image of ``shape``; everything else (colours, size, place) comes from ``rng``."""
-    top, bottom = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
-    image = Image.linear_gradient("L").resize((resolution, resolution))
-    image = Image.merge("RGB", [image.point(lambda v, a=a, b=b: a + (b - a) * v // 255)
-                                for a, b in zip(top, bottom)])
+    background = tuple(rng.randrange(90) for _ in range(3))
+    image = Image.new("RGB", (resolution, resolution), background)
     draw = ImageDraw.Draw(image)
-    size = rng.uniform(0.3, 0.6) * resolution
+    size = rng.uniform(0.5, 0.8) * resolution
     cx, cy = (rng.uniform(size / 2, resolution - size / 2) for _ in range(2))
     box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
-    colour = tuple(rng.randrange(256) for _ in range(3))
+    colour = tuple(rng.randrange(140, 256) for _ in range(3))
     if shape == "circle":
         draw.ellipse(box, fill=colour)
     elif shape == "square":
@@ -42,12 +40,6 @@ def draw_image(shape: str, resolution: int, rng: random.Random) -> Image.Image:
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
     return image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def write_dataset(url: str, images: int, resolution: int = 64, seed: int = 0,

@@ -4,7 +4,9 @@ out); the discriminator mirrors it with strided convolutions (BatchNorm + LeakyR
 
 Class-conditional (``model.conditional``): G reads the one-hot label beside z (Mirza & Osindero's conditional
 GAN); D adds the projection of its last features onto an embedding of the label (Miyato & Koyama's projection
-discriminator), starting at zero so D begins as the unconditional one. A row of class weights (a blend) works too.
+discriminator). The embedding starts at N(0, 1), so D's verdict depends on the class from the first step: started
+at zero it stayed nearly class-blind for the demo's first thousand steps and G drew every class in every row. A row
+of class weights (a blend) works too.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Discriminator(nn.Module):
         self.apply(init_weights)
         self.embed = nn.Linear(num_classes, widths[-1], bias=False) if num_classes else None
         if self.embed is not None:
-            nn.init.zeros_(self.embed.weight)
+            nn.init.normal_(self.embed.weight)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features = self.net[:-1](images)
