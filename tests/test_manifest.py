@@ -30,6 +30,7 @@ def test_the_manifest_is_written_once_and_reused(shapes_in_bucket):
     first = training_index(data, output)
     assert first == index_images(data.url, options)
     fs, _ = storage.filesystem(data.url, options)
+    assert len(first.sizes) == 12, "every image listed"
     assert list(first.sizes) == [len(fs.cat_file(path)) for path in first.paths], "object sizes from the listing"
     synthetic.write_dataset(f"{bucket}/data/extra", images=3, resolution=16, storage_options=options)
     assert training_index(data, output) == first, "a restart reads the manifest instead of listing again"
