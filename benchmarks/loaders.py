@@ -12,8 +12,9 @@ a proxy that adds 20 ms to every request (S3's first-byte latency), one pass ove
 - decoding the same bytes from memory in one process: the ceiling (and with Pillow alone, without daskgan's
   optional pyspng/simplejpeg).
 
-Every loader decodes with the same function (daskgan's ``decode_image``) to (3, R, R) float tensors, so the figures
-compare getting bytes, not decoders. Mosaic Streaming imports torchvision at import time only (a base class and
+Every loader decodes with the same function (daskgan's ``decode_uint8``) to (3, R, R) uint8 tensors batched as
+they are (what NVlabs' loader and daskgan's stream hand the training step, which converts them on the device), so
+the figures compare getting bytes, not decoders. Mosaic Streaming imports torchvision at import time only (a base class and
 ``to_tensor`` for its vision datasets, which this does not use); where no torchvision fits the installed torch
 (this CPU machine: the registry's torchvision wheels are CUDA builds), a stand-in with those two names is put on
 its path, and the figures say so.
@@ -42,7 +43,7 @@ import torch
 from daskgan.config import DataConfig
 from daskgan.data import synthetic
 from daskgan.data import decode
-from daskgan.data.decode import decode_image
+from daskgan.data.decode import decode_uint8
 from daskgan.data.index import index_images
 from daskgan.data.shards import tar_shard
 from daskgan.data.stream import ImageStream
@@ -115,7 +116,7 @@ class BotoPerItem(torch.utils.data.Dataset):
             import boto3
             self._client = boto3.client("s3", endpoint_url=self.endpoint_url)
         data = self._client.get_object(Bucket=self.bucket, Key=self.keys[item])["Body"].read()
-        return decode_image(data, self.resolution)
+        return decode_uint8(data, self.resolution)
 
 
 def steady_rate(batch_sizes: Iterator[int], count: int) -> float:
@@ -154,7 +155,7 @@ def webdataset_rate(pattern: str, endpoint_url: str, resolution: int, count: int
 
     importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = open_s3  # its table of URL openers
     dataset = (wds.WebDataset(pattern, shardshuffle=False, empty_check=False)
-               .map(lambda sample: decode_image(sample.get("png") or sample["jpg"], resolution)))
+               .map(lambda sample: decode_uint8(sample.get("png") or sample["jpg"], resolution)))
     return loader_rate(dataset, count)
 
 
@@ -166,7 +167,7 @@ def mosaic_rate(remote: str, endpoint_url: str, resolution: int, count: int) -> 
 
         class Decoded(StreamingDataset):
             def __getitem__(self, item):
-                return decode_image(super().__getitem__(item)["image"], resolution)
+                return decode_uint8(super().__getitem__(item)["image"], resolution)
 
         dataset = Decoded(remote=remote, local=local, batch_size=BATCH, shuffle=False)
         return loader_rate(dataset, count)
@@ -209,8 +210,8 @@ def _import_mosaic() -> None:
 
 
 def memory_rate(images: list[bytes], resolution: int, passes: int = 3, pillow_only: bool = False) -> float:
-    """The best of ``passes`` passes decoding every image from memory (the least disturbed by the machine), with
-    the fast decoders where installed, or with Pillow alone."""
+    """The best of ``passes`` passes decoding every image from memory in one thread into batches (the least
+    disturbed by the machine), with the fast decoders where installed, or with Pillow alone."""
     saved = decode.pyspng, decode.simplejpeg
     if pillow_only:
         decode.pyspng = decode.simplejpeg = None
@@ -218,8 +219,8 @@ def memory_rate(images: list[bytes], resolution: int, passes: int = 3, pillow_on
     try:
         for _ in range(passes):
             started = time.perf_counter()
-            for data in images:
-                decode_image(data, resolution)
+            for start in range(0, len(images), BATCH):
+                torch.stack([decode_uint8(data, resolution) for data in images[start:start + BATCH]])
             best = min(best, time.perf_counter() - started)
     finally:
         decode.pyspng, decode.simplejpeg = saved

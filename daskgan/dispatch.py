@@ -116,6 +116,7 @@ def run(
         raise RuntimeError("the Dask cluster has no workers; start some before dispatching")
     master_addr = get_address_host(addresses[0])
     local_ranks = _local_ranks(addresses)
+    ranks_per_host = Counter(get_address_host(address) for address in addresses)
     devices = _device_indices(client, addresses)
     dispatch_id = uuid.uuid4().hex[:12]  # task keys of one dispatch; a port may be reused by a later one
     logger.info("dispatching %s to %d ranks, rendezvous at %s", getattr(fn, "__name__", fn), len(addresses),
@@ -123,7 +124,8 @@ def run(
     return RankFutures([
         client.submit(
             _run_rank, fn, args, kwargs,
-            rank=rank, world_size=len(addresses), local_rank=local_ranks[rank], device_index=devices[rank],
+            rank=rank, world_size=len(addresses), local_rank=local_ranks[rank],
+            local_world_size=ranks_per_host[get_address_host(address)], device_index=devices[rank],
             master_addr=master_addr, master_port=master_port, backend=backend, timeout=timeout,
             pass_local_rank=pass_local_rank, rendezvous=f"daskgan-rendezvous-{dispatch_id}",
             workers=[address], allow_other_workers=False, pure=False,
@@ -198,7 +200,8 @@ def _wait_some(futures: list[Future], seconds: float) -> None:
         pass
 
 
-def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, device_index: int | None,
+def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, local_world_size: int,
+              device_index: int | None,
               master_addr: str, master_port: int | None, backend: str | None, timeout: float, pass_local_rank: bool,
               rendezvous: str) -> Any:
     import torch
@@ -206,7 +209,7 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
 
     store = _rendezvous_store(rank, master_addr, master_port, rendezvous, datetime.timedelta(seconds=timeout))
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(store.port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world_size))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if device_index is not None:
         torch.cuda.set_device(device_index)

@@ -64,7 +64,8 @@ def test_members_stream_by_ranged_gets_without_downloading_the_archive(s3_server
         batches = [next(stream) for _ in range(4)]
         stream.close()
     expected = torch.stack([decode_image(images[name], 8) for name in sorted(images)])
-    assert torch.equal(torch.cat([b.images for b in batches]), expected)
+    assert all(b.images.dtype == torch.uint8 for b in batches), "batches stay uint8 until the device"
+    assert torch.equal(torch.cat([b.real_images() for b in batches]), expected)
     assert torch.cat([b.labels for b in batches]).tolist() == [i % 3 for i in range(20)]
     assert faults.counts["GET"] == faults.counts["ranged GET"] >= 20, "every read is a range request"
 

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import threading
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from daskgan.config import DataConfig
 from daskgan.data import synthetic
 from daskgan.data.decode import DECODE_ERRORS, center_crop_resize, decode_image
 from daskgan.data.index import index_images, shard_indices
+from daskgan.data import stream as stream_module
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.run import storage
 
@@ -67,8 +69,8 @@ def test_decode_crops_center_and_scales_to_unit_range():
     tensor = decode_image(buffer.getvalue(), 10)
     assert tensor.shape == (3, 10, 10)
     assert torch.allclose(tensor, torch.ones_like(tensor)), "crop keeps the white centre only"
-    grey = center_crop_resize(torch.zeros(3, 64, 64, dtype=torch.uint8), 16)
-    assert grey.shape == (3, 16, 16) and grey.min() == -1.0
+    black = center_crop_resize(torch.zeros(3, 64, 64, dtype=torch.uint8), 16)
+    assert black.shape == (3, 16, 16) and black.dtype == torch.uint8 and black.max() == 0
 
 
 def test_palette_and_grey_images_become_rgb():
@@ -109,14 +111,18 @@ def test_stream_resumes_at_its_position(shapes_dataset):
         assert torch.equal(original.images, repeat.images) and torch.equal(original.labels, repeat.labels)
 
 
-def test_corrupt_objects_are_skipped_counted_and_logged_once(shapes_dataset, caplog):
-    url, options = shapes_dataset
+def add_corrupt_objects(url: str, options: dict) -> None:
     png = synthetic.png_bytes(Image.new("RGB", (24, 24)))
     storage.write_many({
         storage.join(url, "circle", "zz-garbage.png"): b"not an image at all",
         storage.join(url, "circle", "zz-truncated.png"): png[: len(png) // 2],
         storage.join(url, "square", "zz-empty.png"): b"",
     }, options)
+
+
+def test_corrupt_objects_are_skipped_counted_and_logged_once(shapes_dataset, caplog):
+    url, options = shapes_dataset
+    add_corrupt_objects(url, options)
     index = index_images(url, options)
     assert len(index) == 43
     config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=5)
@@ -128,6 +134,40 @@ def test_corrupt_objects_are_skipped_counted_and_logged_once(shapes_dataset, cap
     assert stream.skipped == 3
     warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
     assert len(warned) == 3 and any("zz-truncated" in m for m in warned)
+
+
+def test_a_decode_pool_gives_the_batches_of_one_decoding_thread(shapes_dataset, monkeypatch):
+    url, options = shapes_dataset
+    add_corrupt_objects(url, options)
+    index = index_images(url, options)
+    decoding_threads = set()
+    real_decode = stream_module.decode_uint8
+
+    def decode_noting_thread(*args, **kwargs):
+        decoding_threads.add(threading.current_thread().name)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "decode_uint8", decode_noting_thread)
+    runs = {}
+    for threads in (1, 3):
+        config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=5, fetch_batch=43,
+                            decode_threads=threads)  # 43 images: three decode tasks of 16, 16 and 11
+        stream = ImageStream(index, config, seed=2)
+        runs[threads] = ([next(stream) for _ in range(16)], stream.skipped)  # two epochs
+        stream.close()
+    (single, skipped_single), (pooled, skipped_pooled) = runs[1], runs[3]
+    assert skipped_single == skipped_pooled == 3
+    for one, other in zip(single, pooled):
+        assert torch.equal(one.images, other.images) and torch.equal(one.labels, other.labels)
+        assert one.position == other.position
+    assert any(name.startswith("daskgan-decode-rank0") for name in decoding_threads), "the pool decoded"
+
+
+def test_the_default_decode_pool_shares_the_hosts_cores_between_its_ranks(monkeypatch):
+    monkeypatch.setattr(stream_module.os, "sched_getaffinity", lambda _: set(range(12)), raising=False)
+    for ranks_on_host, threads in (("1", 8), ("2", 6), ("5", 2), ("24", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_on_host)
+        assert stream_module.default_decode_threads() == threads
 
 
 def test_local_cache_serves_second_read(shapes_dataset, tmp_path):

@@ -14,7 +14,8 @@ from daskgan import dispatch
 def all_reduce_rank(offset, *, scale):
     value = torch.tensor([float(dist.get_rank() + offset) * scale])
     dist.all_reduce(value)
-    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                           "MASTER_PORT")}
     return value.item(), env, dist.get_backend()
 
 
@@ -34,6 +35,7 @@ def test_every_rank_joins_one_process_group(dask_client):
     assert [e["RANK"] for e in envs] == ["0", "1"]
     assert {e["WORLD_SIZE"] for e in envs} == {"2"}
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "1"], "both workers share one host"
+    assert {e["LOCAL_WORLD_SIZE"] for e in envs} == {"2"}
     assert envs[0]["MASTER_ADDR"] == envs[1]["MASTER_ADDR"] == "127.0.0.1"
     assert {r[2] for r in results} == {"gloo"}
 

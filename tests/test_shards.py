@@ -12,7 +12,7 @@ from fault_proxy import FaultProxy, Faults
 from test_archive import png
 
 from daskgan.config import DataConfig, OutputConfig
-from daskgan.data.decode import decode_image
+from daskgan.data.decode import decode_uint8
 from daskgan.data.index import fetch_objects, index_images
 from daskgan.data.manifest import training_index
 from daskgan.data.shards import epoch_windows, expand_braces, sample_key, tar_shard
@@ -116,7 +116,7 @@ def test_the_stream_gets_each_shard_whole_once_per_epoch(s3_server, shards_in_bu
         batches = [next(stream) for _ in range(SHARDS)]  # one epoch of 30 images
         got = faults.counts["GET"]
         stream.close()
-    decoded = {tuple(decode_image(data, 8).flatten().tolist()): i for i, data in enumerate(images.values())}
+    decoded = {tuple(decode_uint8(data, 8).flatten().tolist()): i for i, data in enumerate(images.values())}
     seen = [decoded[tuple(image.flatten().tolist())] for b in batches for image in b.images]
     assert sorted(seen) == list(range(SHARDS * PER_SHARD)), "every image once"
     assert torch.cat([b.labels for b in batches]).tolist() == [i % CLASSES for i in seen]

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan import dispatch
+from daskgan.data.decode import to_unit_range
 from daskgan.data.stream import Batch, StreamPosition
 from daskgan.training.augment import PIPELINES, AugmentPipe
 from daskgan.training.losses import LOSSES, orthogonal_regularisation, path_lengths
@@ -68,7 +69,8 @@ def one_iteration(gan, images, z_d, z_g, micro_batches, r1_weight=0.0):
 
 def reference_data(size):
     generator = torch.Generator().manual_seed(7)
-    return (torch.rand(size, 3, 4, 4, generator=generator) * 2 - 1, torch.randn(size, Z_DIM, generator=generator),
+    return (torch.randint(0, 256, (size, 3, 4, 4), generator=generator, dtype=torch.uint8),
+            torch.randn(size, Z_DIM, generator=generator),
             torch.randn(size, Z_DIM, generator=generator))
 
 
@@ -165,11 +167,20 @@ def test_compiled_networks_give_the_eager_update_including_r1(process_group):
     assert list(gan.D.module.state_dict()) == list(toy_gan().D.module.state_dict()), "checkpoints look the same"
 
 
+class BatchWithInfinity(Batch):
+    """Reals with one infinite value, as an overflowing fp16 activation would give."""
+
+    def real_images(self, device="cpu"):
+        images = super().real_images(device)
+        images[0, 0, 0, 0] = float("inf")
+        return images
+
+
 def test_a_non_finite_gradient_never_reaches_the_weights(process_group):
     gan = toy_gan()
     images, z_d, _ = reference_data(4)
-    images[0, 0, 0, 0] = float("inf")  # as an overflowing fp16 activation would be
-    discriminator_step(gan, LOSSES["hinge"], batches(images, 1), PreparedNoise(z_d))
+    batch = BatchWithInfinity(images, torch.zeros(len(images), dtype=torch.long), StreamPosition())
+    discriminator_step(gan, LOSSES["hinge"], [batch], PreparedNoise(z_d))
     grads = [p.grad for p in gan.D.parameters()]
     assert all(torch.isfinite(g).all() for g in grads), "gradients sanitised before the update"
     assert all(torch.isfinite(p).all() for p in gan.D.parameters())
@@ -211,7 +222,7 @@ def test_r1_pass_steps_d_by_the_penalty_gradient_alone(process_group):
     images, _, _ = reference_data(6)
     reference = ToyDiscriminator()
     reference.load_state_dict(gan.D.module.state_dict())
-    real = images.clone().requires_grad_(True)
+    real = to_unit_range(images).requires_grad_(True)
     (r1_penalty(real, reference(real)) * 2.5).backward()  # one batch = the mean over its micro-batches
     expected = [p.detach() - (0.0 if p.grad is None else 0.5 * p.grad) for p in reference.parameters()]  # SGD lr 0.5
     stats = r1_step(gan, batches(images, 3), torch.device("cpu"), r1_weight=2.5)
@@ -243,7 +254,7 @@ def test_g_accumulates_its_own_number_of_micro_batches(process_group):
     gan = build_gan(job, 0, torch.device("cpu"))
     calls = []
     gan.G.module.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
-    stream = iter([Batch(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), StreamPosition())] * 2)
+    stream = iter([Batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), StreamPosition())] * 2)
     noise = Noise(torch.Generator().manual_seed(0), 4, 0, torch.device("cpu"))
     _train_iteration(job, gan, stream, noise, 1)
     assert calls == [2, 2, 2, 2, 2], "2 fake micro-batches for D's step, then 3 for G's (BigGAN-PyTorch's counts)"

@@ -37,6 +37,7 @@ class DataConfig:
     resolution: int = 64
     batch_size: int = 64  # per worker
     prefetch_batches: int = 4
+    decode_threads: Optional[int] = None  # threads decoding a rank's images; default: its share of the host's cores
     fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
     cache_dir: Optional[str] = None  # a local folder keeping fetched objects for later epochs
     cache_max_gb: Optional[float] = None  # its bound; default: 80% of the disk space it can have at start
@@ -55,6 +56,7 @@ class DataConfig:
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
         require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
+        require(self.decode_threads is None or self.decode_threads >= 1, "data.decode_threads", "must be >= 1")
         require(self.shuffle_shards >= 1, "data.shuffle_shards", "must be >= 1")
         require(self.retry_tries >= 1 and self.retry_seconds > 0, "data.retry_tries/retry_seconds",
                 "must be >= 1 / > 0")

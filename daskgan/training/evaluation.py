@@ -132,7 +132,7 @@ class Evaluator:
                              drop_last=False)
         try:
             for batch in stream:
-                yield as_rgb(batch.images).to(self.device)
+                yield as_rgb(batch.real_images(self.device))
         finally:
             stream.close()
 

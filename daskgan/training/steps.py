@@ -79,7 +79,7 @@ def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noi
     gan.opt_D.zero_grad(set_to_none=True)
     stats = _Means()
     for last, batch in _marking_last(batches):
-        real = batch.images.to(noise.device).detach().requires_grad_(r1_weight > 0)  # R1 differentiates through augment
+        real = batch.real_images(noise.device).requires_grad_(r1_weight > 0)  # R1 differentiates through augment
         real_labels = batch.labels.to(noise.device) if gan.num_classes else None
         z, fake_labels = noise.draw(real.shape[0])
         with torch.no_grad():
@@ -107,7 +107,7 @@ def r1_step(gan: Gan, batches: list[Batch], device: torch.device, r1_weight: flo
     gan.opt_D.zero_grad(set_to_none=True)
     stats = _Means()
     for last, batch in _marking_last(batches):
-        real = batch.images.to(device).detach().requires_grad_(True)
+        real = batch.real_images(device).requires_grad_(True)
         labels = batch.labels.to(device) if gan.num_classes else None
         with _sync_when(gan.D, last), eager(gan.D):
             logits = gan.D(gan.augment(real), labels)
