@@ -1,8 +1,8 @@
 """Image bytes to training tensors: RGB, centre crop to a square, antialiased resize, values in [-1, 1].
 
-Images stay uint8 (as NVlabs' datasets keep them) until a whole batch is converted to [-1, 1] at once: one
-vectorised conversion per batch instead of four small ones per image (on 256 px JPEGs those cost as much as the
-decoding), and a quarter of the memory for batches waiting in a prefetch queue.
+The stream keeps images uint8 (``decode_uint8``, as NVlabs' datasets keep them) and the training step converts a
+whole batch to [-1, 1] on its device: per-image float conversion and stacking cost several times the decoding of a
+256 px JPEG here, and uint8 is a quarter of the bytes to queue and to copy to a GPU.
 
 Pillow decodes everything; where installed (``pip install 'daskgan[fast-decode]'``), pyspng decodes 8-bit PNGs and
 simplejpeg YCbCr/grayscale JPEGs to RGB, both several times faster. They are used only where their pixels are

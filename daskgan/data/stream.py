@@ -34,7 +34,8 @@ from daskgan.run import storage
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_DECODE_THREADS = 8
-DECODE_CHUNK = 16  # images per task of the decode pool: a 64 px PNG decodes in ~0.1 ms, a task costs ~0.02 ms
+DECODE_CHUNK = 16  # images per task of the decode pool: a 64 px PNG decodes in tens of microseconds, so one task
+#                    per image would spend much of it handing work out
 
 
 @dataclass(frozen=True)
