@@ -2,7 +2,9 @@
 
 import io
 import logging
+import multiprocessing
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from daskgan.config import DataConfig
 from daskgan.data import synthetic
 from daskgan.data.decode import DECODE_ERRORS, center_crop_resize, decode_image
 from daskgan.data.index import index_images, shard_indices
-from daskgan.data import stream as stream_module
+from daskgan.data import decoders
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.run import storage
 
@@ -136,38 +138,54 @@ def test_corrupt_objects_are_skipped_counted_and_logged_once(shapes_dataset, cap
     assert len(warned) == 3 and any("zz-truncated" in m for m in warned)
 
 
-def test_a_decode_pool_gives_the_batches_of_one_decoding_thread(shapes_dataset, monkeypatch):
+@pytest.mark.parametrize("mirror", [False, True])
+def test_decode_threads_and_processes_give_the_batches_of_one_decoding_thread(shapes_dataset, monkeypatch, mirror):
     url, options = shapes_dataset
     add_corrupt_objects(url, options)
     index = index_images(url, options)
-    decoding_threads = set()
-    real_decode = stream_module.decode_uint8
+    decoded_where = []  # threads of this process that decoded; decoding processes leave nothing here
+    real_decode = decoders.decode_array
 
     def decode_noting_thread(*args, **kwargs):
-        decoding_threads.add(threading.current_thread().name)
+        decoded_where.append(threading.current_thread().name)
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(stream_module, "decode_uint8", decode_noting_thread)
-    runs = {}
-    for threads in (1, 3):
+    monkeypatch.setattr(decoders, "decode_array", decode_noting_thread)
+    runs, children = {}, {}
+    for plan in ({"decode_threads": 1}, {"decode_threads": 3}, {"decode_processes": 2}):
+        decoded_where.clear()
         config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=5, fetch_batch=43,
-                            decode_threads=threads)  # 43 images: three decode tasks of 16, 16 and 11
+                            mirror=mirror, **plan)  # 43 entries: decode tasks of 16, 16 and 11 in a pool of threads
         stream = ImageStream(index, config, seed=2)
-        runs[threads] = ([next(stream) for _ in range(16)], stream.skipped)  # two epochs
+        batches = [next(stream) for _ in range(16 if not mirror else 30)]  # two epochs
+        children[str(plan)] = len(multiprocessing.active_children())
         stream.close()
-    (single, skipped_single), (pooled, skipped_pooled) = runs[1], runs[3]
-    assert skipped_single == skipped_pooled == 3
-    for one, other in zip(single, pooled):
-        assert torch.equal(one.images, other.images) and torch.equal(one.labels, other.labels)
-        assert one.position == other.position
-    assert any(name.startswith("daskgan-decode-rank0") for name in decoding_threads), "the pool decoded"
+        runs[str(plan)] = (batches, stream.skipped, list(decoded_where))
+    (single, skipped_single, _), (threads, skipped_threads, in_threads), (processes, skipped_processes, in_parent) = (
+        runs.values())
+    assert skipped_single == skipped_threads == skipped_processes == 3
+    for one, *others in zip(single, threads, processes):
+        for other in others:
+            assert torch.equal(one.images, other.images) and torch.equal(one.labels, other.labels)
+            assert one.position == other.position
+    assert any(name.startswith("daskgan-decode-rank0") for name in in_threads), "the thread pool decoded"
+    assert in_parent == [] and children[str({"decode_processes": 2})] >= 1, "processes decoded, not this one"
 
 
-def test_the_default_decode_pool_shares_the_hosts_cores_between_its_ranks(monkeypatch):
-    monkeypatch.setattr(stream_module.os, "sched_getaffinity", lambda _: set(range(12)), raising=False)
-    for ranks_on_host, threads in (("1", 8), ("2", 6), ("5", 2), ("24", 1)):
+def test_the_decode_plan_shares_the_hosts_cores_and_decodes_in_processes_for_a_gpu(monkeypatch, caplog):
+    monkeypatch.setattr(decoders.os, "sched_getaffinity", lambda _: set(range(12)), raising=False)
+    for ranks_on_host, share in (("1", 8), ("2", 6), ("5", 2), ("24", 1)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_on_host)
-        assert stream_module.default_decode_threads() == threads
+        assert decoders.rank_share_of_cores() == share
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert decoders.decode_plan(None, None, on_gpu=True) == ("processes", 3)
+    assert decoders.decode_plan(None, None, on_gpu=False) == ("threads", 3)
+    assert decoders.decode_plan(0, None, on_gpu=True) == ("threads", 3), "0 processes: threads"
+    assert decoders.decode_plan(None, 1, on_gpu=False) == ("inline", 1)
+    assert decoders.decode_plan(5, 2, on_gpu=False) == ("processes", 5)
+    monkeypatch.setattr(decoders.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    assert decoders.decode_plan(None, 2, on_gpu=True) == ("threads", 2), "a daemonic worker cannot have children"
+    assert "distributed.worker.daemon" in caplog.text
 
 
 def test_local_cache_serves_second_read(shapes_dataset, tmp_path):

@@ -162,6 +162,7 @@ def test_a_shard_that_fails_transiently_is_fetched_again(s3_server, shards_in_bu
 
 @pytest.mark.slow
 def test_a_shard_set_trains_with_its_labels_and_resumes_as_an_uninterrupted_run(dask_client, shards_in_bucket):
+    """The resumed half decodes in a process beside each Dask worker, the rest in the worker: the same batches."""
     from daskgan.cluster.driver import run_job
     from daskgan.config import JobConfig
     from daskgan.run import checkpoint
@@ -170,10 +171,10 @@ def test_a_shard_set_trains_with_its_labels_and_resumes_as_an_uninterrupted_run(
     pattern, options, _ = shards_in_bucket
     bucket = pattern.split("/shards/")[0]
 
-    def job(run: str, iterations: int) -> JobConfig:
+    def job(run: str, iterations: int, **data) -> JobConfig:
         return JobConfig.from_dict({
             "data": {"url": pattern, "storage_options": options, "resolution": 8, "batch_size": 4,
-                     "shuffle_shards": 2},
+                     "shuffle_shards": 2, **data},
             "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4, "conditional": True},
             "train": {"iterations": iterations},
             "output": {"run_url": f"{bucket}/{run}", "storage_options": options, "checkpoint_every": 2}})
@@ -181,7 +182,7 @@ def test_a_shard_set_trains_with_its_labels_and_resumes_as_an_uninterrupted_run(
     straight = run_job(dask_client, job("straight", 6))
     assert checkpoint.load(straight["checkpoint"], options)["model"]["num_classes"] == CLASSES
     run_job(dask_client, job("resumed", 3))  # 12 images a rank: stops inside its third shard
-    resumed = run_job(dask_client, job("resumed", 6))
+    resumed = run_job(dask_client, job("resumed", 6, decode_processes=1))  # the Dask worker's own decoding process
     assert resumed["resumed_from"].endswith("000000003.pt")
     records = load(f"{bucket}/resumed", options)
     assert records["iteration"].tolist() == list(range(1, 7))

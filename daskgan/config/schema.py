@@ -38,6 +38,8 @@ class DataConfig:
     batch_size: int = 64  # per worker
     prefetch_batches: int = 4
     decode_threads: Optional[int] = None  # threads decoding a rank's images; default: its share of the host's cores
+    decode_processes: Optional[int] = None  # processes decoding them instead (0: threads); default: the rank's
+    #                                         share of the cores when it trains on a GPU, else 0
     fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
     cache_dir: Optional[str] = None  # a local folder keeping fetched objects for later epochs
     cache_max_gb: Optional[float] = None  # its bound; default: 80% of the disk space it can have at start
@@ -57,6 +59,7 @@ class DataConfig:
         require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
         require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")
         require(self.decode_threads is None or self.decode_threads >= 1, "data.decode_threads", "must be >= 1")
+        require(self.decode_processes is None or self.decode_processes >= 0, "data.decode_processes", "must be >= 0")
         require(self.shuffle_shards >= 1, "data.shuffle_shards", "must be >= 1")
         require(self.retry_tries >= 1 and self.retry_seconds > 0, "data.retry_tries/retry_seconds",
                 "must be >= 1 / > 0")

@@ -1,8 +1,8 @@
 """One rank's training batches, streamed from any fsspec URL and fetched ahead of the training step.
 
 - ``ImageStream`` is an endless iterator of batches for one rank: a background thread fetches many objects at
-  once (s3fs ``cat`` of a list runs the GETs concurrently), decodes them (in a pool of ``data.decode_threads``:
-  Pillow, simplejpeg and torch release the GIL while they work) and keeps a bounded queue of ready batches, so
+  once (s3fs ``cat`` of a list runs the GETs concurrently), hands them to the rank's decoder (threads or
+  processes, see ``decoders``) while it fetches the next chunk, and keeps a bounded queue of ready batches, so
   storage latency and decoding hide behind compute. Unreadable objects are skipped, counted and logged once.
 - Its position (epoch, index within the rank's shard) is part of every batch, so a checkpoint can resume the
   stream exactly where it stopped.
@@ -12,12 +12,10 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,16 +24,13 @@ import torch
 from daskgan.config import DataConfig
 from daskgan.data.archive import CorruptMember
 from daskgan.data.cache import DiskCache
-from daskgan.data.decode import DECODE_ERRORS, decode_uint8, to_unit_range
+from daskgan.data.decode import to_unit_range
+from daskgan.data.decoders import Decoder, PendingChunk, decode_plan
 from daskgan.data.index import ImageIndex, fetch_objects, shard_indices
 from daskgan.data.shards import ShardReader, epoch_windows
 from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
-
-MAX_DEFAULT_DECODE_THREADS = 8
-DECODE_CHUNK = 16  # images per task of the decode pool: a 64 px PNG decodes in tens of microseconds, so one task
-#                    per image would spend much of it handing work out
 
 
 @dataclass(frozen=True)
@@ -64,9 +59,11 @@ class ImageStream:
     """Endless batches of one rank's shard, prefetched by a background thread. Use as an iterator; ``close()`` it."""
 
     def __init__(self, index: ImageIndex, config: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start: StreamPosition = StreamPosition(), epochs: int | None = None, drop_last: bool = True):
+                 start: StreamPosition = StreamPosition(), epochs: int | None = None, drop_last: bool = True,
+                 on_gpu: bool = False):
         """``epochs``: stop after this many (endless without); ``drop_last``: whether an epoch's last batch, short
-        of ``batch_size``, is dropped (training: every batch full) or delivered (a pass over every image)."""
+        of ``batch_size``, is dropped (training: every batch full) or delivered (a pass over every image);
+        ``on_gpu``: the rank trains on a GPU (its images then decode in processes unless the job says otherwise)."""
         self.index = index
         self._epochs, self._drop_last = epochs, drop_last
         self.config = config
@@ -80,9 +77,8 @@ class ImageStream:
         self._sizes = dict(zip(index.paths, index.sizes))
         self._reader = (ShardReader(self._fs, index.shards, index.entry_of, ahead=config.shuffle_shards)
                         if index.shards else None)
-        threads = config.decode_threads or default_decode_threads()
-        self._decoder = (ThreadPoolExecutor(threads, thread_name_prefix=f"daskgan-decode-rank{rank}")
-                         if threads > 1 else None)
+        self._decoder = Decoder(decode_plan(config.decode_processes, config.decode_threads, on_gpu),
+                                config.resolution, config.channels, name=f"daskgan-decode-rank{rank}")
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True,
@@ -109,8 +105,7 @@ class ImageStream:
                 self._thread.join(timeout=0.1)
         if self._reader is not None:
             self._reader.close()
-        if self._decoder is not None:
-            self._decoder.shutdown(wait=True)
+        self._decoder.close()
 
     def _produce(self, start: StreamPosition) -> None:
         try:
@@ -128,29 +123,26 @@ class ImageStream:
             self._put(exc)
 
     def _produce_epoch(self, epoch: int, offset: int) -> bool:
-        """Emit the epoch's full batches from ``offset`` on (the tail that does not fill a batch is dropped).
+        """Emit the epoch's full batches from ``offset`` on (the tail that does not fill a batch is dropped, unless
+        ``drop_last`` is off).
 
-        With ``data.mirror`` the epoch holds every image twice, entries n.. being the x-flipped copies (NVlabs'
-        ``--mirror``); an image fetched for one copy serves both."""
-        count = len(self.index)
-        shard = self._epoch_order(epoch, offset)
+        Chunks of ``data.fetch_batch`` entries are fetched and handed to the decoder one ahead of the chunk being
+        batched, so fetching, decoding and batching overlap. With ``data.mirror`` the epoch holds every image twice,
+        entries n.. being the x-flipped copies (NVlabs' ``--mirror``); an image fetched for one copy serves both."""
+        order = self._epoch_order(epoch, offset)
         chunk_size = self.config.fetch_batch or self.config.batch_size
-        images, labels, emitted = [], [], offset > 0
-        while offset < len(shard) and not self._stop.is_set():
-            chunk = shard[offset:offset + chunk_size]
-            decoded = self._fetch_decoded(sorted({i % count for i in chunk} - self._bad))
-            for i in chunk:
-                offset += 1
-                image = decoded.get(i % count)
-                if image is None:
-                    continue
-                images.append(image.flip(-1) if i >= count else image)
-                labels.append(self.index.labels[i % count])
-                if len(images) == self.config.batch_size:
-                    self._put(Batch(torch.stack(images), torch.tensor(labels), StreamPosition(epoch, offset)))
-                    images, labels, emitted = [], [], True
-        if images and not self._drop_last and not self._stop.is_set():
-            self._put(Batch(torch.stack(images), torch.tensor(labels), StreamPosition(epoch, offset)))
+        waiting, in_flight, emitted = _Rows(), deque(), offset > 0
+        while (offset < len(order) or in_flight) and not self._stop.is_set():
+            if offset < len(order):
+                in_flight.append(self._start_chunk(order[offset:offset + chunk_size], offset))
+                offset = min(offset + chunk_size, len(order))
+            if len(in_flight) > 1 or offset >= len(order):
+                waiting.add(*self._finish_chunk(in_flight.popleft()))
+                while len(waiting) >= self.config.batch_size:
+                    self._put(waiting.take(self.config.batch_size, epoch))
+                    emitted = True
+        if len(waiting) and not self._drop_last and not self._stop.is_set():
+            self._put(waiting.take(len(waiting), epoch))
             emitted = True
         return emitted
 
@@ -165,31 +157,48 @@ class ImageStream:
         self._reader.plan(windows, offset)
         return [image for window in windows for image in window.order]
 
-    def _fetch_decoded(self, indices: list[int]) -> dict[int, torch.Tensor]:
-        """The uint8 images of ``indices`` that could be read; the others are marked bad, counted and logged."""
-        raw = self._fetch_bytes([self.index.paths[i] for i in indices])
-        outcomes = self._decode_all([raw[self.index.paths[i]] for i in indices])
-        decoded = {}
-        for i, outcome in zip(indices, outcomes):
-            if isinstance(outcome, torch.Tensor):
-                decoded[i] = outcome
-                self.images_read += 1
-            else:  # vanished (404), a corrupt archive member, or not an image
-                self._bad.add(i)
-                self.skipped += 1
-                logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far", self.index.paths[i],
-                               type(outcome).__name__, outcome, self.skipped)
-        return decoded
+    def _start_chunk(self, entries: list[int], first: int) -> _Chunk:
+        """Fetch the images of epoch entries ``first``.. (those not known to be unreadable) and start decoding them,
+        in the order the entries first name them (so a chunk without mirrored copies or failures needs no
+        reordering)."""
+        count = len(self.index)
+        images = [i for i in dict.fromkeys(entry % count for entry in entries) if i not in self._bad]
+        raw = self._fetch_bytes([self.index.paths[i] for i in images])
+        readable = [i for i in images if isinstance(raw[self.index.paths[i]], bytes)]
+        unreadable = {i: _reason(raw[self.index.paths[i]]) for i in images
+                      if not isinstance(raw[self.index.paths[i]], bytes)}
+        decoding = self._decoder.submit([raw[self.index.paths[i]] for i in readable])
+        return _Chunk(entries, first, readable, unreadable, decoding)
 
-    def _decode_all(self, blobs: list[bytes | BaseException]) -> list[torch.Tensor | BaseException]:
-        """Each blob's uint8 image or the reason it has none, in order; in the decode pool when there is one."""
-        decode = functools.partial(_decoded_or_error, resolution=self.config.resolution,
-                                   channels=self.config.channels)
-        if self._decoder is None:
-            return [decode(blob) for blob in blobs]
-        chunks = [blobs[start:start + DECODE_CHUNK] for start in range(0, len(blobs), DECODE_CHUNK)]
-        return [outcome for part in self._decoder.map(lambda chunk: [decode(b) for b in chunk], chunks)
-                for outcome in part]
+    def _finish_chunk(self, chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The chunk's images in entry order (flipped for mirrored entries), their labels and the epoch offset
+        after each; unreadable images are marked bad, counted and logged once."""
+        decoded = chunk.decoding.result()
+        unreadable = {**chunk.unreadable, **{chunk.readable[row]: why for row, why in decoded.failures.items()}}
+        for image, why in unreadable.items():
+            self._note_unreadable(image, why)
+        row_of = {image: row for row, image in enumerate(chunk.readable) if row not in decoded.failures}
+        self.images_read += len(row_of)
+        count = len(self.index)
+        kept = [(n, entry) for n, entry in enumerate(chunk.entries, chunk.first) if entry % count in row_of]
+        rows = [row_of[entry % count] for _, entry in kept]
+        images = decoded.images
+        if rows != list(range(len(images))):
+            images = images.index_select(0, torch.tensor(rows, dtype=torch.long))
+        mirrored = torch.tensor([entry >= count for _, entry in kept], dtype=torch.bool)
+        if mirrored.any():
+            images[mirrored] = images[mirrored].flip(-1)
+        labels = torch.tensor([self.index.labels[entry % count] for _, entry in kept], dtype=torch.long)
+        return images, labels, [n + 1 for n, _ in kept]
+
+    def _note_unreadable(self, image: int, why: str) -> None:
+        """A vanished object, a corrupt archive member or not an image: skipped from now on, counted once."""
+        if image in self._bad:
+            return
+        self._bad.add(image)
+        self.skipped += 1
+        logger.warning("skipping unreadable image %s (%s); %d skipped so far", self.index.paths[image], why,
+                       self.skipped)
 
     def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | BaseException]:
         """Fetch objects (or archive members) concurrently, through the local cache when one is set.
@@ -236,21 +245,53 @@ class ImageStream:
                 continue
 
 
-def default_decode_threads() -> int:
-    """This rank's share of the cores its process may run on (``LOCAL_WORLD_SIZE`` ranks share a host), at most
-    ``MAX_DEFAULT_DECODE_THREADS``: beyond that the fetches, not the decoders, set the pace."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(MAX_DEFAULT_DECODE_THREADS, cores // ranks_here))
+@dataclass
+class _Chunk:
+    """Epoch entries ``first``.. on their way: the images being decoded (in ``readable`` order) and those that could
+    not be fetched (vanished, or a corrupt archive member), with the reason."""
+
+    entries: list[int]
+    first: int
+    readable: list[int]
+    unreadable: dict[int, str]
+    decoding: PendingChunk
 
 
-def _decoded_or_error(blob: bytes | BaseException, resolution: int, channels: int) -> torch.Tensor | BaseException:
-    if isinstance(blob, BaseException):
-        return blob
-    try:
-        return decode_uint8(blob, resolution, channels)
-    except DECODE_ERRORS as exc:
-        return exc
+class _Rows:
+    """Decoded images waiting to fill a batch, with their labels and the epoch offset after each."""
+
+    def __init__(self):
+        self._images: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._ends: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def add(self, images: torch.Tensor, labels: torch.Tensor, ends: list[int]) -> None:
+        if ends:
+            self._images.append(images)
+            self._labels.append(labels)
+            self._ends += ends
+
+    def take(self, size: int, epoch: int) -> Batch:
+        """The first ``size`` rows as a batch, positioned right after its last entry (a view when they lie in one
+        decoded chunk, else one copy of the batch)."""
+        images, labels = [], []
+        while size > sum(len(part) for part in images):
+            needed = size - sum(len(part) for part in images)
+            images.append(self._images[0][:needed])
+            labels.append(self._labels[0][:needed])
+            self._images[0], self._labels[0] = self._images[0][needed:], self._labels[0][needed:]
+            if not len(self._images[0]):
+                del self._images[0], self._labels[0]
+        position = StreamPosition(epoch, self._ends[size - 1])
+        self._ends = self._ends[size:]
+        return Batch(*(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (images, labels)), position)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _bytes(gigabytes: float | None) -> int | None:

@@ -129,7 +129,7 @@ class Evaluator:
         skipped, as in training; tar shards read whole)."""
         data = dataclasses.replace(self.config.data, shuffle=False, mirror=False, batch_size=64)
         stream = ImageStream(self.index, data, rank=ranks.rank(), world_size=ranks.world_size(), epochs=1,
-                             drop_last=False)
+                             drop_last=False, on_gpu=self.device.type == "cuda")
         try:
             for batch in stream:
                 yield as_rgb(batch.real_images(self.device))

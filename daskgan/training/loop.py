@@ -103,7 +103,8 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None)
                   fake_label_weights(config.model.family, index.labels, gan.num_classes))
     writer = (records.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank == 0 else None)
-    stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position)
+    stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position,
+                         on_gpu=device.type == "cuda")
     if writer is not None and restart is not None:
         writer.mark_restart(restart["restart"], restart["cause"], start, redone=max(0, restart["last_iteration"] - start))
     if rank == 0:
