@@ -4,7 +4,8 @@ For two image sets (64 px PNG and 256 px JPEG) on the loopback S3 server (moto, 
 a proxy that adds 20 ms to every request (S3's first-byte latency), one pass over every image by:
 
 - daskgan per-object (``ImageStream`` over a folder: one GET per image, many in flight), zip (one ranged GET per
-  member) and tar shards (one GET per shard, a window of shards in flight);
+  member) and tar shards (one GET per shard, a window of shards in flight), decoding in the rank's threads (the
+  default on a CPU), and the shards once more decoding in 2 processes (the default on a GPU);
 - dask-pytorch-ddp's ``S3ImageFolder`` pattern: a torch ``DataLoader`` (2 worker processes) whose dataset GETs one
   object per item with boto3;
 - WebDataset over the same shards (HTTP URLs, 2 DataLoader workers);
@@ -12,7 +13,8 @@ a proxy that adds 20 ms to every request (S3's first-byte latency), one pass ove
 - decoding the same bytes from memory in one process: the ceiling (and with Pillow alone, without daskgan's
   optional pyspng/simplejpeg).
 
-Every loader decodes with the same function (daskgan's ``decode_uint8``) to (3, R, R) uint8 tensors batched as
+Each loader is measured over one pass of the images but daskgan's shards, an endless stream measured over
+``STREAM_IMAGES`` images (several passes). Every loader decodes with the same function (daskgan's ``decode_uint8``) to (3, R, R) uint8 tensors batched as
 they are (what NVlabs' loader and daskgan's stream hand the training step, which converts them on the device), so
 the figures compare getting bytes, not decoders. Mosaic Streaming imports torchvision at import time only (a base class and
 ``to_tensor`` for its vision datasets, which this does not use); where no torchvision fits the installed torch
@@ -38,12 +40,14 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from daskgan.config import DataConfig
 from daskgan.data import synthetic
 from daskgan.data import decode
 from daskgan.data.decode import decode_uint8
+from daskgan.data.decoders import decode_part
 from daskgan.data.index import index_images
 from daskgan.data.shards import tar_shard
 from daskgan.data.stream import ImageStream
@@ -54,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fault_proxy import FaultProxy, Faults  # noqa: E402  (the tests' proxy: 20 ms on every request)
 
 BATCH, SHARDS, WORKERS, LATENCY_S = 64, 8, 2, 0.020
+STREAM_IMAGES = 16384  # a pass over daskgan's shards takes a few hundredths of a second, which timing noise swamps
 
 
 def image_set(kind: str, count: int) -> tuple[int, list[bytes]]:
@@ -79,24 +84,34 @@ def upload(bucket: str, images: list[bytes], options: dict, mds_folder: Path) ->
         zipped.writestr("dataset.json", json.dumps({"labels": [[f"{i // 1000:05d}/img{i:08d}.{ext}", i % 4]
                                                                for i in range(len(images))]}))
     storage.write_bytes(f"{bucket}/data.zip", archive.getvalue(), options)
+    shards = upload_shards(bucket, images, options)
+    mds = _write_mds(images, mds_folder)
+    if mds:
+        storage.write_many({f"{bucket}/mds/{p.name}": p.read_bytes() for p in mds_folder.iterdir()}, options)
+    return {"objects": f"{bucket}/objects", "zip": f"{bucket}/data.zip", "shards": shards,
+            "mds": f"{bucket}/mds" if mds else ""}
+
+
+def upload_shards(bucket: str, images: list[bytes], options: dict) -> str:
+    """The images as ``SHARDS`` WebDataset tar shards under ``bucket`` (made if missing); returns their pattern."""
+    fs, _ = storage.filesystem(bucket, options)
+    if not fs.exists(bucket.removeprefix("s3://")):
+        fs.mkdir(bucket.removeprefix("s3://"))
+    ext = "png" if images[0][:4] == b"\x89PNG" else "jpg"
     per_shard = -(-len(images) // SHARDS)
     for shard in range(SHARDS):
         samples = [(f"{i:06d}", {ext: images[i], "cls": str(i % 4).encode()})
                    for i in range(shard * per_shard, min((shard + 1) * per_shard, len(images)))]
         storage.write_bytes(f"{bucket}/shards/train-{shard:06d}.tar", tar_shard(samples), options)
-    mds = _write_mds(images, mds_folder)
-    if mds:
-        storage.write_many({f"{bucket}/mds/{p.name}": p.read_bytes() for p in mds_folder.iterdir()}, options)
-    return {"objects": f"{bucket}/objects", "zip": f"{bucket}/data.zip",
-            "shards": f"{bucket}/shards/train-{{000000..{SHARDS - 1:06d}}}.tar", "mds": f"{bucket}/mds" if mds else ""}
+    return f"{bucket}/shards/train-{{000000..{SHARDS - 1:06d}}}.tar"
 
 
-def daskgan_rate(url: str, options: dict, resolution: int, count: int) -> float:
+def daskgan_rate(url: str, options: dict, resolution: int, count: int, decode_processes: int = 0) -> float:
     index = index_images(url, options)  # listing (and the shards' header scan) excluded, as a manifest would be
     config = DataConfig(url=url, storage_options=options, resolution=resolution, batch_size=BATCH, fetch_batch=256,
-                        prefetch_batches=8, shuffle_shards=4)
+                        prefetch_batches=8, shuffle_shards=4, decode_processes=decode_processes)
     stream = ImageStream(index, config)
-    rate = steady_rate((len(batch.images) for batch in stream), count)
+    rate = steady_rate((len(batch.images) for batch in stream), max(count, STREAM_IMAGES) if index.shards else count)
     stream.close()
     return rate
 
@@ -210,8 +225,9 @@ def _import_mosaic() -> None:
 
 
 def memory_rate(images: list[bytes], resolution: int, passes: int = 3, pillow_only: bool = False) -> float:
-    """The best of ``passes`` passes decoding every image from memory in one thread into batches (the least
-    disturbed by the machine), with the fast decoders where installed, or with Pillow alone."""
+    """The best of ``passes`` passes decoding every image from memory in one thread into batches as the stream's
+    decoder does (``decode_part``: each image into its row of one uint8 array; the least disturbed pass), with the
+    fast decoders where installed, or with Pillow alone."""
     saved = decode.pyspng, decode.simplejpeg
     if pillow_only:
         decode.pyspng = decode.simplejpeg = None
@@ -220,11 +236,18 @@ def memory_rate(images: list[bytes], resolution: int, passes: int = 3, pillow_on
         for _ in range(passes):
             started = time.perf_counter()
             for start in range(0, len(images), BATCH):
-                torch.stack([decode_uint8(data, resolution) for data in images[start:start + BATCH]])
+                decoded_batch(images[start:start + BATCH], resolution)
             best = min(best, time.perf_counter() - started)
     finally:
         decode.pyspng, decode.simplejpeg = saved
     return len(images) / best
+
+
+def decoded_batch(images: list[bytes], resolution: int) -> torch.Tensor:
+    """(n, 3, R, R) uint8, decoded as the stream's decoder does (each image into its row of one array)."""
+    batch = np.empty((len(images), 3, resolution, resolution), dtype=np.uint8)
+    decode_part(images, batch)
+    return torch.from_numpy(batch)
 
 
 def measure(kind: str, count: int, server: LoopbackS3) -> dict[str, tuple[float, float]]:
@@ -242,6 +265,8 @@ def measure(kind: str, count: int, server: LoopbackS3) -> dict[str, tuple[float,
             for name, url in (("daskgan per-object", urls["objects"]), ("daskgan zip", urls["zip"]),
                               ("daskgan shards", urls["shards"])):
                 rates.setdefault(name, []).append(daskgan_rate(url, via, resolution, count))
+            rates.setdefault(f"daskgan shards, {WORKERS} decode processes", []).append(
+                daskgan_rate(urls["shards"], via, resolution, count, decode_processes=WORKERS))
             rates.setdefault("dask-pytorch-ddp pattern (boto3 per item, DataLoader x2)", []).append(
                 boto_rate(urls["objects"], via, resolution, count))
             rates.setdefault("WebDataset, same shards (DataLoader x2)", []).append(

@@ -178,13 +178,25 @@ def test_the_decode_plan_shares_the_hosts_cores_and_decodes_in_processes_for_a_g
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_on_host)
         assert decoders.rank_share_of_cores() == share
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert decoders.decode_plan(None, None, on_gpu=True) == ("processes", 3)
-    assert decoders.decode_plan(None, None, on_gpu=False) == ("threads", 3)
-    assert decoders.decode_plan(0, None, on_gpu=True) == ("threads", 3), "0 processes: threads"
-    assert decoders.decode_plan(None, 1, on_gpu=False) == ("inline", 1)
-    assert decoders.decode_plan(5, 2, on_gpu=False) == ("processes", 5)
+    image, ample = 3 * 64 * 64, 2**30
+
+    def plan(processes, threads, on_gpu, shm=ample, image_bytes=image):
+        return decoders.decode_plan(processes, threads, on_gpu, image_bytes, shared_memory_free=shm)[:2]
+
+    assert plan(None, None, on_gpu=True) == ("processes", 3)
+    assert plan(None, None, on_gpu=False) == ("threads", 3)
+    assert plan(0, None, on_gpu=True) == ("threads", 3), "0 processes: threads"
+    assert plan(None, 1, on_gpu=False) == ("inline", 1)
+    assert plan(5, 2, on_gpu=False) == ("processes", 5)
+    assert decoders.decode_plan(2, None, False, image, ample).part == 64, "64 px: 64 images a task"
+    big = 3 * 256 * 256
+    assert decoders.decode_plan(2, None, False, big, ample).part * big <= decoders.PROCESS_PART_BYTES
+    # a container's 64 MB /dev/shm: blocks for 4 processes of 1024 px images fit in half of it, 16 processes' not
+    assert plan(4, None, False, shm=64 * 2**20, image_bytes=3 * 1024 ** 2) == ("processes", 4)
+    assert plan(16, None, False, shm=64 * 2**20, image_bytes=3 * 1024 ** 2) == ("threads", 3)
+    assert "/dev/shm has 64 MiB free" in caplog.text
     monkeypatch.setattr(decoders.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
-    assert decoders.decode_plan(None, 2, on_gpu=True) == ("threads", 2), "a daemonic worker cannot have children"
+    assert plan(None, 2, on_gpu=True) == ("threads", 2), "a daemonic worker cannot have children"
     assert "distributed.worker.daemon" in caplog.text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from daskgan.config import DataConfig, OutputConfig
 from daskgan.data.decode import decode_uint8
 from daskgan.data.index import fetch_objects, index_images
 from daskgan.data.manifest import training_index
-from daskgan.data.shards import epoch_windows, expand_braces, sample_key, tar_shard
+from daskgan.data.shards import ShardReader, epoch_windows, expand_braces, sample_key, tar_shard
 from daskgan.data.stream import ImageStream
 from daskgan.errors import NotFound
 from daskgan.run import storage
@@ -122,6 +123,39 @@ def test_the_stream_gets_each_shard_whole_once_per_epoch(s3_server, shards_in_bu
     assert torch.cat([b.labels for b in batches]).tolist() == [i % CLASSES for i in seen]
     assert faults.counts["ranged GET"] == 0, "shards are read whole, not member by member"
     assert SHARDS <= got <= SHARDS + 2, f"{got} GETs: one per shard (and the next window's, fetched ahead)"
+
+
+def test_the_next_epochs_first_window_is_fetched_while_the_last_one_is_read(s3_server, shards_in_bucket):
+    pattern, options, _ = shards_in_bucket
+    index = index_images(pattern, options)
+    faults = Faults()
+    windows = [epoch_windows(index.entries, SHARDS, 0, 1, epoch, seed=4, window=2) for epoch in range(2)]
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        fs, _ = storage.filesystem(pattern, {**options, "endpoint_url": proxy.endpoint_url})
+        reader = ShardReader(fs, index.shards, index.entry_of, ahead=2)
+
+        def read_window(window):
+            paths = [index.paths[i] for i in window.order]
+            assert all(isinstance(data, bytes) for data in reader.read(paths).values())
+
+        def gets_once_settled():
+            for _ in range(100):  # fetches ahead finish in the background
+                before = faults.counts["GET"]
+                time.sleep(0.05)
+                if faults.counts["GET"] == before:
+                    return before
+            raise AssertionError("GETs still going")
+
+        reader.plan(windows[0], then=windows[1][0].shards)
+        for window in windows[0]:
+            read_window(window)
+        first_epoch = gets_once_settled()
+        assert SHARDS <= first_epoch <= SHARDS + 2, "every shard once, and the next epoch's first window's"
+        reader.plan(windows[1], then=())
+        read_window(windows[1][0])
+        assert gets_once_settled() - first_epoch == len(windows[1][1].shards), (
+            "the next epoch's first window was already here: only the window after it was fetched (ahead)")
+        reader.close()
 
 
 def test_the_stream_resumes_mid_shard_exactly(shards_in_bucket):

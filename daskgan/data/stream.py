@@ -27,7 +27,7 @@ from daskgan.data.cache import DiskCache
 from daskgan.data.decode import to_unit_range
 from daskgan.data.decoders import Decoder, PendingChunk, decode_plan
 from daskgan.data.index import ImageIndex, fetch_objects, shard_indices
-from daskgan.data.shards import ShardReader, epoch_windows
+from daskgan.data.shards import ShardReader, Window, epoch_windows
 from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class ImageStream:
         of ``batch_size``, is dropped (training: every batch full) or delivered (a pass over every image);
         ``on_gpu``: the rank trains on a GPU (its images then decode in processes unless the job says otherwise)."""
         self.index = index
-        self._epochs, self._drop_last = epochs, drop_last
+        self._epochs, self._drop_last, self._start_epoch = epochs, drop_last, start.epoch
         self.config = config
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.skipped = 0  # distinct objects that could not be read or decoded
@@ -77,8 +77,9 @@ class ImageStream:
         self._sizes = dict(zip(index.paths, index.sizes))
         self._reader = (ShardReader(self._fs, index.shards, index.entry_of, ahead=config.shuffle_shards)
                         if index.shards else None)
-        self._decoder = Decoder(decode_plan(config.decode_processes, config.decode_threads, on_gpu),
-                                config.resolution, config.channels, name=f"daskgan-decode-rank{rank}")
+        plan = decode_plan(config.decode_processes, config.decode_threads, on_gpu,
+                           image_bytes=config.channels * config.resolution ** 2)
+        self._decoder = Decoder(plan, config.resolution, config.channels, name=f"daskgan-decode-rank{rank}")
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True,
@@ -152,10 +153,14 @@ class ImageStream:
         count = len(self.index) * (2 if self.config.mirror else 1)
         if self._reader is None:
             return shard_indices(count, self.rank, self.world_size, epoch, self.seed, self.config.shuffle)
-        windows = epoch_windows(self.index.entries, len(self.index.shards), self.rank, self.world_size, epoch,
-                                self.seed, self.config.shuffle_shards, self.config.shuffle, self.config.mirror)
-        self._reader.plan(windows, offset)
+        windows = self._windows(epoch)
+        last = self._epochs is not None and epoch + 1 >= self._start_epoch + self._epochs
+        self._reader.plan(windows, offset, then=() if last else self._windows(epoch + 1)[0].shards)
         return [image for window in windows for image in window.order]
+
+    def _windows(self, epoch: int) -> list[Window]:
+        return epoch_windows(self.index.entries, len(self.index.shards), self.rank, self.world_size, epoch, self.seed,
+                             self.config.shuffle_shards, self.config.shuffle, self.config.mirror)
 
     def _start_chunk(self, entries: list[int], first: int) -> _Chunk:
         """Fetch the images of epoch entries ``first``.. (those not known to be unreadable) and start decoding them,

@@ -1,0 +1,96 @@
+"""Does the loader slow the training step? ms per step on batches streamed from S3 vs batches already in memory.
+
+The same DCGAN step (``run.py``'s ``PlainDcgan``, one process, torch on one thread as in a Dask worker) runs on:
+
+- batches decoded beforehand and held in memory (the step alone);
+- an ``ImageStream`` over tar shards of the same images on the loopback S3 server, decoding inline (in the
+  stream's own thread), in 2 threads, and in 1 or 2 processes beside the training process.
+
+Two step sizes: DCGAN 64 px with 64 channels (hundreds of ms of arithmetic: the loader has the whole step to hide
+in) and with 8 channels, a few ms of mostly small operations whose Python dispatch holds the GIL, as a GPU's
+training thread does while it launches kernels: there, every decode that holds the GIL (pyspng does) delays the
+step. The ratio to the in-memory step is the loader's cost. On this 2-core machine the training thread, the S3
+server and the decoders share two cores, so a decoding process also competes for a core, not only for the GIL.
+
+Run: ``make bench`` (or ``.venv/bin/python benchmarks/loader_step.py [--images N] [--steps N]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+
+import torch
+
+from daskgan.config import DataConfig
+from daskgan.data.decode import to_unit_range
+from daskgan.data.index import index_images
+from daskgan.data.stream import ImageStream
+from daskgan.tools.sandbox import LoopbackS3
+from loaders import SHARDS, decoded_batch, image_set, upload_shards
+from run import PlainDcgan
+
+RESOLUTION, BATCH, WARMUP = 64, 64, 10
+LOADERS = {"inline": {"decode_threads": 1}, "2 threads": {"decode_threads": 2},
+           "1 process": {"decode_processes": 1}, "2 processes": {"decode_processes": 2}}
+
+
+def seconds_per_step(model: PlainDcgan, batches, steps: int) -> float:
+    """Mean wall time of ``steps`` steps after ``WARMUP`` (stalls waiting for data count: they are the point)."""
+    for batch in itertools.islice(batches, WARMUP):
+        model.step(to_unit_range(batch))
+    started = time.perf_counter()
+    for batch in itertools.islice(batches, steps):
+        model.step(to_unit_range(batch))
+    return (time.perf_counter() - started) / steps
+
+
+def in_memory(images: list[bytes]):
+    """Endless uint8 batches decoded beforehand, as the stream delivers them."""
+    decoded = [decoded_batch(images[start:start + BATCH], RESOLUTION)
+               for start in range(0, len(images) - BATCH + 1, BATCH)]
+    return itertools.cycle(decoded)
+
+
+def streamed(url: str, options: dict, decoding: dict):
+    index = index_images(url, options)
+    config = DataConfig(url=url, storage_options=options, resolution=RESOLUTION, batch_size=BATCH, fetch_batch=256,
+                        prefetch_batches=4, **decoding)
+    stream = ImageStream(index, config)
+    try:
+        yield from (batch.images for batch in stream)
+    finally:
+        stream.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    _, images = image_set("png64", args.images)
+    with LoopbackS3() as server:
+        os.environ.update(server.environment())
+        options = {"endpoint_url": server.endpoint_url}
+        url = upload_shards("s3://bench-step", images, options)
+        print(f"\nms per DCGAN {RESOLUTION} px step, batch {BATCH}, 64 px PNGs in {SHARDS} tar shards on the loopback "
+              f"S3 server; ratio to the in-memory step\n")
+        print("| step | in memory | " + " | ".join(f"stream, {name}" for name in LOADERS) + " |")
+        print("|---|---|" + "---|" * len(LOADERS))
+        for channels in (64, 8):
+            steps = args.steps if channels == 8 else max(10, args.steps // 6)
+            alone = seconds_per_step(PlainDcgan(RESOLUTION, channels), in_memory(images), steps)
+            cells = [f"{alone * 1000:.1f}"]
+            for decoding in LOADERS.values():
+                batches = streamed(url, options, decoding)
+                with_stream = seconds_per_step(PlainDcgan(RESOLUTION, channels), batches, steps)
+                batches.close()
+                cells.append(f"{with_stream * 1000:.1f} ({with_stream / alone:.2f}x)")
+            print(f"| {channels} channels | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
