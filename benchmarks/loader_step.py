@@ -6,10 +6,10 @@ The same DCGAN step (``run.py``'s ``PlainDcgan``, one process, torch on one thre
 - an ``ImageStream`` over tar shards of the same images on the loopback S3 server, decoding inline (in the
   stream's own thread), in 2 threads, and in 1 or 2 processes beside the training process.
 
-Two step sizes: DCGAN 64 px with 64 channels (hundreds of ms of arithmetic: the loader has the whole step to hide
-in) and with 8 channels, a few ms of mostly small operations whose Python dispatch holds the GIL, as a GPU's
-training thread does while it launches kernels: there, every decode that holds the GIL (pyspng does) delays the
-step. The ratio to the in-memory step is the loader's cost. On this 2-core machine the training thread, the S3
+Two step sizes: DCGAN 64 px with 64 channels (about a second of arithmetic: the loader has the whole step to hide
+in) and with 8 channels (tens of ms, a larger share of it Python dispatch holding the GIL, as a GPU's training
+thread holds it while it launches kernels: there, every decode that holds the GIL, as pyspng's does, delays the
+step). The ratio to the in-memory step is the loader's cost. On this 2-core machine the training thread, the S3
 server and the decoders share two cores, so a decoding process also competes for a core, not only for the GIL.
 
 Run: ``make bench`` (or ``.venv/bin/python benchmarks/loader_step.py [--images N] [--steps N]``).

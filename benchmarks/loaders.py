@@ -28,13 +28,16 @@ requirements), or ``.venv/bin/python benchmarks/loaders.py [--images N]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -250,6 +253,28 @@ def decoded_batch(images: list[bytes], resolution: int) -> torch.Tensor:
     return torch.from_numpy(batch)
 
 
+@contextlib.contextmanager
+def delaying_proxy(target: str, delay_s: float) -> Iterator[str]:
+    """The tests' fault proxy adding ``delay_s`` to every request, in a process of its own: in this one, its
+    forwarding of every byte would take the GIL from the loader measured here (the peers' DataLoader workers are
+    processes of their own)."""
+    context = multiprocessing.get_context("spawn")
+    answer, ready = context.Pipe()
+    process = context.Process(target=_serve_proxy, args=(target, delay_s, ready), daemon=True)
+    process.start()
+    try:
+        yield answer.recv()
+    finally:
+        process.terminate()
+        process.join()
+
+
+def _serve_proxy(target: str, delay_s: float, ready) -> None:
+    with FaultProxy(target, Faults(delay_share=1.0, delay_s=delay_s)) as proxy:
+        ready.send(proxy.endpoint_url)
+        threading.Event().wait()
+
+
 def measure(kind: str, count: int, server: LoopbackS3) -> dict[str, tuple[float, float]]:
     resolution, images = image_set(kind, count)
     bucket = f"s3://bench-{kind}"
@@ -259,8 +284,8 @@ def measure(kind: str, count: int, server: LoopbackS3) -> dict[str, tuple[float,
         urls = upload(bucket, images, options, Path(mds_folder))
     rates: dict[str, list[float]] = {}
     for delay in (0.0, LATENCY_S):
-        with FaultProxy(server.endpoint_url, Faults(delay_share=1.0, delay_s=delay)) as proxy:
-            endpoint = proxy.endpoint_url if delay else server.endpoint_url  # loopback: no proxy in between
+        with delaying_proxy(server.endpoint_url, delay) as proxy_url:
+            endpoint = proxy_url if delay else server.endpoint_url  # loopback: no proxy in between
             via = {"endpoint_url": endpoint}
             for name, url in (("daskgan per-object", urls["objects"]), ("daskgan zip", urls["zip"]),
                               ("daskgan shards", urls["shards"])):

@@ -2,7 +2,8 @@
 
 A configurable share of requests (optionally only GETs of objects) is answered with ``503 SlowDown`` or
 ``500 InternalError`` (S3's XML error bodies), has its connection reset, or is delayed; the rest is forwarded to
-the real server unchanged. Counts of each outcome and of each HTTP method are kept for the test's figures.
+the real server unchanged. Counts of each outcome and of each HTTP method are kept for the test's figures, and the
+most requests it had in flight at once (``counts["most in flight"]``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class FaultProxy:
         self.faults = faults
         self._random = random.Random(faults.seed)
         self._lock = threading.Lock()
+        self._in_flight = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +59,17 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
+                with proxy._lock:
+                    proxy._in_flight += 1
+                    proxy.faults.counts["most in flight"] = max(proxy.faults.counts["most in flight"],
+                                                                 proxy._in_flight)
+                try:
+                    self._forward_or_fail()
+                finally:
+                    with proxy._lock:
+                        proxy._in_flight -= 1
+
+            def _forward_or_fail(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = proxy._choose(self.command, self.path)
                 proxy.faults.counts[fault or "forwarded"] += 1

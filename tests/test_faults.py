@@ -176,3 +176,23 @@ def test_each_image_costs_one_get_and_no_head(s3_server, shapes_in_bucket):
     assert len(batches) == 2
     assert faults.counts["HEAD"] == 0, "s3fs asks each object's size before a whole-object GET unless told not to"
     assert faults.counts["GET"] == stream.images_read >= 16, "one GET per image read"
+
+
+@pytest.mark.parametrize("connections", [None, 4])
+def test_enough_gets_are_in_flight_to_hide_first_byte_latency(s3_server, shapes_in_bucket, connections):
+    """botocore's pool of 10 connections would cap a rank at 100 images/s with 100 ms to a first byte; the user's
+    own setting still wins."""
+    bucket, options = shapes_in_bucket(48)
+    index = index_images(f"{bucket}/data", options)
+    faults = Faults(delay_share=1.0, delay_s=0.2, only_object_gets=True)
+    mine = {"config_kwargs": {"max_pool_connections": connections}} if connections else {}
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        config = DataConfig(url=f"{bucket}/data", storage_options={**options, **mine, "endpoint_url": proxy.endpoint_url},
+                            resolution=16, batch_size=48)
+        stream = ImageStream(index, config)
+        next(stream)
+        stream.close()
+    if connections is None:
+        assert faults.counts["most in flight"] > 10, f"more than botocore's pool of 10: {faults.counts}"
+    else:
+        assert faults.counts["most in flight"] <= connections, faults.counts

@@ -71,7 +71,7 @@ class ImageStream:
         self.skipped = 0  # distinct objects that could not be read or decoded
         self.images_read = 0
         self.retried = 0  # fetches tried again after a transient storage error
-        self._fs, _ = storage.filesystem(index.url, config.storage_options)
+        self._fs, _ = storage.filesystem(index.url, storage.with_read_connections(index.url, config.storage_options))
         self._bad: set[int] = set()
         self._cache = DiskCache(config.cache_dir, _bytes(config.cache_max_gb)) if config.cache_dir else None
         self._sizes = dict(zip(index.paths, index.sizes))

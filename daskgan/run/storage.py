@@ -17,6 +17,7 @@ import posixpath
 import random
 import time
 from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -104,6 +105,22 @@ def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple
     workers, the client), and a cached listing in one of them hides objects the others wrote since.
     """
     return url_to_fs(url, **{"use_listings_cache": False, **resolve_references(storage_options or {})})
+
+
+S3_READ_CONNECTIONS = 64
+
+
+def with_read_connections(url: str, storage_options: StorageOptions | None) -> StorageOptions:
+    """``storage_options`` for reading many objects of an S3 bucket at once: botocore's pool holds 10 connections,
+    so at 100 ms to a first byte a rank would read at most 100 objects/s (measured through a delaying proxy: 116
+    images/s with 10, 474 with 64, where the server's own rate capped it). An explicit
+    ``config_kwargs.max_pool_connections`` wins; other stores are left as they are."""
+    options = dict(storage_options or {})
+    if urlsplit(url).scheme not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", S3_READ_CONNECTIONS)
+    return {**options, "config_kwargs": config}
 
 
 def cat_objects(fs: fsspec.AbstractFileSystem, paths: list[str], on_error: str = "return") -> dict[str, Any]:
