@@ -91,6 +91,9 @@ def test_kubernetes_manifest_is_a_valid_daskcluster_with_gpus_and_secret_refs():
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "daskgan-aws", "key": key}}}
     assert "MALLOC_TRIM_THRESHOLD_" not in env["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]["value"]
+    shm = {volume["name"]: volume for volume in worker_pod["volumes"]}[worker["volumeMounts"][0]["name"]]
+    assert worker["volumeMounts"][0]["mountPath"] == "/dev/shm", "decoding processes and NCCL outgrow a pod's 64 MB"
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
 
 
 def test_irsa_service_account_instead_of_a_secret(tmp_path):
@@ -113,6 +116,7 @@ def test_ec2_arguments_are_ones_ec2cluster_takes():
     assert set(arguments) <= accepted
     assert arguments["iam_instance_profile"] == {"Name": "daskgan-s3-access"}
     assert arguments["worker_instance_type"] == "g5.xlarge" and arguments["spot"] is True
+    assert arguments["docker_args"] == "--shm-size=2g", "Docker's /dev/shm is 64 MB"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -41,6 +41,10 @@ class SchedulerSpec:
     connect_timeout_s: float = 30.0  # how long to keep trying to reach the scheduler
 
 
+SHARED_MEMORY = "2Gi"  # /dev/shm for GPU workers: ranks' decoding processes hand pixels over through it (blocks of
+#                       up to 8 MiB, two per process) and NCCL keeps its buffers there; containers get 64 MB
+
+
 @dataclass
 class KubernetesSpec:
     image: str  # must hold daskgan, torch and the dask versions of the client
@@ -54,6 +58,7 @@ class KubernetesSpec:
     service_account: Optional[str] = None  # IRSA: a service account bound to an IAM role with S3 access
     aws_secret: Optional[str] = None  # a Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
     env: dict = field(default_factory=dict)  # plain settings, e.g. AWS_ENDPOINT_URL_S3, S3_ENDPOINT, AWS_REGION
+    shared_memory: Optional[str] = SHARED_MEMORY  # the workers' /dev/shm (a memory emptyDir); null: the pod's 64 MB
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Ec2Spec:
     security_groups: list = field(default_factory=list)
     filesystem_size: int = 100  # GB
     spot: bool = False
+    shared_memory: Optional[str] = SHARED_MEMORY  # the worker container's /dev/shm (Docker's own is 64 MB)
     env: dict = field(default_factory=dict)
 
 
@@ -160,6 +166,10 @@ def kubernetes_manifest(k8s: KubernetesSpec) -> dict[str, Any]:
     if k8s.aws_secret:
         worker["env"] += [{"name": name, "valueFrom": {"secretKeyRef": {"name": k8s.aws_secret, "key": name}}}
                           for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    if k8s.shared_memory:
+        worker_pod["volumes"] = [*worker_pod.get("volumes", []),
+                                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shared_memory}}]
+        worker["volumeMounts"] = [*worker.get("volumeMounts", []), {"name": "dshm", "mountPath": "/dev/shm"}]
     return manifest
 
 
@@ -171,6 +181,8 @@ def ec2_arguments(ec2: Ec2Spec) -> dict[str, Any]:
         "filesystem_size": ec2.filesystem_size, "spot": ec2.spot, "worker_options": {"nthreads": 1},
         "env_vars": {**ec2.env, **worker_environment_variables()},
     }
+    if ec2.shared_memory:  # Docker's size units: 2Gi -> 2g
+        arguments["docker_args"] = f"--shm-size={ec2.shared_memory.removesuffix('i').lower()}"
     if ec2.iam_instance_profile:
         arguments["iam_instance_profile"] = {"Name": ec2.iam_instance_profile}
     if ec2.subnet_id:
