@@ -151,14 +151,14 @@ def test_decode_threads_and_processes_give_the_batches_of_one_decoding_thread(sh
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(decoders, "decode_array", decode_noting_thread)
-    runs, children = {}, {}
+    runs, children, others = {}, {}, set(multiprocessing.active_children())  # e.g. the session's Dask workers
     for plan in ({"decode_threads": 1}, {"decode_threads": 3}, {"decode_processes": 2}):
         decoded_where.clear()
         config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=5, fetch_batch=43,
                             mirror=mirror, **plan)  # 43 entries: decode tasks of 16, 16 and 11 in a pool of threads
         stream = ImageStream(index, config, seed=2)
         batches = [next(stream) for _ in range(16 if not mirror else 30)]  # two epochs
-        children[str(plan)] = len(multiprocessing.active_children())
+        children[str(plan)] = len(set(multiprocessing.active_children()) - others)
         stream.close()
         runs[str(plan)] = (batches, stream.skipped, list(decoded_where))
     (single, skipped_single, _), (threads, skipped_threads, in_threads), (processes, skipped_processes, in_parent) = (
@@ -170,6 +170,23 @@ def test_decode_threads_and_processes_give_the_batches_of_one_decoding_thread(sh
             assert one.position == other.position
     assert any(name.startswith("daskgan-decode-rank0") for name in in_threads), "the thread pool decoded"
     assert in_parent == [] and children[str({"decode_processes": 2})] >= 1, "processes decoded, not this one"
+
+
+def test_a_killed_decoding_process_stops_the_stream_with_one_clear_error(shapes_dataset):
+    url, options = shapes_dataset
+    config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=4, fetch_batch=4,
+                        prefetch_batches=1, decode_processes=1)
+    others = set(multiprocessing.active_children())  # e.g. the session's Dask workers
+    stream = ImageStream(index_images(url, options), config)
+    next(stream)
+    decoding = set(multiprocessing.active_children()) - others
+    assert decoding, "a decoding process"
+    for child in decoding:
+        child.kill()  # as the kernel's OOM killer would
+    with pytest.raises(decoders.DecoderDied, match="data.decode_processes: 0"):
+        for _ in range(20):  # the batches already queued, then the error
+            next(stream)
+    stream.close()
 
 
 def test_the_decode_plan_shares_the_hosts_cores_and_decodes_in_processes_for_a_gpu(monkeypatch, caplog):

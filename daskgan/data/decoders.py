@@ -115,9 +115,16 @@ class PendingChunk:
             try:
                 failures.update({start + row: why for row, why in part.result().items()})
             except BrokenProcessPool as error:
-                raise RuntimeError("a decoding process died (out of memory?); set data.decode_processes: 0 to "
-                                   "decode in threads") from error
+                raise DecoderDied() from error
         return DecodedChunk(torch.from_numpy(self._images), failures)
+
+
+class DecoderDied(RuntimeError):
+    """A decoding process was killed (most often for memory): the rank's stream cannot go on."""
+
+    def __init__(self):
+        super().__init__("a decoding process died (out of memory?); give the workers more memory or set "
+                         "data.decode_processes: 0 to decode in threads")
 
 
 class Decoder:
@@ -160,7 +167,11 @@ class Decoder:
         """Decode ``blobs`` in a worker process into a shared block, then copy them to ``out`` (a pipe would carry
         the pixels at a fraction of memory's speed) and free the block for the next part."""
         block = self._blocks.take()
-        decoding = self._pool.submit(decode_into_shared, block.name, blobs, out.shape)
+        try:
+            decoding = self._pool.submit(decode_into_shared, block.name, blobs, out.shape)
+        except BrokenProcessPool as error:
+            self._blocks.give_back(block)
+            raise DecoderDied() from error
         copied: Future = Future()
 
         def copy_out(done: Future) -> None:
