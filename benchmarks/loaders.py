@@ -14,9 +14,10 @@ a proxy that adds 20 ms to every request (S3's first-byte latency), one pass ove
   optional pyspng/simplejpeg).
 
 Each loader is measured over one pass of the images but daskgan's shards, an endless stream measured over
-``STREAM_IMAGES`` images (several passes). Every loader decodes with the same function (daskgan's ``decode_uint8``) to (3, R, R) uint8 tensors batched as
-they are (what NVlabs' loader and daskgan's stream hand the training step, which converts them on the device), so
-the figures compare getting bytes, not decoders. Mosaic Streaming imports torchvision at import time only (a base class and
+``STREAM_IMAGES`` images (several passes). Every loader decodes with the same function (daskgan's ``decode_uint8``;
+its stream, ``decode_part`` into one array per chunk) to (3, R, R) uint8 images batched as they are (what NVlabs'
+loader and daskgan's stream hand the training step, which converts them on the device), so the figures compare
+getting bytes, not decoders. Mosaic Streaming imports torchvision at import time only (a base class and
 ``to_tensor`` for its vision datasets, which this does not use); where no torchvision fits the installed torch
 (this CPU machine: the registry's torchvision wheels are CUDA builds), a stand-in with those two names is put on
 its path, and the figures say so.

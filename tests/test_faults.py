@@ -187,8 +187,8 @@ def test_enough_gets_are_in_flight_to_hide_first_byte_latency(s3_server, shapes_
     faults = Faults(delay_share=1.0, delay_s=0.2, only_object_gets=True)
     mine = {"config_kwargs": {"max_pool_connections": connections}} if connections else {}
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
-        config = DataConfig(url=f"{bucket}/data", storage_options={**options, **mine, "endpoint_url": proxy.endpoint_url},
-                            resolution=16, batch_size=48)
+        proxied = {**options, **mine, "endpoint_url": proxy.endpoint_url}
+        config = DataConfig(url=f"{bucket}/data", storage_options=proxied, resolution=16, batch_size=48)
         stream = ImageStream(index, config)
         next(stream)
         stream.close()
