@@ -1,6 +1,7 @@
 """Does the loader slow the training step? ms per step on batches streamed from S3 vs batches already in memory.
 
-The same DCGAN step (``run.py``'s ``PlainDcgan``, one process, torch on one thread as in a Dask worker) runs on:
+The same DCGAN step (``run.py``'s ``PlainDcgan``, one process; on a GPU where there is one, else on the CPU with
+torch on one thread as in a Dask worker) runs on:
 
 - batches decoded beforehand and held in memory (the step alone);
 - an ``ImageStream`` over tar shards of the same images on the loopback S3 server, decoding inline (in the
@@ -38,13 +39,21 @@ LOADERS = {"inline": {"decode_threads": 1}, "2 threads": {"decode_threads": 2},
 
 
 def seconds_per_step(model: PlainDcgan, batches, steps: int) -> float:
-    """Mean wall time of ``steps`` steps after ``WARMUP`` (stalls waiting for data count: they are the point)."""
+    """Mean wall time of ``steps`` steps after ``WARMUP`` (stalls waiting for data count: they are the point). Each
+    uint8 batch is converted on the model's device, as the training step does."""
     for batch in itertools.islice(batches, WARMUP):
-        model.step(to_unit_range(batch))
+        model.step(to_unit_range(batch.to(model.device)))
+    synchronize(model.device)
     started = time.perf_counter()
     for batch in itertools.islice(batches, steps):
-        model.step(to_unit_range(batch))
+        model.step(to_unit_range(batch.to(model.device)))
+    synchronize(model.device)
     return (time.perf_counter() - started) / steps
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def in_memory(images: list[bytes]):
@@ -70,23 +79,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as in a Dask worker
     _, images = image_set("png64", args.images)
     with LoopbackS3() as server:
         os.environ.update(server.environment())
         options = {"endpoint_url": server.endpoint_url}
         url = upload_shards("s3://bench-step", images, options)
-        print(f"\nms per DCGAN {RESOLUTION} px step, batch {BATCH}, 64 px PNGs in {SHARDS} tar shards on the loopback "
-              f"S3 server; ratio to the in-memory step\n")
+        print(f"\nms per DCGAN {RESOLUTION} px step on {device.type}, batch {BATCH}, 64 px PNGs in {SHARDS} tar "
+              f"shards on the loopback S3 server; ratio to the in-memory step\n")
         print("| step | in memory | " + " | ".join(f"stream, {name}" for name in LOADERS) + " |")
         print("|---|---|" + "---|" * len(LOADERS))
         for channels in (64, 8):
             steps = args.steps if channels == 8 else max(10, args.steps // 6)
-            alone = seconds_per_step(PlainDcgan(RESOLUTION, channels), in_memory(images), steps)
+            alone = seconds_per_step(PlainDcgan(RESOLUTION, channels, device=device), in_memory(images), steps)
             cells = [f"{alone * 1000:.1f}"]
             for decoding in LOADERS.values():
                 batches = streamed(url, options, decoding)
-                with_stream = seconds_per_step(PlainDcgan(RESOLUTION, channels), batches, steps)
+                with_stream = seconds_per_step(PlainDcgan(RESOLUTION, channels, device=device), batches, steps)
                 batches.close()
                 cells.append(f"{with_stream * 1000:.1f} ({with_stream / alone:.2f}x)")
             print(f"| {channels} channels | " + " | ".join(cells) + " |", flush=True)

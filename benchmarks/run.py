@@ -56,15 +56,17 @@ def raw_get_rate(url: str, options: dict) -> float:
 class PlainDcgan:
     """train_gan's DCGAN step (BCE, Adam 2e-4/0.5) in one process, without DDP or Dask."""
 
-    def __init__(self, resolution: int = RESOLUTION, channels: int = CHANNELS, z_dim: int = Z_DIM):
+    def __init__(self, resolution: int = RESOLUTION, channels: int = CHANNELS, z_dim: int = Z_DIM,
+                 device: torch.device | str = "cpu"):
         torch.manual_seed(0)
-        self.z_dim = z_dim
-        self.G, self.D = Generator(resolution, z_dim, channels), Discriminator(resolution, channels)
+        self.z_dim, self.device = z_dim, torch.device(device)
+        self.G = Generator(resolution, z_dim, channels).to(self.device)
+        self.D = Discriminator(resolution, channels).to(self.device)
         self.opt_G = torch.optim.Adam(self.G.parameters(), 2e-4, betas=(0.5, 0.999))
         self.opt_D = torch.optim.Adam(self.D.parameters(), 2e-4, betas=(0.5, 0.999))
 
     def step(self, real: torch.Tensor) -> None:
-        fake = self.G(torch.randn(len(real), self.z_dim))
+        fake = self.G(torch.randn(len(real), self.z_dim, device=self.device))
         self.opt_D.zero_grad()
         real_logits, fake_logits = self.D(real), self.D(fake.detach())
         (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
