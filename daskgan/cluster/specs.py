@@ -41,8 +41,9 @@ class SchedulerSpec:
     connect_timeout_s: float = 30.0  # how long to keep trying to reach the scheduler
 
 
-SHARED_MEMORY = "2Gi"  # /dev/shm for GPU workers: ranks' decoding processes hand pixels over through it (blocks of
-#                       up to 8 MiB, two per process) and NCCL keeps its buffers there; containers get 64 MB
+# /dev/shm for GPU workers: ranks' decoding processes hand pixels over through it (blocks of up to 8 MiB, two per
+# process) and NCCL keeps its buffers there; a container gets 64 MB
+WORKER_SHARED_MEMORY = "2Gi"
 
 
 @dataclass
@@ -58,7 +59,7 @@ class KubernetesSpec:
     service_account: Optional[str] = None  # IRSA: a service account bound to an IAM role with S3 access
     aws_secret: Optional[str] = None  # a Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
     env: dict = field(default_factory=dict)  # plain settings, e.g. AWS_ENDPOINT_URL_S3, S3_ENDPOINT, AWS_REGION
-    shared_memory: Optional[str] = SHARED_MEMORY  # the workers' /dev/shm (a memory emptyDir); null: the pod's 64 MB
+    shared_memory: Optional[str] = WORKER_SHARED_MEMORY  # the workers' /dev/shm (memory emptyDir); null: 64 MB
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Ec2Spec:
     security_groups: list = field(default_factory=list)
     filesystem_size: int = 100  # GB
     spot: bool = False
-    shared_memory: Optional[str] = SHARED_MEMORY  # the worker container's /dev/shm (Docker's own is 64 MB)
+    shared_memory: Optional[str] = WORKER_SHARED_MEMORY  # the worker container's /dev/shm (Docker's own is 64 MB)
     env: dict = field(default_factory=dict)
 
 

@@ -77,6 +77,7 @@ class ImageStream:
         self._sizes = dict(zip(index.paths, index.sizes))
         self._reader = (ShardReader(self._fs, index.shards, index.entry_of, ahead=config.shuffle_shards)
                         if index.shards else None)
+        self._planned: tuple[int, list[Window]] | None = None  # the last epoch's shard windows worked out
         plan = decode_plan(config.decode_processes, config.decode_threads, on_gpu,
                            image_bytes=config.channels * config.resolution ** 2)
         self._decoder = Decoder(plan, config.resolution, config.channels, name=f"daskgan-decode-rank{rank}")
@@ -159,8 +160,13 @@ class ImageStream:
         return [image for window in windows for image in window.order]
 
     def _windows(self, epoch: int) -> list[Window]:
-        return epoch_windows(self.index.entries, len(self.index.shards), self.rank, self.world_size, epoch, self.seed,
-                             self.config.shuffle_shards, self.config.shuffle, self.config.mirror)
+        """``epoch_windows`` of this rank, kept for the last epoch asked: each epoch's windows are first worked out
+        for the previous epoch's look ahead (a pass over every entry of the dataset)."""
+        if self._planned is None or self._planned[0] != epoch:
+            self._planned = (epoch, epoch_windows(self.index.entries, len(self.index.shards), self.rank,
+                                                  self.world_size, epoch, self.seed, self.config.shuffle_shards,
+                                                  self.config.shuffle, self.config.mirror))
+        return self._planned[1]
 
     def _start_chunk(self, entries: list[int], first: int) -> _Chunk:
         """Fetch the images of epoch entries ``first``.. (those not known to be unreadable) and start decoding them,
@@ -169,11 +175,10 @@ class ImageStream:
         count = len(self.index)
         images = [i for i in dict.fromkeys(entry % count for entry in entries) if i not in self._bad]
         raw = self._fetch_bytes([self.index.paths[i] for i in images])
-        readable = [i for i in images if isinstance(raw[self.index.paths[i]], bytes)]
-        unreadable = {i: _reason(raw[self.index.paths[i]]) for i in images
-                      if not isinstance(raw[self.index.paths[i]], bytes)}
-        decoding = self._decoder.submit([raw[self.index.paths[i]] for i in readable])
-        return _Chunk(entries, first, readable, unreadable, decoding)
+        fetched = {i: raw[self.index.paths[i]] for i in images}
+        readable = [i for i, data in fetched.items() if isinstance(data, bytes)]
+        unreadable = {i: _reason(data) for i, data in fetched.items() if not isinstance(data, bytes)}
+        return _Chunk(entries, first, readable, unreadable, self._decoder.submit([fetched[i] for i in readable]))
 
     def _finish_chunk(self, chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The chunk's images in entry order (flipped for mirrored entries), their labels and the epoch offset
@@ -282,12 +287,12 @@ class _Rows:
     def take(self, size: int, epoch: int) -> Batch:
         """The first ``size`` rows as a batch, positioned right after its last entry (a view when they lie in one
         decoded chunk, else one copy of the batch)."""
-        images, labels = [], []
-        while size > sum(len(part) for part in images):
-            needed = size - sum(len(part) for part in images)
+        images, labels, needed = [], [], size
+        while needed:
             images.append(self._images[0][:needed])
             labels.append(self._labels[0][:needed])
             self._images[0], self._labels[0] = self._images[0][needed:], self._labels[0][needed:]
+            needed -= len(images[-1])
             if not len(self._images[0]):
                 del self._images[0], self._labels[0]
         position = StreamPosition(epoch, self._ends[size - 1])
