@@ -16,15 +16,17 @@ so the stream assembles batches with a few tensor operations instead of per-imag
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
-import threading
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Literal, NamedTuple
+from multiprocessing.connection import Connection
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -103,19 +105,22 @@ class DecodedChunk:
     failures: dict[int, str]
 
 
+class _Part(Protocol):
+    """A part of a chunk being decoded: ``result()`` waits for it and gives its failures by row."""
+
+    def result(self) -> dict[int, str]: ...
+
+
 class PendingChunk:
     """A chunk being decoded into one array, in parts; ``result()`` waits for them."""
 
-    def __init__(self, images: np.ndarray, parts: list[tuple[int, Future]]):
+    def __init__(self, images: np.ndarray, parts: list[tuple[int, _Part]]):
         self._images, self._parts = images, parts
 
     def result(self) -> DecodedChunk:
         failures = {}
         for start, part in self._parts:
-            try:
-                failures.update({start + row: why for row, why in part.result().items()})
-            except BrokenProcessPool as error:
-                raise DecoderDied() from error
+            failures.update({start + row: why for row, why in part.result().items()})
         return DecodedChunk(torch.from_numpy(self._images), failures)
 
 
@@ -128,103 +133,135 @@ class DecoderDied(RuntimeError):
 
 
 class Decoder:
-    """Decodes chunks of encoded images for one rank, as its ``DecodePlan`` says. ``close()`` it."""
+    """Decodes chunks of encoded images for one rank, as its ``DecodePlan`` says. One thread submits and waits for
+    chunks; ``close()`` it."""
 
     def __init__(self, plan: DecodePlan, resolution: int, channels: int, name: str = "daskgan-decode"):
         self.plan, self.resolution, self.channels = plan, resolution, channels
-        self._pool: Executor | None = None
-        self._blocks: _SharedBlocks | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._processes: list[_DecodingProcess] = []
         if plan.kind == "threads":
-            self._pool = ThreadPoolExecutor(plan.workers, thread_name_prefix=name)
-        elif plan.kind == "processes":  # spawned: forking a process that runs threads (Dask, torch) is unsafe
-            self._pool = ProcessPoolExecutor(plan.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_one_torch_thread)
-            self._blocks = _SharedBlocks(plan.part * channels * resolution * resolution,
-                                         count=BLOCKS_PER_PROCESS * plan.workers)
+            self._threads = ThreadPoolExecutor(plan.workers, thread_name_prefix=name)
+        elif plan.kind == "processes":
+            block_size = plan.part * channels * resolution * resolution
+            self._processes = [_DecodingProcess(f"{name}-{n}", block_size) for n in range(plan.workers)]
+        self._next_process = itertools.cycle(self._processes)  # parts take turns: each process decodes its share
 
     def submit(self, blobs: list[bytes]) -> PendingChunk:
         """Start decoding ``blobs`` into one (n, C, R, R) uint8 array; inline, it is done before this returns."""
         images = np.empty((len(blobs), self.channels, self.resolution, self.resolution), dtype=np.uint8)
-        if self._pool is None:
+        if self.plan.kind == "inline":
             done: Future = Future()
             done.set_result(decode_part(blobs, images))
             return PendingChunk(images, [(0, done)])
-        decode = self._in_process if self._blocks is not None else self._in_thread
         part = self.plan.part
-        return PendingChunk(images, [(start, decode(blobs[start:start + part], images[start:start + part]))
+        return PendingChunk(images, [(start, self._submit_part(blobs[start:start + part], images[start:start + part]))
                                      for start in range(0, len(blobs), part)])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._blocks is not None:
-            self._blocks.close()
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+        for process in self._processes:
+            process.close()
 
-    def _in_thread(self, blobs: list[bytes], out: np.ndarray) -> Future:
-        return self._pool.submit(decode_part, blobs, out)
+    def _submit_part(self, blobs: list[bytes], out: np.ndarray) -> _Part:
+        if self._threads is not None:
+            return self._threads.submit(decode_part, blobs, out)
+        return next(self._next_process).submit(blobs, out)
 
-    def _in_process(self, blobs: list[bytes], out: np.ndarray) -> Future:
-        """Decode ``blobs`` in a worker process into a shared block, then copy them to ``out`` (a pipe would carry
-        the pixels at a fraction of memory's speed) and free the block for the next part."""
-        block = self._blocks.take()
+
+class _DecodingProcess:
+    """A spawned decoding process with a pipe of its own: parts go in and their failures come back in order, and
+    the pixels come through one of its ``BLOCKS_PER_PROCESS`` reused shared-memory blocks (a pipe would carry them
+    at a fraction of memory's speed). The rank's thread talks to it directly: a process pool's manager and feeder
+    threads each needed the rank's GIL to pass a part on, and its decoders waited for work over half the time."""
+
+    def __init__(self, name: str, block_size: int):
+        context = multiprocessing.get_context("spawn")  # forking a process that runs threads (Dask, torch) is unsafe
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(target=_serve_parts, args=(child_end,), name=name, daemon=True)
+        self._process.start()
+        child_end.close()  # the child's death then ends the pipe for the rank
+        self._blocks = [shared_memory.SharedMemory(create=True, size=block_size) for _ in range(BLOCKS_PER_PROCESS)]
+        self._free = list(self._blocks)
+        self._in_flight: deque[_ProcessPart] = deque()
+
+    def submit(self, blobs: list[bytes], out: np.ndarray) -> _ProcessPart:
+        """Send a part to decode into a free block (waiting for the oldest part in flight when none is)."""
+        if not self._free:
+            self.collect_oldest()
+        part = _ProcessPart(self, self._free.pop(), out)
         try:
-            decoding = self._pool.submit(decode_into_shared, block.name, blobs, out.shape)
-        except BrokenProcessPool as error:
-            self._blocks.give_back(block)
+            self._pipe.send((part.block.name, blobs, out.shape))
+        except OSError as error:
             raise DecoderDied() from error
-        copied: Future = Future()
+        self._in_flight.append(part)
+        return part
 
-        def copy_out(done: Future) -> None:
-            try:
-                failures = done.result()
-                out[...] = np.ndarray(out.shape, np.uint8, block.buf)
-                copied.set_result(failures)
-            except BaseException as error:  # noqa: BLE001 - handed to whoever waits for the chunk
-                copied.set_exception(error)
-            finally:
-                self._blocks.give_back(block)
-
-        decoding.add_done_callback(copy_out)
-        return copied
-
-
-class _SharedBlocks:
-    """A few shared-memory blocks of one part's pixels, reused: each is mapped and first touched once per decoding
-    process. ``take`` waits for a free one."""
-
-    def __init__(self, size: int, count: int):
-        self._size, self._count, self._free, self._all = size, count, [], []
-        self._available = threading.Condition()
-
-    def take(self) -> shared_memory.SharedMemory:
-        with self._available:
-            while not self._free and len(self._all) >= self._count:
-                self._available.wait()
-            if self._free:
-                return self._free.pop()
-            block = shared_memory.SharedMemory(create=True, size=self._size)
-            self._all.append(block)
-            return block
-
-    def give_back(self, block: shared_memory.SharedMemory) -> None:
-        with self._available:
-            self._free.append(block)
-            self._available.notify()
+    def collect_oldest(self) -> None:
+        """Wait for the oldest part in flight, copy its pixels out and free its block."""
+        part = self._in_flight.popleft()
+        try:
+            answer = self._pipe.recv()
+        except (EOFError, OSError) as error:
+            raise DecoderDied() from error
+        finally:
+            self._free.append(part.block)
+        if isinstance(answer, BaseException):
+            raise answer
+        part.out[...] = np.ndarray(part.out.shape, np.uint8, part.block.buf)
+        part.failures = answer
 
     def close(self) -> None:
-        for block in self._all:
+        with contextlib.suppress(OSError):
+            self._pipe.send(None)
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._pipe.close()
+        for block in self._blocks:
             block.close()
             block.unlink()
 
 
-_attached: dict[str, shared_memory.SharedMemory] = {}  # a decoding process's mappings of its rank's blocks
+@dataclass
+class _ProcessPart:
+    """A part sent to a decoding process: the block it decodes into, where its pixels go, and, once collected, its
+    failures."""
+
+    process: _DecodingProcess
+    block: shared_memory.SharedMemory
+    out: np.ndarray
+    failures: dict[int, str] | None = None
+
+    def result(self) -> dict[int, str]:
+        while self.failures is None:
+            self.process.collect_oldest()
+        return self.failures
 
 
-def decode_into_shared(name: str, blobs: list[bytes], shape: tuple[int, ...]) -> dict[int, str]:
-    """``decode_part`` in a decoding process, the (n, C, R, R) pixels written into the shared block ``name``."""
-    if name not in _attached:
-        _attached[name] = shared_memory.SharedMemory(name=name)
-    return decode_part(blobs, np.ndarray(shape, np.uint8, _attached[name].buf))
+def _serve_parts(pipe: Connection) -> None:
+    """A decoding process: decode each part that comes down the pipe into the shared block it names, answer with
+    its failures (or the error that stopped it), until the rank says ``None`` or goes away."""
+    torch.set_num_threads(1)  # its siblings take the other cores
+    attached: dict[str, shared_memory.SharedMemory] = {}
+    while True:
+        try:
+            request = pipe.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        name, blobs, shape = request
+        try:
+            if name not in attached:
+                attached[name] = shared_memory.SharedMemory(name=name)
+            answer: dict[int, str] | BaseException = decode_part(blobs, np.ndarray(shape, np.uint8,
+                                                                                    attached[name].buf))
+        except Exception as error:  # noqa: BLE001 - handed to the rank, which raises it
+            answer = error
+        pipe.send(answer)
 
 
 def decode_part(blobs: list[bytes], out: np.ndarray) -> dict[int, str]:
@@ -240,7 +277,3 @@ def decode_part(blobs: list[bytes], out: np.ndarray) -> dict[int, str]:
             failures[row] = f"{type(error).__name__}: {error}"
     return failures
 
-
-def _one_torch_thread() -> None:
-    """A decoding process resizes with torch on one thread: its siblings take the other cores."""
-    torch.set_num_threads(1)
