@@ -92,18 +92,18 @@ def test_each_rank_reads_whole_shards_of_its_own_in_shuffled_windows(shards_in_b
     for epoch in range(2):
         read = []
         for rank in range(world_size):
-            windows = epoch_windows(index.entries, SHARDS, rank, world_size, epoch, seed=5, window=2)
-            assert windows == epoch_windows(index.entries, SHARDS, rank, world_size, epoch, seed=5, window=2)
+            windows = epoch_windows(index.shard_images, rank, world_size, epoch, seed=5, window=2)
+            assert windows == epoch_windows(index.shard_images, rank, world_size, epoch, seed=5, window=2)
             for window in windows:
                 assert len(window.shards) <= 2
                 assert {index.entries[i].shard for i in window.order} == set(window.shards)
             read += [i for window in windows for i in window.order]
         assert sorted(read) == list(range(SHARDS * PER_SHARD)), "every image once per epoch over the ranks"
-    orders = [[i for w in epoch_windows(index.entries, SHARDS, 0, 1, e, seed=5, window=3) for i in w.order]
+    orders = [[i for w in epoch_windows(index.shard_images, 0, 1, e, seed=5, window=3) for i in w.order]
               for e in range(2)]
     assert orders[0] != orders[1] and orders[0] != sorted(orders[0]), "shuffled, differently each epoch"
     with pytest.raises(NotFound, match="6 shards for 7 ranks"):
-        epoch_windows(index.entries, SHARDS, 0, 7, 0, seed=5, window=2)
+        epoch_windows(index.shard_images, 0, 7, 0, seed=5, window=2)
 
 
 def test_the_stream_gets_each_shard_whole_once_per_epoch(s3_server, shards_in_bucket):
@@ -129,7 +129,7 @@ def test_the_next_epochs_first_window_is_fetched_while_the_last_one_is_read(s3_s
     pattern, options, _ = shards_in_bucket
     index = index_images(pattern, options)
     faults = Faults()
-    windows = [epoch_windows(index.entries, SHARDS, 0, 1, epoch, seed=4, window=2) for epoch in range(2)]
+    windows = [epoch_windows(index.shard_images, 0, 1, epoch, seed=4, window=2) for epoch in range(2)]
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
         fs, _ = storage.filesystem(pattern, {**options, "endpoint_url": proxy.endpoint_url})
         reader = ShardReader(fs, index.shards, index.entry_of, ahead=2)

@@ -18,6 +18,7 @@ from daskgan.data.shards import (
     SHARD_SUFFIX,
     TarMember,
     expand_braces,
+    images_by_shard,
     is_shard_pattern,
     read_members_ranged,
     scan_shards,
@@ -55,6 +56,11 @@ class ImageIndex:
     @functools.cached_property
     def entry_of(self) -> dict[str, ZipEntry | TarMember]:
         return dict(zip(self.paths, self.entries))
+
+    @functools.cached_property
+    def shard_images(self) -> tuple[tuple[int, ...], ...]:
+        """The images of each tar shard, for ``epoch_windows`` (grouped once: a pass over every entry)."""
+        return images_by_shard(self.entries, len(self.shards))
 
 
 def index_images(url: str, storage_options: storage.StorageOptions | None = None) -> ImageIndex:

@@ -143,24 +143,31 @@ class Window:
     order: tuple[int, ...]
 
 
-def epoch_windows(members: tuple[TarMember, ...], shard_count: int, rank: int, world_size: int, epoch: int,
-                  seed: int, window: int, shuffle: bool = True, mirror: bool = False) -> list[Window]:
+def images_by_shard(members: tuple[TarMember, ...], shard_count: int) -> tuple[tuple[int, ...], ...]:
+    """The images (positions in the index) of each shard, in the shard's order."""
+    in_shard: list[list[int]] = [[] for _ in range(shard_count)]
+    for image, member in enumerate(members):
+        in_shard[member.shard].append(image)
+    return tuple(tuple(images) for images in in_shard)
+
+
+def epoch_windows(shard_images: tuple[tuple[int, ...], ...], rank: int, world_size: int, epoch: int, seed: int,
+                  window: int, shuffle: bool = True, mirror: bool = False) -> list[Window]:
     """This rank's windows in ``epoch``: every ``world_size``-th shard of the epoch's shard permutation, taken
-    ``window`` at a time, the images of each window permuted together (mirrored copies among them)."""
+    ``window`` at a time, the images of each window permuted together (mirrored copies among them).
+    ``shard_images``: ``images_by_shard``, worked out once for a dataset."""
+    shard_count = len(shard_images)
     if shard_count < world_size:
         raise NotFound(f"data.url: {shard_count} shards for {world_size} ranks: every rank needs a shard of its own "
                        f"(write more, smaller shards)")
     generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
     shards = torch.randperm(shard_count, generator=generator).tolist() if shuffle else list(range(shard_count))
     mine = shards[rank::world_size]
-    in_shard: dict[int, list[int]] = {}
-    for image, member in enumerate(members):
-        in_shard.setdefault(member.shard, []).append(image)
-    count = len(members)
+    count = sum(len(images) for images in shard_images)
     windows = []
     for start in range(0, len(mine), window):
         group = tuple(mine[start:start + window])
-        images = [image for shard in group for image in in_shard.get(shard, [])]
+        images = [image for shard in group for image in shard_images[shard]]
         images += [image + count for image in images] if mirror else []
         if shuffle:
             window_seed = derive_seed(derive_seed(derive_seed(seed, epoch), rank), start)

@@ -161,11 +161,11 @@ class ImageStream:
 
     def _windows(self, epoch: int) -> list[Window]:
         """``epoch_windows`` of this rank, kept for the last epoch asked: each epoch's windows are first worked out
-        for the previous epoch's look ahead (a pass over every entry of the dataset)."""
+        for the previous epoch's look ahead (a permutation of every image of the rank's shards)."""
         if self._planned is None or self._planned[0] != epoch:
-            self._planned = (epoch, epoch_windows(self.index.entries, len(self.index.shards), self.rank,
-                                                  self.world_size, epoch, self.seed, self.config.shuffle_shards,
-                                                  self.config.shuffle, self.config.mirror))
+            self._planned = (epoch, epoch_windows(self.index.shard_images, self.rank, self.world_size, epoch,
+                                                  self.seed, self.config.shuffle_shards, self.config.shuffle,
+                                                  self.config.mirror))
         return self._planned[1]
 
     def _start_chunk(self, entries: list[int], first: int) -> _Chunk:
