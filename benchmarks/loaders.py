@@ -77,9 +77,14 @@ def image_set(kind: str, count: int) -> tuple[int, list[bytes]]:
     return resolution, encoded
 
 
+def extension(images: list[bytes]) -> str:
+    """The file extension of the image set's format (``image_set`` makes PNGs or JPEGs)."""
+    return "png" if images[0].startswith(decode.PNG_SIGNATURE) else "jpg"
+
+
 def upload(bucket: str, images: list[bytes], options: dict, mds_folder: Path) -> dict[str, str]:
     """The same images as objects, an NVlabs zip, tar shards and Mosaic MDS shards; returns their URLs."""
-    ext = "png" if images[0][:4] == b"\x89PNG" else "jpg"
+    ext = extension(images)
     storage.write_many({f"{bucket}/objects/{i % 4}/{i:06d}.{ext}": data for i, data in enumerate(images)}, options)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:
@@ -101,7 +106,7 @@ def upload_shards(bucket: str, images: list[bytes], options: dict) -> str:
     fs, _ = storage.filesystem(bucket, options)
     if not fs.exists(bucket.removeprefix("s3://")):
         fs.mkdir(bucket.removeprefix("s3://"))
-    ext = "png" if images[0][:4] == b"\x89PNG" else "jpg"
+    ext = extension(images)
     per_shard = -(-len(images) // SHARDS)
     for shard in range(SHARDS):
         samples = [(f"{i:06d}", {ext: images[i], "cls": str(i % 4).encode()})
