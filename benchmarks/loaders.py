@@ -22,8 +22,11 @@ getting bytes, not decoders. Mosaic Streaming imports torchvision at import time
 (this CPU machine: the registry's torchvision wheels are CUDA builds), a stand-in with those two names is put on
 its path, and the figures say so.
 
+Every loader is measured ``--rounds`` times (3), the rounds going over all loaders in turn, and the table gives each
+one's median and range: on a shared machine, runs move by up to a third.
+
 Run: ``make bench-loaders`` (installs the peers: ``pip install '.[bench]'`` and Mosaic without its torch
-requirements), or ``.venv/bin/python benchmarks/loaders.py [--images N]``.
+requirements), or ``.venv/bin/python benchmarks/loaders.py [--images N] [--rounds N]``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import multiprocessing
 import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -281,49 +285,65 @@ def _serve_proxy(target: str, delay_s: float, ready) -> None:
         threading.Event().wait()
 
 
-def measure(kind: str, count: int, server: LoopbackS3) -> dict[str, tuple[float, float]]:
+def measure(kind: str, count: int, server: LoopbackS3, rounds: int) -> dict[str, list[list[float]]]:
+    """Each loader's rates, ``rounds`` times over: per loader, the rates of each round on loopback and +20 ms (the
+    in-memory ceilings have no second column). Rounds go over every loader in turn, so a disturbed minute of a
+    shared machine costs each loader one round rather than one loader every round."""
     resolution, images = image_set(kind, count)
     bucket = f"s3://bench-{kind}"
     options = {"endpoint_url": server.endpoint_url}
     storage.filesystem(bucket, options)[0].mkdir(bucket.removeprefix("s3://"))
     with tempfile.TemporaryDirectory() as mds_folder:
         urls = upload(bucket, images, options, Path(mds_folder))
-    rates: dict[str, list[float]] = {}
-    for delay in (0.0, LATENCY_S):
-        with delaying_proxy(server.endpoint_url, delay) as proxy_url:
-            endpoint = proxy_url if delay else server.endpoint_url  # loopback: no proxy in between
-            via = {"endpoint_url": endpoint}
-            for name, url in (("daskgan per-object", urls["objects"]), ("daskgan zip", urls["zip"]),
-                              ("daskgan shards", urls["shards"])):
-                rates.setdefault(name, []).append(daskgan_rate(url, via, resolution, count))
-            rates.setdefault(f"daskgan shards, {WORKERS} decode processes", []).append(
-                daskgan_rate(urls["shards"], via, resolution, count, decode_processes=WORKERS))
-            rates.setdefault("dask-pytorch-ddp pattern (boto3 per item, DataLoader x2)", []).append(
-                boto_rate(urls["objects"], via, resolution, count))
-            rates.setdefault("WebDataset, same shards (DataLoader x2)", []).append(
-                webdataset_rate(urls["shards"], endpoint, resolution, count))
-            if urls["mds"]:
-                label = "Mosaic Streaming, MDS shards, cold cache (DataLoader x2)" + \
-                    (" [torchvision stand-in]" if MOSAIC_STANDIN else "")
-                rates.setdefault(label, []).append(mosaic_rate(urls["mds"], endpoint, resolution, count))
-    rates["decode from memory, one process (ceiling)"] = [memory_rate(images, resolution), float("nan")]
-    rates["decode from memory with Pillow alone"] = [memory_rate(images, resolution, pillow_only=True), float("nan")]
-    return {name: tuple(values) for name, values in rates.items()}
+    rates: dict[str, list[list[float]]] = {}
+
+    def note(name: str, column: int, rate: float) -> None:
+        rates.setdefault(name, [[], []])[column].append(rate)
+
+    for _ in range(rounds):
+        for column, delay in enumerate((0.0, LATENCY_S)):
+            with delaying_proxy(server.endpoint_url, delay) as proxy_url:
+                endpoint = proxy_url if delay else server.endpoint_url  # loopback: no proxy in between
+                via = {"endpoint_url": endpoint}
+                for name, url in (("daskgan per-object", urls["objects"]), ("daskgan zip", urls["zip"]),
+                                  ("daskgan shards", urls["shards"])):
+                    note(name, column, daskgan_rate(url, via, resolution, count))
+                note(f"daskgan shards, {WORKERS} decode processes", column,
+                     daskgan_rate(urls["shards"], via, resolution, count, decode_processes=WORKERS))
+                note("dask-pytorch-ddp pattern (boto3 per item, DataLoader x2)", column,
+                     boto_rate(urls["objects"], via, resolution, count))
+                note("WebDataset, same shards (DataLoader x2)", column,
+                     webdataset_rate(urls["shards"], endpoint, resolution, count))
+                if urls["mds"]:
+                    label = "Mosaic Streaming, MDS shards, cold cache (DataLoader x2)" + \
+                        (" [torchvision stand-in]" if MOSAIC_STANDIN else "")
+                    note(label, column, mosaic_rate(urls["mds"], endpoint, resolution, count))
+        note("decode from memory, one process (ceiling)", 0, memory_rate(images, resolution))
+        note("decode from memory with Pillow alone", 0, memory_rate(images, resolution, pillow_only=True))
+    return rates
+
+
+def cell(rounds: list[float]) -> str:
+    """The median of a loader's rounds, and their range where there are several."""
+    if not rounds:
+        return "–"
+    median = f"{statistics.median(rounds):,.0f}"
+    return median if len(rounds) == 1 else f"{median} ({min(rounds):,.0f}-{max(rounds):,.0f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of every loader (median and range)")
     args = parser.parse_args()
     with LoopbackS3() as server:
         os.environ.update(server.environment())
-        tables = {kind: measure(kind, args.images, server) for kind in ("png64", "jpeg256")}
+        tables = {kind: measure(kind, args.images, server, args.rounds) for kind in ("png64", "jpeg256")}
     print(f"\nimages/s delivered to one consumer after its first batch, {args.images} images each (loopback S3 / "
-          f"+{LATENCY_S * 1000:.0f} ms per request)\n")
+          f"+{LATENCY_S * 1000:.0f} ms per request); median of {args.rounds} rounds (range)\n")
     print("| loader | 64 px PNG | 64 px PNG +20 ms | 256 px JPEG | 256 px JPEG +20 ms |\n|---|---|---|---|---|")
     for name in tables["png64"]:
-        cells = [f"{v:,.0f}" if v == v else "–" for kind in tables for v in tables[kind][name]]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join(cell(rounds) for kind in tables for rounds in tables[kind][name]) + " |")
 
 
 if __name__ == "__main__":
