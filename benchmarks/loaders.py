@@ -240,9 +240,9 @@ def _import_mosaic() -> None:
 def memory_rate(images: list[bytes], resolution: int, pillow_only: bool = False) -> float:
     """Images/s decoding ``STREAM_IMAGES`` images from memory (passes over ``images``) in one thread into batches
     as the stream's decoder does (``decode_part``: each image into its row of one uint8 array), with the fast
-    decoders where installed, or with Pillow alone. Timed as the shards are, over as many images: the best of a
-    few 40 ms passes picked the least disturbed moments of a shared machine, which the shards' half-second figure
-    cannot."""
+    decoders where installed, or with Pillow alone. Timed as the shards are, over as many images in one timing:
+    the best of a few 40 ms passes would pick a shared machine's least disturbed moments, which no loader's
+    half-second figure can."""
     saved = decode.pyspng, decode.simplejpeg
     if pillow_only:
         decode.pyspng = decode.simplejpeg = None
