@@ -188,9 +188,36 @@ def test_dataset_command_line_makes_a_grayscale_zip(tmp_path):
     source.mkdir()
     for i in range(3):
         Image.new("RGB", (12, 10), (i * 80, 10, 10)).save(source / f"{i}.png")
-    dest = tmp_path / "gray.zip"
+    dest = tmp_path / "datasets" / "gray.zip"  # in a folder not made yet
     assert main(["dataset", str(source), str(dest), "--resolution", "8", "--channels", "1"]) == 0
     with zipfile.ZipFile(dest) as archive:
         image = Image.open(io.BytesIO(archive.read("00000/img00000000.png")))
         assert image.mode == "L" and image.size == (8, 8)
         assert json.loads(archive.read("dataset.json"))["labels"] is None, "no class folders: unlabelled"
+
+
+def test_a_conversion_that_fails_part_way_leaves_no_zip_behind(tmp_path, monkeypatch):
+    """A zip cut short (a worker's error, ^C) would still be a readable archive, of fewer images and without
+    its labels: training would take it for the dataset."""
+    from distributed import Client
+
+    from daskgan.data import convert
+
+    source = tmp_path / "raw"
+    source.mkdir()
+    for i in range(6):
+        Image.new("RGB", (12, 12), (i * 40, 10, 10)).save(source / f"{i}.png")
+    monkeypatch.setattr(convert, "CHUNK", 2)
+    converted = convert.convert_image
+
+    def failing_on_the_last_chunk(data: bytes, *args, **kwargs) -> bytes:
+        if Image.open(io.BytesIO(data)).getpixel((0, 0))[0] == 200:
+            raise RuntimeError("the worker fell over")
+        return converted(data, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "convert_image", failing_on_the_last_chunk)
+    dest = tmp_path / "out.zip"
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        with pytest.raises(RuntimeError, match="fell over"):
+            convert.convert_dataset(client, str(source), str(dest), 8)
+    assert not dest.exists()

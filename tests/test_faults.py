@@ -92,6 +92,44 @@ def test_training_through_failing_storage_keeps_every_record_grid_and_checkpoint
     print(f"\n10% of all requests answered 503/500: {dict(faults.counts)}")
 
 
+@pytest.mark.slow
+def test_a_throttled_conversion_converts_every_image_and_skips_none(dask_client, s3_server, shapes_in_bucket):
+    from daskgan.data.convert import convert_dataset
+
+    bucket, options = shapes_in_bucket(48)
+    faults = Faults(error_share=0.8, only_object_gets=True, seed=4)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        report = convert_dataset(dask_client, f"{bucket}/data", f"{bucket}/converted.zip", 8,
+                                 storage_options={**options, "endpoint_url": proxy.endpoint_url})
+    assert faults.counts[503] + faults.counts[500] > 48
+    assert report["skipped"] == [], "a throttled GET is retried, never reported as a broken image"
+    assert report["images"] == 48 and len(index_images(f"{bucket}/converted.zip", options)) == 48
+
+
+@pytest.mark.slow
+def test_evaluation_reads_the_same_real_images_through_throttling(s3_server, shapes_in_bucket):
+    import torch
+
+    from daskgan.config import JobConfig
+    from daskgan.training.evaluation import Evaluator
+
+    bucket, options = shapes_in_bucket(48)
+
+    def reals(storage_options: dict) -> torch.Tensor:
+        config = JobConfig.from_dict({"name": "m", "data": {"url": f"{bucket}/data", "resolution": 16,
+                                                            "storage_options": storage_options},
+                                      "metrics": {"every": 1, "images": 24, "real_images": 24},
+                                      "output": {"run_url": f"{bucket}/run", "storage_options": options}})
+        evaluator = Evaluator(config, index_images(f"{bucket}/data", options), torch.device("cpu"))
+        return evaluator._reals(list(range(48)), list(range(24)))
+
+    faults = Faults(error_share=0.8, only_object_gets=True, seed=5)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        throttled = reals({**options, "endpoint_url": proxy.endpoint_url})
+    assert faults.counts[503] + faults.counts[500] > 24
+    assert torch.equal(throttled, reals(options)), "a throttled GET is retried, not replaced by another image"
+
+
 @pytest.fixture
 def revocable_key(credential_checking_s3):
     """A fresh access key of the checking server's user, a bucket with 32 images, and a function that revokes

@@ -7,7 +7,7 @@ fetch and convert chunks in parallel (decode, crop or pad to a square, resize wi
 grayscale, re-encode as PNG).
 
 - zip: the client writes the archive in the source's order — members ``00000/img00000000.png``, ..., stored
-  uncompressed as NVlabs', ``dataset.json`` with the labels.
+  uncompressed as NVlabs', ``dataset.json`` with the labels — and commits it only once it is complete.
 - shards: each worker task converts one shard's images and writes the shard itself (``shard-000000.tar``, ...,
   samples ``<n>.png`` with ``<n>.cls`` labels) and a note of what it holds under ``.progress/``, so a re-run skips
   the shards already written; at the end the client writes the folder's ``dataset-manifest.json.gz`` (every
@@ -15,7 +15,7 @@ grayscale, re-encode as PNG).
   ``shard_mb`` and the converted size of the first images.
 
 Both write a report ``<dest>.report.json`` (count, classes, resolution, channels, every skipped input with its
-reason).
+reason). Only inputs that are gone or do not decode are skipped; transient storage errors are retried.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from distributed import as_completed
 from PIL import Image
 
 from daskgan.data.decode import DECODE_ERRORS
-from daskgan.data.index import ImageIndex, fetch_objects, index_images
+from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled, index_images
 from daskgan.data.manifest import RUN_MANIFEST, manifest_bytes
 from daskgan.data.shards import flatten_samples, samples_in, tar_shard
 from daskgan.errors import ConfigError
@@ -83,15 +83,17 @@ def _square(image: Image.Image, resolution: int, policy: str) -> Image.Image:
 
 def convert_chunk(index: ImageIndex, positions: list[int], storage_options: StorageOptions, resolution: int,
                   channels: int, policy: str) -> list[tuple[int, bytes | None, str | None]]:
-    """On a worker: (position, PNG bytes or None, why it was skipped) for each image of the chunk."""
+    """On a worker: (position, PNG bytes or None, why it was skipped) for each image of the chunk. Only an image
+    that is gone or does not decode is skipped: throttling and server errors are fetched again."""
     fs, _ = storage.filesystem(index.url, storage_options)
-    fetched = fetch_objects(index, fs, [index.paths[p] for p in positions])
+    fetched, _ = fetch_settled(index.url, lambda paths: fetch_objects(index, fs, paths),
+                               [index.paths[p] for p in positions], storage.Backoff())
     converted = []
     for position in positions:
-        data = fetched.get(index.paths[position])
+        data = fetched[index.paths[position]]
         try:
-            if isinstance(data, BaseException) or data is None:
-                raise data or FileNotFoundError(index.paths[position])
+            if not isinstance(data, bytes):
+                raise data
             converted.append((position, convert_image(data, resolution, channels, policy), None))
         except (FileNotFoundError, *DECODE_ERRORS) as error:
             converted.append((position, None, f"{type(error).__name__}: {error}"))
@@ -132,8 +134,7 @@ def _write_zip(client: Any, shared: Any, index: ImageIndex, dest_url: str, setti
                          **settings)
     kept: list[tuple[str, int]] = []
     skipped: list[dict[str, str]] = []
-    fs, path = storage.filesystem(dest_url, options)
-    with fs.open(path, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+    with storage.writing_whole(dest_url, options) as whole, zipfile.ZipFile(whole, "w", zipfile.ZIP_STORED) as archive:
         for done, future in enumerate(futures, 1):  # in the source's order, whatever order the workers finish in
             for position, png, reason in future.result():
                 if png is None:

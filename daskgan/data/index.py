@@ -9,10 +9,11 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
+from typing import Callable, Mapping, Union
 
 import torch
 
-from daskgan.data.archive import ZipEntry, list_zip, read_members
+from daskgan.data.archive import CorruptMember, ZipEntry, list_zip, read_members
 from daskgan.data.shards import (
     IMAGE_EXTENSIONS,
     SHARD_SUFFIX,
@@ -158,6 +159,39 @@ def fetch_objects(index: ImageIndex, fs, paths: list[str]) -> dict[str, bytes | 
     if index.archive is None:
         return storage.cat_objects(fs, paths)
     return read_members(fs, index.archive, {path: index.entry_of[path] for path in paths})
+
+
+Fetch = Callable[[list[str]], Mapping[str, "bytes | BaseException"]]
+Settled = Union[bytes, FileNotFoundError, CorruptMember]
+
+
+def fetch_settled(url: str, fetch: Fetch, paths: list[str], backoff: storage.Backoff
+                  ) -> tuple[dict[str, Settled], int]:
+    """``fetch(paths)`` until every image is settled: its bytes, or a sign that it is gone (a vanished object,
+    a corrupt archive member), which callers skip and count. Throttling, server errors and resets are fetched
+    again after ``backoff`` (``StorageUnavailable`` once it is used up), never taken for a bad image; refused
+    credentials raise at once, explained with ``url``. Also returns how many fetches were tried again."""
+    settled: dict[str, Settled] = {}
+    retried = 0
+    while paths:
+        fetched = fetch(paths)
+        failed = {}
+        for path in paths:
+            value = fetched.get(path, FileNotFoundError(path))
+            if isinstance(value, (bytes, FileNotFoundError, CorruptMember)):
+                settled[path] = value
+            elif storage.is_transient(value):
+                failed[path] = value
+            else:  # refused credentials (named with the dataset's URL), or a bug: not worth retrying
+                explained = storage.explained_error(url, value)
+                if explained is value:
+                    raise value
+                raise explained from value
+        paths = list(failed)
+        if paths:
+            retried += len(paths)
+            backoff.wait(f"reading {len(paths)} images under {url}", next(iter(failed.values())))
+    return settled, retried
 
 
 def _sizes(listing: dict[str, dict], paths: list[str]) -> tuple[int, ...]:

@@ -22,11 +22,10 @@ from typing import Iterator
 import torch
 
 from daskgan.config import DataConfig
-from daskgan.data.archive import CorruptMember
 from daskgan.data.cache import DiskCache
 from daskgan.data.decode import to_unit_range
 from daskgan.data.decoders import Decoder, PendingChunk, decode_plan
-from daskgan.data.index import ImageIndex, fetch_objects, shard_indices
+from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled, shard_indices
 from daskgan.data.shards import ShardReader, Window, epoch_windows
 from daskgan.run import storage
 
@@ -213,9 +212,8 @@ class ImageStream:
     def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | BaseException]:
         """Fetch objects (or archive members) concurrently, through the local cache when one is set.
 
-        A vanished object or a corrupt member comes back as its error (skipped and counted by the caller). Throttling,
-        server errors and resets are retried with backoff (``data.retry_tries``/``retry_seconds``), never taken
-        for a bad image; refused credentials stop the run with a message naming the dataset."""
+        A vanished object or a corrupt member comes back as its error (skipped and counted by the caller);
+        transient failures are retried within ``data.retry_tries``/``retry_seconds`` (see ``fetch_settled``)."""
         result: dict[str, bytes | BaseException] = {}
         if self._cache is not None:
             for path in paths:
@@ -223,28 +221,17 @@ class ImageStream:
                 if data is not None:
                     result[path] = data
         missing = [p for p in paths if p not in result]
-        backoff = storage.Backoff(self.config.retry_tries, self.config.retry_seconds)
-        while missing:
-            fetched = self._reader.read(missing) if self._reader else fetch_objects(self.index, self._fs, missing)
-            failed = {}
-            for path in missing:
-                value = fetched.get(path, FileNotFoundError(path))
-                if isinstance(value, (bytes, FileNotFoundError, CorruptMember)):
-                    result[path] = value
-                    if self._cache is not None and isinstance(value, bytes):
-                        self._cache.write(self.index.object_key(path), value, self._sizes.get(path, 0))
-                elif storage.is_transient(value):
-                    failed[path] = value
-                else:  # refused credentials (named with the dataset's URL), or a bug: not worth retrying
-                    explained = storage.explained_error(self.index.url, value)
-                    if explained is value:
-                        raise value
-                    raise explained from value
-            missing = list(failed)
-            if missing:
-                self.retried += len(missing)
-                backoff.wait(f"reading {len(missing)} images under {self.index.url}", next(iter(failed.values())))
-        return result
+        fetched, retried = fetch_settled(self.index.url, self._reader.read if self._reader else self._fetch_objects,
+                                         missing, storage.Backoff(self.config.retry_tries, self.config.retry_seconds))
+        self.retried += retried
+        if self._cache is not None:
+            for path, value in fetched.items():
+                if isinstance(value, bytes):
+                    self._cache.write(self.index.object_key(path), value, self._sizes.get(path, 0))
+        return {**result, **fetched}
+
+    def _fetch_objects(self, paths: list[str]) -> dict[str, bytes | BaseException]:
+        return fetch_objects(self.index, self._fs, paths)
 
     def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():

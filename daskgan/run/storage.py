@@ -8,6 +8,7 @@ object raises ``NotFound``, refused or missing credentials ``StorageAccessError`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
@@ -16,7 +17,7 @@ import logging
 import posixpath
 import random
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from typing import IO, Any, Callable, Iterator, Mapping, TypeVar
 from urllib.parse import urlsplit
 
 import fsspec
@@ -188,6 +189,25 @@ def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | N
         for parent in {posixpath.dirname(p) for p in paths} - {""}:
             fs.makedirs(parent, exist_ok=True)
     fs.pipe(paths)
+
+
+@contextlib.contextmanager
+def writing_whole(url: str, storage_options: StorageOptions | None = None) -> Iterator[IO[bytes]]:
+    """A file written as a stream (a zip too large to hold in memory) that appears whole or not at all: after an
+    error or an interrupt nothing is left at ``url``, since an archive cut short can still read as a smaller one.
+    Local folders are made as needed."""
+    fs, path = filesystem(url, storage_options)
+    if not _is_object_store(fs) and posixpath.dirname(path):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    handle = fs.open(path, "wb", autocommit=False)  # s3fs: a multipart upload; local: a temporary file
+    try:
+        yield handle
+        handle.close()
+        handle.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error being raised says more than a failed clean-up
+            handle.discard()
+        raise
 
 
 @operation

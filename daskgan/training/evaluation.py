@@ -21,7 +21,7 @@ from torch import nn
 from daskgan import metrics, ranks
 from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex, fetch_objects
+from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled
 from daskgan.data.stream import ImageStream
 from daskgan.models import stylegan2
 from daskgan.models.layers import standing_statistics
@@ -151,18 +151,26 @@ class Evaluator:
 
     def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
         fs, _ = storage.filesystem(self.index.url, self.config.data.storage_options)
-        fetched = fetch_objects(self.index, fs, [self.index.paths[order[i]] for i in items])  # one concurrent fetch
+        fetched = self._fetch(fs, [self.index.paths[order[i]] for i in items])  # one concurrent fetch
         return as_rgb(torch.stack([self._real_image(fs, order, i, fetched) for i in items])).to(self.device)
 
+    def _fetch(self, fs, paths: list[str]) -> dict[str, bytes | BaseException]:
+        """Real images, or why each is gone; throttling and server errors are retried as the stream retries them
+        (a retried image is the same image: the reals do not depend on the storage's mood)."""
+        backoff = storage.Backoff(self.config.data.retry_tries, self.config.data.retry_seconds)
+        return fetch_settled(self.index.url, lambda missing: fetch_objects(self.index, fs, missing), paths,
+                             backoff)[0]
+
     def _real_image(self, fs, order: list[int], item: int, fetched: dict) -> torch.Tensor:
-        """Item ``item`` of the shuffled dataset; an unreadable image is replaced by the next one ``real_count``
-        further on (the same choice on every rank), so one corrupt file does not stop the evaluation."""
+        """Item ``item`` of the shuffled dataset; an image that is gone or does not decode is replaced by the next
+        one ``real_count`` further on (the same choice on every rank), so one corrupt file does not stop the
+        evaluation."""
         for position in range(item, len(order), self.real_count):
             path = self.index.paths[order[position]]
             try:
-                data = fetched.get(path) if position == item else fetch_objects(self.index, fs, [path])[path]
-                if isinstance(data, BaseException) or data is None:
-                    raise data or FileNotFoundError(path)
+                data = fetched[path] if position == item else self._fetch(fs, [path])[path]
+                if not isinstance(data, bytes):
+                    raise data
                 return decode_image(data, self.config.data.resolution, self.config.data.channels)
             except (FileNotFoundError, *DECODE_ERRORS) as exc:
                 logger.warning("metrics: skipping unreadable image %s (%s)", path, type(exc).__name__)
