@@ -85,6 +85,21 @@ def test_samples_missing_a_label_or_an_image_are_named(s3_bucket):
         index_images(f"{bucket}/bad/a.tar", options)
 
 
+def test_compressed_shards_are_one_clear_error(s3_bucket):
+    """Training reads a member at its offset in the shard, which a compressed shard does not have."""
+    import gzip
+
+    bucket, options = s3_bucket
+    for n in range(2):
+        shard = gzip.compress(tar_shard(labelled_samples(n, 1)))
+        storage.write_bytes(f"{bucket}/gz/train-{n}.tar.gz", shard, options)
+    pattern, folder, single = f"{bucket}/gz/train-{{0..1}}.tar.gz", f"{bucket}/gz", f"{bucket}/gz/train-0.tar.gz"
+    for url, count in ((pattern, 2), (folder, 2), (single, 1)):
+        with pytest.raises(NotFound, match=rf"compressed tar shards \(.*train-0\.tar\.gz, {count} of {count}\) .* "
+                                           rf"uncompressed"):
+            index_images(url, options)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_each_rank_reads_whole_shards_of_its_own_in_shuffled_windows(shards_in_bucket, world_size):
     pattern, options, _ = shards_in_bucket

@@ -16,12 +16,13 @@ import torch
 from daskgan.data.archive import CorruptMember, ZipEntry, list_zip, read_members
 from daskgan.data.shards import (
     IMAGE_EXTENSIONS,
-    SHARD_SUFFIX,
     TarMember,
     expand_braces,
     images_by_shard,
+    is_shard,
     is_shard_pattern,
     read_members_ranged,
+    refuse_compressed,
     scan_shards,
 )
 from daskgan.errors import NotFound
@@ -76,7 +77,7 @@ def index_images(url: str, storage_options: storage.StorageOptions | None = None
         return _index_shards(url, fs, expand_braces(root))
     listing = _find(url, fs, root)
     images = sorted(p for p in listing if p.lower().endswith(IMAGE_SUFFIXES))
-    shards = sorted(p for p in listing if p.lower().endswith(SHARD_SUFFIX))
+    shards = sorted(p for p in listing if is_shard(p))
     if not images and shards:
         return _index_shards(url, fs, shards)
     if not images:
@@ -110,6 +111,7 @@ def _index_archive(url: str, fs, path: str) -> ImageIndex:
 
 
 def _index_shards(url: str, fs, shards: list[str]) -> ImageIndex:
+    refuse_compressed(url, shards)
     paths, members, labels = _scan_shards(url, fs, shards)
     if not paths:
         raise NotFound(f"data.url: no images ({', '.join(IMAGE_EXTENSIONS)}) in the tar shards of {url}")

@@ -35,6 +35,7 @@ from daskgan.seeding import derive_seed
 logger = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".tar"
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")  # recognised, to be refused clearly
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 SCAN_THREADS = 8  # shards whose headers rank 0 reads at once while listing
@@ -54,7 +55,22 @@ class TarMember:
 
 
 def is_shard_pattern(path: str) -> bool:
-    return bool(BRACES.search(path)) or path.lower().endswith(SHARD_SUFFIX)
+    return bool(BRACES.search(path)) or is_shard(path)
+
+
+def is_shard(path: str) -> bool:
+    """Whether ``path`` names a tar shard, plain or compressed."""
+    return path.lower().endswith((SHARD_SUFFIX, *COMPRESSED_SUFFIXES))
+
+
+def refuse_compressed(url: str, shards: list[str]) -> None:
+    """Training reads a member at its offset in its shard (and a grid's image by a ranged GET): a compressed
+    shard has no such offsets."""
+    compressed = [shard for shard in shards if shard.lower().endswith(COMPRESSED_SUFFIXES)]
+    if compressed:
+        raise NotFound(f"data.url: {url}: compressed tar shards ({compressed[0]}, {len(compressed)} of "
+                       f"{len(shards)}) cannot be read member by member: write them uncompressed (e.g. gunzip "
+                       f"each; their images are compressed already)")
 
 
 def expand_braces(path: str) -> list[str]:
