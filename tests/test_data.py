@@ -301,6 +301,24 @@ def test_images_decode_to_one_channel_for_a_grayscale_dataset():
     assert decode_image(buffer.getvalue(), 8).shape == (3, 8, 8)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "PPM"])
+def test_sixteen_bit_grayscale_keeps_its_tones_in_training_and_conversion(fmt):
+    """16-bit scans (medical, astronomy: the usual 1-channel datasets) keep their high byte, as Pillow reads 16-bit
+    RGB; Pillow's own conversion of a 16-bit grayscale image clips every value above 255, turning it white."""
+    import numpy as np
+
+    from daskgan.data.convert import convert_image
+    from daskgan.data.decode import decode_uint8
+
+    ramp = np.linspace(0, 65535, 16 * 16).astype(np.uint16).reshape(16, 16)
+    data = encoded(Image.fromarray(ramp), fmt)
+    high_byte = torch.from_numpy((ramp >> 8).astype(np.uint8))
+    for channels in (1, 3):
+        assert torch.equal(decode_uint8(data, 16, channels), high_byte.expand(channels, 16, 16))
+        converted = Image.open(io.BytesIO(convert_image(data, 16, channels, "center")))
+        assert torch.equal(torch.from_numpy(np.array(converted.convert("L"))), high_byte)
+
+
 def encoded(image, fmt: str = "PNG", **options) -> bytes:
     import io
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from distributed import as_completed
 from PIL import Image
 
-from daskgan.data.decode import DECODE_ERRORS
+from daskgan.data.decode import DECODE_ERRORS, to_channels
 from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled, index_images
 from daskgan.data.manifest import RUN_MANIFEST, manifest_bytes
 from daskgan.data.shards import flatten_samples, samples_in, tar_shard
@@ -51,7 +51,7 @@ PROGRESS = ".progress"
 def convert_image(data: bytes, resolution: int, channels: int, policy: str) -> bytes:
     """One image as the archive stores it: square by ``policy``, ``resolution`` pixels, PNG."""
     with Image.open(io.BytesIO(data)) as opened:
-        image = opened.convert("RGB" if channels == 3 else "L")
+        image = to_channels(opened, channels)
     image = _square(image, resolution, policy)
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=1)

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 PNG_SIGNATURE, JPEG_SIGNATURE = b"\x89PNG\r\n\x1a\n", b"\xff\xd8"
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's for 16-bit grayscale PNG, TIFF, PGM
 
 try:
     import pyspng
@@ -65,7 +66,16 @@ def decode_pixels(data: bytes, channels: int = 3) -> np.ndarray:
     if fast is not None:
         return fast
     with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB" if channels == 3 else "L"))
+        return np.array(to_channels(image, channels))
+
+
+def to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` in RGB (3) or grayscale (1), as Pillow converts it; but a 16-bit grayscale image keeps its high
+    byte, as Pillow reads 16-bit RGB. Pillow's own conversion clips such an image at 255, which turns a 16-bit
+    scan (medical and astronomy data, the usual 1-channel sets) white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8), "L")
+    return image.convert("RGB" if channels == 3 else "L")
 
 
 def _fast_pixels(data: bytes, channels: int) -> np.ndarray | None:
