@@ -154,12 +154,19 @@ def odd_and_broken_images() -> dict[str, bytes]:
 @pytest.mark.slow
 @pytest.mark.parametrize("crop", ["center", "pad"])
 def test_dataset_command_converts_odd_images_and_reports_the_broken_ones(dask_client, s3_bucket, tmp_path, crop):
+    from distributed import get_task_stream
+    from distributed.utils import key_split
+
     from daskgan.data.convert import convert_dataset
 
     bucket, options = s3_bucket
     storage.write_many({f"{bucket}/raw/{name}": data for name, data in odd_and_broken_images().items()}, options)
-    report = convert_dataset(dask_client, f"{bucket}/raw", f"{bucket}/out-{crop}.zip", 8, policy=crop,
-                             storage_options=options)
+    progress = []
+    with get_task_stream(dask_client) as tasks:
+        report = convert_dataset(dask_client, f"{bucket}/raw", f"{bucket}/out-{crop}.zip", 8, policy=crop,
+                                 storage_options=options, on_chunk=lambda done, total: progress.append((done, total)))
+    assert "write_zip" in {key_split(task["key"]) for task in tasks.data}, "a worker writes the zip, not the client"
+    assert progress and progress[-1] == (1, 1)
     assert report["images"] == 5 and report["classes"] == ["a", "b"]
     assert sorted(s["path"].rsplit("/", 1)[1] for s in report["skipped"]) == ["empty.png", "garbage.png",
                                                                                "truncated.png"]
@@ -196,28 +203,39 @@ def test_dataset_command_line_makes_a_grayscale_zip(tmp_path):
         assert json.loads(archive.read("dataset.json"))["labels"] is None, "no class folders: unlabelled"
 
 
-def test_a_conversion_that_fails_part_way_leaves_no_zip_behind(tmp_path, monkeypatch):
-    """A zip cut short (a worker's error, ^C) would still be a readable archive, of fewer images and without
-    its labels: training would take it for the dataset."""
+def test_a_zip_of_many_chunks_keeps_the_source_order_and_one_that_fails_part_way_leaves_nothing(tmp_path,
+                                                                                                 monkeypatch):
+    """Chunks are converted a few at a time ahead of the writer. A zip cut short (a worker's error, ^C) would
+    still be a readable archive, of fewer images and without its labels: training would take it for the
+    dataset."""
     from distributed import Client
 
     from daskgan.data import convert
 
     source = tmp_path / "raw"
-    source.mkdir()
-    for i in range(6):
-        Image.new("RGB", (12, 12), (i * 40, 10, 10)).save(source / f"{i}.png")
-    monkeypatch.setattr(convert, "CHUNK", 2)
-    converted = convert.convert_image
-
-    def failing_on_the_last_chunk(data: bytes, *args, **kwargs) -> bytes:
-        if Image.open(io.BytesIO(data)).getpixel((0, 0))[0] == 200:
-            raise RuntimeError("the worker fell over")
-        return converted(data, *args, **kwargs)
-
-    monkeypatch.setattr(convert, "convert_image", failing_on_the_last_chunk)
-    dest = tmp_path / "out.zip"
+    for i in range(7):
+        (source / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 12), (i * 30, 10, 10)).save(source / f"class{i % 2}" / f"{i}.png")
+    monkeypatch.setattr(convert, "CHUNK", 2)  # 4 chunks, 2 ahead of the writer on one worker thread
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        progress = []
+        convert.convert_dataset(client, str(source), str(tmp_path / "ok.zip"), 8,
+                                on_chunk=lambda done, total: progress.append((done, total)))
+        with zipfile.ZipFile(tmp_path / "ok.zip") as archive:
+            reds = [Image.open(io.BytesIO(archive.read(f"00000/img{n:08d}.png"))).getpixel((4, 4))[0]
+                    for n in range(7)]
+            labels = json.loads(archive.read("dataset.json"))["labels"]
+        assert reds == [0, 60, 120, 180, 30, 90, 150], "class0's images, then class1's, each in name order"
+        assert [label for _, label in labels] == [0, 0, 0, 0, 1, 1, 1] and progress[-1] == (4, 4)
+
+        converted = convert.convert_image
+
+        def failing_on_the_last_chunk(data: bytes, *args, **kwargs) -> bytes:
+            if Image.open(io.BytesIO(data)).getpixel((0, 0))[0] == 150:
+                raise RuntimeError("the worker fell over")
+            return converted(data, *args, **kwargs)
+
+        monkeypatch.setattr(convert, "convert_image", failing_on_the_last_chunk)
         with pytest.raises(RuntimeError, match="fell over"):
-            convert.convert_dataset(client, str(source), str(dest), 8)
-    assert not dest.exists()
+            convert.convert_dataset(client, str(source), str(tmp_path / "cut.zip"), 8)
+    assert not (tmp_path / "cut.zip").exists()

@@ -6,8 +6,9 @@ The source (a folder, class subfolders or ``dataset.json`` giving labels, a zip,
 fetch and convert chunks in parallel (decode, crop or pad to a square, resize with Lanczos as NVlabs, to RGB or
 grayscale, re-encode as PNG).
 
-- zip: the client writes the archive in the source's order — members ``00000/img00000000.png``, ..., stored
-  uncompressed as NVlabs', ``dataset.json`` with the labels — and commits it only once it is complete.
+- zip: one worker task writes the archive in the source's order — members ``00000/img00000000.png``, ...,
+  stored uncompressed as NVlabs', ``dataset.json`` with the labels — and commits it only once it is complete;
+  the images never pass through the client.
 - shards: each worker task converts one shard's images and writes the shard itself (``shard-000000.tar``, ...,
   samples ``<n>.png`` with ``<n>.cls`` labels) and a note of what it holds under ``.progress/``, so a re-run skips
   the shards already written; at the end the client writes the folder's ``dataset-manifest.json.gz`` (every
@@ -21,13 +22,16 @@ reason). Only inputs that are gone or do not decode are skipped; transient stora
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import posixpath
+import uuid
 import zipfile
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Callable, Iterator
 
-from distributed import as_completed
+from distributed import as_completed, worker_client
 from PIL import Image
 
 from daskgan.data.decode import DECODE_ERRORS, to_channels
@@ -115,9 +119,9 @@ def convert_dataset(client: Any, source_url: str, dest_url: str, resolution: int
         raise ConfigError(f"--crop: must be one of {', '.join(POLICIES)}, got {policy!r}")
     index = index_images(source_url, options)
     settings = {"resolution": resolution, "channels": channels, "policy": policy}
-    shared = client.scatter(index, broadcast=True)
+    shared = client.scatter(index, broadcast=True, hash=False)  # a fresh key: the last call's may be on its way out
     if format == "zip":
-        images, skipped = _write_zip(client, shared, index, dest_url, settings, options, on_chunk)
+        images, skipped = _write_zip(client, shared, dest_url, settings, options, on_chunk)
     else:
         images, skipped = _write_shards(client, shared, index, dest_url, settings, options, shard_mb, on_chunk)
     report = {"source": source_url, "dest": dest_url, "format": format, "images": images,
@@ -126,29 +130,63 @@ def convert_dataset(client: Any, source_url: str, dest_url: str, resolution: int
     return report
 
 
-def _write_zip(client: Any, shared: Any, index: ImageIndex, dest_url: str, settings: dict,
-               options: StorageOptions, on_chunk: Callable[[int, int], None] | None) -> tuple[int, list[dict]]:
-    """Workers convert chunks; the client writes them into the archive in the source's order."""
+def _write_zip(client: Any, shared: Any, dest_url: str, settings: dict, options: StorageOptions,
+               on_chunk: Callable[[int, int], None] | None) -> tuple[int, list[dict]]:
+    """One worker task writes the archive (``write_zip``): the images never pass through the client, which may
+    be a laptop far from the cluster and its storage. Its progress comes back as events."""
+    topic = f"daskgan-dataset:{uuid.uuid4().hex}"
+    if on_chunk is not None:
+        client.subscribe_topic(topic, lambda event: on_chunk(*event[1]))
+    try:
+        images, skipped, chunks = client.submit(write_zip, shared, dest_url, topic, options, pure=False,
+                                                **settings).result()
+    finally:
+        if on_chunk is not None:
+            client.unsubscribe_topic(topic)
+    if on_chunk is not None:
+        on_chunk(chunks, chunks)  # the last event may still be on its way
+    return images, skipped
+
+
+def write_zip(index: ImageIndex, dest_url: str, topic: str, storage_options: StorageOptions, resolution: int,
+              channels: int, policy: str) -> tuple[int, list[dict], int]:
+    """On a worker: write the converted chunks into the archive in the source's order, logging (done, total)
+    chunks to ``topic``. Returns the images written, the inputs skipped and the chunks."""
     chunks = [list(range(start, min(start + CHUNK, len(index)))) for start in range(0, len(index), CHUNK)]
-    futures = client.map(convert_chunk, [shared] * len(chunks), chunks, storage_options=options, pure=False,
-                         **settings)
     kept: list[tuple[str, int]] = []
     skipped: list[dict[str, str]] = []
-    with storage.writing_whole(dest_url, options) as whole, zipfile.ZipFile(whole, "w", zipfile.ZIP_STORED) as archive:
-        for done, future in enumerate(futures, 1):  # in the source's order, whatever order the workers finish in
-            for position, png, reason in future.result():
+    settings = {"storage_options": storage_options, "resolution": resolution, "channels": channels, "policy": policy}
+    with worker_client() as client, storage.writing_whole(dest_url, storage_options) as whole, \
+            zipfile.ZipFile(whole, "w", zipfile.ZIP_STORED) as archive:
+        for done, converted in enumerate(_converted_in_order(client, index, chunks, settings), 1):
+            for position, png, reason in converted:
                 if png is None:
                     skipped.append(_skip(index.paths[position], reason))
                     continue
                 name = f"{len(kept) // 1000:05d}/img{len(kept):08d}.png"
                 archive.writestr(name, png)
                 kept.append((name, index.labels[position]))
-            future.release()
-            if on_chunk is not None:
-                on_chunk(done, len(futures))
+            client.log_event(topic, (done, len(chunks)))
         labels = [[name, label] for name, label in kept] if index.classes else None
         archive.writestr("dataset.json", json.dumps({"labels": labels}))
-    return len(kept), skipped
+    return len(kept), skipped, len(chunks)
+
+
+def _converted_in_order(client: Any, index: ImageIndex, chunks: list[list[int]], settings: dict
+                        ) -> Iterator[list[tuple[int, bytes | None, str | None]]]:
+    """``convert_chunk`` of each chunk, in order, converted on the cluster at most two chunks a worker thread
+    ahead of the one wanted: the cluster holds those, not a whole dataset converted faster than one writer
+    uploads it. Each is let go once taken."""
+    shared = client.scatter(index, broadcast=True, hash=False)  # (as in convert_dataset)
+    waiting = iter(chunks)
+    ahead = itertools.islice(waiting, max(2, 2 * sum(client.nthreads().values())))
+    futures = deque(client.submit(convert_chunk, shared, chunk, pure=False, **settings) for chunk in ahead)
+    while futures:
+        future = futures.popleft()
+        futures.extend(client.submit(convert_chunk, shared, chunk, pure=False, **settings)
+                       for chunk in itertools.islice(waiting, 1))
+        yield future.result()
+        future.release()
 
 
 def _skip(path: str, reason: str | None) -> dict[str, str]:
