@@ -96,14 +96,14 @@ def test_training_through_failing_storage_keeps_every_record_grid_and_checkpoint
 def test_a_throttled_conversion_converts_every_image_and_skips_none(dask_client, s3_server, shapes_in_bucket):
     from daskgan.data.convert import convert_dataset
 
-    bucket, options = shapes_in_bucket(48)
+    bucket, options = shapes_in_bucket(24)
     faults = Faults(error_share=0.8, only_object_gets=True, seed=4)
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
         report = convert_dataset(dask_client, f"{bucket}/data", f"{bucket}/converted.zip", 8,
                                  storage_options={**options, "endpoint_url": proxy.endpoint_url})
-    assert faults.counts[503] + faults.counts[500] > 48
+    assert faults.counts[503] + faults.counts[500] > 24
     assert report["skipped"] == [], "a throttled GET is retried, never reported as a broken image"
-    assert report["images"] == 48 and len(index_images(f"{bucket}/converted.zip", options)) == 48
+    assert report["images"] == 24 and len(index_images(f"{bucket}/converted.zip", options)) == 24
 
 
 @pytest.mark.slow
