@@ -44,8 +44,8 @@ def list_zip(fs: Any, path: str, url: str, suffixes: tuple[str, ...]) -> tuple[l
     except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as error:  # a short file fails its seeks
         raise NotFound(f"data.url: {url} is not a readable zip archive ({error})") from None
     names = sorted(name for name in infos if name.lower().endswith(suffixes))
-    entries = {name: ZipEntry(info.header_offset, info.compress_size, info.compress_type, info.file_size)
-               for name, info in infos.items() if name in set(names)}
+    entries = {name: ZipEntry(infos[name].header_offset, infos[name].compress_size, infos[name].compress_type,
+                              infos[name].file_size) for name in names}
     for name in names:
         if entries[name].method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise NotFound(f"data.url: {url}: member {name} uses zip compression method {entries[name].method}; "
