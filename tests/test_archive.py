@@ -16,6 +16,7 @@ from daskgan.data.decode import decode_image
 from daskgan.data.index import index_images
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream
+from daskgan.errors import NotFound
 from daskgan.run import storage
 
 
@@ -132,6 +133,19 @@ def test_a_folder_with_nvlabs_dataset_json_takes_its_labels(s3_bucket):
     index = index_images(f"{bucket}/folder", options)
     assert list(index.labels) == [5, 4, 3, 2, 1, 0] and len(index.classes) == 6
     assert all(path.endswith(name) for path, name in zip(index.paths, sorted(images)))
+
+
+@pytest.mark.parametrize("label, why", [([0.5, 0.25], "class numbers"), (-1, "class numbers"),
+                                        (1.5, "class numbers")])
+def test_dataset_json_labels_that_are_not_class_numbers_are_one_clear_error(tmp_path, label, why):
+    """NVlabs' loader also takes float vectors as labels; daskgan's conditional models take a class."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(1))
+    (folder / "b.png").write_bytes(png(2))
+    (folder / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", label]]}))
+    with pytest.raises(NotFound, match=rf"dataset\.json: .*b\.png.* {why}"):
+        index_images(str(folder))
 
 
 def odd_and_broken_images() -> dict[str, bytes]:

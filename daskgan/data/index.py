@@ -135,12 +135,19 @@ def dataset_json_labels(names: list[str], labelled: list | None, url: str) -> tu
     None: an unlabelled dataset)."""
     if labelled is None:
         return (0,) * len(names), ()
-    label_of = {str(name).replace("\\", "/"): int(label) for name, label in labelled}
+    label_of = {str(name).replace("\\", "/"): _class_number(label, name, url) for name, label in labelled}
     missing = [n for n in names if n not in label_of]
     if missing:
         raise NotFound(f"data.url: {url}: dataset.json has no label for {len(missing)} images, e.g. {missing[0]}")
     labels = tuple(label_of[n] for n in names)
     return labels, tuple(str(c) for c in range(max(labels) + 1))
+
+
+def _class_number(label: object, name: str, url: str) -> int:
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label < 0 or label != int(label):
+        raise NotFound(f"data.url: {url}: dataset.json: the label of {name} is {label!r}; labels must be class "
+                       f"numbers (0, 1, ...): NVlabs' float vector labels are not taken")
+    return int(label)
 
 
 @storage.operation
