@@ -55,6 +55,15 @@ def test_seeds_that_are_not_numbers():
     assert_one_line(daskgan("generate", "x.pt", "--seeds", "0-a", "--out", "o"), "--seeds", "'0-a'")
 
 
+@pytest.mark.parametrize("option, value", [("--resolution", "100"), ("--resolution", "0"), ("--shard-mb", "0")])
+def test_dataset_settings_that_cannot_make_a_training_set(tmp_path, option, value):
+    (tmp_path / "raw").mkdir()
+    args = {"--resolution": "8", option: value}
+    result = daskgan("dataset", str(tmp_path / "raw"), str(tmp_path / "out"), *[a for kv in args.items() for a in kv])
+    assert_one_line(result, option, value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_log_level():
     assert_one_line(daskgan("--log-level", "LOUD", "generate", "x.pt", "--out", "o"), "--log-level", "'LOUD'")
 

@@ -28,6 +28,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 INTERNAL = {"internal": True}  # field metadata: set by daskgan, refused in a job file
 
 
+def is_training_resolution(resolution: int) -> bool:
+    """Whether the models train at ``resolution``: a power of two, 8 or more (as NVlabs' dataset tool demands)."""
+    return resolution >= 8 and resolution & (resolution - 1) == 0
+
+
 @dataclass
 class DataConfig:
     """Where the training images live and how each rank reads them."""
@@ -53,8 +58,8 @@ class DataConfig:
     listing_timeout_s: float = 3600.0  # how long ranks wait for rank 0 to list the dataset
 
     def validate(self) -> None:
-        require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0,
-                 "data.resolution", f"must be a power of two >= 8, got {self.resolution}")
+        require(is_training_resolution(self.resolution), "data.resolution",
+                f"must be a power of two >= 8, got {self.resolution}")
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         require(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
         require(self.fetch_batch is None or self.fetch_batch >= 1, "data.fetch_batch", "must be >= 1")

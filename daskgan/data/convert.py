@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator
 from distributed import as_completed, worker_client
 from PIL import Image
 
+from daskgan.config.coerce import require
+from daskgan.config.schema import is_training_resolution
 from daskgan.data.decode import DECODE_ERRORS, to_channels
 from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled, index_images
 from daskgan.data.manifest import RUN_MANIFEST, manifest_bytes
@@ -113,10 +115,12 @@ def convert_dataset(client: Any, source_url: str, dest_url: str, resolution: int
     (``shards``, the default otherwise); returns the report. ``on_chunk(done, total)`` follows the progress."""
     options = storage_options or {}
     format = format or ("zip" if dest_url.lower().endswith(".zip") else "shards")
-    if format not in FORMATS:
-        raise ConfigError(f"--format: must be one of {', '.join(FORMATS)}, got {format!r}")
-    if policy not in POLICIES:
-        raise ConfigError(f"--crop: must be one of {', '.join(POLICIES)}, got {policy!r}")
+    require(format in FORMATS, "--format", f"must be one of {', '.join(FORMATS)}, got {format!r}")
+    require(policy in POLICIES, "--crop", f"must be one of {', '.join(POLICIES)}, got {policy!r}")
+    require(is_training_resolution(resolution), "--resolution",
+            f"must be a power of two >= 8, as training takes, got {resolution}")
+    require(channels in (1, 3), "--channels", f"must be 1 or 3, got {channels}")
+    require(shard_mb > 0, "--shard-mb", f"must be more than 0, got {shard_mb}")
     index = index_images(source_url, options)
     settings = {"resolution": resolution, "channels": channels, "policy": policy}
     shared = client.scatter(index, broadcast=True, hash=False)  # a fresh key: the last call's may be on its way out
