@@ -21,6 +21,7 @@ reason). Only inputs that are gone or do not decode are skipped; transient stora
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -92,7 +93,7 @@ def convert_chunk(index: ImageIndex, positions: list[int], storage_options: Stor
     """On a worker: (position, PNG bytes or None, why it was skipped) for each image of the chunk. Only an image
     that is gone or does not decode is skipped: throttling and server errors are fetched again."""
     fs, _ = storage.filesystem(index.url, storage_options)
-    fetched, _ = fetch_settled(index.url, lambda paths: fetch_objects(index, fs, paths),
+    fetched, _ = fetch_settled(index.url, functools.partial(fetch_objects, index, fs),
                                [index.paths[p] for p in positions], storage.Backoff())
     converted = []
     for position in positions:

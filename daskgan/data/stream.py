@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -221,17 +222,15 @@ class ImageStream:
                 if data is not None:
                     result[path] = data
         missing = [p for p in paths if p not in result]
-        fetched, retried = fetch_settled(self.index.url, self._reader.read if self._reader else self._fetch_objects,
-                                         missing, storage.Backoff(self.config.retry_tries, self.config.retry_seconds))
+        fetch = self._reader.read if self._reader else functools.partial(fetch_objects, self.index, self._fs)
+        fetched, retried = fetch_settled(self.index.url, fetch, missing,
+                                         storage.Backoff(self.config.retry_tries, self.config.retry_seconds))
         self.retried += retried
         if self._cache is not None:
             for path, value in fetched.items():
                 if isinstance(value, bytes):
                     self._cache.write(self.index.object_key(path), value, self._sizes.get(path, 0))
         return {**result, **fetched}
-
-    def _fetch_objects(self, paths: list[str]) -> dict[str, bytes | BaseException]:
-        return fetch_objects(self.index, self._fs, paths)
 
     def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():

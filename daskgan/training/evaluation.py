@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -158,8 +159,7 @@ class Evaluator:
         """Real images, or why each is gone; throttling and server errors are retried as the stream retries them
         (a retried image is the same image: the reals do not depend on the storage's mood)."""
         backoff = storage.Backoff(self.config.data.retry_tries, self.config.data.retry_seconds)
-        return fetch_settled(self.index.url, lambda missing: fetch_objects(self.index, fs, missing), paths,
-                             backoff)[0]
+        return fetch_settled(self.index.url, functools.partial(fetch_objects, self.index, fs), paths, backoff)[0]
 
     def _real_image(self, fs, order: list[int], item: int, fetched: dict) -> torch.Tensor:
         """Item ``item`` of the shuffled dataset; an image that is gone or does not decode is replaced by the next
