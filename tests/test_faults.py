@@ -130,6 +130,26 @@ def test_evaluation_reads_the_same_real_images_through_throttling(s3_server, sha
     assert torch.equal(throttled, reals(options)), "a throttled GET is retried, not replaced by another image"
 
 
+@pytest.mark.slow
+def test_the_real_examples_beside_the_samples_are_read_through_throttling(s3_server, shapes_in_bucket):
+    import torch
+
+    from daskgan.config import JobConfig
+    from daskgan.training.loop import _real_examples
+
+    bucket, options = shapes_in_bucket(16)
+    faults = Faults(error_share=0.8, only_object_gets=True, seed=6)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        proxied = {**options, "endpoint_url": proxy.endpoint_url}
+        config = JobConfig.from_dict({"name": "g", "data": {"url": f"{bucket}/data", "resolution": 16,
+                                                            "storage_options": proxied},
+                                      "output": {"run_url": f"{bucket}/run", "grid_images": 16}})
+        reals = _real_examples(config, index_images(f"{bucket}/data", options), None)
+    assert faults.counts[503] + faults.counts[500] > 16
+    grey = torch.zeros(3, 16, 16)
+    assert not any(torch.equal(image, grey) for image in reals), "a throttled example is fetched again, not greyed"
+
+
 @pytest.fixture
 def revocable_key(credential_checking_s3):
     """A fresh access key of the checking server's user, a bucket with 32 images, and a function that revokes

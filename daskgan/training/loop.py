@@ -8,6 +8,7 @@ noise-generator state and data-stream position.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from daskgan.dispatch import is_cluster_error
 from daskgan.config import JobConfig
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex, examples, fetch_objects
+from daskgan.data.index import ImageIndex, examples, fetch_objects, fetch_settled
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import StorageUnavailable, first_line
@@ -246,13 +247,15 @@ def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | 
     ``reals.png``: what the samples should come to look like."""
     paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
     fs, _ = storage.filesystem(index.url, config.data.storage_options)
-    fetched = fetch_objects(index, fs, sorted(set(paths)))
+    fetched, _ = fetch_settled(index.url, functools.partial(fetch_objects, index, fs), sorted(set(paths)),
+                               storage.Backoff(config.data.retry_tries, config.data.retry_seconds))
     return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution, config.data.channels)
                         for path in paths])
 
 
 def _decoded_or_grey(data: bytes | BaseException | None, resolution: int, channels: int) -> torch.Tensor:
-    """An unreadable example is shown as a grey tile rather than stopping the run (the stream skips it too)."""
+    """An example that is gone or does not decode is shown as a grey tile rather than stopping the run (the stream
+    skips it too)."""
     try:
         if isinstance(data, bytes):
             return decode_image(data, resolution, channels)
