@@ -150,6 +150,40 @@ def test_the_real_examples_beside_the_samples_are_read_through_throttling(s3_ser
     assert not any(torch.equal(image, grey) for image in reals), "a throttled example is fetched again, not greyed"
 
 
+@pytest.mark.slow
+def test_a_zip_is_listed_and_its_members_read_through_throttling(s3_server, s3_bucket):
+    """zipfile calls a failed read of the archive's end "not a zip file"; a member whose local extra field
+    outgrows the first ranged GET takes a second GET. Both are retried like any other read."""
+    import io
+    import struct
+    import zipfile
+
+    from test_archive import png
+
+    bucket, options = s3_bucket
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(8):
+            info = zipfile.ZipInfo(f"00000/img{i:08d}.png")
+            info.extra = struct.pack("<HH", 0xCAFE, 200) + bytes(200)  # an unknown 204-byte extra field
+            archive.writestr(info, png(i * 13))
+    storage.write_bytes(f"{bucket}/extra.zip", buffer.getvalue(), options)
+    faults = Faults(error_share=0.3, only_object_gets=True, seed=7)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        # botocore's own retries off: every error reaches daskgan, and no retry sleeps beyond daskgan's
+        proxied = {**options, "endpoint_url": proxy.endpoint_url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        for _ in range(10):  # each listing's first read is of the archive's end
+            assert len(index_images(f"{bucket}/extra.zip", proxied)) == 8
+        config = DataConfig(url=f"{bucket}/extra.zip", storage_options=proxied, resolution=16, batch_size=4,
+                            retry_tries=30)
+        stream = ImageStream(index_images(f"{bucket}/extra.zip", options), config, epochs=2)
+        try:
+            assert len(list(stream)) == 4 and stream.skipped == 0
+        finally:
+            stream.close()
+    assert faults.counts[503] + faults.counts[500] > 8
+
+
 @pytest.fixture
 def revocable_key(credential_checking_s3):
     """A fresh access key of the checking server's user, a bucket with 32 images, and a function that revokes

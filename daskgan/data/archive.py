@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daskgan.errors import NotFound
+from daskgan.run.storage import is_transient
 
 LOCAL_HEADER = 30  # fixed part of a zip local file header
 HEADER_SLACK = 64  # bytes fetched beyond the central directory's extra-field length, for the local header's own
@@ -42,6 +43,8 @@ def list_zip(fs: Any, path: str, url: str, suffixes: tuple[str, ...]) -> tuple[l
             infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
             labels = json.loads(archive.read("dataset.json")).get("labels") if "dataset.json" in infos else None
     except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as error:  # a short file fails its seeks
+        if isinstance(error.__context__, OSError) and is_transient(error.__context__):
+            raise error.__context__  # zipfile calls any failed read of the archive's end "not a zip file"
         raise NotFound(f"data.url: {url} is not a readable zip archive ({error})") from None
     names = sorted(name for name in infos if name.lower().endswith(suffixes))
     entries = {name: ZipEntry(infos[name].header_offset, infos[name].compress_size, infos[name].compress_type,
@@ -80,8 +83,11 @@ def _member_bytes(fs: Any, path: str, entry: ZipEntry, raw: bytes) -> bytes | Ba
     name_length, extra_length = struct.unpack("<HH", raw[26:30])
     start = LOCAL_HEADER + name_length + extra_length
     data = raw[start:start + entry.compressed_size]
-    if len(data) < entry.compressed_size:  # a local extra field longer than the slack: fetch exactly
-        data = fs.cat_file(path, start=entry.offset + start, end=entry.offset + start + entry.compressed_size)
+    try:
+        if len(data) < entry.compressed_size:  # a local extra field longer than the slack: fetch exactly
+            data = fs.cat_file(path, start=entry.offset + start, end=entry.offset + start + entry.compressed_size)
+    except Exception as error:  # handed back as the first GET's errors are, for the caller's retry or skip
+        return error
     try:
         return zlib.decompress(data, -15) if entry.method == zipfile.ZIP_DEFLATED else data
     except zlib.error as error:
