@@ -195,9 +195,13 @@ def dataset_command(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.update(done - bar.n)
+        if not show_bar and done * 10 // total > shown[-1] * 10 // total:  # a log line every tenth
+            logger.info("dataset: %d of %d chunks converted", done, total)
+            shown.append(done)
 
+    show_bar, shown = sys.stderr.isatty(), [0]  # a bar's \r updates only help on a terminal
     spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
-    with connect(spec) as client, tqdm(unit="chunk", disable=not sys.stderr.isatty()) as bar:
+    with connect(spec) as client, tqdm(unit="chunk", disable=not show_bar) as bar:
         report = convert_dataset(client, args.source, args.dest, args.resolution, args.channels, args.crop,
                                  _options(args), on_chunk=progress, format=args.format, shard_mb=args.shard_mb)
     for skipped in report["skipped"]:
