@@ -63,8 +63,18 @@ def is_peer_communication_error(error: BaseException | None) -> bool:
 
 def is_cluster_error(error: BaseException | None) -> bool:
     """Whether a rank's exception comes from losing the cluster around it (a peer, or its scheduler: distributed's
-    own errors, e.g. ``CommClosedError`` once the scheduler is gone) rather than from the rank's own work."""
-    return is_peer_communication_error(error) or type(error).__module__.startswith("distributed.")
+    own errors, e.g. ``CommClosedError`` once the scheduler is gone, and the plain ``OSError`` its connect raises
+    when the scheduler cannot be reached) rather than from the rank's own work."""
+    return (is_peer_communication_error(error) or type(error).__module__.startswith("distributed.")
+            or _raised_in_distributed(error))
+
+
+def _raised_in_distributed(error: BaseException | None) -> bool:
+    """Whether ``error`` was raised by distributed's own code (the innermost frame of its traceback)."""
+    frame = error.__traceback__ if error is not None else None
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("distributed.")
 
 
 class RankFailure:

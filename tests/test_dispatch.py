@@ -128,3 +128,17 @@ def test_worker_list_is_whole_while_the_client_refreshes_its_cache(dask_client):
         with Client(dask_client.scheduler.address, set_as_default=False) as client:
             counts = {len(dispatch.worker_addresses(client)) for _ in range(300)}
     assert counts == {2}
+
+
+def test_a_scheduler_that_cannot_be_reached_is_the_clusters_error_not_the_runs():
+    """Once the scheduler is gone, a rank's call to it (the driver watch's metadata) ends in distributed's connect
+    timeout: a plain OSError, raised inside distributed. The run did nothing wrong: status says interrupted."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    with pytest.raises(OSError) as caught:
+        asyncio.run(connect(f"tcp://127.0.0.1:{dispatch.free_port()}", timeout=0.5))
+    assert type(caught.value) is OSError and "Timed out trying to connect" in str(caught.value)
+    assert dispatch.is_cluster_error(caught.value)
+    assert not dispatch.is_cluster_error(OSError("[Errno 28] No space left on device")), "the rank's own"

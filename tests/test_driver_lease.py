@@ -289,7 +289,7 @@ def test_a_detached_run_whose_scheduler_dies_stays_at_its_checkpoint_and_resumes
     time.sleep(2)
     assert newest_checkpoint(run_url, options) == kept, "nothing trains on once the workers are gone"
     interrupted = run_status(run_url, options)
-    assert interrupted["state"] == "interrupted" and interrupted["iteration"] >= kept
+    assert interrupted["state"] == "interrupted" and interrupted["iteration"] >= kept, interrupted
 
     address, _ = own_cluster()
     resumed = daskgan_process("train", str(start.write_job(kept + 15)), "--cluster", str(spec), "--no-progress")
