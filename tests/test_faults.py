@@ -16,6 +16,11 @@ from daskgan.errors import StorageAccessError
 from daskgan.run import checkpoint, storage
 
 
+# botocore's own retries off (s3fs still retries a 503 a few times, a 500 not): injected errors reach daskgan
+# without botocore's backoff sleeps
+NO_BOTOCORE_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
 def read_epochs(url: str, options: dict, epochs: int, images: int, batch_size: int = 8) -> tuple[ImageStream, list]:
     config = DataConfig(url=url, storage_options=options, resolution=16, batch_size=batch_size, retry_tries=30)
     stream = ImageStream(index_images(url, options), config)
@@ -97,11 +102,12 @@ def test_a_throttled_conversion_converts_every_image_and_skips_none(dask_client,
     from daskgan.data.convert import convert_dataset
 
     bucket, options = shapes_in_bucket(24)
-    faults = Faults(error_share=0.8, only_object_gets=True, seed=4)
+    faults = Faults(error_share=0.3, only_object_gets=True, seed=4)
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
         report = convert_dataset(dask_client, f"{bucket}/data", f"{bucket}/converted.zip", 8,
-                                 storage_options={**options, "endpoint_url": proxy.endpoint_url})
-    assert faults.counts[503] + faults.counts[500] > 24
+                                 storage_options={**options, "endpoint_url": proxy.endpoint_url,
+                                                  **NO_BOTOCORE_RETRIES})
+    assert faults.counts[503] + faults.counts[500] > 3
     assert report["skipped"] == [], "a throttled GET is retried, never reported as a broken image"
     assert report["images"] == 24 and len(index_images(f"{bucket}/converted.zip", options)) == 24
 
@@ -123,10 +129,10 @@ def test_evaluation_reads_the_same_real_images_through_throttling(s3_server, sha
         evaluator = Evaluator(config, index_images(f"{bucket}/data", options), torch.device("cpu"))
         return evaluator._reals(list(range(48)), list(range(24)))
 
-    faults = Faults(error_share=0.8, only_object_gets=True, seed=5)
+    faults = Faults(error_share=0.3, only_object_gets=True, seed=5)
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
-        throttled = reals({**options, "endpoint_url": proxy.endpoint_url})
-    assert faults.counts[503] + faults.counts[500] > 24
+        throttled = reals({**options, "endpoint_url": proxy.endpoint_url, **NO_BOTOCORE_RETRIES})
+    assert faults.counts[503] + faults.counts[500] > 3
     assert torch.equal(throttled, reals(options)), "a throttled GET is retried, not replaced by another image"
 
 
@@ -138,14 +144,14 @@ def test_the_real_examples_beside_the_samples_are_read_through_throttling(s3_ser
     from daskgan.training.loop import _real_examples
 
     bucket, options = shapes_in_bucket(16)
-    faults = Faults(error_share=0.8, only_object_gets=True, seed=6)
+    faults = Faults(error_share=0.5, only_object_gets=True, seed=6)
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
-        proxied = {**options, "endpoint_url": proxy.endpoint_url}
+        proxied = {**options, "endpoint_url": proxy.endpoint_url, **NO_BOTOCORE_RETRIES}
         config = JobConfig.from_dict({"name": "g", "data": {"url": f"{bucket}/data", "resolution": 16,
                                                             "storage_options": proxied},
                                       "output": {"run_url": f"{bucket}/run", "grid_images": 16}})
         reals = _real_examples(config, index_images(f"{bucket}/data", options), None)
-    assert faults.counts[503] + faults.counts[500] > 16
+    assert faults.counts[503] + faults.counts[500] > 3
     grey = torch.zeros(3, 16, 16)
     assert not any(torch.equal(image, grey) for image in reals), "a throttled example is fetched again, not greyed"
 
@@ -170,8 +176,7 @@ def test_a_zip_is_listed_and_its_members_read_through_throttling(s3_server, s3_b
     storage.write_bytes(f"{bucket}/extra.zip", buffer.getvalue(), options)
     faults = Faults(error_share=0.3, only_object_gets=True, seed=7)
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
-        # botocore's own retries off: every error reaches daskgan, and no retry sleeps beyond daskgan's
-        proxied = {**options, "endpoint_url": proxy.endpoint_url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        proxied = {**options, "endpoint_url": proxy.endpoint_url, **NO_BOTOCORE_RETRIES}
         for _ in range(10):  # each listing's first read is of the archive's end
             assert len(index_images(f"{bucket}/extra.zip", proxied)) == 8
         config = DataConfig(url=f"{bucket}/extra.zip", storage_options=proxied, resolution=16, batch_size=4,
