@@ -124,7 +124,8 @@ def convert_dataset(client: Any, source_url: str, dest_url: str, resolution: int
     require(shard_mb > 0, "--shard-mb", f"must be more than 0, got {shard_mb}")
     index = index_images(source_url, options)
     settings = {"resolution": resolution, "channels": channels, "policy": policy}
-    shared = client.scatter(index, broadcast=True, hash=False)  # a fresh key: the last call's may be on its way out
+    # a fresh key: the last call's may be on its way out; the zip's writer hands the index on to its converters
+    shared = client.scatter(index, broadcast=format == "shards", hash=False)
     if format == "zip":
         images, skipped = _write_zip(client, shared, dest_url, settings, options, on_chunk)
     else:
@@ -182,14 +183,13 @@ def _converted_in_order(client: Any, index: ImageIndex, chunks: list[list[int]],
     """``convert_chunk`` of each chunk, in order, converted on the cluster at most two chunks a worker thread
     ahead of the one wanted: the cluster holds those, not a whole dataset converted faster than one writer
     uploads it. Each is let go once taken."""
-    shared = client.scatter(index, broadcast=True, hash=False)  # (as in convert_dataset)
+    shared = client.scatter(index, broadcast=True, hash=False)  # (a fresh key, as in convert_dataset)
+    convert = functools.partial(client.submit, convert_chunk, shared, pure=False, **settings)
     waiting = iter(chunks)
-    ahead = itertools.islice(waiting, max(2, 2 * sum(client.nthreads().values())))
-    futures = deque(client.submit(convert_chunk, shared, chunk, pure=False, **settings) for chunk in ahead)
+    futures = deque(map(convert, itertools.islice(waiting, max(2, 2 * sum(client.nthreads().values())))))
     while futures:
         future = futures.popleft()
-        futures.extend(client.submit(convert_chunk, shared, chunk, pure=False, **settings)
-                       for chunk in itertools.islice(waiting, 1))
+        futures.extend(map(convert, itertools.islice(waiting, 1)))
         yield future.result()
         future.release()
 
