@@ -3,9 +3,16 @@ networks) read without running the code they carry.
 
 NVlabs' persistence module stores each network class's source code in the pickle and executes it on load. Here a
 restricted unpickler admits only what weights need (torch's tensor and parameter rebuilders, storages read with
-``torch.load(weights_only=True)``, ordered and attribute dicts) and turns each persistent object into a record of
-its class name and state (``_parameters``, ``_buffers``, ``_modules``, ``_init_kwargs``) without importing or
+``torch.load(weights_only=True)``, ordered and attribute dicts, sets) and turns each persistent object into a record
+of its class name and state (``_parameters``, ``_buffers``, ``_modules``, ``_init_kwargs``) without importing or
 running its source. Anything else in the pickle (``os.system``, any other import) is refused before it runs.
+
+Every NVlabs network also holds numpy scalars (``weight_gain = lr_multiplier / np.sqrt(in_features)``), pickled as
+``numpy.core.multiarray.scalar(numpy.dtype('f8', False, True), <8 bytes>)`` (``numpy._core`` under numpy 2), the
+dtype then given its byte order by ``BUILD``. numpy's own reconstructors are not called: a dtype is a stand-in that
+admits only simple numeric types and the plain state they pickle with, and a scalar is read from its bytes with
+``numpy.frombuffer``. The released pickles were written by Python 3.7 (protocol 3), whose modules' sets
+(``_non_persistent_buffers_set``) are ``builtins.set`` calls.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from daskgan.errors import CheckpointUnreadable, UnsafePickle
@@ -61,6 +69,34 @@ def _storage_from_bytes(data: bytes):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+class NumpyDtype:
+    """What ``numpy.dtype(name, align, copy)`` and the ``BUILD`` after it hold of a simple numeric dtype."""
+
+    SIMPLE = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16"})
+    PLAIN_STATE = (None, None, None, -1, -1, 0)  # no sub-array, fields, size, alignment or flags of its own
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True):
+        if name not in self.SIMPLE or not isinstance(align, bool) or not isinstance(copy, bool):
+            raise UnsafePickle(f"it asks for numpy dtype {name!r}; only simple numeric dtypes are read")
+        self.name, self.byteorder = name, "="
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+                and state[2:] == self.PLAIN_STATE):
+            raise UnsafePickle(f"it gives numpy dtype {self.name!r} the state {state!r}, not a simple numeric one")
+        self.byteorder = state[1]
+
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.name).newbyteorder(self.byteorder)
+
+
+def _numpy_scalar(dtype: Any, data: Any) -> np.generic:
+    """numpy's ``scalar(dtype, bytes)``, for the simple dtypes above only, read from the bytes alone."""
+    if not isinstance(dtype, NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.numpy().itemsize:
+        raise UnsafePickle("it holds a numpy scalar that is not the bytes of one simple numeric value")
+    return np.frombuffer(data, dtype=dtype.numpy())[0]
+
+
 ALLOWED = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
@@ -69,6 +105,10 @@ ALLOWED = {
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("dnnlib.util", "EasyDict"): AttributeDict,
+    ("builtins", "set"): set,
+    ("numpy", "dtype"): NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy 1, as the released pickles were written
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2
 }
 
 
