@@ -65,7 +65,7 @@ def handout_seconds(index: ImageIndex, method: str, address: str, results: dict,
         dist.broadcast_object_list(box, src=0)
     else:
         dist.broadcast_object_list([None], src=0)
-        parse_manifest(manifest, "manifest")
+        parse_manifest(manifest, "manifest", index.url, "bucket/imagenet/train")
     results[rank] = time.perf_counter() - started
     dist.destroy_process_group()
 

@@ -58,14 +58,16 @@ def test_a_shared_manifest_must_describe_data_url(shapes_in_bucket):
         training_index(other, output)
 
 
-@pytest.mark.parametrize("content", [b"not gzip", gzip.compress(b"[1, 2]"),
-                                     gzip.compress(json.dumps({"format": "daskgan-manifest/1", "dataset": "s3://x",
-                                                               "root": "x", "classes": [],
-                                                               "images": [["a.png", 1, 3]]}).encode())])
+def label_out_of_range(dataset: str) -> bytes:
+    return gzip.compress(json.dumps({"format": "daskgan-manifest/2", "dataset": dataset, "classes": [],
+                                     "images": [["a.png", 1, 3]]}).encode())
+
+
+@pytest.mark.parametrize("content", [lambda _: b"not gzip", lambda _: gzip.compress(b"[1, 2]"), label_out_of_range])
 def test_a_broken_manifest_is_one_clear_error(shapes_in_bucket, content):
     bucket, options = shapes_in_bucket(2)
     data, output = configs(f"{bucket}/data", f"{bucket}/run", options)
-    storage.write_bytes(f"{bucket}/run/{RUN_MANIFEST}", content, options)
+    storage.write_bytes(f"{bucket}/run/{RUN_MANIFEST}", content(data.url), options)
     with pytest.raises(ConfigError, match=f"{bucket}/run/{RUN_MANIFEST} is not a daskgan dataset manifest"):
         training_index(data, output)
 

@@ -257,7 +257,8 @@ def test_dataset_command_writes_shards_with_a_manifest_and_reports_the_broken_in
                                                                                "truncated.png"]
     scanned = index_images(dest, options)
     assert len(scanned.shards) > 1 and list(scanned.labels) == [0, 0, 0, 1, 1]
-    assert read_manifest(storage.join(dest, RUN_MANIFEST), options).entries == scanned.entries
+    manifest = read_manifest(storage.join(dest, RUN_MANIFEST), options, DataConfig(url=dest, storage_options=options))
+    assert manifest.entries == scanned.entries
     assert training_index(DataConfig(url=dest, storage_options=options),
                           OutputConfig(run_url=f"{bucket}/run-{crop}", storage_options=options)).paths == scanned.paths
     fs, _ = storage.filesystem(dest, options)

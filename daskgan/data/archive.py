@@ -16,6 +16,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from daskgan.data.decode import UnreadableImage
+from daskgan.data.inflate import MAX_DOCUMENT_BYTES, MAX_MEMBER_BYTES, TooLarge, inflate
 from daskgan.errors import NotFound
 from daskgan.run.storage import is_transient
 
@@ -41,7 +43,8 @@ def list_zip(fs: Any, path: str, url: str, suffixes: tuple[str, ...]) -> tuple[l
     try:
         with fs.open(path, "rb", block_size=2**20) as handle, zipfile.ZipFile(handle) as archive:
             infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
-            labels = json.loads(archive.read("dataset.json")).get("labels") if "dataset.json" in infos else None
+            document = _dataset_json(archive, infos["dataset.json"], url) if "dataset.json" in infos else {}
+            labels = document.get("labels")
     except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as error:  # a short file fails its seeks
         if isinstance(error.__context__, OSError) and is_transient(error.__context__):
             raise error.__context__  # zipfile calls any failed read of the archive's end "not a zip file"
@@ -56,15 +59,28 @@ def list_zip(fs: Any, path: str, url: str, suffixes: tuple[str, ...]) -> tuple[l
     return names, entries, labels
 
 
+def _dataset_json(archive: zipfile.ZipFile, info: zipfile.ZipInfo, url: str) -> Any:
+    """``dataset.json``'s document; zipfile inflates a member no further than its declared size, which must be
+    within ``MAX_DOCUMENT_BYTES``."""
+    if info.file_size > MAX_DOCUMENT_BYTES:
+        raise NotFound(f"data.url: {url}: dataset.json declares {info.file_size} bytes, over the limit of "
+                       f"{MAX_DOCUMENT_BYTES}; not read")
+    return json.loads(archive.read(info))
+
+
 def read_members(fs: Any, path: str, entries: dict[str, ZipEntry]) -> dict[str, bytes | BaseException]:
     """The uncompressed bytes of several members, fetched concurrently (one ranged GET each); a member whose
-    fetch failed maps to the error, for the caller's retry or skip."""
-    names = list(entries)
+    fetch failed maps to the error, for the caller's retry or skip. A member declaring more than
+    ``MAX_MEMBER_BYTES`` is not fetched: it maps to a ``CorruptMember``, skipped and counted."""
+    result: dict[str, bytes | BaseException] = {
+        name: CorruptMember(f"member at offset {entry.offset} declares {max(entry.size, entry.compressed_size)} "
+                            f"bytes, over the limit of {MAX_MEMBER_BYTES} for an image")
+        for name, entry in entries.items() if max(entry.size, entry.compressed_size) > MAX_MEMBER_BYTES}
+    names = [name for name in entries if name not in result]
     starts = [entries[n].offset for n in names]
     ends = [entries[n].offset + LOCAL_HEADER + len(n.encode()) + HEADER_SLACK + entries[n].compressed_size
             for n in names]
     fetched = fs.cat_ranges([path] * len(names), starts, ends, on_error="return")
-    result: dict[str, bytes | BaseException] = {}
     for name, raw in zip(names, fetched):
         if isinstance(raw, BaseException):
             result[name] = raw
@@ -73,7 +89,7 @@ def read_members(fs: Any, path: str, entries: dict[str, ZipEntry]) -> dict[str, 
     return result
 
 
-class CorruptMember(ValueError):
+class CorruptMember(UnreadableImage):
     """A member whose stored bytes cannot be read back: skipped and counted like an image that does not decode."""
 
 
@@ -89,6 +105,6 @@ def _member_bytes(fs: Any, path: str, entry: ZipEntry, raw: bytes) -> bytes | Ba
     except Exception as error:  # handed back as the first GET's errors are, for the caller's retry or skip
         return error
     try:
-        return zlib.decompress(data, -15) if entry.method == zipfile.ZIP_DEFLATED else data
-    except zlib.error as error:
-        return CorruptMember(f"member at offset {entry.offset} does not inflate ({error})")
+        return inflate(data, entry.size) if entry.method == zipfile.ZIP_DEFLATED else data
+    except (zlib.error, TooLarge) as error:  # a bomb declares a small size: it inflates no further than that
+        return CorruptMember(f"member at offset {entry.offset} does not inflate to its {entry.size} bytes ({error})")

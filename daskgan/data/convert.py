@@ -37,9 +37,9 @@ from PIL import Image
 
 from daskgan.config.coerce import require
 from daskgan.config.schema import is_training_resolution
-from daskgan.data.decode import DECODE_ERRORS, to_channels
+from daskgan.data.decode import DECODE_ERRORS, decoding_one_image, open_image, to_channels
 from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled, index_images
-from daskgan.data.manifest import RUN_MANIFEST, manifest_bytes
+from daskgan.data.manifest import RUN_MANIFEST, dataset_base, manifest_bytes
 from daskgan.data.shards import flatten_samples, samples_in, tar_shard
 from daskgan.errors import ConfigError
 from daskgan.run import storage
@@ -55,9 +55,11 @@ PROBE = 64  # images converted first to size the shards
 PROGRESS = ".progress"
 
 
+@decoding_one_image()
 def convert_image(data: bytes, resolution: int, channels: int, policy: str) -> bytes:
-    """One image as the archive stores it: square by ``policy``, ``resolution`` pixels, PNG."""
-    with Image.open(io.BytesIO(data)) as opened:
+    """One image as the archive stores it: square by ``policy``, ``resolution`` pixels, PNG (``UnreadableImage``
+    for one that does not decode)."""
+    with open_image(data) as opened:
         image = to_channels(opened, channels)
     image = _square(image, resolution, policy)
     out = io.BytesIO()
@@ -225,7 +227,7 @@ def _write_shards(client: Any, shared: Any, index: ImageIndex, dest_url: str, se
     ordered = [notes[number] for number in sorted(notes)]
     written = shard_index(dest_url, ordered, index.classes, options)
     storage.write_bytes(storage.join(dest_url, RUN_MANIFEST),
-                        manifest_bytes(written, storage.filesystem(dest_url, options)[1]), options)
+                        manifest_bytes(written, dataset_base(dest_url, options)), options)
     return len(written), [skipped for note in ordered for skipped in note["skipped"]]
 
 

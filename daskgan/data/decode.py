@@ -6,21 +6,28 @@ whole batch to [-1, 1] on its device: per-image float conversion and stacking co
 
 Pillow decodes everything; where installed (``pip install 'daskgan[fast-decode]'``), pyspng decodes 8-bit PNGs and
 simplejpeg YCbCr/grayscale JPEGs to RGB, both several times faster. They are used only where their pixels are
-Pillow's exactly (tested); anything else, and anything they fail on, goes to Pillow, whose errors mark an image
-as unreadable.
+Pillow's exactly (tested); anything else, and anything they fail on, goes to Pillow.
+
+Pillow opens only the formats training takes (``TRAINING_FORMATS``): left to itself it tries every format it knows,
+and an EPS file named ``x.png`` makes it start Ghostscript. Whatever goes wrong while one image is decoded makes
+that image unreadable (``UnreadableImage``), which every reader skips and counts: Pillow's plugins raise whatever
+their parsing meets (a crafted TIFF raises ``OverflowError``), and one error let through stops a run at the same
+image on every restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+TRAINING_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # Pillow's names; PPM reads PGM too
 PNG_SIGNATURE, JPEG_SIGNATURE = b"\x89PNG\r\n\x1a\n", b"\xff\xd8"
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's for 16-bit grayscale PNG, TIFF, PGM
 
@@ -34,6 +41,30 @@ except ImportError:
     simplejpeg = None
 
 
+class UnreadableImage(ValueError):
+    """An image that cannot be decoded, whatever the reason (named in the message): skipped and counted."""
+
+
+DECODE_ERRORS = (UnreadableImage,)  # what a reader of images catches: every decoding error becomes this
+
+
+@contextlib.contextmanager
+def decoding_one_image(name: str = "") -> Iterator[None]:
+    """Any exception raised inside is this image's fault: raised again as ``UnreadableImage`` saying what it was
+    (after the image's ``name``, when given). Also a decorator."""
+    try:
+        yield
+    except UnreadableImage:
+        raise
+    except Exception as error:  # noqa: BLE001 - see the module's docstring
+        raise UnreadableImage(f"{name}{': ' if name else ''}{type(error).__name__}: {error}") from error
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``data`` opened by Pillow in one of ``TRAINING_FORMATS``, never another (no plugin that runs a program)."""
+    return Image.open(io.BytesIO(data), formats=TRAINING_FORMATS)
+
+
 def decode_image(data: bytes, resolution: int, channels: int = 3) -> torch.Tensor:
     """Decode image bytes to a (channels, R, R) float tensor in [-1, 1]: RGB (3) or grayscale (1), centre crop
     to square, resize."""
@@ -45,9 +76,11 @@ def decode_uint8(data: bytes, resolution: int, channels: int = 3) -> torch.Tenso
     return torch.from_numpy(decode_array(data, resolution, channels))
 
 
+@decoding_one_image()
 def decode_array(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:
     """``decode_uint8``'s pixels as a numpy array. An image already R x R (a prepared dataset's) takes no torch
-    operation at all: at ~20 us per 64 px PNG, the few microseconds of each one would be a large share."""
+    operation at all: at ~20 us per 64 px PNG, the few microseconds of each one would be a large share.
+    Raises ``UnreadableImage`` for an image that does not decode."""
     pixels = decode_pixels(data, channels)
     planes = pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels[None]
     if planes.shape[1:] == (resolution, resolution):
@@ -60,12 +93,13 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+@decoding_one_image()
 def decode_pixels(data: bytes, channels: int = 3) -> np.ndarray:
     """(H, W, 3) or (H, W) uint8 pixels, as Pillow's ``convert("RGB")`` or ``convert("L")`` gives them."""
     fast = _fast_pixels(data, channels)
     if fast is not None:
         return fast
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         return np.array(to_channels(image, channels))
 
 

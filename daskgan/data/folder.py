@@ -8,14 +8,13 @@ DataLoader worker process opens its own connection pool.
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any, Callable
 
 import fsspec
-from PIL import Image
 from torch.utils.data import Dataset
 
+from daskgan.data.decode import decoding_one_image, open_image
 from daskgan.data.index import index_images
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
@@ -53,10 +52,11 @@ class S3ImageFolder(Dataset):
         """Several items from one concurrent fetch (torch's DataLoader calls this for a whole batch)."""
         paths = [self.all_files[i] for i in indices]
         fetched = storage.cat_objects(self._filesystem(), paths, on_error="raise")
-        return [self._item(fetched[path], self.labels[i]) for path, i in zip(paths, indices)]
+        return [self._item(path, fetched[path], self.labels[i]) for path, i in zip(paths, indices)]
 
-    def _item(self, data: bytes, label: int) -> tuple[Any, Any]:
-        with Image.open(io.BytesIO(data)) as opened:
+    def _item(self, path: str, data: bytes, label: int) -> tuple[Any, Any]:
+        """The item of one image; one that does not decode raises ``UnreadableImage`` naming it."""
+        with decoding_one_image(path), open_image(data) as opened:
             image = opened.convert("RGB")
         image = self.transform(image) if self.transform else image
         return image, self.target_transform(label) if self.target_transform else label

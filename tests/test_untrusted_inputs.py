@@ -1,0 +1,195 @@
+"""Datasets scraped from the web or handed over by a third party (issue #23, items 2, 3 and 13): a crafted image,
+a file in another format under an image's name, a zip or gzip bomb and a manifest pointing elsewhere cost the
+bad input (skipped and counted) or one clear error, never the run, a program started or unbounded memory."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tracemalloc
+import zlib
+
+import pytest
+from hostile_inputs import eps_named_png, overflow_tiff, path_with, png, stub_gs, zip_bomb, zip_archive
+from PIL import EpsImagePlugin, Image
+
+from daskgan.config import DataConfig, OutputConfig
+from daskgan.data.convert import convert_image
+from daskgan.data.decode import UnreadableImage, decode_image
+from daskgan.data.folder import S3ImageFolder
+from daskgan.data.index import index_images
+from daskgan.data.manifest import RUN_MANIFEST, dataset_base, manifest_bytes, training_index
+from daskgan.data.stream import ImageStream
+from daskgan.errors import ConfigError, NotFound
+from daskgan.run import storage
+
+MiB = 2**20
+DECODINGS = [{"decode_threads": 1}, {"decode_threads": 2}, {"decode_processes": 1}]  # inline, threads, processes
+
+
+@pytest.fixture
+def gs_on_path(tmp_path, monkeypatch):
+    """A stub ``gs`` first on PATH (decoding processes inherit it) and Pillow's memory of Ghostscript cleared;
+    yields the note it writes when run."""
+    folder, note = stub_gs(tmp_path / "bin")
+    monkeypatch.setenv("PATH", path_with(folder))
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    return note
+
+
+def stream_all(url: str, images: int, **data) -> ImageStream:
+    """A stream over one epoch of ``url``, read to its end (batches of 1, nothing dropped)."""
+    config = DataConfig(url=url, resolution=8, batch_size=1, shuffle=False, **data)
+    stream = ImageStream(index_images(url), config, epochs=1, drop_last=False)
+    try:
+        assert sum(len(batch.images) for batch in stream) == images
+    finally:
+        stream.close()
+    return stream
+
+
+def test_a_crafted_tiff_is_an_unreadable_image_not_an_escaped_error(tmp_path):
+    tiff = overflow_tiff()
+    with pytest.raises(OverflowError):  # the reproduction, on the installed Pillow
+        Image.open(io.BytesIO(tiff)).load()
+    for decode in (lambda: decode_image(tiff, 8), lambda: convert_image(tiff, 8, 3, "center")):
+        with pytest.raises(UnreadableImage, match="OverflowError"):
+            decode()
+
+
+@pytest.mark.parametrize("decoding", DECODINGS, ids=["inline", "threads", "processes"])
+def test_a_stream_skips_and_counts_a_crafted_tiff_and_an_eps_named_png(tmp_path, gs_on_path, decoding):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"good{i}.png").write_bytes(png(i * 60))
+    (folder / "fuzzed.tif").write_bytes(overflow_tiff())
+    (folder / "x.png").write_bytes(eps_named_png())
+    stream = stream_all(folder.as_uri(), 4, **decoding)
+    assert stream.skipped == 2 and not gs_on_path.exists(), "both skipped, Ghostscript never started"
+
+
+def test_an_eps_named_png_starts_no_program_anywhere_images_are_decoded(s3_bucket, gs_on_path):
+    eps = eps_named_png()
+    with pytest.raises(UnreadableImage):
+        decode_image(eps, 8)
+    with pytest.raises(UnreadableImage):
+        convert_image(eps, 8, 3, "center")
+    bucket, options = s3_bucket
+    storage.write_bytes(f"{bucket}/data/a/x.png", eps, options)
+    with pytest.raises(UnreadableImage, match="x.png"):
+        S3ImageFolder(bucket.removeprefix("s3://"), "data", storage_options=options)[0]
+    assert not gs_on_path.exists()
+
+
+def test_a_zip_bomb_member_is_skipped_and_counted_within_bounded_memory(tmp_path):
+    """~300 KB members inflating to 300 MiB: one declaring its size (over the cap: not even fetched), one
+    declaring 1 KB (inflated no further). Before, each read grew the process by the whole 300 MiB."""
+    honest, lying = (tmp_path / "honest.zip", tmp_path / "lying.zip")
+    honest.write_bytes(zip_bomb())
+    lying.write_bytes(zip_bomb(declared=1024))
+    assert honest.stat().st_size < 400_000
+    tracemalloc.start()
+    try:
+        streams = [stream_all(archive.as_uri(), 6) for archive in (honest, lying)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [stream.skipped for stream in streams] == [1, 1]
+    assert peak < 32 * MiB, f"reading the bombs peaked at {peak / MiB:.0f} MiB"
+
+
+def gzip_bomb(mib: int) -> bytes:
+    """A gzip of ``mib`` MiB of zeros."""
+    packer = gzip.GzipFile(fileobj=(out := io.BytesIO()), mode="wb", compresslevel=1)
+    for _ in range(mib):
+        packer.write(bytes(MiB))
+    packer.close()
+    return out.getvalue()
+
+
+def test_a_gzip_bomb_manifest_is_refused_within_bounded_memory(tmp_path, monkeypatch):
+    from daskgan.data import manifest
+
+    monkeypatch.setattr(manifest, "MAX_DOCUMENT_BYTES", 4 * MiB)  # the same bound as 512 MiB, at a test's size
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(png(1))
+    data = DataConfig(url=(tmp_path / "data").as_uri(), manifest=(tmp_path / "m.json.gz").as_uri())
+    (tmp_path / "m.json.gz").write_bytes(gzip_bomb(64))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="is not a daskgan dataset manifest .*TooLarge"):
+            training_index(data, OutputConfig(run_url=(tmp_path / "run").as_uri()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MiB, f"reading the bomb peaked at {peak / MiB:.0f} MiB"
+
+
+def test_a_dataset_json_over_the_limit_is_one_clear_error(tmp_path, monkeypatch):
+    from daskgan.data import archive
+
+    monkeypatch.setattr(archive, "MAX_DOCUMENT_BYTES", 4 * MiB)
+    labels = json.dumps({"labels": None}).encode() + b" " * (5 * MiB)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    compressed = deflate.compress(labels) + deflate.flush()
+    (tmp_path / "big.zip").write_bytes(zip_archive([
+        ("00000/img00000000.png", png(1), 0, zlib.crc32(png(1)), len(png(1))),
+        ("dataset.json", compressed, 8, zlib.crc32(labels), len(labels))]))
+    with pytest.raises(NotFound, match="dataset.json declares .* over the limit"):
+        index_images((tmp_path / "big.zip").as_uri())
+
+
+def folder_dataset(url: str, count: int = 4) -> None:
+    storage.write_many({storage.join(url, "a" if i % 2 else "b", f"{i}.png"): png(i * 50) for i in range(count)}, {})
+
+
+def test_a_copied_dataset_reads_its_new_location_through_the_manifest_it_carries(tmp_path):
+    first, copy = (tmp_path / "first").as_uri(), (tmp_path / "copy").as_uri()
+    folder_dataset(first)
+    storage.write_bytes(storage.join(first, RUN_MANIFEST), manifest_bytes(index_images(first), dataset_base(first)))
+    fs, _ = storage.filesystem(first)
+    fs.copy(str(tmp_path / "first"), str(tmp_path / "copy"), recursive=True)
+    fs.rm(str(tmp_path / "first"), recursive=True)
+    index = training_index(DataConfig(url=copy), OutputConfig(run_url=(tmp_path / "run").as_uri()))
+    assert len(index) == 4 and all(path.startswith(str(tmp_path / "copy") + "/") for path in index.paths)
+    assert stream_all(copy, 4).skipped == 0
+
+
+def v1_manifest(dataset: str, root: str, keys: list[str]) -> bytes:
+    """A manifest as daskgan wrote them before, keys under an absolute ``root``."""
+    return gzip.compress(json.dumps({"format": "daskgan-manifest/1", "dataset": dataset, "root": root,
+                                     "archive": None, "shards": [], "classes": [],
+                                     "images": [[key, 1, 0] for key in keys]}).encode())
+
+
+def v2_manifest(dataset: str, keys: list[str]) -> bytes:
+    return gzip.compress(json.dumps({"format": "daskgan-manifest/2", "dataset": dataset, "archive": False,
+                                     "shards": [], "classes": [], "images": [[key, 1, 0] for key in keys]}).encode())
+
+
+@pytest.mark.parametrize("crafted", [
+    lambda url, elsewhere: v1_manifest(url, elsewhere, ["secret.png"]),
+    lambda url, elsewhere: v2_manifest(url, ["../elsewhere/secret.png"]),
+    lambda url, elsewhere: v2_manifest(url, [f"{elsewhere}/secret.png"]),
+], ids=["old-absolute-root", "dot-dot", "absolute-key"])
+def test_a_third_partys_manifest_cannot_point_reads_outside_the_dataset(tmp_path, crafted):
+    url, elsewhere = (tmp_path / "data").as_uri(), str(tmp_path / "elsewhere")
+    folder_dataset(url)
+    shared = (tmp_path / "shared.json.gz").as_uri()
+    storage.write_bytes(shared, crafted(url, elsewhere))
+    with pytest.raises(ConfigError, match="outside the dataset|not inside the dataset"):
+        training_index(DataConfig(url=url, manifest=shared), OutputConfig(run_url=(tmp_path / "run").as_uri()))
+
+
+def test_an_old_manifest_of_the_datasets_own_location_is_still_read(tmp_path):
+    url = (tmp_path / "data").as_uri()
+    folder_dataset(url)
+    listed = index_images(url)
+    root = str(tmp_path / "data")
+    keys = [path[len(root) + 1:] for path in listed.paths]
+    storage.write_bytes(storage.join(url, RUN_MANIFEST), v1_manifest(url, root, keys))
+    index = training_index(DataConfig(url=url), OutputConfig(run_url=(tmp_path / "run").as_uri()))
+    assert index.paths == listed.paths
+
