@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from daskgan.errors import CheckpointUnreadable, StorageUnavailable
 from daskgan.run import checkpoint, storage
 from daskgan.run.checkpoint import CheckpointMismatch
 
@@ -37,7 +38,7 @@ def test_failed_write_leaves_the_pointer_on_the_previous_checkpoint(run_url, mon
     assert checkpoint.latest(run_url).endswith("000000010.pt")
 
 
-def test_latest_falls_back_to_listing_when_the_pointer_is_stale(run_url):
+def test_latest_falls_back_to_the_index_when_the_pointer_is_stale(run_url):
     checkpoint.save(run_url, state(10), 10, keep=3)
     checkpoint.save(run_url, state(20), 20, keep=3)
     storage.remove(checkpoint.latest(run_url))
@@ -105,3 +106,42 @@ def test_a_resumed_optimizer_keeps_its_moments_under_the_jobs_learning_rate():
     load_optimizer(new, saved)
     assert new.param_groups[0]["lr"] == 2e-4 and new.param_groups[0]["betas"] == (0.0, 0.99)
     assert torch.equal(new.state[weight]["exp_avg"], old.state[weight]["exp_avg"]), "moments restored"
+
+
+def truncate(url: str) -> None:
+    """Cut a checkpoint file to half its size, as a save cut short by a full disk or a kill leaves it."""
+    path = url.removeprefix("file://")
+    with open(path, "r+b") as handle:
+        handle.truncate(len(handle.read()) // 2)
+
+
+def test_a_truncated_newest_checkpoint_is_passed_over_for_the_previous(run_url, caplog):
+    for iteration in (10, 20):
+        checkpoint.save(run_url, state(iteration), iteration, keep=3)
+    truncate(checkpoint.latest(run_url))
+    url, passed_over = checkpoint.newest_readable(run_url)
+    assert url.endswith("000000010.pt") and checkpoint.load(url)["iteration"] == 10
+    assert len(passed_over) == 1 and "000000020.pt" in passed_over[0] and "central directory" in passed_over[0]
+    assert "000000020.pt" in caplog.text, "the log says which checkpoint was passed over"
+
+
+def test_a_run_whose_every_checkpoint_is_unreadable_is_refused_not_restarted(run_url):
+    checkpoint.save(run_url, state(10), 10, keep=3)
+    truncate(checkpoint.latest(run_url))
+    with pytest.raises(CheckpointUnreadable, match=r"none of the checkpoints of .*/run can be read"):
+        checkpoint.latest(run_url)
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_checkpoint_is_not_resumable_before_its_pointer_names_it(store, tmp_path, s3_bucket, monkeypatch):
+    """The first save wrote its object, then storage failed before the index and the pointer: nothing to resume."""
+    url, options = (tmp_path.as_uri() + "/run", {}) if store == "local" else (f"{s3_bucket[0]}/run", s3_bucket[1])
+
+    def storage_gone(*args, **kwargs):
+        raise StorageUnavailable("index.json: still failing after 8 tries in 300s")
+
+    monkeypatch.setattr(checkpoint, "_write_index", storage_gone)
+    with pytest.raises(StorageUnavailable):
+        checkpoint.save(url, state(10), 10, keep=3, storage_options=options)
+    assert [i for i, _ in checkpoint.list_checkpoints(url, options)] == [10], "the object itself is there"
+    assert checkpoint.latest(url, options) is None

@@ -68,3 +68,23 @@ def test_many_objects_are_read_whole_from_any_filesystem(tmp_path, s3_bucket):
         fetched = storage.cat_objects(fs, [f"{root}/a", f"{root}/b", f"{root}/missing"])
         assert fetched[f"{root}/a"] == b"1" and fetched[f"{root}/b"] == b"22"
         assert isinstance(fetched[f"{root}/missing"], FileNotFoundError)
+
+
+def test_a_local_write_cut_short_leaves_the_previous_contents(tmp_path, monkeypatch):
+    """A kill (or a full disk) in the middle of a write: readers keep the old object whole, no half-written one."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    url = tmp_path.as_uri() + "/run/checkpoints/latest.json"
+    storage.write_json(url, {"iteration": 10, "name": "000000010.pt"})
+    real_write = LocalFileOpener.write
+
+    def killed_half_way(self, data):
+        real_write(self, data[:len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalFileOpener, "write", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_json(url, {"iteration": 20, "name": "000000020.pt"})
+    monkeypatch.undo()
+    assert storage.read_json(url) == {"iteration": 10, "name": "000000010.pt"}
+    assert storage.list_names(tmp_path.as_uri() + "/run/checkpoints") == ["latest.json"], "no temporary left"

@@ -1,7 +1,8 @@
 """Checkpoints in the run directory: ``checkpoints/<iteration>.pt`` objects plus a small ``latest.json`` pointer.
 
-The checkpoint object is written completely first and the pointer second, so a crash mid-write never leaves a
-"latest" that points at a broken file. The newest ``keep`` checkpoints are kept, and with ``keep_best`` also the
+The checkpoint object is written completely first (on a file system under a temporary name, then renamed) and the
+index and the pointer after it, so a crash mid-write never leaves a "latest" that points at a broken file; a
+resume takes the newest checkpoint they name that reads whole, passing over one that a full disk cut short. The newest ``keep`` checkpoints are kept, and with ``keep_best`` also the
 best by a metric (lower is better for FID and KID, higher for IS); ``index.json`` lists the kept ones and their scores, so any of them
 can be resumed from or sampled. Old checkpoints are deleted last. Nothing secret goes in: the job config is stored
 with credentials redacted.
@@ -10,7 +11,9 @@ with credentials redacted.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import zipfile
 from typing import Any
 
 import torch
@@ -99,28 +102,81 @@ def _remove(listed: dict[int, str], iterations: set[int], storage_options: Stora
 
 
 def index(run_url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
-    """The run's checkpoint index: ``latest`` and ``best`` (with scores) as lists of {iteration, url}; {} if none."""
+    """The run's checkpoint index: ``latest`` and ``best`` (with scores) as lists of {iteration, url}; {} if none
+    (or if it cannot be read: the next save writes it again)."""
     url = storage.join(directory(run_url), INDEX)
-    return storage.read_json(url, storage_options) if storage.exists(url, storage_options) else {}
+    return _read_metadata(url, storage_options) or {}
 
 
 def list_checkpoints(run_url: str, storage_options: StorageOptions | None = None) -> list[tuple[int, str]]:
-    """(iteration, URL) of every checkpoint in the run directory, oldest first."""
+    """(iteration, URL) of every checkpoint object in the run directory, oldest first, whether or not a save
+    finished with it (resume from ``latest`` instead)."""
     names = storage.list_names(directory(run_url), storage_options)
     return [(int(n[:-len(SUFFIX)]), storage.join(directory(run_url), n))
             for n in names if n.endswith(SUFFIX) and n[:-len(SUFFIX)].isdigit()]
 
 
 def latest(run_url: str, storage_options: StorageOptions | None = None) -> str | None:
-    """URL of the newest complete checkpoint, following the pointer, or None when the run has none yet."""
-    pointer_url = storage.join(directory(run_url), POINTER)
-    if storage.exists(pointer_url, storage_options):
-        url = storage.join(directory(run_url), storage.read_json(pointer_url, storage_options)["name"])
-        if storage.exists(url, storage_options):
-            return url
-        logger.warning("checkpoint pointer names %s, which is missing; using the newest listed instead", url)
-    found = list_checkpoints(run_url, storage_options)
-    return found[-1][1] if found else None
+    """URL of the newest complete checkpoint (see ``newest_readable``), or None when the run has none yet."""
+    return newest_readable(run_url, storage_options)[0]
+
+
+def newest_readable(run_url: str, storage_options: StorageOptions | None = None) -> tuple[str | None, list[str]]:
+    """The newest checkpoint a save finished and that can still be read, and what was passed over to find it.
+
+    A checkpoint counts once the pointer or the index names it (they are written after it), so an object of a
+    save cut short is never chosen, on object storage either; one that is missing or cut short (a file truncated
+    by a full disk) is passed over for the previous one, with a warning. A run whose checkpoints all fail so is
+    refused rather than started again from iteration 0, which would drop its records and checkpoints."""
+    passed_over = []
+    for url in _finished(run_url, storage_options):
+        damage = _damage(url, storage_options)
+        if damage is None:
+            return url, passed_over
+        logger.warning("checkpoint %s %s: falling back to the previous one", url, damage)
+        passed_over.append(f"{url} {damage}")
+    if passed_over:
+        raise CheckpointUnreadable(f"none of the checkpoints of {run_url} can be read ({'; '.join(passed_over)}); "
+                                   f"resume one explicitly with output.resume, or start a new output.run_url")
+    return None, passed_over
+
+
+def _finished(run_url: str, storage_options: StorageOptions | None) -> list[str]:
+    """URLs of the checkpoints whose save finished, the pointer's first, then the index's older ones, newest first
+    (each inside this run's directory, wherever the run was copied from)."""
+    pointer = _read_metadata(storage.join(directory(run_url), POINTER), storage_options)
+    indexed = index(run_url, storage_options)
+    iterations = {entry["iteration"] for kind in ("latest", "best") for entry in indexed.get(kind, [])}
+    newest = [] if pointer is None else [storage.join(directory(run_url), pointer["name"])]
+    below = pointer["iteration"] if pointer is not None else float("inf")
+    return newest + [storage.join(directory(run_url), f"{i:09d}{SUFFIX}") for i in sorted(iterations, reverse=True)
+                     if i < below]
+
+
+def _read_metadata(url: str, storage_options: StorageOptions | None) -> dict[str, Any] | None:
+    """The pointer or the index; None if missing or unreadable (written whole since, but a run directory may hold
+    one that an earlier version cut short)."""
+    if not storage.exists(url, storage_options):
+        return None
+    try:
+        return storage.read_json(url, storage_options)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        logger.warning("%s cannot be read (%s); going by the other checkpoint records", url, first_line(exc))
+        return None
+
+
+def _damage(url: str, storage_options: StorageOptions | None) -> str | None:
+    """Why the checkpoint at ``url`` cannot be resumed from, or None. torch writes a checkpoint as a zip whose
+    central directory comes last: reading that directory (only the end of the file) tells a whole one from one
+    cut short without reading the tensors."""
+    try:
+        with storage.reading(url, storage_options) as handle:
+            zipfile.ZipFile(handle)
+    except FileNotFoundError:
+        return "is missing"
+    except zipfile.BadZipFile as exc:
+        return f"is cut short (no zip central directory at its end: {first_line(exc)})"
+    return None
 
 
 def load(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:

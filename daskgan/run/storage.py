@@ -17,6 +17,7 @@ import logging
 import posixpath
 import random
 import time
+import uuid
 from typing import IO, Any, Callable, Iterator, Mapping, TypeVar
 from urllib.parse import urlsplit
 
@@ -40,6 +41,7 @@ StorageOptions = Mapping[str, Any]
 logger = logging.getLogger(__name__)
 RETRY_TRIES = 8  # attempts of a storage operation that fails transiently (beyond the client library's own)
 RETRY_SECONDS = 300.0  # and the most time spent retrying it
+RANGE_READ_BYTES = 2**20  # what ``reading`` fetches at a time (s3fs reads 50 MiB ahead by default)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -174,21 +176,43 @@ def operation(function: Operation) -> Operation:
 
 @explain_errors
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
-    """Write one whole object (object stores have no partial writes, so readers never see half of it)."""
+    """Write one whole object: readers see the old one or the new one, never half of it (see ``write_many``)."""
     write_many({url: data}, storage_options)
 
 
 @operation
 def write_many(objects: Mapping[str, bytes], storage_options: StorageOptions | None = None) -> None:
-    """Write several whole objects on one filesystem, concurrently where the filesystem can (s3fs does)."""
+    """Write several whole objects on one filesystem, concurrently where the filesystem can (s3fs does).
+
+    Object stores have no partial writes. A file system (local, NFS) truncates a file and then writes it, so a
+    write cut short (a full disk, a kill) would leave half a file under the final name, which a resume then
+    chooses: there each object is written under a temporary name and renamed over the old one."""
     if not objects:
         return
     fs, _ = filesystem(next(iter(objects)), storage_options)
     paths = {filesystem(url, storage_options)[1]: data for url, data in objects.items()}
-    if not _is_object_store(fs):
-        for parent in {posixpath.dirname(p) for p in paths} - {""}:
-            fs.makedirs(parent, exist_ok=True)
-    fs.pipe(paths)
+    if _is_object_store(fs):
+        fs.pipe(paths)
+        return
+    for parent in {posixpath.dirname(p) for p in paths} - {""}:
+        fs.makedirs(parent, exist_ok=True)
+    for path, data in paths.items():
+        _replace_file(fs, path, data)
+
+
+def _replace_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` beside ``path`` under a hidden temporary name (never listed as a record part or a
+    checkpoint), then rename it onto ``path`` (atomic on POSIX, NFS included); an interrupted write leaves
+    nothing behind, a killed process a hidden ``.partial`` file at most."""
+    parent, name = posixpath.split(path)
+    temporary = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.partial")
+    try:
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error being raised says more than a failed clean-up
+            fs.rm(temporary)
+        raise
 
 
 @contextlib.contextmanager
@@ -214,6 +238,15 @@ def writing_whole(url: str, storage_options: StorageOptions | None = None) -> It
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
     return fs.cat_file(path)
+
+
+@contextlib.contextmanager
+def reading(url: str, storage_options: StorageOptions | None = None) -> Iterator[IO[bytes]]:
+    """A seekable reader of one object that fetches only the ranges read (a zip's directory at its end, say),
+    not the whole object."""
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb", block_size=RANGE_READ_BYTES) as handle:
+        yield handle
 
 
 @explain_errors
