@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from daskgan.run import storage
@@ -21,6 +22,26 @@ def test_trim_drops_records_after_the_checkpoint(tmp_path):
     assert load(run_url)["iteration"].tolist() == [1, 2, 3, 4, 5]
     trim_records(run_url, 0)
     assert load(run_url).empty
+
+
+@pytest.mark.parametrize("killed_in", ["write_bytes", "remove"])
+def test_trim_cut_short_loses_no_record_and_the_next_trim_finishes_it(tmp_path, monkeypatch, killed_in):
+    """Trimming writes the kept part first and deletes the old one after: a kill between them leaves every
+    record (once), and the next start trims again."""
+    run_url = tmp_path.as_uri()
+    write_part(run_url, [1, 2, 3])
+    write_part(run_url, [4, 5, 6])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(storage, killed_in, killed)
+        with pytest.raises(KeyboardInterrupt):
+            trim_records(run_url, 5)
+    assert load(run_url)["iteration"].tolist() == [1, 2, 3, 4, 5, 6]
+    trim_records(run_url, 5)
+    assert load(run_url)["iteration"].tolist() == [1, 2, 3, 4, 5]
 
 
 def test_image_grid_tiles_and_maps_to_bytes():

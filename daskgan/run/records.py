@@ -98,9 +98,7 @@ class RunWriter:
     def flush(self) -> None:
         if self._pending:
             first, last = self._pending[0]["iteration"], self._pending[-1]["iteration"]
-            url = storage.join(self.run_url, RECORD_PARTS, f"{first:09d}-{last:09d}.jsonl")
-            storage.write_bytes(url, "".join(json.dumps(r) + "\n" for r in self._pending).encode(),
-                                self.storage_options)
+            storage.write_bytes(_part_url(self.run_url, first, last), _jsonl(self._pending), self.storage_options)
             self._pending = []
         self._upload_tensorboard()
 
@@ -137,22 +135,41 @@ class RunWriter:
 
 
 def load(run_url: str, storage_options: StorageOptions | None = None) -> pd.DataFrame:
-    """All records of a run as a DataFrame, one row per iteration, in order."""
+    """All records of a run as a DataFrame, one row per iteration, in order (an iteration held by two parts, as a
+    trim cut short leaves them, once)."""
     rows = [row for _, _, url in _record_parts(run_url, storage_options)
             for row in _read_jsonl(url, storage_options)]
-    return pd.DataFrame(rows).sort_values("iteration", ignore_index=True) if rows else pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).drop_duplicates("iteration", keep="last")
+    return table.sort_values("iteration", ignore_index=True)
+
+
+def has_records(run_url: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether a run has written records into ``run_url``."""
+    return bool(_record_parts(run_url, storage_options))
 
 
 def trim_records(run_url: str, last_kept: int, storage_options: StorageOptions | None = None) -> None:
-    """Drop records after iteration ``last_kept`` (they are redone after a resume), so none are duplicated."""
+    """Drop records after iteration ``last_kept`` (they are redone after a resume), so none are duplicated.
+
+    A part reaching past ``last_kept`` is written again without them before the old part is deleted, so a trim
+    cut short loses nothing (``load`` reads an iteration in both parts once; the next start trims again)."""
     for first, last, url in _record_parts(run_url, storage_options):
         if first > last_kept:
             storage.remove(url, storage_options)
         elif last > last_kept:
             kept = [r for r in _read_jsonl(url, storage_options) if r["iteration"] <= last_kept]
+            storage.write_bytes(_part_url(run_url, first, last_kept), _jsonl(kept), storage_options)
             storage.remove(url, storage_options)
-            new_url = storage.join(run_url, RECORD_PARTS, f"{first:09d}-{last_kept:09d}.jsonl")
-            storage.write_bytes(new_url, "".join(json.dumps(r) + "\n" for r in kept).encode(), storage_options)
+
+
+def _part_url(run_url: str, first: int, last: int) -> str:
+    return storage.join(run_url, RECORD_PARTS, f"{first:09d}-{last:09d}.jsonl")
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 def _live_publisher(event_topic: str):
