@@ -166,8 +166,21 @@ def test_training_mistakes_found_on_the_workers(train_with, shapes_in_bucket):
     assert_one_line(train_with(data={"storage_options": {**options, **unset}}), "DASKGAN_TEST_UNSET_KEY",
                     "not set")
     other_family = saved_checkpoint(f"{bucket}/stylegan-run", options)
-    assert_one_line(train_with(output={"run_url": f"{bucket}/run", "storage_options": options,
+    assert_one_line(train_with(output={"run_url": f"{bucket}/stylegan-run", "storage_options": options,
                                        "resume": other_family}), other_family, "family: checkpoint has 'stylegan2'")
+    assert_one_line(train_with(output={"run_url": f"{bucket}/stylegan-run", "storage_options": options,
+                                       "resume": "never"}),
+                    f"{bucket}/stylegan-run", "output.resume: never", "new output.run_url", "output.resume: auto")
+    assert checkpoint.latest(f"{bucket}/stylegan-run", options) == other_family, "the run it refused is intact"
+
+
+def test_resuming_from_another_runs_checkpoint(tmp_path):
+    other = (tmp_path / "other-run" / "checkpoints" / "000000100.pt").as_uri()
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"data": {"url": str(tmp_path / "data")},
+                                   "output": {"run_url": str(tmp_path / "run"), "resume": other}}))
+    assert_one_line(daskgan("train", str(job)), "output.resume", other, "not a checkpoint of this run",
+                    "train.init_from")
 
 
 def test_unreachable_scheduler(tmp_path):

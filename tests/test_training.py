@@ -10,7 +10,7 @@ from PIL import Image
 from daskgan import dispatch, train_gan
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.cluster.status import format_status, run_status
-from daskgan.config import JobConfig
+from daskgan.config import ConfigError, JobConfig
 from daskgan.run import checkpoint, storage
 from daskgan.run.checkpoint import CheckpointMismatch
 from daskgan.run.records import load
@@ -149,13 +149,120 @@ def test_a_restart_resumes_from_the_runs_newest_checkpoint_once_there_is_one(tmp
     from daskgan.training.loop import resume_source
 
     run = tmp_path.as_uri() + "/run"
-    foreign = tmp_path.as_uri() + "/pretrained/000000500.pt"
-    job = JobConfig.from_dict({"data": {"url": "memory://d"}, "output": {"run_url": run, "resume": foreign}})
-    assert resume_source(job) == resume_source(job, restarting=True) == foreign, "nothing saved yet: as asked"
+    earlier = run + "/checkpoints/000000500.pt"
+    job = JobConfig.from_dict({"data": {"url": "memory://d"}, "output": {"run_url": run, "resume": earlier}})
+    assert resume_source(job).url == resume_source(job, restarting=True).url == earlier, "nothing saved yet: as asked"
     saved = checkpoint.save(run, {"iteration": 510}, 510, keep=2)
-    assert resume_source(job) == foreign and resume_source(job, restarting=True) == saved
+    assert resume_source(job).url == earlier and resume_source(job, restarting=True).url == saved
     job.output.resume = "never"
-    assert resume_source(job) is None and resume_source(job, restarting=True) == saved
+    assert resume_source(job, restarting=True).url == saved
+
+
+def test_resuming_from_another_runs_checkpoint_is_refused_pointing_at_init_from(tmp_path):
+    foreign = tmp_path.as_uri() + "/pretrained/checkpoints/000000500.pt"
+    with pytest.raises(ConfigError, match=rf"output.resume: {foreign} is not a checkpoint of this run .*"
+                                          rf"set train.init_from: {foreign}"):
+        JobConfig.from_dict({"data": {"url": "memory://d"},
+                             "output": {"run_url": tmp_path.as_uri() + "/run", "resume": foreign}})
+    JobConfig.from_dict({"data": {"url": "memory://d"}, "train": {"init_from": foreign},
+                         "output": {"run_url": str(tmp_path / "run")}})
+    JobConfig.from_dict({"data": {"url": "memory://d"}, "output": {"run_url": str(tmp_path / "run"),
+                                                                   "resume": f"{tmp_path.as_uri()}/run/x.pt"}})
+
+
+@pytest.fixture
+def local_job(tmp_path, dask_client):
+    """Factory: a small job on a synthetic dataset and run directory in ``tmp_path``, for one in-process rank
+    (whose driver watch reads the session's scheduler)."""
+    from daskgan.data import synthetic
+
+    data = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data, images=16, resolution=16)
+
+    def make(**train):
+        config = job(tmp_path.as_uri(), {}, **train)
+        config.data.url = data
+        return config
+
+    return make
+
+
+def files_under(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_resume_never_on_a_run_with_records_and_checkpoints_is_refused_and_changes_nothing(process_group, local_job,
+                                                                                          tmp_path):
+    from daskgan.training.loop import train_gan
+
+    train_gan(local_job(iterations=3))
+    before = files_under(tmp_path / "run")
+    again = local_job(iterations=6)
+    again.output.resume = "never"
+    with pytest.raises(ConfigError) as refused:
+        train_gan(again)
+    message = str(refused.value)
+    assert "\n" not in message and again.output.run_url in message
+    assert "new output.run_url" in message and "output.resume: auto" in message, "it says what to do instead"
+    assert files_under(tmp_path / "run") == before, "no record, checkpoint or config.yaml of that run touched"
+
+
+def test_a_run_whose_newest_checkpoint_was_cut_short_resumes_from_the_one_before(process_group, local_job):
+    from daskgan.training.loop import train_gan
+
+    config = local_job(iterations=6)  # checkpoints 3 and 6
+    train_gan(config)
+    newest = checkpoint.latest(config.output.run_url)
+    with open(newest.removeprefix("file://"), "r+b") as handle:  # what a full disk left of it
+        handle.truncate(1000)
+    config.train.iterations = 8
+    summary = train_gan(config)
+    assert summary["resumed_from"].endswith("000000003.pt")
+    records = load(config.output.run_url).set_index("iteration")
+    assert records.index.tolist() == list(range(1, 9)), "no record missing or duplicated"
+    assert "000000006.pt is cut short" in records.loc[4, "unreadable_checkpoints"], "the records say so"
+    assert [i for i, _ in checkpoint.list_checkpoints(config.output.run_url)] == [3, 6, 8]
+
+
+KILLED_AT = """
+import json, os, signal, sys
+import torch.distributed as dist
+from distributed import Client
+from daskgan.config import JobConfig
+from daskgan.dispatch import free_port
+from daskgan.training import loop
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+train_iteration = loop._train_iteration
+def dies_at(config, gan, stream, noise, iteration):
+    if iteration == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return train_iteration(config, gan, stream, noise, iteration)
+loop._train_iteration = dies_at
+client = Client(sys.argv[3])  # the driver watch reads the scheduler
+loop.train_gan(JobConfig.from_dict(json.loads(sys.argv[1])))
+"""
+
+
+def test_records_up_to_a_checkpoint_survive_rank_0_killed_after_it(process_group, local_job, dask_client):
+    """flush_every 4 does not divide checkpoint_every 6: records 5 and 6 were in memory when rank 0 was killed
+    at iteration 8, and the resume from 6 never wrote them again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from daskgan.training.loop import train_gan
+
+    config = local_job(iterations=10)
+    config.output.flush_every, config.output.checkpoint_every = 4, 6
+    job_file = {key: value for key, value in config.to_dict().items() if key != "preset_workers"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT, json.dumps(job_file), "8",
+                             dask_client.scheduler.address],
+                            env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert checkpoint.latest(config.output.run_url).endswith("000000006.pt")
+    train_gan(config)
+    assert load(config.output.run_url)["iteration"].tolist() == list(range(1, 11))
 
 
 def test_a_checkpoint_that_cannot_be_written_is_recorded_and_training_goes_on(process_group, tmp_path, monkeypatch):

@@ -9,9 +9,13 @@ This module imports neither torch nor any model: the names that the registries i
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from fsspec.core import split_protocol
 
 from daskgan.config.coerce import ConfigError, build_dataclass, load_yaml_mapping, require
 from daskgan.config.credentials import check_no_plain_secrets, redact
@@ -166,6 +170,19 @@ class TrainConfig:
                  f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
 
+def is_inside(url: str, folder: str) -> bool:
+    """Whether ``url`` lies under ``folder`` (fsspec URLs or local paths; no filesystem is asked, so it works on
+    a client that has no storage library for the scheme)."""
+    def location(text: str) -> tuple[str, str]:
+        protocol, path = split_protocol(text)
+        if protocol in (None, "file", "local"):
+            return "file", os.path.abspath(path)
+        return protocol, posixpath.normpath(path)
+
+    (url_protocol, url_path), (folder_protocol, folder_path) = location(url), location(folder)
+    return url_protocol == folder_protocol and url_path.startswith(folder_path.rstrip("/") + "/")
+
+
 @dataclass
 class OutputConfig:
     """The run directory (any fsspec URL) and how often records, grids and checkpoints go there."""
@@ -188,6 +205,9 @@ class OutputConfig:
         require(self.keep_best >= 0, "output.keep_best", "must be >= 0")
         require(self.resume in ("auto", "never") or "://" in self.resume or self.resume.endswith(".pt"),
                  "output.resume", f"must be 'auto', 'never' or a checkpoint URL, got {self.resume!r}")
+        require(self.resume in ("auto", "never") or is_inside(self.resume, self.run_url), "output.resume",
+                f"{self.resume} is not a checkpoint of this run ({self.run_url}): resuming continues a run in its own "
+                f"run_url; to start from other weights, set train.init_from: {self.resume}")
         require(self.best_metric is None or self.best_metric in METRICS, "output.best_metric",
                 f"must be one of {list(METRICS)}, got {self.best_metric!r}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,11 +25,12 @@ from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, examples, fetch_objects, fetch_settled
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
-from daskgan.errors import StorageUnavailable, first_line
+from daskgan.errors import ConfigError, StorageUnavailable, first_line
 from daskgan.lease import STATE_FILE, DriverWatch
 from daskgan.models import conditioning_classes, model_description
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
+from daskgan.run.storage import StorageOptions
 from daskgan.run.images import grid_columns
 from daskgan.seeding import derive_seed
 from daskgan.training.ema import ema_beta_at, update_ema
@@ -62,10 +63,11 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     A failure of rank 0's own (not a lost peer or scheduler) is written to the run directory's ``state.json`` as
     ``failed``.
     """
+    resume = from_rank0(lambda: resume_source(config, restarting=restart is not None))  # before anything is written
     index = training_index(config.data, config.output)
     from_rank0(lambda: save_config(config))  # the first write: a missing bucket stops every rank here
     try:
-        return _train(config, index, restart)
+        return _train(config, index, restart, resume)
     except Exception as error:
         if dist.get_rank() == 0 and not is_cluster_error(error):
             _record_failure(config, error)
@@ -84,12 +86,13 @@ def _record_failure(config: JobConfig, error: Exception) -> None:
         logger.warning("could not record the failure in %s: %s", out.run_url, unrecorded)
 
 
-def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None) -> dict[str, Any] | None:
+def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
+           resume: Resume) -> dict[str, Any] | None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
     model_id = model_fingerprint(config, len(index.classes))
     gan = build_gan(config, conditioning_classes(config.model, len(index.classes)), device)
-    resume_url = from_rank0(lambda: resume_source(config, restarting=restart is not None))
+    resume_url = resume.url
     state = checkpoint.load(resume_url, config.output.storage_options) if resume_url else None
     if state is not None:
         checkpoint.check_compatible(state, model_id, resume_url)
@@ -108,6 +111,8 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None)
                          on_gpu=device.type == "cuda")
     if writer is not None and restart is not None:
         writer.mark_restart(restart["restart"], restart["cause"], start, redone=max(0, restart["last_iteration"] - start))
+    if writer is not None and resume.passed_over:
+        writer.annotate_next(unreadable_checkpoints="; ".join(resume.passed_over))
     if rank == 0:
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,
                     config.train.iterations, world_size, f" (resumed from {resume_url})" if resume_url else "")
@@ -147,17 +152,43 @@ def model_fingerprint(config: JobConfig, num_classes: int) -> dict[str, Any]:
     return model_description(config.model, config.data.resolution, num_classes, config.data.channels)
 
 
-def resume_source(config: JobConfig, restarting: bool = False) -> str | None:
-    """The checkpoint to continue from: ``resume: auto`` takes the run's newest, ``never`` none, else the URL.
+class Resume(NamedTuple):
+    """Where a run continues from: a checkpoint URL (None: iteration 0) and the newer checkpoints of the run that
+    were passed over because they cannot be read (each with why)."""
+
+    url: str | None
+    passed_over: Sequence[str] = ()
+
+
+def resume_source(config: JobConfig, restarting: bool = False) -> Resume:
+    """The checkpoint to continue from: ``resume: auto`` takes the run's newest readable one, ``never`` none,
+    else the URL (one of this run's own: the job's validation refuses another's).
 
     A recovery restart continues from the run's newest checkpoint whatever ``resume`` says, once the run has
-    written one (before that, it starts as the job asked). Rank 0 decides, so the client never needs storage."""
-    resume = config.output.resume
-    if resume == "auto" or restarting:
-        newest = checkpoint.latest(config.output.run_url, config.output.storage_options)
-        if newest is not None or resume == "auto":
+    written one (before that, it starts as the job asked). ``never`` on a run directory that already holds records
+    or checkpoints is refused: starting at iteration 0 would trim those records and delete those checkpoints.
+    Rank 0 decides, so the client never needs storage."""
+    out = config.output
+    if out.resume == "auto" or restarting:
+        newest = Resume(*checkpoint.newest_readable(out.run_url, out.storage_options))
+        if newest.url is not None or out.resume == "auto":
             return newest
-    return None if resume == "never" else resume
+    if out.resume != "never":
+        return Resume(out.resume)
+    if not restarting:  # a restart's records are this run's own
+        _refuse_a_used_run_directory(out.run_url, out.storage_options)
+    return Resume(None)
+
+
+def _refuse_a_used_run_directory(run_url: str, storage_options: StorageOptions) -> None:
+    """``resume: never`` is for a new run: refuse a run directory that another run has written to."""
+    held = [what for what, present in (("records", records.has_records(run_url, storage_options)),
+                                       ("checkpoints", checkpoint.list_checkpoints(run_url, storage_options)))
+            if present]
+    if held:
+        raise ConfigError(f"output.resume: never, but {run_url} already holds the {' and '.join(held)} of a run, "
+                          f"which starting at iteration 0 would delete: give this run a new output.run_url, or set "
+                          f"output.resume: auto to continue that run")
 
 
 def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: records.RunWriter | None,
@@ -308,6 +339,7 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     out = config.output
     try:
+        writer.flush()  # every record up to the checkpoint is stored before it: a resume never redoes them
         return checkpoint.save(out.run_url, state, iteration, out.keep_checkpoints, out.storage_options,
                                score=score, keep_best=out.keep_best, metric=config.ranking_metric,
                                higher_is_better=config.ranking_metric in HIGHER_IS_BETTER)
