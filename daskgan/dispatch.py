@@ -24,7 +24,7 @@ from distributed import Client, Future, Variable, wait
 from distributed.comm import get_address_host
 
 from daskgan.devices import GpuView, assign_devices, check_no_shared_gpu, gpu_view
-from daskgan.errors import UserError, first_line
+from daskgan.errors import InfrastructureError, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ def is_peer_communication_error(error: BaseException | None) -> bool:
 def is_cluster_error(error: BaseException | None) -> bool:
     """Whether a rank's exception comes from losing the cluster around it (a peer, or its scheduler: distributed's
     own errors, e.g. ``CommClosedError`` once the scheduler is gone, and the plain ``OSError`` its connect raises
-    when the scheduler cannot be reached) rather than from the rank's own work."""
-    return (is_peer_communication_error(error) or type(error).__module__.startswith("distributed.")
-            or _raised_in_distributed(error))
+    when the scheduler cannot be reached; or its storage, down beyond the retries: ``InfrastructureError``) rather
+    than from the rank's own work."""
+    return (isinstance(error, InfrastructureError) or is_peer_communication_error(error)
+            or type(error).__module__.startswith("distributed.") or _raised_in_distributed(error))
 
 
 def _raised_in_distributed(error: BaseException | None) -> bool:

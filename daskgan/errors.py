@@ -4,6 +4,8 @@ The command line prints such an error as one line (``daskgan: <message>``) and e
 traceback unless ``--debug``; so each message names the input (key, URL, option) and says what to do. They keep
 the built-in base a caller would expect (``FileNotFoundError``, ``PermissionError``, ``ValueError``), so code that
 catches those still does. Errors raised on a worker reach the client unchanged through ``dispatch.results``.
+``InfrastructureError`` is neither the input's mistake nor a bug: what the run stands on failed for longer than
+its retries (storage down); the driver restarts the run from its newest checkpoint rather than fail it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ class StorageAccessError(UserError, PermissionError):
     """Storage refused the request: credentials missing, wrong or expired, or not allowed to do this."""
 
 
-class StorageUnavailable(UserError, ConnectionError):
+class InfrastructureError(ConnectionError):
+    """What the run stands on failed beyond its retries, not the run or its input: the driver restarts the run
+    from its newest checkpoint (``recovery.max_restarts``, with growing waits); the command line prints one
+    line."""
+
+
+class StorageUnavailable(InfrastructureError):
     """Storage kept failing transiently (throttling, server errors, resets) beyond the retry bounds."""
 
 

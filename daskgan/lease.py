@@ -1,19 +1,23 @@
-"""One driver per run, and no orphans: a heartbeat the driving client keeps on the scheduler, which rank 0 watches.
+"""One driver per run, and no orphans: a lease the driving client holds on the scheduler, which rank 0 watches.
 
-The driver (``cluster.driver.run_job``) publishes a counter on the scheduler (scheduler metadata under a key
-named after the run directory) and bumps it every few seconds. Rank 0 notes, on its own clock, when it last saw the counter move;
-once it has not moved for ``recovery.driver_timeout_s`` (the client was killed, the laptop slept, the network is
-gone) the ranks write a checkpoint and stop, so nothing trains unwatched and the next ``daskgan train`` resumes.
-A second driver for the same run sees the counter move and refuses to start; one that starts after a driver died,
-before its ranks noticed, takes the run over: each lease carries a token, and ranks that see another driver's
-token than the one that started them checkpoint and stop (the new driver's dispatch queues behind them and resumes
-from that checkpoint). ``daskgan stop`` leaves a request
-under a second name, which rank 0 honours the same way. Counters rather than timestamps: the client's clock and
-the workers' need not agree.
+The driver (``cluster.driver.run_job``) publishes its lease on the scheduler (scheduler metadata under a key
+named after the run directory) and bumps its heartbeat counter every few seconds. Taking the lease is atomic:
+the check for a live holder and the write happen under distributed's ``Lock`` for the run, so of two drivers
+starting together exactly one gets it. A lease whose heartbeat has not moved for ``STALE_AFTER_INTERVALS``
+of its interval is stale (its driver was killed or cut off): a new driver takes it over, and ``attach``, ``runs``
+and ``status`` say so rather than wait on it.
+
+Rank 0 knows the lease of the driver that dispatched it (``driven``) and stops, after a checkpoint, once that
+lease is released (the driver ended, by Ctrl-C or an error), taken over by another driver, or silent for
+``recovery.driver_timeout_s``; so nothing trains unwatched and the next ``daskgan train`` resumes. Only ranks
+dispatched without a driver (a user's own ``dispatch.run``) train on without a lease. ``daskgan stop`` leaves a
+request under a second name, which rank 0 honours the same way. Heartbeats are counters, judged on the
+watcher's own clock: the client's clock and the workers' need not agree.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import os
@@ -21,9 +25,9 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
-from distributed import get_client
+from distributed import Lock, get_client
 
 from daskgan.errors import UserError
 
@@ -31,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 1.0  # how often rank 0 looks at the scheduler
 STATE_FILE = "state.json"  # in the run directory when its ranks stopped early: state, iteration, checkpoint
+STALE_AFTER_INTERVALS = 2.0  # a heartbeat still for this many of its intervals: the driver is gone
+TAKE_TIMEOUT_S = 60.0  # the longest another driver's decision may hold the run's lock (a dead one's: 40 s)
+
+_driver_token: contextvars.ContextVar[str | None] = contextvars.ContextVar("daskgan_driver_token", default=None)
 
 
 class RunActive(UserError):
@@ -39,7 +47,11 @@ class RunActive(UserError):
 
 def metadata_key(run_url: str, kind: str) -> list[str]:
     """Where the run's ``driver`` heartbeat or ``stop`` request lives in the scheduler's metadata."""
-    return ["daskgan", kind, hashlib.sha1(run_url.encode()).hexdigest()[:16]]
+    return ["daskgan", kind, _run_id(run_url)]
+
+
+def _run_id(run_url: str) -> str:
+    return hashlib.sha1(run_url.encode()).hexdigest()[:16]
 
 
 def _read(key: list[str], client: Any = None) -> Any:
@@ -50,8 +62,27 @@ def _write(key: list[str], value: Any, client: Any = None) -> None:
     (client or get_client()).set_metadata(key, value)
 
 
+class Heartbeat:
+    """How long a lease's heartbeat has been still, on the watcher's own clock (a new driver's lease counts as a
+    move)."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[Any, Any] = (None, None)
+        self._moved_at = time.monotonic()
+
+    def silent_for(self, lease: dict) -> float:
+        if (lease.get("token"), lease.get("beat")) != self._seen:
+            self._seen, self._moved_at = (lease.get("token"), lease.get("beat")), time.monotonic()
+        return time.monotonic() - self._moved_at
+
+
+def stale_after_s(lease: dict) -> float:
+    """How long a lease's heartbeat may be still before its driver counts as gone."""
+    return STALE_AFTER_INTERVALS * float(lease.get("interval_s", 1.0))
+
+
 class DriverLease:
-    """The client side: refuse a run that another live driver holds, then keep the heartbeat going."""
+    """The client side: take the run unless another live driver holds it, then keep the heartbeat going."""
 
     def __init__(self, client: Any, run_url: str, timeout_s: float, iterations: int = 0):
         self.client, self.run_url, self.timeout_s, self.iterations = client, run_url, timeout_s, iterations
@@ -64,20 +95,33 @@ class DriverLease:
         self.iteration = 0  # the newest record this driver saw, shown to a refused second driver
 
     def acquire(self) -> None:
-        """Take the run, unless another driver's heartbeat moves within ``1.5 x`` its interval."""
-        if driver_is_live(self.client, self.run_url):
-            held = _read(self._key, self.client)
-            raise RunActive(f"{self.run_url} is being trained by {held.get('driver')} (iteration "
-                            f"{held.get('iteration')}); stop it first (daskgan stop), or wait")
-        self._beat(0)
+        """Take the run, unless another driver's heartbeat moves; atomic under the run's ``distributed.Lock``
+        (held only while deciding: a driver killed then frees it after the lock's lease timeout)."""
+        lock = Lock(f"daskgan-driver-{_run_id(self.run_url)}", scheduler_rpc=self.client.scheduler,
+                    loop=self.client.loop)
+        if not lock.acquire(timeout=TAKE_TIMEOUT_S):
+            raise RunActive(f"{self.run_url}: another driver is taking the run; wait, or see it with daskgan runs")
+        try:
+            if driver_is_live(self.client, self.run_url):
+                held = _read(self._key, self.client)
+                raise RunActive(f"{self.run_url} is being trained by {held.get('driver')} (iteration "
+                                f"{held.get('iteration')}); stop it first (daskgan stop), or wait")
+            self._beat(0)
+        finally:
+            lock.release()
         self._thread = threading.Thread(target=self._keep_beating, daemon=True, name="daskgan-driver-lease")
         self._thread.start()
 
     def release(self) -> None:
+        """Let go of the run: its ranks write a checkpoint and stop (``DriverWatch``)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         _write(self._key, None, self.client)
+
+    def dispatched(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as ranks of this driver: dispatch this, and they stop once this lease is released."""
+        return _Driven(self.token, fn)
 
     def _keep_beating(self) -> None:
         beat = 1
@@ -94,15 +138,43 @@ class DriverLease:
                self.client)
 
 
+class _Driven:
+    """A rank function run on behalf of the driver holding lease ``token`` (a class, not a closure: it pickles)."""
+
+    def __init__(self, token: str, fn: Callable[..., Any]):
+        self.token, self.fn = token, fn
+        self.__name__ = getattr(fn, "__name__", "fn")  # names the dispatch's task keys
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        reset = _driver_token.set(self.token)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            _driver_token.reset(reset)
+
+
 def held_lease(client: Any, run_url: str) -> dict | None:
     """What the run's driver last published (driver, iteration, iterations), or None without a driver."""
     return _read(metadata_key(run_url, "driver"), client)
 
 
 def active_runs(client: Any) -> list[dict]:
-    """The leases of every run with a driver on this cluster (run_url, driver, iteration, iterations)."""
-    leases = _read(["daskgan", "driver"], client) or {}
-    return sorted((lease for lease in leases.values() if lease), key=lambda lease: lease["run_url"])
+    """The leases of every run with a driver on this cluster (run_url, driver, iteration, iterations), each with
+    ``live``: whether its heartbeat moved while watched (a stale one's driver was killed or cut off)."""
+    before = _leases(client)
+    if before:
+        time.sleep(max(stale_after_s(lease) for lease in before.values()))
+    after = _leases(client)
+    return sorted(({**lease, "live": _moved(before.get(run), lease)} for run, lease in after.items()),
+                  key=lambda lease: lease["run_url"])
+
+
+def _leases(client: Any) -> dict[str, dict]:
+    return {run: lease for run, lease in (_read(["daskgan", "driver"], client) or {}).items() if lease}
+
+
+def _moved(before: dict | None, after: dict) -> bool:
+    return before is None or (before.get("token"), before.get("beat")) != (after.get("token"), after.get("beat"))
 
 
 def request_stop(client: Any, run_url: str, now: bool = False) -> None:
@@ -116,13 +188,13 @@ class DriverWatch:
     def __init__(self, run_url: str, timeout_s: float):
         self.run_url, self.timeout_s = run_url, timeout_s
         self._driver, self._stop = metadata_key(run_url, "driver"), metadata_key(run_url, "stop")
-        self._last_beat: Any = None
-        self._token: Any = None  # the lease of the driver that started these ranks
-        self._moved_at = self._checked_at = time.monotonic()
+        self._heartbeat = Heartbeat()
+        self._token = _driver_token.get()  # the lease of the driver that started these ranks (None: none did)
+        self._checked_at = time.monotonic()
         self.verdict = "continue"
 
     def check(self) -> str:
-        """``continue``, ``checkpoint`` (stop after one: asked, or the driver silent for ``timeout_s``) or ``now``."""
+        """``continue``, ``checkpoint`` (stop after one: asked, or the driver gone) or ``now``."""
         if time.monotonic() - self._checked_at < CHECK_EVERY_S or self.verdict != "continue":
             return self.verdict
         self._checked_at = time.monotonic()
@@ -131,31 +203,34 @@ class DriverWatch:
             self.verdict = requested
             logger.warning("stop requested for %s (%s)", self.run_url, requested)
             return self.verdict
-        held = _read(self._driver)
-        if held is None:  # dispatched without a lease (a user's own dispatch.run): nothing to watch
-            return self.verdict
+        self.verdict = self._driver_verdict(_read(self._driver))
+        return self.verdict
+
+    def _driver_verdict(self, held: dict | None) -> str:
+        if held is None:
+            if self._token is not None:
+                logger.warning("the driver of %s let go of it: checkpoint and stop", self.run_url)
+                return "checkpoint"
+            return "continue"  # dispatched without a driver (a user's own dispatch.run): nothing to watch
         self._token = self._token or held.get("token")
         if held.get("token") != self._token:
             logger.warning("driver %s took the run over: checkpoint and stop, it resumes from there",
                            held.get("driver"))
-            self.verdict = "checkpoint"
-        elif held.get("beat") != self._last_beat:
-            self._last_beat, self._moved_at = held.get("beat"), time.monotonic()
-        elif time.monotonic() - self._moved_at > self.timeout_s:
+            return "checkpoint"
+        if self._heartbeat.silent_for(held) > self.timeout_s:
             logger.warning("driver %s silent for %.0f s: checkpoint and stop", held.get("driver"), self.timeout_s)
-            self.verdict = "checkpoint"
-        return self.verdict
+            return "checkpoint"
+        return "continue"
 
 
-def driver_is_live(client: Any, run_url: str, wait_s: float | None = None) -> bool:
-    """Whether a driver's heartbeat for the run moves (watched for ``1.5 x`` its interval)."""
-    key = metadata_key(run_url, "driver")
-    held = _read(key, client)
+def driver_is_live(client: Any, run_url: str) -> bool:
+    """Whether a driver's heartbeat for the run moves (watched for ``stale_after_s`` of its lease)."""
+    held = held_lease(client, run_url)
     if held is None:
         return False
-    time.sleep(wait_s if wait_s is not None else 1.5 * float(held.get("interval_s", 1.0)))
-    again = _read(key, client)
-    return again is not None and again.get("beat") != held.get("beat")
+    time.sleep(stale_after_s(held))
+    again = held_lease(client, run_url)
+    return again is not None and _moved(held, again)
 
 
 def clear_stop(client: Any, run_url: str) -> None:

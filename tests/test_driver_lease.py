@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,13 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_at = time.monotonic()
+    listed = daskgan_process("runs", "--cluster", str(cli_run[3]))
+    follower = daskgan_process("attach", run_url, "--cluster", str(cli_run[3]))
+    out, err = listed.communicate(timeout=60)
+    assert listed.returncode == 0 and f"stale: its driver {running['driver']} stopped beating" in out, err
+    assert "0 run(s) with a live driver on this cluster, 1 stale" in out
+    out, err = follower.communicate(timeout=60)  # it waited forever on the dead driver's lease
+    assert follower.returncode == 0 and f"driver {running['driver']} stopped beating" in out, err
     stopped_at = wait_for(lambda: newest_checkpoint(run_url, options), DRIVER_TIMEOUT_S + 60,
                           "a checkpoint after the driver died")
     wait_for(lambda: not any(dask_client.processing().values()), 30, "idle workers")
@@ -140,6 +149,56 @@ def test_a_new_driver_right_after_a_killed_one_takes_over_from_its_ranks(cli_run
     iterations = load(run_url, options)["iteration"].tolist()
     assert iterations == list(range(1, len(iterations) + 1)), "none duplicated or missing"
     assert newest_checkpoint(run_url, options) == iterations[-1] > taken_over_at + 20
+
+
+def test_ctrl_c_on_the_driver_stops_its_ranks_after_a_checkpoint_and_the_next_train_resumes(cli_run, dask_client):
+    """Interrupted, the driver released its lease, and the ranks took the missing lease for "dispatched without a
+    driver": they trained on, unwatched, to the last iteration."""
+    from daskgan.lease import request_stop
+
+    start, run_url, options, _ = cli_run
+    running = start(100_000)
+    try:
+        wait_for(lambda: storage.exists(f"{run_url}/records", options) and len(load(run_url, options)) >= 10, 90,
+                 "records")
+        running.send_signal(signal.SIGINT)
+        out, err = running.communicate(timeout=60)
+        stopped_at = wait_for(lambda: newest_checkpoint(run_url, options), 30, "the ranks' checkpoint after Ctrl-C")
+        wait_for(lambda: run_status(run_url, options)["state"] == "stopped", 30, "the ranks stopping")
+        written = storage.list_names(f"{run_url}/records", options)
+        time.sleep(3)
+    finally:  # ranks that train on would hold the session's workers: end them
+        request_stop(dask_client, run_url, now=True)
+    assert running.returncode == 130 and err.endswith("daskgan: interrupted\n"), err
+    assert storage.list_names(f"{run_url}/records", options) == written, "no record written after the stop"
+    assert load(run_url, options)["iteration"].max() == stopped_at
+
+    resumed = start(stopped_at + 15)
+    out, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err
+    assert load(run_url, options)["iteration"].tolist() == list(range(1, stopped_at + 16)), "none duplicated or missing"
+
+
+def test_two_drivers_starting_together_never_both_take_the_run(dask_client):
+    """``acquire`` checked for a live driver, then wrote its lease: both drivers of a race took the run."""
+    from daskgan.lease import DriverLease, RunActive
+
+    def take(lease: DriverLease) -> DriverLease | None:
+        together.wait()
+        try:
+            lease.acquire()
+            return lease
+        except RunActive:
+            return None
+
+    for attempt in range(5):
+        together = threading.Barrier(2)
+        with ThreadPoolExecutor(2) as pool:
+            taken = [lease for lease in pool.map(take, [DriverLease(dask_client, f"memory://race-{attempt}", 2.0)
+                                                        for _ in range(2)]) if lease]
+        for lease in taken:
+            lease.release()
+        assert len(taken) == 1, f"try {attempt}: {len(taken)} drivers took the run"
 
 
 def test_stop_ends_a_run_after_a_checkpoint(cli_run):

@@ -2,10 +2,12 @@
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 from distributed.core import Status
+from fault_proxy import FaultProxy, Faults
 
 from daskgan import dispatch
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
@@ -143,3 +145,28 @@ def test_recovery_needs_no_storage_access_on_the_client(shapes_in_bucket):
     assert summary["iterations"] == 12
     records = load(config.output.run_url, options)
     assert records["iteration"].tolist() == list(range(1, 13)) and records["restarts"].iloc[-1] == 1
+
+
+def test_storage_down_beyond_the_retries_restarts_the_run_from_its_checkpoint(dask_client, s3_server,
+                                                                            shapes_in_bucket):
+    """``StorageUnavailable`` was a user error: the run failed instead of resuming once storage came back."""
+    url, options = shapes_in_bucket(images=48)
+    faults = Faults(only_object_gets=True)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        config = recovery_job(url, options, iterations=20)
+        config.data.storage_options = {"endpoint_url": proxy.endpoint_url,
+                                       "config_kwargs": {"retries": {"max_attempts": 1}}}
+        config.data.retry_tries, config.data.retry_seconds = 2, 1.0  # the ranks' own retries used up at once
+        config.recovery.wait_for_workers_s = 2  # the longest wait before a restart
+
+        def outage(record):
+            if record["iteration"] == 8 and not record.get("restarts"):
+                faults.error_share = 1.0  # every object GET of the dataset answered 503/500 for 4 s
+                threading.Timer(4.0, setattr, (faults, "error_share", 0.0)).start()
+
+        summary = run_job(dask_client, config, on_record=outage)
+    assert summary["iterations"] == 20
+    records = load(config.output.run_url, options)
+    assert records["iteration"].tolist() == list(range(1, 21)), "every iteration recorded exactly once"
+    restarts = records[records["restart_cause"].notna()]
+    assert len(restarts) >= 1 and all("still failing after" in cause for cause in restarts["restart_cause"])

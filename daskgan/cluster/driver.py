@@ -1,5 +1,5 @@
 """Client side of a training job: dispatch ``train_gan`` to every worker, follow its records live, and recover
-from lost workers by re-dispatching from the newest checkpoint in the run directory.
+from lost workers and storage outages by re-dispatching from the newest checkpoint in the run directory.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from distributed import Client
 from daskgan import dispatch
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
+from daskgan.errors import InfrastructureError
 from daskgan.lease import DriverLease, clear_stop
 from daskgan.training.loop import train_gan
 
 logger = logging.getLogger(__name__)
+
+INFRASTRUCTURE_WAIT_S = 30.0  # the first wait before restarting after a storage outage; it doubles each restart
 
 
 def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, Any]], None] | None = None,
@@ -26,10 +29,12 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     """Train ``config`` on every worker of ``client``; ``on_record`` sees each iteration's record as it arrives.
 
     Returns rank 0's summary (run URL, iterations, last checkpoint). A rank that raises fails the job here, naming
-    its rank. A worker that leaves the cluster instead triggers a restart (``config.recovery``): wait for workers,
-    then resume from the newest checkpoint; the cause is recorded in the run's records and TensorBoard.
+    its rank. A worker that leaves the cluster, or storage down beyond its retries, instead triggers a restart
+    (``config.recovery``): wait for it to come back, then resume from the newest checkpoint; the cause is
+    recorded in the run's records and TensorBoard.
     This client is the run's driver while it runs (``daskgan.lease``): a run another live client drives is
-    refused, and if this client dies the ranks checkpoint and stop ``recovery.driver_timeout_s`` later.
+    refused; when this client lets go of the run (it returns, raises, or is interrupted) its ranks checkpoint and
+    stop, and if it dies they do so ``recovery.driver_timeout_s`` later.
     """
     world_size = len(dispatch.worker_addresses(client))
     lease = DriverLease(client, config.output.run_url, config.recovery.driver_timeout_s, config.train.iterations)
@@ -37,36 +42,50 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     clear_stop(client, config.output.run_url)
     try:
         return _drive(client, config, lease, world_size, on_record, timeout)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: the ranks of %s write a checkpoint and stop; the next daskgan train resumes "
+                       "from it", config.output.run_url)
+        raise
     finally:
         lease.release()
 
 
 def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: int,
            on_record: Callable[[dict[str, Any]], None] | None, timeout: float) -> dict[str, Any]:
-    """Dispatch, follow the records, and re-dispatch after a lost worker (see ``run_job``)."""
+    """Dispatch, follow the records, and re-dispatch after a lost worker or a storage outage (see ``run_job``)."""
     job, restart, restarts = config, None, 0
     while True:
         last_seen = 0
         monitor = RunMonitor(client, config.output.run_url)
         try:
-            futures = dispatch.run(client, train_gan, job, restart=restart, timeout=timeout)
+            futures = dispatch.run(client, lease.dispatched(train_gan), job, restart=restart, timeout=timeout)
             for record in monitor.records(futures):
                 last_seen = lease.iteration = record["iteration"]
                 if on_record is not None:
                     on_record(record)
             return dispatch.results(futures)[0]
-        except dispatch.WorkerLost as lost:
+        except (dispatch.WorkerLost, InfrastructureError) as failure:
             restarts += 1
             if restarts > config.recovery.max_restarts:
-                raise RuntimeError(f"giving up after {config.recovery.max_restarts} restarts") from lost
-            logger.warning("%s; restart %d of at most %d, from the newest checkpoint", lost, restarts,
+                raise RuntimeError(f"giving up after {config.recovery.max_restarts} restarts") from failure
+            logger.warning("%s; restart %d of at most %d, from the newest checkpoint", failure, restarts,
                            config.recovery.max_restarts)
-            gone = lost.workers if lost.confirmed else []  # a silent worker may still be there: do not wait it out
-            workers = wait_for_workers(client, world_size, gone, config.recovery)
-            job = restart_config(config, workers, world_size)
-            restart = {"restart": restarts, "cause": str(lost), "last_iteration": last_seen}
+            job = wait_to_restart(client, config, job, failure, restarts, world_size)
+            restart = {"restart": restarts, "cause": str(failure), "last_iteration": last_seen}
         finally:
             monitor.close()
+
+
+def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, failure: Exception, restarts: int,
+                    world_size: int) -> JobConfig:
+    """Wait for what failed to come back; returns the job to re-dispatch. Lost workers: until they are replaced
+    (``wait_for_workers``). Storage: a wait that doubles with each restart, up to ``wait_for_workers_s``, since
+    an outage that outlasted the ranks' own retries is likely to last a while longer."""
+    if isinstance(failure, dispatch.WorkerLost):
+        gone = failure.workers if failure.confirmed else []  # a silent worker may still be there: do not wait it out
+        return restart_config(config, wait_for_workers(client, world_size, gone, config.recovery), world_size)
+    time.sleep(min(config.recovery.wait_for_workers_s, INFRASTRUCTURE_WAIT_S * 2 ** (restarts - 1)))
+    return job
 
 
 def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: RecoveryConfig) -> int:

@@ -18,7 +18,7 @@ from daskgan import dispatch
 from daskgan.cluster import ClusterSpec, connect, default_cluster_spec, load_cluster_spec, render
 from daskgan.config import load_job
 from daskgan.config.schema import METRICS
-from daskgan.errors import ConfigError, UserError, first_line
+from daskgan.errors import ConfigError, InfrastructureError, UserError, first_line
 from daskgan.run import storage
 from daskgan.tools import sandbox
 
@@ -42,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.log_level)
     try:
         return args.run(args)
-    except UserError as exc:
+    except (UserError, InfrastructureError) as exc:
         if args.debug:
             raise
         print(f"daskgan: {first_line(exc)}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, UserError) else 1
+    except KeyboardInterrupt:
+        print("daskgan: interrupted", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,8 +221,11 @@ def runs_command(args: argparse.Namespace) -> int:
     with connect(load_cluster_spec(args.cluster)) as client:
         leases = active_runs(client)
     for lease in leases:
-        print(f"{lease['run_url']}: iteration {lease['iteration']} of {lease['iterations']}, driven by {lease['driver']}")
-    print(f"daskgan: {len(leases)} run(s) with a driver on this cluster")
+        driver = (f"driven by {lease['driver']}" if lease["live"] else
+                  f"stale: its driver {lease['driver']} stopped beating (killed or cut off)")
+        print(f"{lease['run_url']}: iteration {lease['iteration']} of {lease['iterations']}, {driver}")
+    stale = sum(not lease["live"] for lease in leases)
+    print(f"daskgan: {len(leases) - stale} run(s) with a live driver on this cluster, {stale} stale")
     return 0
 
 
@@ -236,7 +242,9 @@ def attach_command(args: argparse.Namespace) -> int:
     with connect(load_cluster_spec(args.cluster)) as client:
         followed = attach(client, args.run_url, show)
     last = followed["last_record"].get("iteration", "none")
-    print(f"daskgan: {args.run_url}'s driver let go after iteration {last} (followed {followed['followed_s']:.0f} s)")
+    ended = ("let go" if followed["ended"] == "released" else
+             f"{followed['driver']} stopped beating (killed or cut off; its ranks checkpoint and stop)")
+    print(f"daskgan: {args.run_url}'s driver {ended} after iteration {last} (followed {followed['followed_s']:.0f} s)")
     return 0
 
 
