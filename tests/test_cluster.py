@@ -1,6 +1,7 @@
 """Cluster specs: every example renders, and the Kubernetes manifest is what dask-kubernetes' CRD accepts."""
 
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_kubernetes_manifest_is_a_valid_daskcluster_with_gpus_and_secret_refs():
     import jsonschema
     from dask_kubernetes.operator import make_cluster_spec
 
-    manifest = render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))
+    manifest, _ = render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))["items"]
     jsonschema.validate(manifest, operator_schema())
     check_k8s_model(manifest["spec"]["worker"]["spec"], "V1PodSpec", "worker.spec")
     check_k8s_model(manifest["spec"]["scheduler"]["spec"], "V1PodSpec", "scheduler.spec")
@@ -102,7 +103,7 @@ def test_irsa_service_account_instead_of_a_secret(tmp_path):
     spec["kubernetes"]["service_account"] = "daskgan-irsa"
     path = tmp_path / "irsa.yaml"
     path.write_text(yaml.safe_dump(spec))
-    worker_pod = render(load_cluster_spec(path))["spec"]["worker"]["spec"]
+    worker_pod = render(load_cluster_spec(path))["items"][0]["spec"]["worker"]["spec"]
     assert worker_pod["serviceAccountName"] == "daskgan-irsa"
     assert "secretKeyRef" not in str(worker_pod)
 
@@ -170,22 +171,33 @@ def test_a_job_renders_as_a_daskjob_the_operator_accepts(tmp_path):
 
     from daskgan.config import load_job
 
-    config_map, daskjob = rendered_daskjob(tmp_path, PLAIN_JOB)
+    config_map, policy, daskjob = rendered_daskjob(tmp_path, PLAIN_JOB)
     jsonschema.validate(daskjob, operator_schema("daskjob.yaml"))
+    check_network_policy(policy, "daskgan-my-job", "gan-training")
     runner = daskjob["spec"]["job"]["spec"]
     check_k8s_model(runner, "V1PodSpec", "job.spec")
     check_k8s_model(daskjob["spec"]["cluster"]["spec"]["worker"]["spec"], "V1PodSpec", "cluster.worker.spec")
     check_k8s_model(config_map, "V1ConfigMap", "configmap")
     assert daskjob["metadata"] == config_map["metadata"] == {"name": "daskgan-my-job", "namespace": "gan-training"}
-    assert daskjob["spec"]["cluster"]["spec"] == render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))["spec"]
+    cluster = daskjob["spec"]["cluster"]["spec"]
+    assert cluster["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == "daskgan-my-job", \
+        "the operator names the job's cluster after the job and labels its scheduler pod so"
+    standalone, _ = kubernetes_objects()
+    renamed = yaml.safe_dump(standalone["spec"]).replace("daskgan-scheduler.", "daskgan-my-job-scheduler.")
+    assert cluster == {**yaml.safe_load(renamed), "scheduler": cluster["scheduler"]}
+    assert {**cluster["scheduler"], "service": None} == {**standalone["spec"]["scheduler"], "service": None}
 
     driver = runner["containers"][0]
     assert runner["restartPolicy"] == "OnFailure"
-    mount, = driver["volumeMounts"]
-    assert runner["volumes"] == [{"name": mount["name"], "configMap": {"name": config_map["metadata"]["name"]}}]
+    mounts = {m["name"]: m for m in driver["volumeMounts"]}
+    assert {v["name"]: v for v in runner["volumes"]} == {
+        "job": {"name": "job", "configMap": {"name": config_map["metadata"]["name"]}},
+        "tls": {"name": "tls", "secret": {"secretName": "daskgan-tls"}}}
     job_file, = config_map["data"]
-    assert driver["args"][:3] == ["daskgan", "train", f"{mount['mountPath']}/{job_file}"]
-    assert "DASK_SCHEDULER_ADDRESS" not in str(driver), "the operator sets it to the job's own scheduler"
+    assert driver["args"][:3] == ["daskgan", "train", f"{mounts['job']['mountPath']}/{job_file}"]
+    driver_env = {e["name"]: e["value"] for e in driver["env"]}
+    assert driver_env["DASK_SCHEDULER_ADDRESS"] == "tls://daskgan-my-job-scheduler.gan-training.svc.cluster.local:8786"
+    assert tls_environment(driver) == tls_environment(cluster["worker"]["spec"]["containers"][0])
     assert "secretKeyRef" not in str(runner), "the driver never touches storage: it gets no credentials"
 
     mounted = tmp_path / "mounted" / job_file
@@ -217,3 +229,240 @@ def test_without_a_spec_a_command_uses_dask_scheduler_address(monkeypatch):
     with dask.config.set({"scheduler-address": "tcp://daskgan-my-job-scheduler.gan-training.svc:8786"}):
         spec = default_cluster_spec()
     assert (spec.kind, spec.scheduler.address) == ("scheduler", "tcp://daskgan-my-job-scheduler.gan-training.svc:8786")
+
+
+# --- network exposure: what listens where, and who may talk to the scheduler -----------------------------------------
+
+def listening_addresses() -> set[str]:
+    """The IP addresses that this process and its children (a local cluster's workers) accept connections on."""
+    import psutil
+
+    me = psutil.Process()
+    return {connection.laddr.ip for process in [me, *me.children(recursive=True)]
+            for connection in process.net_connections(kind="inet") if connection.status == psutil.CONN_LISTEN}
+
+
+def test_a_local_cluster_listens_on_loopback_only_dashboard_included():
+    from daskgan.cluster import ClusterSpec, LocalSpec, connect
+
+    with connect(ClusterSpec(local=LocalSpec(n_workers=1))) as client:
+        assert client.dashboard_link
+        assert listening_addresses() <= {"127.0.0.1", "::1"}, "the dashboard served every interface"
+
+
+def test_a_tls_local_cluster_runs_tasks_over_tls_and_refuses_plain_tcp(tmp_path):
+    from distributed import Client
+
+    from daskgan.cluster import connect
+
+    path = tmp_path / "local.yaml"
+    path.write_text("kind: local\nlocal:\n  n_workers: 1\n  tls: true\n")
+    spec = load_cluster_spec(path)
+    assert render(spec)["LocalCluster"]["security"] is True
+    with connect(spec) as client:
+        assert client.scheduler.address.startswith("tls://")
+        assert all(worker.startswith("tls://") for worker in client.scheduler_info()["workers"])
+        assert client.submit(sum, [1, 2, 3]).result() == 6
+        plain = client.scheduler.address.replace("tls://", "tcp://")
+        with pytest.raises((OSError, TimeoutError)):
+            Client(plain, timeout=3)
+
+        security = client.cluster.security  # its throwaway CA, as files a scheduler spec names
+        files = {"tls_ca_file": security.tls_ca_file, "tls_cert": security.tls_client_cert,
+                 "tls_key": security.tls_client_key}
+        for name, pem in files.items():
+            (tmp_path / name).write_text(pem)
+        path.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {
+            "address": client.scheduler.address, **{name: str(tmp_path / name) for name in files}}}))
+        with connect(load_cluster_spec(path)) as other:
+            assert other.submit(sum, [4, 5]).result() == 9
+
+
+def kubernetes_objects(spec: str = "kubernetes.yaml", **changes) -> list[dict]:
+    """``render`` of a Kubernetes spec from ``cluster/``, with ``changes`` to its ``kubernetes`` section."""
+    import tempfile
+
+    data = yaml.safe_load((ROOT / "cluster" / spec).read_text())
+    data["kubernetes"].update(changes)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / spec
+        path.write_text(yaml.safe_dump(data))
+        rendered = render(load_cluster_spec(path))
+    assert (rendered["apiVersion"], rendered["kind"]) == ("v1", "List"), "one document for kubectl apply -f"
+    return rendered["items"]
+
+
+def check_k8s_object(data: dict, type_name: str) -> None:
+    """``data`` as the Kubernetes API type: every key a field (recursively), and every required field present with
+    a value the kubernetes client's model accepts (it raises ValueError otherwise). No OpenAPI document of the
+    Kubernetes API ships in an installed package, so the client's generated models stand in for it."""
+    from kubernetes.client import ApiClient
+
+    check_k8s_model(data, type_name, type_name)
+    assert ApiClient()._ApiClient__deserialize(data, type_name).to_dict()
+
+
+def check_network_policy(policy: dict, cluster: str, namespace: str) -> None:
+    """The policy admits, on every port, only the pods of ``cluster`` (its scheduler, workers, job runner: the
+    operator labels each ``dask.org/cluster-name``) to the pods of ``cluster``."""
+    check_k8s_object(policy, "V1NetworkPolicy")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert policy["metadata"] == {"name": cluster, "namespace": namespace}
+    own = {"matchLabels": {"dask.org/cluster-name": cluster}}
+    assert policy["spec"]["podSelector"] == own
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rule, = policy["spec"]["ingress"]
+    assert "ports" not in rule, "workers, ranks and TCPStore use ports of their own choosing"
+    assert rule["from"][0] == {"podSelector": own}
+
+
+def tls_environment(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container["env"] if e["name"].startswith("DASK_DISTRIBUTED__COMM__")}
+
+
+def test_kubernetes_objects_are_a_tls_daskcluster_and_a_network_policy():
+    import jsonschema
+
+    cluster, policy = kubernetes_objects()
+    jsonschema.validate(cluster, operator_schema())
+    check_network_policy(policy, "daskgan", "gan-training")
+    scheduler_pod, worker_pod = cluster["spec"]["scheduler"]["spec"], cluster["spec"]["worker"]["spec"]
+    scheduler, worker = scheduler_pod["containers"][0], worker_pod["containers"][0]
+    assert scheduler["args"][-2:] == ["--protocol", "tls"]
+    for pod, container in ((scheduler_pod, scheduler), (worker_pod, worker)):
+        check_k8s_object(pod, "V1PodSpec")
+        volume = {v["name"]: v for v in pod["volumes"]}["tls"]
+        assert volume == {"name": "tls", "secret": {"secretName": "daskgan-tls"}}
+        mount, = (m for m in container["volumeMounts"] if m["name"] == "tls")
+        assert mount["readOnly"] is True
+        assert dask_setting(container, "distributed.comm.require-encryption") is True, "no plain tcp:// in or out"
+        assert dask_setting(container, "distributed.comm.tls.ca-file") == f"{mount['mountPath']}/ca.crt"
+        for role in ("scheduler", "worker", "client"):
+            assert dask_setting(container, f"distributed.comm.tls.{role}.cert") == f"{mount['mountPath']}/tls.crt"
+            assert dask_setting(container, f"distributed.comm.tls.{role}.key") == f"{mount['mountPath']}/tls.key"
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert worker_env["DASK_SCHEDULER_ADDRESS"] == "tls://daskgan-scheduler.gan-training.svc.cluster.local:8786", \
+        "the operator would set tcp://"
+    assert "secretKeyRef" not in str(tls_environment(worker)), "the certificate travels as files, not variables"
+
+
+def dask_setting(container: dict, key: str):
+    """The Dask setting ``key`` as a container's ``DASK_*`` variables give it (as Dask itself reads them)."""
+    import dask
+
+    return dask.config.get(key, config=dask.config.collect_env({e["name"]: e["value"] for e in container["env"]
+                                                                 if "value" in e}))
+
+
+def test_plain_tcp_on_kubernetes_is_an_explicit_choice_and_other_pods_can_be_admitted():
+    cluster, policy = kubernetes_objects(tls_secret=None, client_pods={"app": "notebook"})
+    assert "tls" not in str(cluster["spec"]["scheduler"]) and "--protocol" not in cluster["spec"]["scheduler"]["spec"]["containers"][0]["args"]
+    assert "DASK_SCHEDULER_ADDRESS" not in str(cluster), "the operator's tcp:// address is right then"
+    check_k8s_object(policy, "V1NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"][1] == {"podSelector": {"matchLabels": {"app": "notebook"}}}
+
+
+def test_kubeclusters_plain_tcp_to_its_scheduler_is_refused_with_tls(tmp_path):
+    """dask-kubernetes' KubeCluster reaches its scheduler over tcp:// only: a TLS spec says what to do instead."""
+    from daskgan.cluster import connect
+
+    with pytest.raises(ConfigError, match=r"kubernetes\.tls_secret: .*tcp:// only.*DaskJob"):
+        with connect(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml")):
+            pass
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kind: scheduler\nscheduler:\n  address: tcp://h:8786\n  tls_ca_file: ca.pem\n  tls_cert: c\n  tls_key: k\n",
+     "scheduler.tls_ca_file: given, but scheduler.address is tcp://h:8786"),
+    ("kind: scheduler\nscheduler:\n  address: tls://h:8786\n  tls_ca_file: ca.pem\n",
+     "scheduler.tls_cert, tls_key: needed with scheduler.tls_ca_file"),
+])
+def test_bad_tls_combinations_name_the_key(tmp_path, text, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_cluster_spec(path)
+
+
+def test_a_tls_scheduler_without_certificates_is_one_line(tmp_path):
+    import dask
+
+    from daskgan.cluster import connect
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("kind: scheduler\nscheduler:\n  address: tls://127.0.0.1:9\n")
+    with dask.config.set({"distributed.comm.tls.ca-file": None}):
+        with pytest.raises(ConfigError, match=r"scheduler\.address: a tls:// scheduler needs .*tls_ca_file"):
+            with connect(load_cluster_spec(path)):
+                pass
+
+
+def write_secret(folder: Path) -> Path:
+    """A Secret's files as the pods see them (``ca.crt``, ``tls.crt``, ``tls.key``), from distributed's own
+    throwaway CA: one certificate for every role, as ``Security.temporary()`` makes it."""
+    from distributed.security import Security
+
+    security = Security.temporary()
+    folder.mkdir()
+    for name, pem in (("ca.crt", security.tls_ca_file), ("tls.crt", security.tls_client_cert),
+                      ("tls.key", security.tls_client_key)):
+        (folder / name).write_text(pem)
+    return folder
+
+
+def test_rendered_pods_run_here_speak_tls_and_the_job_runner_connects(tmp_path):
+    """The scheduler's and a worker's container of the rendered DaskJob, run as processes here with their own args
+    and environment (the Secret's mount a folder here, the service name loopback), and the runner's environment as
+    the client's: a task runs over tls://, and a plain tcp:// client is refused."""
+    import copy
+    import os
+    import subprocess
+
+    import dask
+    from distributed import Client
+
+    from daskgan.cluster import connect, default_cluster_spec
+    from daskgan.cluster.daskjob import daskjob_manifests
+    from daskgan.dispatch import free_port
+
+    job = tmp_path / "my_job.yaml"
+    job.write_text(yaml.safe_dump(PLAIN_JOB))
+    config_map, policy, daskjob = daskjob_manifests(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml").settings(), job)
+    cluster, runner = daskjob["spec"]["cluster"]["spec"], daskjob["spec"]["job"]["spec"]
+    secret = write_secret(tmp_path / "secret")
+    port = free_port()
+    service = "daskgan-my-job-scheduler.gan-training.svc.cluster.local:8786"
+
+    def here(container: dict) -> dict:
+        """The container's plain environment variables with the Secret's mount and the service moved here."""
+        mount, = (m["mountPath"] for m in container["volumeMounts"] if m["name"] == "tls")
+        return {e["name"]: e["value"].replace(mount, str(secret)).replace(service, f"127.0.0.1:{port}")
+                for e in container["env"] if "value" in e}
+
+    def start(container: dict, module: str, *local: str) -> subprocess.Popen:
+        args = [arg.replace("0.0.0.0", "127.0.0.1") for arg in container["args"][1:]]
+        env = {**os.environ, **here(container), "DASK_WORKER_NAME": "worker-0"}
+        args = [arg.replace("$(DASK_WORKER_NAME)", "worker-0") for arg in args]
+        return subprocess.Popen([sys.executable, "-m", module, *args, *local], env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / f"{module}.log", "w"))
+
+    scheduler = start(cluster["scheduler"]["spec"]["containers"][0], "distributed.cli.dask_scheduler",
+                      "--port", str(port), "--dashboard-address", "127.0.0.1:0")
+    worker = start(cluster["worker"]["spec"]["containers"][0], "distributed.cli.dask_worker",
+                   "--dashboard-address", "127.0.0.1:0", "--host", "127.0.0.1")
+    try:
+        as_in_the_pod = dask.config.update(copy.deepcopy(dask.config.config),
+                                           dask.config.collect_env(here(runner["containers"][0])))
+        with dask.config.set(as_in_the_pod):
+            spec = default_cluster_spec()
+            assert spec.scheduler.address == f"tls://127.0.0.1:{port}"
+            with connect(spec) as client:
+                client.wait_for_workers(1, timeout=60)
+                assert all(address.startswith("tls://") for address in client.scheduler_info()["workers"])
+                assert client.submit(sum, [1, 2, 3]).result() == 6
+        with pytest.raises((OSError, TimeoutError)):
+            Client(f"tcp://127.0.0.1:{port}", timeout=3)
+    finally:
+        for process in (worker, scheduler):
+            process.kill()
+            process.wait()

@@ -274,7 +274,8 @@ def test_a_daskjob_runner_trains_on_the_scheduler_the_operator_names(cli_run, da
     from daskgan.cluster.specs import KubernetesSpec
 
     start, run_url, options, _ = cli_run
-    config_map, daskjob = daskjob_manifests(KubernetesSpec(image="daskgan:test", n_workers=2), start.write_job(12))
+    plain = KubernetesSpec(image="daskgan:test", n_workers=2, tls_secret=None)  # its TLS: tests/test_cluster.py
+    config_map, _, daskjob = daskjob_manifests(plain, start.write_job(12))
     driver = daskjob["spec"]["job"]["spec"]["containers"][0]
     mount = tmp_path / "mount"  # stands in for the ConfigMap volume at driver["volumeMounts"][0]["mountPath"]
     mount.mkdir()

@@ -5,7 +5,8 @@ The operator starts the DaskCluster of the job's spec and a runner pod whose con
 ConfigMap mounts. Nothing depends on the machine that applied the manifest, so the run is detached by construction.
 When the runner exits 0 the operator marks the job successful and removes the cluster; a runner that fails is
 restarted in place (``restartPolicy: OnFailure``) and its new driver resumes the run from its newest checkpoint.
-The runner holds no storage credentials: the client side of a run never touches the run directory.
+The runner holds no storage credentials: the client side of a run never touches the run directory. With the spec's
+``tls_secret`` it is a TLS client of its scheduler like the workers, and the job's NetworkPolicy admits its pod.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daskgan.cluster.specs import KubernetesSpec, kubernetes_manifest
+from daskgan.cluster.specs import (
+    KubernetesSpec,
+    add_tls_secret,
+    kubernetes_manifest,
+    network_policy,
+    scheduler_address_variable,
+    tls_environment_variables,
+)
 from daskgan.config import ConfigError, load_job
 
 JOB_MOUNT = "/etc/daskgan"
@@ -23,9 +31,10 @@ JOB_FILE = "job.yaml"
 
 
 def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path) -> list[dict[str, Any]]:
-    """The ConfigMap holding the job file and the DaskJob (kubernetes.dask.org/v1) that trains it.
+    """The ConfigMap holding the job file, the NetworkPolicy of the job's cluster, and the DaskJob
+    (kubernetes.dask.org/v1) that trains it.
 
-    The job is validated first, as ``daskgan train`` would for this cluster's size. Both are named
+    The job is validated first, as ``daskgan train`` would for this cluster's size. All are named
     ``<spec name>-<job name>`` (so one spec serves many jobs; the operator names the job's DaskCluster the same,
     and its scheduler service ``<that>-scheduler``)."""
     job = load_job(job_path, workers=k8s.n_workers)
@@ -36,10 +45,10 @@ def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path) -> list[dict[st
     metadata = {"name": name, "namespace": k8s.namespace}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(metadata),
                   "data": {JOB_FILE: _job_file_text(Path(job_path), job.name)}}
-    cluster = kubernetes_manifest(k8s)
+    cluster = kubernetes_manifest(k8s, cluster_name=name)
     daskjob = {"apiVersion": cluster["apiVersion"], "kind": "DaskJob", "metadata": dict(metadata),
-               "spec": {"job": {"spec": _runner_pod(k8s, name)}, "cluster": {"spec": cluster["spec"]}}}
-    return [config_map, daskjob]
+               "spec": {"job": {"spec": _runner_pod(k8s, cluster)}, "cluster": {"spec": cluster["spec"]}}}
+    return [config_map, network_policy(k8s, name), daskjob]
 
 
 def kubernetes_name(text: str) -> str:
@@ -73,14 +82,20 @@ def to_yaml(manifests: list[dict[str, Any]]) -> str:
     return yaml.dump_all(manifests, Dumper=Dumper, sort_keys=False)
 
 
-def _runner_pod(k8s: KubernetesSpec, config_map: str) -> dict[str, Any]:
-    """The driver's pod: ``daskgan train`` on the mounted job file, against the operator's scheduler."""
+def _runner_pod(k8s: KubernetesSpec, cluster: dict[str, Any]) -> dict[str, Any]:
+    """The driver's pod: ``daskgan train`` on the job file (the ConfigMap named as the cluster), against the
+    cluster's scheduler (the operator's address, or its tls:// one with the Secret's client certificate)."""
+    env = {**k8s.env, **tls_environment_variables(k8s)}
     container = {
         "name": "driver", "image": k8s.image,
         "args": ["daskgan", "train", f"{JOB_MOUNT}/{JOB_FILE}", "--no-progress"],
-        "env": [{"name": name, "value": str(value)} for name, value in k8s.env.items()],
+        "env": [{"name": name, "value": str(value)} for name, value in env.items()],
         "resources": copy.deepcopy(k8s.scheduler_resources),
         "volumeMounts": [{"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}],
     }
-    return {"restartPolicy": "OnFailure", "containers": [container],
-            "volumes": [{"name": "job", "configMap": {"name": config_map}}]}
+    pod = {"restartPolicy": "OnFailure", "containers": [container],
+           "volumes": [{"name": "job", "configMap": {"name": cluster["metadata"]["name"]}}]}
+    if k8s.tls_secret:
+        add_tls_secret(pod, k8s)
+        container["env"].append(scheduler_address_variable(cluster))
+    return pod

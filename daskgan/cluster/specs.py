@@ -8,14 +8,20 @@ One ``kind`` per spec, with its settings in the section of the same name:
   Kubernetes Secret or an IRSA service account;
 - ``ec2``: dask-cloudprovider's EC2Cluster (extra ``cloud``), credentials from the instance profile.
 
-``render(spec)`` returns what the backend is given (for Kubernetes the DaskCluster manifest), so
-``daskgan cluster render`` shows exactly what would be created. Credentials are only ever referenced (Secret names,
-roles), never written into a spec.
+``render(spec)`` returns what the backend is given (for Kubernetes the DaskCluster manifest and its NetworkPolicy, as
+a List), so ``daskgan cluster render`` shows exactly what would be created. Credentials are only ever referenced (Secret
+names, roles), never written into a spec.
+
+Whoever reaches a scheduler can run code on its workers and read their credentials, so nothing listens beyond what
+needs it: a local cluster (and its dashboard) on loopback, with distributed's TLS on request; on Kubernetes, TLS
+between every pod with certificates from a Secret, and a NetworkPolicy admitting only the cluster's own pods; EC2
+clusters get dask-cloudprovider's own default, TLS with a throwaway CA.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +31,8 @@ from typing import Any, Iterator, Optional
 from daskgan.config import ConfigError, build_dataclass, load_yaml_mapping
 from daskgan.errors import MissingExtra, SchedulerUnreachable
 
+logger = logging.getLogger(__name__)
+
 SECRET_LOOKING_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", re.IGNORECASE)
 
 
@@ -33,12 +41,31 @@ class LocalSpec:
     n_workers: int = 2
     threads_per_worker: int = 1  # one DDP rank per worker process; torch's own threads come on top
     memory_limit: str = "auto"
+    # distributed's TLS with a throwaway CA (LocalCluster's security=True): the scheduler is on loopback either way,
+    # which every user of a shared machine reaches
+    tls: bool = False
+    dashboard_address: str = "127.0.0.1:0"  # any free port on loopback; e.g. ":8787" serves it on every interface
 
 
 @dataclass
 class SchedulerSpec:
     address: str
     connect_timeout_s: float = 30.0  # how long to keep trying to reach the scheduler
+    # a tls:// scheduler's CA and this client's certificate and key (PEM files, e.g. those of the cluster's Secret);
+    # none: Dask's own settings (distributed.comm.tls.*, as DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ...)
+    tls_ca_file: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+
+    def validate(self) -> None:
+        files = {"tls_ca_file": self.tls_ca_file, "tls_cert": self.tls_cert, "tls_key": self.tls_key}
+        given = [name for name, value in files.items() if value]
+        if given and not self.address.startswith("tls://"):
+            raise ConfigError(f"scheduler.{given[0]}: given, but scheduler.address is {self.address}: "
+                              "a scheduler with TLS has a tls:// address")
+        if given and len(given) < len(files):
+            raise ConfigError(f"scheduler.{', '.join(sorted(set(files) - set(given)))}: needed with "
+                              f"scheduler.{given[0]} (distributed's TLS checks both sides' certificates)")
 
 
 # /dev/shm for GPU workers: ranks' decoding processes hand pixels over through it (blocks of up to 8 MiB, two per
@@ -60,6 +87,10 @@ class KubernetesSpec:
     aws_secret: Optional[str] = None  # a Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
     env: dict = field(default_factory=dict)  # plain settings, e.g. AWS_ENDPOINT_URL_S3, S3_ENDPOINT, AWS_REGION
     shared_memory: Optional[str] = WORKER_SHARED_MEMORY  # the workers' /dev/shm (memory emptyDir); null: 64 MB
+    # distributed's TLS (tls://) between every pod: a Secret holding ca.crt, tls.crt and tls.key (PEM), mounted into
+    # the scheduler, worker and DaskJob runner pods; null: plain TCP, which anything in the cluster network reaches
+    tls_secret: Optional[str] = "daskgan-tls"
+    client_pods: dict = field(default_factory=dict)  # labels of more pods admitted to the cluster, e.g. a notebook
 
 
 @dataclass
@@ -103,6 +134,8 @@ class ClusterSpec:
         for other in kinds:
             if other != self.kind and getattr(self, other) is not None:
                 raise ConfigError(f"{other}: given, but kind is {self.kind}")
+        if self.kind == "scheduler":
+            self.scheduler.validate()
         for name in ("n_workers", "threads_per_worker"):
             if getattr(self.settings(), name, 1) < 1:
                 raise ConfigError(f"{self.kind}.{name}: must be >= 1")
@@ -133,23 +166,40 @@ def default_cluster_spec() -> ClusterSpec:
 
 
 def render(spec: ClusterSpec) -> dict[str, Any]:
-    """The exact object the backend gets: LocalCluster/EC2Cluster keyword arguments, or the DaskCluster manifest."""
+    """The exact object the backend gets: LocalCluster/EC2Cluster keyword arguments, or for Kubernetes a List (what
+    ``kubectl apply -f`` takes as one document) of the DaskCluster manifest and its NetworkPolicy."""
     settings = spec.settings()
     if spec.kind == "local":
-        return {"LocalCluster": {**dataclasses.asdict(settings), "processes": True}}
+        return {"LocalCluster": _local_cluster_arguments(settings)}
     if spec.kind == "scheduler":
         return {"address": settings.address}
     if spec.kind == "kubernetes":
-        return kubernetes_manifest(settings)
+        return {"apiVersion": "v1", "kind": "List",
+                "items": [kubernetes_manifest(settings), network_policy(settings, settings.name)]}
     return {"EC2Cluster": ec2_arguments(settings)}
 
 
-def kubernetes_manifest(k8s: KubernetesSpec) -> dict[str, Any]:
+def _local_cluster_arguments(local: LocalSpec) -> dict[str, Any]:
+    """LocalCluster's keyword arguments for ``local`` (its ``security=True``: a throwaway CA, tls:// everywhere)."""
+    return {"n_workers": local.n_workers, "threads_per_worker": local.threads_per_worker,
+            "memory_limit": local.memory_limit, "dashboard_address": local.dashboard_address,
+            "security": local.tls or None, "processes": True}
+
+
+# where the pods find the Secret of ``tls_secret`` (its keys as files)
+TLS_MOUNT = "/etc/daskgan/tls"
+
+
+def kubernetes_manifest(k8s: KubernetesSpec, cluster_name: Optional[str] = None) -> dict[str, Any]:
     """A DaskCluster (kubernetes.dask.org/v1) built by dask-kubernetes' own ``make_cluster_spec``, then given GPU
-    workers with one thread each, node placement, and credentials by reference only."""
+    workers with one thread each, node placement, credentials by reference only, and TLS from ``tls_secret``.
+
+    ``cluster_name`` is the name the operator gives the cluster (a DaskJob's cluster is named after the job): its
+    scheduler service selects that cluster's scheduler pod, and with TLS the workers are given its tls:// address."""
+    cluster_name = cluster_name or k8s.name
     make_cluster_spec = _import("dask_kubernetes.operator", "k8s", "kind: kubernetes").make_cluster_spec
-    env = {**k8s.env, **worker_environment_variables()}
-    manifest = make_cluster_spec(name=k8s.name, image=k8s.image, n_workers=k8s.n_workers,
+    env = {**k8s.env, **worker_environment_variables(), **tls_environment_variables(k8s)}
+    manifest = make_cluster_spec(name=cluster_name, image=k8s.image, n_workers=k8s.n_workers,
                                  resources=k8s.worker_resources, env=env)
     manifest["metadata"]["namespace"] = k8s.namespace
     scheduler_pod = manifest["spec"]["scheduler"]["spec"]
@@ -168,10 +218,65 @@ def kubernetes_manifest(k8s: KubernetesSpec) -> dict[str, Any]:
         worker["env"] += [{"name": name, "valueFrom": {"secretKeyRef": {"name": k8s.aws_secret, "key": name}}}
                           for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
     if k8s.shared_memory:
-        worker_pod["volumes"] = [*worker_pod.get("volumes", []),
-                                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shared_memory}}]
-        worker["volumeMounts"] = [*worker.get("volumeMounts", []), {"name": "dshm", "mountPath": "/dev/shm"}]
+        add_volume(worker_pod, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shared_memory}},
+                   "/dev/shm")
+    if k8s.tls_secret:
+        scheduler_pod["containers"][0]["args"] += ["--protocol", "tls"]
+        add_tls_secret(scheduler_pod, k8s)
+        add_tls_secret(worker_pod, k8s)
+        worker["env"].append(scheduler_address_variable(manifest))
     return manifest
+
+
+def tls_environment_variables(k8s: KubernetesSpec) -> dict[str, str]:
+    """Dask's TLS settings for every pod of a cluster with ``tls_secret``, as environment variables: the Secret's
+    CA and certificate for every role (scheduler, worker, client), and no unencrypted connection in or out."""
+    if not k8s.tls_secret:
+        return {}
+    settings = {"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": f"{TLS_MOUNT}/ca.crt"}
+    for role in ("scheduler", "worker", "client"):
+        settings |= {f"distributed.comm.tls.{role}.cert": f"{TLS_MOUNT}/tls.crt",
+                     f"distributed.comm.tls.{role}.key": f"{TLS_MOUNT}/tls.key"}
+    return environment_variables(settings)
+
+
+def add_tls_secret(pod: dict[str, Any], k8s: KubernetesSpec) -> None:
+    """The Secret of ``tls_secret`` mounted read-only at ``TLS_MOUNT`` into the pod's first container."""
+    add_volume(pod, {"name": "tls", "secret": {"secretName": k8s.tls_secret}}, TLS_MOUNT, read_only=True)
+
+
+def add_volume(pod: dict[str, Any], volume: dict[str, Any], path: str, read_only: bool = False) -> None:
+    """``volume`` in ``pod``, mounted at ``path`` into its first container."""
+    pod["volumes"] = [*pod.get("volumes", []), volume]
+    container = pod["containers"][0]
+    mount = {"name": volume["name"], "mountPath": path, **({"readOnly": True} if read_only else {})}
+    container["volumeMounts"] = [*container.get("volumeMounts", []), mount]
+
+
+def scheduler_address_variable(manifest: dict[str, Any]) -> dict[str, str]:
+    """``DASK_SCHEDULER_ADDRESS`` of the manifest's scheduler service with tls://. The operator sets it in worker
+    and job runner pods that lack it, with tcp://, which a scheduler requiring encryption refuses; here is the
+    same service name and port (``make_cluster_spec``'s ``tcp-comm``), over TLS."""
+    from dask_kubernetes.constants import SCHEDULER_NAME_TEMPLATE
+
+    service = SCHEDULER_NAME_TEMPLATE.format(cluster_name=manifest["metadata"]["name"])
+    port, = (p["port"] for p in manifest["spec"]["scheduler"]["service"]["ports"] if p["name"] == "tcp-comm")
+    return {"name": "DASK_SCHEDULER_ADDRESS",
+            "value": f"tls://{service}.{manifest['metadata']['namespace']}.svc.cluster.local:{port}"}
+
+
+def network_policy(k8s: KubernetesSpec, cluster_name: str) -> dict[str, Any]:
+    """A NetworkPolicy (networking.k8s.io/v1) admitting to the pods of cluster ``cluster_name`` only its own pods
+    (the operator labels its scheduler, workers and DaskJob runner ``dask.org/cluster-name``) and ``client_pods``.
+    Every port: Dask workers, DDP ranks and torch's rendezvous store (TCPStore) listen on ports of their own choice.
+    A client outside the cluster network comes through ``kubectl port-forward``, which no NetworkPolicy filters."""
+    own_pods = {"matchLabels": {"dask.org/cluster-name": cluster_name}}
+    admitted = [{"podSelector": own_pods}]
+    if k8s.client_pods:
+        admitted.append({"podSelector": {"matchLabels": k8s.client_pods}})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": cluster_name, "namespace": k8s.namespace},
+            "spec": {"podSelector": own_pods, "policyTypes": ["Ingress"], "ingress": [{"from": admitted}]}}
 
 
 def ec2_arguments(ec2: Ec2Spec) -> dict[str, Any]:
@@ -206,12 +311,9 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
         return
     if spec.kind == "local":
         with dask.config.set(worker_settings()):
-            cluster = LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
-                                   memory_limit=settings.memory_limit, processes=True,
-                                   dashboard_address=":0")  # any free port: several clusters may run at once
+            cluster = LocalCluster(**_local_cluster_arguments(settings))
     elif spec.kind == "kubernetes":
-        operator = _import("dask_kubernetes.operator", "k8s", "kind: kubernetes")
-        cluster = operator.KubeCluster(custom_cluster_spec=kubernetes_manifest(settings), namespace=settings.namespace)
+        cluster = _kube_cluster(settings)
     else:
         aws = _import("dask_cloudprovider.aws", "cloud", "kind: ec2")
         cluster = aws.EC2Cluster(**ec2_arguments(settings))
@@ -219,15 +321,43 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
         yield client
 
 
+def _kube_cluster(k8s: KubernetesSpec) -> "dask_kubernetes.operator.KubeCluster":  # noqa: F821
+    """dask-kubernetes' KubeCluster for ``k8s``, which reaches its scheduler over tcp:// only (and creates the
+    DaskCluster alone, without its NetworkPolicy)."""
+    if k8s.tls_secret:
+        raise ConfigError("kubernetes.tls_secret: dask-kubernetes' KubeCluster reaches its scheduler over tcp:// only; "
+                          "train inside the cluster as a DaskJob (daskgan cluster render SPEC --job JOB | kubectl "
+                          "apply -f -), or set tls_secret: null for a plain-TCP cluster driven from here")
+    logger.warning("kubernetes: the scheduler of %s speaks plain TCP (tls_secret: null), and KubeCluster creates no "
+                   "NetworkPolicy: apply the one `daskgan cluster render` prints", k8s.name)
+    operator = _import("dask_kubernetes.operator", "k8s", "kind: kubernetes")
+    return operator.KubeCluster(custom_cluster_spec=kubernetes_manifest(k8s), namespace=k8s.namespace)
+
+
 def _client_of_scheduler(settings: SchedulerSpec) -> "distributed.Client":  # noqa: F821
     from distributed import Client
 
+    security = _scheduler_security(settings)
     try:
-        return Client(settings.address, timeout=settings.connect_timeout_s)
+        return Client(settings.address, timeout=settings.connect_timeout_s, security=security)
     except (OSError, TimeoutError) as exc:
         raise SchedulerUnreachable(
             f"scheduler.address: no Dask scheduler answered at {settings.address} within "
             f"{settings.connect_timeout_s:.0f}s: is it running, and reachable from here?") from exc
+
+
+def _scheduler_security(settings: SchedulerSpec) -> Optional["distributed.Security"]:  # noqa: F821
+    """The client's side of a tls:// scheduler: the spec's files, else Dask's own TLS settings (None: Dask's)."""
+    import dask
+    from distributed.security import Security
+
+    if settings.tls_ca_file:
+        return Security(tls_ca_file=settings.tls_ca_file, tls_client_cert=settings.tls_cert,
+                        tls_client_key=settings.tls_key, require_encryption=True)
+    if settings.address.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", default=None):
+        raise ConfigError("scheduler.address: a tls:// scheduler needs its CA and a client certificate: set "
+                          "scheduler.tls_ca_file, tls_cert and tls_key (or Dask's distributed.comm.tls settings)")
+    return None
 
 
 def worker_settings() -> dict[str, Any]:
@@ -238,8 +368,12 @@ def worker_settings() -> dict[str, Any]:
 
 def worker_environment_variables() -> dict[str, str]:
     """``worker_settings`` as the environment variables of a worker pod or instance."""
-    return {f"DASK_{key.upper().replace('.', '__').replace('-', '_')}": repr(value)
-            for key, value in worker_settings().items()}
+    return environment_variables(worker_settings())
+
+
+def environment_variables(settings: dict[str, Any]) -> dict[str, str]:
+    """Dask settings (dotted keys) as the ``DASK_*`` environment variables Dask reads them from."""
+    return {f"DASK_{key.upper().replace('.', '__').replace('-', '_')}": repr(value) for key, value in settings.items()}
 
 
 def torch_worker_environ() -> dict:
