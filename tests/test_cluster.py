@@ -278,6 +278,15 @@ def test_a_tls_local_cluster_runs_tasks_over_tls_and_refuses_plain_tcp(tmp_path)
             assert other.submit(sum, [4, 5]).result() == 9
 
 
+def test_a_tls_local_cluster_without_cryptography_names_the_package(monkeypatch):
+    from daskgan.cluster import ClusterSpec, LocalSpec, connect
+
+    monkeypatch.setitem(sys.modules, "cryptography", None)
+    with pytest.raises(MissingExtra, match=r"local\.tls: .*pip install cryptography"):
+        with connect(ClusterSpec(local=LocalSpec(n_workers=1, tls=True))):
+            pass
+
+
 def kubernetes_objects(spec: str = "kubernetes.yaml", **changes) -> list[dict]:
     """``render`` of a Kubernetes spec from ``cluster/``, with ``changes`` to its ``kubernetes`` section."""
     import tempfile

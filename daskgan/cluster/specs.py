@@ -21,6 +21,7 @@ clusters get dask-cloudprovider's own default, TLS with a throwaway CA.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import re
 from contextlib import contextmanager
@@ -310,6 +311,9 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
             yield client
         return
     if spec.kind == "local":
+        if settings.tls and importlib.util.find_spec("cryptography") is None:
+            raise MissingExtra("local.tls: distributed makes its throwaway CA with the cryptography package: "
+                               "pip install cryptography")
         with dask.config.set(worker_settings()):
             cluster = LocalCluster(**_local_cluster_arguments(settings))
     elif spec.kind == "kubernetes":
@@ -390,8 +394,6 @@ def torch_worker_environ() -> dict:
 
 
 def _import(module: str, extra: str, what: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
