@@ -27,7 +27,7 @@ from daskgan.data.shards import (
 )
 from daskgan.errors import NotFound
 from daskgan.run import storage
-from daskgan.seeding import derive_seed
+from daskgan.seeding import stream_seed
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,8 @@ def _find(url: str, fs, root: str) -> dict[str, dict]:
 def shard_indices(size: int, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
     """Indices this rank reads in ``epoch``: every ``world_size``-th entry of the epoch's permutation."""
     if shuffle:
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).tolist()
+        epoch_stream = torch.Generator().manual_seed(stream_seed(seed, "epoch", epoch))
+        order = torch.randperm(size, generator=epoch_stream).tolist()
     else:
         order = list(range(size))
     return order[rank::world_size]

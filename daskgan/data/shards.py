@@ -30,7 +30,7 @@ import torch
 
 from daskgan.errors import NotFound
 from daskgan.run import storage
-from daskgan.seeding import derive_seed
+from daskgan.seeding import stream_seed
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def epoch_windows(shard_images: tuple[tuple[int, ...], ...], rank: int, world_si
     if shard_count < world_size:
         raise NotFound(f"data.url: {shard_count} shards for {world_size} ranks: every rank needs a shard of its own "
                        f"(write more, smaller shards)")
-    generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(stream_seed(seed, "shards", epoch))
     shards = torch.randperm(shard_count, generator=generator).tolist() if shuffle else list(range(shard_count))
     mine = shards[rank::world_size]
     count = sum(len(images) for images in shard_images)
@@ -186,7 +186,7 @@ def epoch_windows(shard_images: tuple[tuple[int, ...], ...], rank: int, world_si
         images = [image for shard in group for image in shard_images[shard]]
         images += [image + count for image in images] if mirror else []
         if shuffle:
-            window_seed = derive_seed(derive_seed(derive_seed(seed, epoch), rank), start)
+            window_seed = stream_seed(seed, "window", epoch, rank, start)
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(window_seed)).tolist()
             images = [images[i] for i in order]
         windows.append(Window(group, tuple(images)))

@@ -32,7 +32,7 @@ from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
 from daskgan.run.storage import StorageOptions
 from daskgan.run.images import grid_columns
-from daskgan.seeding import derive_seed
+from daskgan.seeding import stream_seed
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
@@ -299,7 +299,8 @@ def _grid_latents(config: JobConfig, num_classes: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fixed z (and for conditional models one class per grid row) every grid of the run is drawn from."""
     n = config.output.grid_images
-    z = torch.randn(n, config.model.z_dim, generator=torch.Generator().manual_seed(config.train.seed)).to(device)
+    grid_stream = torch.Generator().manual_seed(stream_seed(config.train.seed, "grid"))
+    z = torch.randn(n, config.model.z_dim, generator=grid_stream).to(device)
     if not num_classes:
         return z, None
     return z, (torch.arange(n) // grid_columns(n) % num_classes).to(device)
@@ -361,9 +362,9 @@ def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
         if gan.ada is not None and saved[rank]["ada"] is not None:
             gan.ada.load_state_dict(saved[rank]["ada"])
         return noise, StreamPosition(saved[rank]["epoch"], saved[rank]["offset"])
-    seed = derive_seed(config.train.seed, rank + (state["iteration"] if state else 0))
-    noise.manual_seed(seed)
-    torch.manual_seed(seed + 1)  # ranks draw different augmentations
+    iteration = state["iteration"] if state else 0
+    noise.manual_seed(stream_seed(config.train.seed, "noise", rank, iteration))
+    torch.manual_seed(stream_seed(config.train.seed, "augment", rank, iteration))  # each rank its augmentations
     if saved:  # another world size: positions do not map onto the new shards, so begin the next epoch
         logger.warning("checkpoint was written by %d ranks, now %d: data continues at the next epoch",
                        len(saved), world_size)

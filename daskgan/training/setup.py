@@ -15,6 +15,7 @@ from daskgan.errors import CheckpointMismatch, ConfigError
 from daskgan.models import REDUCED_PRECISION, build_models, load_exactly
 from daskgan.models.layers import sync_batchnorm
 from daskgan.pretrained import load_weights, optimizer_moments
+from daskgan.seeding import stream_seed
 from daskgan.training.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.training.compiled import compile_forward
 from daskgan.training.steps import Gan
@@ -40,7 +41,7 @@ def adam_settings(config: JobConfig, lr: float, interval: int) -> tuple[float, t
 
 def build_gan(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     """G, D (DDP), optimizers, augmentation and EMA; ``num_classes`` > 0 makes G and D class-conditional."""
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    torch.manual_seed(stream_seed(config.train.seed, "weights"))  # identical initial weights on every rank
     G, D = build_models(config.model, config.data.resolution, num_classes, config.data.channels)
     if config.train.freeze_d:
         D.freeze(config.train.freeze_d)  # before DDP: frozen parameters stay out of its reducer
