@@ -25,6 +25,17 @@ def test_bad_job_gives_one_line_naming_the_key(tmp_path, capsys):
     assert error.count("\n") == 0 and "train.itterations: unknown key" in error
 
 
+def test_a_job_with_a_password_in_its_endpoint_is_refused_without_echoing_it(tmp_path, capsys):
+    job = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    job["data"]["storage_options"] = {"endpoint_url": "http://minio:s3cr3t-value@127.0.0.1:9000"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "data.storage_options.endpoint_url: a URL with a password" in error
+    assert "s3cr3t-value" not in error and not (tmp_path / "demo-output").exists()
+
+
 def test_cluster_spec_typo_names_the_key(tmp_path, capsys):
     path = tmp_path / "cluster.yaml"
     path.write_text("kind: local\nlocal:\n  n_worker: 2\n")

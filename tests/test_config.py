@@ -65,10 +65,38 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     ({"secret": "s3cr3t"}, "data.storage_options.secret"),
     ({"client_kwargs": {"aws_secret_access_key": "abc"}}, "data.storage_options.client_kwargs.aws_secret_access_key"),
     ({"key": "AKIA${X}"}, "data.storage_options.key"),
+    ({"connection_string": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=c2VjcmV0"},
+     "data.storage_options.connection_string"),
+    ({"credential": "sv=2022-11-02&sig=c2VjcmV0"}, "data.storage_options.credential"),
+    ({"client_kwargs": {"headers": {"Authorization": "Bearer c2VjcmV0"}}},
+     "data.storage_options.client_kwargs.headers.Authorization"),
+    ({"headers": {"X-Api-Key": "c2VjcmV0"}}, "data.storage_options.headers.X-Api-Key"),
 ])
 def test_plain_credentials_in_a_job_are_refused(options, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": a plain credential"):
         JobConfig.from_dict(with_changes(data={"storage_options": options}))
+
+
+@pytest.mark.parametrize("sections, key", [
+    ({"data": {"storage_options": {"endpoint_url": "http://minio:s3cr3t@127.0.0.1:9000"}}},
+     "data.storage_options.endpoint_url"),
+    ({"output": {"storage_options": {"client_kwargs": {"endpoint_url": "https://u:s3cr3t@h"}}}},
+     "output.storage_options.client_kwargs.endpoint_url"),
+    ({"data": {"url": "https://u:s3cr3t@example.org/images"}}, "data.url"),
+])
+def test_urls_holding_a_password_are_refused_wherever_they_are(sections, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": a URL with a password"):
+        JobConfig.from_dict(with_changes(**sections))
+
+
+def test_auth_headers_and_urls_by_reference_are_accepted_and_redacted_when_saved():
+    options = {"endpoint_url": "${ENDPOINT}", "connection_string": "${AZURE}", "anon": False,
+               "client_kwargs": {"headers": {"Authorization": "${AUTH}", "Accept": "image/png"}}}
+    job = JobConfig.from_dict(with_changes(data={"storage_options": options,
+                                                 "url": "https://user@example.org/images"}))
+    assert job.to_dict()["data"]["storage_options"] == {
+        "endpoint_url": "${ENDPOINT}", "connection_string": "***", "anon": False,
+        "client_kwargs": {"headers": {"Authorization": "***", "Accept": "image/png"}}}
 
 
 def test_credential_references_are_accepted_and_redacted_when_saved():

@@ -3,20 +3,27 @@
 A job travels inside pickled Dask tasks, its config is stored in the run directory and in every checkpoint, so a
 plain secret there would leak. References are resolved where the storage is opened (on the worker), from that
 process's environment; anything stored or logged is redacted first.
+
+A secret is recognised by where it sits: an option named as one (a key, a token, an Azure connection string or
+credential, at any depth), a header that carries authorisation (under any ``headers``), or a password inside a
+URL (``https://user:password@host``, in any option).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit
 
 from daskgan.errors import ConfigError, StorageAccessError
 
 SECRET_OPTION_NAMES = frozenset(
     {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-     "session_token", "account_key", "sas_token", "client_secret"}
+     "session_token", "account_key", "sas_token", "client_secret", "connection_string", "credential",
+     "credentials"}
 )
+SECRET_HEADER = re.compile(r"auth|cookie|token|secret|key|signature|credential", re.IGNORECASE)
 REDACTED = "***"
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -27,26 +34,60 @@ def check_no_plain_secrets(options: dict, key: str) -> None:
     A secret option must be a reference such as ``${MY_SECRET}``, resolved from the environment of the machine
     that opens the storage (see ``daskgan.storage.resolve_references``).
     """
-    for name, value in options.items():
-        if isinstance(value, dict):
-            check_no_plain_secrets(value, f"{key}.{name}")
-        elif name.lower() in SECRET_OPTION_NAMES and value is not None and not ENV_REFERENCE.match(str(value)):
-            raise ConfigError(
-                f"{key}.{name}: a plain credential in a job file would travel inside the task graph; write "
-                f"${{ENV_VAR}} to read it from the workers' environment, or use a profile or the machine's role")
+    for where, value in _leaves(options, key):
+        if _names_a_secret(where) and value is not None and not ENV_REFERENCE.match(str(value)):
+            raise ConfigError(f"{where}: a plain credential in a job file would travel inside the task graph; "
+                              f"write ${{ENV_VAR}} to read it from the workers' environment, or use a profile or "
+                              f"the machine's role")
 
 
-def redact(options: dict) -> dict:
-    """Copy of ``options`` with secret values (keys, tokens, passwords) replaced, at any depth."""
+def check_no_url_passwords(job: dict) -> None:
+    """Refuse a URL holding a password (``https://user:password@host``) anywhere in a job: it would be stored in
+    the run directory and every checkpoint, whatever the option is called."""
+    for where, value in _leaves(job, ""):
+        if isinstance(value, str) and _url_password(value) is not None:
+            raise ConfigError(f"{where.lstrip('.')}: a URL with a password in a job file would travel inside the "
+                              f"task graph; give the URL without it, or write the whole URL as ${{ENV_VAR}} to "
+                              f"read it from the workers' environment")
+
+
+def redact(options: dict, key: str = "") -> dict:
+    """Copy of ``options`` with secret values (keys, tokens, passwords, auth headers) replaced, at any depth."""
     out = {}
     for name, value in options.items():
+        where = f"{key}.{name}"
         if isinstance(value, dict):
-            out[name] = redact(value)
-        elif name.lower() in SECRET_OPTION_NAMES and value is not None:
+            out[name] = redact(value, where)
+        elif _names_a_secret(where) and value is not None:
             out[name] = REDACTED
         else:
             out[name] = value
     return out
+
+
+def _leaves(options: Mapping | list, key: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every value in ``options`` that is neither a mapping nor a list, at any depth."""
+    items = options.items() if isinstance(options, Mapping) else enumerate(options)
+    for name, value in items:
+        where = f"{key}.{name}"
+        if isinstance(value, (Mapping, list)):
+            yield from _leaves(value, where)
+        else:
+            yield where, value
+
+
+def _names_a_secret(where: str) -> bool:
+    """Whether the option at dotted key ``where`` holds a credential: by its name, or as an auth header."""
+    *parents, name = where.split(".")
+    in_headers = bool(parents) and parents[-1].lower() == "headers"
+    return name.lower() in SECRET_OPTION_NAMES or (in_headers and bool(SECRET_HEADER.search(name)))
+
+
+def _url_password(value: str) -> str | None:
+    try:
+        return urlsplit(value.strip()).password if "@" in value else None
+    except ValueError:  # not a URL at all
+        return None
 
 
 def resolve_references(options: Mapping[str, Any]) -> dict:
