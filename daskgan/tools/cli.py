@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -291,7 +290,7 @@ def train_command(args: argparse.Namespace) -> int:
         summary = _train_with_progress(client, job, show_bar=not args.no_progress and sys.stderr.isatty())
         local_copy = job.sandbox.copy_results_to if job.sandbox else None
         if local_copy:
-            _replace_local_copy(job.output.run_url, local_copy, job.output.storage_options)
+            sandbox.copy_results(job.output.run_url, local_copy, job.output.storage_options)
     _report(summary, local_copy, stopped_server=endpoint is not None)
     return 0
 
@@ -323,16 +322,6 @@ def _train_with_progress(client, job, show_bar: bool) -> dict:
                 logger.info("iteration %d: loss_G %.3f%s", record["iteration"], record["loss_G"], scores)
 
         return run_job(client, job, on_record=show)
-
-
-def _replace_local_copy(run_url: str, local_dir: str, storage_options: dict) -> None:
-    """Mirror the run directory into ``local_dir``, replacing an earlier copy so no stale files mix in."""
-    if os.path.exists(os.path.join(local_dir, "config.yaml")):
-        shutil.rmtree(local_dir)
-    elif os.path.exists(local_dir) and os.listdir(local_dir):
-        raise ConfigError(f"sandbox.copy_results_to: {local_dir} exists and is not a daskgan run copy; choose "
-                          f"another folder")
-    storage.copy_tree(run_url, local_dir, storage_options)
 
 
 def _metric_trends(summary: dict) -> list[str]:

@@ -1,4 +1,5 @@
-"""Self-contained infrastructure for the demo and the tests: an S3 server on loopback and a generated dataset.
+"""Self-contained infrastructure for the demo and the tests: an S3 server on loopback, a generated dataset, and a
+local copy of the results that outlives the server.
 
 The S3 server is moto in server mode, run as its own process (a real HTTP endpoint reached through s3fs with
 ``endpoint_url``; as a separate process it serves about 3x faster than moto's in-process threaded server).
@@ -6,8 +7,10 @@ The S3 server is moto in server mode, run as its own process (a real HTTP endpoi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
@@ -17,9 +20,12 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from daskgan.dispatch import free_port
+from daskgan.errors import ConfigError
+from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
 
+COPY_MARKER = ".daskgan-copy.json"  # in a copy of the results: the files daskgan wrote there, the only ones it removes
 # moto accepts any credentials; these are placeholders, not secrets.
 SANDBOX_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "daskgan-sandbox",
@@ -129,9 +135,68 @@ def prepare(job, endpoint_url: str | None) -> "JobConfig":  # noqa: F821
     return job
 
 
-def _ensure_bucket(url: str, storage_options: dict) -> None:
-    from daskgan.run import storage
+def copy_results(run_url: str, local_dir: str, storage_options: dict) -> None:
+    """Mirror the run directory into ``local_dir`` (``sandbox.copy_results_to``), replacing an earlier copy.
 
+    Only files an earlier copy wrote are removed (listed in its ``COPY_MARKER``); a folder holding anything else,
+    and no marker, is refused: a user's folder is never deleted because it looks like a run. The marker is written
+    before the files, so a copy cut short is still known as one.
+    """
+    _remove_earlier_copy(local_dir)
+    fs, root = storage.filesystem(run_url, storage_options)
+    root = root.rstrip("/")
+    files = sorted(posixpath.relpath(path, root) for path in fs.find(root))
+    os.makedirs(local_dir, exist_ok=True)
+    with open(os.path.join(local_dir, COPY_MARKER), "w") as marker:
+        json.dump({"run_url": run_url, "files": files}, marker)
+    storage.copy_tree(run_url, local_dir, storage_options)
+
+
+def _remove_earlier_copy(local_dir: str) -> None:
+    """Remove the files (and then empty folders) that an earlier copy into ``local_dir`` lists; refuse a folder
+    that holds files without such a list."""
+    marker = os.path.join(local_dir, COPY_MARKER)
+    if not os.path.exists(marker):
+        if os.path.exists(local_dir) and (not os.path.isdir(local_dir) or os.listdir(local_dir)):
+            raise ConfigError(f"sandbox.copy_results_to: {local_dir} holds files daskgan did not write (it has no "
+                              f"{COPY_MARKER}); choose a new or empty folder")
+        return
+    for relative in _listed_files(marker):
+        file = os.path.join(local_dir, relative)
+        if os.path.lexists(file):
+            os.remove(file)
+        _remove_empty_folders(os.path.dirname(file), local_dir)
+    os.remove(marker)
+
+
+def _listed_files(marker: str) -> list[str]:
+    """The relative paths a copy marker lists, each checked to stay inside the marker's folder."""
+    folder = os.path.realpath(os.path.dirname(marker))
+    try:
+        with open(marker) as handle:
+            files = json.load(handle)["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"sandbox.copy_results_to: {marker} is not a list daskgan wrote ({error}); choose a new "
+                          f"or empty folder") from None
+    for relative in files:
+        inside = os.path.realpath(os.path.join(folder, str(relative)))
+        if os.path.commonpath([folder, inside]) != folder or inside == folder:
+            raise ConfigError(f"sandbox.copy_results_to: {marker} lists {relative!r}, outside its folder; choose a "
+                              f"new or empty folder")
+    return [str(relative) for relative in files]
+
+
+def _remove_empty_folders(folder: str, top: str) -> None:
+    """Remove ``folder`` and its parents below ``top`` while they are empty."""
+    while os.path.abspath(folder) != os.path.abspath(top):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (the user's files, or more of ours still to go), or already gone
+            return
+        folder = os.path.dirname(folder)
+
+
+def _ensure_bucket(url: str, storage_options: dict) -> None:
     fs, path = storage.filesystem(url, storage_options)
     bucket = path.split("/", 1)[0]
     if not fs.exists(bucket):
