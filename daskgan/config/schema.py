@@ -51,7 +51,7 @@ class DataConfig:
     #                                         share of the cores when it trains on a GPU, else 0
     fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
     cache_dir: Optional[str] = None  # a local folder keeping fetched objects for later epochs
-    cache_max_gb: Optional[float] = None  # its bound; default: 80% of the disk space it can have at start
+    cache_max_gb: Optional[float] = None  # the folder's one bound, for every rank; default: 80% of its disk at first use
     shuffle: bool = True
     mirror: bool = False  # x-flipped copies of every image double the dataset (NVlabs' --mirror)
     shuffle_shards: int = 4  # tar shards: shards read (and their images shuffled) together, and GETs in flight
