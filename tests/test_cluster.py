@@ -146,8 +146,9 @@ def test_missing_backend_names_the_extra(monkeypatch, capsys):
 
 def test_cli_render_prints_the_manifest(capsys):
     assert main(["cluster", "render", str(ROOT / "cluster" / "kubernetes.yaml")]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed == render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out) == render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))
+    assert "&id" not in out, "no YAML anchors for a reader to follow"
 
 
 def rendered_daskjob(tmp_path, job: dict, spec: str = "kubernetes.yaml") -> list[dict]:
@@ -365,7 +366,8 @@ def dask_setting(container: dict, key: str):
 
 def test_plain_tcp_on_kubernetes_is_an_explicit_choice_and_other_pods_can_be_admitted():
     cluster, policy = kubernetes_objects(tls_secret=None, client_pods={"app": "notebook"})
-    assert "tls" not in str(cluster["spec"]["scheduler"]) and "--protocol" not in cluster["spec"]["scheduler"]["spec"]["containers"][0]["args"]
+    scheduler = cluster["spec"]["scheduler"]
+    assert "tls" not in str(scheduler) and "--protocol" not in scheduler["spec"]["containers"][0]["args"]
     assert "DASK_SCHEDULER_ADDRESS" not in str(cluster), "the operator's tcp:// address is right then"
     check_k8s_object(policy, "V1NetworkPolicy")
     assert policy["spec"]["ingress"][0]["from"][1] == {"podSelector": {"matchLabels": {"app": "notebook"}}}
@@ -436,7 +438,8 @@ def test_rendered_pods_run_here_speak_tls_and_the_job_runner_connects(tmp_path):
 
     job = tmp_path / "my_job.yaml"
     job.write_text(yaml.safe_dump(PLAIN_JOB))
-    config_map, policy, daskjob = daskjob_manifests(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml").settings(), job)
+    k8s = load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml").settings()
+    config_map, policy, daskjob = daskjob_manifests(k8s, job)
     cluster, runner = daskjob["spec"]["cluster"]["spec"], daskjob["spec"]["job"]["spec"]
     secret = write_secret(tmp_path / "secret")
     port = free_port()

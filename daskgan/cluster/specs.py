@@ -271,13 +271,14 @@ def network_policy(k8s: KubernetesSpec, cluster_name: str) -> dict[str, Any]:
     (the operator labels its scheduler, workers and DaskJob runner ``dask.org/cluster-name``) and ``client_pods``.
     Every port: Dask workers, DDP ranks and torch's rendezvous store (TCPStore) listen on ports of their own choice.
     A client outside the cluster network comes through ``kubectl port-forward``, which no NetworkPolicy filters."""
-    own_pods = {"matchLabels": {"dask.org/cluster-name": cluster_name}}
-    admitted = [{"podSelector": own_pods}]
-    if k8s.client_pods:
-        admitted.append({"podSelector": {"matchLabels": k8s.client_pods}})
+    def pods(labels: dict) -> dict:  # a fresh object each time: YAML writes a shared one as &id001 / *id001
+        return {"matchLabels": dict(labels)}
+
+    own_pods = {"dask.org/cluster-name": cluster_name}
+    admitted = [{"podSelector": pods(own_pods)}] + ([{"podSelector": pods(k8s.client_pods)}] if k8s.client_pods else [])
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": cluster_name, "namespace": k8s.namespace},
-            "spec": {"podSelector": own_pods, "policyTypes": ["Ingress"], "ingress": [{"from": admitted}]}}
+            "spec": {"podSelector": pods(own_pods), "policyTypes": ["Ingress"], "ingress": [{"from": admitted}]}}
 
 
 def ec2_arguments(ec2: Ec2Spec) -> dict[str, Any]:
