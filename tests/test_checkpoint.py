@@ -108,19 +108,28 @@ def test_a_resumed_optimizer_keeps_its_moments_under_the_jobs_learning_rate():
     assert torch.equal(new.state[weight]["exp_avg"], old.state[weight]["exp_avg"]), "moments restored"
 
 
-def truncate(url: str) -> None:
-    """Cut a checkpoint file to half its size, as a save cut short by a full disk or a kill leaves it."""
-    path = url.removeprefix("file://")
-    with open(path, "r+b") as handle:
-        handle.truncate(len(handle.read()) // 2)
+def truncate(url: str, storage_options: dict | None = None) -> None:
+    """Leave the first half of a checkpoint, as a save cut short by a full disk or a kill did before."""
+    data = storage.read_bytes(url, storage_options)
+    storage.write_bytes(url, data[:len(data) // 2], storage_options)
 
 
-def test_a_truncated_newest_checkpoint_is_passed_over_for_the_previous(run_url, caplog):
+@pytest.fixture(params=["local", "s3"])
+def any_run(request, tmp_path):
+    """A run directory (URL, storage_options) in a local folder and in the loopback S3."""
+    if request.param == "local":
+        return tmp_path.as_uri() + "/run", {}
+    bucket, options = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/run", options
+
+
+def test_a_truncated_newest_checkpoint_is_passed_over_for_the_previous(any_run, caplog):
+    run_url, options = any_run
     for iteration in (10, 20):
-        checkpoint.save(run_url, state(iteration), iteration, keep=3)
-    truncate(checkpoint.latest(run_url))
-    url, passed_over = checkpoint.newest_readable(run_url)
-    assert url.endswith("000000010.pt") and checkpoint.load(url)["iteration"] == 10
+        checkpoint.save(run_url, state(iteration), iteration, keep=3, storage_options=options)
+    truncate(checkpoint.latest(run_url, options), options)
+    url, passed_over = checkpoint.newest_readable(run_url, options)
+    assert url.endswith("000000010.pt") and checkpoint.load(url, options)["iteration"] == 10
     assert len(passed_over) == 1 and "000000020.pt" in passed_over[0] and "central directory" in passed_over[0]
     assert "000000020.pt" in caplog.text, "the log says which checkpoint was passed over"
 
@@ -132,16 +141,15 @@ def test_a_run_whose_every_checkpoint_is_unreadable_is_refused_not_restarted(run
         checkpoint.latest(run_url)
 
 
-@pytest.mark.parametrize("store", ["local", "s3"])
-def test_a_checkpoint_is_not_resumable_before_its_pointer_names_it(store, tmp_path, s3_bucket, monkeypatch):
+def test_a_checkpoint_is_not_resumable_before_its_pointer_names_it(any_run, monkeypatch):
     """The first save wrote its object, then storage failed before the index and the pointer: nothing to resume."""
-    url, options = (tmp_path.as_uri() + "/run", {}) if store == "local" else (f"{s3_bucket[0]}/run", s3_bucket[1])
+    run_url, options = any_run
 
     def storage_gone(*args, **kwargs):
         raise StorageUnavailable("index.json: still failing after 8 tries in 300s")
 
     monkeypatch.setattr(checkpoint, "_write_index", storage_gone)
     with pytest.raises(StorageUnavailable):
-        checkpoint.save(url, state(10), 10, keep=3, storage_options=options)
-    assert [i for i, _ in checkpoint.list_checkpoints(url, options)] == [10], "the object itself is there"
-    assert checkpoint.latest(url, options) is None
+        checkpoint.save(run_url, state(10), 10, keep=3, storage_options=options)
+    assert [i for i, _ in checkpoint.list_checkpoints(run_url, options)] == [10], "the object itself is there"
+    assert checkpoint.latest(run_url, options) is None
