@@ -1,11 +1,11 @@
 """Checkpoints in the run directory: ``checkpoints/<iteration>.pt`` objects plus a small ``latest.json`` pointer.
 
-The checkpoint object is written completely first (on a file system under a temporary name, then renamed) and the
-index and the pointer after it, so a crash mid-write never leaves a "latest" that points at a broken file; a
-resume takes the newest checkpoint they name that reads whole, passing over one that a full disk cut short. The newest ``keep`` checkpoints are kept, and with ``keep_best`` also the
-best by a metric (lower is better for FID and KID, higher for IS); ``index.json`` lists the kept ones and their scores, so any of them
-can be resumed from or sampled. Old checkpoints are deleted last. Nothing secret goes in: the job config is stored
-with credentials redacted.
+The checkpoint object is written completely first (on a file system under a temporary name, then renamed), the
+index and the pointer after it, so a crash mid-write never leaves a "latest" that points at a broken file; a resume
+takes the newest checkpoint they name that reads whole, passing over one that a full disk cut short. The newest
+``keep`` checkpoints are kept, and with ``keep_best`` also the best by a metric (lower is better for FID and KID,
+higher for IS); ``index.json`` lists the kept ones and their scores, so any of them can be resumed from or sampled.
+Old checkpoints are deleted last. Nothing secret goes in: the job config is stored with credentials redacted.
 """
 
 from __future__ import annotations

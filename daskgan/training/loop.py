@@ -30,8 +30,8 @@ from daskgan.lease import STATE_FILE, DriverWatch
 from daskgan.models import conditioning_classes, model_description
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
-from daskgan.run.storage import StorageOptions
 from daskgan.run.images import grid_columns
+from daskgan.run.storage import StorageOptions
 from daskgan.seeding import stream_seed
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
@@ -323,7 +323,9 @@ def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[st
 
 def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition, iteration: int,
                      model_id: dict, score: float | None, writer: records.RunWriter | None) -> str | None:
-    """Gather every rank's generator state and stream position, then rank 0 writes one checkpoint.
+    """Gather every rank's generator state and stream position, then rank 0 stores the records written so far
+    (with ``flush_every`` not dividing ``checkpoint_every``, a resume from this checkpoint would otherwise never
+    write those in memory when rank 0 died) and writes one checkpoint.
 
     Storage that stays unavailable beyond the retries costs this checkpoint, not the run: ``latest.json`` keeps
     naming the previous one, the next record carries ``checkpoint_failed`` and ``checkpoint_error``."""
@@ -340,7 +342,7 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     out = config.output
     try:
-        writer.flush()  # every record up to the checkpoint is stored before it: a resume never redoes them
+        writer.flush()
         return checkpoint.save(out.run_url, state, iteration, out.keep_checkpoints, out.storage_options,
                                score=score, keep_best=out.keep_best, metric=config.ranking_metric,
                                higher_is_better=config.ranking_metric in HIGHER_IS_BETTER)
