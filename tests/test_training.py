@@ -1,6 +1,11 @@
 """End-to-end: 2 gloo ranks on a LocalCluster, data and run directory in the loopback S3 bucket."""
 
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from daskgan.run.checkpoint import CheckpointMismatch
 from daskgan.run.records import load
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -193,8 +199,6 @@ def files_under(folder):
 
 def test_resume_never_on_a_run_with_records_and_checkpoints_is_refused_and_changes_nothing(process_group, local_job,
                                                                                           tmp_path):
-    from daskgan.training.loop import train_gan
-
     train_gan(local_job(iterations=3))
     before = files_under(tmp_path / "run")
     again = local_job(iterations=6)
@@ -208,8 +212,6 @@ def test_resume_never_on_a_run_with_records_and_checkpoints_is_refused_and_chang
 
 
 def test_a_run_whose_newest_checkpoint_was_cut_short_resumes_from_the_one_before(process_group, local_job):
-    from daskgan.training.loop import train_gan
-
     config = local_job(iterations=6)  # checkpoints 3 and 6
     train_gan(config)
     newest = checkpoint.latest(config.output.run_url)
@@ -246,19 +248,12 @@ loop.train_gan(JobConfig.from_dict(json.loads(sys.argv[1])))
 def test_records_up_to_a_checkpoint_survive_rank_0_killed_after_it(process_group, local_job, dask_client):
     """flush_every 4 does not divide checkpoint_every 6: records 5 and 6 were in memory when rank 0 was killed
     at iteration 8, and the resume from 6 never wrote them again."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from daskgan.training.loop import train_gan
-
     config = local_job(iterations=10)
     config.output.flush_every, config.output.checkpoint_every = 4, 6
     job_file = {key: value for key, value in config.to_dict().items() if key != "preset_workers"}
     killed = subprocess.run([sys.executable, "-c", KILLED_AT, json.dumps(job_file), "8",
                              dask_client.scheduler.address],
-                            env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, timeout=300)
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     assert checkpoint.latest(config.output.run_url).endswith("000000006.pt")
     train_gan(config)
