@@ -75,3 +75,15 @@ def test_conditional_checkpoints_need_a_class(tmp_path, capsys):
     assert "conditioned on 3 classes: give a class from 0 to 2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unconditional"):
         generate(saved_run(tmp_path, "dcgan"), [0], (tmp_path / "x").as_uri(), class_index=1)
+
+
+def test_a_checkpoint_declaring_a_huge_model_is_refused_in_one_line(tmp_path, capsys):
+    """A crafted checkpoint: its model description asks for 40 GB, its one tensor is a broadcast 4-byte value."""
+    model = ModelConfig(family="stylegan2", z_dim=100_000, w_dim=100_000, mapping_layers=2, fmaps=1 / 256,
+                        channel_max=16)
+    state = {"iteration": 1, "model": {**asdict(model), "resolution": 16, "num_classes": 0},
+             "G": {"mapping.w_avg": torch.zeros(1).expand(100_000)}}
+    url = checkpoint.save(tmp_path.as_uri() + "/run", state, 1, keep=1)
+    assert main(["generate", url, "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "000000001.pt: it declares networks of 20,011,523,263 values, more than" in lines[0], lines

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nvlabs_pickles import crafted_network, crafted_pickle, generator_kwargs
 
 from daskgan.errors import CheckpointUnreadable, UnsafePickle
 from daskgan.models.resample import downsample2d, filter2d, fir_filter, upsample2d
@@ -233,3 +234,46 @@ def test_weights_of_another_resolution_are_refused_naming_the_tensor():
     G, _ = build_models(job.model, 32, 4)
     with pytest.raises(CheckpointMismatch, match=r"snapshot.pkl G does not fit the job's network: missing .*blocks\.3"):
         load_exactly(G, import_weights(str(source))["G"], f"{source} G")
+
+
+# --- crafted weights: what a file declares is built only when modest and matching the tensors it holds ----------
+
+
+@pytest.mark.parametrize("init_kwargs, refusal", [
+    (generator_kwargs(100_000, 100_000), "it declares networks of 20,051,946,751 values, more than the 536,870,912"),
+    (generator_kwargs(64, 64, mapping_layers=10**6), "it declares mapping_layers 1000000, beyond what"),
+    ({**generator_kwargs(64, 64), "img_resolution": 2**40}, "it declares resolution 1099511627776, beyond what"),
+    ({**generator_kwargs(64, 64), "z_dim": 10**30}, "it declares networks that cannot be built"),
+    ({**generator_kwargs(64, 64), "w_dim": "wide"}, "its init_kwargs are not a StyleGAN2-ADA network's"),
+], ids=["40GB", "million_layers", "huge_resolution", "overflow", "not_a_number"])
+def test_crafted_init_kwargs_are_refused_in_one_line_before_anything_is_built(tmp_path, capsys, init_kwargs, refusal):
+    from daskgan.tools.cli import main
+
+    source = tmp_path / "crafted.pkl"
+    source.write_bytes(crafted_pickle({"G_ema": crafted_network(init_kwargs)}))
+    assert main(["generate", str(source), "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"crafted.pkl: {refusal}" in lines[0], lines
+
+
+PEAK_MEMORY = """
+import resource, sys
+from daskgan.tools.cli import main
+out, sources = sys.argv[1], sys.argv[2:]
+for number, source in enumerate(sources):
+    main(["import", source, "--out", f"{out}/{number}.pt"])
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, flush=True)  # MiB (Linux: KiB)
+"""
+
+
+def test_declared_networks_without_their_tensors_are_refused_unbuilt(tmp_path):
+    import subprocess
+    import sys
+
+    source = tmp_path / "crafted.pkl"  # within the bound: 2 mapping layers of 8192 x 8192 (540 MB) if built
+    source.write_bytes(crafted_pickle({"G_ema": crafted_network(generator_kwargs(8192, 8192))}))
+    child = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(tmp_path), str(NVLABS_WRITTEN[0]), str(source)],
+                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert "crafted.pkl G_ema does not fit the networks it declares: missing blocks.0.const" in child.stderr
+    genuine, crafted = (int(line) for line in child.stdout.split("\n") if line.isdigit())
+    assert crafted - genuine < 200, f"peak memory grew {crafted - genuine} MiB reading the crafted pickle"

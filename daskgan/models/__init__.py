@@ -46,6 +46,14 @@ def model_description(model_config, resolution: int, num_classes: int, channels:
 def load_exactly(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load ``state`` into ``network`` only if every tensor is used and every shape equal; otherwise refuse,
     naming the tensors (a network of another resolution, width or class count)."""
+    check_fits(network, state, what)
+    network.load_state_dict(state)
+
+
+def check_fits(network: nn.Module, state: dict[str, torch.Tensor], what: str,
+               target: str = "the job's network") -> None:
+    """Refuse ``state`` (naming the tensors) unless it holds exactly ``network``'s tensors with their shapes;
+    ``network`` may be on the meta device (shapes only)."""
     expected = network.state_dict()
     missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -54,8 +62,7 @@ def load_exactly(network: nn.Module, state: dict[str, torch.Tensor], what: str) 
         problems = [f"{label} {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
                     for label, items in (("missing", missing), ("unused", unused), ("shapes (given vs built)", wrong))
                     if items]
-        raise CheckpointMismatch(f"{what} does not fit the job's network: {'; '.join(problems)}")
-    network.load_state_dict(state)
+        raise CheckpointMismatch(f"{what} does not fit {target}: {'; '.join(problems)}")
 
 
 def loaded_copy(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ import torch
 
 from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointMismatch, CheckpointUnreadable, NotFound
-from daskgan.models import build_models, loaded_copy, model_description
+from daskgan.models import model_description
+from daskgan.pretrained.declared import loaded_declared
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
 
@@ -40,13 +41,13 @@ def checkpoint_state(url: str, storage_options: StorageOptions | None = None) ->
     model, resolution, classes = folder_model(config, url)
     state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
                              "model": model_description(model, resolution, classes)}
-    G, D = build_models(model, resolution, classes)  # G takes G's and then G_ema's weights in turn
+    weights = {}
     for key, file in NETWORK_FILES.items():
         if key != "G" and not storage.exists(storage.join(url, file), storage_options):
             continue
         reference = _read(url, file, storage_options)
-        network, tensors = (D, discriminator_state(reference)) if key == "D" else (G, generator_state(reference))
-        state[key] = loaded_copy(network, tensors, f"{url}/{file}")
+        weights[key] = discriminator_state(reference) if key == "D" else generator_state(reference)
+    state.update(loaded_declared(model, resolution, classes, 3, weights, url))
     return state
 
 

@@ -30,7 +30,8 @@ def discriminator_state(nvlabs: dict[str, torch.Tensor], resolution: int) -> dic
 def _without_filters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     expected = fir_filter()
     for name, tensor in state.items():
-        if name.endswith("resample_filter") and not torch.allclose(tensor.float(), expected):
+        if name.endswith("resample_filter") and not (tensor.shape == expected.shape
+                                                      and torch.allclose(tensor.float(), expected)):
             raise CheckpointMismatch(f"{name}: a resampling filter other than NVlabs' [1, 3, 3, 1] default")
     return {name: tensor for name, tensor in state.items() if not name.endswith("resample_filter")}
 

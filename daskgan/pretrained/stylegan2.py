@@ -7,7 +7,8 @@ from typing import Any
 
 from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointMismatch, CheckpointUnreadable
-from daskgan.models import build_models, loaded_copy, model_description
+from daskgan.models import model_description
+from daskgan.pretrained.declared import loaded_declared
 from daskgan.pretrained.nvlabs_names import discriminator_state, generator_state
 from daskgan.pretrained.nvlabs_pickle import PersistentRecord
 
@@ -22,13 +23,12 @@ def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
     _require(channels in (1, 3), url, f"img_channels {channels}: RGB (3) or grayscale (1) networks only")
     state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
                              "model": model_description(model, resolution, classes, channels)}
-    G, D = build_models(model, resolution, classes, channels)  # G takes G's and then G_ema's weights in turn
-    for key in ("G", "G_ema"):
-        if isinstance(networks.get(key), PersistentRecord):
-            state[key] = loaded_copy(G, generator_state(networks[key].tensors()), f"{url} {key}")
-    state.setdefault("G", state.get("G_ema"))
+    weights = {key: generator_state(networks[key].tensors()) for key in ("G", "G_ema")
+               if isinstance(networks.get(key), PersistentRecord)}
     if isinstance(networks.get("D"), PersistentRecord):
-        state["D"] = loaded_copy(D, discriminator_state(networks["D"].tensors(), resolution), f"{url} D")
+        weights["D"] = discriminator_state(networks["D"].tensors(), resolution)
+    state.update(loaded_declared(model, resolution, classes, channels, weights, url))
+    state.setdefault("G", state.get("G_ema"))
     return state
 
 
@@ -44,13 +44,17 @@ def pickle_model(generator: PersistentRecord, discriminator: PersistentRecord | 
              f"G architecture {synthesis.get('architecture')!r}: only NVlabs' default 'skip' is supported yet")
     _require(d.get("architecture", "resnet") in ("resnet", "orig"), url,
              f"D architecture {d.get('architecture')!r}: NVlabs' 'resnet' and 'orig' are supported")
-    model = ModelConfig(family="stylegan2", z_dim=int(g["z_dim"]), w_dim=int(g["w_dim"]),
-                        mapping_layers=int(mapping.get("num_layers", 8)),
-                        fmaps=synthesis.get("channel_base", CHANNEL_BASE_PER_FMAP) / CHANNEL_BASE_PER_FMAP,
-                        channel_max=int(synthesis.get("channel_max", 512)),
-                        mbstd_group=int(dict(d.get("epilogue_kwargs") or {}).get("mbstd_group_size", 4)),
-                        conditional=int(g.get("c_dim", 0)) > 0, d_architecture=d.get("architecture", "resnet"))
-    return model, int(g["img_resolution"]), int(g.get("c_dim", 0))
+    try:
+        model = ModelConfig(family="stylegan2", z_dim=int(g["z_dim"]), w_dim=int(g["w_dim"]),
+                            mapping_layers=int(mapping.get("num_layers", 8)),
+                            fmaps=float(synthesis.get("channel_base", CHANNEL_BASE_PER_FMAP)) / CHANNEL_BASE_PER_FMAP,
+                            channel_max=int(synthesis.get("channel_max", 512)),
+                            mbstd_group=int(dict(d.get("epilogue_kwargs") or {}).get("mbstd_group_size", 4)),
+                            conditional=int(g.get("c_dim", 0)) > 0, d_architecture=d.get("architecture", "resnet"))
+        return model, int(g["img_resolution"]), int(g.get("c_dim", 0))
+    except (KeyError, TypeError, ValueError, OverflowError) as error:  # a crafted or damaged pickle
+        raise CheckpointUnreadable(f"{url}: its init_kwargs are not a StyleGAN2-ADA network's "
+                                   f"({type(error).__name__}: {error})") from None
 
 
 def _require(condition: bool, url: str, message: str) -> None:

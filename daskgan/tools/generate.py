@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from daskgan.config import ModelConfig
-from daskgan.errors import CheckpointUnreadable, RequestError, first_line
-from daskgan.models import build_models, conditioning_classes
+from daskgan.errors import CheckpointUnreadable, RequestError
+from daskgan.models import conditioning_classes
 from daskgan.pretrained import load_weights
+from daskgan.pretrained.declared import build_declared
 from daskgan.run import storage
 from daskgan.run.images import png_bytes, to_uint8
 from daskgan.run.storage import StorageOptions
@@ -35,12 +36,10 @@ def load_generator(state: dict, url: str = "checkpoint") -> nn.Module:
     """The generator of a checkpoint (EMA weights when present), in eval mode."""
     if not isinstance(state.get("model"), dict) or "G" not in state:
         raise CheckpointUnreadable(f"{url} holds no generator and model description: not a training checkpoint")
-    model = state["model"]
-    generator, _ = build_models(_model_config(state), model["resolution"], label_classes(state), model.get("channels", 3))
-    try:
-        generator.load_state_dict(state.get("G_ema", state["G"]))
-    except RuntimeError as exc:
-        raise CheckpointUnreadable(f"{url}: its weights do not fit its model description ({first_line(exc)})") from exc
+    model, weights = state["model"], state.get("G_ema", state["G"])
+    generator, _ = build_declared(_model_config(state), model.get("resolution"), label_classes(state),
+                                  model.get("channels", 3), {"G": weights}, url)
+    generator.load_state_dict(weights)
     return generator.eval()
 
 
