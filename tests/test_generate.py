@@ -87,3 +87,14 @@ def test_a_checkpoint_declaring_a_huge_model_is_refused_in_one_line(tmp_path, ca
     assert main(["generate", url, "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "000000001.pt: it declares networks of 20,011,523,263 values, more than" in lines[0], lines
+
+
+def test_a_biggan_weights_folder_declaring_a_huge_model_is_refused_in_one_line(tmp_path, capsys):
+    """A crafted BigGAN-PyTorch weights folder: its config asks for G_ch 100000 (terabytes), G.pth holds nothing."""
+    config = {"dim_z": 120, "G_ch": 100_000, "D_ch": 8, "resolution": 32, "n_classes": 5, "shared_dim": 24,
+              "hier": True, "G_shared": True, "G_attn": "0", "D_attn": "0"}
+    torch.save({"config": config}, tmp_path / "state_dict.pth")
+    torch.save({}, tmp_path / "G.pth")
+    assert main(["generate", str(tmp_path), "--seeds", "0", "--class", "0", "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "it declares networks of" in lines[0] and "more than the" in lines[0], lines
