@@ -4,14 +4,17 @@ bad input (skipped and counted) or one clear error, never the run, a program sta
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
 import tracemalloc
+import zipfile
 import zlib
 
 import pytest
-from hostile_inputs import eps_named_png, overflow_tiff, path_with, png, stub_gs, zip_bomb, zip_archive
+from hostile_inputs import (eps_named_png, overflow_tiff, path_with, png, stub_gs, zeros_deflated, zip_archive,
+                            zip_bomb)
 from PIL import EpsImagePlugin, Image
 
 from daskgan.config import DataConfig, OutputConfig
@@ -139,6 +142,41 @@ def test_a_dataset_json_over_the_limit_is_one_clear_error(tmp_path, monkeypatch)
         ("dataset.json", compressed, 8, zlib.crc32(labels), len(labels))]))
     with pytest.raises(NotFound, match="dataset.json declares .* over the limit"):
         index_images((tmp_path / "big.zip").as_uri())
+
+
+def archive_with_dataset_json(data: bytes, method: int, crc: int, declared: int) -> bytes:
+    """A one-image NVlabs-style zip whose ``dataset.json`` is ``data`` as stored, declaring ``declared`` bytes."""
+    return zip_archive([("00000/img00000000.png", png(1), 0, zlib.crc32(png(1)), len(png(1))),
+                        ("dataset.json", data, method, crc, declared)])
+
+
+def test_a_dataset_json_bomb_declaring_a_small_size_is_refused_within_bounded_memory(tmp_path):
+    """64 MiB of deflate declaring 1 KB: zipfile's reader inflated it all (peak ~2.2x the bomb) before its CRC
+    check failed."""
+    bomb, crc = zeros_deflated(64)
+    (tmp_path / "bomb.zip").write_bytes(archive_with_dataset_json(bomb, zipfile.ZIP_DEFLATED, crc, 1024))
+    tracemalloc.start()
+    try:
+        with pytest.raises(NotFound, match="dataset.json is unreadable .*does not inflate to its 1024 bytes"):
+            index_images((tmp_path / "bomb.zip").as_uri())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MiB, f"reading the bomb peaked at {peak / MiB:.0f} MiB"
+
+
+@pytest.mark.parametrize("document, method, error", [
+    (b"[]", zipfile.ZIP_STORED, "holds a list, not NVlabs' object"),
+    (b"[" * 100_000, zipfile.ZIP_STORED, "is not JSON .RecursionError"),
+    (bz2.compress(b'{"labels": null}'), zipfile.ZIP_BZIP2, "uses zip compression method 12"),
+], ids=["not-an-object", "nested-too-deep", "bzip2"])
+def test_a_crafted_dataset_json_is_one_clear_error(tmp_path, document, method, error):
+    """Each escaped as AttributeError or RecursionError, or (bzip2, inflated by zipfile as far as its first
+    4 KB of input go: 1.4 KB declaring 100 bytes grew the process by 1.9 GB) was read."""
+    plain = bz2.decompress(document) if method == zipfile.ZIP_BZIP2 else document
+    (tmp_path / "x.zip").write_bytes(archive_with_dataset_json(document, method, zlib.crc32(plain), len(plain)))
+    with pytest.raises(NotFound, match=error):
+        index_images((tmp_path / "x.zip").as_uri())
 
 
 def folder_dataset(url: str, count: int = 4) -> None:
