@@ -85,6 +85,17 @@ def test_samples_missing_a_label_or_an_image_are_named(s3_bucket):
         index_images(f"{bucket}/bad/a.tar", options)
 
 
+@pytest.mark.parametrize("member", [{"cls": b"-3"}, {"json": b'{"label": [1]}'}, {"json": b'{"label": 1e999}'},
+                                    {"json": b"[" * 100_000}, {"json": b'{"label": true}'}],
+                         ids=["negative", "list", "infinity", "nested-too-deep", "boolean"])
+def test_a_crafted_label_member_is_no_label_not_an_escaped_error(tmp_path, member):
+    """A scraped shard's label member: TypeError, OverflowError and RecursionError escaped the listing; a
+    negative label was taken (and its manifest then refused on every start)."""
+    (tmp_path / "a.tar").write_bytes(tar_shard(labelled_samples(0, 2) + [("crafted", {"png": png(3), **member})]))
+    with pytest.raises(NotFound, match=r"1 of 3 samples have no label .* e\.g\. .*a\.tar/crafted\.png"):
+        index_images((tmp_path / "a.tar").as_uri())
+
+
 def test_compressed_shards_are_one_clear_error(s3_bucket):
     """Training reads a member at its offset in the shard, which a compressed shard does not have."""
     import gzip

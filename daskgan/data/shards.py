@@ -141,14 +141,18 @@ def sample_key(name: str) -> tuple[str, str]:
 
 
 def _label(data: bytes, extension: str) -> int | None:
+    """A sample's class number from its ``.cls`` or ``.json`` member; None for anything else a crafted member may
+    hold (a negative, a list, an infinity, JSON nested too deeply), which marks the sample as unlabelled."""
     try:
         if extension == "cls":
-            return int(data.decode().strip())
-        document = json.loads(data)
-        value = document.get("label", document.get("class")) if isinstance(document, dict) else None
-        return None if value is None else int(value)
-    except (ValueError, UnicodeDecodeError):
+            value = data.decode().strip()
+        else:
+            document = json.loads(data)
+            value = document.get("label", document.get("class")) if isinstance(document, dict) else None
+        label = None if value is None or isinstance(value, bool) else int(value)
+    except (ValueError, TypeError, OverflowError, RecursionError, UnicodeDecodeError):
         return None
+    return label if label is not None and label >= 0 else None
 
 
 @dataclass(frozen=True)
