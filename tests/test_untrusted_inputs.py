@@ -130,6 +130,16 @@ def test_a_gzip_bomb_manifest_is_refused_within_bounded_memory(tmp_path, monkeyp
     assert peak < 16 * MiB, f"reading the bomb peaked at {peak / MiB:.0f} MiB"
 
 
+def test_a_manifest_nested_too_deeply_is_one_clear_error(tmp_path):
+    """json's RecursionError escaped as a traceback on every rank."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(png(1))
+    (tmp_path / "m.json.gz").write_bytes(gzip.compress(b"[" * 100_000))
+    data = DataConfig(url=(tmp_path / "data").as_uri(), manifest=(tmp_path / "m.json.gz").as_uri())
+    with pytest.raises(ConfigError, match="is not a daskgan dataset manifest .RecursionError"):
+        training_index(data, OutputConfig(run_url=(tmp_path / "run").as_uri()))
+
+
 def test_a_dataset_json_over_the_limit_is_one_clear_error(tmp_path, monkeypatch):
     from daskgan.data import archive
 

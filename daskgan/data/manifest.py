@@ -154,7 +154,7 @@ def _document(data: bytes, url: str) -> dict:
         if not isinstance(document, dict) or document.get("format") not in (FORMAT, OLD_FORMAT):
             raise ValueError(f"format {document.get('format') if isinstance(document, dict) else None!r}")
         return document
-    except (zlib.error, ValueError) as exc:
+    except (zlib.error, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
         raise _not_a_manifest(url, exc) from None
 
 
