@@ -89,6 +89,27 @@ def test_urls_holding_a_password_are_refused_wherever_they_are(sections, key):
         JobConfig.from_dict(with_changes(**sections))
 
 
+@pytest.mark.parametrize("sections, key, query", [
+    ({"data": {"url": "https://b.s3.amazonaws.com/d.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA"
+                      "%2F20261204&X-Amz-Signature=c2VjcmV0"}}, "data.url", "X-Amz-Credential"),
+    ({"train": {"init_from": "https://a.blob.core.windows.net/c/ffhq.pkl?sv=2022-11-02&sig=c2VjcmV0"}},
+     "train.init_from", "sig"),
+    ({"data": {"storage_options": {"endpoint_url": "https://h/?access_token=c2VjcmV0"}}},
+     "data.storage_options.endpoint_url", "access_token"),
+])
+def test_urls_holding_a_signed_query_are_refused_wherever_they_are(sections, key, query):
+    """A presigned URL or a SAS is a credential in its query: it was written into config.yaml."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + f": a URL with the query parameter {query} "):
+        JobConfig.from_dict(with_changes(**sections))
+
+
+def test_a_url_credential_outside_storage_options_points_at_storage_options():
+    """``${ENV_VAR}`` is resolved only in storage_options: a data.url written so was read as a local path."""
+    with pytest.raises(ConfigError, match=r"^job: data\.url: .* the credential in storage_options as \$\{ENV_VAR\}$"):
+        JobConfig.from_dict(with_changes(data={"url": "https://u:s3cr3t@example.org/images"}))
+    JobConfig.from_dict(with_changes(data={"url": "https://example.org/images?prefix=cats&max-keys=10"}))
+
+
 def test_auth_headers_and_urls_by_reference_are_accepted_and_redacted_when_saved():
     options = {"endpoint_url": "${ENDPOINT}", "connection_string": "${AZURE}", "anon": False,
                "client_kwargs": {"headers": {"Authorization": "${AUTH}", "Accept": "image/png"}}}

@@ -5,8 +5,8 @@ plain secret there would leak. References are resolved where the storage is open
 process's environment; anything stored or logged is redacted first.
 
 A secret is recognised by where it sits: an option named as one (a key, a token, an Azure connection string or
-credential, at any depth), a header that carries authorisation (under any ``headers``), or a password inside a
-URL (``https://user:password@host``, in any option).
+credential, at any depth), a header that carries authorisation (under any ``headers``), or a password or a signed
+query inside a URL (``https://user:password@host``, ``?X-Amz-Signature=``, in any option).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Any, Iterator, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from daskgan.errors import ConfigError, StorageAccessError
 
@@ -24,6 +24,8 @@ SECRET_OPTION_NAMES = frozenset(
      "credentials"}
 )
 SECRET_HEADER = re.compile(r"auth|cookie|token|secret|key|signature|credential", re.IGNORECASE)
+SECRET_QUERY = re.compile(r"signature|credential|token|secret|password|^sig$|^(api|access)?[-_]?key$|^auth",
+                          re.IGNORECASE)  # query parameters of presigned URLs (S3, GCS), Azure SAS, API keys
 REDACTED = "***"
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -41,14 +43,19 @@ def check_no_plain_secrets(options: dict, key: str) -> None:
                               f"the machine's role")
 
 
-def check_no_url_passwords(job: dict) -> None:
-    """Refuse a URL holding a password (``https://user:password@host``) anywhere in a job: it would be stored in
-    the run directory and every checkpoint, whatever the option is called."""
+def check_no_url_credentials(job: dict) -> None:
+    """Refuse a URL holding a password (``https://user:password@host``) or a signed query (a presigned URL's
+    ``X-Amz-Signature``/``X-Amz-Security-Token``, an Azure SAS ``sig``, an ``access_token``) anywhere in a job:
+    it would be stored in the run directory and every checkpoint, whatever the option is called."""
     for where, value in _leaves(job, ""):
-        if isinstance(value, str) and _url_password(value) is not None:
-            raise ConfigError(f"{where.lstrip('.')}: a URL with a password in a job file would travel inside the "
-                              f"task graph; give the URL without it, or write the whole URL as ${{ENV_VAR}} to "
-                              f"read it from the workers' environment")
+        what = _url_credential(value) if isinstance(value, str) else None
+        if what is None:
+            continue
+        where = where.lstrip(".")
+        instead = ("write the whole URL as ${ENV_VAR} to read it from the workers' environment"
+                   if ".storage_options." in f".{where}" else
+                   "give the URL without it and the credential in storage_options as ${ENV_VAR}")
+        raise ConfigError(f"{where}: a URL with {what} in a job file would travel inside the task graph; {instead}")
 
 
 def redact(options: dict, key: str = "") -> dict:
@@ -83,11 +90,20 @@ def _names_a_secret(where: str) -> bool:
     return name.lower() in SECRET_OPTION_NAMES or (in_headers and bool(SECRET_HEADER.search(name)))
 
 
-def _url_password(value: str) -> str | None:
+def _url_credential(value: str) -> str | None:
+    """What credential the URL ``value`` holds (``a password``, ``the query parameter X-Amz-Signature``), or
+    None for a URL without one, or a value that is no URL."""
     try:
-        return urlsplit(value.strip()).password if "@" in value else None
+        parts = urlsplit(value.strip())
+        if "@" in parts.netloc and parts.password is not None:
+            return "a password"
     except ValueError:  # not a URL at all
         return None
+    if not parts.scheme or not parts.query:
+        return None
+    secret = next((name for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+                   if SECRET_QUERY.search(name)), None)
+    return None if secret is None else f"the query parameter {secret}"
 
 
 def resolve_references(options: Mapping[str, Any]) -> dict:

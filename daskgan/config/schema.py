@@ -18,7 +18,7 @@ from typing import Optional
 from fsspec.core import split_protocol
 
 from daskgan.config.coerce import ConfigError, build_dataclass, load_yaml_mapping, require
-from daskgan.config.credentials import check_no_plain_secrets, check_no_url_passwords, redact
+from daskgan.config.credentials import check_no_plain_secrets, check_no_url_credentials, redact
 
 FAMILIES = ("dcgan", "stylegan2", "biggan")  # daskgan.models.FAMILIES
 LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
@@ -328,7 +328,7 @@ class JobConfig:
         sections = (self.data, self.model, self.train, self.augment, self.metrics, self.output, self.recovery)
         for section in (*sections, *([self.sandbox] if self.sandbox else [])):
             section.validate()
-        check_no_url_passwords(dataclasses.asdict(self))
+        check_no_url_credentials(dataclasses.asdict(self))
         if self.metrics.every:
             require(self.ranking_metric in self.metrics.kinds, "output.best_metric",
                     f"{self.ranking_metric!r} is not among metrics.kinds {self.metrics.kinds}")
