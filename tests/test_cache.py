@@ -79,3 +79,12 @@ def test_the_default_bound_is_the_folders_first_one_for_every_rank(tmp_path, mon
     assert DiskCache(str(tmp_path), 4096).max_bytes == 4096 == DiskCache(str(tmp_path)).max_bytes, \
         "a bound given anew is the folder's from then on"
     assert not any(name.endswith(".part") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+def test_a_damaged_ledger_counting_negative_bytes_is_counted_again(tmp_path):
+    """A ledger holding ``held: -1 GB`` (damaged, or written by hand) let the folder grow 1 GB past its bound."""
+    (tmp_path / LEDGER).write_text(json.dumps({"bound": BOUND, "held": -10**9}))
+    disk_cache = DiskCache(str(tmp_path))
+    for i in range(OBJECTS):
+        disk_cache.write(f"image{i}.png", bytes(OBJECT_BYTES), OBJECT_BYTES)
+    assert 0 < held_bytes(tmp_path) <= BOUND, f"the folder held {held_bytes(tmp_path) / BOUND:.1f}x its bound"

@@ -135,7 +135,8 @@ class DiskCache:
 
 
 def _read_ledger(handle: IO[str]) -> dict:
-    """The ledger's fields that are whole numbers; a ledger cut short or damaged counts as empty (recomputed)."""
+    """The ledger's fields that are whole numbers of bytes (a negative count would let the folder grow without
+    bound); a ledger cut short or damaged counts as empty (recomputed)."""
     handle.seek(0)
     try:
         ledger = json.loads(handle.read() or "{}")
@@ -143,7 +144,8 @@ def _read_ledger(handle: IO[str]) -> dict:
         return {}
     if not isinstance(ledger, dict):
         return {}
-    return {name: value for name, value in ledger.items() if name in ("bound", "held") and isinstance(value, int)}
+    return {name: value for name, value in ledger.items() if name in ("bound", "held")
+            and isinstance(value, int) and not isinstance(value, bool) and value >= 0}
 
 
 def _write_atomically(file: str, data: bytes) -> None:
