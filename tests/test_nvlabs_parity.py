@@ -7,6 +7,7 @@ run on the CPU with seeded random weights, eval mode, fp32, conv_clamp 256; see 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,46 @@ def test_a_pickle_of_another_shape_is_one_clear_error(tmp_path):
     url = tmp_path / "other.pkl"
     url.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
     with pytest.raises(CheckpointUnreadable, match="other.pkl: an NVlabs pickle holds a dict with G and G_ema"):
+        import_weights(str(url))
+
+
+def opcode_text(value: str) -> bytes:
+    return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
+
+
+def opcode_dict(items: dict[str, bytes]) -> bytes:
+    """A pickle's opcodes building a dict of ``items`` (their values already opcodes)."""
+    return b"}(" + b"".join(opcode_text(key) + value for key, value in items.items()) + b"u"
+
+
+def persistent_object(modules: bytes, memo: int) -> bytes:
+    """Opcodes making an NVlabs persistent network (a generator's init_kwargs, these ``_modules``), memoized at
+    ``memo``: what ``torch_utils.persistence`` pickles, written here opcode by opcode to share objects as a
+    crafted pickle's memo can."""
+    kwargs = opcode_dict({name: b"K" + bytes([value]) for name, value in
+                          {"z_dim": 8, "w_dim": 8, "c_dim": 0, "img_resolution": 16, "img_channels": 3}.items()})
+    meta = opcode_dict({"type": opcode_text("class"), "class_name": opcode_text("training.networks.Generator"),
+                        "state": opcode_dict({"_init_kwargs": kwargs, "_modules": modules})})
+    return (b"ctorch_utils.persistence\n_reconstruct_persistent_obj\n" + meta + b"\x85R" + b"q" + bytes([memo]))
+
+
+def top_level_networks(memo: int) -> bytes:
+    """Opcodes ending a pickle with NVlabs' top-level dict, its G and G_ema the network memoized at ``memo``."""
+    return opcode_dict({"G": b"h" + bytes([memo]), "G_ema": b"h" + bytes([memo])}) + b"."
+
+
+HOLDS_ITSELF = (b"\x80\x02" + persistent_object(b"}q\x01", 2) + b"h\x01" + opcode_text("self") + b"h\x02" + b"s00"
+                + top_level_networks(2))
+CHILD_HELD_TWICE = (b"\x80\x02" + persistent_object(b"}", 1) + b"0"
+                    + persistent_object(opcode_dict({"a": b"h\x01", "b": b"h\x01"}), 2) + b"0" + top_level_networks(2))
+
+
+@pytest.mark.parametrize("crafted", [HOLDS_ITSELF, CHILD_HELD_TWICE], ids=["holds-itself", "child-held-twice"])
+def test_a_pickle_sharing_a_sub_network_is_one_clear_error(tmp_path, crafted):
+    """A network holding itself escaped as RecursionError; children held twice, chained, make 2**depth names."""
+    url = tmp_path / "shared.pkl"
+    url.write_bytes(crafted)
+    with pytest.raises(CheckpointUnreadable, match="a sub-network held twice"):
         import_weights(str(url))
 
 

@@ -41,7 +41,18 @@ class PersistentRecord:
         return dict(self.state.get("_init_kwargs") or {})
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Every parameter and buffer of this object and its sub-objects, under ``state_dict()``-style names."""
+        """Every parameter and buffer of this object and its sub-objects, under ``state_dict()``-style names.
+
+        NVlabs' networks hold each sub-network once; a pickle's memo can make one that holds itself (an endless
+        walk) or a chain of children each held twice (2**depth names from a few KB), so one reached twice is
+        refused."""
+        return self._tensors(prefix, set())
+
+    def _tensors(self, prefix: str, seen: set[int]) -> dict[str, torch.Tensor]:
+        if id(self) in seen:
+            raise CheckpointUnreadable(f"{prefix.rstrip('.')}: a sub-network held twice (in itself, or in two "
+                                       f"places); an NVlabs network holds each of its sub-networks once")
+        seen.add(id(self))
         found = {}
         for kind in ("_parameters", "_buffers"):
             for name, tensor in (self.state.get(kind) or {}).items():
@@ -49,7 +60,7 @@ class PersistentRecord:
                     found[prefix + name] = tensor.detach()
         for name, child in (self.state.get("_modules") or {}).items():
             if isinstance(child, PersistentRecord):
-                found.update(child.tensors(f"{prefix}{name}."))
+                found.update(child._tensors(f"{prefix}{name}.", seen))
             elif child is not None:
                 raise CheckpointUnreadable(f"{prefix}{name}: a sub-network that is not an NVlabs persistent object")
         return found
