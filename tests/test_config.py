@@ -71,6 +71,8 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     ({"client_kwargs": {"headers": {"Authorization": "Bearer c2VjcmV0"}}},
      "data.storage_options.client_kwargs.headers.Authorization"),
     ({"headers": {"X-Api-Key": "c2VjcmV0"}}, "data.storage_options.headers.X-Api-Key"),
+    ({"token": {"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----c2VjcmV0"}},
+     "data.storage_options.token.type"),  # gcsfs takes a service account's key file as a dict: it was saved whole
 ])
 def test_plain_credentials_in_a_job_are_refused(options, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": a plain credential"):

@@ -84,10 +84,12 @@ def _leaves(options: Mapping | list, key: str) -> Iterator[tuple[str, Any]]:
 
 
 def _names_a_secret(where: str) -> bool:
-    """Whether the option at dotted key ``where`` holds a credential: by its name, or as an auth header."""
+    """Whether the option at dotted key ``where`` holds a credential: by its name or the name of an option holding
+    it (gcsfs' ``token`` may be a service account's whole key file: ``token.private_key``), or as an auth header."""
     *parents, name = where.split(".")
     in_headers = bool(parents) and parents[-1].lower() == "headers"
-    return name.lower() in SECRET_OPTION_NAMES or (in_headers and bool(SECRET_HEADER.search(name)))
+    return (any(part.lower() in SECRET_OPTION_NAMES for part in (*parents, name))
+            or (in_headers and bool(SECRET_HEADER.search(name))))
 
 
 def _url_credential(value: str) -> str | None:
