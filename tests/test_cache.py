@@ -88,3 +88,12 @@ def test_a_damaged_ledger_counting_negative_bytes_is_counted_again(tmp_path):
     for i in range(OBJECTS):
         disk_cache.write(f"image{i}.png", bytes(OBJECT_BYTES), OBJECT_BYTES)
     assert 0 < held_bytes(tmp_path) <= BOUND, f"the folder held {held_bytes(tmp_path) / BOUND:.1f}x its bound"
+
+
+def test_a_ledger_lost_or_cut_short_keeps_the_bound_the_rank_was_given(tmp_path):
+    """Without its ledger, a rank given a bound took 80% of the free disk as the folder's bound."""
+    disk_cache = DiskCache(str(tmp_path), BOUND)
+    (tmp_path / LEDGER).write_text('{"bound": 16')  # cut short
+    for i in range(OBJECTS):
+        disk_cache.write(f"image{i}.png", bytes(OBJECT_BYTES), OBJECT_BYTES)
+    assert 0 < held_bytes(tmp_path) <= BOUND, f"the folder held {held_bytes(tmp_path) / BOUND:.1f}x its bound"

@@ -39,11 +39,12 @@ class DiskCache:
         self.directory = directory
         self.writable = True
         self.max_bytes = 0
+        self._given = None if max_bytes is None else int(max_bytes)  # the bound again if the ledger is lost
         try:
             os.makedirs(directory, exist_ok=True)
             with self._ledger() as ledger:
-                if max_bytes is not None:
-                    ledger["bound"] = int(max_bytes)
+                if self._given is not None:
+                    ledger["bound"] = self._given
                 self.max_bytes = ledger["bound"]
         except OSError as error:
             self._give_up(error)
@@ -88,7 +89,7 @@ class DiskCache:
             if "held" not in ledger:  # the folder's first use, or a damaged ledger: count what is there
                 ledger["held"] = sum(size for _, size, _ in self._entries())
             if "bound" not in ledger:
-                ledger["bound"] = self._default_bound(ledger["held"])
+                ledger["bound"] = self._default_bound(ledger["held"]) if self._given is None else self._given
             yield ledger
             if ledger != recorded:  # rewritten in place: ext4 flushes a file truncated to 0 on close (~4 ms)
                 handle.seek(0)
