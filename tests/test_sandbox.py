@@ -48,3 +48,23 @@ def test_a_marker_listing_files_outside_its_folder_deletes_nothing(tmp_path):
     with pytest.raises(ConfigError, match=r"lists '\.\./precious\.txt', outside its folder"):
         copy_results(run_directory(tmp_path / "run", {"config.yaml": "a\n"}), str(copy), {})
     assert outside.read_text() == "keep"
+
+
+def test_a_marker_whose_list_is_not_a_list_of_names_deletes_nothing(tmp_path):
+    """``{"files": "ab"}`` removed the user's files ``a`` and ``b`` (its letters, taken as names)."""
+    copy = tmp_path / "copy"
+    run_directory(copy, {"a": "the user's", "b": "the user's"})
+    (copy / COPY_MARKER).write_text(json.dumps({"files": "ab"}))
+    with pytest.raises(ConfigError, match=r"is not a list daskgan wrote"):
+        copy_results(run_directory(tmp_path / "run", {"config.yaml": "a\n"}), str(copy), {})
+    assert (copy / "a").exists() and (copy / "b").exists()
+
+
+def test_a_listed_file_that_is_now_the_users_folder_is_kept(tmp_path):
+    """os.remove met the folder: IsADirectoryError escaped, and the copy stopped half done."""
+    copy = tmp_path / "copy"
+    copy_results(run_directory(tmp_path / "first", {"config.yaml": "a\n", "notes": "ours"}), str(copy), {})
+    (copy / "notes").unlink()
+    run_directory(copy, {"notes/mine.txt": "the user's"})
+    copy_results(run_directory(tmp_path / "second", {"config.yaml": "b\n"}), str(copy), {})
+    assert (copy / "notes" / "mine.txt").read_text() == "the user's" and (copy / "config.yaml").read_text() == "b\n"

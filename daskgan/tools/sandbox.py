@@ -163,7 +163,7 @@ def _remove_earlier_copy(local_dir: str) -> None:
         return
     for relative in _listed_files(marker):
         file = os.path.join(local_dir, relative)
-        if os.path.lexists(file):
+        if os.path.lexists(file) and not os.path.isdir(file):  # a folder there now is the user's
             os.remove(file)
         _remove_empty_folders(os.path.dirname(file), local_dir)
     os.remove(marker)
@@ -175,15 +175,17 @@ def _listed_files(marker: str) -> list[str]:
     try:
         with open(marker) as handle:
             files = json.load(handle)["files"]
+        if not isinstance(files, list) or not all(isinstance(relative, str) for relative in files):
+            raise TypeError("its files are not a list of names")
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"sandbox.copy_results_to: {marker} is not a list daskgan wrote ({error}); choose a new "
                           f"or empty folder") from None
     for relative in files:
-        inside = os.path.realpath(os.path.join(folder, str(relative)))
+        inside = os.path.realpath(os.path.join(folder, relative))
         if os.path.commonpath([folder, inside]) != folder or inside == folder:
             raise ConfigError(f"sandbox.copy_results_to: {marker} lists {relative!r}, outside its folder; choose a "
                               f"new or empty folder")
-    return [str(relative) for relative in files]
+    return files
 
 
 def _remove_empty_folders(folder: str, top: str) -> None:
