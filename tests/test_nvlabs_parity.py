@@ -230,6 +230,19 @@ def test_a_pickle_sharing_a_sub_network_is_one_clear_error(tmp_path, crafted):
         import_weights(str(url))
 
 
+@pytest.mark.parametrize("crafted", [
+    b"\x80\x04" + opcode_text("os\n" + "x" * 100_000) + opcode_text("system") + b"\x93.",
+    b"\x80\x02cnumpy\ndtype\n" + opcode_text("f8") + b"\x88\x88\x87R" + opcode_text("<" * 100_000) + b"b.",
+], ids=["import-name", "dtype-state"])
+def test_a_crafted_pickles_names_make_a_short_one_line_error(tmp_path, crafted):
+    """A module name holding a line break and 100 KB went whole into the message, as did a dtype's state."""
+    url = tmp_path / "crafted.pkl"
+    url.write_bytes(crafted)
+    with pytest.raises(UnsafePickle) as refused:
+        import_weights(str(url))
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 400, str(refused.value)[:400]
+
+
 @pytest.mark.slow
 def test_fine_tuning_from_an_nvlabs_pickle_on_two_workers(dask_client, shapes_in_bucket):
     from daskgan.cluster.driver import run_job

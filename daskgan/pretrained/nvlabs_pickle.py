@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,13 +89,14 @@ class NumpyDtype:
 
     def __init__(self, name: Any, align: Any = False, copy: Any = True):
         if name not in self.SIMPLE or not isinstance(align, bool) or not isinstance(copy, bool):
-            raise UnsafePickle(f"it asks for numpy dtype {name!r}; only simple numeric dtypes are read")
+            raise UnsafePickle(f"it asks for numpy dtype {reprlib.repr(name)}; only simple numeric dtypes are read")
         self.name, self.byteorder = name, "="
 
     def __setstate__(self, state: Any) -> None:
         if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
                 and state[2:] == self.PLAIN_STATE):
-            raise UnsafePickle(f"it gives numpy dtype {self.name!r} the state {state!r}, not a simple numeric one")
+            raise UnsafePickle(f"it gives numpy dtype {self.name!r} the state {reprlib.repr(state)}, not a simple "
+                               f"numeric one")
         self.byteorder = state[1]
 
     def numpy(self) -> np.dtype:
@@ -123,12 +125,18 @@ ALLOWED = {
 }
 
 
+def _shown(text: str) -> str:
+    """``text`` from a pickle, for a one-line message: as it is when short and printable, else shortened (a crafted
+    pickle's names may hold line breaks or megabytes)."""
+    return text if len(text) <= 100 and text.isprintable() else reprlib.repr(text)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         try:
             return ALLOWED[(module, name)]
         except KeyError:
-            raise UnsafePickle(f"it asks to import {module}.{name}; only tensors and plain containers are read from "
+            raise UnsafePickle(f"it asks to import {_shown(f'{module}.{name}')}; only tensors and plain containers are read from "
                                f"NVlabs pickles, and nothing in them is run") from None
 
     def persistent_load(self, pid: Any) -> Any:
