@@ -13,6 +13,7 @@ from daskgan import dispatch
 from daskgan.cluster import ClusterSpec, LocalSpec, connect
 from daskgan.cluster.driver import restart_config, run_job
 from daskgan.config import JobConfig
+from daskgan.errors import StorageUnavailable
 from daskgan.run import checkpoint
 from daskgan.run.records import load
 
@@ -170,3 +171,18 @@ def test_storage_down_beyond_the_retries_restarts_the_run_from_its_checkpoint(da
     assert records["iteration"].tolist() == list(range(1, 21)), "every iteration recorded exactly once"
     restarts = records[records["restart_cause"].notna()]
     assert len(restarts) >= 1 and all("still failing after" in cause for cause in restarts["restart_cause"])
+
+
+def test_storage_unreachable_from_the_start_fails_at_once_instead_of_restarting(dask_client, s3_server,
+                                                                                 shapes_in_bucket):
+    """A run whose dataset never answered (a wrong endpoint, a dead proxy) is the setting's mistake far more often
+    than an outage: restarting it only delayed the error by every restart's wait and ended in 'giving up'."""
+    url, options = shapes_in_bucket(images=16)
+    with FaultProxy(s3_server.endpoint_url, Faults(error_share=1.0, only_object_gets=True)) as proxy:
+        config = recovery_job(url, options, iterations=5)
+        config.data.storage_options = {"endpoint_url": proxy.endpoint_url,
+                                       "config_kwargs": {"retries": {"max_attempts": 1}}}
+        config.data.retry_tries, config.data.retry_seconds = 2, 1.0
+        config.recovery.max_restarts, config.recovery.wait_for_workers_s = 1, 1
+        with pytest.raises(StorageUnavailable, match="still failing after"):
+            run_job(dask_client, config)

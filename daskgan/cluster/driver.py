@@ -29,8 +29,8 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     """Train ``config`` on every worker of ``client``; ``on_record`` sees each iteration's record as it arrives.
 
     Returns rank 0's summary (run URL, iterations, last checkpoint). A rank that raises fails the job here, naming
-    its rank. A worker that leaves the cluster, or storage down beyond its retries, instead triggers a restart
-    (``config.recovery``): wait for it to come back, then resume from the newest checkpoint; the cause is
+    its rank. A worker that leaves the cluster, or storage down beyond its retries once the run has made a step,
+    instead triggers a restart (``config.recovery``): wait for it to come back, then resume from the newest checkpoint; the cause is
     recorded in the run's records and TensorBoard.
     This client is the run's driver while it runs (``daskgan.lease``): a run another live client drives is
     refused; when this client lets go of the run (it returns, raises, or is interrupted) its ranks checkpoint and
@@ -65,6 +65,8 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
                     on_record(record)
             return dispatch.results(futures)[0]
         except (dispatch.WorkerLost, InfrastructureError) as failure:
+            if isinstance(failure, InfrastructureError) and restart is None and last_seen == 0:
+                raise  # storage that never answered this driver: a wrong URL or endpoint, more likely than an outage
             restarts += 1
             if restarts > config.recovery.max_restarts:
                 raise RuntimeError(f"giving up after {config.recovery.max_restarts} restarts") from failure
