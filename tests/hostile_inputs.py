@@ -86,14 +86,15 @@ def zip_archive(members: list[tuple[str, bytes, int, int, int]]) -> bytes:
                                                 len(body), 0))
 
 
-def zip_bomb(good: int = 6, bomb_mib: int = 300, declared: int | None = None) -> bytes:
-    """An NVlabs-style zip: ``good`` PNGs stored, then one deflated member inflating to ``bomb_mib`` MiB (its
-    declared size ``declared`` when given: a bomb that lies about its size), and ``dataset.json``."""
-    members = [(f"00000/img{i:08d}.png", png(i * 40), zipfile.ZIP_STORED) for i in range(good)]
-    entries = [(name, data, method, zlib.crc32(data), len(data)) for name, data, method in members]
+def zip_bomb(good: int = 6, bomb_mib: int = 300, declared: int | None = None,
+             extra: dict[str, bytes] | None = None) -> bytes:
+    """An NVlabs-style zip: ``good`` PNGs, then one deflated member inflating to ``bomb_mib`` MiB (its declared
+    size ``declared`` when given: a bomb that lies about its size), the ``extra`` members and ``dataset.json``
+    (unlabelled); all but the bomb stored, as NVlabs' tool stores them."""
+    stored = {f"00000/img{i:08d}.png": png(i * 40) for i in range(good)}
     bomb, crc = zeros_deflated(bomb_mib)
-    entries.append((f"00000/img{good:08d}.png", bomb, zipfile.ZIP_DEFLATED, crc,
-                    declared if declared is not None else bomb_mib * 2**20))
-    labels = json.dumps({"labels": None}).encode()
-    entries.append(("dataset.json", labels, zipfile.ZIP_STORED, zlib.crc32(labels), len(labels)))
-    return zip_archive(entries)
+    bombed = (f"00000/img{good:08d}.png", bomb, zipfile.ZIP_DEFLATED, crc,
+              declared if declared is not None else bomb_mib * 2**20)
+    stored.update({**(extra or {}), "dataset.json": json.dumps({"labels": None}).encode()})
+    entries = [(name, data, zipfile.ZIP_STORED, zlib.crc32(data), len(data)) for name, data in stored.items()]
+    return zip_archive(entries[:good] + [bombed] + entries[good:])

@@ -8,6 +8,7 @@ import bz2
 import gzip
 import io
 import json
+import os
 import tracemalloc
 import zipfile
 import zlib
@@ -241,3 +242,53 @@ def test_an_old_manifest_of_the_datasets_own_location_is_still_read(tmp_path):
     index = training_index(DataConfig(url=url), OutputConfig(run_url=(tmp_path / "run").as_uri()))
     assert index.paths == listed.paths
 
+
+
+
+def worker_path(path: str) -> None:
+    """On a worker: ``PATH`` as given, and Pillow's memory of Ghostscript cleared."""
+    os.environ["PATH"] = path
+    EpsImagePlugin.gs_binary = None
+
+
+def hostile_dataset(bucket: str, options: dict, kind: str) -> str:
+    """12 good PNGs with a crafted TIFF and an EPS named .png, as a folder (two classes) or an NVlabs zip that
+    also holds a 300 MiB bomb member."""
+    if kind == "zip":
+        bad = {"00000/img00000013.tif": overflow_tiff(), "00000/img00000014.png": eps_named_png()}
+        storage.write_bytes(f"{bucket}/data.zip", zip_bomb(good=12, extra=bad), options)
+        return f"{bucket}/data.zip"
+    images = {f"{'ab'[i % 2]}/{i:02d}.png": png(i * 20) for i in range(12)}
+    images.update({"a/fuzzed.tif": overflow_tiff(), "b/x.png": eps_named_png()})
+    storage.write_many({f"{bucket}/data/{name}": data for name, data in images.items()}, options)
+    return f"{bucket}/data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_a_hostile_dataset_trains_to_the_end_skipping_and_counting_each_bad_input(dask_client, s3_bucket,
+                                                                                  tmp_path, kind):
+    from daskgan import dispatch, train_gan
+    from daskgan.config import JobConfig
+    from daskgan.run.records import load
+
+    bucket, options = s3_bucket
+    url = hostile_dataset(bucket, options, kind)
+    folder, note = stub_gs(tmp_path / "bin")
+    saved = dask_client.run(os.environ.get, "PATH")
+    dask_client.run(worker_path, path_with(folder))
+    config = JobConfig.from_dict({
+        "name": "hostile", "data": {"url": url, "storage_options": options, "resolution": 8, "batch_size": 2},
+        "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": 8},
+        "output": {"run_url": f"{bucket}/run", "storage_options": options, "flush_every": 2, "grid_every": 8,
+                   "grid_images": 4, "checkpoint_every": 8}})
+    try:
+        summary = dispatch.results(dispatch.run(dask_client, train_gan, config, timeout=120))[0]
+    finally:
+        for worker, path in saved.items():
+            dask_client.run(worker_path, path, workers=[worker])
+    table = load(config.output.run_url, options)
+    bad = 3 if kind == "zip" else 2
+    assert table["iteration"].tolist() == list(range(1, 9)), "trained to the end"
+    assert summary["skipped_images"] == table["skipped_images"].iloc[-1] == bad, "every bad input counted once"
+    assert not note.exists(), "no program started"

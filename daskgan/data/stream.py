@@ -90,6 +90,11 @@ class ImageStream:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
+    @property
+    def unreadable(self) -> frozenset[int]:
+        """The images (positions in the index) this rank has skipped: ``skipped`` of them."""
+        return frozenset(self._bad)
+
     def __next__(self) -> Batch:
         item = self._queue.get()
         if isinstance(item, BaseException):

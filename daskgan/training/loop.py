@@ -126,9 +126,14 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
         return None
     table = writer.close()
     return {"run_url": config.output.run_url, "iterations": config.train.iterations, "records": len(table),
-            "checkpoint": last_checkpoint, "skipped_images": stream.skipped, "resumed_from": resume_url,
+            "checkpoint": last_checkpoint, "skipped_images": _last_skipped(table), "resumed_from": resume_url,
             "evaluations": evaluations(table), "stopped": stopped,
             "last_iteration": int(table["iteration"].max()) if len(table) else start}
+
+
+def _last_skipped(table: pd.DataFrame) -> int:
+    """The images every rank together skipped, as the last record says."""
+    return int(table["skipped_images"].iloc[-1]) if len(table) and "skipped_images" in table else 0
 
 
 def evaluations(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -203,9 +208,11 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
     watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if writer is not None else None
     last_checkpoint = None
+    unreadable = _Unreadable(stream)
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
         stats, position = _train_iteration(config, gan, stream, noise, iteration)
+        skipped = unreadable.count(stats.pop("skipped_images"))
         if gan.ada is not None:
             gan.ada.update(iteration, global_batch * train.d_steps)
         if gan.G_ema is not None:
@@ -220,7 +227,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             writer.record({"iteration": iteration, "epoch": position.epoch,
                            "kimg": iteration * global_batch * train.d_steps / 1000, **stats,
                            "images_per_s": global_batch * train.d_steps / step_seconds,
-                           "skipped_images": stream.skipped, **_augment_fields(config, gan), **scores})
+                           "skipped_images": skipped, **_augment_fields(config, gan), **scores})
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
         stop = _agreed_stop(watch)
@@ -264,7 +271,25 @@ def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: No
     if pl_weight:
         stats.update(path_length_step(gan, g_micro_batches, max(1, config.data.batch_size // PL_BATCH_SHRINK), noise,
                                       pl_weight, train.pl_decay))
+    stats["skipped_images"] = stream.skipped  # its mean over the ranks tells whether any rank skipped another
     return _mean_across_ranks(stats, noise.device), batches[-1].position
+
+
+class _Unreadable:
+    """The distinct images the ranks' streams skipped (ranks read other parts of each epoch, and may meet the same
+    bad image): their sets are gathered only when a rank's count grew, which the statistics' all-reduce shows."""
+
+    def __init__(self, stream: ImageStream):
+        self._stream, self._mean, self._images = stream, 0.0, frozenset()
+
+    def count(self, mean_skipped: float) -> int:
+        """The run's count, given the mean over the ranks of their ``skipped`` (the same on every rank)."""
+        if mean_skipped != self._mean:
+            self._mean = mean_skipped
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._stream.unreadable)
+            self._images = frozenset().union(*gathered)
+        return len(self._images)
 
 
 def _lazy_weight(weight: float, interval: int, step: int) -> float:
