@@ -4,7 +4,9 @@ Listing a large bucket is slow (s3fs pages 1,000 keys per request: an hour-scale
 throttled bucket) and a pickled million-entry index is tens of MB per rank. So rank 0 lists once and writes the
 manifest (by default ``dataset-manifest.json.gz`` in the run directory, or at ``data.manifest`` to share one
 between runs); a restart or resume reuses it, and every rank reads it from storage rather than through a
-collective. The manifest is JSON: reading one from a bucket runs no code from it. Delete it to list again.
+collective. The manifest is JSON: reading one from a bucket runs no code from it. Its keys are relative to the
+dataset and read under the dataset's own URL: a copied dataset is read where it now lies, and a manifest from
+someone else cannot point reads anywhere else the user's credentials reach. Delete it to list again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from daskgan.run.storage import StorageOptions
 logger = logging.getLogger(__name__)
 
 FORMAT = "daskgan-manifest/2"  # keys relative to the dataset's own location
-OLD_FORMAT = "daskgan-manifest/1"  # keys under an absolute "root", written before 2026-12
+OLD_FORMAT = "daskgan-manifest/1"  # keys under an absolute "root": read when that root lies in the dataset
 RUN_MANIFEST = "dataset-manifest.json.gz"
 
 
@@ -165,7 +167,7 @@ def _not_a_manifest(url: str, exc: Exception) -> ConfigError:
 
 def _under(base: str, key: str, url: str) -> str:
     """``key`` read under ``base``; a key that would leave it (absolute, or with a ``..`` part) is refused."""
-    if not key or key.startswith("/") or ".." in key.split("/"):
+    if not key or key[0] == "/" or (".." in key and ".." in key.split("/")):  # split only where it may matter
         raise ConfigError(f"{url}: the key {key!r} is not inside the dataset {base}; a manifest lists only its "
                           f"own dataset's images (delete it to list the dataset again)")
     return f"{base}/{key}"
