@@ -212,7 +212,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
         stats, position = _train_iteration(config, gan, stream, noise, iteration)
-        skipped = unreadable.count(stats.pop("skipped_images"))
+        skipped = unreadable.count()
         if gan.ada is not None:
             gan.ada.update(iteration, global_batch * train.d_steps)
         if gan.G_ema is not None:
@@ -271,21 +271,23 @@ def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: No
     if pl_weight:
         stats.update(path_length_step(gan, g_micro_batches, max(1, config.data.batch_size // PL_BATCH_SHRINK), noise,
                                       pl_weight, train.pl_decay))
-    stats["skipped_images"] = stream.skipped  # its mean over the ranks tells whether any rank skipped another
     return _mean_across_ranks(stats, noise.device), batches[-1].position
 
 
 class _Unreadable:
     """The distinct images the ranks' streams skipped (ranks read other parts of each epoch, and may meet the same
-    bad image): their sets are gathered only when a rank's count grew, which the statistics' all-reduce shows."""
+    bad image): one tiny all-reduce an iteration sums the ranks' counts, and their sets are gathered only when
+    that sum grew."""
 
     def __init__(self, stream: ImageStream):
-        self._stream, self._mean, self._images = stream, 0.0, frozenset()
+        self._stream, self._summed, self._images = stream, 0, frozenset()
 
-    def count(self, mean_skipped: float) -> int:
-        """The run's count, given the mean over the ranks of their ``skipped`` (the same on every rank)."""
-        if mean_skipped != self._mean:
-            self._mean = mean_skipped
+    def count(self) -> int:
+        """The run's count of skipped images (every rank calls this at the same point)."""
+        summed = torch.tensor([self._stream.skipped], device=ranks.collective_device())
+        dist.all_reduce(summed)
+        if int(summed) != self._summed:
+            self._summed = int(summed)
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, self._stream.unreadable)
             self._images = frozenset().union(*gathered)
