@@ -87,6 +87,21 @@ def test_an_eps_named_png_starts_no_program_anywhere_images_are_decoded(s3_bucke
     assert not gs_on_path.exists()
 
 
+def test_dataset_conversion_skips_a_crafted_tiff_and_an_eps_named_png_with_their_reasons(tmp_path, gs_on_path):
+    from daskgan.data.convert import convert_chunk
+
+    url = f"memory://convert-{tmp_path.name}"
+    storage.write_many({f"{url}/good.png": png(9), f"{url}/fuzzed.tif": overflow_tiff(),
+                        f"{url}/x.png": eps_named_png()}, {})
+    index = index_images(url)
+    converted = {index.paths[n].rsplit("/", 1)[1]: (png_bytes is not None, reason)
+                 for n, png_bytes, reason in convert_chunk(index, [0, 1, 2], {}, 8, 3, "center")}
+    assert converted["good.png"] == (True, None)
+    assert not converted["fuzzed.tif"][0] and "OverflowError" in converted["fuzzed.tif"][1]
+    assert not converted["x.png"][0] and "cannot identify image" in converted["x.png"][1]
+    assert not gs_on_path.exists()
+
+
 def test_a_zip_bomb_member_is_skipped_and_counted_within_bounded_memory(tmp_path):
     """~300 KB members inflating to 300 MiB: one declaring its size (over the cap: not even fetched), one
     declaring 1 KB (inflated no further). Before, each read grew the process by the whole 300 MiB."""
