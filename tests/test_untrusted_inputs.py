@@ -307,3 +307,42 @@ def test_a_hostile_dataset_trains_to_the_end_skipping_and_counting_each_bad_inpu
     assert table["iteration"].tolist() == list(range(1, 9)), "trained to the end"
     assert summary["skipped_images"] == table["skipped_images"].iloc[-1] == bad, "every bad input counted once"
     assert not note.exists(), "no program started"
+
+
+def folder_with_dataset_json(folder, document: bytes) -> str:
+    """A one-image folder dataset (``a.png``) beside NVlabs' ``dataset.json`` holding ``document``."""
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(1))
+    (folder / "dataset.json").write_bytes(document)
+    return folder.as_uri()
+
+
+@pytest.mark.parametrize("document, error", [
+    (b"[]", "holds a list, not NVlabs' object"),
+    (b"[" * 100_000, "is not JSON .RecursionError"),
+    (b'{"labels": "\xff"}', "is not JSON .UnicodeDecodeError"),
+    (b'{"labels": 5}', "labels are not NVlabs' list"),
+    (b'{"labels": [["a.png"]]}', "labels are not NVlabs' list"),
+    (b'{"labels": [["a.png", Infinity]]}', "the label of a.png is inf; labels must be class numbers"),
+    (b'{"labels": [["a.png", NaN]]}', "the label of a.png is nan; labels must be class numbers"),
+], ids=["not-an-object", "nested-too-deep", "not-utf8", "labels-not-a-list", "pair-of-one", "infinity", "nan"])
+def test_a_crafted_folder_dataset_json_is_the_zips_one_clear_error(tmp_path, document, error):
+    """A folder's dataset.json was parsed unguarded: AttributeError, RecursionError, TypeError, ValueError, and
+    for ``Infinity`` an OverflowError (``int(inf)``)."""
+    with pytest.raises(NotFound, match=error):
+        index_images(folder_with_dataset_json(tmp_path / "data", document))
+
+
+def test_a_folder_dataset_json_over_the_limit_is_refused_unread(tmp_path, monkeypatch):
+    """It was read whole, whatever its size: now refused by its listed size, and read no further than the limit
+    when the object grew after it was listed."""
+    from daskgan.data import archive
+
+    monkeypatch.setattr(archive, "MAX_DOCUMENT_BYTES", 1 * MiB)
+    url = folder_with_dataset_json(tmp_path / "data", json.dumps({"labels": None}).encode() + b" " * (2 * MiB))
+    with pytest.raises(NotFound, match=f"dataset.json declares {2 * MiB + 16} bytes, over the limit of {MiB}"):
+        index_images(url)
+    fs, path = storage.filesystem(storage.join(url, "dataset.json"))
+    with pytest.raises(NotFound, match=f"dataset.json declares {MiB + 1} bytes, over the limit of {MiB}"):
+        archive.folder_dataset_json(fs, path, 16, url)
+

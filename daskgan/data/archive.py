@@ -70,9 +70,7 @@ def _dataset_json(fs: Any, path: str, info: zipfile.ZipInfo, url: str) -> dict:
     ``MAX_DOCUMENT_BYTES``: zipfile's own reader inflates a deflated member as far as its stream goes, whatever
     size it declares (200 KB declaring 16 bytes took 437 MiB), and bzip2 further still."""
     entry = _entry(info)
-    if max(entry.size, entry.compressed_size) > MAX_DOCUMENT_BYTES:
-        raise NotFound(f"data.url: {url}: dataset.json declares {max(entry.size, entry.compressed_size)} bytes, "
-                       f"over the limit of {MAX_DOCUMENT_BYTES}; not read")
+    _refuse_large_dataset_json(max(entry.size, entry.compressed_size), url)
     _check_method(entry, info.filename, url)
     data = _member_bytes(fs, path, entry, fs.cat_file(path, start=entry.offset, end=_member_end(info.filename,
                                                                                                  entry)))
@@ -80,6 +78,27 @@ def _dataset_json(fs: Any, path: str, info: zipfile.ZipInfo, url: str) -> dict:
         raise NotFound(f"data.url: {url}: dataset.json is unreadable ({data})")
     if isinstance(data, BaseException):
         raise data
+    return _parse_dataset_json(data, url)
+
+
+def folder_dataset_json(fs: Any, path: str, listed_size: int, url: str) -> dict:
+    """The document of a folder dataset's ``dataset.json`` (an object beside the images), within
+    ``MAX_DOCUMENT_BYTES`` by its listed size and by what is read: the object may have grown since it was listed."""
+    _refuse_large_dataset_json(listed_size, url)
+    data = fs.cat_file(path, start=0, end=MAX_DOCUMENT_BYTES + 1)
+    _refuse_large_dataset_json(len(data), url)
+    return _parse_dataset_json(data, url)
+
+
+def _refuse_large_dataset_json(size: int, url: str) -> None:
+    if size > MAX_DOCUMENT_BYTES:
+        raise NotFound(f"data.url: {url}: dataset.json declares {size} bytes, over the limit of "
+                       f"{MAX_DOCUMENT_BYTES}; not read")
+
+
+def _parse_dataset_json(data: bytes, url: str) -> dict:
+    """NVlabs' ``{"labels": ...}`` object, or one line saying why not: json raises RecursionError for a document
+    nested too deeply, and anything but an object has no ``labels`` to look up."""
     try:
         document = json.loads(data)
     except (ValueError, RecursionError) as error:

@@ -5,7 +5,6 @@ duplicates; for tar shards, whole shards per rank, see ``shards``)."""
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Callable, Mapping, Union
 
 import torch
 
-from daskgan.data.archive import CorruptMember, ZipEntry, list_zip, read_members
+from daskgan.data.archive import CorruptMember, ZipEntry, folder_dataset_json, list_zip, read_members
 from daskgan.data.shards import (
     IMAGE_EXTENSIONS,
     TarMember,
@@ -84,8 +83,9 @@ def index_images(url: str, storage_options: storage.StorageOptions | None = None
         raise NotFound(f"data.url: no images ({', '.join(IMAGE_SUFFIXES)}) under {url}: check the URL, or upload "
                        f"images (one subfolder per class) there")
     relative = [posixpath.relpath(p, root) for p in images]
-    if f"{root}/dataset.json" in listing:
-        document = json.loads(_read_file(url, fs, f"{root}/dataset.json"))
+    labels_file = f"{root}/dataset.json"
+    if labels_file in listing:
+        document = _folder_dataset_json(url, fs, labels_file, int(listing[labels_file].get("size") or 0))
         labels, classes = dataset_json_labels(relative, document.get("labels"), url)
         return ImageIndex(url, tuple(images), labels, classes, _sizes(listing, images))
     in_folders = ["/" in r for r in relative]
@@ -135,6 +135,8 @@ def dataset_json_labels(names: list[str], labelled: list | None, url: str) -> tu
     None: an unlabelled dataset)."""
     if labelled is None:
         return (0,) * len(names), ()
+    if not isinstance(labelled, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in labelled):
+        raise NotFound(f"data.url: {url}: dataset.json's labels are not NVlabs' list [[name, class], ...]")
     label_of = {str(name).replace("\\", "/"): _class_number(label, name, url) for name, label in labelled}
     missing = [n for n in names if n not in label_of]
     if missing:
@@ -144,15 +146,18 @@ def dataset_json_labels(names: list[str], labelled: list | None, url: str) -> tu
 
 
 def _class_number(label: object, name: str, url: str) -> int:
-    if isinstance(label, bool) or not isinstance(label, (int, float)) or label < 0 or label != int(label):
+    """``label`` as a class number (``6.0`` is 6); json reads ``Infinity`` and ``NaN`` as floats, no whole number."""
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
         raise NotFound(f"data.url: {url}: dataset.json: the label of {name} is {label!r}; labels must be class "
                        f"numbers (0, 1, ...): NVlabs' float vector labels are not taken")
-    return int(label)
+    return label
 
 
 @storage.operation
-def _read_file(url: str, fs, path: str) -> bytes:
-    return fs.cat_file(path)
+def _folder_dataset_json(url: str, fs, path: str, listed_size: int) -> dict:
+    return folder_dataset_json(fs, path, listed_size, url)
 
 
 @storage.operation
