@@ -346,3 +346,26 @@ def test_a_folder_dataset_json_over_the_limit_is_refused_unread(tmp_path, monkey
     with pytest.raises(NotFound, match=f"dataset.json declares {MiB + 1} bytes, over the limit of {MiB}"):
         archive.folder_dataset_json(fs, path, 16, url)
 
+
+def shards_labelled(folder, label: int) -> str:
+    """A folder holding one tar shard of two samples, the second labelled ``label`` by its ``.cls``."""
+    from daskgan.data.shards import tar_shard
+
+    folder.mkdir()
+    (folder / "data-000000.tar").write_bytes(tar_shard([("s0", {"png": png(1), "cls": b"0"}),
+                                                        ("s1", {"png": png(2), "cls": str(label).encode()})]))
+    return folder.as_uri()
+
+
+@pytest.mark.parametrize("label", [100_000, 10**12])
+@pytest.mark.parametrize("kind", ["dataset.json", "shard"])
+def test_a_label_past_the_class_limit_is_one_clear_error_naming_it(tmp_path, kind, label):
+    """``range(max(labels) + 1)`` made a class name per number up to the largest label: 10**12 names."""
+    if kind == "shard":
+        url, image = shards_labelled(tmp_path / "data", label), "data-000000.tar/s1.png"
+    else:
+        document = json.dumps({"labels": [["a.png", label]]}).encode()
+        url, image = folder_with_dataset_json(tmp_path / "data", document), "a.png"
+    with pytest.raises(NotFound, match=f"the label of .*{image} is {label}: more than 100000 classes are not taken"):
+        index_images(url)
+

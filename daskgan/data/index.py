@@ -31,6 +31,7 @@ from daskgan.seeding import stream_seed
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_CLASSES = 100_000  # ImageNet-21k, the largest class-labelled set in common use, has 21,841
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _index_shards(url: str, fs, shards: list[str]) -> ImageIndex:
         example = paths[labels.index(None)]
         raise NotFound(f"data.url: {url}: {unlabelled} of {len(labels)} samples have no label (.cls or .json), "
                        f"e.g. {example}")
-    classes = () if unlabelled else tuple(str(c) for c in range(max(labels) + 1))
+    classes = () if unlabelled else class_names(paths, labels, url)
     return ImageIndex(url, tuple(paths), tuple(label or 0 for label in labels), classes,
                       tuple(m.size for m in members), entries=tuple(members), shards=tuple(shards))
 
@@ -142,7 +143,17 @@ def dataset_json_labels(names: list[str], labelled: list | None, url: str) -> tu
     if missing:
         raise NotFound(f"data.url: {url}: dataset.json has no label for {len(missing)} images, e.g. {missing[0]}")
     labels = tuple(label_of[n] for n in names)
-    return labels, tuple(str(c) for c in range(max(labels) + 1))
+    return labels, class_names(names, labels, url)
+
+
+def class_names(names: list[str], labels: tuple[int, ...] | list[int], url: str) -> tuple[str, ...]:
+    """The class names ``"0"`` to the largest label, refused past ``MAX_CLASSES`` in one line naming the image
+    that holds the largest: a crafted label of 10**12 would otherwise have a run build 10**12 names."""
+    largest = max(range(len(labels)), key=labels.__getitem__)
+    if labels[largest] >= MAX_CLASSES:
+        raise NotFound(f"data.url: {url}: the label of {names[largest]} is {labels[largest]}: more than "
+                       f"{MAX_CLASSES} classes are not taken")
+    return tuple(str(c) for c in range(labels[largest] + 1))
 
 
 def _class_number(label: object, name: str, url: str) -> int:
