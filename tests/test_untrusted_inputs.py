@@ -369,3 +369,13 @@ def test_a_label_past_the_class_limit_is_one_clear_error_naming_it(tmp_path, kin
     with pytest.raises(NotFound, match=f"the label of .*{image} is {label}: more than 100000 classes are not taken"):
         index_images(url)
 
+
+def test_ppm_and_pgm_images_are_indexed_and_read(tmp_path):
+    """Decoding took PPM and PGM but the index listed neither (``no images`` for a folder of them)."""
+    for folder, name, mode in [("a", "x.ppm", "RGB"), ("b", "y.pgm", "L")]:
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.new(mode, (12, 12), 90).save(tmp_path / "data" / folder / name, format="PPM")
+    url = (tmp_path / "data").as_uri()
+    assert index_images(url).classes == ("a", "b")
+    assert stream_all(url, 2).skipped == 0
+

@@ -30,7 +30,7 @@ from daskgan.seeding import stream_seed
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_CLASSES = 100_000  # ImageNet-21k, the largest class-labelled set in common use, has 21,841
 
 
