@@ -379,3 +379,20 @@ def test_ppm_and_pgm_images_are_indexed_and_read(tmp_path):
     assert index_images(url).classes == ("a", "b")
     assert stream_all(url, 2).skipped == 0
 
+
+def test_an_object_over_the_member_cap_is_skipped_and_counted_unfetched(tmp_path, monkeypatch):
+    """An object was fetched whole whatever its listed size; zip members over the cap were already skipped."""
+    from daskgan.data import archive
+
+    monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", 1 * MiB)
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        (tmp_path / "data" / f"{i}.png").write_bytes(png(i * 60))
+    Image.frombytes("RGB", (700, 700), os.urandom(700 * 700 * 3)).save(tmp_path / "data" / "large.png")
+    assert (tmp_path / "data" / "large.png").stat().st_size > MiB
+    fetched: list[str] = []
+    cat_objects = storage.cat_objects
+    monkeypatch.setattr(storage, "cat_objects", lambda fs, paths: fetched.extend(paths) or cat_objects(fs, paths))
+    stream = stream_all((tmp_path / "data").as_uri(), 3)
+    assert stream.skipped == 1
+    assert sorted(os.path.basename(path) for path in fetched) == ["0.png", "1.png", "2.png"], "never fetched"

@@ -14,7 +14,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from daskgan.data.decode import UnreadableImage
 from daskgan.data.inflate import MAX_DOCUMENT_BYTES, MAX_MEMBER_BYTES, TooLarge, inflate
@@ -119,9 +119,7 @@ def read_members(fs: Any, path: str, entries: dict[str, ZipEntry]) -> dict[str, 
     fetch failed maps to the error, for the caller's retry or skip. A member declaring more than
     ``MAX_MEMBER_BYTES`` is not fetched: it maps to a ``CorruptMember``, skipped and counted."""
     result: dict[str, bytes | BaseException] = {
-        name: CorruptMember(f"member at offset {entry.offset} declares {max(entry.size, entry.compressed_size)} "
-                            f"bytes, over the limit of {MAX_MEMBER_BYTES} for an image")
-        for name, entry in entries.items() if max(entry.size, entry.compressed_size) > MAX_MEMBER_BYTES}
+        **oversized({name: max(entry.size, entry.compressed_size) for name, entry in entries.items()})}
     names = [name for name in entries if name not in result]
     starts = [entries[n].offset for n in names]
     ends = [_member_end(n, entries[n]) for n in names]
@@ -135,7 +133,16 @@ def read_members(fs: Any, path: str, entries: dict[str, ZipEntry]) -> dict[str, 
 
 
 class CorruptMember(UnreadableImage):
-    """A member whose stored bytes cannot be read back: skipped and counted like an image that does not decode."""
+    """A member whose stored bytes cannot be read back, or an image too large to fetch: skipped and counted like
+    an image that does not decode."""
+
+
+def oversized(sizes: Mapping[str, int]) -> dict[str, CorruptMember]:
+    """Of the images' declared sizes (zip members' own, objects' as listed), those over ``MAX_MEMBER_BYTES``,
+    each with why it is skipped without being fetched: no training image is that large, and a crafted dataset
+    could otherwise make every rank download (or inflate) gigabytes per image."""
+    return {name: CorruptMember(f"declares {size} bytes, over the limit of {MAX_MEMBER_BYTES} for an image")
+            for name, size in sizes.items() if size > MAX_MEMBER_BYTES}
 
 
 def _member_bytes(fs: Any, path: str, entry: ZipEntry, raw: bytes) -> bytes | BaseException:

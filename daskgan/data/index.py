@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Union
 
 import torch
 
-from daskgan.data.archive import CorruptMember, ZipEntry, folder_dataset_json, list_zip, read_members
+from daskgan.data.archive import CorruptMember, ZipEntry, folder_dataset_json, list_zip, oversized, read_members
 from daskgan.data.shards import (
     IMAGE_EXTENSIONS,
     TarMember,
@@ -58,6 +58,10 @@ class ImageIndex:
     @functools.cached_property
     def entry_of(self) -> dict[str, ZipEntry | TarMember]:
         return dict(zip(self.paths, self.entries))
+
+    @functools.cached_property
+    def size_of(self) -> dict[str, int]:
+        return dict(zip(self.paths, self.sizes))
 
     @functools.cached_property
     def shard_images(self) -> tuple[tuple[int, ...], ...]:
@@ -178,11 +182,14 @@ def _list_zip(url: str, fs, path: str):
 
 def fetch_objects(index: ImageIndex, fs, paths: list[str]) -> dict[str, bytes | BaseException]:
     """Whole images by their index paths, concurrently: objects (one GET each) or archive or shard members (one
-    ranged GET each). A failed fetch maps to its error, for the caller to retry or skip."""
+    ranged GET each). A failed fetch maps to its error, for the caller to retry or skip; an object or zip member
+    over ``MAX_MEMBER_BYTES`` (as listed) maps to a ``CorruptMember`` unfetched, skipped and counted."""
     if index.shards:
         return read_members_ranged(fs, index.shards, {path: index.entry_of[path] for path in paths})
     if index.archive is None:
-        return storage.cat_objects(fs, paths)
+        skipped = oversized({path: index.size_of.get(path, 0) for path in paths})
+        wanted = [path for path in paths if path not in skipped]
+        return {**skipped, **(storage.cat_objects(fs, wanted) if wanted else {})}
     return read_members(fs, index.archive, {path: index.entry_of[path] for path in paths})
 
 
