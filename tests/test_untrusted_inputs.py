@@ -1,6 +1,7 @@
 """Datasets scraped from the web or handed over by a third party (issue #23, items 2, 3 and 13): a crafted image,
-a file in another format under an image's name, a zip or gzip bomb and a manifest pointing elsewhere cost the
-bad input (skipped and counted) or one clear error, never the run, a program started or unbounded memory."""
+a file in another format under an image's name, a zip or gzip bomb, a manifest pointing elsewhere, a crafted
+dataset.json or label and an object too large for an image cost the bad input (skipped and counted) or one clear
+error, never the run, a program started or unbounded memory."""
 
 from __future__ import annotations
 
