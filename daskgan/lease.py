@@ -5,7 +5,10 @@ named after the run directory) and bumps its heartbeat counter every few seconds
 the check for a live holder and the write happen under distributed's ``Lock`` for the run, so of two drivers
 starting together exactly one gets it. A lease whose heartbeat has not moved for ``STALE_AFTER_INTERVALS``
 of its interval is stale (its driver was killed or cut off): a new driver takes it over, and ``attach``, ``runs``
-and ``status`` say so rather than wait on it.
+and ``status`` say so rather than wait on it. A driver beats and lets go only while the lease still carries its
+own token (compared and written in one step on the scheduler), so a driver that wakes after being taken over
+(a laptop asleep, a network cut) neither overwrites nor erases its successor's lease: it stops, and says who took
+the run.
 
 Rank 0 knows the lease of the driver that dispatched it (``driven``) and stops, after a checkpoint, once that
 lease is released (the driver ended, by Ctrl-C or an error), taken over by another driver, or silent for
@@ -106,7 +109,7 @@ class DriverLease:
                 held = _read(self._key, self.client)
                 raise RunActive(f"{self.run_url} is being trained by {held.get('driver')} (iteration "
                                 f"{held.get('iteration')}); stop it first (daskgan stop), or wait")
-            self._beat(0)
+            _write(self._key, self._lease(0), self.client)
         finally:
             lock.release()
         self._thread = threading.Thread(target=self._keep_beating, daemon=True, name="daskgan-driver-lease")
@@ -117,7 +120,15 @@ class DriverLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        _write(self._key, None, self.client)
+        self._write_if_held(None)
+
+    def ensure_held(self) -> None:
+        """Raise ``RunActive`` if another driver took the run over while this one was silent (asleep, cut off): its
+        ranks saw the new lease, wrote a checkpoint and stopped, and the run goes on under the other driver."""
+        taken_by = _taken_by(held_lease(self.client, self.run_url), self.token)
+        if taken_by is not None:
+            raise RunActive(f"{self.run_url} was taken over by driver {taken_by} while this driver was silent; "
+                            "it resumes from the checkpoint this driver's ranks wrote")
 
     def dispatched(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` as ranks of this driver: dispatch this, and they stop once this lease is released."""
@@ -127,15 +138,39 @@ class DriverLease:
         beat = 1
         while not self._stop.wait(self.interval_s):
             try:
-                self._beat(beat)
+                taken_by = _taken_by(self._write_if_held(self._lease(beat)), self.token)
+                if taken_by is not None:
+                    logger.warning("driver %s took over %s: this driver stops its heartbeat", taken_by, self.run_url)
+                    return
             except Exception as error:  # the scheduler gone for a moment: the ranks will judge by the timeout
                 logger.warning("driver heartbeat not sent: %s", error)
             beat += 1
 
-    def _beat(self, beat: int) -> None:
-        _write(self._key, {"beat": beat, "token": self.token, "run_url": self.run_url, "driver": self.driver,
-                           "iteration": self.iteration, "iterations": self.iterations, "interval_s": self.interval_s},
-               self.client)
+    def _lease(self, beat: int) -> dict:
+        return {"beat": beat, "token": self.token, "run_url": self.run_url, "driver": self.driver,
+                "iteration": self.iteration, "iterations": self.iterations, "interval_s": self.interval_s}
+
+    def _write_if_held(self, lease: dict | None) -> dict | None:
+        """Write the run's lease only while it still carries this driver's token; returns the lease found there.
+        One call on the scheduler, as cheap as a plain write."""
+        return self.client.run_on_scheduler(_compare_and_write, self._key, self.token, lease)
+
+
+def _taken_by(held: dict | None, token: str) -> str | None:
+    """Who took the run from the driver holding ``token``, given the lease on the scheduler; None: no one."""
+    if held is not None and held.get("token") == token:
+        return None
+    return held.get("driver") if held else "another driver, which has let go of it since"
+
+
+def _compare_and_write(key: list[str], token: str, lease: dict | None, dask_scheduler: Any = None) -> dict | None:
+    """On the scheduler: write ``lease`` at ``key`` if the lease there carries ``token``; returns the lease found.
+    Atomic without a lock: the scheduler runs it in one step of its event loop, between any two other writes
+    (the run's ``Lock`` would stall the heartbeat while a new driver, holding it, watches that heartbeat)."""
+    held = dask_scheduler.get_metadata(keys=key, default=None)
+    if _taken_by(held, token) is None:
+        dask_scheduler.set_metadata(keys=key, value=lease)
+    return held
 
 
 class _Driven:

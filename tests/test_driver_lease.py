@@ -4,6 +4,7 @@ against the session's scheduler and two worker processes."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
@@ -199,6 +200,98 @@ def test_two_drivers_starting_together_never_both_take_the_run(dask_client):
         for lease in taken:
             lease.release()
         assert len(taken) == 1, f"try {attempt}: {len(taken)} drivers took the run"
+
+
+class StallingClient:
+    """A driver's client whose calls stall while ``awake`` is clear: the driver's process asleep (a laptop lid
+    closed, a network cut) while the scheduler and the other clients go on."""
+
+    def __init__(self, client):
+        self.client, self.awake, self.returned = client, threading.Event(), 0
+        self.awake.set()
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.client, name)
+        if not inspect.ismethod(attribute):
+            return attribute
+
+        def stalled(*args, **kwargs):
+            self.awake.wait()
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                self.returned += 1
+
+        return stalled
+
+
+def test_a_driver_taken_over_while_asleep_neither_beats_nor_releases_the_new_drivers_lease(dask_client, caplog):
+    """Its heartbeat, sent on waking, overwrote the new driver's lease (both drivers' ranks then saw a foreign token
+    and stopped), and its release erased the lease of the driver that had taken the run."""
+    from daskgan.lease import DriverLease, RunActive, held_lease
+
+    run_url = "memory://taken-over-while-asleep"
+    asleep = StallingClient(dask_client)
+    first = DriverLease(asleep, run_url, 2.0)  # beats every 0.5 s: stale 1 s after it falls asleep
+    first.acquire()
+    asleep.awake.clear()
+    second = DriverLease(dask_client, run_url, 40.0)  # beats every 10 s: none while the first wakes
+    second.acquire()
+    assert held_lease(dask_client, run_url)["token"] == second.token
+    try:
+        try:
+            returned = asleep.returned
+            asleep.awake.set()
+            wait_for(lambda: asleep.returned > returned, 30, "the first driver's heartbeat sent on waking")
+            assert held_lease(dask_client, run_url)["token"] == second.token, "the woken driver overwrote the lease"
+        finally:
+            first.release()
+        assert held_lease(dask_client, run_url)["token"] == second.token, "the woken driver erased the lease"
+        with pytest.raises(RunActive, match=f"{run_url} was taken over by driver {second.driver}"):
+            first.ensure_held()
+        assert [r.getMessage() for r in caplog.records if "took over" in r.getMessage()] == [
+            f"driver {second.driver} took over {run_url}: this driver stops its heartbeat"]
+    finally:
+        second.release()
+    assert held_lease(dask_client, run_url) is None
+
+
+def test_a_driver_asleep_while_another_took_its_run_exits_with_one_line_on_waking(cli_run, dask_client):
+    """Woken, its heartbeat took the lease back from the driver that had taken the run over: that driver's ranks
+    then stopped too, and the woken driver ended as if its run had merely stopped."""
+    from daskgan.lease import held_lease, request_stop
+
+    start, run_url, options, _ = cli_run
+    first = start(100_000)
+    second = None
+    try:
+        wait_for(lambda: storage.exists(f"{run_url}/records", options) and load(run_url, options) is not None
+                 and len(load(run_url, options)) >= 10, 90, "records of the first client")
+        first.send_signal(signal.SIGSTOP)  # a laptop asleep: its ranks checkpoint and stop once it is silent
+        second = start(100_000)
+        wait_for(lambda: (held_lease(dask_client, run_url) or {}).get("driver", "").endswith(f":{second.pid}"), 90,
+                 "the second client taking the run")
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=90)
+        assert first.returncode == 2, err
+        assert err.splitlines()[-1].startswith(f"daskgan: {run_url} was taken over by driver "), err
+        assert err.splitlines()[-1].split(" while ")[0].endswith(f":{second.pid}"), err
+        taken_over_at = wait_for(lambda: newest_checkpoint(run_url, options), 60, "the first ranks' checkpoint")
+        wait_for(lambda: load(run_url, options)["iteration"].max() >= taken_over_at + 10, 150,
+                 "the second client's iterations")
+        assert held_lease(dask_client, run_url)["driver"].endswith(f":{second.pid}")
+        request_stop(dask_client, run_url)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 0, err
+    finally:  # drivers or ranks left running would hold the session's workers: end them
+        for driver in (first, second):
+            if driver is not None:
+                driver.send_signal(signal.SIGCONT)
+                driver.kill()
+        request_stop(dask_client, run_url, now=True)
+        wait_for(lambda: not any(dask_client.processing().values()), 60, "idle workers")
+    iterations = load(run_url, options)["iteration"].tolist()
+    assert iterations == list(range(1, len(iterations) + 1)), "none duplicated or missing"
 
 
 def test_stop_ends_a_run_after_a_checkpoint(cli_run):

@@ -63,6 +63,7 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
                 last_seen = lease.iteration = record["iteration"]
                 if on_record is not None:
                     on_record(record)
+            lease.ensure_held()  # taken over while silent: the ranks, seeing the new lease, checkpointed and stopped
             return dispatch.results(futures)[0]
         except (dispatch.WorkerLost, InfrastructureError) as failure:
             if isinstance(failure, InfrastructureError) and restart is None and last_seen == 0:
