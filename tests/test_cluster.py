@@ -234,21 +234,25 @@ def test_without_a_spec_a_command_uses_dask_scheduler_address(monkeypatch):
 
 # --- network exposure: what listens where, and who may talk to the scheduler -----------------------------------------
 
-def listening_addresses() -> set[str]:
-    """The IP addresses that this process and its children (a local cluster's workers) accept connections on."""
+def listening_sockets() -> set[tuple[str, int]]:
+    """The (IP address, port) pairs this process and its children (a local cluster's workers) accept connections on."""
     import psutil
 
     me = psutil.Process()
-    return {connection.laddr.ip for process in [me, *me.children(recursive=True)]
+    return {(connection.laddr.ip, connection.laddr.port) for process in [me, *me.children(recursive=True)]
             for connection in process.net_connections(kind="inet") if connection.status == psutil.CONN_LISTEN}
 
 
 def test_a_local_cluster_listens_on_loopback_only_dashboard_included():
+    """Only what the cluster opened counts: other tests' servers (the session's cluster, S3, a torch store) stay."""
     from daskgan.cluster import ClusterSpec, LocalSpec, connect
 
+    before = listening_sockets()
     with connect(ClusterSpec(local=LocalSpec(n_workers=1))) as client:
         assert client.dashboard_link
-        assert listening_addresses() <= {"127.0.0.1", "::1"}, "the dashboard served every interface"
+        opened = listening_sockets() - before
+    assert opened, "the cluster's own sockets were found"
+    assert {ip for ip, _ in opened} <= {"127.0.0.1", "::1"}, f"the cluster served every interface: {opened}"
 
 
 def test_a_tls_local_cluster_runs_tasks_over_tls_and_refuses_plain_tcp(tmp_path):
