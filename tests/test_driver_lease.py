@@ -256,6 +256,37 @@ def test_a_driver_taken_over_while_asleep_neither_beats_nor_releases_the_new_dri
     assert held_lease(dask_client, run_url) is None
 
 
+def test_a_driver_whose_ranks_ended_stops_following_while_another_drivers_records_stream_in(dask_client):
+    """A driver woken after another took its run over found its own ranks done, yet followed the records its
+    successor's ranks published on the run's topic for as long as they came faster than its poll."""
+    from daskgan.cluster.monitor import RunMonitor
+    from daskgan.run.records import topic
+
+    run_url = "memory://followed-by-two-drivers"
+    monitor = RunMonitor(dask_client, run_url)
+    ended = dask_client.submit(int, 0, pure=False)
+    ended.result()
+    futures = dispatch.RankFutures([ended], dispatch.worker_addresses(dask_client)[:1])
+    successor = threading.Event()
+
+    def successor_ranks() -> None:
+        iteration = 0
+        while not successor.wait(0.05):
+            iteration += 1
+            dask_client.log_event(topic(run_url), {"iteration": iteration})
+
+    threading.Thread(target=successor_ranks, daemon=True).start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            followed = pool.submit(lambda: sum(1 for _ in monitor.records(futures)))
+            try:
+                followed.result(timeout=30)
+            finally:
+                successor.set()
+    finally:
+        monitor.close()
+
+
 def test_a_driver_asleep_while_another_took_its_run_exits_with_one_line_on_waking(cli_run, dask_client):
     """Woken, its heartbeat took the lease back from the driver that had taken the run over: that driver's ranks
     then stopped too, and the woken driver ended as if its run had merely stopped."""
