@@ -266,13 +266,12 @@ def decoded_batch(images: list[bytes], resolution: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def delaying_proxy(target: str, delay_s: float) -> Iterator[str]:
-    """The tests' fault proxy adding ``delay_s`` to every request, in a process of its own: in this one, its
-    forwarding of every byte would take the GIL from the loader measured here (the peers' DataLoader workers are
-    processes of their own)."""
+def proxy_process(target: str, faults: Faults) -> Iterator[str]:
+    """The tests' fault proxy with ``faults``, in a process of its own: in this one, its forwarding of every byte
+    would take the GIL from the loader measured here (the peers' DataLoader workers are processes of their own)."""
     context = multiprocessing.get_context("spawn")
     answer, ready = context.Pipe()
-    process = context.Process(target=_serve_proxy, args=(target, delay_s, ready), daemon=True)
+    process = context.Process(target=_serve_proxy, args=(target, faults, ready), daemon=True)
     process.start()
     try:
         yield answer.recv()
@@ -281,8 +280,8 @@ def delaying_proxy(target: str, delay_s: float) -> Iterator[str]:
         process.join()
 
 
-def _serve_proxy(target: str, delay_s: float, ready) -> None:
-    with FaultProxy(target, Faults(delay_share=1.0, delay_s=delay_s)) as proxy:
+def _serve_proxy(target: str, faults: Faults, ready) -> None:
+    with FaultProxy(target, faults) as proxy:
         ready.send(proxy.endpoint_url)
         threading.Event().wait()
 
@@ -304,7 +303,7 @@ def measure(kind: str, count: int, server: LoopbackS3, rounds: int, shards: int)
 
     for _ in range(rounds):
         for column, delay in enumerate((0.0, LATENCY_S)):
-            with delaying_proxy(server.endpoint_url, delay) as proxy_url:
+            with proxy_process(server.endpoint_url, Faults(delay_share=1.0, delay_s=delay)) as proxy_url:
                 endpoint = proxy_url if delay else server.endpoint_url  # loopback: no proxy in between
                 via = {"endpoint_url": endpoint}
                 for name, url in (("daskgan per-object", urls["objects"]), ("daskgan zip", urls["zip"]),
