@@ -2,8 +2,10 @@
 
 A configurable share of requests (optionally only GETs of objects) is answered with ``503 SlowDown`` or
 ``500 InternalError`` (S3's XML error bodies), has its connection reset, or is delayed; the rest is forwarded to
-the real server unchanged. Counts of each outcome and of each HTTP method are kept for the test's figures, and the
-most requests it had in flight at once (``counts["most in flight"]``).
+the real server unchanged; or chosen objects fail their first GETs (``fail_first``). Counts of each outcome and of
+each HTTP method are kept for the test's figures, the most requests it had in flight at once
+(``counts["most in flight"]``), and the object GETs in the order they came with what each was answered
+(``object_gets``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class Faults:
     delay_share: float = 0.0  # answered after ``delay_s``
     delay_s: float = 0.5
     only_object_gets: bool = False
+    fail_first: dict[str, int] = field(default_factory=dict)  # object path -> its first GETs answered 500
     seed: int = 0
     counts: Counter = field(default_factory=Counter)
+    object_gets: list[tuple[str, str | int]] = field(default_factory=list)  # (path, outcome), in arrival order
 
 
 class FaultProxy:
@@ -73,6 +77,8 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = proxy._choose(self.command, self.path)
                 proxy.faults.counts[fault or "forwarded"] += 1
+                if self.command == "GET" and "?" not in self.path:
+                    proxy.faults.object_gets.append((self.path, fault or "forwarded"))
                 proxy.faults.counts[self.command] += 1
                 if self.headers.get("Range"):
                     proxy.faults.counts[f"ranged {self.command}"] += 1
@@ -120,9 +126,13 @@ class FaultProxy:
 
     def _choose(self, method: str, path: str) -> str | int | None:
         faults = self.faults
-        if faults.only_object_gets and (method != "GET" or "?" in path):
+        is_object_get = method == "GET" and "?" not in path
+        if faults.only_object_gets and not is_object_get:
             return None
         with self._lock:
+            if is_object_get and faults.fail_first.get(path.lstrip("/"), 0) > 0:
+                faults.fail_first[path.lstrip("/")] -= 1
+                return 500
             roll = self._random.random()
             status = self._random.choice([503, 500])
         if roll < faults.error_share:

@@ -293,3 +293,46 @@ def test_enough_gets_are_in_flight_to_hide_first_byte_latency(s3_server, shapes_
         assert faults.counts["most in flight"] > 10, f"more than botocore's pool of 10: {faults.counts}"
     else:
         assert faults.counts["most in flight"] <= connections, faults.counts
+
+
+def test_an_image_waiting_for_its_retry_holds_up_no_fetch_behind_it(s3_server, shapes_in_bucket):
+    """The first image of the epoch fails its first 4 GETs: the next chunks' images are fetched while it waits
+    for its retries (before, every image behind a failed one waited for its retry to end), and each failure
+    is the stream's own retry, not botocore's too (their sleeps multiplied)."""
+    bucket, options = shapes_in_bucket(32)
+    index = index_images(f"{bucket}/data", options)
+    first = index.paths[0]  # unshuffled: the first entry of the first chunk of 8
+    faults = Faults(fail_first={first: 4}, only_object_gets=True)
+    with FaultProxy(s3_server.endpoint_url, faults) as proxy:
+        config = DataConfig(url=f"{bucket}/data", storage_options={**options, "endpoint_url": proxy.endpoint_url},
+                            resolution=16, batch_size=8, shuffle=False)
+        stream = ImageStream(index, config, epochs=1)
+        try:
+            batches = list(stream)
+        finally:
+            stream.close()
+    assert len(batches) == 4 and stream.skipped == 0
+    arrivals = [path.lstrip("/") for path, _ in faults.object_gets]
+    its_gets = [n for n, path in enumerate(arrivals) if path == first]
+    before_its_answer = arrivals[:its_gets[-1]]
+    assert set(before_its_answer) & set(index.paths[8:]), f"later chunks waited for its retries: {arrivals}"
+    assert stream.retried == 4 and arrivals.count(first) == 5, "one GET per try: botocore does not retry too"
+
+
+def test_storage_that_answers_only_errors_stops_the_stream_naming_the_dataset(s3_server, shapes_in_bucket):
+    """Retrying image by image still gives up: after its tries (``retry_tries`` of botocore's 5 attempts each,
+    which the stream makes itself) or its time."""
+    from daskgan.errors import StorageUnavailable
+
+    bucket, options = shapes_in_bucket(16)
+    index = index_images(f"{bucket}/data", options)
+    with FaultProxy(s3_server.endpoint_url, Faults(error_share=1.0, only_object_gets=True)) as proxy:
+        config = DataConfig(url=f"{bucket}/data", storage_options={**options, "endpoint_url": proxy.endpoint_url},
+                            resolution=16, batch_size=8, retry_tries=1, retry_seconds=60)
+        stream = ImageStream(index, config)
+        try:
+            with pytest.raises(StorageUnavailable, match=f"under {bucket}/data: still failing after 5 tries"):
+                next(stream)
+        finally:
+            stream.close()
+    assert stream.skipped == 0

@@ -199,31 +199,38 @@ Settled = Union[bytes, FileNotFoundError, CorruptMember]
 
 def fetch_settled(url: str, fetch: Fetch, paths: list[str], backoff: storage.Backoff
                   ) -> tuple[dict[str, Settled], int]:
-    """``fetch(paths)`` until every image is settled: its bytes, or a sign that it is gone (a vanished object,
-    a corrupt archive member), which callers skip and count. Throttling, server errors and resets are fetched
-    again after ``backoff`` (``StorageUnavailable`` once it is used up), never taken for a bad image; refused
-    credentials raise at once, explained with ``url``. Also returns how many fetches were tried again."""
-    settled: dict[str, Settled] = {}
+    """``fetch(paths)`` until every image is settled (see ``settled``), the failed ones fetched again after
+    ``backoff`` (``StorageUnavailable`` once it is used up). Also returns how many fetches were tried again."""
+    settled_paths: dict[str, Settled] = {}
     retried = 0
     while paths:
         fetched = fetch(paths)
         failed = {}
         for path in paths:
-            value = fetched.get(path, FileNotFoundError(path))
-            if isinstance(value, (bytes, FileNotFoundError, CorruptMember)):
-                settled[path] = value
-            elif storage.is_transient(value):
-                failed[path] = value
-            else:  # refused credentials (named with the dataset's URL), or a bug: not worth retrying
-                explained = storage.explained_error(url, value)
-                if explained is value:
-                    raise value
-                raise explained from value
+            value = settled(url, fetched.get(path, FileNotFoundError(path)))
+            if value is None:
+                failed[path] = fetched[path]
+            else:
+                settled_paths[path] = value
         paths = list(failed)
         if paths:
             retried += len(paths)
             backoff.wait(f"reading {len(paths)} images under {url}", next(iter(failed.values())))
-    return settled, retried
+    return settled_paths, retried
+
+
+def settled(url: str, value: bytes | BaseException) -> Settled | None:
+    """A fetched image's outcome: its bytes, or a sign that it is gone (a vanished object, a corrupt archive
+    member), which callers skip and count; None for throttling, server errors and resets, to fetch again, never
+    taken for a bad image. Refused credentials raise, explained with ``url``."""
+    if isinstance(value, (bytes, FileNotFoundError, CorruptMember)):
+        return value
+    if storage.is_transient(value):
+        return None
+    explained = storage.explained_error(url, value)  # refused credentials, or a bug: not worth retrying
+    if explained is value:
+        raise value
+    raise explained from value
 
 
 def _sizes(listing: dict[str, dict], paths: list[str]) -> tuple[int, ...]:

@@ -1,9 +1,10 @@
 """One rank's training batches, streamed from any fsspec URL and fetched ahead of the training step.
 
-- ``ImageStream`` is an endless iterator of batches for one rank: a background thread fetches many objects at
-  once (s3fs ``cat`` of a list runs the GETs concurrently), hands them to the rank's decoder (threads or
-  processes, see ``decoders``) while it fetches the next chunk, and keeps a bounded queue of ready batches, so
-  storage latency and decoding hide behind compute. Unreadable objects are skipped, counted and logged once.
+- ``ImageStream`` is an endless iterator of batches for one rank: a background thread keeps many objects being
+  fetched at once, each on its own (a ``FetchWindow``: an image waiting for its retry holds up only itself), hands
+  them a chunk at a time to the rank's decoder (threads or processes, see ``decoders``), and keeps a bounded
+  queue of ready batches, so storage latency and decoding hide behind compute. Unreadable objects are skipped,
+  counted and logged once.
 - Its position (epoch, index within the rank's shard) is part of every batch, so a checkpoint can resume the
   stream exactly where it stopped.
 - Tar shards are read whole, a window of them at a time, by a ``ShardReader`` (see ``shards``); the epoch's order
@@ -18,7 +19,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -26,8 +27,9 @@ from daskgan.config import DataConfig
 from daskgan.data.cache import DiskCache
 from daskgan.data.decode import to_unit_range
 from daskgan.data.decoders import Decoder, PendingChunk, decode_plan
-from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled, shard_indices
+from daskgan.data.index import ImageIndex, Settled, fetch_objects, fetch_settled, shard_indices
 from daskgan.data.shards import ShardReader, Window, epoch_windows
+from daskgan.data.window import FetchWindow
 from daskgan.run import storage
 
 logger = logging.getLogger(__name__)
@@ -70,13 +72,13 @@ class ImageStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.skipped = 0  # distinct objects that could not be read or decoded
         self.images_read = 0
-        self.retried = 0  # fetches tried again after a transient storage error
-        self._fs, _ = storage.filesystem(index.url, storage.with_read_connections(index.url, config.storage_options))
+        self._fs, _ = storage.filesystem(index.url, storage.for_reading_many(index.url, config.storage_options))
         self._bad: set[int] = set()
         self._cache = DiskCache(config.cache_dir, _bytes(config.cache_max_gb)) if config.cache_dir else None
         self._sizes = dict(zip(index.paths, index.sizes))
         self._reader = (ShardReader(self._fs, index.shards, index.entry_of, ahead=config.shuffle_shards)
                         if index.shards else None)
+        self._fetcher = self._make_fetcher()
         self._planned: tuple[int, list[Window]] | None = None  # the last epoch's shard windows worked out
         plan = decode_plan(config.decode_processes, config.decode_threads, on_gpu,
                            image_bytes=config.channels * config.resolution ** 2)
@@ -105,6 +107,7 @@ class ImageStream:
 
     def close(self) -> None:
         self._stop.set()
+        self._fetcher.close()  # wakes the producer if it waits for an image
         while self._thread.is_alive():
             try:
                 self._queue.get_nowait()
@@ -113,6 +116,20 @@ class ImageStream:
         if self._reader is not None:
             self._reader.close()
         self._decoder.close()
+
+    @property
+    def retried(self) -> int:
+        """Fetches tried again after a transient storage error."""
+        return self._fetcher.retried
+
+    def _make_fetcher(self) -> FetchWindow | _FetchNow:
+        """Objects and zip members: a window of ``fetch_batch`` single fetches; tar shards: the chunk's members,
+        from the shards a ``ShardReader`` reads whole (it keeps its own window of shard GETs)."""
+        tries = self.config.retry_tries * storage.CLIENT_ATTEMPTS_PER_TRY
+        if self._reader is not None:
+            return _FetchNow(self.index.url, self._reader.read, tries, self.config.retry_seconds)
+        return FetchWindow(self.index.url, functools.partial(fetch_objects, self.index, self._fs),
+                           self.config.fetch_batch or self.config.batch_size, tries, self.config.retry_seconds)
 
     def _produce(self, start: StreamPosition) -> None:
         try:
@@ -133,18 +150,23 @@ class ImageStream:
         """Emit the epoch's full batches from ``offset`` on (the tail that does not fill a batch is dropped, unless
         ``drop_last`` is off).
 
-        Chunks of ``data.fetch_batch`` entries are fetched and handed to the decoder one ahead of the chunk being
-        batched, so fetching, decoding and batching overlap. With ``data.mirror`` the epoch holds every image twice,
-        entries n.. being the x-flipped copies (NVlabs' ``--mirror``); an image fetched for one copy serves both."""
+        Chunks of ``data.fetch_batch`` entries are requested from the fetcher up to ``AHEAD_CHUNKS`` ahead of the
+        one being decoded, and handed to the decoder one ahead of the chunk being batched, so fetching, decoding
+        and batching overlap, and images waiting for a retry hold up no fetch behind them. With ``data.mirror``
+        the epoch holds every image twice, entries n.. being the x-flipped copies (NVlabs' ``--mirror``); an
+        image fetched for one copy serves both."""
         order = self._epoch_order(epoch, offset)
         chunk_size = self.config.fetch_batch or self.config.batch_size
-        waiting, in_flight, emitted = _Rows(), deque(), offset > 0
-        while (offset < len(order) or in_flight) and not self._stop.is_set():
-            if offset < len(order):
-                in_flight.append(self._start_chunk(order[offset:offset + chunk_size], offset))
+        ahead = AHEAD_CHUNKS * chunk_size if isinstance(self._fetcher, FetchWindow) else 0
+        waiting, requested, decoding, emitted = _Rows(), deque(), deque(), offset > 0
+        while (offset < len(order) or requested or decoding) and not self._stop.is_set():
+            while offset < len(order) and (not requested or len(self._fetcher) < ahead):
+                requested.append(self._request_chunk(order[offset:offset + chunk_size], offset))
                 offset = min(offset + chunk_size, len(order))
-            if len(in_flight) > 1 or offset >= len(order):
-                waiting.add(*self._finish_chunk(in_flight.popleft()))
+            if requested:
+                decoding.append(self._decode_chunk(requested.popleft()))
+            if len(decoding) > 1 or (offset >= len(order) and not requested):
+                waiting.add(*self._finish_chunk(decoding.popleft()))
                 while len(waiting) >= self.config.batch_size:
                     self._put(waiting.take(self.config.batch_size, epoch))
                     emitted = True
@@ -173,17 +195,38 @@ class ImageStream:
                                                   self.config.mirror))
         return self._planned[1]
 
-    def _start_chunk(self, entries: list[int], first: int) -> _Chunk:
-        """Fetch the images of epoch entries ``first``.. (those not known to be unreadable) and start decoding them,
-        in the order the entries first name them (so a chunk without mirrored copies or failures needs no
-        reordering)."""
+    def _request_chunk(self, entries: list[int], first: int) -> _Requested:
+        """Ask for the images of epoch entries ``first``.. (those not known to be unreadable), from the local
+        cache or the fetcher, in the order the entries first name them (so a chunk without mirrored copies or
+        failures needs no reordering)."""
         count = len(self.index)
         images = [i for i in dict.fromkeys(entry % count for entry in entries) if i not in self._bad]
-        raw = self._fetch_bytes([self.index.paths[i] for i in images])
-        fetched = {i: raw[self.index.paths[i]] for i in images}
-        readable = [i for i, data in fetched.items() if isinstance(data, bytes)]
-        unreadable = {i: _reason(data) for i, data in fetched.items() if not isinstance(data, bytes)}
-        return _Chunk(entries, first, readable, unreadable, self._decoder.submit([fetched[i] for i in readable]))
+        cached = {}
+        if self._cache is not None:
+            for image in images:
+                data = self._cache.read(self._cache_key(image), self._sizes.get(self.index.paths[image], 0))
+                if data is not None:
+                    cached[image] = data
+        missing = [i for i in images if i not in cached]
+        return _Requested(entries, first, images, cached, missing,
+                          self._fetcher.request([self.index.paths[i] for i in missing]))
+
+    def _decode_chunk(self, chunk: _Requested) -> _Chunk:
+        """Wait for the chunk's images (only those) and start decoding the readable ones; fetched ones are
+        cached."""
+        fetched = {**chunk.cached, **dict(zip(chunk.missing, self._fetcher.take(chunk.tickets)))}
+        if self._cache is not None:
+            for image in chunk.missing:
+                if isinstance(fetched[image], bytes):
+                    self._cache.write(self._cache_key(image), fetched[image],
+                                      self._sizes.get(self.index.paths[image], 0))
+        readable = [i for i in chunk.images if isinstance(fetched[i], bytes)]
+        unreadable = {i: _reason(fetched[i]) for i in chunk.images if not isinstance(fetched[i], bytes)}
+        return _Chunk(chunk.entries, chunk.first, readable, unreadable,
+                      self._decoder.submit([fetched[i] for i in readable]))
+
+    def _cache_key(self, image: int) -> str:
+        return self.index.object_key(self.index.paths[image])
 
     def _finish_chunk(self, chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The chunk's images in entry order (flipped for mirrored entries), their labels and the epoch offset
@@ -215,28 +258,6 @@ class ImageStream:
         logger.warning("skipping unreadable image %s (%s); %d skipped so far", self.index.paths[image], why,
                        self.skipped)
 
-    def _fetch_bytes(self, paths: list[str]) -> dict[str, bytes | BaseException]:
-        """Fetch objects (or archive members) concurrently, through the local cache when one is set.
-
-        A vanished object or a corrupt member comes back as its error (skipped and counted by the caller);
-        transient failures are retried within ``data.retry_tries``/``retry_seconds`` (see ``fetch_settled``)."""
-        result: dict[str, bytes | BaseException] = {}
-        if self._cache is not None:
-            for path in paths:
-                data = self._cache.read(self.index.object_key(path), self._sizes.get(path, 0))
-                if data is not None:
-                    result[path] = data
-        missing = [p for p in paths if p not in result]
-        fetch = self._reader.read if self._reader else functools.partial(fetch_objects, self.index, self._fs)
-        fetched, retried = fetch_settled(self.index.url, fetch, missing,
-                                         storage.Backoff(self.config.retry_tries, self.config.retry_seconds))
-        self.retried += retried
-        if self._cache is not None:
-            for path, value in fetched.items():
-                if isinstance(value, bytes):
-                    self._cache.write(self.index.object_key(path), value, self._sizes.get(path, 0))
-        return {**result, **fetched}
-
     def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():
             try:
@@ -244,6 +265,45 @@ class ImageStream:
                 return
             except queue.Full:
                 continue
+
+
+AHEAD_CHUNKS = 4  # chunks of images being fetched ahead of the one being decoded (a window of objects)
+
+
+class _FetchNow:
+    """The fetcher of tar-shard members: a chunk's images fetched when requested (retrying the failed ones
+    after a backoff), taken as they are."""
+
+    def __init__(self, url: str, read: Callable[[list[str]], dict], tries: int, seconds: float):
+        self._url, self._read, self._tries, self._seconds = url, read, tries, seconds
+        self.retried = 0
+
+    def __len__(self) -> int:
+        return 0
+
+    def request(self, paths: list[str]) -> list[Settled]:
+        fetched, retried = fetch_settled(self._url, self._read, paths, storage.Backoff(self._tries, self._seconds))
+        self.retried += retried
+        return [fetched[path] for path in paths]
+
+    def take(self, fetched: list[Settled]) -> list[Settled]:
+        return fetched
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Requested:
+    """Epoch entries ``first``.. asked for: their images, those read from the local cache, and the fetcher's
+    tickets for the others (``missing``)."""
+
+    entries: list[int]
+    first: int
+    images: list[int]
+    cached: dict[int, bytes]
+    missing: list[int]
+    tickets: list
 
 
 @dataclass

@@ -63,15 +63,25 @@ class Backoff:
 
     def wait(self, what: str, error: BaseException) -> None:
         """Sleep before the next try, or raise ``StorageUnavailable`` once the tries or the time are used up."""
+        delay = self.next_delay(what, error)
+        logger.warning("%s: %s (%s); retry %d in %.1fs", what, type(error).__name__, first_line(error),
+                       self.failures, delay)
+        time.sleep(delay)
+
+    def next_delay(self, what: str, error: BaseException, in_a_row: int | None = None) -> float:
+        """The wait before the next try (``StorageUnavailable`` once the tries or the time are used up).
+
+        The wait grows with this operation's failures, and no faster than ``in_a_row``, the storage's failures in
+        a row (any answer resets them) where a window of fetches keeps count: under random throttling an unlucky
+        image then waits as little as the others, while a storage that answers nothing sees every wait grow."""
         self.failures += 1
-        delay = random.uniform(0, min(self.cap_s, self.base_s * 2 ** (self.failures - 1)))
+        exponent = self.failures if in_a_row is None else min(self.failures, in_a_row)
+        delay = random.uniform(0, min(self.cap_s, self.base_s * 2 ** min(exponent - 1, 32)))
         elapsed = time.monotonic() - self._started
         if self.failures >= self.tries or elapsed + delay > self.max_seconds:
             raise StorageUnavailable(f"{what}: still failing after {self.failures} tries in {elapsed:.0f}s "
                                      f"({type(error).__name__}: {first_line(error)})") from error
-        logger.warning("%s: %s (%s); retry %d in %.1fs", what, type(error).__name__, first_line(error),
-                       self.failures, delay)
-        time.sleep(delay)
+        return delay
 
 
 def retrying(function: Operation) -> Operation:
@@ -111,18 +121,26 @@ def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple
 
 
 S3_READ_CONNECTIONS = 64
+# one try of ``data.retry_tries`` used to be botocore's attempts of a request (its legacy mode's 5), which a
+# stream's filesystem now leaves to the stream (see ``for_reading_many``)
+CLIENT_ATTEMPTS_PER_TRY = 5
 
 
-def with_read_connections(url: str, storage_options: StorageOptions | None) -> StorageOptions:
-    """``storage_options`` for reading many objects of an S3 bucket at once: botocore's pool holds 10 connections,
-    so at 100 ms to a first byte a rank would read at most 100 objects/s (measured through a delaying proxy: 116
-    images/s with 10, 474 with 64, where the server's own rate capped it). An explicit
-    ``config_kwargs.max_pool_connections`` wins; other stores are left as they are."""
+def for_reading_many(url: str, storage_options: StorageOptions | None) -> StorageOptions:
+    """``storage_options`` for a stream reading many objects of an S3 bucket at once.
+
+    botocore's pool holds 10 connections, so at 100 ms to a first byte a rank would read at most 100 objects/s
+    (measured through a delaying proxy: 116 images/s with 10, 474 with 64, where the server's own rate capped it).
+    And botocore's retries are off: it sleeps (up to 1, 2, 4, 8 s) inside the request, holding the stream's slot,
+    and under the stream's own retries its sleeps multiplied (20% of GETs failing: 7x slower than without, see
+    ``benchmarks/throttle.py``); the stream retries each image itself, keeping its other fetches going meanwhile.
+    An explicit ``config_kwargs.max_pool_connections`` or ``retries`` wins; other stores are left as they are."""
     options = dict(storage_options or {})
     if urlsplit(url).scheme not in ("s3", "s3a"):
         return options
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("max_pool_connections", S3_READ_CONNECTIONS)
+    config.setdefault("retries", {"total_max_attempts": 1})
     return {**options, "config_kwargs": config}
 
 
