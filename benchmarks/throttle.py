@@ -109,7 +109,8 @@ def main() -> None:
     unthrottled = statistics.median(run.rate for run in runs[shares[0]])
     print(f"\nper-object stream, {args.images} images of {RESOLUTION} px, {EPOCHS} epochs, through the fault proxy; "
           f"images/s from the stream's start, median of {args.rounds} rounds (range); x: of the {shares[0]:.0%} rate"
-          f"\n\n| object GETs failing | images delivered | seconds | images/s | x | ended by |\n|---|---|---|---|---|---|")
+          f"\n\n| object GETs failing | images delivered | seconds | images/s | x | ended by |\n"
+          f"|---|---|---|---|---|---|")
     for share in shares:
         print(row(share, runs[share], unthrottled))
 

@@ -1,10 +1,11 @@
 """A window of single-image fetches that stays full while some images wait for their retry.
 
 Throttled storage (S3's 503 SlowDown, a 500 now and then) fails a share of requests at random. Fetching a chunk of
-images together and retrying its failed ones held every image behind them until the slowest retry ended (20% of
-GETs failing made the per-object stream 7 to 28 times slower). Here each image is fetched on its own, at most
-``in_flight`` at a time, the earliest requested first; an image that fails transiently gives its slot back while it
-waits for its retry, and the images after it are fetched meanwhile, so a caller waits only for the images it takes.
+images together and retrying its failed ones holds every image behind them until the slowest retry ends (see
+``benchmarks/throttle.py``: with 20% of GETs failing, several times slower). Here each image is fetched on its
+own, at most ``in_flight`` at a time, the earliest requested first; an image that fails transiently gives its slot
+back while it waits for its retry, and the images after it are fetched meanwhile, so a caller waits only for the
+images it takes.
 
 A retry's wait grows with the storage's failures in a row (any answer resets them), not with the image's own:
 under random throttling the storage keeps answering and the waits stay short; a storage that answers nothing sees

@@ -132,8 +132,8 @@ def for_reading_many(url: str, storage_options: StorageOptions | None) -> Storag
     botocore's pool holds 10 connections, so at 100 ms to a first byte a rank would read at most 100 objects/s
     (measured through a delaying proxy: 116 images/s with 10, 474 with 64, where the server's own rate capped it).
     And botocore's retries are off: it sleeps (up to 1, 2, 4, 8 s) inside the request, holding the stream's slot,
-    and under the stream's own retries its sleeps multiplied (20% of GETs failing: 7x slower than without, see
-    ``benchmarks/throttle.py``); the stream retries each image itself, keeping its other fetches going meanwhile.
+    and under the stream's own retries its sleeps multiply (see ``benchmarks/throttle.py``); the stream retries
+    each image itself, keeping its other fetches going meanwhile.
     An explicit ``config_kwargs.max_pool_connections`` or ``retries`` wins; other stores are left as they are."""
     options = dict(storage_options or {})
     if urlsplit(url).scheme not in ("s3", "s3a"):
