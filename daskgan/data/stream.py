@@ -75,7 +75,6 @@ class ImageStream:
         self._fs, _ = storage.filesystem(index.url, storage.for_reading_many(index.url, config.storage_options))
         self._bad: set[int] = set()
         self._cache = DiskCache(config.cache_dir, _bytes(config.cache_max_gb)) if config.cache_dir else None
-        self._sizes = dict(zip(index.paths, index.sizes))
         self._reader = (ShardReader(self._fs, index.shards, index.entry_of, ahead=config.shuffle_shards)
                         if index.shards else None)
         self._fetcher = self._make_fetcher()
@@ -204,7 +203,7 @@ class ImageStream:
         cached = {}
         if self._cache is not None:
             for image in images:
-                data = self._cache.read(self._cache_key(image), self._sizes.get(self.index.paths[image], 0))
+                data = self._cache.read(self._cache_key(image), self.index.size_of.get(self.index.paths[image], 0))
                 if data is not None:
                     cached[image] = data
         missing = [i for i in images if i not in cached]
@@ -219,7 +218,7 @@ class ImageStream:
             for image in chunk.missing:
                 if isinstance(fetched[image], bytes):
                     self._cache.write(self._cache_key(image), fetched[image],
-                                      self._sizes.get(self.index.paths[image], 0))
+                                      self.index.size_of.get(self.index.paths[image], 0))
         readable = [i for i in chunk.images if isinstance(fetched[i], bytes)]
         unreadable = {i: _reason(fetched[i]) for i in chunk.images if not isinstance(fetched[i], bytes)}
         return _Chunk(chunk.entries, chunk.first, readable, unreadable,
