@@ -24,6 +24,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/loader_step.py
+	$(BIN)/python benchmarks/throttle.py
 
 # loaders side by side with WebDataset and Mosaic Streaming, installed beside the CPU torch without their torch pins
 bench-loaders: $(BIN)/.installed
