@@ -85,6 +85,14 @@ class RankFailure:
         self.error = error
 
 
+RANK_KEY_PREFIX = "ddp-"  # task keys of ranks: ddp-<function name>-<dispatch id>-rank-<rank>
+
+
+def is_rank_of(key: Any, function_name: str) -> bool:
+    """Whether the task ``key`` is a rank that ``run`` dispatched for a function named ``function_name``."""
+    return isinstance(key, str) and key.startswith(f"{RANK_KEY_PREFIX}{function_name}-")
+
+
 class RankFutures(list):
     """The futures of one dispatch, index = rank, remembering the worker each rank is pinned to."""
 
@@ -140,7 +148,7 @@ def run(
             master_addr=master_addr, master_port=master_port, backend=backend, timeout=timeout,
             pass_local_rank=pass_local_rank, rendezvous=f"daskgan-rendezvous-{dispatch_id}",
             workers=[address], allow_other_workers=False, pure=False,
-            key=f"ddp-{getattr(fn, '__name__', 'fn')}-{dispatch_id}-rank-{rank}",
+            key=f"{RANK_KEY_PREFIX}{getattr(fn, '__name__', 'fn')}-{dispatch_id}-rank-{rank}",
         )
         for rank, address in enumerate(addresses)
     ], addresses)

@@ -416,45 +416,11 @@ def test_a_daskjob_runner_trains_on_the_scheduler_the_operator_names(cli_run, da
     assert load(run_url, options)["iteration"].tolist() == list(range(1, 13))
 
 
-@pytest.fixture
-def own_cluster(s3_server, tmp_path):
-    """A scheduler and 2 workers as processes of their own (the session's scheduler must not be killed); returns
-    start() -> (scheduler address, [scheduler, worker, worker] processes), started again at the same address."""
-    from daskgan.dispatch import free_port
-
-    port = free_port()
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    started: list[subprocess.Popen] = []
-    log = open(tmp_path / "cluster.log", "a")
-
-    def process(*args: str) -> subprocess.Popen:
-        started.append(subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=log, env=env))
-        return started[-1]
-
-    def start():
-        from distributed import Client
-
-        address = f"tcp://127.0.0.1:{port}"
-        scheduler = process("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-                            "--dashboard-address", ":0")
-        workers = [process("distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1")
-                   for _ in range(2)]
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
-        return address, [scheduler, *workers]
-
-    yield start
-    for running in started:
-        running.kill()
-        running.wait()
-    log.close()
-
-
 def test_a_detached_run_whose_scheduler_dies_stays_at_its_checkpoint_and_resumes(cli_run, own_cluster, tmp_path):
     """README: the detached driver lives in the scheduler; if it dies, the workers lose the cluster too (no orphans)
     and the run stays at its last checkpoint; the next `daskgan train` resumes it."""
     start, run_url, options, _ = cli_run
-    address, processes = own_cluster()
+    address, processes = own_cluster.start()
     spec = tmp_path / "own.yaml"
     spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": address}}))
     job = start.write_job(100_000)
@@ -475,7 +441,7 @@ def test_a_detached_run_whose_scheduler_dies_stays_at_its_checkpoint_and_resumes
     interrupted = run_status(run_url, options)
     assert interrupted["state"] == "interrupted" and interrupted["iteration"] >= kept, interrupted
 
-    address, _ = own_cluster()
+    address, _ = own_cluster.start()
     resumed = daskgan_process("train", str(start.write_job(kept + 15)), "--cluster", str(spec), "--no-progress")
     out, err = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, err

@@ -17,6 +17,7 @@ from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
 from daskgan.errors import InfrastructureError
 from daskgan.lease import DriverLease, clear_stop
+from daskgan.preemption import watch_for_notices
 from daskgan.training.loop import train_gan
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     lease = DriverLease(client, config.output.run_url, config.recovery.driver_timeout_s, config.train.iterations)
     lease.acquire()  # a run another live client drives is refused here
     clear_stop(client, config.output.run_url)
+    watch_for_notices(client, config.recovery.notice_grace_s)
     try:
         return _drive(client, config, lease, world_size, on_record, timeout)
     except KeyboardInterrupt:
@@ -52,8 +54,9 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
 
 def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: int,
            on_record: Callable[[dict[str, Any]], None] | None, timeout: float) -> dict[str, Any]:
-    """Dispatch, follow the records, and re-dispatch after a lost worker or a storage outage (see ``run_job``)."""
-    job, restart, restarts = config, None, 0
+    """Dispatch, follow the records, and re-dispatch after a lost worker, a storage outage or a preemption (see
+    ``run_job``). Preemptions are not failures: they do not count against ``recovery.max_restarts``."""
+    job, restart, restarts, failures = config, None, 0, 0
     while True:
         last_seen = 0
         monitor = RunMonitor(client, config.output.run_url)
@@ -64,19 +67,32 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
                 if on_record is not None:
                     on_record(record)
             lease.ensure_held()  # taken over while silent: the ranks, seeing the new lease, checkpointed and stopped
-            return dispatch.results(futures)[0]
-        except (dispatch.WorkerLost, InfrastructureError) as failure:
+            summary = dispatch.results(futures)[0]
+            if not summary.get("preempted"):
+                return summary
+            raise Preempted(summary["preempted"])
+        except (dispatch.WorkerLost, InfrastructureError, Preempted) as failure:
             if isinstance(failure, InfrastructureError) and restart is None and last_seen == 0:
                 raise  # storage that never answered this driver: a wrong URL or endpoint, more likely than an outage
             restarts += 1
-            if restarts > config.recovery.max_restarts:
+            failures += not isinstance(failure, Preempted)
+            if failures > config.recovery.max_restarts:
                 raise RuntimeError(f"giving up after {config.recovery.max_restarts} restarts") from failure
-            logger.warning("%s; restart %d of at most %d, from the newest checkpoint", failure, restarts,
-                           config.recovery.max_restarts)
+            logger.warning("%s; restart %d, from the newest checkpoint", failure, restarts)
             job = wait_to_restart(client, config, job, failure, restarts, world_size)
-            restart = {"restart": restarts, "cause": str(failure), "last_iteration": last_seen}
+            restart = {"restart": restarts, "cause": str(failure), "last_iteration": last_seen,
+                       **({"notice_to_checkpoint_s": failure.seconds} if isinstance(failure, Preempted) else {})}
         finally:
             monitor.close()
+
+
+class Preempted(Exception):
+    """Workers of the run were given notice (``daskgan.preemption``): its ranks checkpointed and stopped."""
+
+    def __init__(self, notice: dict[str, Any]):
+        self.workers, self.seconds = notice["workers"], round(notice["notice_to_checkpoint_s"], 2)
+        super().__init__(f"preempted: worker {', '.join(self.workers)} given notice; the checkpoint at iteration "
+                         f"{notice['iteration']} was durable {self.seconds:.1f} s after it")
 
 
 def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, failure: Exception, restarts: int,
@@ -84,6 +100,9 @@ def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, failure: 
     """Wait for what failed to come back; returns the job to re-dispatch. Lost workers: until they are replaced
     (``wait_for_workers``). Storage: a wait that doubles with each restart, up to ``wait_for_workers_s``, since
     an outage that outlasted the ranks' own retries is likely to last a while longer."""
+    if isinstance(failure, Preempted):
+        return restart_config(config, wait_for_workers(client, world_size, failure.workers, config.recovery),
+                              world_size)
     if isinstance(failure, dispatch.WorkerLost):
         gone = failure.workers if failure.confirmed else []  # a silent worker may still be there: do not wait it out
         return restart_config(config, wait_for_workers(client, world_size, gone, config.recovery), world_size)

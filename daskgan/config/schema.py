@@ -265,18 +265,22 @@ class MetricsConfig:
 
 @dataclass
 class RecoveryConfig:
-    """What the client does when a worker is lost mid-run (process killed, pod preempted)."""
+    """What the client does when a worker is lost mid-run (process killed) or given notice (pod preempted)."""
 
     max_restarts: int = 3
     wait_for_workers_s: float = 300.0  # how long to wait for the cluster to offer the workers again
     min_workers: Optional[int] = None  # after that wait, continue with this many (global batch kept) instead of failing
     driver_timeout_s: float = 120.0  # ranks whose driver's heartbeat stopped this long ago checkpoint and stop
+    # a worker given notice (SIGTERM, eviction) waits this long at most for its run's checkpoint before it leaves;
+    # the platform's own grace period (Kubernetes' terminationGracePeriodSeconds) must be at least as long
+    notice_grace_s: float = 120.0
 
     def validate(self) -> None:
         require(self.max_restarts >= 0, "recovery.max_restarts", "must be >= 0")
         require(self.wait_for_workers_s >= 0, "recovery.wait_for_workers_s", "must be >= 0")
         require(self.min_workers is None or self.min_workers >= 1, "recovery.min_workers", "must be >= 1")
         require(self.driver_timeout_s > 0, "recovery.driver_timeout_s", "must be > 0")
+        require(self.notice_grace_s > 0, "recovery.notice_grace_s", "must be > 0")
 
 
 @dataclass

@@ -64,9 +64,13 @@ class RunWriter:
         self._annotations: dict[str, Any] = {}
         trim_records(run_url, start_iteration, storage_options)
 
-    def mark_restart(self, count: int, cause: str, resumed_at: int, redone: int) -> None:
-        """Note a recovery restart: the next record carries its cause, and every later one the restart count."""
+    def mark_restart(self, count: int, cause: str, resumed_at: int, redone: int,
+                     notice_to_checkpoint_s: float | None = None) -> None:
+        """Note a recovery restart: the next record carries its cause (and, after a preemption, the seconds from
+        the worker's notice to the durable checkpoint), and every later one the restart count."""
         self._restarts = {"restarts": count, "restart_cause": cause, "redone_iterations": redone}
+        if notice_to_checkpoint_s is not None:
+            self._restarts["notice_to_checkpoint_s"] = notice_to_checkpoint_s
         self._tb.add_text("recovery/restarts", f"restart {count} at iteration {resumed_at}: {cause} "
                           f"({redone} iterations redone)", resumed_at + 1)
 
@@ -192,7 +196,7 @@ def _tensorboard_tag(name: str) -> str:
         return f"ada/{name[4:]}"
     if name in METRICS:
         return f"metrics/{name}"
-    if name in ("restarts", "redone_iterations"):
+    if name in ("restarts", "redone_iterations", "notice_to_checkpoint_s"):
         return f"recovery/{name}"
     return f"progress/{name}"
 

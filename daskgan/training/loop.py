@@ -16,18 +16,20 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 import yaml
+from distributed import get_worker
 
 from daskgan import ranks
-from daskgan.dispatch import is_cluster_error
 from daskgan.config import JobConfig
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, examples, fetch_objects, fetch_settled
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
+from daskgan.dispatch import is_cluster_error
 from daskgan.errors import ConfigError, StorageUnavailable, first_line
 from daskgan.lease import STATE_FILE, DriverWatch
 from daskgan.models import conditioning_classes, model_description
+from daskgan.preemption import NoticeWatch
 from daskgan.ranks import from_rank0
 from daskgan.run import checkpoint, records, storage
 from daskgan.run.images import grid_columns
@@ -36,7 +38,12 @@ from daskgan.seeding import stream_seed
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
-from daskgan.training.setup import build_gan, initialise_from, restore_networks, separate_regularisation
+from daskgan.training.setup import (
+    build_gan,
+    initialise_from,
+    restore_networks,
+    separate_regularisation,
+)
 from daskgan.training.steps import (
     Gan,
     Noise,
@@ -110,14 +117,16 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position,
                          on_gpu=device.type == "cuda")
     if writer is not None and restart is not None:
-        writer.mark_restart(restart["restart"], restart["cause"], start, redone=max(0, restart["last_iteration"] - start))
+        writer.mark_restart(restart["restart"], restart["cause"], start,
+                            redone=max(0, restart["last_iteration"] - start),
+                            notice_to_checkpoint_s=restart.get("notice_to_checkpoint_s"))
     if writer is not None and resume.passed_over:
         writer.annotate_next(unreadable_checkpoints="; ".join(resume.passed_over))
     if rank == 0:
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,
                     config.train.iterations, world_size, f" (resumed from {resume_url})" if resume_url else "")
     try:
-        last_checkpoint, stopped = _loop(config, gan, stream, noise, writer, start, model_id)
+        end = _loop(config, gan, stream, noise, writer, start, model_id)
     finally:
         stream.close()
         if writer is not None:
@@ -126,8 +135,8 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
         return None
     table = writer.close()
     return {"run_url": config.output.run_url, "iterations": config.train.iterations, "records": len(table),
-            "checkpoint": last_checkpoint, "skipped_images": _last_skipped(table), "resumed_from": resume_url,
-            "evaluations": evaluations(table), "stopped": stopped,
+            "checkpoint": end.checkpoint, "skipped_images": _last_skipped(table), "resumed_from": resume_url,
+            "evaluations": evaluations(table), "stopped": end.stopped, "preempted": end.preempted,
             "last_iteration": int(table["iteration"].max()) if len(table) else start}
 
 
@@ -196,10 +205,19 @@ def _refuse_a_used_run_directory(run_url: str, storage_options: StorageOptions) 
                           f"output.resume: auto to continue that run")
 
 
+class LoopEnd(NamedTuple):
+    """How the iterations ended: the last checkpoint; why they stopped early (None: they did not; ``checkpoint`` or
+    ``now`` after a stop request or the driver's silence, ``preempted`` after a worker's notice); for a
+    preemption, the workers given notice and the seconds from the notice to the durable checkpoint."""
+
+    checkpoint: str | None
+    stopped: str | None = None
+    preempted: dict[str, Any] | None = None
+
+
 def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: records.RunWriter | None,
-          start: int, model_id: dict) -> tuple[str | None, str | None]:
-    """Iterations from ``start`` on; returns the last checkpoint and why the run stopped early (None: it did
-    not: ``checkpoint`` or ``now`` after a stop request or the driver's silence)."""
+          start: int, model_id: dict) -> LoopEnd:
+    """Iterations from ``start`` on (see ``LoopEnd``)."""
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
@@ -207,6 +225,8 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         writer.grid(0, _real_examples(config, stream.index, grid_labels), name="reals")
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
     watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if writer is not None else None
+    workers = _run_workers()
+    notices = NoticeWatch(workers) if writer is not None else None
     last_checkpoint = None
     unreadable = _Unreadable(stream)
     for iteration in range(start + 1, train.iterations + 1):
@@ -230,28 +250,48 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                            "skipped_images": skipped, **_augment_fields(config, gan), **scores})
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
-        stop = _agreed_stop(watch)
+        stop = _agreed_stop(watch, notices)
         if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best) or stop == "checkpoint":
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
                                                scores.get(config.ranking_metric), writer) or last_checkpoint
+        if stop != "continue" and notices is not None and notices.noticed:
+            logger.warning("stopping at iteration %d: checkpoint durable %.1f s after the notice", iteration,
+                           notices.seconds_since_notice())
+            return LoopEnd(last_checkpoint, "preempted", {"workers": sorted(notices.noticed), "iteration": iteration,
+                                                          "notice_to_checkpoint_s": notices.seconds_since_notice()})
         if stop != "continue":
             if writer is not None:
                 logger.warning("stopping at iteration %d (%s)", iteration, stop)
                 storage.write_json(storage.join(out.run_url, STATE_FILE), {"state": "stopped", "iteration": iteration,
                                                                           "checkpoint": last_checkpoint},
                                    out.storage_options)
-            return last_checkpoint, stop
-    return last_checkpoint, None
+            return LoopEnd(last_checkpoint, stop)
+    return LoopEnd(last_checkpoint)
 
 
 STOPS = ("continue", "checkpoint", "now")  # what the ranks agree to do after an iteration (index = severity)
 
 
-def _agreed_stop(watch: DriverWatch | None) -> str:
-    """Rank 0's verdict on the driver and stop requests, shared with every rank (one tiny all-reduce)."""
-    verdict = torch.tensor([STOPS.index(watch.check()) if watch is not None else 0], device=ranks.collective_device())
-    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
-    return STOPS[int(verdict)]
+def _agreed_stop(watch: DriverWatch | None, notices: NoticeWatch | None) -> str:
+    """Rank 0's verdict on the driver, stop requests and workers' notices, shared with every rank (one tiny
+    all-reduce)."""
+    verdict = STOPS.index(watch.check()) if watch is not None else 0
+    if notices is not None and notices.check():
+        verdict = max(verdict, STOPS.index("checkpoint"))
+    agreed = torch.tensor([verdict], device=ranks.collective_device())
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return STOPS[int(agreed)]
+
+
+def _run_workers() -> list[str]:
+    """Every rank's Dask worker address, gathered once (rank 0 watches their notices); none outside Dask."""
+    try:
+        own = get_worker().address
+    except ValueError:
+        own = None
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return [address for address in gathered if address]
 
 
 def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise,

@@ -1,0 +1,113 @@
+"""Checkpoint on notice: a worker told to go (a spot GPU reclaimed, a pod evicted) leaves only after its run's ranks
+have written a checkpoint and stopped, so a preemption costs no iterations.
+
+Kubernetes and the clouds end a worker with SIGTERM and a grace period before SIGKILL. ``dask worker`` answers
+SIGTERM by closing its nanny, and the nanny tears its plugins down before it ends the worker process: there
+``PreemptionNotice`` (registered by the driver, so every nanny has it, later ones too) posts a notice for its
+worker on the scheduler (metadata ``daskgan/notice/<worker address>``), then waits until the worker runs no
+training rank any more (and hands what it holds to the other workers), or until its ``grace_s`` ran out.
+Rank 0 looks at the notices of its run's workers every ``CHECK_EVERY_S`` (``NoticeWatch``); the ranks agree at
+the next iteration to checkpoint and stop, rank 0 returns what it saw, and the driver restarts the run from that
+checkpoint once the worker is replaced (``cluster.driver``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from distributed import get_client
+from distributed.diagnostics.plugin import NannyPlugin
+
+from daskgan.dispatch import is_rank_of
+from daskgan.lease import CHECK_EVERY_S
+
+logger = logging.getLogger(__name__)
+
+NOTICE_KEY = ("daskgan", "notice")  # scheduler metadata: worker address -> the notice it was given
+PLUGIN_NAME = "daskgan-preemption"
+TRAINING_FUNCTION = "train_gan"  # the ranks that watch notices; others are not waited for
+WAIT_POLL_S = 0.2
+
+
+class PreemptionNotice(NannyPlugin):
+    """On the nanny: hold its closing until the worker's training ranks checkpointed and stopped (up to
+    ``grace_s``; the platform kills the worker when its own grace period ends, whatever this waits for)."""
+
+    idempotent = True  # a second driver registering it must not tear down (and so notice) the first's
+    name = PLUGIN_NAME
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+
+    async def teardown(self, nanny: Any) -> None:
+        address = nanny.worker_address
+        if address is None or not await _training_ranks(nanny.scheduler, address):
+            return
+        noticed = time.monotonic()
+        logger.warning("worker %s is leaving: its training ranks checkpoint and stop first (waiting up to %.0f s)",
+                       address, self.grace_s)
+        await nanny.scheduler.set_metadata(keys=[*NOTICE_KEY, address], value={"at": time.time()})
+        try:
+            while await _training_ranks(nanny.scheduler, address):
+                if time.monotonic() - noticed > self.grace_s:
+                    logger.warning("worker %s leaves with its ranks still running: %.0f s of grace ran out",
+                                   address, self.grace_s)
+                    return
+                await asyncio.sleep(WAIT_POLL_S)
+            logger.warning("worker %s: its ranks stopped %.1f s after the notice; leaving", address,
+                           time.monotonic() - noticed)
+            await _hand_over_results(nanny.scheduler, address)
+        finally:
+            await nanny.scheduler.set_metadata(keys=[*NOTICE_KEY, address], value=None)
+
+
+async def _training_ranks(scheduler: Any, address: str) -> list[str]:
+    """The keys of training ranks the scheduler has processing on ``address`` (none once it left)."""
+    try:
+        processing = await scheduler.processing(workers=[address])
+    except Exception:  # the worker already gone from the scheduler, or the scheduler itself
+        return []
+    return [key for key in processing.get(address, []) if is_rank_of(key, TRAINING_FUNCTION)]
+
+
+async def _hand_over_results(scheduler: Any, address: str) -> None:
+    """Copy what the worker holds (rank 0's summary among it) to the other workers before it ends, so the driver
+    reads how its ranks stopped rather than a lost worker: the scheduler's own graceful retirement, without its
+    closing the worker (the nanny is closing it)."""
+    try:
+        await scheduler.retire_workers(workers=[address], close_workers=False, remove=False)
+    except Exception as error:  # the driver then sees a lost worker, and resumes from the same checkpoint
+        logger.warning("worker %s could not hand its results over: %s", address, error)
+
+
+class NoticeWatch:
+    """Rank 0's side: whether any worker of its run has been given notice (looked up at most every
+    ``CHECK_EVERY_S``). ``noticed`` keeps what was seen: worker address -> notice."""
+
+    def __init__(self, workers: list[str]):
+        self.workers = set(workers)
+        self.noticed: dict[str, dict] = {}
+        self._checked_at = time.monotonic()
+
+    def check(self) -> bool:
+        if self.noticed or not self.workers or time.monotonic() - self._checked_at < CHECK_EVERY_S:
+            return bool(self.noticed)
+        self._checked_at = time.monotonic()
+        notices = get_client().get_metadata(list(NOTICE_KEY), default=None) or {}
+        self.noticed = {address: notice for address, notice in notices.items()
+                        if address in self.workers and notice}
+        if self.noticed:
+            logger.warning("worker(s) %s given notice: checkpoint and stop", ", ".join(sorted(self.noticed)))
+        return bool(self.noticed)
+
+    def seconds_since_notice(self) -> float:
+        """From the earliest notice to now, on this host's clock (the nanny's wall clock wrote the notice)."""
+        return max(0.0, time.time() - min(notice["at"] for notice in self.noticed.values()))
+
+
+def watch_for_notices(client: Any, grace_s: float) -> None:
+    """Give every nanny of ``client``'s cluster, and those that join later, the ``PreemptionNotice`` plugin."""
+    client.register_plugin(PreemptionNotice(grace_s))

@@ -1,0 +1,79 @@
+"""Preemptible workers: a `dask worker` process sent SIGTERM (what Kubernetes sends a pod it evicts, and what a
+spot reclaim ends in) leaves only after its run's checkpoint is durable, and the run loses no iteration."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from distributed import Client
+
+from daskgan.cluster.driver import run_job
+from daskgan.config import JobConfig
+from daskgan.run import checkpoint
+from daskgan.run.records import load
+
+pytestmark = pytest.mark.slow
+
+
+def preemptible_job(bucket_url: str, options: dict, iterations: int) -> JobConfig:
+    """Snapshots far apart (as a multi-hour snapshot interval is): none falls inside the run."""
+    return JobConfig.from_dict({
+        "name": "preempted",
+        "data": {"url": f"{bucket_url}/data", "storage_options": options, "resolution": 16, "batch_size": 4},
+        "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4},
+        "train": {"iterations": iterations},
+        "output": {"run_url": f"{bucket_url}/run", "storage_options": options, "flush_every": 5,
+                   "grid_every": 10_000, "checkpoint_every": 10_000},
+        "recovery": {"wait_for_workers_s": 120},
+    })
+
+
+def durable_checkpoint(run_url: str, options: dict) -> int:
+    """The iteration of the checkpoint the run's pointer names (0: none yet)."""
+    url = checkpoint.latest(run_url, options)
+    return int(Path(url).name[:-len(checkpoint.SUFFIX)]) if url else 0
+
+
+def process_of_rank(client: Client, processes: list[subprocess.Popen], rank: int) -> subprocess.Popen:
+    """The `dask worker` process (the nanny, parent of the worker process) whose worker gets ``rank``."""
+    worker_pids = client.run(os.getpid)
+    nanny_pid = psutil.Process(worker_pids[sorted(worker_pids)[rank]]).ppid()
+    return next(process for process in processes if process.pid == nanny_pid)
+
+
+def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no_iteration(own_cluster,
+                                                                                            shapes_in_bucket):
+    url, options = shapes_in_bucket(images=48)
+    config = preemptible_job(url, options, iterations=40)
+    address, (_, *workers) = own_cluster.start()
+    seen: dict[str, int] = {}
+
+    def replace_once_gone() -> None:
+        victim.wait()
+        seen["durable_at_exit"] = durable_checkpoint(config.output.run_url, options)
+        own_cluster.add_worker()
+
+    def preempt(record: dict) -> None:
+        if record["iteration"] >= 12 and "signalled_at" not in seen:
+            seen["signalled_at"] = record["iteration"]
+            victim.send_signal(signal.SIGTERM)
+            threading.Thread(target=replace_once_gone, daemon=True).start()
+
+    with Client(address, timeout=60) as client:
+        victim = process_of_rank(client, workers, 0)  # rank 0's worker holds the summary the driver reads
+        summary = run_job(client, config, on_record=preempt)
+
+    assert seen["durable_at_exit"] >= seen["signalled_at"], "the worker left before the run's checkpoint"
+    assert summary["iterations"] == 40 and not summary.get("stopped")
+    records = load(config.output.run_url, options)
+    assert records["iteration"].tolist() == list(range(1, 41)), "every iteration recorded exactly once"
+    restarts = records[records["restart_cause"].notna()]
+    assert len(restarts) == 1 and restarts["restart_cause"].iloc[0].startswith("preempted: worker "), restarts
+    assert restarts["redone_iterations"].iloc[0] == 0
+    assert 0 < restarts["notice_to_checkpoint_s"].iloc[0] < config.recovery.notice_grace_s
