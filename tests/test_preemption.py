@@ -14,6 +14,7 @@ import pytest
 from distributed import Client
 
 from daskgan.cluster.driver import run_job
+from daskgan.cluster.status import format_status, run_status
 from daskgan.config import JobConfig
 from daskgan.run import checkpoint
 from daskgan.run.records import load
@@ -77,3 +78,6 @@ def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no
     assert len(restarts) == 1 and restarts["restart_cause"].iloc[0].startswith("preempted: worker "), restarts
     assert restarts["redone_iterations"].iloc[0] == 0
     assert 0 < restarts["notice_to_checkpoint_s"].iloc[0] < config.recovery.notice_grace_s
+    status = run_status(config.output.run_url, options)
+    assert status["preemptions"] == 1 and status["world_sizes"] == [(1, 2)], status
+    assert "preemptions 1, the newest checkpointed " in format_status(status)

@@ -36,6 +36,7 @@ def run_status(run_url: str, storage_options: StorageOptions | None = None, clie
                                                           ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")
                                                           if k in records.columns and last[k] == last[k]})
         status["restarts"] = int(records["restarts"].max()) if "restarts" in records.columns else 0
+        status.update(_preemptions(records), **_world_sizes(records))
         status.update(_speed(records, iterations))
     status["state"] = _state(run_url, status, storage_options, client)
     if status["state"] == "running":  # only a live driver's lease names it
@@ -55,6 +56,27 @@ def _state(run_url: str, status: dict, storage_options: StorageOptions | None, c
             status["error"] = ended["error"]
         return ended["state"]
     return "interrupted" if status["iteration"] else "not started"
+
+
+def _preemptions(records) -> dict[str, Any]:
+    """How many restarts were preemptions, and the newest one's seconds from notice to durable checkpoint."""
+    if "restart_cause" not in records.columns:
+        return {}
+    preempted = records[records["restart_cause"].fillna("").str.startswith("preempted")]
+    if not len(preempted):
+        return {}
+    return {"preemptions": len(preempted),
+            "notice_to_checkpoint_s": float(preempted["notice_to_checkpoint_s"].iloc[-1])}
+
+
+def _world_sizes(records) -> dict[str, Any]:
+    """The ranks now, and each change of their count: [(first iteration, ranks), ...]."""
+    if "world_size" not in records.columns:
+        return {}
+    sizes = records[["iteration", "world_size"]].dropna()
+    changes = sizes[sizes["world_size"].diff() != 0]
+    return {"world_size": int(sizes["world_size"].iloc[-1]),
+            "world_sizes": [(int(i), int(n)) for i, n in zip(changes["iteration"], changes["world_size"])]}
 
 
 def _speed(records, iterations: int) -> dict[str, float]:
@@ -93,6 +115,12 @@ def format_status(status: dict[str, Any]) -> str:
             f"{status['eta_s'] / 86400:.1f} days"
         lines.append(f"  {status['iterations_per_s']:.2f} it/s, {eta} left at that rate; restarts "
                      f"{status.get('restarts', 0)}")
+    if "preemptions" in status:
+        lines.append(f"  preemptions {status['preemptions']}, the newest checkpointed "
+                     f"{status['notice_to_checkpoint_s']:.1f} s after its notice")
+    if len(status.get("world_sizes", [])) > 1:
+        history = ", ".join(f"{ranks} from iteration {first}" for first, ranks in status["world_sizes"])
+        lines.append(f"  ranks {status['world_size']} ({history})")
     if "error" in status:
         lines.append(f"  error: {status['error']}")
     if "driver" in status:

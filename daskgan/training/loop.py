@@ -244,7 +244,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         scores = (evaluator.evaluate(sampler, gan.num_classes, iteration)
                   if evaluator is not None and (iteration % config.metrics.every == 0 or last) else {})
         if writer is not None:
-            writer.record({"iteration": iteration, "epoch": position.epoch,
+            writer.record({"iteration": iteration, "epoch": position.epoch, "world_size": dist.get_world_size(),
                            "kimg": iteration * global_batch * train.d_steps / 1000, **stats,
                            "images_per_s": global_batch * train.d_steps / step_seconds,
                            "skipped_images": skipped, **_augment_fields(config, gan), **scores})
