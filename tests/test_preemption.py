@@ -13,7 +13,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from daskgan.cluster.driver import run_job
+from daskgan.cluster.driver import GraceCheck, run_job
 from daskgan.cluster.status import format_status, run_status
 from daskgan.config import JobConfig
 from daskgan.run import checkpoint
@@ -81,3 +81,12 @@ def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no
     status = run_status(config.output.run_url, options)
     assert status["preemptions"] == 1 and status["world_sizes"] == [(1, 2)], status
     assert "preemptions 1, the newest checkpointed " in format_status(status)
+
+
+def test_a_checkpoint_slower_than_the_notice_grace_is_warned_about_once(caplog):
+    grace = GraceCheck(grace_s=30)
+    for record in ({"iteration": 1}, {"iteration": 2, "checkpoint_s": 12.0}, {"iteration": 3, "checkpoint_s": 40.0},
+                   {"iteration": 4, "checkpoint_s": 45.0}):
+        grace.check(record)
+    warned = [r.getMessage() for r in caplog.records if "notice_grace_s" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("a checkpoint took 40.0 s"), warned

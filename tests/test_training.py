@@ -64,8 +64,11 @@ def test_run_writes_records_grids_tensorboard_and_checkpoints(dask_client, datas
     assert [r["iteration"] for r in live] == list(range(1, 7)), "every record reaches the client, in order"
     table = load(config.output.run_url, options)
     assert table["iteration"].tolist() == list(range(1, 7))
-    for column in ("epoch", "kimg", "loss_G", "loss_D_real", "loss_D_fake", "D_x", "D_G_z", "images_per_s"):
+    for column in ("epoch", "kimg", "loss_G", "loss_D_real", "loss_D_fake", "D_x", "D_G_z", "images_per_s",
+                   "world_size"):
         assert table[column].notna().all(), column
+    timed = table.set_index("iteration")["checkpoint_s"].dropna()
+    assert timed.index.tolist() == [4] and timed.iloc[0] > 0, "the record after a checkpoint says how long it took"
     assert table["kimg"].iloc[-1] == pytest.approx(6 * 4 * 2 / 1000)
     assert summary["records"] == 6 and summary["skipped_images"] == 0
 

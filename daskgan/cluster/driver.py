@@ -16,7 +16,7 @@ from daskgan import dispatch
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
 from daskgan.errors import InfrastructureError
-from daskgan.lease import DriverLease, clear_stop
+from daskgan.lease import CHECK_EVERY_S, DriverLease, clear_stop
 from daskgan.preemption import watch_for_notices
 from daskgan.training.loop import train_gan
 
@@ -57,6 +57,7 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
     """Dispatch, follow the records, and re-dispatch after a lost worker, a storage outage or a preemption (see
     ``run_job``). Preemptions are not failures: they do not count against ``recovery.max_restarts``."""
     job, restart, restarts, failures = config, None, 0, 0
+    grace = GraceCheck(config.recovery.notice_grace_s)
     while True:
         last_seen = 0
         monitor = RunMonitor(client, config.output.run_url)
@@ -64,6 +65,7 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
             futures = dispatch.run(client, lease.dispatched(train_gan), job, restart=restart, timeout=timeout)
             for record in monitor.records(futures):
                 last_seen = lease.iteration = record["iteration"]
+                grace.check(record)
                 if on_record is not None:
                     on_record(record)
             lease.ensure_held()  # taken over while silent: the ranks, seeing the new lease, checkpointed and stopped
@@ -84,6 +86,22 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
                        **({"notice_to_checkpoint_s": failure.seconds} if isinstance(failure, Preempted) else {})}
         finally:
             monitor.close()
+
+
+class GraceCheck:
+    """Warns once when a checkpoint took longer than a worker given notice may wait for one
+    (``recovery.notice_grace_s``, which the platform's grace period must cover too)."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s, self.warned = grace_s, False
+
+    def check(self, record: dict[str, Any]) -> None:
+        needed = record.get("checkpoint_s", 0) + CHECK_EVERY_S  # the notice is seen within CHECK_EVERY_S
+        if needed > self.grace_s and not self.warned:
+            self.warned = True
+            logger.warning("a checkpoint took %.1f s: a preempted worker's grace of %.0f s (recovery.notice_grace_s,"
+                           " and the platform's own) is too short to save one; raise both above %.0f s",
+                           record["checkpoint_s"], self.grace_s, needed * 2)
 
 
 class Preempted(Exception):

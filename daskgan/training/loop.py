@@ -252,8 +252,11 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
         stop = _agreed_stop(watch, notices)
         if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best) or stop == "checkpoint":
+            saving = time.perf_counter()
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
                                                scores.get(config.ranking_metric), writer) or last_checkpoint
+            if writer is not None:  # how long a preempted worker's grace must be (cluster.driver warns)
+                writer.annotate_next(checkpoint_s=round(time.perf_counter() - saving, 3))
         if stop != "continue" and notices is not None and notices.noticed:
             logger.warning("stopping at iteration %d: checkpoint durable %.1f s after the notice", iteration,
                            notices.seconds_since_notice())
