@@ -26,4 +26,7 @@ assert dask.__version__ == '$DASK_VERSION' and distributed.__version__ == '$DIST
 
 # No credentials in the image: workers get them from a Kubernetes Secret, an IRSA role or the instance profile.
 ENV PYTHONUNBUFFERED=1
-ENTRYPOINT ["tini", "-g", "--"]
+# tini reaps orphans and passes SIGTERM to its child alone (no -g): an evicted worker pod's `dask worker` (the nanny)
+# holds its worker process until the run's checkpoint is durable (daskgan.preemption); a SIGTERM to the whole
+# process group would end the worker process at once.
+ENTRYPOINT ["tini", "--"]

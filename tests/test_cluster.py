@@ -220,6 +220,25 @@ def test_daskjob_refuses_what_cannot_run_there(tmp_path, capsys):
     assert "data.resolution" in capsys.readouterr().err
 
 
+def test_worker_pods_are_given_the_grace_their_runs_checkpoint_needs_before_eviction_kills_them(tmp_path, capsys):
+    from daskgan.config import RecoveryConfig
+
+    standalone, _ = kubernetes_objects()
+    assert standalone["spec"]["worker"]["spec"]["terminationGracePeriodSeconds"] > RecoveryConfig().notice_grace_s
+    slow = {**PLAIN_JOB, "recovery": {"notice_grace_s": 600}}
+    *_, daskjob = rendered_daskjob(tmp_path, slow)
+    assert daskjob["spec"]["cluster"]["spec"]["worker"]["spec"]["terminationGracePeriodSeconds"] > 600
+
+    spec = yaml.safe_load((ROOT / "cluster" / "kubernetes.yaml").read_text())
+    spec["kubernetes"]["termination_grace_s"] = 300
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["cluster", "render", str(tmp_path / "short.yaml"), "--job", str(tmp_path / "my_job.yaml")]) == 2
+    assert ("kubernetes.termination_grace_s: 300 s is shorter than the job's recovery.notice_grace_s (600 s)"
+            in capsys.readouterr().err)
+    *_, daskjob = rendered_daskjob(tmp_path, PLAIN_JOB, spec=str(tmp_path / "short.yaml"))
+    assert daskjob["spec"]["cluster"]["spec"]["worker"]["spec"]["terminationGracePeriodSeconds"] == 300
+
+
 def test_without_a_spec_a_command_uses_dask_scheduler_address(monkeypatch):
     import dask
 

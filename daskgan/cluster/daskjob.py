@@ -45,7 +45,7 @@ def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path) -> list[dict[st
     metadata = {"name": name, "namespace": k8s.namespace}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(metadata),
                   "data": {JOB_FILE: _job_file_text(Path(job_path), job.name)}}
-    cluster = kubernetes_manifest(k8s, cluster_name=name)
+    cluster = kubernetes_manifest(k8s, cluster_name=name, recovery=job.recovery)
     daskjob = {"apiVersion": cluster["apiVersion"], "kind": "DaskJob", "metadata": dict(metadata),
                "spec": {"job": {"spec": _runner_pod(k8s, cluster)}, "cluster": {"spec": cluster["spec"]}}}
     return [config_map, network_policy(k8s, name), daskjob]

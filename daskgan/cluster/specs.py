@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from daskgan.config import ConfigError, build_dataclass, load_yaml_mapping
+from daskgan.config import ConfigError, RecoveryConfig, build_dataclass, load_yaml_mapping
 from daskgan.errors import MissingExtra, SchedulerUnreachable
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ class KubernetesSpec:
     # the scheduler, worker and DaskJob runner pods; null: plain TCP, which anything in the cluster network reaches
     tls_secret: Optional[str] = "daskgan-tls"
     client_pods: dict = field(default_factory=dict)  # labels of more pods admitted to the cluster, e.g. a notebook
+    # how long an evicted worker pod may take to checkpoint its run and leave before it is killed; null: the job's
+    # recovery.notice_grace_s plus a margin for leaving (in a DaskJob), or that of the default notice grace
+    termination_grace_s: Optional[int] = None
 
 
 @dataclass
@@ -137,8 +140,8 @@ class ClusterSpec:
                 raise ConfigError(f"{other}: given, but kind is {self.kind}")
         if self.kind == "scheduler":
             self.scheduler.validate()
-        for name in ("n_workers", "threads_per_worker"):
-            if getattr(self.settings(), name, 1) < 1:
+        for name in ("n_workers", "threads_per_worker", "termination_grace_s"):
+            if (getattr(self.settings(), name, 1) or 1) < 1:
                 raise ConfigError(f"{self.kind}.{name}: must be >= 1")
         for name in getattr(self.settings(), "env", {}):
             if SECRET_LOOKING_ENV.search(name):
@@ -191,9 +194,12 @@ def _local_cluster_arguments(local: LocalSpec) -> dict[str, Any]:
 TLS_MOUNT = "/etc/daskgan/tls"
 
 
-def kubernetes_manifest(k8s: KubernetesSpec, cluster_name: Optional[str] = None) -> dict[str, Any]:
+def kubernetes_manifest(k8s: KubernetesSpec, cluster_name: Optional[str] = None,
+                        recovery: Optional[RecoveryConfig] = None) -> dict[str, Any]:
     """A DaskCluster (kubernetes.dask.org/v1) built by dask-kubernetes' own ``make_cluster_spec``, then given GPU
-    workers with one thread each, node placement, credentials by reference only, and TLS from ``tls_secret``.
+    workers with one thread each, node placement, credentials by reference only, TLS from ``tls_secret``, and a
+    grace period on eviction long enough for the run's checkpoint (``recovery``: the job's; default: the
+    defaults').
 
     ``cluster_name`` is the name the operator gives the cluster (a DaskJob's cluster is named after the job): its
     scheduler service selects that cluster's scheduler pod, and with TLS the workers are given its tls:// address."""
@@ -209,6 +215,7 @@ def kubernetes_manifest(k8s: KubernetesSpec, cluster_name: Optional[str] = None)
     worker = worker_pod["containers"][0]
     worker["resources"] = k8s.worker_resources
     worker["args"] += ["--nthreads", "1"]
+    worker_pod["terminationGracePeriodSeconds"] = termination_grace_s(k8s, recovery or RecoveryConfig())
     if k8s.node_selector:
         worker_pod["nodeSelector"] = k8s.node_selector
     if k8s.tolerations:
@@ -227,6 +234,17 @@ def kubernetes_manifest(k8s: KubernetesSpec, cluster_name: Optional[str] = None)
         add_tls_secret(worker_pod, k8s)
         worker["env"].append(scheduler_address_variable(manifest))
     return manifest
+
+
+def termination_grace_s(k8s: KubernetesSpec, recovery: RecoveryConfig) -> int:
+    """The worker pods' grace period: the spec's, which must cover the job's notice grace, or one derived from it."""
+    if k8s.termination_grace_s is None:
+        return recovery.platform_grace_s()
+    if k8s.termination_grace_s < recovery.notice_grace_s:
+        raise ConfigError(f"kubernetes.termination_grace_s: {k8s.termination_grace_s} s is shorter than the job's "
+                          f"recovery.notice_grace_s ({recovery.notice_grace_s:.0f} s): an evicted worker would be "
+                          f"killed before its run's checkpoint; raise it to {recovery.platform_grace_s()} or more")
+    return k8s.termination_grace_s
 
 
 def tls_environment_variables(k8s: KubernetesSpec) -> dict[str, str]:

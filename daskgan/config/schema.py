@@ -263,6 +263,9 @@ class MetricsConfig:
         check_no_plain_secrets(self.storage_options, "metrics.storage_options")
 
 
+PLATFORM_GRACE_MARGIN_S = 30  # a worker's exit after its run's checkpoint (nanny and worker closing, results handed)
+
+
 @dataclass
 class RecoveryConfig:
     """What the client does when a worker is lost mid-run (process killed) or given notice (pod preempted)."""
@@ -274,6 +277,11 @@ class RecoveryConfig:
     # a worker given notice (SIGTERM, eviction) waits this long at most for its run's checkpoint before it leaves;
     # the platform's own grace period (Kubernetes' terminationGracePeriodSeconds) must be at least as long
     notice_grace_s: float = 120.0
+
+    def platform_grace_s(self) -> int:
+        """The grace period a worker's platform should give it (Kubernetes' terminationGracePeriodSeconds): the
+        wait for the checkpoint, and time after it for the worker to hand its results over and end."""
+        return int(self.notice_grace_s) + PLATFORM_GRACE_MARGIN_S
 
     def validate(self) -> None:
         require(self.max_restarts >= 0, "recovery.max_restarts", "must be >= 0")
