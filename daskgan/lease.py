@@ -212,9 +212,14 @@ def _moved(before: dict | None, after: dict) -> bool:
     return before is None or (before.get("token"), before.get("beat")) != (after.get("token"), after.get("beat"))
 
 
-def request_stop(client: Any, run_url: str, now: bool = False) -> None:
-    """Ask the ranks of the run at ``run_url`` to stop: after a checkpoint, or at once with ``now``."""
-    _write(metadata_key(run_url, "stop"), "now" if now else "checkpoint", client)
+STOP_REQUESTS = ("next_checkpoint", "checkpoint", "now")  # when ranks asked to stop do so (least urgent first)
+
+
+def request_stop(client: Any, run_url: str, now: bool = False, when: str | None = None) -> None:
+    """Ask the ranks of the run at ``run_url`` to stop: after a checkpoint, at once with ``now``, or ``when``
+    (one of ``STOP_REQUESTS``; ``next_checkpoint``: at the next one the job schedules, as the driver asks when
+    more workers joined)."""
+    _write(metadata_key(run_url, "stop"), when or ("now" if now else "checkpoint"), client)
 
 
 class DriverWatch:
@@ -229,8 +234,9 @@ class DriverWatch:
         self.verdict = "continue"
 
     def check(self) -> str:
-        """``continue``, ``checkpoint`` (stop after one: asked, or the driver gone) or ``now``."""
-        if time.monotonic() - self._checked_at < CHECK_EVERY_S or self.verdict != "continue":
+        """``continue``, ``next_checkpoint`` (stop after the next scheduled checkpoint: asked), ``checkpoint``
+        (stop after one: asked, or the driver gone) or ``now``; once it is one of the last two it stays so."""
+        if time.monotonic() - self._checked_at < CHECK_EVERY_S or self.verdict in ("checkpoint", "now"):
             return self.verdict
         self._checked_at = time.monotonic()
         requested = _read(self._stop)
@@ -239,6 +245,8 @@ class DriverWatch:
             logger.warning("stop requested for %s (%s)", self.run_url, requested)
             return self.verdict
         self.verdict = self._driver_verdict(_read(self._driver))
+        if self.verdict == "continue" and requested == "next_checkpoint":
+            self.verdict = requested
         return self.verdict
 
     def _driver_verdict(self, held: dict | None) -> str:

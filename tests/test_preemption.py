@@ -90,3 +90,48 @@ def test_a_checkpoint_slower_than_the_notice_grace_is_warned_about_once(caplog):
         grace.check(record)
     warned = [r.getMessage() for r in caplog.records if "notice_grace_s" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("a checkpoint took 40.0 s"), warned
+
+
+def kill_for_good(process: subprocess.Popen) -> None:
+    """A node gone: the `dask worker` process and its worker process killed, nothing restarts them."""
+    nanny = psutil.Process(process.pid)
+    for worker in nanny.children(recursive=True):
+        worker.kill()
+    nanny.kill()
+
+
+def test_a_run_that_lost_a_worker_goes_on_with_one_and_grows_back_when_another_joins(own_cluster, shapes_in_bucket):
+    url, options = shapes_in_bucket(images=48)
+    config = preemptible_job(url, options, iterations=150)
+    config.output.checkpoint_every, config.recovery.min_workers = 25, 1
+    address, (_, *workers) = own_cluster.start()
+    seen: dict[str, int] = {}
+
+    def join_once_alone(client: Client) -> None:
+        own_cluster.add_worker()
+        client.wait_for_workers(2, timeout=120)
+        seen["joined_at"] = seen["latest"]
+
+    def lose_then_replace(record: dict) -> None:
+        seen["latest"] = record["iteration"]
+        if record["iteration"] >= 30 and "killed_at" not in seen:  # after the first checkpoint
+            seen["killed_at"] = record["iteration"]
+            kill_for_good(victim)
+        elif record["world_size"] == 1 and "alone_at" not in seen:
+            seen["alone_at"] = record["iteration"]
+            threading.Thread(target=join_once_alone, args=(client,), daemon=True).start()
+
+    with Client(address, timeout=60) as client:
+        victim = process_of_rank(client, workers, 1)
+        summary = run_job(client, config, on_record=lose_then_replace)
+
+    assert summary["iterations"] == 150
+    records = load(config.output.run_url, options).set_index("iteration")
+    assert records.index.tolist() == list(range(1, 151)), "every iteration recorded exactly once"
+    sizes = records["world_size"]
+    back = sizes[(sizes.index > seen["joined_at"]) & (sizes == 2)].index.min()
+    assert sizes.loc[seen["alone_at"]:back - 1].eq(1).all() and sizes.loc[back:].eq(2).all()
+    assert (back - 1) % 25 == 0 and back - 1 - seen["joined_at"] <= 25, "back on 2 at the next checkpoint"
+    causes = records["restart_cause"].dropna().tolist()
+    assert causes[-1] == "grown back to 2 workers" and "lost" in causes[0], causes
+    assert run_status(config.output.run_url, options)["world_sizes"] == [(1, 2), (26, 1), (back, 2)]

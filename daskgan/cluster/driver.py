@@ -13,10 +13,11 @@ from typing import Any, Callable
 from distributed import Client
 
 from daskgan import dispatch
+from daskgan.cluster.arrivals import Arrivals
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
 from daskgan.errors import InfrastructureError
-from daskgan.lease import CHECK_EVERY_S, DriverLease, clear_stop
+from daskgan.lease import CHECK_EVERY_S, DriverLease, clear_stop, request_stop
 from daskgan.preemption import watch_for_notices
 from daskgan.training.loop import train_gan
 
@@ -31,8 +32,10 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
 
     Returns rank 0's summary (run URL, iterations, last checkpoint). A rank that raises fails the job here, naming
     its rank. A worker that leaves the cluster, or storage down beyond its retries once the run has made a step,
-    instead triggers a restart (``config.recovery``): wait for it to come back, then resume from the newest checkpoint; the cause is
-    recorded in the run's records and TensorBoard.
+    instead triggers a restart (``config.recovery``): wait for it to come back, then resume from the newest
+    checkpoint; so does a worker given notice (``daskgan.preemption``), once its ranks checkpointed. A run that
+    goes on with fewer workers (``recovery.min_workers``) grows back at its next checkpoint once more join. Each
+    restart's cause is recorded in the run's records and TensorBoard.
     This client is the run's driver while it runs (``daskgan.lease``): a run another live client drives is
     refused; when this client lets go of the run (it returns, raises, or is interrupted) its ranks checkpoint and
     stop, and if it dies they do so ``recovery.driver_timeout_s`` later.
@@ -54,38 +57,95 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
 
 def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: int,
            on_record: Callable[[dict[str, Any]], None] | None, timeout: float) -> dict[str, Any]:
-    """Dispatch, follow the records, and re-dispatch after a lost worker, a storage outage or a preemption (see
-    ``run_job``). Preemptions are not failures: they do not count against ``recovery.max_restarts``."""
-    job, restart, restarts, failures = config, None, 0, 0
-    grace = GraceCheck(config.recovery.notice_grace_s)
-    while True:
-        last_seen = 0
-        monitor = RunMonitor(client, config.output.run_url)
-        try:
-            futures = dispatch.run(client, lease.dispatched(train_gan), job, restart=restart, timeout=timeout)
-            for record in monitor.records(futures):
-                last_seen = lease.iteration = record["iteration"]
-                grace.check(record)
-                if on_record is not None:
-                    on_record(record)
-            lease.ensure_held()  # taken over while silent: the ranks, seeing the new lease, checkpointed and stopped
-            summary = dispatch.results(futures)[0]
-            if not summary.get("preempted"):
-                return summary
-            raise Preempted(summary["preempted"])
-        except (dispatch.WorkerLost, InfrastructureError, Preempted) as failure:
-            if isinstance(failure, InfrastructureError) and restart is None and last_seen == 0:
-                raise  # storage that never answered this driver: a wrong URL or endpoint, more likely than an outage
-            restarts += 1
-            failures += not isinstance(failure, Preempted)
-            if failures > config.recovery.max_restarts:
-                raise RuntimeError(f"giving up after {config.recovery.max_restarts} restarts") from failure
-            logger.warning("%s; restart %d, from the newest checkpoint", failure, restarts)
-            job = wait_to_restart(client, config, job, failure, restarts, world_size)
-            restart = {"restart": restarts, "cause": str(failure), "last_iteration": last_seen,
-                       **({"notice_to_checkpoint_s": failure.seconds} if isinstance(failure, Preempted) else {})}
-        finally:
-            monitor.close()
+    """Dispatch, follow the records, and re-dispatch after a lost worker, a storage outage or a preemption, or
+    to grow back to ``world_size`` workers once more joined (see ``run_job``)."""
+    dispatches = Dispatches(client, config, world_size)
+    grace, arrivals = GraceCheck(config.recovery.notice_grace_s), Arrivals(client)
+    try:
+        while True:
+            monitor = RunMonitor(client, config.output.run_url)
+            try:
+                futures = dispatches.dispatch(lease.dispatched(train_gan), timeout)
+                growth = Growth(client, config.output.run_url, len(dispatches.workers), world_size, arrivals)
+                for record in monitor.records(futures):
+                    dispatches.last_seen = lease.iteration = record["iteration"]
+                    grace.check(record)
+                    growth.check()
+                    if on_record is not None:
+                        on_record(record)
+                lease.ensure_held()  # taken over while silent: the ranks saw the new lease, checkpointed and stopped
+                summary = dispatch.results(futures)[0]
+                if summary.get("preempted"):
+                    raise Preempted(summary["preempted"])
+                if summary.get("stopped") != "next_checkpoint":
+                    return summary
+                dispatches.grow()
+            except (dispatch.WorkerLost, InfrastructureError, Preempted) as failure:
+                dispatches.recover(failure)
+            finally:
+                monitor.close()
+    finally:
+        arrivals.close()
+
+
+class Dispatches:
+    """The job's dispatches one after another: the job and workers of the next one, and why it restarts.
+    Preemptions and growth are not failures: they do not count against ``recovery.max_restarts``."""
+
+    def __init__(self, client: Client, config: JobConfig, world_size: int):
+        self.client, self.config, self.world_size = client, config, world_size
+        self.job, self.workers = config, sorted(dispatch.worker_addresses(client))[:world_size]
+        self.restart: dict[str, Any] | None = None
+        self.restarts = self.failures = self.last_seen = 0
+
+    def dispatch(self, fn: Callable[..., Any], timeout: float) -> dispatch.RankFutures:
+        self.last_seen = 0
+        return dispatch.run(self.client, fn, self.job, restart=self.restart, timeout=timeout, workers=self.workers)
+
+    def grow(self) -> None:
+        """The ranks stopped at a checkpoint for more workers (``Growth``): the next dispatch has them."""
+        clear_stop(self.client, self.config.output.run_url)
+        self.workers = sorted(dispatch.worker_addresses(self.client))[:self.world_size]
+        self.job = restart_config(self.config, len(self.workers), self.world_size)
+        self._restart_because(f"grown back to {len(self.workers)} workers")
+        logger.warning("%s at iteration %d", self.restart["cause"], self.last_seen)
+
+    def recover(self, failure: Exception) -> None:
+        """Wait for what failed to come back, or raise when the run should not go on."""
+        if isinstance(failure, InfrastructureError) and self.restart is None and self.last_seen == 0:
+            raise failure  # storage that never answered this driver: a wrong URL or endpoint, not an outage
+        self.failures += not isinstance(failure, Preempted)
+        if self.failures > self.config.recovery.max_restarts:
+            raise RuntimeError(f"giving up after {self.config.recovery.max_restarts} restarts") from failure
+        logger.warning("%s; restart %d, from the newest checkpoint", failure, self.restarts + 1)
+        self.job, self.workers = wait_to_restart(self.client, self.config, self.job, self.workers, failure,
+                                                 self.restarts + 1, self.world_size)
+        self._restart_because(str(failure), **({"notice_to_checkpoint_s": failure.seconds}
+                                               if isinstance(failure, Preempted) else {}))
+
+    def _restart_because(self, cause: str, **more: Any) -> None:
+        self.restarts += 1
+        self.restart = {"restart": self.restarts, "cause": cause, "last_iteration": self.last_seen, **more}
+
+
+class Growth:
+    """Asks the ranks of a run dispatched on fewer than its ``world_size`` workers to stop at their next scheduled
+    checkpoint once more workers joined the cluster; the driver then re-dispatches on them."""
+
+    def __init__(self, client: Client, run_url: str, dispatched: int, world_size: int, arrivals: Arrivals):
+        self.client, self.run_url, self.arrivals = client, run_url, arrivals
+        self.wanted = dispatched < world_size
+        self.dispatched = dispatched
+
+    def check(self) -> None:
+        if not self.wanted or not self.arrivals.joined():
+            return
+        present = len(dispatch.worker_addresses(self.client))
+        if present > self.dispatched:
+            logger.warning("%d workers on the cluster, the run has %d: it grows at its next checkpoint", present,
+                           self.dispatched)
+            request_stop(self.client, self.run_url, when="next_checkpoint")
+            self.wanted = False
 
 
 class GraceCheck:
@@ -113,33 +173,41 @@ class Preempted(Exception):
                          f"{notice['iteration']} was durable {self.seconds:.1f} s after it")
 
 
-def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, failure: Exception, restarts: int,
-                    world_size: int) -> JobConfig:
-    """Wait for what failed to come back; returns the job to re-dispatch. Lost workers: until they are replaced
-    (``wait_for_workers``). Storage: a wait that doubles with each restart, up to ``wait_for_workers_s``, since
-    an outage that outlasted the ranks' own retries is likely to last a while longer."""
-    if isinstance(failure, Preempted):
-        return restart_config(config, wait_for_workers(client, world_size, failure.workers, config.recovery),
-                              world_size)
-    if isinstance(failure, dispatch.WorkerLost):
-        gone = failure.workers if failure.confirmed else []  # a silent worker may still be there: do not wait it out
-        return restart_config(config, wait_for_workers(client, world_size, gone, config.recovery), world_size)
+def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, workers: list[str], failure: Exception,
+                    restarts: int, world_size: int) -> tuple[JobConfig, list[str]]:
+    """Wait for what failed to come back; returns the job to re-dispatch and its workers. Lost or preempted
+    workers: until they are replaced (``wait_for_workers``). Storage: a wait that doubles with each restart, up to
+    ``wait_for_workers_s``, since an outage that outlasted the ranks' own retries is likely to last a while longer."""
+    if isinstance(failure, (Preempted, dispatch.WorkerLost)):
+        # a silent worker may still be there: do not wait it out
+        gone = failure.workers if isinstance(failure, Preempted) or failure.confirmed else []
+        count = wait_for_workers(client, world_size, gone, config.recovery)
+        return restart_config(config, count, world_size), sorted(set(dispatch.worker_addresses(client)) -
+                                                                 set(gone))[:count]
     time.sleep(min(config.recovery.wait_for_workers_s, INFRASTRUCTURE_WAIT_S * 2 ** (restarts - 1)))
-    return job
+    return job, workers
 
 
 def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: RecoveryConfig) -> int:
     """Wait until the lost workers are gone from the scheduler and ``wanted`` workers are there; return the count.
 
-    After ``policy.wait_for_workers_s`` the job continues with fewer if at least ``policy.min_workers`` remain.
+    With ``policy.min_workers`` the job goes on as soon as that many are there (the driver grows it back as more
+    join); without, it waits up to ``policy.wait_for_workers_s`` for all of them.
     """
     deadline = time.monotonic() + policy.wait_for_workers_s
-    while time.monotonic() < deadline:
+    while True:
         workers = set(dispatch.worker_addresses(client))
-        if not workers & set(lost) and len(workers) >= wanted:
-            return len(workers)
+        if not workers & set(lost):
+            if len(workers) >= wanted:
+                return wanted
+            if policy.min_workers is not None and len(workers) >= policy.min_workers:
+                logger.warning("%d of %d workers: continuing with %d, and with more as they join", len(workers),
+                               wanted, len(workers))
+                return len(workers)
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.5)
-    available = len(set(dispatch.worker_addresses(client)) - set(lost))
+    available = len(set(dispatch.worker_addresses(client)) - set(lost))  # the lost may linger, silent
     if policy.min_workers is not None and available >= policy.min_workers:
         logger.warning("only %d of %d workers came back; continuing with %d", available, wanted, available)
         return available

@@ -207,8 +207,9 @@ def _refuse_a_used_run_directory(run_url: str, storage_options: StorageOptions) 
 
 class LoopEnd(NamedTuple):
     """How the iterations ended: the last checkpoint; why they stopped early (None: they did not; ``checkpoint`` or
-    ``now`` after a stop request or the driver's silence, ``preempted`` after a worker's notice); for a
-    preemption, the workers given notice and the seconds from the notice to the durable checkpoint."""
+    ``now`` after a stop request or the driver's silence, ``next_checkpoint`` when the driver asked in order to
+    re-dispatch on more workers, ``preempted`` after a worker's notice); for a preemption, the workers given notice
+    and the seconds from the notice to the durable checkpoint."""
 
     checkpoint: str | None
     stopped: str | None = None
@@ -251,28 +252,39 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
         stop = _agreed_stop(watch, notices)
-        if iteration % out.checkpoint_every == 0 or last or (scores and out.keep_best) or stop == "checkpoint":
+        scheduled = iteration % out.checkpoint_every == 0 or last
+        if stop == "next_checkpoint" and (last or not scheduled):
+            stop = "continue"
+        if scheduled or (scores and out.keep_best) or stop == "checkpoint":
             saving = time.perf_counter()
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
                                                scores.get(config.ranking_metric), writer) or last_checkpoint
             if writer is not None:  # how long a preempted worker's grace must be (cluster.driver warns)
                 writer.annotate_next(checkpoint_s=round(time.perf_counter() - saving, 3))
-        if stop != "continue" and notices is not None and notices.noticed:
-            logger.warning("stopping at iteration %d: checkpoint durable %.1f s after the notice", iteration,
-                           notices.seconds_since_notice())
-            return LoopEnd(last_checkpoint, "preempted", {"workers": sorted(notices.noticed), "iteration": iteration,
-                                                          "notice_to_checkpoint_s": notices.seconds_since_notice()})
         if stop != "continue":
-            if writer is not None:
-                logger.warning("stopping at iteration %d (%s)", iteration, stop)
-                storage.write_json(storage.join(out.run_url, STATE_FILE), {"state": "stopped", "iteration": iteration,
-                                                                          "checkpoint": last_checkpoint},
-                                   out.storage_options)
-            return LoopEnd(last_checkpoint, stop)
+            return _stopped_early(config, stop, iteration, last_checkpoint, notices, writer)
     return LoopEnd(last_checkpoint)
 
 
-STOPS = ("continue", "checkpoint", "now")  # what the ranks agree to do after an iteration (index = severity)
+def _stopped_early(config: JobConfig, stop: str, iteration: int, last_checkpoint: str | None,
+                   notices: NoticeWatch | None, writer: records.RunWriter | None) -> LoopEnd:
+    """Why the ranks stop after ``iteration``; a run stopped for good says so in ``state.json``."""
+    if notices is not None and notices.noticed:
+        logger.warning("stopping at iteration %d: checkpoint durable %.1f s after the notice", iteration,
+                       notices.seconds_since_notice())
+        return LoopEnd(last_checkpoint, "preempted", {"workers": sorted(notices.noticed), "iteration": iteration,
+                                                      "notice_to_checkpoint_s": notices.seconds_since_notice()})
+    if stop == "next_checkpoint":  # the driver re-dispatches on more workers: the run goes on
+        return LoopEnd(last_checkpoint, stop)
+    if writer is not None:
+        logger.warning("stopping at iteration %d (%s)", iteration, stop)
+        storage.write_json(storage.join(config.output.run_url, STATE_FILE),
+                           {"state": "stopped", "iteration": iteration, "checkpoint": last_checkpoint},
+                           config.output.storage_options)
+    return LoopEnd(last_checkpoint, stop)
+
+
+STOPS = ("continue", "next_checkpoint", "checkpoint", "now")  # the ranks' choices after an iteration, by severity
 
 
 def _agreed_stop(watch: DriverWatch | None, notices: NoticeWatch | None) -> str:
