@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 from distributed import get_client
@@ -30,6 +32,7 @@ NOTICE_KEY = ("daskgan", "notice")  # scheduler metadata: worker address -> the 
 PLUGIN_NAME = "daskgan-preemption"
 TRAINING_FUNCTION = "train_gan"  # the ranks that watch notices; others are not waited for
 WAIT_POLL_S = 0.2
+EC2_METADATA_URL = "http://169.254.169.254"  # the instance metadata service, as seen from an EC2 instance
 
 
 class PreemptionNotice(NannyPlugin):
@@ -106,6 +109,56 @@ class NoticeWatch:
     def seconds_since_notice(self) -> float:
         """From the earliest notice to now, on this host's clock (the nanny's wall clock wrote the notice)."""
         return max(0.0, time.time() - min(notice["at"] for notice in self.noticed.values()))
+
+
+class SpotInterruptionWatch(NannyPlugin):
+    """On each nanny of a spot instance: look at the instance metadata's interruption notice (EC2's
+    ``spot/instance-action``, given two minutes before the reclaim) every ``every_s``; once it is there, close the
+    nanny, so that ``PreemptionNotice`` has the run checkpoint before the worker leaves."""
+
+    idempotent = True
+    name = "daskgan-spot-interruption"
+
+    def __init__(self, metadata_url: str = EC2_METADATA_URL, every_s: float = 5.0):
+        self.metadata_url, self.every_s = metadata_url.rstrip("/"), every_s
+        self._watching: asyncio.Task | None = None
+
+    async def setup(self, nanny: Any) -> None:
+        self._watching = asyncio.create_task(self._watch(nanny))
+
+    async def teardown(self, nanny: Any) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+
+    async def _watch(self, nanny: Any) -> None:
+        while True:
+            try:
+                announced = await asyncio.to_thread(self._interruption_announced)
+            except OSError as error:  # not on EC2, or its metadata service closed to this container
+                logger.warning("spot interruption notices not watched: %s unreachable (%s)", self.metadata_url, error)
+                return
+            if announced:
+                logger.warning("spot interruption notice for this instance: worker %s leaves after its run's "
+                               "checkpoint", nanny.worker_address)
+                asyncio.create_task(nanny.close(reason="spot interruption notice"))  # its teardown cancels this
+                return
+            await asyncio.sleep(self.every_s)
+
+    def _interruption_announced(self) -> bool:
+        """Whether the instance metadata holds an interruption notice (IMDSv2: a session token first)."""
+        token = urllib.request.Request(f"{self.metadata_url}/latest/api/token", method="PUT",
+                                       headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+        with urllib.request.urlopen(token, timeout=2) as answer:
+            session = answer.read().decode()
+        notice = urllib.request.Request(f"{self.metadata_url}/latest/meta-data/spot/instance-action",
+                                        headers={"X-aws-ec2-metadata-token": session})
+        try:
+            with urllib.request.urlopen(notice, timeout=2):
+                return True
+        except urllib.error.HTTPError as error:
+            if error.code == 404:  # no interruption scheduled
+                return False
+            raise
 
 
 def watch_for_notices(client: Any, grace_s: float) -> None:

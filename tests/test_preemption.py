@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -16,6 +18,7 @@ from distributed import Client
 from daskgan.cluster.driver import GraceCheck, run_job
 from daskgan.cluster.status import format_status, run_status
 from daskgan.config import JobConfig
+from daskgan.preemption import SpotInterruptionWatch
 from daskgan.run import checkpoint
 from daskgan.run.records import load
 
@@ -135,3 +138,85 @@ def test_a_run_that_lost_a_worker_goes_on_with_one_and_grows_back_when_another_j
     causes = records["restart_cause"].dropna().tolist()
     assert causes[-1] == "grown back to 2 workers" and "lost" in causes[0], causes
     assert run_status(config.output.run_url, options)["world_sizes"] == [(1, 2), (26, 1), (back, 2)]
+
+
+class FakeInstanceMetadata(ThreadingHTTPServer):
+    """EC2's instance metadata service as a spot instance sees it, on loopback: IMDSv2 tokens, and an interruption
+    notice (``spot/instance-action``) once ``announce()`` was called, given to the first nanny that asks."""
+
+    def __init__(self):
+        self.pending = False
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def announce(self) -> None:
+        self.pending = True
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PUT(self):
+            self._answer(200, b"token-1") if self.path == "/latest/api/token" else self._answer(404)
+
+        def do_GET(self):
+            if self.path != "/latest/meta-data/spot/instance-action" or self.headers["X-aws-ec2-metadata-token"] != \
+                    "token-1":
+                return self._answer(401 if self.path.endswith("instance-action") else 404)
+            if not self.server.pending:
+                return self._answer(404)
+            self.server.pending = False
+            self._answer(200, b'{"action": "terminate", "time": "2026-12-05T02:00:00Z"}')
+
+        def _answer(self, status: int, body: bytes = b"") -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+
+def test_a_spot_interruption_notice_makes_a_worker_leave_after_its_runs_checkpoint(own_cluster, shapes_in_bucket):
+    url, options = shapes_in_bucket(images=48)
+    config = preemptible_job(url, options, iterations=40)
+    address, (_, *workers) = own_cluster.start()
+    metadata = FakeInstanceMetadata()
+    seen: dict[str, int] = {}
+
+    def replace_the_leaver() -> None:
+        leaver = wait_for_any_exit(workers)
+        seen["durable_at_exit"] = durable_checkpoint(config.output.run_url, options)
+        seen["leaver_exit"] = leaver.returncode
+        own_cluster.add_worker()
+
+    def announce(record: dict) -> None:
+        if record["iteration"] >= 12 and "announced_at" not in seen:
+            seen["announced_at"] = record["iteration"]
+            metadata.announce()
+            threading.Thread(target=replace_the_leaver, daemon=True).start()
+
+    with Client(address, timeout=60) as client:
+        client.register_plugin(SpotInterruptionWatch(metadata.url, every_s=0.5))
+        summary = run_job(client, config, on_record=announce)
+    metadata.shutdown()
+
+    assert seen["durable_at_exit"] >= seen["announced_at"], "the worker left before the run's checkpoint"
+    assert summary["iterations"] == 40
+    records = load(config.output.run_url, options)
+    assert records["iteration"].tolist() == list(range(1, 41)), "every iteration recorded exactly once"
+    restarts = records[records["restart_cause"].notna()]
+    assert len(restarts) == 1 and restarts["restart_cause"].iloc[0].startswith("preempted: worker "), restarts
+    assert restarts["redone_iterations"].iloc[0] == 0
+
+
+def wait_for_any_exit(processes: list[subprocess.Popen], seconds: float = 120) -> subprocess.Popen:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                return process
+        time.sleep(0.2)
+    raise AssertionError(f"no worker process left within {seconds} s")

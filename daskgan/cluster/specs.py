@@ -341,6 +341,10 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
         aws = _import("dask_cloudprovider.aws", "cloud", "kind: ec2")
         cluster = aws.EC2Cluster(**ec2_arguments(settings))
     with cluster, Client(cluster) as client:
+        if spec.kind == "ec2" and settings.spot:
+            from daskgan.preemption import SpotInterruptionWatch
+
+            client.register_plugin(SpotInterruptionWatch())  # the run checkpoints before a reclaim
         yield client
 
 
