@@ -29,6 +29,7 @@ from daskgan.lease import CHECK_EVERY_S
 logger = logging.getLogger(__name__)
 
 NOTICE_KEY = ("daskgan", "notice")  # scheduler metadata: worker address -> the notice it was given
+WATCHED_KEY = ("daskgan", "watched")  # worker address -> the run whose rank 0 watches its notices
 PLUGIN_NAME = "daskgan-preemption"
 TRAINING_FUNCTION = "train_gan"  # the ranks that watch notices; others are not waited for
 WAIT_POLL_S = 0.2
@@ -47,8 +48,8 @@ class PreemptionNotice(NannyPlugin):
 
     async def teardown(self, nanny: Any) -> None:
         address = nanny.worker_address
-        if address is None or not await _training_ranks(nanny.scheduler, address):
-            return
+        if address is None or not await _watched(nanny.scheduler, address):
+            return  # no rank 0 would hear the notice (no run, or ranks not yet training): nothing to wait for
         noticed = time.monotonic()
         logger.warning("worker %s is leaving: its training ranks checkpoint and stop first (waiting up to %.0f s)",
                        address, self.grace_s)
@@ -65,6 +66,15 @@ class PreemptionNotice(NannyPlugin):
             await _hand_over_results(nanny.scheduler, address)
         finally:
             await nanny.scheduler.set_metadata(keys=[*NOTICE_KEY, address], value=None)
+
+
+async def _watched(scheduler: Any, address: str) -> bool:
+    """Whether a run's rank 0 watches notices for the worker at ``address`` and its training ranks run there."""
+    try:
+        watched = await scheduler.get_metadata(keys=[*WATCHED_KEY, address], default=None)
+    except Exception:  # the scheduler gone: no run can be told
+        return False
+    return bool(watched) and bool(await _training_ranks(scheduler, address))
 
 
 async def _training_ranks(scheduler: Any, address: str) -> list[str]:
@@ -88,12 +98,23 @@ async def _hand_over_results(scheduler: Any, address: str) -> None:
 
 class NoticeWatch:
     """Rank 0's side: whether any worker of its run has been given notice (looked up at most every
-    ``CHECK_EVERY_S``). ``noticed`` keeps what was seen: worker address -> notice."""
+    ``CHECK_EVERY_S``). ``noticed`` keeps what was seen: worker address -> notice. While it is open, the
+    workers are marked watched, so their nannies wait for the checkpoint (only) then."""
 
-    def __init__(self, workers: list[str]):
+    def __init__(self, workers: list[str], run_url: str):
         self.workers = set(workers)
         self.noticed: dict[str, dict] = {}
         self._checked_at = time.monotonic()
+        self._mark_watched(run_url)
+
+    def close(self) -> None:
+        """The iterations ended: the workers' nannies need not wait for this rank 0 any more."""
+        self._mark_watched(None)
+
+    def _mark_watched(self, run_url: str | None) -> None:
+        client = get_client() if self.workers else None
+        for address in self.workers:
+            client.set_metadata([*WATCHED_KEY, address], run_url)
 
     def check(self) -> bool:
         if self.noticed or not self.workers or time.monotonic() - self._checked_at < CHECK_EVERY_S:

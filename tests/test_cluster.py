@@ -189,7 +189,7 @@ def test_a_job_renders_as_a_daskjob_the_operator_accepts(tmp_path):
     assert {**cluster["scheduler"], "service": None} == {**standalone["spec"]["scheduler"], "service": None}
 
     driver = runner["containers"][0]
-    assert runner["restartPolicy"] == "OnFailure"
+    assert runner["restartPolicy"] == "Never", "a permanent error must end the job and free its GPUs"
     mounts = {m["name"]: m for m in driver["volumeMounts"]}
     assert {v["name"]: v for v in runner["volumes"]} == {
         "job": {"name": "job", "configMap": {"name": config_map["metadata"]["name"]}},

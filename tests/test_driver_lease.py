@@ -391,6 +391,31 @@ def test_detach_needs_a_cluster_that_outlives_the_command(tmp_path):
     assert refused.returncode == 2 and "--detach: needs a cluster that outlives this command" in err
 
 
+def test_a_driver_attempts_again_when_storage_is_down_but_not_after_an_error_of_the_jobs_own(cli_run):
+    """A DaskJob's runner drives with --attempts: Kubernetes' OnFailure restarted a permanent error forever."""
+    from daskgan.dispatch import free_port
+
+    start, _, options, spec = cli_run
+    job_path = start.write_job(10)
+    job = yaml.safe_load(job_path.read_text())
+    job["data"]["storage_options"] = {**options, "endpoint_url": f"http://127.0.0.1:{free_port()}",  # none there
+                                      "config_kwargs": {"retries": {"max_attempts": 1}}}
+    job["data"]["retry_tries"], job["data"]["retry_seconds"] = 1, 0.1
+    job["recovery"]["wait_for_workers_s"] = 1  # the wait between attempts
+    job_path.write_text(yaml.safe_dump(job))
+    down = daskgan_process("train", str(job_path), "--cluster", str(spec), "--no-progress", "--attempts", "2")
+    _, err = down.communicate(timeout=180)
+    assert down.returncode == 1, err
+    assert "attempt 2 of 2 in 1 s" in err and "attempt 3" not in err, err
+
+    job["data"]["storage_options"] = options
+    job["data"]["url"] = job["data"]["url"].rsplit("/", 1)[0] + "/no-such-dataset"  # the job's own error
+    job_path.write_text(yaml.safe_dump(job))
+    wrong = daskgan_process("train", str(job_path), "--cluster", str(spec), "--no-progress", "--attempts", "2")
+    _, err = wrong.communicate(timeout=180)
+    assert wrong.returncode == 2 and "attempt 2" not in err, err
+
+
 def test_a_daskjob_runner_trains_on_the_scheduler_the_operator_names(cli_run, dask_client, tmp_path):
     """The rendered DaskJob's runner container, run as the operator would run it: its args, its env, the job file
     where the ConfigMap is mounted, and DASK_SCHEDULER_ADDRESS (the operator's) pointing at a scheduler."""

@@ -82,3 +82,23 @@ def test_ranks_wait_for_a_listing_longer_than_the_collective_timeout(dask_client
         dispatch.results(dispatch.run(dask_client, slow_rank0_value, 6, None, timeout=2), timeout=60)
     futures = dispatch.run(dask_client, slow_rank0_value, 6, 60, timeout=2)
     assert dispatch.results(futures, timeout=60) == ["listed", "listed"]
+
+
+def rank0_fails(timeout_s):
+    def unreachable():
+        time.sleep(3)  # the other ranks wait in the broadcast meanwhile
+        raise ConnectionRefusedError("storage unreachable")
+
+    return from_rank0(unreachable, timeout_s=timeout_s)
+
+
+@pytest.mark.slow
+def test_when_rank0s_work_fails_every_rank_stops_at_once_not_at_the_timeout(dask_client):
+    """The other ranks waited for rank 0's answer until the listing timeout: a cancelled rank kept its worker's
+    only thread that long, and the restart's ranks could not start there."""
+    futures = dispatch.run(dask_client, rank0_fails, 600, timeout=600)
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError, match="storage unreachable"):
+        dispatch.results(futures, timeout=60)
+    assert all(future.status == "error" for future in futures), [future.status for future in futures]
+    assert time.monotonic() - started < 30

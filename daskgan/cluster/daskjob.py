@@ -3,8 +3,11 @@
 The operator starts the DaskCluster of the job's spec and a runner pod whose containers find its scheduler in
 ``DASK_SCHEDULER_ADDRESS`` (the operator sets it); the runner runs ``daskgan train`` on the job file, which a
 ConfigMap mounts. Nothing depends on the machine that applied the manifest, so the run is detached by construction.
-When the runner exits 0 the operator marks the job successful and removes the cluster; a runner that fails is
-restarted in place (``restartPolicy: OnFailure``) and its new driver resumes the run from its newest checkpoint.
+When the runner exits 0 the operator marks the job successful and removes the cluster. The runner drives the run
+up to ``RUNNER_ATTEMPTS`` times, each resuming from the newest checkpoint, when the driver fails for a reason
+other than the job's own; an error of the job's own (a bad setting, dataset or checkpoint) or the last failure
+ends it (``restartPolicy: Never``: Kubernetes' ``OnFailure`` retried a permanent error forever while the GPU
+cluster stayed allocated), and the operator marks the job failed and removes the cluster.
 The runner holds no storage credentials: the client side of a run never touches the run directory. With the spec's
 ``tls_secret`` it is a TLS client of its scheduler like the workers, and the job's NetworkPolicy admits its pod.
 """
@@ -28,6 +31,7 @@ from daskgan.config import ConfigError, load_job
 
 JOB_MOUNT = "/etc/daskgan"
 JOB_FILE = "job.yaml"
+RUNNER_ATTEMPTS = 3  # the driver's tries after failures not of the job's own making (run_job_attempts)
 
 
 def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path) -> list[dict[str, Any]]:
@@ -88,12 +92,12 @@ def _runner_pod(k8s: KubernetesSpec, cluster: dict[str, Any]) -> dict[str, Any]:
     env = {**k8s.env, **tls_environment_variables(k8s)}
     container = {
         "name": "driver", "image": k8s.image,
-        "args": ["daskgan", "train", f"{JOB_MOUNT}/{JOB_FILE}", "--no-progress"],
+        "args": ["daskgan", "train", f"{JOB_MOUNT}/{JOB_FILE}", "--no-progress", "--attempts", str(RUNNER_ATTEMPTS)],
         "env": [{"name": name, "value": str(value)} for name, value in env.items()],
         "resources": copy.deepcopy(k8s.scheduler_resources),
         "volumeMounts": [{"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}],
     }
-    pod = {"restartPolicy": "OnFailure", "containers": [container],
+    pod = {"restartPolicy": "Never", "containers": [container],
            "volumes": [{"name": "job", "configMap": {"name": cluster["metadata"]["name"]}}]}
     if k8s.tls_secret:
         add_tls_secret(pod, k8s)

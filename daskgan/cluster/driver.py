@@ -16,7 +16,7 @@ from daskgan import dispatch
 from daskgan.cluster.arrivals import Arrivals
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
-from daskgan.errors import InfrastructureError
+from daskgan.errors import InfrastructureError, UserError, first_line
 from daskgan.lease import CHECK_EVERY_S, DriverLease, clear_stop, request_stop
 from daskgan.preemption import watch_for_notices
 from daskgan.training.loop import train_gan
@@ -184,8 +184,36 @@ def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, workers: 
         count = wait_for_workers(client, world_size, gone, config.recovery)
         return restart_config(config, count, world_size), sorted(set(dispatch.worker_addresses(client)) -
                                                                  set(gone))[:count]
-    time.sleep(min(config.recovery.wait_for_workers_s, INFRASTRUCTURE_WAIT_S * 2 ** (restarts - 1)))
+    time.sleep(infrastructure_wait_s(config, restarts))
     return job, workers
+
+
+def infrastructure_wait_s(config: JobConfig, attempt: int) -> float:
+    """How long to wait before the ``attempt``-th try after storage or the cluster failed: doubling from
+    ``INFRASTRUCTURE_WAIT_S``, at most ``recovery.wait_for_workers_s``."""
+    return min(config.recovery.wait_for_workers_s, INFRASTRUCTURE_WAIT_S * 2 ** (attempt - 1))
+
+
+def run_job_attempts(client: Client, config: JobConfig, attempts: int,
+                     on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``run_job`` up to ``attempts`` times: again (after ``infrastructure_wait_s``) when the driver failed for a
+    reason other than the job's own, a ``UserError`` (a bad setting, dataset or checkpoint), which no new attempt
+    mends. A DaskJob's runner drives so, bounded, rather than being restarted by Kubernetes forever."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_job(client, config, on_record=on_record)
+        except UserError:
+            raise
+        except Exception as failure:
+            if attempt == attempts:
+                raise
+            wait_s = infrastructure_wait_s(config, attempt)
+            logger.warning("the driver failed (%s); attempt %d of %d in %.0f s, from the newest checkpoint",
+                           first_line(failure), attempt + 1, attempts, wait_s)
+            time.sleep(wait_s)
+    raise ValueError(f"attempts: must be >= 1, got {attempts}")
+
+
 
 
 def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: RecoveryConfig) -> int:

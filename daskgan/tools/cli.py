@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="no progress bar, log lines only (also when stderr is not a terminal)")
     train.add_argument("--detach", action="store_true",
                        help="drive the run from the cluster's scheduler and return: it outlives this client")
+    train.add_argument("--attempts", type=int, default=1,
+                       help="drive the run up to N times when the driver fails for a reason other than the job's "
+                            "own (storage or the cluster down beyond the run's restarts); a DaskJob's runner uses 3")
     train.set_defaults(run=train_command)
     status = commands.add_parser("status", help="where a run stands: state, iteration, losses, speed, ETA")
     status.add_argument("run_url", help="the run directory (output.run_url)")
@@ -270,6 +273,8 @@ def render_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    if args.attempts < 1:
+        raise ConfigError(f"--attempts: must be >= 1, got {args.attempts}")
     spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
     job = load_job(args.job, workers=spec.planned_workers() or 1)  # refuse a bad job before starting anything
     with ExitStack() as stack:
@@ -287,7 +292,7 @@ def train_command(args: argparse.Namespace) -> int:
         if args.detach:
             return _detach(client, job, spec)
         # a bar's \r updates only help on a terminal; logs and CI get a log line every flush_every iterations
-        summary = _train_with_progress(client, job, show_bar=not args.no_progress and sys.stderr.isatty())
+        summary = _train_with_progress(client, job, not args.no_progress and sys.stderr.isatty(), args.attempts)
         local_copy = job.sandbox.copy_results_to if job.sandbox else None
         if local_copy:
             sandbox.copy_results(job.output.run_url, local_copy, job.output.storage_options)
@@ -307,10 +312,10 @@ def _detach(client, job, spec: ClusterSpec) -> int:
     return 0
 
 
-def _train_with_progress(client, job, show_bar: bool) -> dict:
+def _train_with_progress(client, job, show_bar: bool, attempts: int = 1) -> dict:
     from tqdm import tqdm
 
-    from daskgan.cluster.driver import run_job
+    from daskgan.cluster.driver import run_job_attempts
 
     with tqdm(total=job.train.iterations, unit="it", disable=not show_bar, dynamic_ncols=True) as bar:
         def show(record: dict) -> None:
@@ -321,7 +326,7 @@ def _train_with_progress(client, job, show_bar: bool) -> dict:
                 scores = "".join(f", {k} {record[k]:.4g}" for k in (*METRICS, "ada_p") if k in record)
                 logger.info("iteration %d: loss_G %.3f%s", record["iteration"], record["loss_G"], scores)
 
-        return run_job(client, job, on_record=show)
+        return run_job_attempts(client, job, attempts, on_record=show)
 
 
 def _metric_trends(summary: dict) -> list[str]:

@@ -125,9 +125,13 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
     if rank == 0:
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,
                     config.train.iterations, world_size, f" (resumed from {resume_url})" if resume_url else "")
+    workers = _run_workers()
+    notices = NoticeWatch(workers, config.output.run_url) if writer is not None else None
     try:
-        end = _loop(config, gan, stream, noise, writer, start, model_id)
+        end = _loop(config, gan, stream, noise, writer, start, model_id, notices)
     finally:
+        if notices is not None:
+            notices.close()
         stream.close()
         if writer is not None:
             writer.flush()
@@ -217,8 +221,8 @@ class LoopEnd(NamedTuple):
 
 
 def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: records.RunWriter | None,
-          start: int, model_id: dict) -> LoopEnd:
-    """Iterations from ``start`` on (see ``LoopEnd``)."""
+          start: int, model_id: dict, notices: NoticeWatch | None) -> LoopEnd:
+    """Iterations from ``start`` on (see ``LoopEnd``); rank 0 watches the workers' notices (``notices``)."""
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
@@ -226,8 +230,6 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         writer.grid(0, _real_examples(config, stream.index, grid_labels), name="reals")
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
     watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if writer is not None else None
-    workers = _run_workers()
-    notices = NoticeWatch(workers) if writer is not None else None
     last_checkpoint = None
     unreadable = _Unreadable(stream)
     for iteration in range(start + 1, train.iterations + 1):
