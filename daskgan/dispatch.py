@@ -123,8 +123,11 @@ def run(
 ) -> RankFutures:
     """Start ``fn(*args, **kwargs)`` once on each worker, inside an initialised process group.
 
-    Returns one future per rank (index = rank), as a list that also knows each rank's worker. ``backend`` defaults to ``nccl`` when the worker has CUDA, else
-    ``gloo``. ``timeout`` bounds the rendezvous and every collective, so a lost rank cannot hang the others forever.
+    Returns one future per rank (index = rank), as a list that also knows each rank's worker. ``backend`` defaults
+    to ``nccl`` when the worker has CUDA, else ``gloo``. ``timeout`` bounds the rendezvous and every collective, so
+    a lost rank cannot hang the others forever. First every worker must have a free thread (a cancelled rank of an
+    earlier dispatch runs on until its own collectives time out): waited for up to ``DEFAULT_TIMEOUT_S`` or
+    ``timeout``, whichever is longer.
     With ``pass_local_rank`` the function also receives ``local_rank=`` (its index among workers on the same host).
     Rank 0 opens the rendezvous on ``master_port`` (for clusters that open only some ports) or, if that is taken
     or not given, on a port the system picks, and tells the other ranks through the scheduler: no port can be
@@ -133,6 +136,7 @@ def run(
     addresses = sorted(workers or worker_addresses(client))
     if not addresses:
         raise RuntimeError("the Dask cluster has no workers; start some before dispatching")
+    _wait_for_free_threads(client, addresses, max(timeout, DEFAULT_TIMEOUT_S))
     master_addr = get_address_host(addresses[0])
     local_ranks = _local_ranks(addresses)
     ranks_per_host = Counter(get_address_host(address) for address in addresses)
@@ -152,6 +156,24 @@ def run(
         )
         for rank, address in enumerate(addresses)
     ], addresses)
+
+
+def _wait_for_free_threads(client: Client, addresses: list[str], timeout: float) -> None:
+    """Wait until every worker has a thread for its rank. A cancelled rank of an earlier dispatch (one that
+    failed) runs on until it returns, holding its thread: a rank queued behind it would start only then, long
+    after its peers gave up at the rendezvous."""
+    deadline = time.monotonic() + timeout
+    while busy := [address for address, free in client.run(_free_threads, workers=addresses).items() if free < 1]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers {', '.join(busy)} still run earlier tasks after {timeout:.0f}s; "
+                               "their ranks cannot start")
+        logger.info("waiting for tasks of an earlier dispatch to end on %s", ", ".join(busy))
+        time.sleep(POLL_SECONDS)
+
+
+def _free_threads(dask_worker: Any) -> int:
+    """On a worker: its threads not running a task (cancelled tasks still running count as running)."""
+    return dask_worker.state.nthreads - dask_worker.state.executing_count
 
 
 def results(futures: RankFutures, timeout: float | None = None, grace: float = 10.0) -> list[Any]:

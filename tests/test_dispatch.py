@@ -142,3 +142,22 @@ def test_a_scheduler_that_cannot_be_reached_is_the_clusters_error_not_the_runs()
     assert type(caught.value) is OSError and "Timed out trying to connect" in str(caught.value)
     assert dispatch.is_cluster_error(caught.value)
     assert not dispatch.is_cluster_error(OSError("[Errno 28] No space left on device")), "the rank's own"
+
+
+def linger_on_rank_zero(seconds):
+    """Rank 1 fails at once; rank 0 is busy elsewhere for ``seconds`` (a cancelled task runs to its end)."""
+    if dist.get_rank() == 1:
+        raise ValueError("bad shard")
+    time.sleep(seconds)
+    return "late"
+
+
+def test_a_dispatch_waits_for_cancelled_ranks_of_an_earlier_one_to_free_their_workers(dask_client):
+    """A cancelled rank keeps its worker's thread until it returns; the next dispatch's rank could not start there
+    and its peers gave up at the rendezvous timeout."""
+    failed = dispatch.run(dask_client, linger_on_rank_zero, 8, timeout=60)
+    with pytest.raises(ValueError, match="bad shard"):
+        dispatch.results(failed, grace=0.5)
+    assert failed[0].cancelled(), "rank 0 was still running, now cancelled"
+    again = dispatch.run(dask_client, all_reduce_rank, 0, scale=1.0, timeout=5)
+    assert [r[0] for r in dispatch.results(again, timeout=60)] == [1.0, 1.0]
