@@ -25,6 +25,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/loader_step.py
 	$(BIN)/python benchmarks/throttle.py
+	$(BIN)/python benchmarks/preemption.py
 
 # loaders side by side with WebDataset and Mosaic Streaming, installed beside the CPU torch without their torch pins
 bench-loaders: $(BIN)/.installed
