@@ -220,3 +220,12 @@ def wait_for_any_exit(processes: list[subprocess.Popen], seconds: float = 120) -
                 return process
         time.sleep(0.2)
     raise AssertionError(f"no worker process left within {seconds} s")
+
+
+def test_a_run_takes_at_most_max_workers_of_the_cluster(dask_client, shapes_in_bucket):
+    url, options = shapes_in_bucket(images=16)
+    config = preemptible_job(url, options, iterations=4)
+    config.recovery.max_workers = 1
+    summary = run_job(dask_client, config)
+    assert summary["iterations"] == 4
+    assert load(config.output.run_url, options)["world_size"].tolist() == [1, 1, 1, 1], "one of the two workers"

@@ -40,7 +40,7 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     refused; when this client lets go of the run (it returns, raises, or is interrupted) its ranks checkpoint and
     stop, and if it dies they do so ``recovery.driver_timeout_s`` later.
     """
-    world_size = len(dispatch.worker_addresses(client))
+    world_size = config.recovery.run_size(len(dispatch.worker_addresses(client)))
     lease = DriverLease(client, config.output.run_url, config.recovery.driver_timeout_s, config.train.iterations)
     lease.acquire()  # a run another live client drives is refused here
     clear_stop(client, config.output.run_url)

@@ -272,11 +272,17 @@ class RecoveryConfig:
 
     max_restarts: int = 3
     wait_for_workers_s: float = 300.0  # how long to wait for the cluster to offer the workers again
-    min_workers: Optional[int] = None  # after that wait, continue with this many (global batch kept) instead of failing
+    # with fewer workers than the run's, go on once this many are there (global batch kept) instead of failing
+    min_workers: Optional[int] = None
+    max_workers: Optional[int] = None  # the run's size: at most this many of the cluster's workers (null: all)
     driver_timeout_s: float = 120.0  # ranks whose driver's heartbeat stopped this long ago checkpoint and stop
     # a worker given notice (SIGTERM, eviction) waits this long at most for its run's checkpoint before it leaves;
     # the platform's own grace period (Kubernetes' terminationGracePeriodSeconds) must be at least as long
     notice_grace_s: float = 120.0
+
+    def run_size(self, cluster_workers: int) -> int:
+        """How many workers the run trains on, of the ``cluster_workers`` there are."""
+        return min(cluster_workers, self.max_workers or cluster_workers)
 
     def platform_grace_s(self) -> int:
         """The grace period a worker's platform should give it (Kubernetes' terminationGracePeriodSeconds): the
@@ -287,6 +293,8 @@ class RecoveryConfig:
         require(self.max_restarts >= 0, "recovery.max_restarts", "must be >= 0")
         require(self.wait_for_workers_s >= 0, "recovery.wait_for_workers_s", "must be >= 0")
         require(self.min_workers is None or self.min_workers >= 1, "recovery.min_workers", "must be >= 1")
+        require(self.max_workers is None or self.max_workers >= max(1, self.min_workers or 1),
+                "recovery.max_workers", "must be >= 1 and >= recovery.min_workers")
         require(self.driver_timeout_s > 0, "recovery.driver_timeout_s", "must be > 0")
         require(self.notice_grace_s > 0, "recovery.notice_grace_s", "must be > 0")
 

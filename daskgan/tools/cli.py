@@ -286,8 +286,9 @@ def train_command(args: argparse.Namespace) -> int:
         client = stack.enter_context(connect(spec))
         workers = len(dispatch.worker_addresses(client))
         logger.info("cluster: %d workers; dashboard %s", workers, client.dashboard_link)
-        if job.preset and workers != job.preset_workers:
-            job = load_job(args.job, workers=workers)  # the preset scales with the workers actually there
+        if job.preset and job.recovery.run_size(workers) != job.preset_workers:
+            # the preset scales with the workers the run actually gets
+            job = load_job(args.job, workers=job.recovery.run_size(workers))
         job = sandbox.prepare(job, endpoint) if job.sandbox else job
         if args.detach:
             return _detach(client, job, spec)
