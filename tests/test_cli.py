@@ -25,6 +25,20 @@ def test_bad_job_gives_one_line_naming_the_key(tmp_path, capsys):
     assert error.count("\n") == 0 and "train.itterations: unknown key" in error
 
 
+@pytest.mark.parametrize("argv", [["train.itterations=5", "--no-progress"], ["--no-progress", "train.itterations=5"],
+                                  ["--cluster", str(ROOT / "cluster" / "local.yaml"), "train.itterations=5"]])
+def test_an_override_anywhere_after_the_job_is_validated_as_the_file_is(argv, capsys):
+    assert main(["train", str(ROOT / "jobs" / "demo.yaml"), *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "demo.yaml: train.itterations: unknown key" in error
+
+
+def test_an_argument_that_is_neither_option_nor_override_is_refused(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(ROOT / "jobs" / "demo.yaml"), "--no-progress", "--dry_run"])
+    assert exited.value.code == 2 and "unrecognized arguments: --dry_run" in capsys.readouterr().err
+
+
 def test_a_job_with_a_password_in_its_endpoint_is_refused_without_echoing_it(tmp_path, capsys):
     job = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
     job["data"]["storage_options"] = {"endpoint_url": "http://minio:s3cr3t-value@127.0.0.1:9000"}

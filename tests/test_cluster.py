@@ -23,7 +23,10 @@ def operator_schema(crd: str | None = None):
     import dask_kubernetes
 
     folder = Path(dask_kubernetes.__file__).parent / "operator" / "customresources"
-    local = lambda text: text.replace("python://dask_kubernetes/operator/customresources/templates.yaml#", "#")
+
+    def local(text):
+        return text.replace("python://dask_kubernetes/operator/customresources/templates.yaml#", "#")
+
     definitions = yaml.safe_load(local((folder / "templates.yaml").read_text()))["definitions"]
 
     def local_refs(node):
@@ -112,7 +115,8 @@ def test_ec2_arguments_are_ones_ec2cluster_takes():
     from dask_cloudprovider.aws import EC2Cluster
     from dask_cloudprovider.generic.vmcluster import VMCluster
 
-    accepted = set(inspect.signature(EC2Cluster.__init__).parameters) | set(inspect.signature(VMCluster.__init__).parameters)
+    accepted = (set(inspect.signature(EC2Cluster.__init__).parameters)
+                | set(inspect.signature(VMCluster.__init__).parameters))
     arguments = render(load_cluster_spec(ROOT / "cluster" / "aws-ec2.yaml"))["EC2Cluster"]
     assert set(arguments) <= accepted
     assert arguments["iam_instance_profile"] == {"Name": "daskgan-s3-access"}
@@ -151,8 +155,8 @@ def test_cli_render_prints_the_manifest(capsys):
     assert "&id" not in out, "no YAML anchors for a reader to follow"
 
 
-def rendered_daskjob(tmp_path, job: dict, spec: str = "kubernetes.yaml") -> list[dict]:
-    """``daskgan cluster render <spec> --job <job>`` as the YAML documents it prints."""
+def rendered_daskjob(tmp_path, job: dict, spec: str = "kubernetes.yaml", overrides: tuple = ()) -> list[dict]:
+    """``daskgan cluster render <spec> --job <job> [overrides]`` as the YAML documents it prints."""
     import contextlib
     import io
 
@@ -160,7 +164,7 @@ def rendered_daskjob(tmp_path, job: dict, spec: str = "kubernetes.yaml") -> list
     path.write_text(yaml.safe_dump(job))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["cluster", "render", str(ROOT / "cluster" / spec), "--job", str(path)]) == 0
+        assert main(["cluster", "render", str(ROOT / "cluster" / spec), "--job", str(path), *overrides]) == 0
     return list(yaml.safe_load_all(printed.getvalue()))
 
 
@@ -205,6 +209,17 @@ def test_a_job_renders_as_a_daskjob_the_operator_accepts(tmp_path):
     mounted.parent.mkdir()
     mounted.write_text(config_map["data"][job_file])
     assert load_job(mounted) == load_job(tmp_path / "my_job.yaml"), "the pod trains the same job, under its name"
+
+
+def test_a_daskjob_runner_trains_with_the_overrides_it_was_rendered_with(tmp_path, capsys):
+    *_, daskjob = rendered_daskjob(tmp_path, PLAIN_JOB, overrides=("train.iterations=7", "data.batch_size=4"))
+    assert daskjob["spec"]["job"]["spec"]["containers"][0]["args"][-2:] == ["train.iterations=7", "data.batch_size=4"]
+    path = tmp_path / "my_job.yaml"
+    assert main(["cluster", "render", str(ROOT / "cluster" / "kubernetes.yaml"), "--job", str(path),
+                 "train.iterations=many"]) == 2
+    assert "my_job.yaml: train.iterations: expected an integer, got 'many'" in capsys.readouterr().err
+    assert main(["cluster", "render", str(ROOT / "cluster" / "kubernetes.yaml"), "train.iterations=7"]) == 2
+    assert "train.iterations=7: overrides apply to a job: give --job" in capsys.readouterr().err
 
 
 def test_daskjob_refuses_what_cannot_run_there(tmp_path, capsys):

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from daskgan.config import ConfigError, JobConfig, load_job
 
@@ -140,3 +141,34 @@ def test_example_jobs_load():
             config = load_job(path, workers=workers)
             if config.preset:
                 assert config.preset_workers == workers
+
+
+def job_file(tmp_path, **sections):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(with_changes(**sections)))
+    return path
+
+
+def test_overrides_set_dotted_keys_as_yaml_values_over_the_file(tmp_path):
+    path = job_file(tmp_path, train={"iterations": 50}, metrics={"kinds": ["fid", "kid"]})
+    job = load_job(path, overrides=["train.iterations=3", "data.batch_size=8", "train.lr_g=1e-3", "model.g_channels=16",
+                                    "metrics.kinds=[kid]", "augment.mode=ada", "sandbox.dataset.images=10",
+                                    "name=other", "train.iterations=4"])
+    assert (job.train.iterations, job.data.batch_size, job.train.lr_g, job.model.g_channels) == (4, 8, 1e-3, 16)
+    assert (job.metrics.kinds, job.augment.mode, job.sandbox.dataset.images, job.name) == (["kid"], "ada", 10, "other")
+    assert load_job(path).train.iterations == 50, "the file itself is left as it is"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.iteratons=3", "job.yaml: train.iteratons: unknown key (expected one of: iterations,"),
+    ("train.lr_g=fast", "job.yaml: train.lr_g: expected a number, got 'fast'"),
+    ("data.url.bucket=b", "job.yaml: data.url.bucket: data.url is 'memory://d', not a mapping of settings"),
+    ("train=3", "job.yaml: train: expected a mapping, got int"),
+    ("train.iterations", "job.yaml: train.iterations: an override is KEY=VALUE with a dotted key"),
+    ("train..lr_g=1", "job.yaml: train..lr_g=1: an override is KEY=VALUE"),
+    ("metrics.kinds=[fid", "job.yaml: metrics.kinds: the value '[fid' is not valid YAML"),
+])
+def test_bad_overrides_are_one_line_naming_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as error:
+        load_job(job_file(tmp_path), overrides=[override])
+    assert str(error.value).startswith(f"{tmp_path}/{message}") and "\n" not in str(error.value)

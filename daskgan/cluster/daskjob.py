@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from daskgan.cluster.specs import (
     KubernetesSpec,
@@ -34,14 +34,15 @@ JOB_FILE = "job.yaml"
 RUNNER_ATTEMPTS = 3  # the driver's tries after failures not of the job's own making (run_job_attempts)
 
 
-def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path) -> list[dict[str, Any]]:
+def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The ConfigMap holding the job file, the NetworkPolicy of the job's cluster, and the DaskJob
     (kubernetes.dask.org/v1) that trains it.
 
-    The job is validated first, as ``daskgan train`` would for this cluster's size. All are named
+    The job is validated first, as ``daskgan train`` would for this cluster's size, with the command line's
+    ``overrides`` (``key=value``), which the runner is given after the job file as ``daskgan train`` was. All are named
     ``<spec name>-<job name>`` (so one spec serves many jobs; the operator names the job's DaskCluster the same,
     and its scheduler service ``<that>-scheduler``)."""
-    job = load_job(job_path, workers=k8s.n_workers)
+    job = load_job(job_path, workers=k8s.n_workers, overrides=overrides)
     if job.sandbox:
         raise ConfigError(f"{job_path}: sandbox: runs on this machine only (a loopback S3 server); a DaskJob needs "
                           "a job on storage the cluster reaches")
@@ -51,7 +52,7 @@ def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path) -> list[dict[st
                   "data": {JOB_FILE: _job_file_text(Path(job_path), job.name)}}
     cluster = kubernetes_manifest(k8s, cluster_name=name, recovery=job.recovery)
     daskjob = {"apiVersion": cluster["apiVersion"], "kind": "DaskJob", "metadata": dict(metadata),
-               "spec": {"job": {"spec": _runner_pod(k8s, cluster)}, "cluster": {"spec": cluster["spec"]}}}
+               "spec": {"job": {"spec": _runner_pod(k8s, cluster, overrides)}, "cluster": {"spec": cluster["spec"]}}}
     return [config_map, network_policy(k8s, name), daskjob]
 
 
@@ -86,13 +87,14 @@ def to_yaml(manifests: list[dict[str, Any]]) -> str:
     return yaml.dump_all(manifests, Dumper=Dumper, sort_keys=False)
 
 
-def _runner_pod(k8s: KubernetesSpec, cluster: dict[str, Any]) -> dict[str, Any]:
-    """The driver's pod: ``daskgan train`` on the job file (the ConfigMap named as the cluster), against the
-    cluster's scheduler (the operator's address, or its tls:// one with the Secret's client certificate)."""
+def _runner_pod(k8s: KubernetesSpec, cluster: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The driver's pod: ``daskgan train`` on the job file (the ConfigMap named as the cluster) and ``overrides``,
+    against the cluster's scheduler (the operator's address, or its tls:// one with the Secret's client certificate)."""
     env = {**k8s.env, **tls_environment_variables(k8s)}
     container = {
         "name": "driver", "image": k8s.image,
-        "args": ["daskgan", "train", f"{JOB_MOUNT}/{JOB_FILE}", "--no-progress", "--attempts", str(RUNNER_ATTEMPTS)],
+        "args": ["daskgan", "train", f"{JOB_MOUNT}/{JOB_FILE}", "--no-progress", "--attempts", str(RUNNER_ATTEMPTS),
+                 *overrides],
         "env": [{"name": name, "value": str(value)} for name, value in env.items()],
         "resources": copy.deepcopy(k8s.scheduler_resources),
         "volumeMounts": [{"name": "job", "mountPath": JOB_MOUNT, "readOnly": True}],

@@ -106,7 +106,8 @@ def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
     global_batch = per_worker * workers
     return {
         "data": {"batch_size": per_worker},
-        "model": {"family": "stylegan2", "z_dim": 512, "w_dim": 512, "fmaps": spec.fmaps, "mapping_layers": spec.mapping_layers,
+        "model": {"family": "stylegan2", "z_dim": 512, "w_dim": 512, "fmaps": spec.fmaps,
+                  "mapping_layers": spec.mapping_layers,
                   "mbstd_group": min(spec.mbstd, per_worker), "style_mixing": spec.style_mixing,
                   "d_architecture": spec.d_architecture},
         "train": {"iterations": spec.kimg * 1000 // global_batch, "lr_g": spec.lrate, "lr_d": spec.lrate,
@@ -123,12 +124,14 @@ def _biggan_settings(name: str, spec: BigGanSpec, workers: int, resolution: int)
     ema_kimg = math.log(0.5) / math.log(spec.ema_decay) * global_batch / 1000
     return {
         "data": {"batch_size": per_worker},
-        "model": {"family": "biggan", "z_dim": BIGGAN_256_Z if resolution == 256 and spec.hierarchical else spec.z_dim, "g_channels": spec.channels, "d_channels": spec.channels,
+        "model": {"family": "biggan", "z_dim": BIGGAN_256_Z if resolution == 256 and spec.hierarchical else spec.z_dim,
+                  "g_channels": spec.channels, "d_channels": spec.channels,
                   "hierarchical": spec.hierarchical, "attention_resolution": 64,
                   "shared_embedding": spec.shared_embedding, "init": spec.init},
         "train": {"iterations": spec.iterations, "loss": "hinge", "lr_g": spec.lr_g, "lr_d": spec.lr_d,
                   "beta1": 0.0, "beta2": 0.999, "d_steps": spec.d_steps, "accumulate": spec.accumulate,
-                  "ortho_reg": spec.ortho, "ema_kimg": ema_kimg, "ema_start": spec.ema_start, "adam_eps": spec.adam_eps},
+                  "ortho_reg": spec.ortho, "ema_kimg": ema_kimg, "ema_start": spec.ema_start,
+                  "adam_eps": spec.adam_eps},
     }
 
 
@@ -148,9 +151,10 @@ def apply_defaults(job: dict[str, Any], workers: int | None) -> dict[str, Any]:
     """``job`` with its preset's settings, then the transfer settings when it starts from other weights
     (``train.init_from``), filled in underneath the keys it sets itself."""
     base: dict[str, Any] = {}
-    if job.get("preset") is not None:
-        base = preset_settings(job["preset"], job.get("data", {}).get("resolution", 64), workers)
-    if (job.get("train") or {}).get("init_from"):
+    data, train = (section if isinstance(section, dict) else {} for section in (job.get("data"), job.get("train")))
+    if job.get("preset") is not None:  # a section that is not a mapping is refused by the schema
+        base = preset_settings(job["preset"], data.get("resolution", 64), workers)
+    if train.get("init_from"):
         base = _merge(base, TRANSFER_SETTINGS)
     return _merge(base, job)
 

@@ -13,12 +13,13 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from fsspec.core import split_protocol
 
 from daskgan.config.coerce import ConfigError, build_dataclass, load_yaml_mapping, require
 from daskgan.config.credentials import check_no_plain_secrets, check_no_url_credentials, redact
+from daskgan.config.overrides import apply_overrides
 
 FAMILIES = ("dcgan", "stylegan2", "biggan")  # daskgan.models.FAMILIES
 LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
@@ -51,7 +52,8 @@ class DataConfig:
     #                                         share of the cores when it trains on a GPU, else 0
     fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
     cache_dir: Optional[str] = None  # a local folder keeping fetched objects for later epochs
-    cache_max_gb: Optional[float] = None  # the folder's one bound, for every rank; default: 80% of its disk at first use
+    cache_max_gb: Optional[float] = None  # the folder's one bound, for every rank; default: 80% of its disk at first
+    #                                       use
     shuffle: bool = True
     mirror: bool = False  # x-flipped copies of every image double the dataset (NVlabs' --mirror)
     shuffle_shards: int = 4  # tar shards: shards read (and their images shuffled) together, and GETs in flight
@@ -344,7 +346,8 @@ class JobConfig:
     preset_workers: Optional[int] = field(default=None, metadata=INTERNAL)  # the worker count the preset was scaled for
 
     def validate(self) -> "JobConfig":
-        require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        require(bool(self.name) and "/" not in self.name, "name",
+                f"must be a non-empty name without '/', got {self.name!r}")
         sections = (self.data, self.model, self.train, self.augment, self.metrics, self.output, self.recovery)
         for section in (*sections, *([self.sandbox] if self.sandbox else [])):
             section.validate()
@@ -390,12 +393,17 @@ class JobConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_job(path: str | Path, workers: int | None = None) -> JobConfig:
-    """Read and validate a job YAML file (``workers``: the cluster's size, needed when the job names a preset).
+def load_job(path: str | Path, workers: int | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read and validate a job YAML file (``workers``: the cluster's size, needed when the job names a preset),
+    with the command line's ``key=value`` ``overrides`` set in it first (``daskgan.config.overrides``).
 
     A job without a ``name`` is named after its file (``jobs/demo.yaml`` -> ``demo``)."""
-    data = load_yaml_mapping(path)
-    return JobConfig.from_dict({"name": Path(path).stem, **data}, source=str(path), workers=workers)
+    data = {"name": Path(path).stem, **load_yaml_mapping(path)}
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return JobConfig.from_dict(data, source=str(path), workers=workers)
 
 
 def _with_defaults(data: dict, workers: int | None) -> dict:

@@ -37,7 +37,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse_args(argv)
     _configure_logging(args.log_level)
     try:
         return args.run(args)
@@ -51,6 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with a command's ``key=value`` overrides taken from anywhere after its positionals:
+    argparse alone refuses ``train job.yaml --cluster c.yaml train.iterations=3`` (positionals after an option)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [arg for arg in extra if _is_override(arg)]
+        extra = [arg for arg in extra if not _is_override(arg)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+OVERRIDES_HELP = "settings over the job file's, e.g. train.iterations=3 data.batch_size=8 (values are YAML)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="daskgan", description=__doc__)
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
@@ -59,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = commands.add_parser("train", help="train a GAN job on a Dask cluster")
     train.add_argument("job", help="job YAML file, e.g. jobs/demo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     train.add_argument("--cluster", help=DEFAULT_CLUSTER_HELP)
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar, log lines only (also when stderr is not a terminal)")
@@ -106,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     render_parser.add_argument("spec", help="cluster spec YAML, e.g. cluster/kubernetes.yaml")
     render_parser.add_argument("--job", help="a job YAML: print the DaskJob that trains it on this cluster "
                                              "(kind: kubernetes; with the ConfigMap holding the job file)")
+    render_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"with --job: {OVERRIDES_HELP}")
     render_parser.set_defaults(run=render_command)
     generate = commands.add_parser("generate", help="images from a checkpoint, one PNG per seed")
     generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt), or an NVlabs "
@@ -239,7 +261,8 @@ def attach_command(args: argparse.Namespace) -> int:
     def show(record: dict) -> None:  # a line a second at most
         if time.monotonic() - shown[0] >= 1.0:
             shown[0] = time.monotonic()
-            print(f"iteration {record['iteration']} of {record['iterations']}: loss_G {record['loss_G']:.3f}", flush=True)
+            print(f"iteration {record['iteration']} of {record['iterations']}: loss_G {record['loss_G']:.3f}",
+                  flush=True)
 
     with connect(load_cluster_spec(args.cluster)) as client:
         followed = attach(client, args.run_url, show)
@@ -262,13 +285,15 @@ def stop_command(args: argparse.Namespace) -> int:
 def render_command(args: argparse.Namespace) -> int:
     spec = load_cluster_spec(args.spec)
     if args.job is None:
+        if args.overrides:
+            raise ConfigError(f"{args.overrides[0]}: overrides apply to a job: give --job")
         print(yaml.safe_dump(render(spec), sort_keys=False), end="")
         return 0
     from daskgan.cluster.daskjob import daskjob_manifests, to_yaml
 
     if spec.kind != "kubernetes":
         raise ConfigError(f"--job: a DaskJob needs a kubernetes cluster spec; {args.spec} is kind: {spec.kind}")
-    print(to_yaml(daskjob_manifests(spec.settings(), args.job)), end="")
+    print(to_yaml(daskjob_manifests(spec.settings(), args.job, args.overrides)), end="")
     return 0
 
 
@@ -276,7 +301,8 @@ def train_command(args: argparse.Namespace) -> int:
     if args.attempts < 1:
         raise ConfigError(f"--attempts: must be >= 1, got {args.attempts}")
     spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
-    job = load_job(args.job, workers=spec.planned_workers() or 1)  # refuse a bad job before starting anything
+    # refuse a bad job before starting anything
+    job = load_job(args.job, workers=spec.planned_workers() or 1, overrides=args.overrides)
     with ExitStack() as stack:
         endpoint = None
         if job.sandbox and job.sandbox.s3_server:
@@ -288,7 +314,7 @@ def train_command(args: argparse.Namespace) -> int:
         logger.info("cluster: %d workers; dashboard %s", workers, client.dashboard_link)
         if job.preset and job.recovery.run_size(workers) != job.preset_workers:
             # the preset scales with the workers the run actually gets
-            job = load_job(args.job, workers=job.recovery.run_size(workers))
+            job = load_job(args.job, workers=job.recovery.run_size(workers), overrides=args.overrides)
         job = sandbox.prepare(job, endpoint) if job.sandbox else job
         if args.detach:
             return _detach(client, job, spec)
@@ -321,7 +347,8 @@ def _train_with_progress(client, job, show_bar: bool, attempts: int = 1) -> dict
     with tqdm(total=job.train.iterations, unit="it", disable=not show_bar, dynamic_ncols=True) as bar:
         def show(record: dict) -> None:
             bar.update(record["iteration"] - bar.n)
-            bar.set_postfix(loss_G=f"{record['loss_G']:.3f}", loss_D=f"{record['loss_D_real'] + record['loss_D_fake']:.3f}",
+            bar.set_postfix(loss_G=f"{record['loss_G']:.3f}",
+                            loss_D=f"{record['loss_D_real'] + record['loss_D_fake']:.3f}",
                             img_s=f"{record['images_per_s']:.0f}", refresh=False)
             if not show_bar and (record["iteration"] % job.output.flush_every == 0 or "fid" in record):
                 scores = "".join(f", {k} {record[k]:.4g}" for k in (*METRICS, "ada_p") if k in record)

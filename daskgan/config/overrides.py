@@ -1,0 +1,49 @@
+"""Command-line overrides of a job file: ``train.iterations=3 data.batch_size=8``.
+
+Each is a dotted key and a value read as YAML (``3`` an integer, ``2e-4`` a number, ``[fid]`` a list, ``null``),
+set in the job's mapping before the mapping is validated, so a mistyped key or a value of the wrong type gets the
+same one-line error as it would in the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import yaml
+
+from daskgan.errors import ConfigError
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``key=value`` of ``overrides`` set, in order (a later one wins)."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, value = parse_override(override)
+        _set(data, key.split("."), value)
+    return data
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """``train.lr_g=2e-4`` as its dotted key and its value parsed as YAML."""
+    key, equals, text = override.partition("=")
+    if not equals or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{override}: an override is KEY=VALUE with a dotted key, e.g. train.iterations=3")
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: the value {text!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def _set(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``value`` at the dotted path ``parts``, making the mappings on the way (a null section counts as none)."""
+    section = data
+    for depth, part in enumerate(parts[:-1]):
+        inner = section.get(part)
+        if inner is None:
+            inner = section[part] = {}
+        if not isinstance(inner, dict):
+            where = ".".join(parts[:depth + 1])
+            raise ConfigError(f"{'.'.join(parts)}: {where} is {inner!r}, not a mapping of settings")
+        section = inner
+    section[parts[-1]] = value
