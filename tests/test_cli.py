@@ -39,6 +39,60 @@ def test_an_argument_that_is_neither_option_nor_override_is_refused(capsys):
     assert exited.value.code == 2 and "unrecognized arguments: --dry_run" in capsys.readouterr().err
 
 
+def cluster_file(tmp_path, text: str) -> str:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """A cluster, a connection or the loopback S3 server started by the command fails the test."""
+    from daskgan.tools import cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run started something")
+
+    monkeypatch.setattr(cli, "connect", refuse)
+    monkeypatch.setattr(cli.sandbox, "LoopbackS3", refuse)
+
+
+DRY_RUN_JOB = {"preset": "paper256", "sandbox": {"s3_server": True},
+               "data": {"url": "s3://b/shapes", "resolution": 64,
+                        "storage_options": {"key": "${K}", "secret": "${S}", "endpoint_url": "http://127.0.0.1:9"}},
+               "output": {"run_url": "s3://b/runs/dry"}}
+
+
+def dry_run(tmp_path, capsys, cluster: str, *overrides: str) -> dict:
+    path = tmp_path / "dry.yaml"
+    path.write_text(yaml.safe_dump(DRY_RUN_JOB))
+    assert main(["train", str(path), "--cluster", cluster, "--dry-run", *overrides]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_dry_run_prints_the_job_resolved_for_the_planned_workers_and_starts_nothing(tmp_path, capsys, nothing_starts):
+    from daskgan.config import JobConfig
+
+    two = cluster_file(tmp_path, "kind: local\nlocal: {n_workers: 2}\n")
+    printed = dry_run(tmp_path, capsys, two, "train.lr_g=0.001")
+    expected = JobConfig.from_dict({"name": "dry", **DRY_RUN_JOB, "train": {"lr_g": 0.001}}, workers=2)
+    assert printed == yaml.safe_load(expected.to_yaml()), "what config.yaml in the run directory would hold"
+    assert (printed["workers"], printed["data"]["batch_size"], printed["train"]["lr_g"]) == (2, 32, 0.001), \
+        "paper256's global batch 64 over 2 workers, the override over the preset"
+    assert printed["data"]["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://127.0.0.1:9"}
+    capped = dry_run(tmp_path, capsys, two, "recovery.max_workers=1")
+    assert (capped["workers"], capped["data"]["batch_size"]) == (1, 64), "the run trains on 1 of the 2 workers"
+
+
+def test_dry_run_on_a_running_scheduler_counts_its_workers(tmp_path, capsys, dask_client, monkeypatch):
+    from daskgan.tools import sandbox
+
+    monkeypatch.setattr(sandbox, "LoopbackS3", None)
+    spec = cluster_file(tmp_path, f"kind: scheduler\nscheduler: {{address: '{dask_client.scheduler.address}'}}\n")
+    printed = dry_run(tmp_path, capsys, spec)
+    assert (printed["workers"], printed["data"]["batch_size"]) == (2, 32)
+
+
 def test_a_job_with_a_password_in_its_endpoint_is_refused_without_echoing_it(tmp_path, capsys):
     job = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
     job["data"]["storage_options"] = {"endpoint_url": "http://minio:s3cr3t-value@127.0.0.1:9000"}

@@ -32,7 +32,7 @@ def test_defaults_follow_dcgan_paper():
     ({"sandbox": {"dataset": {"images": 0}}}, "sandbox.dataset.images: must be >= 1"),
     ({"sandbox": {"dataset": {"resolution": 4}}}, "sandbox.dataset.resolution: must be >= 8"),
     ({"sandbox": {"copy_results_to": "s3://b/copy"}}, "sandbox.copy_results_to: must be a local folder"),
-    ({"preset_workers": 8}, "preset_workers: unknown key"),
+    ({"workers": 8}, "workers: unknown key"),
     ({"metrics": {"every": 10, "kinds": ["kid"]}, "output": {"best_metric": "fid"}},
      "output.best_metric: 'fid' is not among metrics.kinds"),
     ({"output": {"best_metric": "lpips"}}, "output.best_metric: must be one of"),
@@ -140,7 +140,7 @@ def test_example_jobs_load():
         for workers in (1, 2, 8):
             config = load_job(path, workers=workers)
             if config.preset:
-                assert config.preset_workers == workers
+                assert config.workers == workers
 
 
 def job_file(tmp_path, **sections):

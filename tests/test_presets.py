@@ -19,7 +19,7 @@ def test_auto_scales_the_batch_and_gamma_with_the_workers():
     assert (two.train.beta1, two.train.beta2, two.train.pl_weight, two.augment.mode) == (0.0, 0.99, 2.0, "ada")
     eight = JobConfig.from_dict(job(), workers=8)
     assert eight.data.batch_size * 8 == 64 and eight.train.r1_gamma == pytest.approx(0.0002 * 256 ** 2 / 64)
-    assert eight.preset_workers == 8
+    assert eight.workers == 8
 
 
 def test_auto_rounds_the_batch_to_a_multiple_of_the_workers():

@@ -253,7 +253,7 @@ def test_records_up_to_a_checkpoint_survive_rank_0_killed_after_it(process_group
     at iteration 8, and the resume from 6 never wrote them again."""
     config = local_job(iterations=10)
     config.output.flush_every, config.output.checkpoint_every = 4, 6
-    job_file = {key: value for key, value in config.to_dict().items() if key != "preset_workers"}
+    job_file = {key: value for key, value in config.to_dict().items() if key != "workers"}
     killed = subprocess.run([sys.executable, "-c", KILLED_AT, json.dumps(job_file), "8",
                              dask_client.scheduler.address],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import yaml
 from fsspec.core import split_protocol
 
 from daskgan.config.coerce import ConfigError, build_dataclass, load_yaml_mapping, require
@@ -343,7 +344,8 @@ class JobConfig:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     sandbox: Optional[SandboxConfig] = None
     preset: Optional[str] = None  # NVlabs-style named settings (daskgan.presets), under the job's own keys
-    preset_workers: Optional[int] = field(default=None, metadata=INTERNAL)  # the worker count the preset was scaled for
+    # the run's worker count the job was resolved for (its preset scaled, its kimg lengths converted); None: not known
+    workers: Optional[int] = field(default=None, metadata=INTERNAL)
 
     def validate(self) -> "JobConfig":
         require(bool(self.name) and "/" not in self.name, "name",
@@ -381,16 +383,27 @@ class JobConfig:
                 data[section]["storage_options"] = redact(data[section]["storage_options"])
         return data
 
+    def to_yaml(self) -> str:
+        """The job as the run directory's ``config.yaml`` holds it and ``daskgan train --dry-run`` prints it."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     @classmethod
     def from_dict(cls, data: dict, source: str = "job", workers: int | None = None) -> "JobConfig":
-        """Build and validate a job; a ``preset`` is scaled for ``workers`` (the number of Dask workers)."""
+        """Build and validate a job for a cluster of ``workers`` Dask workers: a ``preset`` is scaled for the
+        workers the run trains on (``recovery.max_workers`` of them at most)."""
         try:
-            job = build_dataclass(cls, _with_defaults(data, workers), "")
-            if job.preset:
-                job.preset_workers = workers
+            job = cls._resolved(data, workers)
+            if workers and job.recovery.run_size(workers) != workers:
+                job = cls._resolved(data, job.recovery.run_size(workers))
             return job.validate()
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def _resolved(cls, data: dict, workers: int | None) -> "JobConfig":
+        job = build_dataclass(cls, _with_defaults(data, workers), "")
+        job.workers = workers
+        return job
 
 
 def load_job(path: str | Path, workers: int | None = None, overrides: Sequence[str] = ()) -> JobConfig:

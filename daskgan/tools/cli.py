@@ -15,7 +15,7 @@ import yaml
 
 from daskgan import dispatch
 from daskgan.cluster import ClusterSpec, connect, default_cluster_spec, load_cluster_spec, render
-from daskgan.config import load_job
+from daskgan.config import JobConfig, load_job
 from daskgan.config.schema import METRICS
 from daskgan.errors import ConfigError, InfrastructureError, UserError, first_line
 from daskgan.run import storage
@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="no progress bar, log lines only (also when stderr is not a terminal)")
     train.add_argument("--detach", action="store_true",
                        help="drive the run from the cluster's scheduler and return: it outlives this client")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the job as this cluster would train it (presets and kimg resolved for its "
+                            "workers, credentials redacted) and train nothing")
     train.add_argument("--attempts", type=int, default=1,
                        help="drive the run up to N times when the driver fails for a reason other than the job's "
                             "own (storage or the cluster down beyond the run's restarts); a DaskJob's runner uses 3")
@@ -301,6 +304,9 @@ def train_command(args: argparse.Namespace) -> int:
     if args.attempts < 1:
         raise ConfigError(f"--attempts: must be >= 1, got {args.attempts}")
     spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
+    if args.dry_run:
+        print(_job_for_cluster(args, spec).to_yaml(), end="")
+        return 0
     # refuse a bad job before starting anything
     job = load_job(args.job, workers=spec.planned_workers() or 1, overrides=args.overrides)
     with ExitStack() as stack:
@@ -312,9 +318,8 @@ def train_command(args: argparse.Namespace) -> int:
         client = stack.enter_context(connect(spec))
         workers = len(dispatch.worker_addresses(client))
         logger.info("cluster: %d workers; dashboard %s", workers, client.dashboard_link)
-        if job.preset and job.recovery.run_size(workers) != job.preset_workers:
-            # the preset scales with the workers the run actually gets
-            job = load_job(args.job, workers=job.recovery.run_size(workers), overrides=args.overrides)
+        if job.recovery.run_size(workers) != job.workers:  # resolved for the workers the run actually gets
+            job = load_job(args.job, workers=workers, overrides=args.overrides)
         job = sandbox.prepare(job, endpoint) if job.sandbox else job
         if args.detach:
             return _detach(client, job, spec)
@@ -325,6 +330,16 @@ def train_command(args: argparse.Namespace) -> int:
             sandbox.copy_results(job.output.run_url, local_copy, job.output.storage_options)
     _report(summary, local_copy, stopped_server=endpoint is not None)
     return 0
+
+
+def _job_for_cluster(args: argparse.Namespace, spec: ClusterSpec) -> JobConfig:
+    """The job as ``train`` would resolve it on ``spec``'s cluster, starting nothing: for the workers the spec
+    would start, or those a running scheduler (``kind: scheduler``) has now."""
+    workers = spec.planned_workers()
+    if workers is None:
+        with connect(spec) as client:
+            workers = len(dispatch.worker_addresses(client))
+    return load_job(args.job, workers=workers, overrides=args.overrides)
 
 
 def _detach(client, job, spec: ClusterSpec) -> int:

@@ -1,9 +1,9 @@
 """The DDP training loop that runs on every worker: ``train_gan(config)``, dispatched by ``daskgan.dispatch.run``.
 
 Each iteration does ``d_steps`` discriminator steps then one generator step (``daskgan.steps``), with gradients
-averaged across ranks by DistributedDataParallel. Rank 0 writes the records, grids, TensorBoard events and checkpoints; a
-checkpoint holds everything needed to continue bit-for-bit: weights, optimizer state, iteration, and every rank's
-noise-generator state and data-stream position.
+averaged across ranks by DistributedDataParallel. Rank 0 writes the records, grids, TensorBoard events and
+checkpoints; a checkpoint holds everything needed to continue bit-for-bit: weights, optimizer state, iteration, and
+every rank's noise-generator state and data-stream position.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-import yaml
 from distributed import get_worker
 
 from daskgan import ranks
@@ -161,8 +160,8 @@ def evaluations(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 def save_config(config: JobConfig) -> None:
     """Keep the job (credentials redacted) beside its results, so a run directory explains itself."""
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    storage.write_bytes(storage.join(config.output.run_url, "config.yaml"), text.encode(), config.output.storage_options)
+    storage.write_bytes(storage.join(config.output.run_url, "config.yaml"), config.to_yaml().encode(),
+                        config.output.storage_options)
 
 
 def model_fingerprint(config: JobConfig, num_classes: int) -> dict[str, Any]:
