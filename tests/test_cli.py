@@ -84,6 +84,17 @@ def test_dry_run_prints_the_job_resolved_for_the_planned_workers_and_starts_noth
     assert (capped["workers"], capped["data"]["batch_size"]) == (1, 64), "the run trains on 1 of the 2 workers"
 
 
+def test_dry_run_prints_the_iterations_that_kimg_means_on_the_cluster(tmp_path, capsys, nothing_starts):
+    """jobs/demo.yaml gives iterations: 1000 and 16 images per worker; train.kimg replaces the iterations."""
+    two = cluster_file(tmp_path, "kind: local\nlocal: {n_workers: 2}\n")
+    assert main(["train", str(ROOT / "jobs" / "demo.yaml"), "train.kimg=0.05", "--cluster", two, "--dry-run"]) == 0
+    train = yaml.safe_load(capsys.readouterr().out)["train"]
+    assert (train["kimg"], train["iterations"]) == (0.05, 2), "50 images at 16 x 2 workers = 32 an iteration"
+    four = cluster_file(tmp_path, "kind: local\nlocal: {n_workers: 4}\n")
+    assert main(["train", str(ROOT / "jobs" / "demo.yaml"), "train.kimg=0.05", "--cluster", four, "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["iterations"] == 1, "64 images an iteration on 4"
+
+
 def test_dry_run_on_a_running_scheduler_counts_its_workers(tmp_path, capsys, dask_client, monkeypatch):
     from daskgan.tools import sandbox
 

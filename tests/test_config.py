@@ -172,3 +172,41 @@ def test_bad_overrides_are_one_line_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
         load_job(job_file(tmp_path), overrides=[override])
     assert str(error.value).startswith(f"{tmp_path}/{message}") and "\n" not in str(error.value)
+
+
+KIMG_JOB = with_changes(data={"batch_size": 5}, train={"accumulate": 2, "d_steps": 2, "kimg": 1},
+                        output={"grid_kimg": 0.2, "checkpoint_kimg": 0.41}, metrics={"every_kimg": 0.2})
+
+
+def test_kimg_lengths_become_the_iterations_in_which_d_sees_that_many_reals():
+    job = JobConfig.from_dict(KIMG_JOB, workers=2)
+    assert job.images_per_iteration(2) == 5 * 2 * 2 * 2, "batch x workers x accumulate x d_steps, the records' kimg"
+    assert (job.train.iterations, job.output.grid_every, job.output.checkpoint_every, job.metrics.every) == \
+        (25, 5, 11, 5), "0.41 kimg is 10.25 iterations of 40 reals: the 11th reaches it"
+    assert JobConfig.from_dict(KIMG_JOB, workers=4).train.iterations == 13, "twice the workers, half the iterations"
+    assert JobConfig.from_dict(with_changes(train={"kimg": 0.07}, data={"batch_size": 5}), workers=2) \
+        .train.iterations == 7, "70 images of 10 an iteration, float noise (7.000000000000001) adding none"
+    preset = JobConfig.from_dict(with_changes(preset="paper256", train={"kimg": 0.128}), workers=2)
+    assert preset.train.iterations == 2, "the job's kimg over the preset's iterations (its global batch 64)"
+
+
+@pytest.mark.parametrize("sections, workers, message", [
+    ({"train": {"kimg": 1, "iterations": 10}}, 2, "train.kimg: give it or train.iterations, not both"),
+    ({"output": {"grid_kimg": 1, "grid_every": 10}}, 2, "output.grid_kimg: give it or output.grid_every, not both"),
+    ({"output": {"checkpoint_kimg": 1, "checkpoint_every": 9}}, 2, "output.checkpoint_kimg: give it or output"),
+    ({"metrics": {"every_kimg": 1, "every": 10}}, 2, "metrics.every_kimg: give it or metrics.every, not both"),
+    ({"train": {"kimg": 0}}, 2, "train.kimg: must be > 0"),
+    ({"train": {"kimg": "long"}}, 2, "train.kimg: expected a number, got 'long'"),
+    ({"metrics": {"every_kimg": 1}}, None, "metrics.every_kimg: converts to iterations with the global batch"),
+])
+def test_bad_kimg_lengths_are_one_line(sections, workers, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        JobConfig.from_dict(with_changes(**sections), workers=workers)
+
+
+def test_an_override_switches_a_length_to_the_other_form_but_both_on_the_command_line_are_refused(tmp_path):
+    path = job_file(tmp_path, train={"iterations": 50}, output={"grid_kimg": 0.1})
+    job = load_job(path, workers=2, overrides=["train.kimg=0.64", "output.grid_every=3"])
+    assert (job.train.iterations, job.train.kimg, job.output.grid_every, job.output.grid_kimg) == (5, 0.64, 3, None)
+    with pytest.raises(ConfigError, match=r"job\.yaml: train\.kimg: give it or train\.iterations, not both"):
+        load_job(path, workers=2, overrides=["train.kimg=0.64", "train.iterations=4"])

@@ -95,6 +95,9 @@ def test_run_writes_records_grids_tensorboard_and_checkpoints(dask_client, datas
     assert [e.step for e in events.Scalars("loss/G")] == list(range(1, 7))
     assert [e.value for e in events.Scalars("loss/G")] == pytest.approx(table["loss_G"].tolist(), rel=1e-5)
     assert [e.step for e in events.Images("samples/fixed_z")] == [3, 6]
+    kimg = events.Scalars("progress/kimg")  # TensorBoard has kimg by iteration, as the records
+    assert [e.step for e in kimg] == list(range(1, 7))
+    assert [e.value for e in kimg] == pytest.approx(table["kimg"].tolist())
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(dask_client, dataset):

@@ -8,19 +8,28 @@ same one-line error as it would in the file.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from daskgan.errors import ConfigError
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with each ``key=value`` of ``overrides`` set, in order (a later one wins)."""
-    data = copy.deepcopy(data)
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str],
+                    alternatives: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A copy of ``data`` with each ``key=value`` of ``overrides`` set, in order (a later one wins).
+
+    ``alternatives`` maps a key to the other form of its setting (``train.kimg``: ``train.iterations``): overriding
+    one drops the file's other, so ``train.kimg=5`` replaces the file's ``iterations``; both forms given on the
+    command line stay, for the job's validation to refuse as it refuses them in a file."""
+    data, given = copy.deepcopy(data), set()
     for override in overrides:
         key, value = parse_override(override)
+        other = (alternatives or {}).get(key)
+        if other is not None and other not in given:
+            _drop(data, other.split("."))
         _set(data, key.split("."), value)
+        given.add(key)
     return data
 
 
@@ -33,6 +42,15 @@ def parse_override(override: str) -> tuple[str, Any]:
         return key, yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: the value {text!r} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def _drop(data: dict[str, Any], parts: list[str]) -> None:
+    """Remove the dotted path ``parts`` where it is set."""
+    for part in parts[:-1]:
+        data = data.get(part)
+        if not isinstance(data, dict):
+            return
+    data.pop(parts[-1], None)
 
 
 def _set(data: dict[str, Any], parts: list[str], value: Any) -> None:

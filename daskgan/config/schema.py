@@ -9,11 +9,12 @@ This module imports neither torch nor any model: the names that the registries i
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 from fsspec.core import split_protocol
@@ -32,6 +33,9 @@ HIGHER_IS_BETTER = ("is",)  # the Inception Score; FID and KID are better lower
 BIGGAN_G_BLOCKS = {32: 3, 64: 4, 128: 5, 256: 6}  # G's blocks per resolution (daskgan.models.biggan.ARCHITECTURES)
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERNAL = {"internal": True}  # field metadata: set by daskgan, refused in a job file
+# lengths in thousands of real images (NVlabs' --kimg, --snap) and the iteration counts they are converted to
+KIMG_LENGTHS = {"train.kimg": "train.iterations", "output.checkpoint_kimg": "output.checkpoint_every",
+                "output.grid_kimg": "output.grid_every", "metrics.every_kimg": "metrics.every"}
 
 
 def is_training_resolution(resolution: int) -> bool:
@@ -126,6 +130,7 @@ class TrainConfig:
     """Optimisation settings (DCGAN defaults: Adam lr 2e-4, beta1 0.5, BCE loss)."""
 
     iterations: int = 1000
+    kimg: Optional[float] = None  # the length in thousands of real images instead (converted to iterations)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
@@ -194,8 +199,10 @@ class OutputConfig:
     storage_options: dict = field(default_factory=dict)
     flush_every: int = 50
     grid_every: int = 100
+    grid_kimg: Optional[float] = None  # or every this many thousand real images (converted to iterations)
     grid_images: int = 64
     checkpoint_every: int = 500
+    checkpoint_kimg: Optional[float] = None  # or every this many thousand real images (converted to iterations)
     keep_checkpoints: int = 3
     resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", or a checkpoint URL
     keep_best: int = 0  # also keep the k best checkpoints by best_metric (each evaluation then saves one)
@@ -239,6 +246,7 @@ class MetricsConfig:
     """FID/KID during training, over all workers (``daskgan.metrics``)."""
 
     every: int = 0  # iterations between evaluations (0: none); the last iteration is evaluated too
+    every_kimg: Optional[float] = None  # or thousands of real images between them (converted to iterations)
     kinds: list = field(default_factory=lambda: ["fid", "kid"])
     images: int = 1000  # generated images per evaluation (papers: 50000)
     real_images: Optional[int] = None  # real images for the reference statistics (default: images)
@@ -383,6 +391,11 @@ class JobConfig:
                 data[section]["storage_options"] = redact(data[section]["storage_options"])
         return data
 
+    def images_per_iteration(self, workers: int) -> int:
+        """Real images D sees in one iteration on ``workers`` ranks: each of its ``d_steps`` steps takes the global
+        batch (``batch_size`` x workers x ``accumulate``). The records' kimg is iteration x this / 1000."""
+        return self.data.batch_size * workers * self.train.accumulate * self.train.d_steps
+
     def to_yaml(self) -> str:
         """The job as the run directory's ``config.yaml`` holds it and ``daskgan train --dry-run`` prints it."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -403,7 +416,34 @@ class JobConfig:
     def _resolved(cls, data: dict, workers: int | None) -> "JobConfig":
         job = build_dataclass(cls, _with_defaults(data, workers), "")
         job.workers = workers
+        job._convert_kimg()
         return job
+
+    def _convert_kimg(self) -> None:
+        """Set each iteration count given in thousands of images (``KIMG_LENGTHS``) for ``self.workers``."""
+        given = {key: iterations for key, iterations in KIMG_LENGTHS.items() if _get(self, key) is not None}
+        if not given:
+            return
+        require(bool(self.workers), next(iter(given)), "converts to iterations with the global batch, which "
+                "scales with the number of workers: load the job with workers=<cluster size>")
+        per_iteration = self.images_per_iteration(self.workers)
+        if per_iteration < 1:  # a batch setting out of range, which validation names
+            return
+        for key, iterations in given.items():
+            require(_get(self, key) > 0, key, "must be > 0")
+            section, name = iterations.split(".")
+            setattr(getattr(self, section), name, iterations_for_kimg(_get(self, key), per_iteration))
+
+
+def iterations_for_kimg(kimg: float, images_per_iteration: int) -> int:
+    """The fewest iterations (1 at least) in which D sees ``kimg`` thousand real images: NVlabs' training stops once
+    it has seen ``--kimg`` (rounded to a millionth of an iteration, so float noise never adds one)."""
+    return max(1, math.ceil(round(kimg * 1000 / images_per_iteration, 6)))
+
+
+def _get(job: JobConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(job, section), name)
 
 
 def load_job(path: str | Path, workers: int | None = None, overrides: Sequence[str] = ()) -> JobConfig:
@@ -413,7 +453,7 @@ def load_job(path: str | Path, workers: int | None = None, overrides: Sequence[s
     A job without a ``name`` is named after its file (``jobs/demo.yaml`` -> ``demo``)."""
     data = {"name": Path(path).stem, **load_yaml_mapping(path)}
     try:
-        data = apply_overrides(data, overrides)
+        data = apply_overrides(data, overrides, {**KIMG_LENGTHS, **{v: k for k, v in KIMG_LENGTHS.items()}})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return JobConfig.from_dict(data, source=str(path), workers=workers)
@@ -424,6 +464,7 @@ def _with_defaults(data: dict, workers: int | None) -> dict:
 
     if not isinstance(data, dict):
         return data
+    _refuse_both_length_forms(data)
     name = data.get("preset")
     if name is not None:
         require(isinstance(name, str) and name in PRESETS, "preset", f"must be one of {list(PRESETS)}, got {name!r}")
@@ -432,3 +473,10 @@ def _with_defaults(data: dict, workers: int | None) -> dict:
     return apply_defaults(data, workers)
 
 
+def _refuse_both_length_forms(data: dict) -> None:
+    """A length in kimg and in iterations both given by the job (the preset's ``iterations`` is a default)."""
+    for key, iterations in KIMG_LENGTHS.items():
+        section, kimg = key.split(".")
+        given = data.get(section)
+        require(not isinstance(given, dict) or kimg not in given or iterations.split(".")[1] not in given, key,
+                f"give it or {iterations}, not both")

@@ -224,6 +224,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     """Iterations from ``start`` on (see ``LoopEnd``); rank 0 watches the workers' notices (``notices``)."""
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
+    reals = config.images_per_iteration(dist.get_world_size())  # what D sees per iteration: the kimg unit
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
     if writer is not None and start == 0:
         writer.grid(0, _real_examples(config, stream.index, grid_labels), name="reals")
@@ -236,7 +237,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         stats, position = _train_iteration(config, gan, stream, noise, iteration)
         skipped = unreadable.count()
         if gan.ada is not None:
-            gan.ada.update(iteration, global_batch * train.d_steps)
+            gan.ada.update(iteration, reals)
         if gan.G_ema is not None:
             update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch),
                        average_buffers=config.model.family == "biggan")
@@ -247,8 +248,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                   if evaluator is not None and (iteration % config.metrics.every == 0 or last) else {})
         if writer is not None:
             writer.record({"iteration": iteration, "epoch": position.epoch, "world_size": dist.get_world_size(),
-                           "kimg": iteration * global_batch * train.d_steps / 1000, **stats,
-                           "images_per_s": global_batch * train.d_steps / step_seconds,
+                           "kimg": iteration * reals / 1000, **stats, "images_per_s": reals / step_seconds,
                            "skipped_images": skipped, **_augment_fields(config, gan), **scores})
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
