@@ -57,8 +57,7 @@ class DataConfig:
     #                                         share of the cores when it trains on a GPU, else 0
     fetch_batch: Optional[int] = None  # objects per concurrent fetch; defaults to batch_size
     cache_dir: Optional[str] = None  # a local folder keeping fetched objects for later epochs
-    cache_max_gb: Optional[float] = None  # the folder's one bound, for every rank; default: 80% of its disk at first
-    #                                       use
+    cache_max_gb: Optional[float] = None  # the folder's one bound, all ranks'; default: 80% of its disk at first use
     shuffle: bool = True
     mirror: bool = False  # x-flipped copies of every image double the dataset (NVlabs' --mirror)
     shuffle_shards: int = 4  # tar shards: shards read (and their images shuffled) together, and GETs in flight
@@ -402,8 +401,8 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "job", workers: int | None = None) -> "JobConfig":
-        """Build and validate a job for a cluster of ``workers`` Dask workers: a ``preset`` is scaled for the
-        workers the run trains on (``recovery.max_workers`` of them at most)."""
+        """Build and validate a job for a cluster of ``workers`` Dask workers: a ``preset`` is scaled, and lengths in
+        kimg converted to iterations, for the workers the run trains on (``recovery.max_workers`` of them at most)."""
         try:
             job = cls._resolved(data, workers)
             if workers and job.recovery.run_size(workers) != workers:
@@ -447,8 +446,9 @@ def _get(job: JobConfig, key: str) -> Any:
 
 
 def load_job(path: str | Path, workers: int | None = None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Read and validate a job YAML file (``workers``: the cluster's size, needed when the job names a preset),
-    with the command line's ``key=value`` ``overrides`` set in it first (``daskgan.config.overrides``).
+    """Read and validate a job YAML file (``workers``: the cluster's size, needed when the job names a preset or
+    gives a length in kimg), with the command line's ``key=value`` ``overrides`` set in it first
+    (``daskgan.config.overrides``).
 
     A job without a ``name`` is named after its file (``jobs/demo.yaml`` -> ``demo``)."""
     data = {"name": Path(path).stem, **load_yaml_mapping(path)}
