@@ -183,9 +183,11 @@ def test_resuming_from_another_runs_checkpoint(tmp_path):
                     "train.init_from")
 
 
-def test_unreachable_scheduler(tmp_path):
+@pytest.mark.parametrize("command", [["train", "jobs/demo.yaml"], ["runs"], ["stop", "s3://bucket/run"]],
+                         ids=lambda command: command[0])
+def test_unreachable_scheduler(tmp_path, command):
     spec = tmp_path / "cluster.yaml"
     address = f"tcp://127.0.0.1:{free_port()}"
     spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": address,
                                                                         "connect_timeout_s": 2}}))
-    assert_one_line(daskgan("train", "jobs/demo.yaml", "--cluster", str(spec)), address, "no Dask scheduler")
+    assert_one_line(daskgan(*command, "--cluster", str(spec)), address, "no Dask scheduler")

@@ -4,6 +4,7 @@ import inspect
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -23,8 +24,7 @@ def operator_schema(crd: str | None = None):
     import dask_kubernetes
 
     folder = Path(dask_kubernetes.__file__).parent / "operator" / "customresources"
-
-    def local(text):
+    def local(text: str) -> str:
         return text.replace("python://dask_kubernetes/operator/customresources/templates.yaml#", "#")
 
     definitions = yaml.safe_load(local((folder / "templates.yaml").read_text()))["definitions"]
@@ -115,8 +115,7 @@ def test_ec2_arguments_are_ones_ec2cluster_takes():
     from dask_cloudprovider.aws import EC2Cluster
     from dask_cloudprovider.generic.vmcluster import VMCluster
 
-    accepted = (set(inspect.signature(EC2Cluster.__init__).parameters)
-                | set(inspect.signature(VMCluster.__init__).parameters))
+    accepted = {*inspect.signature(EC2Cluster.__init__).parameters, *inspect.signature(VMCluster.__init__).parameters}
     arguments = render(load_cluster_spec(ROOT / "cluster" / "aws-ec2.yaml"))["EC2Cluster"]
     assert set(arguments) <= accepted
     assert arguments["iam_instance_profile"] == {"Name": "daskgan-s3-access"}
@@ -516,3 +515,134 @@ def test_rendered_pods_run_here_speak_tls_and_the_job_runner_connects(tmp_path):
         for process in (worker, scheduler):
             process.kill()
             process.wait()
+
+
+# --- looking at runs (runs, status, attach, stop): a running cluster is connected to, none is ever started ----------
+
+LOOKING = [["runs"], ["status", "s3://bucket/run"], ["attach", "s3://bucket/run"], ["stop", "s3://bucket/run"]]
+
+
+@pytest.fixture
+def nothing_started(monkeypatch):
+    """Every way a command could start a cluster fails loudly: KubeCluster, a DaskCluster's creation, LocalCluster."""
+    import distributed
+    from dask_kubernetes.operator import KubeCluster
+    from dask_kubernetes.operator._objects import DaskCluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a command that looks at runs started a cluster")
+
+    for owner, name in [(KubeCluster, "__init__"), (DaskCluster, "create"), (distributed, "LocalCluster")]:
+        monkeypatch.setattr(owner, name, refuse)
+
+
+def one_error_line(capsys, *names: str) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def kubernetes_spec(folder: Path, **changes) -> Path:
+    """cluster/kubernetes.yaml with ``changes`` to its ``kubernetes`` section, written into ``folder``."""
+    data = yaml.safe_load((ROOT / "cluster" / "kubernetes.yaml").read_text())
+    data["kubernetes"].update(changes)
+    path = folder / "kubernetes.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def kubernetes_with_daskclusters(monkeypatch, running: bool) -> list[tuple[str, str]]:
+    """A Kubernetes API (kr8s') that answers whether a DaskCluster exists with ``running``; returns the
+    (name, namespace) of each DaskCluster asked for."""
+    import kr8s
+    from dask_kubernetes.operator._objects import DaskCluster
+
+    asked = []
+
+    async def api(**kwargs):  # kr8s' Api, as far as a DaskCluster of a given namespace uses it
+        return SimpleNamespace(namespace="default")
+
+    async def exists(self, ensure=False):
+        asked.append((self.name, self.namespace))
+        return running
+
+    monkeypatch.setattr(kr8s.asyncio, "api", api)
+    monkeypatch.setattr(DaskCluster, "exists", exists)
+    return asked
+
+
+def dead_kubeconfig(folder: Path) -> Path:
+    """A kubeconfig whose API server is a loopback port where nothing listens."""
+    from daskgan.dispatch import free_port
+
+    path = folder / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "not-a-secret"}}]}))
+    return path
+
+
+@pytest.mark.parametrize("command", LOOKING, ids=lambda c: c[0])
+def test_looking_without_kubernetes_credentials_is_one_line_and_starts_nothing(command, tmp_path, monkeypatch,
+                                                                                capsys, nothing_started):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    assert main([*command, "--cluster", str(ROOT / "cluster" / "kubernetes.yaml")]) == 2
+    one_error_line(capsys, "DaskCluster daskgan in namespace gan-training", "no Kubernetes API", "KUBECONFIG")
+
+
+@pytest.mark.parametrize("command", LOOKING, ids=lambda c: c[0])
+def test_looking_at_an_unreachable_kubernetes_api_is_one_line_and_starts_nothing(command, tmp_path, monkeypatch,
+                                                                                  capsys, nothing_started):
+    """A plain-TCP spec, which KubeCluster would have created the cluster of."""
+    monkeypatch.setenv("KUBECONFIG", str(dead_kubeconfig(tmp_path)))
+    assert main([*command, "--cluster", str(kubernetes_spec(tmp_path, tls_secret=None))]) == 2
+    one_error_line(capsys, "no Kubernetes API", "All connection attempts failed")
+
+
+def test_a_daskjobs_cluster_that_is_not_running_is_one_line(tmp_path, monkeypatch, capsys, nothing_started):
+    asked = kubernetes_with_daskclusters(monkeypatch, running=False)
+    job = tmp_path / "my_job.yaml"
+    job.write_text(yaml.safe_dump(PLAIN_JOB))
+    assert main(["runs", "--cluster", str(ROOT / "cluster" / "kubernetes.yaml"), "--job", str(job)]) == 2
+    one_error_line(capsys, "no running DaskCluster daskgan-my-job in namespace gan-training")
+    assert asked == [("daskgan-my-job", "gan-training")], "the name `cluster render --job` gives the DaskJob"
+
+
+def test_a_running_daskcluster_is_reached_through_its_scheduler_service(dask_client, tmp_path, monkeypatch, capsys,
+                                                                         nothing_started):
+    from dask_kubernetes.operator import networking
+
+    services = []
+
+    async def scheduler_address(service_name, namespace, **kwargs):  # a port-forward, from outside the cluster
+        services.append((service_name, namespace))
+        return dask_client.scheduler.address
+
+    asked = kubernetes_with_daskclusters(monkeypatch, running=True)
+    monkeypatch.setattr(networking, "get_scheduler_address", scheduler_address)
+    assert main(["runs", "--cluster", str(kubernetes_spec(tmp_path, tls_secret=None))]) == 0
+    assert "0 run(s) with a live driver on this cluster" in capsys.readouterr().out
+    assert asked == [("daskgan", "gan-training")] and services == [("daskgan-scheduler", "gan-training")]
+
+
+@pytest.mark.parametrize("command", LOOKING, ids=lambda c: c[0])
+def test_looking_at_a_local_spec_is_one_line_and_starts_nothing(command, capsys, nothing_started):
+    assert main([*command, "--cluster", str(ROOT / "cluster" / "local.yaml")]) == 2
+    one_error_line(capsys, "kind: local", "kind: scheduler")
+
+
+def test_looking_at_an_ec2_spec_asks_for_the_schedulers_address(capsys, nothing_started):
+    assert main(["runs", "--cluster", str(ROOT / "cluster" / "aws-ec2.yaml")]) == 2
+    one_error_line(capsys, "kind: ec2", "`kind: scheduler` spec with the address of its scheduler")
+
+
+def test_a_daskjob_is_found_through_a_kubernetes_spec_only(tmp_path, capsys, nothing_started):
+    job = tmp_path / "my_job.yaml"
+    job.write_text(yaml.safe_dump(PLAIN_JOB))
+    assert main(["runs", "--cluster", str(ROOT / "cluster" / "local.yaml"), "--job", str(job)]) == 2
+    one_error_line(capsys, "--job", "kind: local")

@@ -9,10 +9,11 @@ from daskgan.cluster.specs import (
     MissingExtra,
     SchedulerSpec,
     connect,
+    connect_existing,
     default_cluster_spec,
     load_cluster_spec,
     render,
 )
 
 __all__ = ["ClusterSpec", "Ec2Spec", "KubernetesSpec", "LocalSpec", "MissingExtra", "SchedulerSpec", "connect",
-           "default_cluster_spec", "load_cluster_spec", "render"]
+           "connect_existing", "default_cluster_spec", "load_cluster_spec", "render"]

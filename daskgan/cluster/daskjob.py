@@ -46,7 +46,7 @@ def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path, overrides: Sequ
     if job.sandbox:
         raise ConfigError(f"{job_path}: sandbox: runs on this machine only (a loopback S3 server); a DaskJob needs "
                           "a job on storage the cluster reaches")
-    name = kubernetes_name(f"{k8s.name}-{job.name}")
+    name = daskjob_name(k8s, job.name)
     metadata = {"name": name, "namespace": k8s.namespace}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(metadata),
                   "data": {JOB_FILE: _job_file_text(Path(job_path), job.name)}}
@@ -54,6 +54,12 @@ def daskjob_manifests(k8s: KubernetesSpec, job_path: str | Path, overrides: Sequ
     daskjob = {"apiVersion": cluster["apiVersion"], "kind": "DaskJob", "metadata": dict(metadata),
                "spec": {"job": {"spec": _runner_pod(k8s, cluster, overrides)}, "cluster": {"spec": cluster["spec"]}}}
     return [config_map, network_policy(k8s, name), daskjob]
+
+
+def daskjob_name(k8s: KubernetesSpec, job_name: str) -> str:
+    """The name of job ``job_name``'s DaskJob on the cluster of ``k8s``, which the operator gives its DaskCluster too:
+    ``daskgan cluster render --job`` names the objects it creates so, ``runs``/``status``/... ``--job`` find them."""
+    return kubernetes_name(f"{k8s.name}-{job_name}")
 
 
 def kubernetes_name(text: str) -> str:

@@ -20,6 +20,7 @@ clusters get dask-cloudprovider's own default, TLS with a throwaway CA.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import logging
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from daskgan.config import ConfigError, RecoveryConfig, build_dataclass, load_yaml_mapping
-from daskgan.errors import MissingExtra, SchedulerUnreachable
+from daskgan.errors import MissingExtra, SchedulerUnreachable, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +347,61 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
 
             client.register_plugin(SpotInterruptionWatch())  # the run checkpoints before a reclaim
         yield client
+
+
+@contextmanager
+def connect_existing(spec: ClusterSpec, cluster_name: Optional[str] = None) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A Client of a cluster that is already running, never one started here: looking at runs (``runs``,
+    ``status``, ``attach``, ``stop``) must not start 4 GPU pods to list them, nor a local cluster to find nothing
+    there. ``cluster_name``: the DaskCluster to find on Kubernetes (a DaskJob's; default: the spec's ``name``)."""
+    settings = spec.settings()
+    if spec.kind == "local":
+        raise ConfigError("kind: local: a local cluster lives only as long as the command that started it, so no "
+                          "run is there to look at; give a `kind: scheduler` spec with a running scheduler's address")
+    if spec.kind == "ec2":
+        raise ConfigError("kind: ec2: a running EC2Cluster cannot be found from its spec; use a `kind: scheduler` "
+                          "spec with the address of its scheduler")
+    if spec.kind == "kubernetes":
+        settings = _running_kubernetes_scheduler(settings, cluster_name or settings.name)
+    with _client_of_scheduler(settings) as client:
+        yield client
+
+
+def _running_kubernetes_scheduler(k8s: KubernetesSpec, cluster_name: str) -> SchedulerSpec:
+    """The scheduler of the running DaskCluster ``cluster_name``, reached as the operator's ``KubeCluster.from_name``
+    reaches it: its scheduler service by name inside the cluster, else through a port-forward. Not through
+    KubeCluster itself, which speaks tcp:// only and creates the cluster unless told ``CONNECT_ONLY``."""
+    _import("dask_kubernetes.operator", "k8s", "kind: kubernetes")
+    import httpx
+    import kr8s
+
+    where = f"DaskCluster {cluster_name} in namespace {k8s.namespace}"
+    try:
+        address = asyncio.run(_kubernetes_scheduler_address(cluster_name, k8s.namespace))
+    except (ValueError, OSError, httpx.HTTPError, kr8s.ServerError, kr8s.APITimeoutError) as exc:
+        raise SchedulerUnreachable(f"kubernetes: could not look for the {where}: no Kubernetes API reachable from "
+                                   f"here ({first_line(exc)}); check kubectl's context (KUBECONFIG)") from exc
+    if address is None:
+        raise SchedulerUnreachable(f"kubernetes: no running {where}, so no run is there to look at (a DaskJob's "
+                                   f"cluster is named <spec name>-<job name>: give --job)")
+    return SchedulerSpec(address=address.replace("tcp://", "tls://" if k8s.tls_secret else "tcp://", 1))
+
+
+async def _kubernetes_scheduler_address(cluster_name: str, namespace: str) -> Optional[str]:
+    """The address of ``cluster_name``'s scheduler service (tcp://; a port-forward from outside the cluster), or
+    None when there is no such DaskCluster or it has no scheduler service yet."""
+    import kr8s
+    from dask_kubernetes.constants import SCHEDULER_NAME_TEMPLATE
+    from dask_kubernetes.operator import networking
+    from dask_kubernetes.operator._objects import DaskCluster
+
+    if not await (await DaskCluster(cluster_name, namespace=namespace)).exists():
+        return None
+    try:
+        return await networking.get_scheduler_address(SCHEDULER_NAME_TEMPLATE.format(cluster_name=cluster_name),
+                                                      namespace)
+    except kr8s.NotFoundError:
+        return None
 
 
 def _kube_cluster(k8s: KubernetesSpec) -> "dask_kubernetes.operator.KubeCluster":  # noqa: F821

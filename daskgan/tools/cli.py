@@ -14,7 +14,7 @@ from typing import NoReturn
 import yaml
 
 from daskgan import dispatch
-from daskgan.cluster import ClusterSpec, connect, default_cluster_spec, load_cluster_spec, render
+from daskgan.cluster import ClusterSpec, connect, connect_existing, default_cluster_spec, load_cluster_spec, render
 from daskgan.config import JobConfig, load_job
 from daskgan.config.schema import METRICS
 from daskgan.errors import ConfigError, InfrastructureError, UserError, first_line
@@ -26,6 +26,8 @@ logger = logging.getLogger("daskgan")
 
 DEFAULT_CLUSTER_HELP = ("cluster spec YAML (default: the scheduler at DASK_SCHEDULER_ADDRESS if set, else a local "
                         "cluster of 2 worker processes)")
+RUNNING_CLUSTER_HELP = ("cluster spec YAML of the running cluster (kind: scheduler or kubernetes): it is looked at, "
+                        "never started")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -94,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(run=train_command)
     status = commands.add_parser("status", help="where a run stands: state, iteration, losses, speed, ETA")
     status.add_argument("run_url", help="the run directory (output.run_url)")
-    status.add_argument("--cluster", help="cluster spec YAML: also ask whether a driver is live there")
+    status.add_argument("--cluster", help="cluster spec YAML of a running cluster: also ask whether a driver is live "
+                                          "there")
+    _add_job_option(status)
     status.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     status.set_defaults(run=status_command)
     dataset = commands.add_parser("dataset", help="convert images once, on the cluster, into an NVlabs-format zip "
@@ -113,15 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
     dataset.set_defaults(run=dataset_command)
     runs = commands.add_parser("runs", help="the trainings with a live driver on a cluster")
-    runs.add_argument("--cluster", required=True, help="cluster spec YAML")
+    runs.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
+    _add_job_option(runs)
     runs.set_defaults(run=runs_command)
     attach = commands.add_parser("attach", help="follow a running training live")
     attach.add_argument("run_url", help="the run directory (output.run_url)")
-    attach.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
+    attach.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
+    _add_job_option(attach)
     attach.set_defaults(run=attach_command)
     stop = commands.add_parser("stop", help="stop a running training: checkpoint, then stop")
     stop.add_argument("run_url", help="the run directory (output.run_url)")
-    stop.add_argument("--cluster", required=True, help="cluster spec YAML of the cluster it runs on")
+    stop.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
+    _add_job_option(stop)
     stop.add_argument("--now", action="store_true", help="stop without a final checkpoint")
     stop.set_defaults(run=stop_command)
     cluster = commands.add_parser("cluster", help="cluster specs").add_subparsers(
@@ -155,6 +162,26 @@ def _parser() -> argparse.ArgumentParser:
     _add_output_options(sample)
     sample.set_defaults(run=sample_command)
     return parser
+
+
+def _add_job_option(command: argparse.ArgumentParser) -> None:
+    """``--job``: look at a DaskJob's cluster rather than the spec's own (runs, status, attach, stop)."""
+    command.add_argument("--job", help="kind: kubernetes: the job YAML of a DaskJob (daskgan cluster render --job): "
+                                       "look at its cluster, <spec name>-<job name>")
+
+
+def _existing_cluster(args: argparse.Namespace):
+    """A Client of the running cluster of ``--cluster`` (and ``--job``); nothing is started."""
+    spec = load_cluster_spec(args.cluster)
+    if args.job is None:
+        return connect_existing(spec)
+    if spec.kind != "kubernetes":
+        raise ConfigError(f"--job: a DaskJob's cluster is found through a kubernetes cluster spec; {args.cluster} "
+                          f"is kind: {spec.kind}")
+    from daskgan.cluster.daskjob import daskjob_name
+
+    k8s = spec.settings()
+    return connect_existing(spec, daskjob_name(k8s, load_job(args.job, workers=k8s.n_workers).name))
 
 
 def _add_output_options(command: argparse.ArgumentParser) -> None:
@@ -212,7 +239,7 @@ def status_command(args: argparse.Namespace) -> int:
     from daskgan.cluster.status import format_status, run_status
 
     with ExitStack() as stack:
-        client = stack.enter_context(connect(load_cluster_spec(args.cluster))) if args.cluster else None
+        client = stack.enter_context(_existing_cluster(args)) if args.cluster else None
         print(format_status(run_status(args.run_url, _options(args), client)))
     return 0
 
@@ -245,7 +272,7 @@ def dataset_command(args: argparse.Namespace) -> int:
 def runs_command(args: argparse.Namespace) -> int:
     from daskgan.lease import active_runs
 
-    with connect(load_cluster_spec(args.cluster)) as client:
+    with _existing_cluster(args) as client:
         leases = active_runs(client)
     for lease in leases:
         driver = (f"driven by {lease['driver']}" if lease["live"] else
@@ -267,7 +294,7 @@ def attach_command(args: argparse.Namespace) -> int:
             print(f"iteration {record['iteration']} of {record['iterations']}: loss_G {record['loss_G']:.3f}",
                   flush=True)
 
-    with connect(load_cluster_spec(args.cluster)) as client:
+    with _existing_cluster(args) as client:
         followed = attach(client, args.run_url, show)
     last = followed["last_record"].get("iteration", "none")
     ended = ("let go" if followed["ended"] == "released" else
@@ -279,7 +306,7 @@ def attach_command(args: argparse.Namespace) -> int:
 def stop_command(args: argparse.Namespace) -> int:
     from daskgan.lease import request_stop
 
-    with connect(load_cluster_spec(args.cluster)) as client:
+    with _existing_cluster(args) as client:
         request_stop(client, args.run_url, now=args.now)
     print(f"daskgan: asked {args.run_url} to stop{' now' if args.now else ' after a checkpoint'}")
     return 0
