@@ -2,7 +2,7 @@
 
 One ``kind`` per spec, with its settings in the section of the same name:
 
-- ``local``: a LocalCluster of worker processes on this machine;
+- ``local``: a LocalCluster of worker processes on this machine, by default one per visible GPU, each its own;
 - ``scheduler``: connect to a running scheduler at ``address``;
 - ``kubernetes``: a DaskCluster for the dask-kubernetes operator (extra ``k8s``), GPU workers, credentials from a
   Kubernetes Secret or an IRSA service account;
@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import importlib.util
 import logging
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ SECRET_LOOKING_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", re.IGNORECA
 
 @dataclass
 class LocalSpec:
-    n_workers: int = 2
+    n_workers: Optional[int] = None  # None: one per visible GPU, each its own (``local_workers``), else 2 CPU workers
     threads_per_worker: int = 1  # one DDP rank per worker process; torch's own threads come on top
     memory_limit: str = "auto"
     # distributed's TLS with a throwaway CA (LocalCluster's security=True): the scheduler is on loopback either way,
@@ -128,6 +129,8 @@ class ClusterSpec:
 
     def planned_workers(self) -> int | None:
         """How many workers the spec starts (None for an existing scheduler: ask it once connected)."""
+        if self.kind == "local":
+            return local_workers(self.settings()).count
         return getattr(self.settings(), "n_workers", None)
 
     def validate(self) -> "ClusterSpec":
@@ -161,7 +164,8 @@ def load_cluster_spec(path: str | Path) -> ClusterSpec:
 
 def default_cluster_spec() -> ClusterSpec:
     """The cluster of a command given no spec: the scheduler Dask itself would connect to (``DASK_SCHEDULER_ADDRESS``,
-    which the dask-kubernetes operator sets in a DaskJob's runner pod), else a local cluster of 2 worker processes."""
+    which the dask-kubernetes operator sets in a DaskJob's runner pod), else a local cluster that fits the machine
+    (``local_workers``)."""
     import dask
 
     address = dask.config.get("scheduler-address", default=None)
@@ -170,12 +174,52 @@ def default_cluster_spec() -> ClusterSpec:
     return ClusterSpec().validate()
 
 
+CPU_WORKERS = 2  # a local cluster without GPUs: two worker processes, so a run is distributed (DDP) here too
+
+
+@dataclass(frozen=True)
+class LocalWorkers:
+    """What a local cluster starts: ``count`` worker processes on a machine with ``gpus`` visible GPUs."""
+
+    count: int
+    gpus: int
+
+    @property
+    def own_gpu(self) -> bool:
+        """Whether each worker gets a GPU of its own (with more workers than GPUs they share them all)."""
+        return 0 < self.count <= self.gpus
+
+    def describe(self) -> str:
+        workers = f"{self.count} {'CPU ' if not self.gpus else ''}worker{'s' if self.count > 1 else ''}"
+        if not self.gpus:
+            return workers
+        return workers + (", one GPU each" if self.own_gpu else f" sharing {self.gpus} GPUs")
+
+    def visible_devices(self) -> list[Optional[str]]:
+        """Each worker's ``CUDA_VISIBLE_DEVICES``: its own GPU first, then the others, as dask-cuda gives them (so it
+        is each one's device 0, and no two ranks share a GPU); None where they share (or there are none)."""
+        if not self.own_gpu:
+            return [None] * self.count
+        given = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [d.strip() for d in given.split(",")][:self.gpus] if given else [str(i) for i in range(self.gpus)]
+        return [",".join(ids[i:] + ids[:i]) for i in range(self.count)]
+
+
+def local_workers(local: LocalSpec) -> LocalWorkers:
+    """The workers of a local cluster: the spec's ``n_workers`` if given, else one per visible GPU (a one-GPU
+    workstation's two default workers would share its GPU, an 8-GPU server's would leave 6 idle), else 2."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return LocalWorkers(local.n_workers or gpus or CPU_WORKERS, gpus)
+
+
 def render(spec: ClusterSpec) -> dict[str, Any]:
     """The exact object the backend gets: LocalCluster/EC2Cluster keyword arguments, or for Kubernetes a List (what
     ``kubectl apply -f`` takes as one document) of the DaskCluster manifest and its NetworkPolicy."""
     settings = spec.settings()
     if spec.kind == "local":
-        return {"LocalCluster": _local_cluster_arguments(settings)}
+        return {"LocalCluster": _local_cluster_arguments(settings, local_workers(settings))}
     if spec.kind == "scheduler":
         return {"address": settings.address}
     if spec.kind == "kubernetes":
@@ -184,9 +228,9 @@ def render(spec: ClusterSpec) -> dict[str, Any]:
     return {"EC2Cluster": ec2_arguments(settings)}
 
 
-def _local_cluster_arguments(local: LocalSpec) -> dict[str, Any]:
+def _local_cluster_arguments(local: LocalSpec, workers: LocalWorkers) -> dict[str, Any]:
     """LocalCluster's keyword arguments for ``local`` (its ``security=True``: a throwaway CA, tls:// everywhere)."""
-    return {"n_workers": local.n_workers, "threads_per_worker": local.threads_per_worker,
+    return {"n_workers": workers.count, "threads_per_worker": local.threads_per_worker,
             "memory_limit": local.memory_limit, "dashboard_address": local.dashboard_address,
             "security": local.tls or None, "processes": True}
 
@@ -323,7 +367,7 @@ def ec2_arguments(ec2: Ec2Spec) -> dict[str, Any]:
 def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
     """A Client for ``spec``; a cluster started here is shut down on exit."""
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     settings = spec.settings()
     if spec.kind == "scheduler":
@@ -335,7 +379,7 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
             raise MissingExtra("local.tls: distributed makes its throwaway CA with the cryptography package: "
                                "pip install cryptography")
         with dask.config.set(worker_settings()):
-            cluster = LocalCluster(**_local_cluster_arguments(settings))
+            cluster = _local_cluster(settings)
     elif spec.kind == "kubernetes":
         cluster = _kube_cluster(settings)
     else:
@@ -347,6 +391,46 @@ def connect(spec: ClusterSpec) -> Iterator["distributed.Client"]:  # noqa: F821
 
             client.register_plugin(SpotInterruptionWatch())  # the run checkpoints before a reclaim
         yield client
+
+
+def _local_cluster(local: LocalSpec) -> "distributed.LocalCluster":  # noqa: F821
+    """The local cluster of ``local``, one GPU per worker where there are enough (dask-cuda's LocalCUDACluster where
+    installed, else plain workers each given its own ``CUDA_VISIBLE_DEVICES``)."""
+    from distributed import LocalCluster
+
+    workers = local_workers(local)
+    arguments = _local_cluster_arguments(local, workers)
+    logger.info("cluster: %s", workers.describe())
+    if not workers.own_gpu:
+        return LocalCluster(**arguments)
+    if importlib.util.find_spec("dask_cuda") is not None:
+        from dask_cuda import LocalCUDACluster
+
+        arguments.pop("processes")  # LocalCUDACluster's workers are processes always (and it says so itself)
+        return LocalCUDACluster(CUDA_VISIBLE_DEVICES=workers.visible_devices()[0], **arguments)
+    return _own_gpu_cluster_class()(workers.visible_devices(), **arguments)
+
+
+def _own_gpu_cluster_class() -> type:
+    """A LocalCluster whose n-th worker is given ``visible_devices[n]`` as its ``CUDA_VISIBLE_DEVICES``, as
+    dask-cuda's LocalCUDACluster does (defined on first use: distributed is imported lazily here)."""
+    from distributed import LocalCluster
+
+    class OwnGpuLocalCluster(LocalCluster):
+        def __init__(self, visible_devices: list[str], n_workers: int, **kwargs: Any):
+            self.visible_devices = visible_devices
+            super().__init__(n_workers=0, **kwargs)  # LocalCluster's own workers would all be alike
+            self.scale(n_workers)
+            self.sync(self._correct_state)
+
+        def new_worker_spec(self) -> dict:
+            (name, spec), = super().new_worker_spec().items()
+            options = spec["options"]
+            devices = self.visible_devices[name % len(self.visible_devices)]
+            env = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": devices}
+            return {name: {**spec, "options": {**options, "env": env}}}
+
+    return OwnGpuLocalCluster
 
 
 @contextmanager

@@ -25,7 +25,7 @@ logger = logging.getLogger("daskgan")
 
 
 DEFAULT_CLUSTER_HELP = ("cluster spec YAML (default: the scheduler at DASK_SCHEDULER_ADDRESS if set, else a local "
-                        "cluster of 2 worker processes)")
+                        "cluster of one worker per GPU, or 2 CPU workers)")
 RUNNING_CLUSTER_HELP = ("cluster spec YAML of the running cluster (kind: scheduler or kubernetes): it is looked at, "
                         "never started")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
