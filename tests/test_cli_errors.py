@@ -191,3 +191,12 @@ def test_unreachable_scheduler(tmp_path, command):
     spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": address,
                                                                         "connect_timeout_s": 2}}))
     assert_one_line(daskgan(*command, "--cluster", str(spec)), address, "no Dask scheduler")
+
+
+@pytest.mark.parametrize("command", [["runs"], ["status", "s3://b/run"], ["attach", "s3://b/run"], ["stop", "s3://b/run"]],
+                         ids=lambda command: command[0])
+def test_looking_at_runs_on_kubernetes_without_a_kubeconfig(tmp_path, command):
+    """This machine's environment: no Kubernetes (tests/test_cluster.py proves that nothing is created)."""
+    env = {"HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    assert_one_line(daskgan(*command, "--cluster", "cluster/kubernetes.yaml", env=env),
+                    "DaskCluster daskgan in namespace gan-training", "no Kubernetes API reachable")

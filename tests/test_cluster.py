@@ -630,6 +630,20 @@ def test_a_running_daskcluster_is_reached_through_its_scheduler_service(dask_cli
     assert asked == [("daskgan", "gan-training")] and services == [("daskgan-scheduler", "gan-training")]
 
 
+def test_a_running_tls_daskcluster_needs_the_secrets_files_said_in_one_line(monkeypatch, capsys, nothing_started):
+    import dask
+    from dask_kubernetes.operator import networking
+
+    async def scheduler_address(service_name, namespace, **kwargs):
+        return "tcp://localhost:8786"
+
+    kubernetes_with_daskclusters(monkeypatch, running=True)
+    monkeypatch.setattr(networking, "get_scheduler_address", scheduler_address)
+    with dask.config.set({"distributed.comm.tls.ca-file": None}):
+        assert main(["runs", "--cluster", str(ROOT / "cluster" / "kubernetes.yaml")]) == 2
+    one_error_line(capsys, "kubernetes.tls_secret", "Secret daskgan-tls", "DASK_DISTRIBUTED__COMM__TLS__CA_FILE")
+
+
 @pytest.mark.parametrize("command", LOOKING, ids=lambda c: c[0])
 def test_looking_at_a_local_spec_is_one_line_and_starts_nothing(command, capsys, nothing_started):
     assert main([*command, "--cluster", str(ROOT / "cluster" / "local.yaml")]) == 2

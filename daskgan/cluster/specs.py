@@ -468,7 +468,15 @@ def _running_kubernetes_scheduler(k8s: KubernetesSpec, cluster_name: str) -> Sch
     if address is None:
         raise SchedulerUnreachable(f"kubernetes: no running {where}, so no run is there to look at (a DaskJob's "
                                    f"cluster is named <spec name>-<job name>: give --job)")
-    return SchedulerSpec(address=address.replace("tcp://", "tls://" if k8s.tls_secret else "tcp://", 1))
+    if not k8s.tls_secret:
+        return SchedulerSpec(address=address)
+    import dask
+
+    if not dask.config.get("distributed.comm.tls.ca-file", default=None):
+        raise ConfigError(f"kubernetes.tls_secret: the scheduler of the {where} speaks TLS: give this client the "
+                          f"Secret {k8s.tls_secret}'s files as Dask's TLS settings "
+                          "(DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT, ..._CLIENT__KEY)")
+    return SchedulerSpec(address=address.replace("tcp://", "tls://", 1))
 
 
 async def _kubernetes_scheduler_address(cluster_name: str, namespace: str) -> Optional[str]:
