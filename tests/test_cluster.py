@@ -24,6 +24,7 @@ def operator_schema(crd: str | None = None):
     import dask_kubernetes
 
     folder = Path(dask_kubernetes.__file__).parent / "operator" / "customresources"
+
     def local(text: str) -> str:
         return text.replace("python://dask_kubernetes/operator/customresources/templates.yaml#", "#")
 
@@ -126,6 +127,9 @@ def test_ec2_arguments_are_ones_ec2cluster_takes():
 @pytest.mark.parametrize("text, message", [
     ("kind: kubernetes\nkubernetes:\n  image: x\n  imagee: y\n", "kubernetes.imagee: unknown key"),
     ("kind: kubernetes\n", "kubernetes: required for kind: kubernetes"),
+    ("kind: local\nlocal:\n  n_workers: 0\n", "local.n_workers: must be >= 1"),
+    ("kind: kubernetes\nkubernetes:\n  image: x\n  termination_grace_s: 0\n",
+     "kubernetes.termination_grace_s: must be >= 1"),
     ("kind: local\nec2:\n  region: r\n  docker_image: i\n", "ec2: given, but kind is local"),
     ("kind: slurm\n", "kind: must be one of local, scheduler, kubernetes, ec2"),
     ("kind: kubernetes\nkubernetes:\n  image: x\n  env: {AWS_SECRET_ACCESS_KEY: abc}\n",

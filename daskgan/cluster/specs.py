@@ -145,7 +145,8 @@ class ClusterSpec:
         if self.kind == "scheduler":
             self.scheduler.validate()
         for name in ("n_workers", "threads_per_worker", "termination_grace_s"):
-            if (getattr(self.settings(), name, 1) or 1) < 1:
+            value = getattr(self.settings(), name, None)
+            if value is not None and value < 1:  # None: derived (the GPUs there, the job's notice grace)
                 raise ConfigError(f"{self.kind}.{name}: must be >= 1")
         for name in getattr(self.settings(), "env", {}):
             if SECRET_LOOKING_ENV.search(name):
