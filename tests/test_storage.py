@@ -88,3 +88,73 @@ def test_a_local_write_cut_short_leaves_the_previous_contents(tmp_path, monkeypa
     monkeypatch.undo()
     assert storage.read_json(url) == {"iteration": 10, "name": "000000010.pt"}
     assert storage.list_names(tmp_path.as_uri() + "/run/checkpoints") == ["latest.json"], "no temporary left"
+
+
+def no_retries(monkeypatch):
+    """Make any retry fail the test: a permanent failure must be raised on the first try."""
+    def sleep(seconds):
+        raise AssertionError(f"retried a permanent failure (would sleep {seconds:.1f}s)")
+
+    monkeypatch.setattr(storage.time, "sleep", sleep)
+
+
+@pytest.fixture(params=["file", "s3"])
+def any_folder(request, tmp_path):
+    """(URL of a folder holding one object, storage options) in a local folder and in the loopback S3."""
+    if request.param == "file":
+        url, options = tmp_path.as_uri() + "/folder", {}
+    else:
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url = f"{bucket}/folder"
+    storage.write_bytes(f"{url}/object.bin", b"x", options)
+    return url, options
+
+
+def test_a_folder_or_a_missing_object_fails_at_once_in_one_line(any_folder, monkeypatch):
+    from daskgan.errors import UserError, first_line
+
+    url, options = any_folder
+    no_retries(monkeypatch)
+    for target in (url, f"{url}/missing.bin", f"{url}/object.bin/below"):
+        with pytest.raises(UserError) as raised:
+            storage.read_bytes(target, options)
+        assert target in first_line(raised.value) and len(str(raised.value).splitlines()) == 1
+
+
+def test_a_refused_permission_fails_at_once(tmp_path, monkeypatch, credential_checking_s3):
+    """Local files are refused with a PermissionError (as root, which reads everything, one is raised by hand);
+    S3 with an AccessDenied answer to wrong keys."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from daskgan.errors import StorageAccessError
+
+    no_retries(monkeypatch)
+    local = tmp_path.as_uri() + "/secret.bin"
+    storage.write_bytes(local, b"x")
+
+    def refused(self, path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LocalFileSystem, "cat_file", refused)
+        with pytest.raises(StorageAccessError, match="access denied"):
+            storage.read_bytes(local)
+    server, _, good = credential_checking_s3
+    wrong = {"endpoint_url": server.endpoint_url, "key": good["AWS_ACCESS_KEY_ID"], "secret": "not-the-secret"}
+    with pytest.raises(StorageAccessError, match="access denied"):
+        storage.read_bytes("s3://anything/object.bin", wrong)
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"), TimeoutError("timed out"),
+                                   OSError(16, "Please reduce your request rate. (SlowDown)"),
+                                   OSError(121, "We encountered an internal error (InternalError)")])
+def test_throttling_server_errors_and_resets_are_retried(error):
+    assert storage.is_transient(error)
+
+
+@pytest.mark.parametrize("error", [IsADirectoryError(21, "Is a directory"), NotADirectoryError(20, "Not a directory"),
+                                   FileNotFoundError(2, "No such file"), PermissionError(13, "Permission denied")])
+def test_folders_missing_objects_and_refusals_are_not(error):
+    assert not storage.is_transient(error)

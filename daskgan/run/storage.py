@@ -3,7 +3,8 @@
 Everything that touches object storage goes through here so that any fsspec URL (s3://, file://, memory://, gcs://)
 works the same way, with the caller's ``storage_options`` (endpoint, profile, anon; credentials preferably from the
 environment or the machine's role rather than from the job file). Failures name the URL: a missing bucket or
-object raises ``NotFound``, refused or missing credentials ``StorageAccessError`` (both one line in the CLI).
+object (or a folder where an object is read) raises ``NotFound``, refused or missing credentials
+``StorageAccessError`` (both one line in the CLI), at once: only failures that may pass are retried.
 """
 
 from __future__ import annotations
@@ -44,10 +45,15 @@ RETRY_SECONDS = 300.0  # and the most time spent retrying it
 RANGE_READ_BYTES = 2**20  # what ``reading`` fetches at a time (s3fs reads 50 MiB ahead by default)
 
 
+# what the storage answers the same however often it is asked: retrying them only delays the user's one line
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, *MISSING_CREDENTIALS)
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether a storage failure may pass if tried again: throttling (503 SlowDown), server errors (500), resets
-    and timeouts. A missing object, a refused or missing credential and a programming error are not."""
-    if isinstance(error, (FileNotFoundError, PermissionError, *MISSING_CREDENTIALS)):
+    and timeouts. A missing object, a folder where an object was asked for (or an object where a folder was), a
+    refused or missing credential and a programming error are not: every ``OSError`` else is."""
+    if isinstance(error, PERMANENT):
         return False
     return isinstance(error, (OSError, TimeoutError)) or type(error).__module__.startswith(("botocore", "aiohttp"))
 
@@ -179,6 +185,10 @@ def explained_error(url: str, error: Exception) -> Exception:
     if isinstance(error, FileNotFoundError):
         missing = "its bucket does not exist" if "bucket" in str(error).lower() else "no such object or folder"
         return NotFound(f"{url}: {missing}")
+    if isinstance(error, IsADirectoryError):
+        return NotFound(f"{url}: a folder, not a file or object")
+    if isinstance(error, NotADirectoryError):
+        return NotFound(f"{url}: no such object or folder (a part of its path is a file)")
     if isinstance(error, PermissionError):
         return StorageAccessError(f"{url}: access denied ({first_line(error)}); credentials are taken from "
                                   f"{CREDENTIAL_SOURCES}")
@@ -281,6 +291,13 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
     return fs.exists(path)
+
+
+@operation
+def is_folder(url: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether ``url`` is a folder (on object storage: a prefix with objects under it), not a file or object."""
+    fs, path = filesystem(url, storage_options)
+    return fs.isdir(path)
 
 
 @operation
