@@ -153,3 +153,25 @@ def test_a_checkpoint_is_not_resumable_before_its_pointer_names_it(any_run, monk
         checkpoint.save(run_url, state(10), 10, keep=3, storage_options=options)
     assert [i for i, _ in checkpoint.list_checkpoints(run_url, options)] == [10], "the object itself is there"
     assert checkpoint.latest(run_url, options) is None
+
+
+def test_init_from_a_run_directory_or_its_pointer_loads_its_newest_checkpoint(any_run):
+    from daskgan.pretrained import load_weights
+
+    run_url, options = any_run
+    for iteration in (10, 20):
+        checkpoint.save(run_url, state(iteration), iteration, keep=3, storage_options=options)
+    for source in (run_url, run_url + "/", f"{run_url}/checkpoints", f"{run_url}/checkpoints/latest.json",
+                   f"{run_url}/checkpoints/index.json"):
+        assert load_weights(source, options)["iteration"] == 20, source
+    assert checkpoint.resolve(f"{run_url}/checkpoints/000000010.pt", options).endswith("000000010.pt")
+
+
+def test_a_run_directory_without_a_finished_checkpoint_is_refused(run_url):
+    from daskgan.errors import NotFound
+
+    storage.write_json(f"{run_url}/state.json", {"state": "running"})
+    with pytest.raises(NotFound, match="no daskgan checkpoint"):
+        checkpoint.resolve(run_url)
+    with pytest.raises(NotFound, match="no finished checkpoint"):
+        checkpoint.resolve(f"{run_url}/checkpoints/latest.json")

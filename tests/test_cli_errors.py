@@ -17,7 +17,7 @@ import yaml
 from daskgan.config import ModelConfig
 from daskgan.dispatch import free_port
 from daskgan.models import build_models
-from daskgan.run import checkpoint
+from daskgan.run import checkpoint, storage
 
 ROOT = Path(__file__).parent.parent
 
@@ -200,3 +200,44 @@ def test_looking_at_runs_on_kubernetes_without_a_kubeconfig(tmp_path, command):
     env = {"HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
     assert_one_line(daskgan(*command, "--cluster", "cluster/kubernetes.yaml", env=env),
                     "DaskCluster daskgan in namespace gan-training", "no Kubernetes API reachable")
+
+
+# --- runs as arguments ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_run(s3_bucket):
+    """A run directory on the loopback S3 holding two checkpoints, laid out as training leaves it; returns (run URL,
+    the newest checkpoint's URL, the storage options)."""
+    bucket, options = s3_bucket
+    run_url = f"{bucket}/run"
+    older = saved_checkpoint(run_url, options)
+    state = checkpoint.load(older, options)
+    later_weights = {name: tensor + 0.5 for name, tensor in state["G"].items()}
+    newest = checkpoint.save(run_url, {**state, "iteration": 5, "G": later_weights}, 5, keep=3,
+                             storage_options=options)
+    return run_url, older, newest, options
+
+
+@pytest.mark.parametrize("argument", ["{run}", "{run}/", "{run}/checkpoints/latest.json", "{run}/checkpoints"])
+def test_a_run_directory_or_its_pointer_means_its_newest_checkpoint(s3_run, tmp_path, argument):
+    from daskgan.tools.generate import generate
+
+    run_url, older, newest, options = s3_run
+    result = daskgan("generate", argument.format(run=run_url), "--seeds", "0", "--endpoint-url",
+                     options["endpoint_url"], "--out", str(tmp_path / "o"))
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    drawn = {url: storage.read_bytes(generate(url, [0], (tmp_path / name).as_uri(), storage_options=options)[0])
+             for name, url in (("newest", newest), ("older", older))}
+    assert drawn[newest] != drawn[older]
+    assert (tmp_path / "o" / "seed0000.png").read_bytes() == drawn[newest]
+
+
+def test_a_folder_without_checkpoints_is_refused_at_once(s3_bucket, tmp_path):
+    bucket, options = s3_bucket
+    storage.write_bytes(f"{bucket}/photos/a.png", b"x", options)
+    (tmp_path / "photos").mkdir()
+    for folder in (f"{bucket}/photos", (tmp_path / "photos").as_uri()):
+        result = daskgan("sample", folder, "--endpoint-url", options["endpoint_url"], "--out", str(tmp_path / "o"))
+        assert "retry" not in result.stdout + result.stderr, "a folder is not a transient failure"
+        assert_one_line(result, folder, "no daskgan checkpoint")

@@ -170,6 +170,18 @@ def test_a_restart_resumes_from_the_runs_newest_checkpoint_once_there_is_one(tmp
     assert resume_source(job, restarting=True).url == saved
 
 
+@pytest.mark.parametrize("resume", ["{run}", "{run}/checkpoints/latest.json", "{path}/checkpoints/latest.json"])
+def test_resume_naming_the_run_or_its_pointer_takes_its_newest_checkpoint(tmp_path, resume):
+    from daskgan.training.loop import resume_source
+
+    run, path = tmp_path.as_uri() + "/run", str(tmp_path / "run")
+    checkpoint.save(run, {"iteration": 500}, 500, keep=2)
+    newest = checkpoint.save(run, {"iteration": 510}, 510, keep=2)
+    job = JobConfig.from_dict({"data": {"url": "memory://d"},
+                               "output": {"run_url": run, "resume": resume.format(run=run, path=path)}})
+    assert resume_source(job).url.removeprefix("file://") == newest.removeprefix("file://")  # a path stays a path
+
+
 def test_resuming_from_another_runs_checkpoint_is_refused_pointing_at_init_from(tmp_path):
     foreign = tmp_path.as_uri() + "/pretrained/checkpoints/000000500.pt"
     with pytest.raises(ConfigError, match=rf"output.resume: {foreign} is not a checkpoint of this run .*"

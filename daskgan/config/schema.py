@@ -142,7 +142,7 @@ class TrainConfig:
     ema_rampup: Optional[float] = None  # half-life at most this fraction of the images seen so far
     ema_start: int = 0  # before this iteration the average just copies G (BigGAN's ema_start)
     adam_eps: float = 1e-8  # Adam's epsilon (BigGAN-PyTorch's released models: 1e-6)
-    init_from: Optional[str] = None  # start from these weights (daskgan checkpoint or NVlabs pickle), iteration 0
+    init_from: Optional[str] = None  # start from these weights (daskgan checkpoint or run, NVlabs pickle), iteration 0
     init_optimizers: bool = False  # with init_from: Adam's moments from the source too (under this job's lr/eps)
     freeze_d: int = 0  # StyleGAN2: D's first (highest-resolution) layers kept frozen (NVlabs' --freezed)
     d_steps: int = 1  # discriminator steps per generator step (BigGAN: 2)
@@ -177,9 +177,9 @@ class TrainConfig:
                  f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
 
-def is_inside(url: str, folder: str) -> bool:
-    """Whether ``url`` lies under ``folder`` (fsspec URLs or local paths; no filesystem is asked, so it works on
-    a client that has no storage library for the scheme)."""
+def is_inside(url: str, folder: str, itself: bool = False) -> bool:
+    """Whether ``url`` lies under ``folder`` (or, with ``itself``, is ``folder``), fsspec URLs or local paths; no
+    filesystem is asked, so it works on a client that has no storage library for the scheme."""
     def location(text: str) -> tuple[str, str]:
         protocol, path = split_protocol(text)
         if protocol in (None, "file", "local"):
@@ -187,7 +187,8 @@ def is_inside(url: str, folder: str) -> bool:
         return protocol, posixpath.normpath(path)
 
     (url_protocol, url_path), (folder_protocol, folder_path) = location(url), location(folder)
-    return url_protocol == folder_protocol and url_path.startswith(folder_path.rstrip("/") + "/")
+    return url_protocol == folder_protocol and (url_path.startswith(folder_path.rstrip("/") + "/") or
+                                                itself and url_path.rstrip("/") == folder_path.rstrip("/"))
 
 
 @dataclass
@@ -203,7 +204,7 @@ class OutputConfig:
     checkpoint_every: int = 500
     checkpoint_kimg: Optional[float] = None  # or every this many thousand real images (converted to iterations)
     keep_checkpoints: int = 3
-    resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", or a checkpoint URL
+    resume: str = "auto"  # "auto" (newest checkpoint in run_url, if any), "never", a checkpoint URL or run_url itself
     keep_best: int = 0  # also keep the k best checkpoints by best_metric (each evaluation then saves one)
     best_metric: Optional[str] = None  # one of metrics.kinds (default: the first); FID/KID lower, IS higher
 
@@ -212,9 +213,11 @@ class OutputConfig:
         for name in ("flush_every", "grid_every", "grid_images", "checkpoint_every", "keep_checkpoints"):
             require(getattr(self, name) >= 1, f"output.{name}", "must be >= 1")
         require(self.keep_best >= 0, "output.keep_best", "must be >= 0")
-        require(self.resume in ("auto", "never") or "://" in self.resume or self.resume.endswith(".pt"),
-                 "output.resume", f"must be 'auto', 'never' or a checkpoint URL, got {self.resume!r}")
-        require(self.resume in ("auto", "never") or is_inside(self.resume, self.run_url), "output.resume",
+        named = self.resume not in ("auto", "never")
+        require(not named or "://" in self.resume or self.resume.endswith((".pt", ".json"))
+                or is_inside(self.resume, self.run_url, itself=True), "output.resume",
+                f"must be 'auto', 'never', a checkpoint URL or the run directory, got {self.resume!r}")
+        require(not named or is_inside(self.resume, self.run_url, itself=True), "output.resume",
                 f"{self.resume} is not a checkpoint of this run ({self.run_url}): resuming continues a run in its own "
                 f"run_url; to start from other weights, set train.init_from: {self.resume}")
         require(self.best_metric is None or self.best_metric in METRICS, "output.best_metric",

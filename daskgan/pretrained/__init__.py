@@ -34,9 +34,11 @@ def import_weights(url: str, storage_options: StorageOptions | None = None) -> d
 
 
 def load_weights(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
-    """A daskgan checkpoint, an NVlabs pickle or a BigGAN-PyTorch weights folder, as a checkpoint state."""
+    """A daskgan checkpoint (or a run directory or its ``latest.json``: see ``checkpoint.resolve``), an NVlabs
+    pickle or a BigGAN-PyTorch weights folder, as a checkpoint state."""
     if biggan.is_weights_folder(url, storage_options):
         return biggan.checkpoint_state(url, storage_options)
+    url = checkpoint.resolve(url, storage_options)
     data = checkpoint.read(url, storage_options)
     if is_pickle(data):
         return stylegan2.checkpoint_state(read_pickle(data, url), url)

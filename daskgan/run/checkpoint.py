@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import zipfile
 from typing import Any
 
@@ -114,6 +115,33 @@ def list_checkpoints(run_url: str, storage_options: StorageOptions | None = None
     names = storage.list_names(directory(run_url), storage_options)
     return [(int(n[:-len(SUFFIX)]), storage.join(directory(run_url), n))
             for n in names if n.endswith(SUFFIX) and n[:-len(SUFFIX)].isdigit()]
+
+
+def resolve(url: str, storage_options: StorageOptions | None = None) -> str:
+    """The checkpoint a user means by ``url``, wherever one is taken (``generate``, ``sample``, ``train.init_from``,
+    ``output.resume``): a run directory (or its ``checkpoints`` folder) means the run's newest checkpoint (see
+    ``latest``), its ``checkpoints/latest.json`` or ``index.json`` what they name; a file or object is itself. A
+    folder that holds no checkpoints is refused in one line (reading it as a file used to be retried for half a
+    minute, and the pointer was read as a checkpoint)."""
+    folder, name = posixpath.split(url.rstrip("/"))
+    if name in (POINTER, INDEX) and posixpath.basename(folder) == "checkpoints":
+        return _newest(posixpath.dirname(folder), url, storage_options)
+    if not storage.is_folder(url, storage_options):
+        return url
+    run_url = folder if name == "checkpoints" else url.rstrip("/")
+    if not storage.list_names(directory(run_url), storage_options):
+        raise NotFound(f"{url} is a folder holding no daskgan checkpoint: give a checkpoint, a run directory or its "
+                       f"checkpoints/latest.json")
+    return _newest(run_url, url, storage_options)
+
+
+def _newest(run_url: str, url: str, storage_options: StorageOptions | None) -> str:
+    newest = latest(run_url, storage_options)
+    if newest is None:
+        raise NotFound(f"{url}: the run {run_url} has no finished checkpoint yet (its checkpoints are listed in "
+                       f"{storage.join(directory(run_url), INDEX)})")
+    logger.info("%s: the newest checkpoint is %s", url, newest)
+    return newest
 
 
 def latest(run_url: str, storage_options: StorageOptions | None = None) -> str | None:

@@ -179,7 +179,8 @@ class Resume(NamedTuple):
 
 def resume_source(config: JobConfig, restarting: bool = False) -> Resume:
     """The checkpoint to continue from: ``resume: auto`` takes the run's newest readable one, ``never`` none,
-    else the URL (one of this run's own: the job's validation refuses another's).
+    else the URL (one of this run's own: the job's validation refuses another's; the run directory or its
+    ``latest.json`` mean its newest, see ``checkpoint.resolve``).
 
     A recovery restart continues from the run's newest checkpoint whatever ``resume`` says, once the run has
     written one (before that, it starts as the job asked). ``never`` on a run directory that already holds records
@@ -191,7 +192,7 @@ def resume_source(config: JobConfig, restarting: bool = False) -> Resume:
         if newest.url is not None or out.resume == "auto":
             return newest
     if out.resume != "never":
-        return Resume(out.resume)
+        return Resume(checkpoint.resolve(out.resume, out.storage_options))
     if not restarting:  # a restart's records are this run's own
         _refuse_a_used_run_directory(out.run_url, out.storage_options)
     return Resume(None)
