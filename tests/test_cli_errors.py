@@ -55,7 +55,8 @@ def test_seeds_that_are_not_numbers():
     assert_one_line(daskgan("generate", "x.pt", "--seeds", "0-a", "--out", "o"), "--seeds", "'0-a'")
 
 
-@pytest.mark.parametrize("option, value", [("--resolution", "100"), ("--resolution", "0"), ("--shard-mb", "0")])
+@pytest.mark.parametrize("option, value", [("--resolution", "100"), ("--resolution", "0"), ("--shard-mb", "0"),
+                                           ("--shard-mb", "inf")])
 def test_dataset_settings_that_cannot_make_a_training_set(tmp_path, option, value):
     (tmp_path / "raw").mkdir()
     args = {"--resolution": "8", option: value}
@@ -202,7 +203,7 @@ def test_looking_at_runs_on_kubernetes_without_a_kubeconfig(tmp_path, command):
                     "DaskCluster daskgan in namespace gan-training", "no Kubernetes API reachable")
 
 
-# --- runs as arguments ----------------------------------------------------------------------------------------------
+# --- runs as arguments and numeric options ------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -241,3 +242,13 @@ def test_a_folder_without_checkpoints_is_refused_at_once(s3_bucket, tmp_path):
         result = daskgan("sample", folder, "--endpoint-url", options["endpoint_url"], "--out", str(tmp_path / "o"))
         assert "retry" not in result.stdout + result.stderr, "a folder is not a transient failure"
         assert_one_line(result, folder, "no daskgan checkpoint")
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("sample", "--per-class", "0"), ("sample", "--per-class", "-2"), ("sample", "--steps", "0"),
+    ("sample", "--seed", "-1"), ("sample", "--seed", "4294967295"), ("sample", "--standing-stats", "-1"),
+    ("sample", "--trunc", "nan"), ("generate", "--trunc", "inf"), ("generate", "--seeds", "4294967296")])
+def test_numeric_options_out_of_range(tmp_path, command, option, value):
+    url = saved_checkpoint(tmp_path.as_uri() + "/run")
+    assert_one_line(daskgan(command, url, option, value, "--out", str(tmp_path / "o")), option, value)
+    assert not (tmp_path / "o").exists()

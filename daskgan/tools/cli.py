@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
 from contextlib import ExitStack
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import yaml
 
@@ -29,6 +30,7 @@ DEFAULT_CLUSTER_HELP = ("cluster spec YAML (default: the scheduler at DASK_SCHED
 RUNNING_CLUSTER_HELP = ("cluster spec YAML of the running cluster (kind: scheduler or kubernetes): it is looked at, "
                         "never started")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_SEED = 2**32 - 1  # a StyleGAN2 z is numpy's RandomState(seed).randn, as NVlabs draw it: seeds fit 32 bits
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -107,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument("dest", help="the zip to write (s3://bucket/shapes-64.zip) or the shards' folder")
     dataset.add_argument("--format", choices=("zip", "shards"),
                          help="zip (NVlabs) or shards (WebDataset tar); default: zip for a .zip destination")
-    dataset.add_argument("--shard-mb", type=float, default=256.0, help="shards: about this many MiB each (256)")
+    dataset.add_argument("--shard-mb", type=_positive, default=256.0, help="shards: about this many MiB each (256)")
     dataset.add_argument("--resolution", type=int, required=True, help="square size in pixels")
     dataset.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3 (RGB) or 1 (grayscale)")
     dataset.add_argument("--crop", choices=("center", "center-wide", "pad"), default="center",
@@ -142,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="images from a checkpoint, one PNG per seed")
     generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt), or an NVlabs "
                                              "network pickle")
-    generate.add_argument("--seeds", default="0-7", type=_numbers, help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
+    generate.add_argument("--seeds", default="0-7", type=_seeds, help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
     generate.add_argument("--class", dest="class_index", type=int, help="class index, for conditional models")
     _add_output_options(generate)
     generate.set_defaults(run=generate_command)
@@ -154,10 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="class-conditional sample grids and interpolations")
     sample.add_argument("checkpoint", help="checkpoint URL or path, or an NVlabs network pickle")
     sample.add_argument("--classes", type=_numbers, help="classes, e.g. 0-3 or 1,5 (default: all)")
-    sample.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
-    sample.add_argument("--steps", type=int, default=8, help="interpolation steps (default 8)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--standing-stats", type=int, default=0, metavar="N",
+    sample.add_argument("--per-class", type=_integer(1), default=8, help="samples per class (default 8)")
+    sample.add_argument("--steps", type=_integer(1), default=8, help="interpolation steps (default 8)")
+    sample.add_argument("--seed", type=_integer(0, MAX_SEED), default=0,
+                        help="the first seed: a row's samples take --seed to --seed + --per-class - 1 (default 0)")
+    sample.add_argument("--standing-stats", type=_integer(0), default=0, metavar="N",
                         help="BatchNorm statistics averaged over N batches before sampling (BigGAN; default off)")
     _add_output_options(sample)
     sample.set_defaults(run=sample_command)
@@ -186,7 +189,7 @@ def _existing_cluster(args: argparse.Namespace):
 
 def _add_output_options(command: argparse.ArgumentParser) -> None:
     """What ``generate`` and ``sample`` share: truncation, where to write, the S3 endpoint."""
-    command.add_argument("--trunc", type=float,
+    command.add_argument("--trunc", type=_finite,
                          help="truncation: psi for StyleGAN2 (1 = none), the z threshold for other families "
                               "(default: none)")
     command.add_argument("--out", required=True, help="output folder or URL")
@@ -200,6 +203,47 @@ def _numbers(text: str) -> list[int]:
         return parse_seeds(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = _numbers(text)
+    if max(seeds) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seeds go from 0 to {MAX_SEED}, got {text!r}")
+    return seeds
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` (to ``high``), so that a value the command cannot use is a
+    usage line, not a traceback from deep in the drawing."""
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low or high is not None and value > high:
+            bounds = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return whole_number
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a number other than nan and infinity (which would draw NaN images or silently none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -224,6 +268,9 @@ def import_command(args: argparse.Namespace) -> int:
 def sample_command(args: argparse.Namespace) -> int:
     from daskgan.tools.sample import sample
 
+    if args.seed + args.per_class + 1 > MAX_SEED:  # the interpolations' ends follow the rows' samples
+        raise UserError(f"--seed: sample draws seeds {args.seed} to {args.seed + args.per_class + 1}, beyond "
+                        f"{MAX_SEED}; give a smaller --seed")
     written = sample(args.checkpoint, args.out, classes=args.classes, per_class=args.per_class, steps=args.steps,
                      seed=args.seed, truncation=args.trunc, storage_options=_options(args),
                      standing_stats=args.standing_stats)
