@@ -252,3 +252,16 @@ def test_numeric_options_out_of_range(tmp_path, command, option, value):
     url = saved_checkpoint(tmp_path.as_uri() + "/run")
     assert_one_line(daskgan(command, url, option, value, "--out", str(tmp_path / "o")), option, value)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_trained_run_directory_serves_generate_and_init_from(train_with, shapes_in_bucket, tmp_path):
+    bucket, options = shapes_in_bucket(8)
+    assert train_with().returncode == 0
+    for argument in (f"{bucket}/run", f"{bucket}/run/checkpoints/latest.json"):
+        result = daskgan("generate", argument, "--seeds", "0", "--endpoint-url", options["endpoint_url"], "--out",
+                         str(tmp_path / "o"))
+        assert result.returncode == 0 and not result.stderr, result.stderr
+    tuned = train_with(train={"iterations": 2, "init_from": f"{bucket}/run"},
+                       output={"run_url": f"{bucket}/tuned", "storage_options": options})
+    assert tuned.returncode == 0, tuned.stderr  # the run directory was read as a checkpoint: refused before
