@@ -24,14 +24,14 @@ import os
 import time
 
 import torch
+from loaders import SHARDS, decoded_batch, image_set, upload_shards
+from run import PlainDcgan
 
 from daskgan.config import DataConfig
 from daskgan.data.decode import to_unit_range
 from daskgan.data.index import index_images
 from daskgan.data.stream import ImageStream
 from daskgan.tools.sandbox import LoopbackS3
-from loaders import SHARDS, decoded_batch, image_set, upload_shards
-from run import PlainDcgan
 
 RESOLUTION, BATCH, WARMUP = 64, 64, 10
 LOADERS = {"inline": {"decode_threads": 1}, "2 threads": {"decode_threads": 2},

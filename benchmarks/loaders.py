@@ -52,8 +52,7 @@ import numpy as np
 import torch
 
 from daskgan.config import DataConfig
-from daskgan.data import synthetic
-from daskgan.data import decode
+from daskgan.data import decode, synthetic
 from daskgan.data.decode import decode_uint8
 from daskgan.data.decoders import decode_part
 from daskgan.data.index import index_images

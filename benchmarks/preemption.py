@@ -243,7 +243,8 @@ def main() -> None:
           f"|---|---|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         print(f"| {result.model} | {MODELS[result.model].batch} | {result.signalled_at} | "
-              f"{result.checkpoint_iteration} | {cell(result.notice_to_checkpoint_s, 2)} | {cell(result.iteration_s, 2)} | "
+              f"{result.checkpoint_iteration} | {cell(result.notice_to_checkpoint_s, 2)} | "
+              f"{cell(result.iteration_s, 2)} | "
               f"{cell(result.checkpoint_mb)} | {cell(result.exit_s)} | {cell(result.resumed_s)} | "
               f"{'–' if result.redone is None else result.redone} | {result.iterations} | {result.error or '–'} |")
 

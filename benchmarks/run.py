@@ -93,7 +93,8 @@ def plain_step_seconds(steps: int) -> list[float]:
 
 
 def dispatched_step_seconds(url: str, options: dict, run_url: str, steps: int, workers: int = 1,
-                            model: dict | None = None, resolution: int = RESOLUTION, extra: dict | None = None) -> list[float]:
+                            model: dict | None = None, resolution: int = RESOLUTION,
+                            extra: dict | None = None) -> list[float]:
     """Per-iteration wall time of train_gan on a LocalCluster of ``workers``, from its own records."""
     from daskgan.cluster import ClusterSpec, LocalSpec, connect
     from daskgan.cluster.driver import run_job
@@ -158,7 +159,8 @@ def main() -> None:
         print(f"  raw concurrent GET (fs.cat of all keys): {raw:8.0f} objects/s")
         print(f"  ImageStream from S3 (loopback moto):     {s3_rate:8.0f} images/s ({s3_rate / raw:.0%} of raw GET)")
         print(f"  ImageStream from local disk:             {disk_rate:8.0f} images/s")
-        print(f"DCGAN {RESOLUTION}x{RESOLUTION}, {CHANNELS} channels, batch {BATCH}, {args.steps} steps (first 20% dropped):")
+        print(f"DCGAN {RESOLUTION}x{RESOLUTION}, {CHANNELS} channels, batch {BATCH}, {args.steps} steps "
+              "(first 20% dropped):")
         print(f"  plain single-process loop:               {summary(plain_step_seconds(args.steps))}")
         print(f"  train_gan via dispatch.run, 1 worker:    "
               f"{summary(dispatched_step_seconds(s3_url, options, 's3://bench/run', args.steps))}")

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from loaders import proxy_process
+from loaders import Faults, proxy_process  # loaders puts tests/ (the fault proxy) on the path
 
 from daskgan.config import DataConfig
 from daskgan.data import synthetic
@@ -27,7 +27,6 @@ from daskgan.data.index import index_images
 from daskgan.data.stream import ImageStream
 from daskgan.run import storage
 from daskgan.tools.sandbox import LoopbackS3
-from fault_proxy import Faults
 
 EPOCHS, RESOLUTION = 2, 32
 

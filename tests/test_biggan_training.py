@@ -39,7 +39,8 @@ def test_conditional_biggan_run_with_metrics_and_best_checkpoints(dask_client, s
     assert set(evaluated["metrics_extractor"]) == {"random-cnn-v1"}
 
     report = storage.read_json(f"{config.output.run_url}/metrics/000000003.json", options)
-    assert report["extractor"] == "random-cnn-v1" and report["images"] == 24 and report["fid"] == evaluated["fid"].iloc[0]
+    assert report["extractor"] == "random-cnn-v1" and report["images"] == 24
+    assert report["fid"] == evaluated["fid"].iloc[0]
     cached = [n for n in storage.list_names(f"{config.output.run_url}/metrics", options) if n.startswith("real-")]
     assert len(cached) == 1, "real statistics computed once"
 
@@ -48,7 +49,8 @@ def test_conditional_biggan_run_with_metrics_and_best_checkpoints(dask_client, s
     assert [(b["iteration"], b["fid"]) for b in index["best"]] == [(i, f) for f, i in best]
     assert [e["iteration"] for e in index["latest"]] == [6, 8]
     kept = {i for i, _ in checkpoint.list_checkpoints(config.output.run_url, options)}
-    assert kept == {e["iteration"] for e in index["latest"] + index["best"]} == {3, 6, 8}, "4: neither newest nor scored"
+    assert kept == {e["iteration"] for e in index["latest"] + index["best"]} == {3, 6, 8}, \
+        "4: neither newest nor scored"
 
     # before ema_start the average is a copy of G's weights (sv* buffers are only the last estimates of sigma)
     weights = lambda state, key: {k: v for k, v in state[key].items() if ".sv" not in k}  # noqa: E731

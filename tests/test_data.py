@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 from daskgan.config import DataConfig
-from daskgan.data import synthetic
+from daskgan.data import decoders, synthetic
 from daskgan.data.decode import DECODE_ERRORS, center_crop_resize, decode_image
 from daskgan.data.index import index_images, shard_indices
-from daskgan.data import decoders
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.run import storage
 

@@ -1,9 +1,9 @@
 """Dependency floors: no version the project admits has a known code-execution flaw in what it relies on."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).parent.parent

@@ -15,7 +15,6 @@ from daskgan.data.stream import ImageStream
 from daskgan.errors import StorageAccessError
 from daskgan.run import checkpoint, storage
 
-
 # botocore's own retries off (s3fs still retries a 503 a few times, a 500 not): injected errors reach daskgan
 # without botocore's backoff sleeps
 NO_BOTOCORE_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}}}

@@ -66,11 +66,13 @@ def test_conditional_checkpoints_need_a_class(tmp_path, capsys):
     model = ModelConfig(family="stylegan2", z_dim=8, w_dim=8, mapping_layers=2, fmaps=1 / 256, channel_max=16,
                         conditional=True)
     G, D = build_models(model, 16, 3)
-    state = {"iteration": 1, "model": {**asdict(model), "resolution": 16, "num_classes": 3}, "G": G.state_dict(), "D": D.state_dict()}
+    state = {"iteration": 1, "model": {**asdict(model), "resolution": 16, "num_classes": 3}, "G": G.state_dict(),
+             "D": D.state_dict()}
     url = checkpoint.save(tmp_path.as_uri() + "/run", state, 1, keep=1)
     generate(url, [4], (tmp_path / "c0").as_uri(), class_index=0)
     generate(url, [4], (tmp_path / "c2").as_uri(), class_index=2)
-    assert Image.open(tmp_path / "c0" / "seed0004.png").tobytes() != Image.open(tmp_path / "c2" / "seed0004.png").tobytes()
+    drawn = [Image.open(tmp_path / folder / "seed0004.png").tobytes() for folder in ("c0", "c2")]
+    assert drawn[0] != drawn[1]
     assert main(["generate", url, "--seeds", "1", "--out", str(tmp_path / "none")]) == 2
     assert "conditioned on 3 classes: give a class from 0 to 2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unconditional"):
@@ -86,7 +88,8 @@ def test_a_checkpoint_declaring_a_huge_model_is_refused_in_one_line(tmp_path, ca
     url = checkpoint.save(tmp_path.as_uri() + "/run", state, 1, keep=1)
     assert main(["generate", url, "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "000000001.pt: it declares networks of 20,011,523,263 values, more than" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert "000000001.pt: it declares networks of 20,011,523,263 values, more than" in lines[0], lines
 
 
 def test_a_biggan_weights_folder_declaring_a_huge_model_is_refused_in_one_line(tmp_path, capsys):

@@ -102,3 +102,10 @@ def test_registries_implement_exactly_the_names_the_schema_accepts():
     assert set(D_ARCHITECTURES) == set(schema.D_ARCHITECTURES)
     assert set(INITS) == set(schema.BIGGAN_INITS)
     assert {r: len(a[0]) for r, a in ARCHITECTURES.items()} == schema.BIGGAN_G_BLOCKS
+
+
+def test_the_linter_passes():
+    """ruff with the project's settings (pyproject.toml: pyflakes, pycodestyle, import order, 120 columns)."""
+    linted = subprocess.run([sys.executable, "-m", "ruff", "check", "daskgan", "tests", "benchmarks"],
+                            cwd=PACKAGE_ROOT.parent, capture_output=True, text=True)
+    assert linted.returncode == 0, linted.stdout + linted.stderr

@@ -83,8 +83,9 @@ def test_fid_from_two_workers_equals_one_process(dask_client):
     assert [r["holds_features"] for r in per_rank] == [True, False], "only rank 0 gathers the features"
     assert per_rank[0]["dtype"] == "torch.float32"
     for result in per_rank:
-        assert result["fid"] == pytest.approx(single["fid"], rel=1e-6)  # float32 features from differently composed batches
-        assert result["kid"] == pytest.approx(single["kid"], rel=1e-6)  # float32 features from differently composed batches
+        # float32 features from differently composed batches
+        assert result["fid"] == pytest.approx(single["fid"], rel=1e-6)
+        assert result["kid"] == pytest.approx(single["kid"], rel=1e-6)
 
 
 def test_real_features_skip_a_corrupt_image(tmp_path):
@@ -218,7 +219,8 @@ def test_real_features_cached_beside_the_dataset_serve_another_run(tmp_path):
                                                   "real_cache_url": shared.as_uri()},
                                       "output": {"run_url": tmp_path.as_uri() + f"/{run}"}})
         torch.manual_seed(0)
-        return Evaluator(config, index_images(data_url), torch.device("cpu")).evaluate(Generator(16, 100, 8), 0, 1)["fid"]
+        evaluator = Evaluator(config, index_images(data_url), torch.device("cpu"))
+        return evaluator.evaluate(Generator(16, 100, 8), 0, 1)["fid"]
 
     first = evaluate("run-a")
     cached = list(shared.glob("real-*.pt"))

@@ -63,7 +63,8 @@ def test_generator_reproduces_nvlabs_images(name):
                                      ("img_no_noise", 1.0, "none")):
             images = G(io["z"], labels_of(io), truncation_psi=psi, noise_mode=noise_mode)
             difference = (images - io[key]).abs().max()
-            assert difference < TOLERANCE, f"{key}: max |difference| {difference:.3g} (outputs of scale {io[key].abs().max():.3g})"
+            assert difference < TOLERANCE, \
+                f"{key}: max |difference| {difference:.3g} (outputs of scale {io[key].abs().max():.3g})"
 
 
 @pytest.mark.parametrize("name", ["sg2-64-uncond", "sg2-64-cond"])

@@ -18,7 +18,8 @@ def biggan_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = ModelConfig(family="biggan", z_dim=20, g_channels=4, d_channels=4, shared_dim=8, attention_resolution=0)
     G, D = build_models(model, 32, 3)
-    state = {"iteration": 1, "model": {**asdict(model), "resolution": 32, "num_classes": 3}, "G": G.state_dict(), "D": D.state_dict()}
+    state = {"iteration": 1, "model": {**asdict(model), "resolution": 32, "num_classes": 3}, "G": G.state_dict(),
+             "D": D.state_dict()}
     return checkpoint.save(tmp_path.as_uri() + "/run", state, 1, keep=1)
 
 

@@ -28,7 +28,8 @@ def labelled_samples(first: int, count: int) -> list[tuple[str, dict[str, bytes]
     """Samples ``first..``: a PNG each, the label as ``.cls`` for even keys and in ``.json`` for odd ones."""
     samples = []
     for i in range(first, first + count):
-        label = {"cls": str(i % CLASSES).encode()} if i % 2 == 0 else {"json": json.dumps({"label": i % CLASSES}).encode()}
+        label = ({"cls": str(i % CLASSES).encode()} if i % 2 == 0
+                 else {"json": json.dumps({"label": i % CLASSES}).encode()})
         samples.append((f"sample{i:06d}", {"png": png(i * 11 % 256), **label}))
     return samples
 
@@ -217,7 +218,8 @@ def test_a_shard_that_fails_transiently_is_fetched_again(s3_server, shards_in_bu
         batches = [next(stream) for _ in range(SHARDS)]
         stream.close()
     assert stream.skipped == 0 and sum(len(b.images) for b in batches) == SHARDS * PER_SHARD
-    assert stream.retried > 0 and faults.counts[503] + faults.counts[500] > 0, f"failed shard GETs tried again {faults.counts}"
+    assert stream.retried > 0 and faults.counts[503] + faults.counts[500] > 0, \
+        f"failed shard GETs tried again {faults.counts}"
 
 
 @pytest.mark.slow

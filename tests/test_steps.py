@@ -254,7 +254,8 @@ def test_g_accumulates_its_own_number_of_micro_batches(process_group):
     gan = build_gan(job, 0, torch.device("cpu"))
     calls = []
     gan.G.module.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
-    stream = iter([Batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), StreamPosition())] * 2)
+    batch = Batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), StreamPosition())
+    stream = iter([batch] * 2)
     noise = Noise(torch.Generator().manual_seed(0), 4, 0, torch.device("cpu"))
     _train_iteration(job, gan, stream, noise, 1)
     assert calls == [2, 2, 2, 2, 2], "2 fake micro-batches for D's step, then 3 for G's (BigGAN-PyTorch's counts)"

@@ -15,8 +15,7 @@ import zipfile
 import zlib
 
 import pytest
-from hostile_inputs import (eps_named_png, overflow_tiff, path_with, png, stub_gs, zeros_deflated, zip_archive,
-                            zip_bomb)
+from hostile_inputs import eps_named_png, overflow_tiff, path_with, png, stub_gs, zeros_deflated, zip_archive, zip_bomb
 from PIL import EpsImagePlugin, Image
 
 from daskgan.config import DataConfig, OutputConfig

@@ -1,7 +1,7 @@
 """FID, KID and IS over all workers, with a pluggable feature extractor (see ``extractors`` for the choice)."""
 
+from daskgan.config.schema import METRICS
 from daskgan.metrics.distances import (
-    METRICS,
     compute,
     feature_statistics,
     fid,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from daskgan.config.schema import METRICS
-
 
 def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix (eigendecomposition; tiny negative eigenvalues

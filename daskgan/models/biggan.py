@@ -124,7 +124,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.theta = sn.conv(channels, channels // 8, 1, bias=False)  # no biases, as BigGAN-PyTorch's Attention
         self.phi = sn.conv(channels, channels // 8, 1, bias=False)
-        self.g, self.out = sn.conv(channels, channels // 2, 1, bias=False), sn.conv(channels // 2, channels, 1, bias=False)
+        self.g = sn.conv(channels, channels // 2, 1, bias=False)
+        self.out = sn.conv(channels // 2, channels, 1, bias=False)
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,8 @@ class Discriminator(nn.Module):
         c_in = [image_channels] + [c * ch for c in c_out[:-1]]
         self.blocks = nn.ModuleList(DBlock(a, b * ch, sn, preactivation=i > 0, downsample=down)
                                     for i, (a, b, down) in enumerate(zip(c_in, c_out, downsample)))
-        sizes = D_BLOCK_LABELS.get(resolution) or [resolution // 2 ** (sum(downsample[:i + 1])) for i in range(len(c_out))]
+        sizes = D_BLOCK_LABELS.get(resolution) or [resolution // 2 ** (sum(downsample[:i + 1]))
+                                                   for i in range(len(c_out))]
         self.attention = nn.ModuleDict({str(i): SelfAttention(b * ch, sn) for i, (b, size) in
                                         enumerate(zip(c_out, sizes)) if size == attention})
         self.linear = sn.linear(c_out[-1] * ch, 1)

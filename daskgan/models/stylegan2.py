@@ -2,7 +2,8 @@
 
 Generator: mapping network (normalised z -> w through ``mapping_layers`` equalised-lr layers with a 0.01 learning
 rate multiplier, tracked average w for truncation), synthesis network with a learned constant 4x4 input, modulated /
-demodulated 3x3 convolutions, per-layer noise, and skip (toRGB) outputs; style mixing while training (one cutoff per batch, as NVlabs).
+demodulated 3x3 convolutions, per-layer noise, and skip (toRGB) outputs; style mixing while training (one cutoff per
+batch, as NVlabs).
 Discriminator: residual blocks from fromRGB down to 4x4, minibatch standard deviation, conv, fc, logit.
 Channels per resolution: min(32768 * fmaps / resolution, channel_max).
 
@@ -262,8 +263,8 @@ class Generator(ReducedPrecisionBlocks, nn.Module):
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes)
         resolutions = [2 ** i for i in range(2, int(math.log2(resolution)) + 1)]
         self.blocks = nn.ModuleList(
-            SynthesisBlock(channels_at(max(r // 2, 4), fmaps, channel_max), channels_at(r, fmaps, channel_max), w_dim, r,
-                           image_channels)
+            SynthesisBlock(channels_at(max(r // 2, 4), fmaps, channel_max), channels_at(r, fmaps, channel_max),
+                           w_dim, r, image_channels)
             for r in resolutions)
         self.num_ws = sum(len(b.convs) for b in self.blocks) + 1
 
@@ -324,7 +325,8 @@ class DiscriminatorBlock(nn.Module):
         self.fromrgb = EqualConv2d(image_channels, in_channels, 1) if from_rgb else None
         self.conv0 = EqualConv2d(in_channels, in_channels, 3)
         self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
-        self.skip = EqualConv2d(in_channels, out_channels, 1, activation=False, bias=False, down=True) if residual else None
+        self.skip = (EqualConv2d(in_channels, out_channels, 1, activation=False, bias=False, down=True)
+                     if residual else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute_dtype is None:

@@ -122,8 +122,8 @@ def _read(url: str, file: str, storage_options: StorageOptions | None) -> dict:
     try:
         data = storage.read_bytes(path, storage_options)
     except NotFound:
-        raise NotFound(f"{path} does not exist: a BigGAN-PyTorch weights folder holds {', '.join(NETWORK_FILES.values())} "
-                       f"and state_dict.pth") from None
+        raise NotFound(f"{path} does not exist: a BigGAN-PyTorch weights folder holds "
+                       f"{', '.join(NETWORK_FILES.values())} and state_dict.pth") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:

@@ -136,8 +136,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return ALLOWED[(module, name)]
         except KeyError:
-            raise UnsafePickle(f"it asks to import {_shown(f'{module}.{name}')}; only tensors and plain containers are read from "
-                               f"NVlabs pickles, and nothing in them is run") from None
+            raise UnsafePickle(f"it asks to import {_shown(f'{module}.{name}')}; only tensors and plain containers are "
+                               f"read from NVlabs pickles, and nothing in them is run") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickle("it holds external references (not an NVlabs network pickle)")

@@ -122,7 +122,8 @@ def prepare(job, endpoint_url: str | None) -> "JobConfig":  # noqa: F821
     if endpoint_url:
         for options in (job.data.storage_options, job.output.storage_options):
             options["endpoint_url"] = endpoint_url
-        for url, options in ((job.data.url, job.data.storage_options), (job.output.run_url, job.output.storage_options)):
+        for url, options in ((job.data.url, job.data.storage_options),
+                             (job.output.run_url, job.output.storage_options)):
             _ensure_bucket(url, options)
     dataset = job.sandbox.dataset if job.sandbox else None
     if dataset is not None:

@@ -1,5 +1,6 @@
-"""GAN losses on discriminator logits, and the regularisers (R1, path length, orthogonal). A family is three functions, so the discriminator's real and fake terms can
-be back-propagated separately (DDP accumulates the first locally and all-reduces once):
+"""GAN losses on discriminator logits, and the regularisers (R1, path length, orthogonal). A family is three
+functions, so the discriminator's real and fake terms can be back-propagated separately (DDP accumulates the first
+locally and all-reduces once):
 ``d_real(real_logits)``, ``d_fake(fake_logits)`` and ``g(fake_logits)``.
 """
 

@@ -5,8 +5,8 @@ micro-batch local, so one all-reduce per step carries their sum and the update e
 (per-worker batch x workers x accumulate). Lazy regularisation (every n-th step, scaled by n): for StyleGAN2 as
 NVlabs, R1 and path length are passes with their own optimiser steps (``r1_step``, ``path_length_step``: their
 'Dreg' and 'Greg' phases, path length on half the batch); for the other families R1 rides on the D step's loss.
-BigGAN's orthogonal regularisation is added to G's gradients just before its update, and non-finite gradients are sanitised. Passes that need double backward run eagerly
-when the networks are compiled (``daskgan.compiled``).
+BigGAN's orthogonal regularisation is added to G's gradients just before its update, and non-finite gradients are
+sanitised. Passes that need double backward run eagerly when the networks are compiled (``daskgan.compiled``).
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def path_length_step(gan: Gan, micro_batches: int, batch_size: int, noise: Noise
         with _sync_when(gan.G, last), eager(gan.G):
             fake, ws = gan.G(z, labels, return_ws=True)
             penalty = _path_length_step(gan, fake, ws, pl_decay)
-            (fake[:, 0, 0, 0].sum() * 0 + penalty * pl_weight / micro_batches).backward()  # every parameter in the graph
+            # fake's term keeps every parameter in the graph
+            (fake[:, 0, 0, 0].sum() * 0 + penalty * pl_weight / micro_batches).backward()
         stats.add(pl_penalty=penalty, pl_mean=gan.pl_target)
     _update(gan.opt_G, gan.G.module)
     return stats.means()
