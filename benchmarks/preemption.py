@@ -41,15 +41,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 from distributed import Client
 
 from daskgan.cluster.driver import run_job
 from daskgan.config import JobConfig, load_yaml_mapping
 from daskgan.data import synthetic
-from daskgan.dispatch import free_port
 from daskgan.run import checkpoint, records, storage
 from daskgan.tools.sandbox import LoopbackS3
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from own_cluster import OwnCluster, process_of_rank  # noqa: E402  (the tests' own processes of a cluster)
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -91,42 +92,6 @@ class Result:
     error: str = ""
 
 
-class Processes:
-    """A scheduler and `dask worker` processes of this benchmark's own on loopback, logging to one file."""
-
-    def __init__(self, log_path: str):
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        self._env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-        self._log = open(log_path, "a")
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, workers: int = 2) -> list[subprocess.Popen]:
-        """The scheduler and ``workers`` workers, once all joined; returns the workers' processes."""
-        self._process("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
-                      self.address.rsplit(":", 1)[1], "--dashboard-address", ":0")
-        started = [self.add_worker() for _ in range(workers)]
-        with Client(self.address, timeout=60) as client:
-            client.wait_for_workers(workers, timeout=120)
-        return started
-
-    def add_worker(self) -> subprocess.Popen:
-        return self._process("distributed.cli.dask_worker", self.address, "--nthreads", "1", "--host", "127.0.0.1")
-
-    def _process(self, *args: str) -> subprocess.Popen:
-        self.started.append(subprocess.Popen([sys.executable, "-m", *args], stdout=self._log, stderr=self._log,
-                                             env=self._env))
-        return self.started[-1]
-
-    def close(self) -> None:
-        for process in reversed(self.started):  # workers first, then the scheduler
-            if process.poll() is None:
-                for child in psutil.Process(process.pid).children(recursive=True):
-                    child.kill()
-                process.kill()
-            process.wait()
-        self._log.close()
-
-
 def job(name: str, spec: Model, bucket: str, options: dict, iterations: int) -> JobConfig:
     """The job file's preset and model, on the generated images, with no checkpoint scheduled within the run."""
     source = load_yaml_mapping(JOBS / spec.job)
@@ -142,13 +107,6 @@ def job(name: str, spec: Model, bucket: str, options: dict, iterations: int) -> 
     return JobConfig.from_dict(data, source=spec.job, workers=2)
 
 
-def process_of_rank(client: Client, processes: list[subprocess.Popen], rank: int) -> subprocess.Popen:
-    """The `dask worker` process (the nanny, parent of the worker process) whose worker gets ``rank``."""
-    worker_pids = client.run(os.getpid)
-    nanny_pid = psutil.Process(worker_pids[sorted(worker_pids)[rank]]).ppid()
-    return next(process for process in processes if process.pid == nanny_pid)
-
-
 def measure(name: str, spec: Model, server: LoopbackS3, iterations: int, signal_at: int, log_path: str) -> Result:
     """Train ``name`` on a cluster of its own; SIGTERM rank 0's `dask worker` after ``signal_at`` iterations."""
     bucket, options = f"s3://bench-preemption-{name}", {"endpoint_url": server.endpoint_url}
@@ -157,7 +115,7 @@ def measure(name: str, spec: Model, server: LoopbackS3, iterations: int, signal_
                             storage_options=options)
     config = job(name, spec, bucket, options, iterations)
     result = Result(name)
-    processes = Processes(log_path)
+    processes = OwnCluster(log_path)
     seen: dict[str, float] = {}
 
     def replace_once_gone(victim: subprocess.Popen) -> None:
@@ -184,7 +142,7 @@ def measure(name: str, spec: Model, server: LoopbackS3, iterations: int, signal_
             result.resumed_s = time.monotonic() - seen["signalled"]
 
     try:
-        workers = processes.start()
+        _, (_, *workers) = processes.start()
         with Client(processes.address, timeout=60) as client:
             victim = process_of_rank(client, workers, 0)
             summary = run_job(client, config, on_record=follow)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 
 import pytest
+from own_cluster import OwnCluster
 
 from daskgan.tools.sandbox import LoopbackS3
 
@@ -96,47 +95,6 @@ def process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
-
-
-class OwnCluster:
-    """A scheduler and workers as processes of their own, as ``dask scheduler`` and ``dask worker`` run on a user's
-    machines: their processes can be signalled, killed and replaced (the session's cluster must not be)."""
-
-    def __init__(self, log_path):
-        from daskgan.dispatch import free_port
-
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        self._env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-        self._log = open(log_path, "a")
-        self.started: list[subprocess.Popen] = []
-
-    def start(self) -> tuple[str, list[subprocess.Popen]]:
-        """A scheduler (again at the same address, after a kill) and 2 workers: (address, [scheduler, *workers])."""
-        from distributed import Client
-
-        port = self.address.rsplit(":", 1)[1]
-        scheduler = self._process("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", port,
-                                  "--dashboard-address", ":0")
-        workers = [self._process("distributed.cli.dask_worker", self.address, "--nthreads", "1", "--host",
-                                 "127.0.0.1") for _ in range(2)]
-        with Client(self.address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
-        return self.address, [scheduler, *workers]
-
-    def add_worker(self) -> subprocess.Popen:
-        """One more ``dask worker`` process (a replacement joining)."""
-        return self._process("distributed.cli.dask_worker", self.address, "--nthreads", "1", "--host", "127.0.0.1")
-
-    def _process(self, *args: str) -> subprocess.Popen:
-        self.started.append(subprocess.Popen([sys.executable, "-m", *args], stdout=self._log, stderr=self._log,
-                                             env=self._env))
-        return self.started[-1]
-
-    def close(self) -> None:
-        for running in self.started:
-            running.kill()
-            running.wait()
-        self._log.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ spot reclaim ends in) leaves only after its run's checkpoint is durable, and the
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 from distributed import Client
+from own_cluster import process_of_rank
 
 from daskgan.cluster.driver import GraceCheck, run_job
 from daskgan.cluster.status import format_status, run_status
@@ -42,13 +42,6 @@ def durable_checkpoint(run_url: str, options: dict) -> int:
     """The iteration of the checkpoint the run's pointer names (0: none yet)."""
     url = checkpoint.latest(run_url, options)
     return int(Path(url).name[:-len(checkpoint.SUFFIX)]) if url else 0
-
-
-def process_of_rank(client: Client, processes: list[subprocess.Popen], rank: int) -> subprocess.Popen:
-    """The `dask worker` process (the nanny, parent of the worker process) whose worker gets ``rank``."""
-    worker_pids = client.run(os.getpid)
-    nanny_pid = psutil.Process(worker_pids[sorted(worker_pids)[rank]]).ppid()
-    return next(process for process in processes if process.pid == nanny_pid)
 
 
 def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no_iteration(own_cluster,
