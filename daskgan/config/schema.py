@@ -477,9 +477,10 @@ def _with_defaults(data: dict, workers: int | None) -> dict:
 
 
 def _refuse_both_length_forms(data: dict) -> None:
-    """A length in kimg and in iterations both given by the job (the preset's ``iterations`` is a default)."""
+    """A length in kimg and in iterations both given by the job (the preset's ``iterations`` is a default; a key
+    set to null, as ``JobConfig.to_dict`` writes the form not used, is not given)."""
     for key, iterations in KIMG_LENGTHS.items():
         section, kimg = key.split(".")
         given = data.get(section)
-        require(not isinstance(given, dict) or kimg not in given or iterations.split(".")[1] not in given, key,
-                f"give it or {iterations}, not both")
+        require(not isinstance(given, dict) or given.get(kimg) is None
+                or given.get(iterations.split(".")[1]) is None, key, f"give it or {iterations}, not both")
