@@ -94,7 +94,7 @@ class Dispatches:
 
     def __init__(self, client: Client, config: JobConfig, world_size: int):
         self.client, self.config, self.world_size = client, config, world_size
-        self.job, self.workers = config, sorted(dispatch.worker_addresses(client))[:world_size]
+        self.job, self.workers = config, choose_workers(client, world_size)
         self.restart: dict[str, Any] | None = None
         self.restarts = self.failures = self.last_seen = 0
 
@@ -105,7 +105,7 @@ class Dispatches:
     def grow(self) -> None:
         """The ranks stopped at a checkpoint for more workers (``Growth``): the next dispatch has them."""
         clear_stop(self.client, self.config.output.run_url)
-        self.workers = sorted(dispatch.worker_addresses(self.client))[:self.world_size]
+        self.workers = choose_workers(self.client, self.world_size)
         self.job = restart_config(self.config, len(self.workers), self.world_size)
         self._restart_because(f"grown back to {len(self.workers)} workers")
         logger.warning("%s at iteration %d", self.restart["cause"], self.last_seen)
@@ -182,8 +182,7 @@ def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, workers: 
         # a silent worker may still be there: do not wait it out
         gone = failure.workers if isinstance(failure, Preempted) or failure.confirmed else []
         count = wait_for_workers(client, world_size, gone, config.recovery)
-        return restart_config(config, count, world_size), sorted(set(dispatch.worker_addresses(client)) -
-                                                                 set(gone))[:count]
+        return restart_config(config, count, world_size), choose_workers(client, count, excluded=gone)
     time.sleep(infrastructure_wait_s(config, restarts))
     return job, workers
 
@@ -214,6 +213,12 @@ def run_job_attempts(client: Client, config: JobConfig, attempts: int,
     raise ValueError(f"attempts: must be >= 1, got {attempts}")
 
 
+
+
+def choose_workers(client: Client, count: int, excluded: list[str] = ()) -> list[str]:
+    """The workers a dispatch runs on: the first ``count`` of the cluster's, by address, leaving out ``excluded``
+    (workers lost or given notice, which may still be listed)."""
+    return sorted(set(dispatch.worker_addresses(client)) - set(excluded))[:count]
 
 
 def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: RecoveryConfig) -> int:
