@@ -12,10 +12,12 @@ print no traceback for a mistake in the input; ``results`` raises it on the clie
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import socket
 import time
+import traceback
 import uuid
 from collections import Counter
 from typing import Any, Callable
@@ -246,8 +248,12 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
               master_addr: str, master_port: int | None, backend: str | None, timeout: float, pass_local_rank: bool,
               rendezvous: str) -> Any:
     import torch
+    import torch._dynamo  # noqa: F401  before the process group: see below
     import torch.distributed as dist
 
+    # torch._inductor, first imported when DDP wraps a model, keeps a reference to a process group that exists
+    # at its import: destroying the group then leaves its connections open, and a peer blocked in an all-reduce
+    # learns that this rank failed only at the collective timeout (minutes) instead of at once.
     store = _rendezvous_store(rank, master_addr, master_port, rendezvous, datetime.timedelta(seconds=timeout))
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(store.port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world_size))
@@ -264,6 +270,7 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
         exc.failed_at = time.time()
         exc.rank = rank
         exc.add_note(f"(raised on DDP rank {rank} of {world_size})")
+        _release_frames(exc)
         if isinstance(exc, UserError):
             return RankFailure(exc)
         raise
@@ -272,6 +279,19 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
         dist.destroy_process_group()
         if rank == 0:
             Variable(rendezvous).delete()
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Drop the local variables of the frames ``exc`` was raised through, keeping its traceback's lines.
+
+    Dask keeps a failed task's exception, and with it every frame of its traceback: a training loop's frame holds
+    its DDP model, whose reducer holds the process group, so destroying the group would not close its
+    connections."""
+    traceback.clear_frames(exc.__traceback__)
+    for chained in (exc.__cause__, exc.__context__):
+        if chained is not None and chained.__traceback__ is not None:
+            traceback.clear_frames(chained.__traceback__)
+    gc.collect()  # a module graph has reference cycles: free the group now, not at the next collection
 
 
 def _rendezvous_store(rank: int, host: str, port: int | None, name: str, timeout: datetime.timedelta):

@@ -61,6 +61,25 @@ def test_failing_rank_surfaces_with_its_rank_quickly(dask_client):
     assert dispatch.results(dispatch.run(dask_client, all_reduce_rank, 0, scale=1.0), timeout=120)[0][0] == 1.0
 
 
+def fail_on_rank_one_holding_a_ddp_model():
+    """As a training loop fails: the raising frame holds a DDP model, whose reducer holds the process group."""
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+    if dist.get_rank() == 1:
+        time.sleep(0.5)
+        raise ValueError("bad shard")
+    model(torch.ones(2, 4)).sum().backward()  # rank 0 waits in the gradient all-reduce for a peer that is gone
+    return "unreachable"
+
+
+def test_a_rank_failing_with_a_ddp_model_frees_its_peer_at_once(dask_client):
+    futures = dispatch.run(dask_client, fail_on_rank_one_holding_a_ddp_model, timeout=120)
+    peer = futures[0]
+    while not peer.done():
+        time.sleep(0.2)
+    # the failed rank closes its connections: its peer learns of it from the closed connection, not at the timeout
+    assert "timed out" not in str(peer.exception()).lower(), peer.exception()
+
+
 def fresh_token():
     import uuid
 
