@@ -39,6 +39,11 @@ class UnsafePickle(CheckpointUnreadable):
     """A pickle that asks to import something other than tensors and plain containers: refused unrun."""
 
 
+class ChecksumMismatch(UserError, ValueError):
+    """A file that must be one known file (NVlabs' Inception) but whose sha256 differs: refused unloaded, since
+    loading it would run whatever code it holds."""
+
+
 class NotFound(UserError, FileNotFoundError):
     """A URL, bucket, file or dataset that does not exist (or holds nothing usable)."""
 

@@ -1,5 +1,6 @@
 """FID/KID: the torch matrix root against scipy, behaviour on known sets, and 2 workers = 1 process."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import scipy.linalg
 import torch
 
 from daskgan import dispatch, metrics, ranks
+from daskgan.metrics import extractors
 from daskgan.run import storage
 
 
@@ -35,7 +37,7 @@ def test_frechet_distance_matches_the_scipy_formula():
 def test_fid_and_kid_of_a_set_against_itself_is_zero_and_grows_with_noise():
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(200, 3, 32, 32, generator=generator) * 2 - 1
-    extractor = metrics.load_extractor(None)
+    extractor = metrics.load_extractor()
     real = extractor(images)
     assert real.shape == (200, 512) and extractor.name == "random-cnn-v1"
     assert abs(metrics.fid(real, real)) < 1e-6
@@ -49,23 +51,8 @@ def test_fid_and_kid_of_a_set_against_itself_is_zero_and_grows_with_noise():
     assert abs(metrics.kid(real, real, subsets=10, subset_size=100)) < 0.05 * kids[2], "unbiased: noise around 0"
 
 
-class FakeInception(torch.nn.Module):
-    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        assert images.dtype == torch.uint8
-        return images.float().mean(dim=[2, 3])
-
-
-def test_a_torchscript_extractor_loads_from_a_url(tmp_path):
-    path = tmp_path / "inception.pt"
-    torch.jit.script(FakeInception()).save(str(path))
-    extractor = metrics.load_extractor(path.as_uri())
-    assert extractor.name == "inception-v3"
-    features = extractor(torch.zeros(2, 3, 8, 8))
-    assert torch.allclose(features, torch.full((2, 3), 127.0), atol=1.0), "[-1, 1] -> uint8 [0, 255]"
-
-
 def distributed_fid(images, fakes):
-    extractor = metrics.load_extractor(None)
+    extractor = metrics.load_extractor()
     real = metrics.embed_share(len(images), lambda idx: images[idx], extractor, batch_size=7)
     fake = metrics.embed_share(len(fakes), lambda idx: fakes[idx], extractor, batch_size=7)
     scores = ranks.from_rank0(lambda: metrics.compute(["fid", "kid"], real, fake))
@@ -157,7 +144,8 @@ def test_inception_score_of_known_distributions():
 
 
 class FakeClassifyingInception(torch.nn.Module):
-    """Features as FakeInception; class probabilities from the mean colour (3 classes), as a detector would."""
+    """Features from the mean colour (as test_extractors' FakeInception, padded to Inception's 2048), and class
+    probabilities from it (3 classes), as a detector would."""
 
     def forward(self, images: torch.Tensor, return_features: bool = False,
                 no_output_bias: bool = False) -> torch.Tensor:
@@ -167,7 +155,7 @@ class FakeClassifyingInception(torch.nn.Module):
         return torch.softmax(colours / 10, dim=1)
 
 
-def test_evaluation_scores_is_beside_fid_and_ranks_checkpoints_high_to_low(tmp_path):
+def test_evaluation_scores_is_beside_fid_and_ranks_checkpoints_high_to_low(tmp_path, monkeypatch):
     from daskgan.config import JobConfig
     from daskgan.config.schema import HIGHER_IS_BETTER
     from daskgan.data import synthetic
@@ -178,11 +166,13 @@ def test_evaluation_scores_is_beside_fid_and_ranks_checkpoints_high_to_low(tmp_p
 
     detector = tmp_path / "inception.pt"
     torch.jit.script(FakeClassifyingInception()).save(str(detector))
+    monkeypatch.setattr(extractors, "INCEPTION_SHA256", hashlib.sha256(detector.read_bytes()).hexdigest())
+    monkeypatch.setenv("DASKGAN_CACHE", str(tmp_path / "cache"))
     data_url = tmp_path.as_uri() + "/data"
     synthetic.write_dataset(data_url, images=8, resolution=16)
     config = JobConfig.from_dict({"name": "m", "data": {"url": data_url, "resolution": 16},
                                   "metrics": {"every": 1, "images": 20, "kinds": ["is", "fid"],
-                                              "extractor_url": detector.as_uri()},
+                                              "extractor": "inception", "extractor_url": detector.as_uri()},
                                   "output": {"run_url": tmp_path.as_uri() + "/run", "keep_best": 1}})
     assert config.ranking_metric == "is" and "is" in HIGHER_IS_BETTER
     scores = Evaluator(config, index_images(data_url), torch.device("cpu")).evaluate(Generator(16, 100, 8), 0, 1)
@@ -233,14 +223,14 @@ def rank_statistics(images):
     """The dataset statistics of ``images`` with every rank holding every other item, in batches of 3."""
     mine = images[ranks.rank()::ranks.world_size()]
     mean, covariance, count = metrics.dataset_statistics((mine[i:i + 3] for i in range(0, len(mine), 3)),
-                                                         metrics.load_extractor(None))
+                                                         metrics.load_extractor())
     return mean, covariance, count
 
 
 @pytest.mark.slow
 def test_dataset_statistics_from_two_workers_equal_those_of_all_features_at_once(dask_client):
     images = torch.rand(11, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    expected = metrics.feature_statistics(metrics.load_extractor(None)(images))
+    expected = metrics.feature_statistics(metrics.load_extractor()(images))
     for mean, covariance, count in dispatch.results(dispatch.run(dask_client, rank_statistics, images), timeout=120):
         assert count == 11
         assert torch.allclose(mean, expected[0], rtol=1e-5, atol=1e-6)

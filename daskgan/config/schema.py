@@ -29,6 +29,7 @@ BIGGAN_INITS = ("ortho", "N02", "xavier")  # daskgan.models.biggan.INITS
 D_ARCHITECTURES = ("resnet", "orig")  # daskgan.models.stylegan2: StyleGAN2 D with or without residual skips
 AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.augment.PIPELINES
 METRICS = ("fid", "kid", "is")  # daskgan.metrics.METRICS
+EXTRACTORS = ("inception", "random-cnn")  # metrics.extractor: daskgan.metrics.extractors.load_extractor
 HIGHER_IS_BETTER = ("is",)  # the Inception Score; FID and KID are better lower
 BIGGAN_G_BLOCKS = {32: 3, 64: 4, 128: 5, 256: 6}  # G's blocks per resolution (daskgan.models.biggan.ARCHITECTURES)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -253,7 +254,10 @@ class MetricsConfig:
     images: int = 1000  # generated images per evaluation (papers: 50000)
     real_images: Optional[int] = None  # real images for the reference statistics (default: images)
     fid_reals: str = "sample"  # FID against real_images reals ("sample"), or every dataset image ("dataset", papers')
-    extractor_url: Optional[str] = None  # NVlabs' inception-2015-12-05.pt (TorchScript); None: random-cnn-v1
+    # the feature extractor: random-cnn (quick curves, no download) or inception (NVlabs' Inception-v3: FIDs
+    # comparable with papers; its file is fetched once per host into $DASKGAN_CACHE, checksum verified)
+    extractor: str = "random-cnn"
+    extractor_url: Optional[str] = None  # inception: where to read NVlabs' file instead of NVlabs' URL (offline)
     storage_options: dict = field(default_factory=dict)  # for extractor_url and real_cache_url
     real_cache_url: Optional[str] = None  # where real features are cached, e.g. beside the dataset to share them
     # between runs (keyed by dataset, resolution, extractor and count); default: the run's metrics/ folder
@@ -270,9 +274,12 @@ class MetricsConfig:
         require(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be >= 2")
         require(self.fid_reals in ("sample", "dataset"), "metrics.fid_reals",
                 f"must be sample or dataset, got {self.fid_reals!r}")
-        require("is" not in self.kinds or self.extractor_url, "metrics.kinds",
-                "'is' needs Inception's class probabilities: set metrics.extractor_url to NVlabs' "
-                "inception-2015-12-05.pt")
+        require(self.extractor in EXTRACTORS, "metrics.extractor",
+                f"must be one of {list(EXTRACTORS)}, got {self.extractor!r}")
+        require(self.extractor_url is None or self.extractor == "inception", "metrics.extractor_url",
+                "is only where NVlabs' Inception file is read from: set metrics.extractor: inception to use it")
+        require("is" not in self.kinds or self.extractor == "inception", "metrics.kinds",
+                "'is' needs Inception's class probabilities: set metrics.extractor: inception")
         check_no_plain_secrets(self.storage_options, "metrics.storage_options")
 
 

@@ -67,7 +67,7 @@ class DiskCache:
                     return
                 if ledger["held"] + len(data) > self.max_bytes:
                     ledger["held"] = self._evict()
-                _write_atomically(file, data)
+                write_atomically(file, data)
                 ledger["held"] += len(data)
         except OSError as error:
             self._give_up(error)
@@ -149,7 +149,8 @@ def _read_ledger(handle: IO[str]) -> dict:
             and isinstance(value, int) and not isinstance(value, bool) and value >= 0}
 
 
-def _write_atomically(file: str, data: bytes) -> None:
+def write_atomically(file: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``file``, then rename it: a reader sees the whole file or none."""
     partial = f"{file}.{os.getpid()}.part"
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)

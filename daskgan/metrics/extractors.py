@@ -2,25 +2,43 @@
 
 Each rank embeds its share of the real and generated images (item i goes to rank i mod world), the features are
 gathered back into item order, and the statistics are taken in float64, so 2 workers give the FID one process
-gives on the same images. The extractor is named beside every number:
+gives on the same images. The extractor is chosen by name (``metrics.extractor``) and named beside every number:
 
-- ``inception-v3``: NVlabs' TorchScript Inception (``inception-2015-12-05.pt``, 2048 pool features, takes uint8
-  images), loaded from any fsspec URL the user gives (``metrics.extractor_url``). Numbers comparable with papers.
-- ``random-cnn-v1`` (default, no download): a fixed, seeded, randomly initialised 4-layer CNN on 64x64 inputs,
-  mean- and std-pooled to 512 features. Random features separate image distributions well enough to rank
-  checkpoints of one run, but the numbers are not comparable with published Inception FIDs.
+- ``inception`` (records: ``inception-v3``): NVlabs' TorchScript Inception (``inception-2015-12-05.pt``, 2048 pool
+  features, takes uint8 images). Numbers comparable with papers. The file is fetched once per host from NVlabs'
+  URL, or from ``metrics.extractor_url`` on machines without internet, into a local cache (``$DASKGAN_CACHE``,
+  default ``~/.cache/daskgan``), and its sha256 is checked before it is loaded, every time: loading TorchScript
+  runs its code, so the only file ever loaded is NVlabs' own, whatever bucket or path it came through.
+- ``random-cnn`` (default, records: ``random-cnn-v1``, no download): a fixed, seeded, randomly initialised 4-layer
+  CNN on 64x64 inputs, mean- and std-pooled to 512 features. Random features separate image distributions well
+  enough to rank checkpoints of one run (quick curves), but the numbers are not comparable with published FIDs.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daskgan.data.cache import write_atomically
+from daskgan.errors import ChecksumMismatch
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+# NVlabs' published file (stylegan2-ada-pytorch metrics/frechet_inception_distance.py) and its sha256, as pinned by
+# k-diffusion (k_diffusion/evaluation.py), which checks it on every download
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 
 
 class RandomCnnFeatures(nn.Module):
@@ -47,15 +65,16 @@ class RandomCnnFeatures(nn.Module):
 
 
 class TorchScriptInception(nn.Module):
-    """NVlabs' Inception-v3 TorchScript (``detector(uint8_images, return_features=True)`` -> 2048 features)."""
+    """NVlabs' Inception-v3 TorchScript (``detector(uint8_images, return_features=True)`` -> 2048 features), from
+    bytes whose sha256 was checked (``inception_bytes``)."""
 
     name = "inception-v3"
     feature_width = 2048
     classifies = True
 
-    def __init__(self, url: str, storage_options: StorageOptions | None = None):
+    def __init__(self, verified: bytes):
         super().__init__()
-        self.detector = torch.jit.load(io.BytesIO(storage.read_bytes(url, storage_options)), map_location="cpu")
+        self.detector = torch.jit.load(io.BytesIO(verified), map_location="cpu")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +88,65 @@ class TorchScriptInception(nn.Module):
         return self.detector(pixels, no_output_bias=True)
 
 
-def load_extractor(url: str | None, storage_options: StorageOptions | None = None) -> nn.Module:
-    """The Inception TorchScript at ``url``, or the default random CNN when no URL is given."""
-    extractor = TorchScriptInception(url, storage_options) if url else RandomCnnFeatures()
+def load_extractor(name: str = "random-cnn", source: str | None = None,
+                   storage_options: StorageOptions | None = None) -> nn.Module:
+    """The extractor ``metrics.extractor`` names; for ``inception``, NVlabs' file read from the host's cache, or
+    fetched into it from ``source`` (``metrics.extractor_url``) or else NVlabs' URL."""
+    extractor = TorchScriptInception(inception_bytes(source, storage_options)) if name == "inception" \
+        else RandomCnnFeatures()
     return extractor.eval()
+
+
+def cache_folder() -> str:
+    """Where downloaded extractor files are kept on this host: ``$DASKGAN_CACHE``, else ``~/.cache/daskgan``."""
+    return os.environ.get("DASKGAN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "daskgan")
+
+
+def inception_bytes(source: str | None = None, storage_options: StorageOptions | None = None) -> bytes:
+    """NVlabs' Inception file, its sha256 checked: from this host's cache, else fetched from ``source`` (or NVlabs'
+    URL) and cached. The ranks of a host take turns under a lock on the cached file, so the first fetches and the
+    others read what it cached: one download per host, not one per rank."""
+    folder = cache_folder()
+    os.makedirs(folder, exist_ok=True)
+    file = os.path.join(folder, f"inception-2015-12-05-{INCEPTION_SHA256[:12]}.pt")
+    with _locked(file + ".lock"):
+        data = _cached(file)
+        if data is None:
+            url = source or INCEPTION_URL
+            logger.info("metrics: fetching NVlabs' Inception from %s into %s", url, folder)
+            data = storage.read_bytes(url, storage_options)
+            check_sha256(data, url)
+            write_atomically(file, data)
+    return data
+
+
+def check_sha256(data: bytes, where: str) -> None:
+    """Refuse (one line) bytes that are not NVlabs' Inception file."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != INCEPTION_SHA256:
+        raise ChecksumMismatch(f"{where}: sha256 {actual} is not NVlabs' inception-2015-12-05.pt "
+                               f"(sha256 {INCEPTION_SHA256}); refused, not loaded")
+
+
+def _cached(file: str) -> bytes | None:
+    """The cached file's bytes if it holds NVlabs' file; one that does not (damaged on disk) is removed."""
+    try:
+        with open(file, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    try:
+        check_sha256(data, file)
+    except ChecksumMismatch as mismatch:
+        logger.warning("metrics: removing a damaged cached file, fetching again: %s", mismatch)
+        os.remove(file)
+        return None
+    return data
+
+
+@contextmanager
+def _locked(lock_file: str) -> Iterator[None]:
+    """An exclusive lock shared by every process of this host (released when the file closes, also on a crash)."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

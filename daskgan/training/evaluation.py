@@ -40,7 +40,7 @@ class Evaluator:
     def __init__(self, config: JobConfig, index: ImageIndex, device: torch.device):
         self.config, self.index, self.device = config, index, device
         m = config.metrics
-        self.extractor = metrics.load_extractor(m.extractor_url, m.storage_options).to(device)
+        self.extractor = metrics.load_extractor(m.extractor, m.extractor_url, m.storage_options).to(device)
         self.real_count = min(m.real_images or m.images, len(index))
         self._real: torch.Tensor | None = None  # rank 0 only
         self._real_cached = False  # whether every rank has taken part in computing (or reading) the real features
