@@ -12,6 +12,19 @@ from own_cluster import OwnCluster
 from daskgan.tools.sandbox import LoopbackS3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def daskgan_cache(tmp_path_factory):
+    """Downloaded extractor files go to a folder of the session, not the user's ~/.cache (exported before any
+    worker starts, so workers and command-line runs inherit it)."""
+    saved = os.environ.get("DASKGAN_CACHE")
+    os.environ["DASKGAN_CACHE"] = str(tmp_path_factory.mktemp("daskgan-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("DASKGAN_CACHE")
+    else:
+        os.environ["DASKGAN_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP endpoint on 127.0.0.1; its environment is exported so worker processes inherit it."""

@@ -4,6 +4,7 @@ through a real scheduler and workers."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import yaml
 
 from daskgan.config import ModelConfig
 from daskgan.dispatch import free_port
+from daskgan.metrics import extractors
 from daskgan.models import build_models
 from daskgan.run import checkpoint, storage
 
@@ -173,6 +175,19 @@ def test_training_mistakes_found_on_the_workers(train_with, shapes_in_bucket):
                                        "resume": "never"}),
                     f"{bucket}/stylegan-run", "output.resume: never", "new output.run_url", "output.resume: auto")
     assert checkpoint.latest(f"{bucket}/stylegan-run", options) == other_family, "the run it refused is intact"
+
+
+@pytest.mark.slow
+def test_an_inception_file_that_is_not_nvlabs_is_refused_unloaded(train_with, shapes_in_bucket, tmp_path):
+    bucket, options = shapes_in_bucket(8)
+    other = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(other))
+    url = f"{bucket}/models/inception-2015-12-05.pt"
+    storage.write_bytes(url, other.read_bytes(), options)
+    refused = train_with(metrics={"every": 1, "images": 4, "extractor": "inception", "extractor_url": url,
+                                  "storage_options": options})
+    assert_one_line(refused, url, hashlib.sha256(other.read_bytes()).hexdigest(), extractors.INCEPTION_SHA256,
+                    "not NVlabs' inception-2015-12-05.pt")
 
 
 def test_resuming_from_another_runs_checkpoint(tmp_path):

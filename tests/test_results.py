@@ -64,6 +64,20 @@ def test_writer_flushes_in_parts_and_writes_summary(tmp_path):
     assert any(n.startswith("events.out.tfevents") for n in storage.list_names(f"{run_url}/tb"))
 
 
+def test_tensorboard_names_the_extractor_beside_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_url = tmp_path.as_uri() + "/run"
+    writer = RunWriter(run_url, None, start_iteration=0, flush_every=3)
+    writer.record({"iteration": 1, "loss_G": 1.0})
+    writer.record({"iteration": 2, "loss_G": 1.0, "fid": 30.0, "metrics_extractor": "inception-v3"})
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    named = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("metrics/extractor/text_summary")]
+    assert named == [(2, "inception-v3")]
+
+
 def test_summary_has_a_panel_per_series_the_records_hold():
     import io
 

@@ -87,6 +87,8 @@ class RunWriter:
         for name, value in record.items():
             if name != "iteration" and isinstance(value, (int, float)):
                 self._tb.add_scalar(_tensorboard_tag(name), value, record["iteration"])
+        if "metrics_extractor" in record:  # which network the metrics/ scalars of this step were measured with
+            self._tb.add_text("metrics/extractor", record["metrics_extractor"], record["iteration"])
         if len(self._pending) >= self.flush_every:
             self.flush()
 
