@@ -2,10 +2,14 @@
 loaded only when its sha256 is NVlabs' file's, from NVlabs' URL or from a bucket or path the user gives."""
 
 import hashlib
+import re
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from daskgan import metrics
 from daskgan.config import ConfigError, JobConfig
@@ -60,6 +64,13 @@ def test_extractor_settings_that_cannot_be_used_are_one_line(section, message):
     with pytest.raises(ConfigError) as refused:
         job(**section)
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_readmes_offline_inception_settings_are_a_valid_job():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "extractor: inception" in b]
+    section = yaml.safe_load(textwrap.dedent(block))["metrics"]
+    assert job(**section).metrics.extractor_url == "s3://my-models/inception-2015-12-05.pt"
 
 
 def test_inception_by_name_comes_from_nvlabs_url_into_the_cache(fake_inception, tmp_path):
