@@ -13,7 +13,8 @@ import yaml
 
 from daskgan import metrics
 from daskgan.config import ConfigError, JobConfig
-from daskgan.errors import ChecksumMismatch
+from daskgan.dispatch import free_port
+from daskgan.errors import ChecksumMismatch, UserError
 from daskgan.metrics import extractors
 from daskgan.run import storage
 
@@ -150,3 +151,19 @@ def test_a_file_from_a_bucket_that_is_not_nvlabs_is_refused(s3_bucket, tmp_path,
     with pytest.raises(ChecksumMismatch, match=f"{url}: sha256 .* is not NVlabs' inception-2015-12-05.pt"):
         metrics.load_extractor("inception", url, options)
     assert cached_files(tmp_path) == []
+
+
+def test_nvlabs_out_of_reach_says_to_set_extractor_url(tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}/inception-2015-12-05.pt"  # nothing listens there
+    monkeypatch.setattr(extractors, "INCEPTION_URL", url)
+    monkeypatch.setenv("DASKGAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)  # the retries, without their waits
+    with pytest.raises(UserError, match=f"{url}: cannot fetch NVlabs' Inception .* set metrics.extractor_url"):
+        metrics.load_extractor("inception")
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("DASKGAN_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(UserError, match="a-file/cache: cannot be written .* set DASKGAN_CACHE"):
+        metrics.load_extractor("inception")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daskgan.data.cache import write_atomically
-from daskgan.errors import ChecksumMismatch
+from daskgan.errors import ChecksumMismatch, StorageUnavailable, UserError, first_line
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions
 
@@ -106,17 +106,29 @@ def inception_bytes(source: str | None = None, storage_options: StorageOptions |
     """NVlabs' Inception file, its sha256 checked: from this host's cache, else fetched from ``source`` (or NVlabs'
     URL) and cached. The ranks of a host take turns under a lock on the cached file, so the first fetches and the
     others read what it cached: one download per host, not one per rank."""
-    folder = cache_folder()
-    os.makedirs(folder, exist_ok=True)
-    file = os.path.join(folder, f"inception-2015-12-05-{INCEPTION_SHA256[:12]}.pt")
+    file = os.path.join(cache_folder(), f"inception-2015-12-05-{INCEPTION_SHA256[:12]}.pt")
     with _locked(file + ".lock"):
         data = _cached(file)
         if data is None:
-            url = source or INCEPTION_URL
-            logger.info("metrics: fetching NVlabs' Inception from %s into %s", url, folder)
-            data = storage.read_bytes(url, storage_options)
-            check_sha256(data, url)
+            data = _fetched(source, storage_options)
             write_atomically(file, data)
+    return data
+
+
+def _fetched(source: str | None, storage_options: StorageOptions | None) -> bytes:
+    """The file from ``source`` or NVlabs' URL, checked; NVlabs unreachable (no internet) is one line saying what to
+    do (retrying the run would not help), a user's own storage failing stays what it is (``StorageUnavailable``)."""
+    url = source or INCEPTION_URL
+    logger.info("metrics: fetching NVlabs' Inception from %s into %s", url, cache_folder())
+    try:
+        data = storage.read_bytes(url, storage_options)
+    except StorageUnavailable as error:
+        if source:
+            raise
+        raise UserError(f"{url}: cannot fetch NVlabs' Inception ({first_line(error)}); where workers have no "
+                        "internet, download it elsewhere, put it where they can read it and set "
+                        "metrics.extractor_url to it") from None
+    check_sha256(data, url)
     return data
 
 
@@ -146,7 +158,14 @@ def _cached(file: str) -> bytes | None:
 
 @contextmanager
 def _locked(lock_file: str) -> Iterator[None]:
-    """An exclusive lock shared by every process of this host (released when the file closes, also on a crash)."""
-    with open(lock_file, "a") as handle:
+    """An exclusive lock shared by every process of this host (released when the file closes, also on a crash);
+    a cache folder that cannot be written is one line naming it."""
+    try:
+        os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+        handle = open(lock_file, "a")
+    except OSError as error:
+        raise UserError(f"cache folder {os.path.dirname(lock_file)}: cannot be written ({error.strerror}); set "
+                        "DASKGAN_CACHE to a folder the workers can write") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
