@@ -35,7 +35,8 @@ bench-loaders: $(BIN)/.installed
 
 # GPU checks (README "GPU checks"): one command on a machine with a GPU, everything ../shared/gpu-checklist.md asks,
 # its figures in $(GPU_REPORT)/report.md. The venv sees the machine's own CUDA torch (system site packages) or gets
-# the registry's (a CUDA build there); ninja (for NVlabs' custom ops) is optional, tried once without waiting.
+# the registry's (a CUDA build there); ninja and setuptools (NVlabs' custom ops and distutils) are optional, tried
+# once without waiting.
 GPU_VENV := .venv-gpu
 GPU_REPORT ?= gpu-report
 # e.g. GPU_CHECK_OPTIONS="--budget-s 300", or "--only loader-step,cuda-tests" for a second try
@@ -45,7 +46,7 @@ $(GPU_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
 	$(GPU_VENV)/bin/python -c "import torch" 2>/dev/null || $(GPU_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(GPU_VENV)/bin/pip install -q -e ".[test]"
-	-$(GPU_VENV)/bin/pip install -q --timeout 10 --retries 0 ninja
+	-$(GPU_VENV)/bin/pip install -q --timeout 10 --retries 0 ninja setuptools
 	touch $@
 
 gpu-check: $(GPU_VENV)/.installed

@@ -2,7 +2,8 @@
 
 A GPU machine is lent for about 15 minutes in all, so the checks run as one prepared command, each step in a
 process of its own with a time limit (one that hangs or crashes costs its own limit, not the budget) and the whole
-within ``--budget-s`` (450 s). In the checklist's order:
+within ``--budget-s`` (450 s). In the checklist's order, but for the compiled runs of 2, which come last (their
+compiling takes what it takes, and what is left):
 
 1. correctness on CUDA with nccl on one rank: a small StyleGAN2 64 px job trains in fp32, bf16 and fp16 (records
    and grids appear, nothing NaN); a checkpoint resumes bit-exactly (CUDA RNG included), next to two straight runs
@@ -77,8 +78,9 @@ class Context:
     batch: int
     deadline: float  # time.time() by which the step must be done (its own subprocesses are given what is left)
 
-    def seconds_left(self) -> float:
-        return max(1.0, self.deadline - time.time())
+    def seconds_left(self, margin: float = 5.0) -> float:
+        """What a subprocess of the step may take: the time left, less ``margin`` for the step to report it."""
+        return max(1.0, self.deadline - time.time() - margin)
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def _shared_gpu_refusal(gpus: int) -> str:
     return "not refused"
 
 
-CORRELATED = ("loss_G", "loss_D_real", "loss_D_fake", "D_x", "D_G_z")  # in every iteration's record
+EVERY_RECORD = ("loss_G", "loss_D_real", "loss_D_fake", "D_x", "D_G_z")  # in every iteration's record
 LAZY_EVERY = 4  # R1 and path length both run every 4th iteration in the correctness jobs
 
 
@@ -211,7 +213,7 @@ def _dataset(context: Context, resolution: int, images: int) -> str:
     """A folder of generated shapes in the work folder, written once and shared by the steps that use it."""
     from daskgan.data import synthetic
 
-    folder = context.work / f"shapes-{resolution}"
+    folder = context.work / f"shapes-{resolution}px-{images}"
     if not (folder / "done").exists():
         synthetic.write_dataset(f"file://{folder}", images, resolution)
         (folder / "done").touch()
@@ -235,6 +237,7 @@ def train(client, job) -> dict:
 
 
 def precision_run(precision: str) -> Callable[[Context, dict], None]:
+    """The correctness job in ``precision``: every record there, grids where due, nothing NaN or infinite."""
     def run(context: Context, figures: dict) -> None:
         from daskgan.run import records, storage
 
@@ -244,8 +247,8 @@ def precision_run(precision: str) -> Callable[[Context, dict], None]:
             figures.update(_worker_state(client))
         table = records.load(job.output.run_url)
         grids = storage.list_names(f"{job.output.run_url}/grids")
-        last = table.iloc[-1]
-        figures.update(iterations=len(table), grids=grids, **{name: round(float(last[name]), 4) for name in CORRELATED},
+        last = {name: round(float(table[name].iloc[-1]), 4) for name in EVERY_RECORD}
+        figures.update(iterations=len(table), grids=grids, **last,
                        s_per_iteration=round(float((job.data.batch_size / table["images_per_s"]).median()), 4))
         check(table["iteration"].tolist() == list(range(1, job.train.iterations + 1)), "records missing")
         every = job.output.grid_every
@@ -263,7 +266,7 @@ def _not_finite(table) -> list[str]:
 
     numbers = table.select_dtypes("number")
     regular = numbers[table["iteration"] % LAZY_EVERY == 0]
-    always = [name for name in CORRELATED if not np.isfinite(numbers[name]).all()]
+    always = [name for name in EVERY_RECORD if not np.isfinite(numbers[name]).all()]
     lazy = [name for name in numbers if regular[name].notna().any() and not np.isfinite(regular[name]).all()]
     return sorted(set(always + lazy + [name for name in numbers if np.isinf(numbers[name]).any()]))
 
@@ -292,7 +295,10 @@ def resume(context: Context, figures: dict) -> None:
                    == records.load(straight[0].output.run_url)["loss_G"].tolist())
     check(summary["resumed_from"] is not None, "the second job did not resume")
     check(all(figures["cuda_rng_saved"]) == torch.cuda.is_available(), "the checkpoint's CUDA RNG state")
-    check(not figures["resumed_differs"] and figures["losses_equal"], "the resumed run differs from a straight one")
+    repeats = "" if not figures["straight_runs_differ"] else (
+        f" (two straight runs differ too, in {len(figures['straight_runs_differ'])} tensors: nondeterministic kernels)")
+    check(not figures["resumed_differs"] and figures["losses_equal"],
+          f"the resumed run differs from a straight one in {len(figures['resumed_differs'])} tensors{repeats}")
 
 
 def _differences(first, second) -> dict[str, float]:
@@ -364,7 +370,8 @@ def worker_state() -> dict:
     return state
 
 
-NVLABS_MODULES = ("click", "requests", "psutil", "scipy")  # what NVlabs' train.py imports beyond torch and numpy
+# what NVlabs' train.py imports beyond torch, numpy and Pillow (distutils: on Python 3.12, setuptools' copy)
+NVLABS_MODULES = ("click", "requests", "psutil", "scipy", "distutils")
 
 
 def nvlabs_run(mixed: bool) -> Callable[[Context, dict], None]:
@@ -376,7 +383,8 @@ def nvlabs_run(mixed: bool) -> Callable[[Context, dict], None]:
                        f"there beforehand, or give --nvlabs)")
         missing = [name for name in NVLABS_MODULES if importlib.util.find_spec(name) is None]
         if missing:
-            raise Skip(f"NVlabs' train.py needs {', '.join(missing)}: pip install {' '.join(missing)}")
+            raise Skip(f"NVlabs' train.py needs {', '.join(missing)}: pip install "
+                       f"{' '.join(name.replace('distutils', 'setuptools') for name in missing)}")
         resolution = 16 if context.dry_run else 256
         data = _dataset(context, resolution, 16 if context.dry_run else 256).removeprefix("file://")
         out = context.work / f"nvlabs-{'mixed' if mixed else 'fp32'}"
@@ -389,12 +397,12 @@ def nvlabs_run(mixed: bool) -> Callable[[Context, dict], None]:
         log = out.with_suffix(".log")
         with log.open("w") as output:
             returncode = subprocess.run(argv, cwd=context.nvlabs, stdout=output, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PATH": path}, timeout=context.seconds_left() - 5).returncode
+                                        env={**os.environ, "PATH": path}, timeout=context.seconds_left()).returncode
         text = log.read_text()
         print(text[-4000:])
         check(returncode == 0, f"train.py exited with {returncode}")
-        figures["custom_ops"] = "slow reference fallback" if "Falling back to slow reference" in text else "compiled"
-        if not context.dry_run:
+        if not context.dry_run:  # its --dry-run builds nothing
+            figures["custom_ops"] = "reference fallback" if "Falling back to slow reference" in text else "compiled"
             figures.update(_nvlabs_stats(out))
     return run
 
@@ -415,7 +423,7 @@ def loader(context: Context, figures: dict) -> None:
     sizes = (["--set", "png64", "--images", "128", "--steps", "1", "--warmup", "1", "--channels", "2"]
              if context.dry_run else ["--set", "jpeg256", "--images", "2048"])
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_step.py"), *sizes], capture_output=True,
-                          text=True, timeout=context.seconds_left() - 5)
+                          text=True, timeout=context.seconds_left())
     print(done.stdout, done.stderr[-4000:], sep="\n")
     check(done.returncode == 0, f"loader_step.py exited with {done.returncode}")
     figures["table"] = [line for line in done.stdout.splitlines() if line.startswith(("|", "ms per"))]
@@ -436,7 +444,7 @@ def cuda_tests(context: Context, figures: dict) -> None:
     if not torch.cuda.is_available():
         raise Skip(NO_GPU)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", " or ".join(needing)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=context.seconds_left() - 5)
+                          text=True, cwd=ROOT, timeout=context.seconds_left())
     print(done.stdout[-4000:])
     figures["result"] = done.stdout.strip().splitlines()[-1:] or [""]
     check(done.returncode == 0, f"pytest exited with {done.returncode}")
@@ -444,29 +452,52 @@ def cuda_tests(context: Context, figures: dict) -> None:
 
 STEPS = (
     Step("environment", 0, "GPU, driver, torch", environment, 60, cuda=False),
-    Step("devices", 1, "one worker per visible GPU; UUID check at rendezvous", devices, 120),
+    Step("devices", 1, "one worker per visible GPU; UUID check at rendezvous", devices, 150),
     *(Step(f"train-{p}", 1, f"StyleGAN2 64 px trains in {p} (nccl, one rank)", precision_run(p), 90)
       for p in ("fp32", "bf16", "fp16")),
     Step("resume", 1, "a checkpoint resumes bit-exactly (CUDA RNG included)", resume, 150),
     *(Step(f"speed-eager-{p}", 2, f"paper256 s/kimg, daskgan eager {p}", speed_run(False, p), 120)
       for p in ("fp32", "bf16")),
-    # NVlabs' before the compiled runs, whose compiling may take what is left: the ratio matters more
     Step("nvlabs-fp32", 2, "paper256 s/kimg, NVlabs train.py --fp32 1", nvlabs_run(mixed=False), 240),
     Step("nvlabs-mixed", 2, "paper256 s/kimg, NVlabs train.py (fp16 mixed)", nvlabs_run(mixed=True), 150),
-    *(Step(f"speed-compile-{p}", 2, f"paper256 s/kimg, daskgan compile: true {p}", speed_run(True, p), 180)
-      for p in ("fp32", "bf16")),
     Step("loader-step", 3, "benchmarks/loader_step.py on the GPU", loader, 150),
     Step("cuda-tests", 5, "pytest markers that need CUDA", cuda_tests, 120, cuda=False),
+    # last: how long torch.compile takes is known only once it ran, and it must not take the others' time
+    *(Step(f"speed-compile-{p}", 2, f"paper256 s/kimg, daskgan compile: true {p}", speed_run(True, p), 180)
+      for p in ("fp32", "bf16")),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
 RATIOS = {"fp32": ("speed-eager-fp32", "speed-compile-fp32", "nvlabs-fp32"),
           "bf16 (NVlabs: fp16 mixed)": ("speed-eager-bf16", "speed-compile-bf16", "nvlabs-mixed")}
 
 
+class Figures(dict):
+    """A step's figures, written to its result file at every change, so that a step killed at its time limit (a
+    compile that takes too long) still reports what it had measured."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.save()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self.save()
+
+    def save(self) -> None:
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self, default=str))
+        partial.replace(self.path)  # whole or not at all: a kill may come at any time
+
+
 def run_step(name: str, context: Context, result: Path) -> None:
-    """In the step's own process: run it, and write its figures (as far as it got) and any skip reason."""
+    """In the step's own process: run it, its figures (as far as it got) and any skip reason or error in
+    ``result``."""
     sys.path.insert(0, str(ROOT / "benchmarks"))  # run.py's job settings, as the other benchmarks import them
-    figures: dict[str, Any] = {}
+    figures = Figures(result)
     try:
         next(step for step in STEPS if step.name == name).run(context, figures)
     except Skip as skip:
@@ -476,8 +507,7 @@ def run_step(name: str, context: Context, result: Path) -> None:
 
         figures["error"] = f"{type(error).__name__}: {first_line(error)}"
         raise
-    finally:
-        result.write_text(json.dumps(figures, default=str))
+    figures.save()  # a step that measured nothing still reports
 
 
 # ---------------------------------------------------------------- the harness (the parent process)
@@ -605,7 +635,22 @@ def _speed_table(steps: dict) -> list[str]:
         cells = [f"{figure(name, 's_per_kimg')} s/kimg, {figure(name, 'peak_allocated_gib')} GiB"
                  for name in (eager, compiled, nvlabs)]
         lines.append(f"| {precision} | {' | '.join(cells)} | {ratio(eager, nvlabs)} | {ratio(compiled, nvlabs)} |")
-    return lines
+    return lines + ["", _speed_notes(steps)]
+
+
+def _speed_notes(steps: dict) -> str:
+    """What the s/kimg figures are, and the settings that make them differ beyond the code."""
+    def figures(name: str) -> dict:
+        return steps.get(name, {}).get("figures", {})
+
+    eager = figures("speed-eager-fp32")
+    return (f"s/kimg: daskgan's mean step time after the first iteration (its records), {eager.get('batch', '-')} "
+            f"images per GPU; NVlabs' second tick (its first is the first iteration). daskgan's worker: TF32 matmul "
+            f"{eager.get('tf32_matmul', '-')}, cuDNN TF32 {eager.get('tf32_cudnn', '-')}, cudnn.benchmark "
+            f"{eager.get('cudnn_benchmark', '-')}; NVlabs' train.py: TF32 off, cudnn.benchmark on, custom CUDA ops "
+            f"{figures('nvlabs-fp32').get('custom_ops', '-')}. torch.compile's graph breaks: "
+            f"{figures('speed-compile-fp32').get('graph_breaks', '-')} (fp32), "
+            f"{figures('speed-compile-bf16').get('graph_breaks', '-')} (bf16).")
 
 
 def memory_status(report: dict) -> dict:
@@ -641,8 +686,7 @@ def main() -> None:
         context = Context(options.work, options.cpu_dry_run, options.nvlabs.resolve(), options.batch, options.deadline)
         return run_step(options.step, context, options.work / f"{options.step}.json")
     report = run_all(options)
-    report["steps"].insert(next((i for i, e in enumerate(report["steps"]) if e["item"] > 4), len(report["steps"])),
-                           memory_status(report))
+    report["steps"].append(memory_status(report))
     path = write_report(report, Path(options.report_dir))
     for entry in report["steps"]:
         print(f"{entry['name']:20s} {entry['status']:8s} {entry['seconds']:6.1f} s  {entry.get('reason', '')}")
