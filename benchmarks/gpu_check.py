@@ -107,7 +107,7 @@ def environment(context: Context, figures: dict) -> None:
                    gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                    nvidia_smi=_command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                         "--format=csv,noheader"]),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+                   nccl=str(torch.cuda.nccl.version()) if cuda else None,
                    dask_cuda=importlib.util.find_spec("dask_cuda") is not None, **_torch_settings())
 
 
@@ -185,6 +185,7 @@ LAZY_EVERY = 4  # R1 and path length both run every 4th iteration in the correct
 
 
 TINY = {"z_dim": 16, "w_dim": 16, "channel_max": 16, "mapping_layers": 2}  # StyleGAN2 in a dry run
+NO_RESTARTS = {"max_restarts": 0, "min_workers": None}  # a lost worker (a crash on the GPU) fails the step at once
 
 
 def small_job(context: Context, run: str, precision: str = "fp32", iterations: int | None = None) -> "JobConfig":  # noqa: F821
@@ -204,6 +205,7 @@ def small_job(context: Context, run: str, precision: str = "fp32", iterations: i
                   "lr_d": 0.0025, "r1_gamma": 0.2, "r1_interval": LAZY_EVERY, "pl_weight": 2.0,
                   "pl_interval": LAZY_EVERY, "ema_kimg": 0.05},
         "augment": {"mode": "ada", "speed_kimg": 10},
+        "recovery": NO_RESTARTS,
         "output": {"run_url": f"file://{context.work}/{run}", "flush_every": LAZY_EVERY,
                    "grid_every": length // 2, "checkpoint_every": length // 2, "keep_checkpoints": 4},
     })
@@ -345,8 +347,9 @@ def _speed_overrides(context: Context) -> list[str]:
                  *(f"model.{key}={value}" for key, value in TINY.items())]
     else:
         sizes = [f"data.url={_dataset(context, 256, 256)}", f"data.batch_size={context.batch}", "train.kimg=1"]
-    return [*sizes, "data.cache_dir=null", "recovery.min_workers=null", "output.grid_every=1000000",
-            "output.checkpoint_every=1000000"]
+    return [*sizes, "data.cache_dir=null", *(f"recovery.{key}={'null' if value is None else value}"
+                                             for key, value in NO_RESTARTS.items()),
+            "output.grid_every=1000000", "output.checkpoint_every=1000000"]
 
 
 def _worker_state(client) -> dict:

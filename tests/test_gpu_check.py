@@ -2,6 +2,7 @@
 step's code with tiny sizes and reports every step of the GPU checklist with a status, the CUDA ones skipped for
 want of a GPU once their code passed; a failing step is reported with its error and the next one still runs."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -92,3 +93,49 @@ def test_an_unknown_step_is_one_usage_line(tmp_path):
 
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].startswith("gpu_check.py: error: --only: no step speed (steps: environment,")
+
+
+def gpu_check_module():
+    """benchmarks/gpu_check.py as a module, for the parts that read what only a GPU run writes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module("gpu_check")
+
+
+def test_nvlabs_figures_are_those_of_its_ticks_after_the_first(tmp_path):
+    def tick(number: int, kimg: float, seconds: float, gib: float) -> str:  # as NVlabs' training_stats writes them
+        values = {"Progress/tick": number, "Progress/kimg": kimg, "Timing/sec_per_kimg": seconds,
+                  "Resources/peak_gpu_mem_gb": gib}
+        return json.dumps({**{k: {"num": 1, "mean": v, "std": 0.0} for k, v in values.items()}, "timestamp": 1.0})
+
+    run = tmp_path / "00000-data-paper256-kimg1-batch32-ada"
+    run.mkdir()
+    (run / "stats.jsonl").write_text(f"{tick(0, 0.032, 950.0, 5.0)}\n{tick(1, 1.024, 12.3456, 7.5)}\n")
+
+    assert gpu_check_module()._nvlabs_stats(tmp_path) == {"s_per_kimg": 12.35, "peak_allocated_gib": 7.5,
+                                                         "kimg": 1.024}
+
+
+def test_a_nan_in_a_loss_or_in_a_lazy_term_where_it_runs_is_found():
+    import pandas as pd
+
+    nan, inf = float("nan"), float("inf")
+    table = pd.DataFrame({"iteration": range(1, 9), "loss_G": [1, nan, 1, 1, 1, 1, 1, 1], "loss_D_real": [1] * 8,
+                          "loss_D_fake": [1] * 8, "D_x": [0.5] * 8, "D_G_z": [0.5] * 8,
+                          "r1_penalty": [nan, nan, nan, 0.1, nan, nan, nan, 0.2],  # every 4th: as it should be
+                          "pl_penalty": [nan, nan, nan, nan, nan, nan, nan, 0.3],  # missing at iteration 4
+                          "images_per_s": [1, 1, inf, 1, 1, 1, 1, 1]})
+
+    assert gpu_check_module()._not_finite(table) == ["images_per_s", "loss_G", "pl_penalty"]
+
+
+def test_the_step_time_table_gives_the_ratio_to_nvlabs_where_both_ran():
+    figures = {"speed-eager-fp32": {"s_per_kimg": 30.0, "peak_allocated_gib": 12.5, "batch": 32},
+               "nvlabs-fp32": {"s_per_kimg": 20.0, "peak_allocated_gib": 9.0, "custom_ops": "compiled"}}
+    report = {"mode": "GPU", "seconds": 1.0, "budget_s": 450.0,
+              "steps": [{"name": name, "item": 2, "title": "", "status": "ok", "seconds": 1.0, "figures": values}
+                        for name, values in figures.items()]}
+
+    lines = gpu_check_module().markdown(report)
+
+    assert ("| fp32 | 30.0 s/kimg, 12.5 GiB | - s/kimg, - GiB | 20.0 s/kimg, 9.0 GiB | 1.50x | - |") in lines
+    assert any(line.startswith("| bf16 (NVlabs: fp16 mixed) |") and line.endswith("| - | - |") for line in lines)
