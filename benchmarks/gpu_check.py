@@ -614,7 +614,7 @@ def markdown(report: dict) -> list[str]:
              "| step | item | status | s | what |", "|---|---|---|---|---|"]
     lines += [f"| {e['name']} | {e['item']} | {e['status']} | {e['seconds']} | {e['title']}"
               f"{': ' + e['reason'] if e.get('reason') else ''} |" for e in report["steps"]]
-    lines += ["", *_speed_table(steps), "", "## Figures", ""]
+    lines += ["", *_speed_table(steps, report["mode"] != "GPU"), "", "## Figures", ""]
     for entry in report["steps"]:
         lines += [f"### {entry['name']} ({entry['status']})", "", "```", json.dumps(entry["figures"], indent=1,
                                                                                    default=str), "```", ""]
@@ -623,7 +623,7 @@ def markdown(report: dict) -> list[str]:
     return lines
 
 
-def _speed_table(steps: dict) -> list[str]:
+def _speed_table(steps: dict, dry_run: bool) -> list[str]:
     """Items 2 and 4: s/kimg, peak memory and the ratio daskgan / NVlabs, per precision."""
     def figure(name: str, key: str) -> Any:
         return steps.get(name, {}).get("figures", {}).get(key, "-")
@@ -633,7 +633,8 @@ def _speed_table(steps: dict) -> list[str]:
         both = isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs > 0
         return f"{ours / theirs:.2f}x" if both else "-"
 
-    lines = ["## Step time (s/kimg) and peak GPU memory (GiB), paper256", "",
+    lines = [f"## Step time (s/kimg) and peak GPU memory (GiB), paper256{' (dry run: tiny sizes)' if dry_run else ''}",
+             "",
              "| precision | daskgan eager | daskgan compile | NVlabs | eager / NVlabs | compile / NVlabs |",
              "|---|---|---|---|---|---|"]
     for precision, (eager, compiled, nvlabs) in RATIOS.items():
