@@ -145,10 +145,10 @@ def test_bad_specs_name_the_key(tmp_path, text, message):
 
 def test_missing_backend_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "dask_kubernetes.operator", None)
-    with pytest.raises(MissingExtra, match=r"pip install 'daskgan\[k8s\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install '<daskgan checkout>\[k8s\]'"):
         render(load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml"))
     assert main(["cluster", "render", str(ROOT / "cluster" / "kubernetes.yaml")]) == 2
-    assert "daskgan[k8s]" in capsys.readouterr().err
+    assert "<daskgan checkout>[k8s]" in capsys.readouterr().err
 
 
 def test_cli_render_prints_the_manifest(capsys):

@@ -569,4 +569,5 @@ def _import(module: str, extra: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtra(f"{what} needs the '{extra}' extra: pip install 'daskgan[{extra}]' ({exc})") from exc
+        raise MissingExtra(f"{what} needs the '{extra}' extra: pip install '<daskgan checkout>[{extra}]' "
+                           f"({exc})") from exc

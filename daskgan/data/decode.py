@@ -4,7 +4,7 @@ The stream keeps images uint8 (``decode_uint8``, as NVlabs' datasets keep them) 
 whole batch to [-1, 1] on its device: per-image float conversion and stacking cost several times the decoding of a
 256 px JPEG here, and uint8 is a quarter of the bytes to queue and to copy to a GPU.
 
-Pillow decodes everything; where installed (``pip install 'daskgan[fast-decode]'``), pyspng decodes 8-bit PNGs and
+Pillow decodes everything; where installed (the ``fast-decode`` extra), pyspng decodes 8-bit PNGs and
 simplejpeg YCbCr/grayscale JPEGs to RGB, both several times faster. They are used only where their pixels are
 Pillow's exactly (tested); anything else, and anything they fail on, goes to Pillow.
 

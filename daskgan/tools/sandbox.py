@@ -103,7 +103,7 @@ def _moto_server_command() -> str:
     beside_python = os.path.join(os.path.dirname(sys.executable), "moto_server")
     found = beside_python if os.path.exists(beside_python) else shutil.which("moto_server")
     if not found:
-        raise RuntimeError("moto_server not found: install the demo extra (pip install 'daskgan[demo]')")
+        raise RuntimeError("moto_server not found: install the demo extra (pip install '<daskgan checkout>[demo]')")
     return found
 
 
