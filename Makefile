@@ -2,23 +2,64 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU wheel must be installed before anything that depends on torch, or pip pulls a multi-GB CUDA build.
+# torch goes in first, a CPU build: PyPI's torch for Linux is the multi-GB CUDA build, and anything that depends on
+# torch would pull it. TORCH_SPEC comes from a wheel in pip's find-links where one is there (this machine's
+# /opt/wheels holds torch 2.13.0+cpu), else from TORCH_INDEX, PyTorch's CPU index. For CUDA:
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 (the cuXXX your driver supports).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# The second test environment: every dependency at the floor pyproject.toml gives (.ci/floors.py), torch as above.
+LOWEST := .venv-lowest
+# Its representative part of the suite: storage (s3fs, botocore), datasets and decoding (Pillow, pyspng,
+# simplejpeg), records (pandas, pyarrow), job files (PyYAML), cluster specs (dask-kubernetes, dask-cloudprovider)
+# and training on a local Dask cluster (dask, distributed, TensorBoard, matplotlib's summary) through the CLI.
+LOWEST_TESTS ?= tests/test_dependencies.py tests/test_storage.py tests/test_data.py tests/test_shards.py \
+	tests/test_archive.py tests/test_results.py tests/test_config.py tests/test_cluster.py tests/test_training.py \
+	tests/test_cli.py
 
-.PHONY: demo test bench bench-loaders gpu-wheels gpu-check gpu-check-dry-run clean
+.PHONY: demo test test-newest test-lowest bench bench-loaders gpu-wheels gpu-check gpu-check-dry-run clean
+
+# The local wheel alone first (its dependencies are on PyPI, not beside it); then torch's dependencies, pip keeping
+# the installed build since it meets TORCH_SPEC. $(1): the venv's bin.
+define install_torch
+	($(1)/pip install -q --no-deps --no-index "$(TORCH_SPEC)" && $(1)/pip install -q "$(TORCH_SPEC)") || \
+	$(1)/pip install -q --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)"
+endef
+
+# daskgan with its extras, then the test tools. moto and the tests' setup need boto3: the release of the botocore
+# that s3fs's aiobotocore took (boto3 and botocore share version numbers), else pip walks back through boto3's
+# near-daily releases one by one to the one that fits, for minutes. $(1): the venv's bin, $(2): pip options.
+define install_project
+	$(1)/pip install -q $(2) -e ".[k8s,cloud,fast-decode]"
+	$(1)/pip install -q $(2) -e ".[test]" "boto3==$$($(1)/python -c 'import botocore; print(botocore.__version__)')"
+endef
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(call install_torch,$(BIN))
+	$(call install_project,$(BIN))
+	touch $@
+
+$(LOWEST)/bin/.installed: pyproject.toml .ci/floors.py $(BIN)/.installed
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(call install_torch,$(LOWEST)/bin)
+	$(BIN)/python .ci/floors.py --extras k8s,cloud,fast-decode,demo > $(LOWEST)/floors.txt
+	$(call install_project,$(LOWEST)/bin,-c $(LOWEST)/floors.txt)
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/daskgan train jobs/demo.yaml
 
-test: $(BIN)/.installed
+# CI runs `make test`: the whole suite on the newest versions pip finds, then a part of it on the lowest allowed.
+test: test-newest test-lowest
+
+test-newest: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -ra
+
+test-lowest: $(LOWEST)/bin/.installed
+	$(LOWEST)/bin/python -m pytest -q -ra $(LOWEST_TESTS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run.py
@@ -61,4 +102,4 @@ gpu-check-dry-run: $(BIN)/.installed
 	$(BIN)/python benchmarks/gpu_check.py $(GPU_REPORT) --cpu-dry-run $(GPU_CHECK_OPTIONS)
 
 clean:
-	rm -rf $(VENV) demo-output gpu-report .gpu-check/site
+	rm -rf $(VENV) $(LOWEST) demo-output gpu-report .gpu-check/site
