@@ -1,8 +1,10 @@
 """The S3-streamed dataset, against the loopback S3 server through s3fs."""
 
+import colorsys
 import io
 import logging
 import multiprocessing
+import random
 import threading
 from types import SimpleNamespace
 
@@ -45,6 +47,30 @@ def test_any_fsspec_url_streams(scheme, tmp_path):
     batch = next(stream)
     stream.close()
     assert batch.images.shape == (4, 3, 8, 8) and batch.labels.tolist() == list(index.labels[:4])
+
+
+def shape_hue(png: bytes) -> float:
+    """The hue of an image's brightest pixel: the shape's colour (backgrounds are darker than every shape)."""
+    pixels = list(Image.open(io.BytesIO(png)).convert("RGB").getdata())
+    return colorsys.rgb_to_hsv(*(c / 255 for c in max(pixels, key=max)))[0]
+
+
+def test_class_hues_give_each_class_one_hue_and_leave_the_shapes_as_they_were(tmp_path):
+    """The example jobs' dataset: the class is readable from the colour alone; without ``class_hues`` (the demo's
+    dataset) nothing changes."""
+    url = tmp_path.as_uri()
+    synthetic.write_dataset(url, images=24, resolution=16, class_hues=True)
+    index = index_images(url)
+    hues = {}
+    for path, label in zip(index.paths, index.labels):
+        hues.setdefault(index.classes[label], []).append(shape_hue(storage.read_bytes(path)))
+    assert all(max(h) - min(h) < 0.02 for h in hues.values()), hues
+    means = sorted(sum(h) / len(h) for h in hues.values())
+    assert len(means) == 4 and min(b - a for a, b in zip(means, means[1:])) > 0.2, hues
+    plain, hued = (synthetic.draw_image("triangle", 16, random.Random(3), hue) for hue in (None, 0.5))
+    background = plain.getpixel((0, 0))
+    assert hued.getpixel((0, 0)) == background
+    assert [p == background for p in plain.getdata()] == [p == background for p in hued.getdata()], "same shape"
 
 
 def test_missing_bucket_is_a_clear_error(s3_server):

@@ -326,6 +326,7 @@ class SyntheticDatasetConfig:
     images: int = 512
     resolution: int = 64
     seed: int = 0
+    class_hues: bool = False  # each class one hue (brightness random): class-conditional rows show their class early
 
     def validate(self) -> None:
         require(self.images >= 1, "sandbox.dataset.images", "must be >= 1")

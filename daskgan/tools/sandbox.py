@@ -132,7 +132,7 @@ def prepare(job, endpoint_url: str | None) -> "JobConfig":  # noqa: F821
             logger.info("dataset already present at %s", job.data.url)
         except FileNotFoundError:
             synthetic.write_dataset(job.data.url, dataset.images, dataset.resolution, dataset.seed,
-                                    job.data.storage_options)
+                                    job.data.storage_options, class_hues=dataset.class_hues)
     return job
 
 
