@@ -56,6 +56,18 @@ def cli_run(dask_client, shapes_in_bucket, tmp_path):
     return start, run_url, options, spec
 
 
+def ended(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The process's (stdout, stderr) once it ends; one still running after ``timeout`` fails the test showing
+    where its output stopped (the driver's log says what it was waiting for)."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{' '.join(process.args[2:4])} still running after {timeout}s; its output ended with:\n"
+                    f"{out[-2000:]}\n{err[-2000:]}")
+
+
 def daskgan_process(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "daskgan.tools.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ})
@@ -82,17 +94,17 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     wait_for(lambda: storage.exists(f"{run_url}/records", options) and load(run_url, options) is not None
              and len(load(run_url, options)) >= 10, 90, "records of the first client")
     second = start(100_000)
-    out, err = second.communicate(timeout=60)
+    out, err = ended(second, 60)
     assert second.returncode == 2 and err.count("\n") == 1, err
     assert "is being trained by" in err and run_url in err
     running = run_status(run_url, options, dask_client)
     assert running["state"] == "running" and running["driver"].endswith(f":{first.pid}")
     assert running["workers"] == sorted(dispatch.worker_addresses(dask_client)) and len(running["workers"]) == 2
     shown = daskgan_process("status", run_url, "--cluster", str(cli_run[3]), "--endpoint-url", options["endpoint_url"])
-    out, err = shown.communicate(timeout=60)
+    out, err = ended(shown, 60)
     assert shown.returncode == 0 and f"driver {running['driver']}; 2 workers: " in out, err
     listed = daskgan_process("runs", "--cluster", str(cli_run[3]))
-    out, err = listed.communicate(timeout=60)
+    out, err = ended(listed, 60)
     assert listed.returncode == 0 and f"{run_url}: iteration " in out and "of 100000, driven by" in out, err
 
     first.send_signal(signal.SIGKILL)
@@ -100,10 +112,10 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     killed_at = time.monotonic()
     listed = daskgan_process("runs", "--cluster", str(cli_run[3]))
     follower = daskgan_process("attach", run_url, "--cluster", str(cli_run[3]))
-    out, err = listed.communicate(timeout=60)
+    out, err = ended(listed, 60)
     assert listed.returncode == 0 and f"stale: its driver {running['driver']} stopped beating" in out, err
     assert "0 run(s) with a live driver on this cluster, 1 stale" in out
-    out, err = follower.communicate(timeout=60)  # it waited forever on the dead driver's lease
+    out, err = ended(follower, 60)  # it waited forever on the dead driver's lease
     assert follower.returncode == 0 and f"driver {running['driver']} stopped beating" in out, err
     stopped_at = wait_for(lambda: newest_checkpoint(run_url, options), DRIVER_TIMEOUT_S + 60,
                           "a checkpoint after the driver died")
@@ -113,12 +125,12 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     assert (stopped["state"], stopped["iteration"]) == ("stopped", stopped_at)
 
     resumed = start(stopped_at + 15)
-    out, err = resumed.communicate(timeout=180)
+    out, err = ended(resumed, 180)
     assert resumed.returncode == 0, err
     iterations = load(run_url, options)["iteration"].tolist()
     assert iterations == list(range(1, stopped_at + 16)), "none duplicated, none missing"
     shown = daskgan_process("status", run_url, "--endpoint-url", options["endpoint_url"])
-    out, err = shown.communicate(timeout=60)
+    out, err = ended(shown, 60)
     assert shown.returncode == 0 and f"finished, iteration {stopped_at + 15} of {stopped_at + 15}" in out, err
 
 
@@ -141,7 +153,7 @@ def test_a_new_driver_right_after_a_killed_one_takes_over_from_its_ranks(cli_run
         wait_for(lambda: load(run_url, options)["iteration"].max() >= taken_over_at + 20, 150,
                  "the new driver's iterations")
         request_stop(dask_client, run_url)
-        out, err = resumed.communicate(timeout=120)
+        out, err = ended(resumed, 120)
     finally:  # without the takeover the old ranks train on: end them, or they block the session's cluster
         resumed.kill()
         request_stop(dask_client, run_url, now=True)
@@ -163,7 +175,7 @@ def test_ctrl_c_on_the_driver_stops_its_ranks_after_a_checkpoint_and_the_next_tr
         wait_for(lambda: storage.exists(f"{run_url}/records", options) and len(load(run_url, options)) >= 10, 90,
                  "records")
         running.send_signal(signal.SIGINT)
-        out, err = running.communicate(timeout=60)
+        out, err = ended(running, 60)
         stopped_at = wait_for(lambda: newest_checkpoint(run_url, options), 30, "the ranks' checkpoint after Ctrl-C")
         wait_for(lambda: run_status(run_url, options)["state"] == "stopped", 30, "the ranks stopping")
         written = storage.list_names(f"{run_url}/records", options)
@@ -175,7 +187,7 @@ def test_ctrl_c_on_the_driver_stops_its_ranks_after_a_checkpoint_and_the_next_tr
     assert load(run_url, options)["iteration"].max() == stopped_at
 
     resumed = start(stopped_at + 15)
-    out, err = resumed.communicate(timeout=180)
+    out, err = ended(resumed, 180)
     assert resumed.returncode == 0, err
     assert load(run_url, options)["iteration"].tolist() == list(range(1, stopped_at + 16)), "none duplicated or missing"
 
@@ -303,7 +315,7 @@ def test_a_driver_asleep_while_another_took_its_run_exits_with_one_line_on_wakin
         wait_for(lambda: (held_lease(dask_client, run_url) or {}).get("driver", "").endswith(f":{second.pid}"), 90,
                  "the second client taking the run")
         first.send_signal(signal.SIGCONT)
-        out, err = first.communicate(timeout=90)
+        out, err = ended(first, 90)
         assert first.returncode == 2, err
         assert err.splitlines()[-1].startswith(f"daskgan: {run_url} was taken over by driver "), err
         assert err.splitlines()[-1].split(" while ")[0].endswith(f":{second.pid}"), err
@@ -312,7 +324,7 @@ def test_a_driver_asleep_while_another_took_its_run_exits_with_one_line_on_wakin
                  "the second client's iterations")
         assert held_lease(dask_client, run_url)["driver"].endswith(f":{second.pid}")
         request_stop(dask_client, run_url)
-        out, err = second.communicate(timeout=120)
+        out, err = ended(second, 120)
         assert second.returncode == 0, err
     finally:  # drivers or ranks left running would hold the session's workers: end them
         for driver in (first, second):
@@ -331,7 +343,7 @@ def test_stop_ends_a_run_after_a_checkpoint(cli_run):
     wait_for(lambda: storage.exists(f"{run_url}/records", options), 90, "records")
     stop = daskgan_process("stop", run_url, "--cluster", str(spec))
     assert stop.wait(timeout=60) == 0
-    out, err = running.communicate(timeout=90)
+    out, err = ended(running, 90)
     assert running.returncode == 0, err
     assert "stopped at iteration" in out and "(checkpoint)" in out
     assert newest_checkpoint(run_url, options) == load(run_url, options)["iteration"].max() > 0
@@ -348,9 +360,9 @@ def test_attach_follows_a_run_live_until_its_driver_lets_go(cli_run):
         first = follower.stdout.readline()
     time.sleep(2)
     assert daskgan_process("stop", run_url, "--cluster", str(spec)).wait(timeout=60) == 0
-    out, err = running.communicate(timeout=90)
+    out, err = ended(running, 90)
     assert running.returncode == 0, err
-    followed, err = follower.communicate(timeout=60)
+    followed, err = ended(follower, 60)
     followed = first + followed
     assert follower.returncode == 0, err
     lines = [line for line in followed.splitlines() if line.startswith("iteration ")]
@@ -363,19 +375,19 @@ def test_attach_follows_a_run_live_until_its_driver_lets_go(cli_run):
 def test_attach_to_a_run_without_a_driver_is_one_clear_error(cli_run):
     _, run_url, _, spec = cli_run
     follower = daskgan_process("attach", run_url, "--cluster", str(spec))
-    out, err = follower.communicate(timeout=60)
+    out, err = ended(follower, 60)
     assert follower.returncode == 2 and "has no live driver on this cluster" in err and err.count("\n") == 1
 
 
 def test_a_detached_run_outlives_its_client(cli_run, tmp_path, dask_client):
     start, run_url, options, spec = cli_run
     detached = daskgan_process("train", str(start.write_job(600)), "--cluster", str(spec), "--detach")
-    out, err = detached.communicate(timeout=60)
+    out, err = ended(detached, 60)
     assert detached.returncode == 0 and "is driven from the scheduler" in out, err
     wait_for(lambda: storage.exists(f"{run_url}/records", options), 60, "the detached run's first records")
     assert run_status(run_url, options, dask_client)["state"] == "running"
     follower = daskgan_process("attach", run_url, "--cluster", str(spec))
-    followed, err = follower.communicate(timeout=180)
+    followed, err = ended(follower, 180)
     assert follower.returncode == 0, err
     lines = [line for line in followed.splitlines() if line.startswith("iteration ")]
     assert len(lines) >= 2 and "driver let go after iteration 600" in followed, followed
@@ -387,7 +399,7 @@ def test_detach_needs_a_cluster_that_outlives_the_command(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({"data": {"url": "memory://d"}, "output": {"run_url": "memory://r"}}))
     refused = daskgan_process("train", str(job), "--detach")
-    out, err = refused.communicate(timeout=120)
+    out, err = ended(refused, 120)
     assert refused.returncode == 2 and "--detach: needs a cluster that outlives this command" in err
 
 
@@ -404,7 +416,7 @@ def test_a_driver_attempts_again_when_storage_is_down_but_not_after_an_error_of_
     job["recovery"]["wait_for_workers_s"] = 1  # the wait between attempts
     job_path.write_text(yaml.safe_dump(job))
     down = daskgan_process("train", str(job_path), "--cluster", str(spec), "--no-progress", "--attempts", "2")
-    _, err = down.communicate(timeout=180)
+    _, err = ended(down, 180)
     assert down.returncode == 1, err
     assert "attempt 2 of 2 in 1 s" in err and "attempt 3" not in err, err
 
@@ -412,7 +424,7 @@ def test_a_driver_attempts_again_when_storage_is_down_but_not_after_an_error_of_
     job["data"]["url"] = job["data"]["url"].rsplit("/", 1)[0] + "/no-such-dataset"  # the job's own error
     job_path.write_text(yaml.safe_dump(job))
     wrong = daskgan_process("train", str(job_path), "--cluster", str(spec), "--no-progress", "--attempts", "2")
-    _, err = wrong.communicate(timeout=180)
+    _, err = ended(wrong, 180)
     assert wrong.returncode == 2 and "attempt 2" not in err, err
 
 
@@ -468,6 +480,6 @@ def test_a_detached_run_whose_scheduler_dies_stays_at_its_checkpoint_and_resumes
 
     address, _ = own_cluster.start()
     resumed = daskgan_process("train", str(start.write_job(kept + 15)), "--cluster", str(spec), "--no-progress")
-    out, err = resumed.communicate(timeout=180)
+    out, err = ended(resumed, 180)
     assert resumed.returncode == 0, err
     assert load(run_url, options)["iteration"].tolist() == list(range(1, kept + 16)), "none duplicated or missing"
