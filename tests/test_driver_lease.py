@@ -69,8 +69,14 @@ def ended(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 
 def daskgan_process(*args: str) -> subprocess.Popen:
+    """`daskgan` as a terminal starts it, Ctrl-C included: a suite started in the background (`make test &`, a CI
+    step) ignores SIGINT, which its children would inherit, and Python leaves an ignored SIGINT ignored."""
     return subprocess.Popen([sys.executable, "-m", "daskgan.tools.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ}, preexec_fn=_sigint_as_a_terminal)
+
+
+def _sigint_as_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(condition, seconds: float, what: str):

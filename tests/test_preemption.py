@@ -127,7 +127,9 @@ def test_a_run_that_lost_a_worker_goes_on_with_one_and_grows_back_when_another_j
     sizes = records["world_size"]
     back = sizes[(sizes.index > seen["joined_at"]) & (sizes == 2)].index.min()
     assert sizes.loc[seen["alone_at"]:back - 1].eq(1).all() and sizes.loc[back:].eq(2).all()
-    assert (back - 1) % 25 == 0 and back - 1 - seen["joined_at"] <= 25, "back on 2 at the next checkpoint"
+    # at a checkpoint, the first after the ranks learn of the join: the client's newest record lags the ranks, and
+    # they look for a request every CHECK_EVERY_S, so that may be the one after the checkpoint the client saw next
+    assert (back - 1) % 25 == 0 and back - 1 - seen["joined_at"] <= 2 * 25, "back on 2 at a checkpoint after the join"
     causes = records["restart_cause"].dropna().tolist()
     assert causes[-1] == "grown back to 2 workers" and "lost" in causes[0], causes
     assert run_status(config.output.run_url, options)["world_sizes"] == [(1, 2), (26, 1), (back, 2)]
