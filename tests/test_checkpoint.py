@@ -95,7 +95,7 @@ def test_a_save_never_deletes_what_it_just_wrote(run_url):
 def test_a_resumed_optimizer_keeps_its_moments_under_the_jobs_learning_rate():
     import torch
 
-    from daskgan.training.setup import load_optimizer
+    from daskgan.training.state import load_optimizer
 
     weight = torch.nn.Parameter(torch.ones(3))
     old = torch.optim.Adam([weight], lr=1e-3, betas=(0.5, 0.9))

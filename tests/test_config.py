@@ -43,6 +43,28 @@ def test_bad_values_name_the_key(sections, key):
         JobConfig.from_dict(with_changes(**sections))
 
 
+@pytest.mark.parametrize("family, sections, message", [
+    ("biggan", {"model": {"conditional": True}}, "model.conditional: does not apply to biggan, which is always"),
+    ("biggan", {"data": {"resolution": 16}}, "data.resolution: biggan is built for [32, 64, 128, 256] pixels"),
+    ("biggan", {"data": {"resolution": 32}, "model": {"z_dim": 3}}, "model.z_dim: must be at least the number"),
+    ("dcgan", {"train": {"pl_weight": 2.0}}, "train.pl_weight: is not supported for dcgan"),
+    ("biggan", {"data": {"resolution": 32}, "model": {"d_architecture": "orig"}},
+     "model.d_architecture: is not supported for biggan"),
+    ("dcgan", {"train": {"precision": "bf16"}}, "train.precision: is not supported for dcgan"),
+])
+def test_a_setting_its_family_lacks_is_refused_naming_the_key(family, sections, message):
+    model = {"family": family, **sections.pop("model", {})}
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        JobConfig.from_dict(with_changes(model=model, **sections))
+
+
+def test_settings_of_a_family_are_accepted_for_it():
+    job = JobConfig.from_dict(with_changes(model={"family": "stylegan2", "conditional": True,
+                                                  "d_architecture": "orig"},
+                                           train={"pl_weight": 2.0, "precision": "bf16", "freeze_d": 1}))
+    assert (job.model.conditional, job.train.pl_weight, job.train.freeze_d) == (True, 2.0, 1)
+
+
 def test_name_defaults_to_the_file_and_best_metric_to_the_first_kind(tmp_path):
     path = tmp_path / "shapes-64.yaml"
     path.write_text("data: {url: 'memory://d'}\noutput: {run_url: 'memory://r'}\nmetrics: {every: 5, kinds: [kid]}\n")

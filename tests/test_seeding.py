@@ -11,6 +11,7 @@ from daskgan.data.index import shard_indices
 from daskgan.data.shards import epoch_windows
 from daskgan.seeding import stream_seed
 from daskgan.training import loop, setup
+from daskgan.training import state as training_state
 
 RANKS, RESTARTS, EPOCHS, SEED = range(8), (0, 1, 2, 7, 250), range(10), 5
 SHARD_IMAGES = tuple(tuple(range(shard * 3, shard * 3 + 3)) for shard in range(16))  # 16 shards of 3 images
@@ -52,7 +53,7 @@ def streams_of_a_run(seeds: list[int], monkeypatch) -> int:
     for rank in RANKS:
         for iteration in RESTARTS:  # a restart on another world size seeds noise and augmentation afresh
             restart = {"iteration": iteration, "ranks": [{"epoch": 0}] * 3} if iteration else None
-            loop._rank_state(config, None, restart, rank, len(RANKS))
+            training_state.restore_rank(config, None, restart, rank, len(RANKS))
             streams += 2
     loop._grid_latents(config, 0, torch.device("cpu"))
 

@@ -188,11 +188,14 @@ def test_a_non_finite_gradient_never_reaches_the_weights(process_group):
 
 
 def test_stylegan2_fakes_take_the_dataset_label_distribution_others_uniform():
+    from daskgan.config.families import FAMILIES
     from daskgan.training.steps import Noise, fake_label_weights
 
     labels = (0,) * 90 + (1,) * 10
-    assert fake_label_weights("biggan", labels, 2) is None and fake_label_weights("stylegan2", (), 0) is None
-    weights = fake_label_weights("stylegan2", labels, 3)
+    stylegan2, biggan, dcgan = (FAMILIES[name] for name in ("stylegan2", "biggan", "dcgan"))
+    assert fake_label_weights(biggan, labels, 2) is None and fake_label_weights(dcgan, labels, 2) is None
+    assert fake_label_weights(stylegan2, (), 0) is None
+    weights = fake_label_weights(stylegan2, labels, 3)
     assert weights.tolist() == [90, 10, 0], "a class without images is never drawn"
     drawn = Noise(torch.Generator().manual_seed(0), 4, 3, torch.device("cpu"), weights).draw(4000)[1]
     assert abs(float((drawn == 0).float().mean()) - 0.9) < 0.03 and not (drawn == 2).any()

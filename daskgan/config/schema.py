@@ -21,9 +21,9 @@ from fsspec.core import split_protocol
 
 from daskgan.config.coerce import ConfigError, build_dataclass, load_yaml_mapping, require
 from daskgan.config.credentials import check_no_plain_secrets, check_no_url_credentials, redact
+from daskgan.config.families import FAMILIES, family_of
 from daskgan.config.overrides import apply_overrides
 
-FAMILIES = ("dcgan", "stylegan2", "biggan")  # daskgan.models.FAMILIES
 LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
 BIGGAN_INITS = ("ortho", "N02", "xavier")  # daskgan.models.biggan.INITS
 D_ARCHITECTURES = ("resnet", "orig")  # daskgan.models.stylegan2: StyleGAN2 D with or without residual skips
@@ -31,7 +31,6 @@ AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.a
 METRICS = ("fid", "kid", "is")  # daskgan.metrics.METRICS
 EXTRACTORS = ("inception", "random-cnn")  # metrics.extractor: daskgan.metrics.extractors.load_extractor
 HIGHER_IS_BETTER = ("is",)  # the Inception Score; FID and KID are better lower
-BIGGAN_G_BLOCKS = {32: 3, 64: 4, 128: 5, 256: 6}  # G's blocks per resolution (daskgan.models.biggan.ARCHITECTURES)
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERNAL = {"internal": True}  # field metadata: set by daskgan, refused in a job file
 # lengths in thousands of real images (NVlabs' --kimg, --snap) and the iteration counts they are converted to
@@ -116,8 +115,8 @@ class ModelConfig:
                      "shared_dim", "sn_singular_values", "sn_iterations"):
             require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
-        require(not self.conditional or self.family in ("dcgan", "stylegan2"), "model.conditional",
-                "applies to dcgan and stylegan2 (biggan is always conditional)")
+        require(not self.conditional or not family_of(self).always_conditional, "model.conditional",
+                f"does not apply to {self.family}, which is always conditional")
         require(self.init in BIGGAN_INITS, "model.init", f"must be one of {list(BIGGAN_INITS)}, got {self.init!r}")
         require(self.shared_embedding or not self.hierarchical, "model.shared_embedding",
                 "false (per-layer class embeddings) needs hierarchical: false, as in BigGAN-PyTorch")
@@ -376,17 +375,22 @@ class JobConfig:
             require(self.ranking_metric in self.metrics.kinds, "output.best_metric",
                     f"{self.ranking_metric!r} is not among metrics.kinds {self.metrics.kinds}")
         require(not self.output.keep_best or self.metrics.every, "output.keep_best", "needs metrics.every > 0")
-        if self.model.family == "biggan":
-            require(self.data.resolution in BIGGAN_G_BLOCKS, "data.resolution",
-                    f"biggan is built for {list(BIGGAN_G_BLOCKS)} pixels, got {self.data.resolution}")
-            require(self.model.z_dim >= BIGGAN_G_BLOCKS[self.data.resolution] + 1, "model.z_dim",
-                    "must be at least the number of G blocks + 1 (hierarchical z gives each a chunk)")
-        stylegan_only = {"train.pl_weight": self.train.pl_weight > 0, "train.precision": self.train.precision != "fp32",
-                         "model.d_architecture": self.model.d_architecture != "resnet",
-                         "train.freeze_d": self.train.freeze_d > 0}
-        for key, used in stylegan_only.items():
-            require(not used or self.model.family == "stylegan2", key, f"is not supported for {self.model.family}")
+        self._validate_for_family()
         return self
+
+    def _validate_for_family(self) -> None:
+        family = family_of(self.model)
+        if family.g_blocks is not None:
+            require(self.data.resolution in family.g_blocks, "data.resolution",
+                    f"{family.name} is built for {list(family.g_blocks)} pixels, got {self.data.resolution}")
+            require(self.model.z_dim >= family.g_blocks[self.data.resolution] + 1, "model.z_dim",
+                    "must be at least the number of G blocks + 1 (hierarchical z gives each a chunk)")
+        family_specific = {"train.pl_weight": self.train.pl_weight > 0,
+                           "train.precision": self.train.precision != "fp32",
+                           "model.d_architecture": self.model.d_architecture != "resnet",
+                           "train.freeze_d": self.train.freeze_d > 0}
+        for key, used in family_specific.items():
+            require(not used or key in family.settings, key, f"is not supported for {family.name}")
 
     @property
     def ranking_metric(self) -> str:

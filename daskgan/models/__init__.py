@@ -1,34 +1,31 @@
-"""Model registry: a family name from the job file to a builder of (generator, discriminator)."""
+"""The networks: a family's module (``daskgan.config.families``) builds its (generator, discriminator); loading
+weights into them only when every tensor fits."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import importlib
 
 import torch
 from torch import nn
 
+from daskgan.config.families import family_of
 from daskgan.errors import CheckpointMismatch, ConfigError
-from daskgan.models import biggan, dcgan, stylegan2
-
-Builder = Callable[..., tuple[nn.Module, nn.Module]]
-
-FAMILIES: dict[str, Builder] = {"dcgan": dcgan.build, "stylegan2": stylegan2.build, "biggan": biggan.build}
 
 
 def build_models(model_config, resolution: int, num_classes: int, channels: int = 3) -> tuple[nn.Module, nn.Module]:
     """Build G and D for ``model_config.family`` making and judging ``channels``-channel images (seed the RNG
     first: every rank must start identical)."""
-    return FAMILIES[model_config.family](model_config, resolution, num_classes, channels)
+    module = importlib.import_module(f"daskgan.models.{family_of(model_config).name}")
+    return module.build(model_config, resolution, num_classes, channels)
 
 
-CONDITIONAL_FAMILIES = frozenset({"biggan"})  # always conditioned on the class folders; stylegan2 when asked
 REDUCED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def conditioning_classes(model_config, dataset_classes: int) -> int:
     """How many classes G and D are conditioned on: the dataset's for conditional models, else 0."""
-    if model_config.family in CONDITIONAL_FAMILIES or model_config.conditional:
+    if family_of(model_config).always_conditional or model_config.conditional:
         if dataset_classes < 2:
             raise ConfigError(f"model.family: a conditional {model_config.family} model needs class folders in "
                               f"data.url (found {dataset_classes} class)")

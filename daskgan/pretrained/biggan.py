@@ -20,7 +20,7 @@ from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointMismatch, CheckpointUnreadable, NotFound
 from daskgan.models import model_description
 from daskgan.pretrained.declared import loaded_declared
-from daskgan.run import storage
+from daskgan.run import checkpoint, storage
 from daskgan.run.storage import StorageOptions
 
 NETWORK_FILES = {"G": "G.pth", "G_ema": "G_ema.pth", "D": "D.pth"}
@@ -39,7 +39,7 @@ def checkpoint_state(url: str, storage_options: StorageOptions | None = None) ->
     if not isinstance(config, dict):
         raise CheckpointUnreadable(f"{url}/state_dict.pth holds no 'config': not a BigGAN-PyTorch weights folder")
     model, resolution, classes = folder_model(config, url)
-    state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
+    state: dict[str, Any] = {"format": checkpoint.FORMAT, "iteration": 0, "source": url,
                              "model": model_description(model, resolution, classes)}
     weights = {}
     for key, file in NETWORK_FILES.items():

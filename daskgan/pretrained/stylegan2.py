@@ -11,6 +11,7 @@ from daskgan.models import model_description
 from daskgan.pretrained.declared import loaded_declared
 from daskgan.pretrained.nvlabs_names import discriminator_state, generator_state
 from daskgan.pretrained.nvlabs_pickle import PersistentRecord
+from daskgan.run import checkpoint
 
 CHANNEL_BASE_PER_FMAP = 32768  # NVlabs' channel_base = 32768 * daskgan's fmaps
 
@@ -21,7 +22,7 @@ def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
     model, resolution, classes = pickle_model(generator, networks.get("D"), url)
     channels = int(generator.init_kwargs.get("img_channels", 3))
     _require(channels in (1, 3), url, f"img_channels {channels}: RGB (3) or grayscale (1) networks only")
-    state: dict[str, Any] = {"format": 1, "iteration": 0, "source": url,
+    state: dict[str, Any] = {"format": checkpoint.FORMAT, "iteration": 0, "source": url,
                              "model": model_description(model, resolution, classes, channels)}
     weights = {key: generator_state(networks[key].tensors()) for key in ("G", "G_ema")
                if isinstance(networks.get(key), PersistentRecord)}

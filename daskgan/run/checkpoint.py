@@ -25,6 +25,7 @@ from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
+FORMAT = 1  # the layout of a checkpoint's dict (daskgan.training.state); raise it when that changes
 POINTER = "latest.json"
 INDEX = "index.json"
 SUFFIX = ".pt"

@@ -19,6 +19,7 @@ from distributed import get_worker
 
 from daskgan import ranks
 from daskgan.config import JobConfig
+from daskgan.config.families import family_of
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, examples, fetch_objects, fetch_settled
@@ -34,15 +35,11 @@ from daskgan.run import checkpoint, records, storage
 from daskgan.run.images import grid_columns
 from daskgan.run.storage import StorageOptions
 from daskgan.seeding import stream_seed
+from daskgan.training import state as training_state
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
 from daskgan.training.losses import LOSSES
-from daskgan.training.setup import (
-    build_gan,
-    initialise_from,
-    restore_networks,
-    separate_regularisation,
-)
+from daskgan.training.setup import build_gan, initialise_from
 from daskgan.training.steps import (
     Gan,
     Noise,
@@ -102,15 +99,15 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
     state = checkpoint.load(resume_url, config.output.storage_options) if resume_url else None
     if state is not None:
         checkpoint.check_compatible(state, model_id, resume_url)
-        restore_networks(gan, state)
+        training_state.restore_networks(gan, state)
     if state is None and config.train.init_from:
         initialise_from(gan, config)
     start = state["iteration"] if state else 0
     if state is not None:  # checkpoints after the one resumed from belong to an abandoned branch
         from_rank0(lambda: checkpoint.rewind(config.output.run_url, start, config.output.storage_options))
-    generator, position = _rank_state(config, gan, state, rank, world_size)
+    generator, position = training_state.restore_rank(config, gan, state, rank, world_size)
     noise = Noise(generator, config.model.z_dim, gan.num_classes, device,
-                  fake_label_weights(config.model.family, index.labels, gan.num_classes))
+                  fake_label_weights(family_of(config.model), index.labels, gan.num_classes))
     writer = (records.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank == 0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position,
@@ -241,7 +238,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             gan.ada.update(iteration, reals)
         if gan.G_ema is not None:
             update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch),
-                       average_buffers=config.model.family == "biggan")
+                       average_buffers=family_of(config.model).ema_averages_buffers)
         step_seconds = time.perf_counter() - started  # before any evaluation or grid
         sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
         last = iteration == train.iterations
@@ -315,7 +312,7 @@ def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: No
                      iteration: int) -> tuple[dict[str, float], StreamPosition]:
     """``d_steps`` D steps and one G step; returns the statistics (mean over ranks) and the data position."""
     train, loss = config.train, LOSSES[config.train.loss]
-    separate = separate_regularisation(config)
+    separate = family_of(config.model).separate_regularisation
     for d_step in range(train.d_steps):
         batches = [next(stream) for _ in range(train.accumulate)]
         r1_weight = _lazy_weight(train.r1_gamma / 2, train.r1_interval, (iteration - 1) * train.d_steps + d_step + 1)
@@ -413,17 +410,9 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
 
     Storage that stays unavailable beyond the retries costs this checkpoint, not the run: ``latest.json`` keeps
     naming the previous one, the next record carries ``checkpoint_failed`` and ``checkpoint_error``."""
-    rank_state = {"noise": noise.generator.get_state(), **_global_random_state(noise.device), "epoch": position.epoch,
-                  "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None}
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(rank_state, gathered, dst=0)
-    if dist.get_rank() != 0:
+    state = training_state.capture(config, gan, noise, position, iteration, model_id)
+    if state is None:
         return None
-    state = {"format": 1, "iteration": iteration, "model": model_id, "config": config.to_dict(),
-             "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(), "augment_p": float(gan.augment.p),
-             "pl_target": float(gan.pl_target),
-             **({"G_ema": gan.G_ema.state_dict()} if gan.G_ema is not None else {}),
-             "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
     out = config.output
     try:
         writer.flush()
@@ -434,41 +423,6 @@ def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: Stream
         logger.error("checkpoint of iteration %d not written, training goes on: %s", iteration, error)
         writer.annotate_next(checkpoint_failed=iteration, checkpoint_error=first_line(error))
         return None
-
-
-def _rank_state(config: JobConfig, gan: Gan, state: dict | None, rank: int,
-                world_size: int) -> tuple[torch.Generator, StreamPosition]:
-    """This rank's random state (z generator, torch's global RNG for augmentation, the ADA statistic) and data
-    position: restored from the checkpoint, or fresh."""
-    noise = torch.Generator()
-    saved = state["ranks"] if state else None
-    if saved and len(saved) == world_size:
-        noise.set_state(saved[rank]["noise"])
-        _restore_global_random_state(saved[rank])
-        if gan.ada is not None and saved[rank]["ada"] is not None:
-            gan.ada.load_state_dict(saved[rank]["ada"])
-        return noise, StreamPosition(saved[rank]["epoch"], saved[rank]["offset"])
-    iteration = state["iteration"] if state else 0
-    noise.manual_seed(stream_seed(config.train.seed, "noise", rank, iteration))
-    torch.manual_seed(stream_seed(config.train.seed, "augment", rank, iteration))  # each rank its augmentations
-    if saved:  # another world size: positions do not map onto the new shards, so begin the next epoch
-        logger.warning("checkpoint was written by %d ranks, now %d: data continues at the next epoch",
-                       len(saved), world_size)
-        return noise, StreamPosition(max(r["epoch"] for r in saved) + 1, 0)
-    return noise, StreamPosition()
-
-
-def _global_random_state(device: torch.device) -> dict[str, torch.Tensor | None]:
-    """torch's global random streams on this rank: the CPU one and, on a GPU, the device's (augmentation and
-    dropout draw from the stream of the device they run on)."""
-    return {"torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _restore_global_random_state(saved: dict[str, torch.Tensor | None]) -> None:
-    torch.set_rng_state(saved["torch_rng"])
-    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["cuda_rng"], torch.cuda.current_device())
 
 
 def _device() -> torch.device:

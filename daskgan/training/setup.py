@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan.config import JobConfig
+from daskgan.config.families import family_of
 from daskgan.errors import CheckpointMismatch, ConfigError
 from daskgan.models import REDUCED_PRECISION, build_models, load_exactly
 from daskgan.models.layers import sync_batchnorm
@@ -18,22 +19,17 @@ from daskgan.pretrained import load_weights, optimizer_moments
 from daskgan.seeding import stream_seed
 from daskgan.training.augment import PIPELINES, AdaController, AugmentPipe
 from daskgan.training.compiled import compile_forward
+from daskgan.training.state import load_optimizer
 from daskgan.training.steps import Gan
 
 logger = logging.getLogger(__name__)
-
-
-def separate_regularisation(config: JobConfig) -> bool:
-    """Whether lazy regularisers take their own passes and optimiser steps (StyleGAN2, as NVlabs) rather than
-    riding on the main D step (the other families)."""
-    return config.model.family == "stylegan2"
 
 
 def adam_settings(config: JobConfig, lr: float, interval: int) -> tuple[float, tuple[float, float]]:
     """Adam's lr and betas: for StyleGAN2, NVlabs' correction for the extra regularisation step every
     ``interval`` steps (lr x r, betas ** r with r = interval / (interval + 1)); as configured otherwise."""
     betas = (config.train.beta1, config.train.beta2)
-    if not separate_regularisation(config):
+    if not family_of(config.model).separate_regularisation:
         return lr, betas
     ratio = interval / (interval + 1)
     return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
@@ -127,22 +123,3 @@ def load_named_moments(optimizer: torch.optim.Optimizer, network: torch.nn.Modul
     load_optimizer(optimizer, {"state": state, "param_groups": groups})
 
 
-def restore_networks(gan: Gan, state: dict) -> None:
-    gan.G.module.load_state_dict(state["G"])
-    gan.D.module.load_state_dict(state["D"])
-    load_optimizer(gan.opt_G, state["opt_G"])
-    load_optimizer(gan.opt_D, state["opt_D"])
-    if gan.G_ema is not None:  # a checkpoint without an average starts it from the current weights
-        gan.G_ema.load_state_dict(state.get("G_ema", state["G"]))
-    gan.pl_target = torch.tensor(state.get("pl_target", 0.0))
-    if gan.ada is not None and "augment_p" in state:  # ADA continues from the saved p; a fixed p comes from the job
-        gan.augment.p.fill_(state["augment_p"])
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """The saved moments and step counts, under the job's own hyperparameters: a resume with a changed lr (or
-    betas, eps) uses the job's, not the checkpoint's (``load_state_dict`` alone would restore the old ones)."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, own in zip(optimizer.param_groups, settings):
-        group.update(own)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from daskgan import ranks
+from daskgan.config.families import Family
 from daskgan.data.stream import Batch
 from daskgan.training.augment import AdaController, AugmentPipe
 from daskgan.training.compiled import eager
@@ -64,10 +65,10 @@ class Noise:
         return z, labels.to(self.device)
 
 
-def fake_label_weights(family: str, labels: tuple[int, ...], num_classes: int) -> torch.Tensor | None:
-    """How fakes' labels are drawn: as the dataset's are distributed for StyleGAN2 (NVlabs draws a random
-    training example's label), uniformly for BigGAN and DCGAN (ajbrock draws uniform classes)."""
-    if family != "stylegan2" or not num_classes:
+def fake_label_weights(family: Family, labels: tuple[int, ...], num_classes: int) -> torch.Tensor | None:
+    """How fakes' labels are drawn: as the dataset's are distributed (StyleGAN2: NVlabs draws a random training
+    example's label), else uniformly (BigGAN and DCGAN: ajbrock draws uniform classes); None: uniformly."""
+    if not family.fake_labels_from_dataset or not num_classes:
         return None
     return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes).double()
 

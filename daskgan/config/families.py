@@ -1,0 +1,53 @@
+"""The GAN families as data: one entry per family says where training and validation treat it differently.
+
+The papers' code keeps such differences in the training script of each family; daskgan runs one loop for all of
+them, so each difference is a named trait here (as NVlabs keeps its training phases as data) rather than a
+comparison of family names spread over the loop, the steps and the schema. A new family is its module under
+``daskgan.models`` (a ``build`` function) and one entry in ``FAMILIES``. This module imports no torch: the schema
+validates a job with it on a client that may have none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+STYLEGAN2_SETTINGS = frozenset({"train.pl_weight", "train.precision", "model.d_architecture", "train.freeze_d"})
+
+
+@dataclass(frozen=True)
+class Family:
+    """What sets a family apart.
+
+    ``name``: the job's ``model.family`` and the ``daskgan.models`` module whose
+    ``build(model_config, resolution, num_classes, channels)`` makes (G, D). ``always_conditional``: conditioned on
+    the class folders whatever ``model.conditional`` says (BigGAN); the others only when asked.
+    ``separate_regularisation``: lazy regularisers (R1, path length) take their own passes and optimiser steps,
+    with NVlabs' Adam correction, rather than riding on the main D step. ``fake_labels_from_dataset``: fakes'
+    classes are drawn as the dataset's are distributed (NVlabs draws a random training example's label), rather
+    than uniformly (ajbrock). ``ema_averages_buffers``: G_ema averages buffers
+    (BatchNorm statistics, spectral norms' vectors) as well as weights (BigGAN-PyTorch), rather than copying them.
+    ``settings``: the settings only some families support, of those this one does. ``g_blocks``: the resolutions
+    the family is built for, with G's blocks at each (each block takes a chunk of a hierarchical z); None: any.
+    """
+
+    name: str
+    always_conditional: bool = False
+    separate_regularisation: bool = False
+    fake_labels_from_dataset: bool = False
+    ema_averages_buffers: bool = False
+    settings: frozenset[str] = frozenset()
+    g_blocks: Mapping[int, int] | None = None
+
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (
+    Family("dcgan"),
+    Family("stylegan2", separate_regularisation=True, fake_labels_from_dataset=True, settings=STYLEGAN2_SETTINGS),
+    Family("biggan", always_conditional=True, ema_averages_buffers=True,
+           g_blocks={32: 3, 64: 4, 128: 5, 256: 6}),  # daskgan.models.biggan.ARCHITECTURES
+)}
+
+
+def family_of(model_config) -> Family:
+    """The family ``model_config.family`` names (validated by the schema: one of ``FAMILIES``)."""
+    return FAMILIES[model_config.family]
