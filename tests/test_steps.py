@@ -150,6 +150,23 @@ def test_path_lengths_match_the_jacobian_of_a_linear_generator():
     assert matrix.grad is not None and matrix.grad.abs().sum() > 0, "the graph is kept: the penalty trains G"
 
 
+def test_the_path_length_target_moves_toward_the_mean_length_and_the_penalty_is_taken_against_the_new_one():
+    from daskgan.training.steps import path_length_penalty
+
+    torch.manual_seed(0)
+    ws = torch.randn(4, 2, 5, requires_grad=True)
+    weights = torch.randn(5, 3 * 4 * 4, requires_grad=True)  # G's, which the penalty trains
+    images = (ws @ weights).sum(dim=1).view(4, 3, 4, 4)
+    torch.manual_seed(1)
+    lengths = path_lengths(images, ws).detach()
+    old = torch.tensor(2.0)
+    torch.manual_seed(1)
+    penalty, target = path_length_penalty(images, ws, old, decay=0.25)
+    assert torch.allclose(target, 2.0 + 0.25 * (lengths.mean() - 2.0)) and old == 2.0, "a new target; the old kept"
+    assert torch.allclose(penalty, (lengths - target).square().mean())
+    assert penalty.requires_grad, "the penalty trains G"
+
+
 def test_compiled_networks_give_the_eager_update_including_r1(process_group):
     from daskgan.training.compiled import compile_forward
 

@@ -153,7 +153,7 @@ def path_length_step(gan: Gan, micro_batches: int, batch_size: int, noise: Noise
         z, labels = noise.draw(batch_size)
         with _sync_when(gan.G, last), eager(gan.G):
             fake, ws = gan.G(z, labels, return_ws=True)
-            penalty = _path_length_step(gan, fake, ws, pl_decay)
+            penalty, gan.pl_target = path_length_penalty(fake, ws, gan.pl_target, pl_decay)
             # fake's term keeps every parameter in the graph
             (fake[:, 0, 0, 0].sum() * 0 + penalty * pl_weight / micro_batches).backward()
         stats.add(pl_penalty=penalty, pl_mean=gan.pl_target)
@@ -174,16 +174,17 @@ def sanitise_gradients(module: nn.Module) -> None:
             torch.nan_to_num(parameter.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=parameter.grad)
 
 
-def _path_length_step(gan: Gan, fake: torch.Tensor, ws: torch.Tensor, decay: float) -> torch.Tensor:
-    """The path-length penalty against a target that moves toward the mean length over all ranks (so every rank
-    keeps the same target, and a checkpoint needs only one)."""
+def path_length_penalty(fake: torch.Tensor, ws: torch.Tensor, target: torch.Tensor,
+                        decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(The path-length penalty, the new target): the target moves toward the mean length over all ranks (so
+    every rank keeps the same target, and a checkpoint needs only one), and the penalty is taken against it."""
     lengths = path_lengths(fake, ws)
     mean_length = lengths.detach().mean()
     if ranks.process_group_running():
         dist.all_reduce(mean_length)
         mean_length /= dist.get_world_size()
-    gan.pl_target = gan.pl_target.to(mean_length.device).lerp(mean_length, decay)
-    return (lengths - gan.pl_target).square().mean()
+    target = target.to(mean_length.device).lerp(mean_length, decay)
+    return (lengths - target).square().mean(), target
 
 
 def _sync_when(module: DistributedDataParallel, sync: bool):
