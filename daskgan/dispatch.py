@@ -26,19 +26,12 @@ from distributed import Client, Future, Variable, wait
 from distributed.comm import get_address_host
 
 from daskgan.devices import GpuView, assign_devices, check_no_shared_gpu, gpu_view
-from daskgan.errors import InfrastructureError, UserError, first_line
+from daskgan.errors import FailureKind, UserError, failure_kind, first_line
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
 POLL_SECONDS = 2.0  # how often a wait looks for lost workers
-
-
-# What a rank sees when a peer's process or node is gone: gloo's socket errors and timeouts, NCCL's aborts.
-PEER_ERROR_TYPES = ("DistBackendError", "DistNetworkError")
-PEER_ERROR_MESSAGES = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out waiting",
-                       "connection refused", "nccl communicator was aborted", "watchdog caught collective operation",
-                       "socket timeout")
 
 
 class WorkerLost(RuntimeError):
@@ -52,32 +45,6 @@ class WorkerLost(RuntimeError):
         what = "left the cluster" if confirmed else f"stopped answering their peers ({evidence})"
         super().__init__(f"rank(s) {ranks} lost: worker(s) {', '.join(workers)} {what} during the run")
         self.ranks, self.workers, self.confirmed = ranks, workers, confirmed
-
-
-def is_peer_communication_error(error: BaseException | None) -> bool:
-    """Whether a rank's exception says a peer is unreachable, rather than that the rank itself went wrong."""
-    if error is None:
-        return False
-    if any(cls.__name__ in PEER_ERROR_TYPES for cls in type(error).__mro__):
-        return True
-    return any(text in str(error).lower() for text in PEER_ERROR_MESSAGES)
-
-
-def is_cluster_error(error: BaseException | None) -> bool:
-    """Whether a rank's exception comes from losing the cluster around it (a peer, or its scheduler: distributed's
-    own errors, e.g. ``CommClosedError`` once the scheduler is gone, and the plain ``OSError`` its connect raises
-    when the scheduler cannot be reached; or its storage, down beyond the retries: ``InfrastructureError``) rather
-    than from the rank's own work."""
-    return (isinstance(error, InfrastructureError) or is_peer_communication_error(error)
-            or type(error).__module__.startswith("distributed.") or _raised_in_distributed(error))
-
-
-def _raised_in_distributed(error: BaseException | None) -> bool:
-    """Whether ``error`` was raised by distributed's own code (the innermost frame of its traceback)."""
-    frame = error.__traceback__ if error is not None else None
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("distributed.")
 
 
 class RankFailure:
@@ -229,7 +196,7 @@ def _settle(futures: RankFutures, grace: float) -> None:
         raise WorkerLost(lost, [futures.workers[r] for r in lost])
     failures = _failures(futures)
     first = min(failures, key=lambda error: getattr(error, "failed_at", float("inf")))
-    if silent and all(is_peer_communication_error(error) for error in failures):
+    if silent and all(failure_kind(error) is FailureKind.PEER for error in failures):
         evidence = f"rank {getattr(first, 'rank', '?')}: {first_line(first)}"
         raise WorkerLost(silent, [futures.workers[r] for r in silent], confirmed=False, evidence=evidence) from first
     raise first

@@ -6,9 +6,16 @@ the built-in base a caller would expect (``FileNotFoundError``, ``PermissionErro
 catches those still does. Errors raised on a worker reach the client unchanged through ``dispatch.results``.
 ``InfrastructureError`` is neither the input's mistake nor a bug: what the run stands on failed for longer than
 its retries (storage down); the driver restarts the run from its newest checkpoint rather than fail it.
+
+A rank's failure is also of one ``FailureKind`` (``failure_kind``): the rank's own, a peer it lost, or the cluster
+around it. Decided here, on the client (which peer was lost) and on the workers (whether the run failed) alike,
+by the exception's type first and by its message only where its type says nothing (torch's and gloo's plain
+``RuntimeError``); torch and distributed are not imported for it, their classes are known by module and name.
 """
 
 from __future__ import annotations
+
+import enum
 
 
 class UserError(Exception):
@@ -68,6 +75,74 @@ class DeviceError(UserError, RuntimeError):
 
 class SchedulerUnreachable(UserError, ConnectionError):
     """No Dask scheduler answered at the address of a cluster spec."""
+
+
+class FailureKind(enum.Enum):
+    """Who a rank's failure belongs to: the run restarts from its checkpoint after ``PEER`` and ``CLUSTER``, and
+    records a ``RUN`` failure as the run's own (``state.json``: failed)."""
+
+    RUN = "run"  # the rank's own work: a bug, a bad input, a full disk
+    PEER = "peer"  # another rank is unreachable: its process or node is gone
+    CLUSTER = "cluster"  # what the run stands on: the Dask scheduler, or storage down beyond the retries
+
+
+# Exception classes that name their kind, by "module.qualname", matched along the error's class hierarchy. Python's
+# own ConnectionError kinds are not among them: torch and gloo report a lost peer with their own errors, while
+# storage and distributed raise those for their own connections (the messages below still catch an OS reset).
+FAILURE_TYPES = {
+    "torch.distributed.DistNetworkError": FailureKind.PEER,  # torch's sockets: a peer's connection failed
+    "torch.distributed.DistBackendError": FailureKind.PEER,  # a collective's backend: NCCL's abort, gloo's pair
+    "daskgan.errors.InfrastructureError": FailureKind.CLUSTER,  # storage down beyond the retries
+}
+CLUSTER_MODULE = "distributed."  # every class defined by distributed (CommClosedError once the scheduler is gone)
+
+# For errors whose type names no kind: (lower-case substring of the message, kind).
+FAILURE_MESSAGES = (
+    ("connection closed by peer", FailureKind.PEER),  # gloo (tcp/pair.cc): the peer closed its socket
+    ("connection reset by peer", FailureKind.PEER),  # gloo's read error on ECONNRESET (and the OS's own)
+    ("broken pipe", FailureKind.PEER),  # gloo's write error on EPIPE (and the OS's own)
+    ("timed out waiting", FailureKind.PEER),  # gloo (tcp/pair.cc): a peer's send never came within the timeout
+    ("connection refused", FailureKind.PEER),  # torch's sockets (and the OS's ECONNREFUSED): the peer's port shut
+    ("socket timeout", FailureKind.PEER),  # torch's TCPStore client: no answer from the store's rank
+    ("nccl communicator was aborted", FailureKind.PEER),  # NCCL: a peer's abort reached this rank's collective
+    ("watchdog caught collective operation", FailureKind.PEER),  # NCCL's watchdog: a collective outlived its timeout
+)
+
+
+def failure_kind(error: BaseException) -> FailureKind:
+    """Whose failure ``error`` is: a lost peer's where its class or message says so (``FAILURE_TYPES``,
+    ``FAILURE_MESSAGES``), else the cluster's where its class says so or distributed's own code raised it (the
+    plain ``OSError`` of its connect when the scheduler cannot be reached), else the rank's own. A peer is looked
+    for first: an error of the cluster's whose message tells of a peer's reset counts as the peer's."""
+    if FailureKind.PEER in (_kind_by_type(error), _kind_by_message(error)):
+        return FailureKind.PEER
+    if _kind_by_type(error) is FailureKind.CLUSTER or _raised_in_distributed(error):
+        return FailureKind.CLUSTER
+    return FailureKind.RUN
+
+
+def _kind_by_type(error: BaseException) -> FailureKind | None:
+    """The kind named by the error's class or its nearest base class that names one."""
+    for cls in type(error).__mro__:
+        if (kind := FAILURE_TYPES.get(f"{cls.__module__}.{cls.__qualname__}")) is not None:
+            return kind
+        if cls.__module__.startswith(CLUSTER_MODULE):
+            return FailureKind.CLUSTER
+    return None
+
+
+def _kind_by_message(error: BaseException) -> FailureKind | None:
+    """The kind of the first entry of ``FAILURE_MESSAGES`` found in the error's message."""
+    message = str(error).lower()
+    return next((kind for text, kind in FAILURE_MESSAGES if text in message), None)
+
+
+def _raised_in_distributed(error: BaseException) -> bool:
+    """Whether ``error`` was raised by distributed's own code (the innermost frame of its traceback)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith(CLUSTER_MODULE)
 
 
 def first_line(exc: BaseException) -> str:

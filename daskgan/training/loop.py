@@ -25,8 +25,7 @@ from daskgan.data.decode import DECODE_ERRORS, decode_image
 from daskgan.data.index import ImageIndex, examples, fetch_objects, fetch_settled
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
-from daskgan.dispatch import is_cluster_error
-from daskgan.errors import ConfigError, StorageUnavailable, first_line
+from daskgan.errors import ConfigError, FailureKind, StorageUnavailable, failure_kind, first_line
 from daskgan.lease import STATE_FILE, DriverWatch
 from daskgan.models import conditioning_classes, model_description
 from daskgan.preemption import NoticeWatch
@@ -72,7 +71,7 @@ def train_gan(config: JobConfig, restart: dict[str, Any] | None = None) -> dict[
     try:
         return _train(config, index, restart, resume)
     except Exception as error:
-        if dist.get_rank() == 0 and not is_cluster_error(error):
+        if dist.get_rank() == 0 and failure_kind(error) is FailureKind.RUN:
             _record_failure(config, error)
         raise
 
