@@ -75,6 +75,13 @@ def test_no_import_cycle_between_daskgan_modules():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+def test_the_training_package_does_not_import_the_dispatcher():
+    """The worker side asks ``daskgan.errors`` whose failure an exception is, not the client's dispatcher."""
+    importers = sorted(name for name, targets in module_imports().items()
+                       if name.startswith("daskgan.training") and "daskgan.dispatch" in targets)
+    assert importers == []
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
