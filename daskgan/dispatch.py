@@ -26,25 +26,12 @@ from distributed import Client, Future, Variable, wait
 from distributed.comm import get_address_host
 
 from daskgan.devices import GpuView, assign_devices, check_no_shared_gpu, gpu_view
-from daskgan.errors import FailureKind, UserError, failure_kind, first_line
+from daskgan.errors import FailureKind, UserError, WorkerLost, failure_kind, first_line
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
 POLL_SECONDS = 2.0  # how often a wait looks for lost workers
-
-
-class WorkerLost(RuntimeError):
-    """A worker running a rank left the cluster (process killed, pod preempted) before the run finished.
-
-    ``confirmed``: the scheduler removed the worker. Otherwise every failed rank reported a broken connection to
-    its peers while these ranks went silent: the scheduler has not noticed the loss yet (a node gone from the
-    network is noticed only when its heartbeats stop)."""
-
-    def __init__(self, ranks: list[int], workers: list[str], confirmed: bool = True, evidence: str = ""):
-        what = "left the cluster" if confirmed else f"stopped answering their peers ({evidence})"
-        super().__init__(f"rank(s) {ranks} lost: worker(s) {', '.join(workers)} {what} during the run")
-        self.ranks, self.workers, self.confirmed = ranks, workers, confirmed
 
 
 class RankFailure:

@@ -7,15 +7,19 @@ catches those still does. Errors raised on a worker reach the client unchanged t
 ``InfrastructureError`` is neither the input's mistake nor a bug: what the run stands on failed for longer than
 its retries (storage down); the driver restarts the run from its newest checkpoint rather than fail it.
 
+``WorkerLost`` and ``Preempted`` end a dispatch without failing its run: a worker left, or was given notice and
+its ranks checkpointed; the driver re-dispatches from the newest checkpoint.
+
 A rank's failure is also of one ``FailureKind`` (``failure_kind``): the rank's own, a peer it lost, or the cluster
 around it. Decided here, on the client (which peer was lost) and on the workers (whether the run failed) alike,
-by the exception's type first and by its message only where its type says nothing (torch's and gloo's plain
+by the exception's type first, then by its message (gloo and NCCL tell of a lost peer in a plain
 ``RuntimeError``); torch and distributed are not imported for it, their classes are known by module and name.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class UserError(Exception):
@@ -75,6 +79,28 @@ class DeviceError(UserError, RuntimeError):
 
 class SchedulerUnreachable(UserError, ConnectionError):
     """No Dask scheduler answered at the address of a cluster spec."""
+
+
+class WorkerLost(RuntimeError):
+    """A worker running a rank left the cluster (process killed, pod preempted) before the run finished.
+
+    ``confirmed``: the scheduler removed the worker. Otherwise every failed rank reported a broken connection to
+    its peers while these ranks went silent: the scheduler has not noticed the loss yet (a node gone from the
+    network is noticed only when its heartbeats stop)."""
+
+    def __init__(self, ranks: list[int], workers: list[str], confirmed: bool = True, evidence: str = ""):
+        what = "left the cluster" if confirmed else f"stopped answering their peers ({evidence})"
+        super().__init__(f"rank(s) {ranks} lost: worker(s) {', '.join(workers)} {what} during the run")
+        self.ranks, self.workers, self.confirmed = ranks, workers, confirmed
+
+
+class Preempted(Exception):
+    """Workers of the run were given notice (``daskgan.preemption``): its ranks checkpointed and stopped."""
+
+    def __init__(self, notice: dict[str, Any]):
+        self.workers, self.seconds = notice["workers"], round(notice["notice_to_checkpoint_s"], 2)
+        super().__init__(f"preempted: worker {', '.join(self.workers)} given notice; the checkpoint at iteration "
+                         f"{notice['iteration']} was durable {self.seconds:.1f} s after it")
 
 
 class FailureKind(enum.Enum):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from daskgan import dispatch
-from daskgan.errors import FailureKind, failure_kind
+from daskgan.errors import FailureKind, WorkerLost, failure_kind
 
 
 def all_reduce_rank(offset, *, scale):
@@ -130,7 +130,7 @@ def vanish_on_rank_one(seconds):
 
 def test_a_peer_that_stops_answering_is_a_lost_worker_not_a_failure(dask_client):
     futures = dispatch.run(dask_client, vanish_on_rank_one, 12, timeout=3)
-    with pytest.raises(dispatch.WorkerLost) as caught:
+    with pytest.raises(WorkerLost) as caught:
         dispatch.results(futures, grace=2)
     assert caught.value.ranks == [1] and not caught.value.confirmed
     assert "stopped answering" in str(caught.value)

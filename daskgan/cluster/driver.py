@@ -16,7 +16,7 @@ from daskgan import dispatch
 from daskgan.cluster.arrivals import Arrivals
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.config import JobConfig, RecoveryConfig
-from daskgan.errors import InfrastructureError, UserError, first_line
+from daskgan.errors import InfrastructureError, Preempted, UserError, WorkerLost, first_line
 from daskgan.lease import CHECK_EVERY_S, DriverLease, clear_stop, request_stop
 from daskgan.preemption import watch_for_notices
 from daskgan.training.loop import train_gan
@@ -80,7 +80,7 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
                 if summary.get("stopped") != "next_checkpoint":
                     return summary
                 dispatches.grow()
-            except (dispatch.WorkerLost, InfrastructureError, Preempted) as failure:
+            except (WorkerLost, InfrastructureError, Preempted) as failure:
                 dispatches.recover(failure)
             finally:
                 monitor.close()
@@ -164,21 +164,12 @@ class GraceCheck:
                            record["checkpoint_s"], self.grace_s, needed * 2)
 
 
-class Preempted(Exception):
-    """Workers of the run were given notice (``daskgan.preemption``): its ranks checkpointed and stopped."""
-
-    def __init__(self, notice: dict[str, Any]):
-        self.workers, self.seconds = notice["workers"], round(notice["notice_to_checkpoint_s"], 2)
-        super().__init__(f"preempted: worker {', '.join(self.workers)} given notice; the checkpoint at iteration "
-                         f"{notice['iteration']} was durable {self.seconds:.1f} s after it")
-
-
 def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, workers: list[str], failure: Exception,
                     restarts: int, world_size: int) -> tuple[JobConfig, list[str]]:
     """Wait for what failed to come back; returns the job to re-dispatch and its workers. Lost or preempted
     workers: until they are replaced (``wait_for_workers``). Storage: a wait that doubles with each restart, up to
     ``wait_for_workers_s``, since an outage that outlasted the ranks' own retries is likely to last a while longer."""
-    if isinstance(failure, (Preempted, dispatch.WorkerLost)):
+    if isinstance(failure, (Preempted, WorkerLost)):
         # a silent worker may still be there: do not wait it out
         gone = failure.workers if isinstance(failure, Preempted) or failure.confirmed else []
         count = wait_for_workers(client, world_size, gone, config.recovery)
