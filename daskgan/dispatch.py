@@ -15,7 +15,6 @@ import datetime
 import gc
 import logging
 import os
-import socket
 import time
 import traceback
 import uuid
@@ -275,13 +274,6 @@ def worker_addresses(client: Client) -> list[str]:
     periodic refresh overwrites with a worker-less identity, so it can come back empty under load.
     """
     return list(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
-
-
-def free_port() -> int:
-    """A TCP port that is free on this machine right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _device_indices(client: Client, addresses: list[str]) -> list[int | None]:

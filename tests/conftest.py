@@ -9,7 +9,7 @@ import uuid
 import pytest
 from own_cluster import OwnCluster
 
-from daskgan.tools.sandbox import LoopbackS3
+from daskgan.tools.sandbox import LoopbackS3, free_port
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -102,8 +102,6 @@ def dask_client(s3_server):
 def process_group():
     """A one-rank gloo process group in the test process, for DDP-wrapped modules in unit tests."""
     import torch.distributed as dist
-
-    from daskgan.dispatch import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield

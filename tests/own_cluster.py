@@ -11,7 +11,7 @@ import sys
 import psutil
 from distributed import Client
 
-from daskgan.dispatch import free_port
+from daskgan.tools.sandbox import free_port
 
 
 class OwnCluster:

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from daskgan.config import ModelConfig
-from daskgan.dispatch import free_port
 from daskgan.metrics import extractors
 from daskgan.models import build_models
 from daskgan.run import checkpoint, storage
+from daskgan.tools.sandbox import free_port
 
 ROOT = Path(__file__).parent.parent
 

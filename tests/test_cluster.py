@@ -475,7 +475,7 @@ def test_rendered_pods_run_here_speak_tls_and_the_job_runner_connects(tmp_path):
 
     from daskgan.cluster import connect, default_cluster_spec
     from daskgan.cluster.daskjob import daskjob_manifests
-    from daskgan.dispatch import free_port
+    from daskgan.tools.sandbox import free_port
 
     job = tmp_path / "my_job.yaml"
     job.write_text(yaml.safe_dump(PLAIN_JOB))
@@ -579,7 +579,7 @@ def kubernetes_with_daskclusters(monkeypatch, running: bool) -> list[tuple[str, 
 
 def dead_kubeconfig(folder: Path) -> Path:
     """A kubeconfig whose API server is a loopback port where nothing listens."""
-    from daskgan.dispatch import free_port
+    from daskgan.tools.sandbox import free_port
 
     path = folder / "kubeconfig"
     path.write_text(yaml.safe_dump({

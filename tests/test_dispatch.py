@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from daskgan import dispatch
 from daskgan.errors import FailureKind, WorkerLost, failure_kind
+from daskgan.tools.sandbox import free_port
 
 
 def all_reduce_rank(offset, *, scale):
@@ -89,7 +90,7 @@ def fresh_token():
 
 
 def test_a_reused_rendezvous_port_does_not_alias_an_earlier_dispatch(dask_client):
-    port = dispatch.free_port()  # the workers share this machine
+    port = free_port()  # the workers share this machine
     earlier = dispatch.run(dask_client, fresh_token, master_port=port)  # still held, as a monitor would hold it
     first = dispatch.results(earlier, timeout=120)
     second = dispatch.results(dispatch.run(dask_client, fresh_token, master_port=port), timeout=120)

@@ -411,7 +411,7 @@ def test_detach_needs_a_cluster_that_outlives_the_command(tmp_path):
 
 def test_a_driver_attempts_again_when_storage_is_down_but_not_after_an_error_of_the_jobs_own(cli_run):
     """A DaskJob's runner drives with --attempts: Kubernetes' OnFailure restarted a permanent error forever."""
-    from daskgan.dispatch import free_port
+    from daskgan.tools.sandbox import free_port
 
     start, _, options, spec = cli_run
     job_path = start.write_job(10)

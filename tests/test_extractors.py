@@ -13,10 +13,10 @@ import yaml
 
 from daskgan import metrics
 from daskgan.config import ConfigError, JobConfig
-from daskgan.dispatch import free_port
 from daskgan.errors import ChecksumMismatch, UserError
 from daskgan.metrics import extractors
 from daskgan.run import storage
+from daskgan.tools.sandbox import free_port
 
 
 class FakeInception(torch.nn.Module):

@@ -16,8 +16,8 @@ from typing import Callable
 import pytest
 
 import daskgan
-from daskgan.dispatch import free_port
 from daskgan.errors import FailureKind, StorageUnavailable, failure_kind
+from daskgan.tools.sandbox import free_port
 
 PEER, CLUSTER, RUN = FailureKind.PEER, FailureKind.CLUSTER, FailureKind.RUN
 

@@ -249,7 +249,7 @@ import json, os, signal, sys
 import torch.distributed as dist
 from distributed import Client
 from daskgan.config import JobConfig
-from daskgan.dispatch import free_port
+from daskgan.tools.sandbox import free_port
 from daskgan.training import loop
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 train_iteration = loop._train_iteration

@@ -1,5 +1,5 @@
-"""Self-contained infrastructure for the demo and the tests: an S3 server on loopback, a generated dataset, and a
-local copy of the results that outlives the server.
+"""Self-contained infrastructure for the demo and the tests: an S3 server on loopback (on a ``free_port``), a
+generated dataset, and a local copy of the results that outlives the server.
 
 The S3 server is moto in server mode, run as its own process (a real HTTP endpoint reached through s3fs with
 ``endpoint_url``; as a separate process it serves about 3x faster than moto's in-process threaded server).
@@ -12,6 +12,7 @@ import logging
 import os
 import posixpath
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,6 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
-from daskgan.dispatch import free_port
 from daskgan.errors import ConfigError
 from daskgan.run import storage
 
@@ -32,6 +32,14 @@ SANDBOX_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "daskgan-sandbox-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now, for a server started there (S3, a Dask scheduler, a
+    rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class LoopbackS3:
