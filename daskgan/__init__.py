@@ -18,10 +18,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from daskgan import _moved
-
-_moved.install()
-
 _LAZY = {"JobConfig": "daskgan.config", "load_job": "daskgan.config", "run": "daskgan.dispatch",
          "run_job": "daskgan.cluster.driver", "train_gan": "daskgan.training.loop"}
 

@@ -34,7 +34,7 @@ def check_no_plain_secrets(options: dict, key: str) -> None:
     """Refuse credentials written into a job: the job travels inside pickled Dask tasks, so only references do.
 
     A secret option must be a reference such as ``${MY_SECRET}``, resolved from the environment of the machine
-    that opens the storage (see ``daskgan.storage.resolve_references``).
+    that opens the storage (``resolve_references`` below, called by ``daskgan.run.storage``).
     """
     for where, value in _leaves(options, key):
         if _names_a_secret(where) and value is not None and not ENV_REFERENCE.match(str(value)):

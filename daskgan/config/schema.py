@@ -360,7 +360,7 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     sandbox: Optional[SandboxConfig] = None
-    preset: Optional[str] = None  # NVlabs-style named settings (daskgan.presets), under the job's own keys
+    preset: Optional[str] = None  # NVlabs-style named settings (daskgan.config.presets), under the job's own keys
     # the run's worker count the job was resolved for (its preset scaled, its kimg lengths converted); None: not known
     workers: Optional[int] = field(default=None, metadata=INTERNAL)
 
