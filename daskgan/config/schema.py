@@ -32,6 +32,10 @@ METRICS = ("fid", "kid", "is")  # daskgan.metrics.METRICS
 EXTRACTORS = ("inception", "random-cnn")  # metrics.extractor: daskgan.metrics.extractors.load_extractor
 HIGHER_IS_BETTER = ("is",)  # the Inception Score; FID and KID are better lower
 PRECISIONS = ("fp32", "bf16", "fp16")
+# how often a storage operation that fails transiently is tried (beyond the client library's own tries) and for
+# how long at most: data.retry_tries/retry_seconds' defaults, and what daskgan.run.storage's operations use
+RETRY_TRIES = 8
+RETRY_SECONDS = 300.0
 INTERNAL = {"internal": True}  # field metadata: set by daskgan, refused in a job file
 # lengths in thousands of real images (NVlabs' --kimg, --snap) and the iteration counts they are converted to
 KIMG_LENGTHS = {"train.kimg": "train.iterations", "output.checkpoint_kimg": "output.checkpoint_every",
@@ -62,8 +66,8 @@ class DataConfig:
     mirror: bool = False  # x-flipped copies of every image double the dataset (NVlabs' --mirror)
     shuffle_shards: int = 4  # tar shards: shards read (and their images shuffled) together, and GETs in flight
     channels: int = 3  # 3 (RGB) or 1 (grayscale): what images are decoded to and what G makes and D sees
-    retry_tries: int = 8  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
-    retry_seconds: float = 300.0  # and the most time spent retrying one fetch before the run stops
+    retry_tries: int = RETRY_TRIES  # tries of a fetch that fails transiently (503 SlowDown, 500, reset, timeout)
+    retry_seconds: float = RETRY_SECONDS  # and the most time spent retrying one fetch before the run stops
     manifest: Optional[str] = None  # URL of the dataset's listing to reuse or write; default: in the run directory
     listing_timeout_s: float = 3600.0  # how long ranks wait for rank 0 to list the dataset
 

@@ -26,6 +26,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from daskgan.config.credentials import resolve_references
+from daskgan.config.schema import RETRY_SECONDS, RETRY_TRIES
 from daskgan.errors import NotFound, StorageAccessError, StorageUnavailable, first_line
 
 try:  # s3fs lets botocore's "no credentials" through untranslated
@@ -40,8 +41,6 @@ CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environmen
 Operation = TypeVar("Operation", bound=Callable[..., Any])
 StorageOptions = Mapping[str, Any]
 logger = logging.getLogger(__name__)
-RETRY_TRIES = 8  # attempts of a storage operation that fails transiently (beyond the client library's own)
-RETRY_SECONDS = 300.0  # and the most time spent retrying it
 RANGE_READ_BYTES = 2**20  # what ``reading`` fetches at a time (s3fs reads 50 MiB ahead by default)
 
 
