@@ -38,7 +38,7 @@ from PIL import Image
 from daskgan.config.coerce import require
 from daskgan.config.schema import is_training_resolution
 from daskgan.data.decode import DECODE_ERRORS, decoding_one_image, open_image, to_channels
-from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled, index_images
+from daskgan.data.index import ImageIndex, fetch_images, index_images
 from daskgan.data.manifest import RUN_MANIFEST, dataset_base, manifest_bytes
 from daskgan.data.shards import flatten_samples, samples_in, tar_shard
 from daskgan.errors import ConfigError
@@ -95,8 +95,7 @@ def convert_chunk(index: ImageIndex, positions: list[int], storage_options: Stor
     """On a worker: (position, PNG bytes or None, why it was skipped) for each image of the chunk. Only an image
     that is gone or does not decode is skipped: throttling and server errors are fetched again."""
     fs, _ = storage.filesystem(index.url, storage_options)
-    fetched, _ = fetch_settled(index.url, functools.partial(fetch_objects, index, fs),
-                               [index.paths[p] for p in positions], storage.Backoff())
+    fetched = fetch_images(index, fs, [index.paths[p] for p in positions])
     converted = []
     for position in positions:
         data = fetched[index.paths[position]]

@@ -12,6 +12,7 @@ from typing import Callable, Mapping, Union
 
 import torch
 
+from daskgan.config.schema import RETRY_SECONDS, RETRY_TRIES
 from daskgan.data.archive import CorruptMember, ZipEntry, folder_dataset_json, list_zip, oversized, read_members
 from daskgan.data.shards import (
     IMAGE_EXTENSIONS,
@@ -217,6 +218,15 @@ def fetch_settled(url: str, fetch: Fetch, paths: list[str], backoff: storage.Bac
             retried += len(paths)
             backoff.wait(f"reading {len(paths)} images under {url}", next(iter(failed.values())))
     return settled_paths, retried
+
+
+def fetch_images(index: ImageIndex, fs, paths: list[str], tries: int = RETRY_TRIES,
+                 seconds: float = RETRY_SECONDS) -> dict[str, Settled]:
+    """Images of ``index`` read together outside the stream (evaluation's reals, the grid of reals, ``daskgan
+    dataset``'s chunks), each settled: throttling and server errors are fetched again within ``tries`` and
+    ``seconds`` (a job's ``data.retry_tries``/``retry_seconds``), so a retried image is the same image."""
+    backoff = storage.Backoff(tries, seconds)
+    return fetch_settled(index.url, functools.partial(fetch_objects, index, fs), paths, backoff)[0]
 
 
 def settled(url: str, value: bytes | BaseException) -> Settled | None:

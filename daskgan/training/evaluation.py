@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import io
 import logging
@@ -22,7 +21,7 @@ from torch import nn
 from daskgan import metrics, ranks
 from daskgan.config import JobConfig
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex, fetch_objects, fetch_settled
+from daskgan.data.index import ImageIndex, fetch_images
 from daskgan.data.stream import ImageStream
 from daskgan.models import stylegan2
 from daskgan.models.layers import standing_statistics
@@ -158,8 +157,7 @@ class Evaluator:
     def _fetch(self, fs, paths: list[str]) -> dict[str, bytes | BaseException]:
         """Real images, or why each is gone; throttling and server errors are retried as the stream retries them
         (a retried image is the same image: the reals do not depend on the storage's mood)."""
-        backoff = storage.Backoff(self.config.data.retry_tries, self.config.data.retry_seconds)
-        return fetch_settled(self.index.url, functools.partial(fetch_objects, self.index, fs), paths, backoff)[0]
+        return fetch_images(self.index, fs, paths, self.config.data.retry_tries, self.config.data.retry_seconds)
 
     def _real_image(self, fs, order: list[int], item: int, fetched: dict) -> torch.Tensor:
         """Item ``item`` of the shuffled dataset; an image that is gone or does not decode is replaced by the next

@@ -8,7 +8,6 @@ every rank's noise-generator state and data-stream position.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
@@ -22,7 +21,7 @@ from daskgan.config import JobConfig
 from daskgan.config.families import family_of
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
 from daskgan.data.decode import DECODE_ERRORS, decode_image
-from daskgan.data.index import ImageIndex, examples, fetch_objects, fetch_settled
+from daskgan.data.index import ImageIndex, examples, fetch_images
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import ConfigError, FailureKind, StorageUnavailable, failure_kind, first_line
@@ -358,8 +357,7 @@ def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | 
     ``reals.png``: what the samples should come to look like."""
     paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
     fs, _ = storage.filesystem(index.url, config.data.storage_options)
-    fetched, _ = fetch_settled(index.url, functools.partial(fetch_objects, index, fs), sorted(set(paths)),
-                               storage.Backoff(config.data.retry_tries, config.data.retry_seconds))
+    fetched = fetch_images(index, fs, sorted(set(paths)), config.data.retry_tries, config.data.retry_seconds)
     return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution, config.data.channels)
                         for path in paths])
 
