@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", help="cluster spec YAML of a running cluster: also ask whether a driver is live "
                                           "there")
     _add_job_option(status)
-    status.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    _add_endpoint_option(status)
     status.set_defaults(run=status_command)
     dataset = commands.add_parser("dataset", help="convert images once, on the cluster, into an NVlabs-format zip "
                                                   "or tar shards")
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="make images square by cropping the centre (default), by the central 4:3 band "
                               "between black bars (NVlabs' center-crop-wide), or by padding with black")
     dataset.add_argument("--cluster", help=DEFAULT_CLUSTER_HELP)
-    dataset.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    _add_endpoint_option(dataset)
     dataset.set_defaults(run=dataset_command)
     runs = commands.add_parser("runs", help="the trainings with a live driver on a cluster")
     runs.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     importer = commands.add_parser("import", help="an NVlabs StyleGAN2-ADA network pickle as a daskgan checkpoint")
     importer.add_argument("source", help="NVlabs pickle URL or path (network-snapshot-*.pkl, ffhq.pkl, ...)")
     importer.add_argument("--out", required=True, help="checkpoint URL or path to write (…/imported.pt)")
-    importer.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    _add_endpoint_option(importer)
     importer.set_defaults(run=import_command)
     sample = commands.add_parser("sample", help="class-conditional sample grids and interpolations")
     sample.add_argument("checkpoint", help="checkpoint URL or path, or an NVlabs network pickle")
@@ -187,13 +187,19 @@ def _existing_cluster(args: argparse.Namespace):
     return connect_existing(spec, daskjob_name(k8s, load_job(args.job, workers=k8s.n_workers).name))
 
 
+def _add_endpoint_option(command: argparse.ArgumentParser) -> None:
+    """``--endpoint-url``, for every command that reads or writes s3:// URLs itself; ``_options`` turns it into
+    storage options."""
+    command.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+
+
 def _add_output_options(command: argparse.ArgumentParser) -> None:
     """What ``generate`` and ``sample`` share: truncation, where to write, the S3 endpoint."""
     command.add_argument("--trunc", type=_finite,
                          help="truncation: psi for StyleGAN2 (1 = none), the z threshold for other families "
                               "(default: none)")
     command.add_argument("--out", required=True, help="output folder or URL")
-    command.add_argument("--endpoint-url", help="S3 endpoint for s3:// URLs (credentials from the environment)")
+    _add_endpoint_option(command)
 
 
 def _numbers(text: str) -> list[int]:
