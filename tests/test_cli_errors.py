@@ -96,6 +96,15 @@ def test_missing_and_unreadable_checkpoints(tmp_path):
     assert_one_line(daskgan("generate", str(other_tool), "--out", str(tmp_path / "o")), str(other_tool))
 
 
+def test_import_of_a_missing_file_or_of_a_daskgan_checkpoint_says_what_it_takes(tmp_path):
+    missing = str(tmp_path / "network-snapshot.pkl")
+    assert_one_line(daskgan("import", missing, "--out", str(tmp_path / "o.pt")), missing, "does not exist",
+                    "NVlabs network pickle or a BigGAN-PyTorch weights folder")
+    ours = saved_checkpoint(tmp_path.as_uri() + "/run")
+    assert_one_line(daskgan("import", ours, "--out", str(tmp_path / "o.pt")), ours,
+                    "neither an NVlabs network pickle nor a BigGAN-PyTorch weights folder")
+
+
 def test_class_index_out_of_range(tmp_path):
     url = saved_checkpoint(tmp_path.as_uri() + "/run", conditional=True)
     assert_one_line(daskgan("generate", url, "--class", "7", "--out", str(tmp_path / "o")), "--class",

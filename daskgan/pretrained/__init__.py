@@ -7,7 +7,7 @@ weights folders.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from daskgan.errors import CheckpointUnreadable, NotFound
 from daskgan.pretrained import biggan, stylegan2
@@ -21,28 +21,47 @@ __all__ = ["import_weights", "load_weights", "optimizer_moments"]
 def import_weights(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """The checkpoint state (iteration 0, model description, G, G_ema, D) of an NVlabs pickle or a
     BigGAN-PyTorch weights folder at ``url``."""
-    if biggan.is_weights_folder(url, storage_options):
-        return biggan.checkpoint_state(url, storage_options)
-    try:
-        data = storage.read_bytes(url, storage_options)
-    except NotFound:
-        raise NotFound(f"{url} does not exist: give an NVlabs network pickle or a BigGAN-PyTorch weights folder "
-                       f"(G.pth, D.pth, state_dict.pth)") from None
-    if not is_pickle(data):
-        raise CheckpointUnreadable(f"{url} is neither an NVlabs network pickle nor a BigGAN-PyTorch weights folder")
-    return stylegan2.checkpoint_state(read_pickle(data, url), url)
+    def read() -> tuple[str, bytes]:
+        return url, _read_weights_file(url, storage_options)
+
+    return _checkpoint_state(url, storage_options, read, _not_weights)
 
 
 def load_weights(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """A daskgan checkpoint (or a run directory or its ``latest.json``: see ``checkpoint.resolve``), an NVlabs
     pickle or a BigGAN-PyTorch weights folder, as a checkpoint state."""
+    def read() -> tuple[str, bytes]:
+        resolved = checkpoint.resolve(url, storage_options)
+        return resolved, checkpoint.read(resolved, storage_options)
+
+    return _checkpoint_state(url, storage_options, read, checkpoint.parse)
+
+
+def _checkpoint_state(url: str, storage_options: StorageOptions | None, read: Callable[[], tuple[str, bytes]],
+                      otherwise: Callable[[bytes, str], dict[str, Any]]) -> dict[str, Any]:
+    """The one place where a BigGAN-PyTorch weights folder and an NVlabs pickle are told apart: the folder at
+    ``url``, else the bytes that ``read`` returns (with the URL they came from) as a pickle or as ``otherwise``
+    reads them. The folder is asked for first: reading it as a file would fail."""
     if biggan.is_weights_folder(url, storage_options):
         return biggan.checkpoint_state(url, storage_options)
-    url = checkpoint.resolve(url, storage_options)
-    data = checkpoint.read(url, storage_options)
+    source, data = read()
     if is_pickle(data):
-        return stylegan2.checkpoint_state(read_pickle(data, url), url)
-    return checkpoint.parse(data, url)
+        return stylegan2.checkpoint_state(read_pickle(data, source), source)
+    return otherwise(data, source)
+
+
+def _read_weights_file(url: str, storage_options: StorageOptions | None) -> bytes:
+    """The file to import; a missing one says what ``import`` takes."""
+    try:
+        return storage.read_bytes(url, storage_options)
+    except NotFound:
+        raise NotFound(f"{url} does not exist: give an NVlabs network pickle or a BigGAN-PyTorch weights folder "
+                       f"(G.pth, D.pth, state_dict.pth)") from None
+
+
+def _not_weights(data: bytes, url: str) -> dict[str, Any]:
+    """``import`` takes no daskgan checkpoint: bytes that are no pickle are refused."""
+    raise CheckpointUnreadable(f"{url} is neither an NVlabs network pickle nor a BigGAN-PyTorch weights folder")
 
 
 def optimizer_moments(url: str, storage_options: StorageOptions | None = None) -> dict[str, dict[str, dict]]:
