@@ -313,3 +313,21 @@ def test_fid_against_the_whole_dataset_on_two_workers_evaluates_again_and_again(
     assert table["fid"].notna().tolist() == [True, True, True], "every rank takes part in each evaluation"
     fs, root = storage.filesystem(config.output.run_url, options)
     assert len(fs.glob(f"{root}/metrics/real-stats-*.pt")) == 1, "the statistics are computed once"
+
+
+def test_a_real_example_that_is_gone_or_does_not_decode_is_a_grey_tile(tmp_path):
+    from daskgan.data import synthetic
+    from daskgan.data.index import index_images
+    from daskgan.training.loop import _real_examples
+
+    data_url = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data_url, images=4, resolution=16)
+    index = index_images(data_url)
+    files = [tmp_path / "data" / path.split("/data/", 1)[1] for path in index.paths]
+    files[0].write_bytes(b"not an image")
+    files[1].unlink()
+    config = JobConfig.from_dict({"name": "g", "data": {"url": data_url, "resolution": 16},
+                                  "output": {"run_url": tmp_path.as_uri() + "/run", "grid_images": 4}})
+    reals = _real_examples(config, index, None)
+    grey = torch.zeros(3, 16, 16)
+    assert [torch.equal(image, grey) for image in reals] == [True, True, False, False]

@@ -46,6 +46,7 @@ class UnreadableImage(ValueError):
 
 
 DECODE_ERRORS = (UnreadableImage,)  # what a reader of images catches: every decoding error becomes this
+GONE_OR_UNREADABLE = (FileNotFoundError, *DECODE_ERRORS)  # what ``decode_fetched`` raises for an image to skip
 
 
 @contextlib.contextmanager
@@ -69,6 +70,15 @@ def decode_image(data: bytes, resolution: int, channels: int = 3) -> torch.Tenso
     """Decode image bytes to a (channels, R, R) float tensor in [-1, 1]: RGB (3) or grayscale (1), centre crop
     to square, resize."""
     return to_unit_range(decode_uint8(data, resolution, channels))
+
+
+def decode_fetched(fetched: bytes | BaseException, resolution: int, channels: int = 3) -> torch.Tensor:
+    """A fetched image (its bytes, or the error standing for an image that is gone: a vanished object, a corrupt
+    member) as ``decode_image`` decodes it; one that is gone or does not decode raises one of
+    ``GONE_OR_UNREADABLE``, for the reader to skip or replace it (the grid of reals, evaluation's reals)."""
+    if not isinstance(fetched, bytes):
+        raise fetched
+    return decode_image(fetched, resolution, channels)
 
 
 def decode_uint8(data: bytes, resolution: int, channels: int = 3) -> torch.Tensor:

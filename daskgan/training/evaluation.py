@@ -20,7 +20,7 @@ from torch import nn
 
 from daskgan import metrics, ranks
 from daskgan.config import JobConfig
-from daskgan.data.decode import DECODE_ERRORS, decode_image
+from daskgan.data.decode import GONE_OR_UNREADABLE, decode_fetched
 from daskgan.data.index import ImageIndex, fetch_images
 from daskgan.data.stream import ImageStream
 from daskgan.models import stylegan2
@@ -167,10 +167,8 @@ class Evaluator:
             path = self.index.paths[order[position]]
             try:
                 data = fetched[path] if position == item else self._fetch(fs, [path])[path]
-                if not isinstance(data, bytes):
-                    raise data
-                return decode_image(data, self.config.data.resolution, self.config.data.channels)
-            except (FileNotFoundError, *DECODE_ERRORS) as exc:
+                return decode_fetched(data, self.config.data.resolution, self.config.data.channels)
+            except GONE_OR_UNREADABLE as exc:
                 logger.warning("metrics: skipping unreadable image %s (%s)", path, type(exc).__name__)
         raise ValueError(f"metrics: no readable image for real item {item} of {self.index.url}")
 

@@ -20,7 +20,7 @@ from daskgan import ranks
 from daskgan.config import JobConfig
 from daskgan.config.families import family_of
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
-from daskgan.data.decode import DECODE_ERRORS, decode_image
+from daskgan.data.decode import GONE_OR_UNREADABLE, decode_fetched
 from daskgan.data.index import ImageIndex, examples, fetch_images
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
@@ -358,19 +358,17 @@ def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | 
     paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
     fs, _ = storage.filesystem(index.url, config.data.storage_options)
     fetched = fetch_images(index, fs, sorted(set(paths)), config.data.retry_tries, config.data.retry_seconds)
-    return torch.stack([_decoded_or_grey(fetched.get(path), config.data.resolution, config.data.channels)
+    return torch.stack([_decoded_or_grey(fetched[path], config.data.resolution, config.data.channels)
                         for path in paths])
 
 
-def _decoded_or_grey(data: bytes | BaseException | None, resolution: int, channels: int) -> torch.Tensor:
+def _decoded_or_grey(data: bytes | BaseException, resolution: int, channels: int) -> torch.Tensor:
     """An example that is gone or does not decode is shown as a grey tile rather than stopping the run (the stream
     skips it too)."""
     try:
-        if isinstance(data, bytes):
-            return decode_image(data, resolution, channels)
-    except DECODE_ERRORS:
-        pass
-    return torch.zeros(channels, resolution, resolution)
+        return decode_fetched(data, resolution, channels)
+    except GONE_OR_UNREADABLE:
+        return torch.zeros(channels, resolution, resolution)
 
 
 def _grid_latents(config: JobConfig, num_classes: int,
