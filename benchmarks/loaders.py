@@ -56,7 +56,7 @@ from daskgan.data import decode, synthetic
 from daskgan.data.decode import decode_uint8
 from daskgan.data.decoders import decode_part
 from daskgan.data.index import index_images
-from daskgan.data.shards import tar_shard
+from daskgan.data.shard_write import tar_shard
 from daskgan.data.stream import ImageStream
 from daskgan.run import storage
 from daskgan.tools.sandbox import LoopbackS3

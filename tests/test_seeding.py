@@ -8,7 +8,7 @@ import torch
 
 from daskgan.config import JobConfig
 from daskgan.data.index import shard_indices
-from daskgan.data.shards import epoch_windows
+from daskgan.data.shard_epochs import epoch_windows
 from daskgan.seeding import stream_seed
 from daskgan.training import loop, setup
 from daskgan.training import state as training_state

@@ -16,7 +16,10 @@ from daskgan.config import DataConfig, OutputConfig
 from daskgan.data.decode import decode_uint8
 from daskgan.data.index import fetch_objects, index_images
 from daskgan.data.manifest import training_index
-from daskgan.data.shards import ShardReader, epoch_windows, expand_braces, sample_key, tar_shard
+from daskgan.data.shard_epochs import epoch_windows
+from daskgan.data.shard_read import ShardReader
+from daskgan.data.shard_scan import expand_braces, sample_key
+from daskgan.data.shard_write import tar_shard
 from daskgan.data.stream import ImageStream
 from daskgan.errors import NotFound
 from daskgan.run import storage

@@ -349,7 +349,7 @@ def test_a_folder_dataset_json_over_the_limit_is_refused_unread(tmp_path, monkey
 
 def shards_labelled(folder, label: int) -> str:
     """A folder holding one tar shard of two samples, the second labelled ``label`` by its ``.cls``."""
-    from daskgan.data.shards import tar_shard
+    from daskgan.data.shard_write import tar_shard
 
     folder.mkdir()
     (folder / "data-000000.tar").write_bytes(tar_shard([("s0", {"png": png(1), "cls": b"0"}),

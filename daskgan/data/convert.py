@@ -40,7 +40,8 @@ from daskgan.config.schema import is_training_resolution
 from daskgan.data.decode import DECODE_ERRORS, decoding_one_image, open_image, to_channels
 from daskgan.data.index import ImageIndex, fetch_images, index_images
 from daskgan.data.manifest import RUN_MANIFEST, dataset_base, manifest_bytes
-from daskgan.data.shards import flatten_samples, samples_in, tar_shard
+from daskgan.data.shard_scan import flatten_samples, samples_in
+from daskgan.data.shard_write import tar_shard
 from daskgan.errors import ConfigError
 from daskgan.run import storage
 from daskgan.run.storage import StorageOptions

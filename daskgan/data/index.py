@@ -1,6 +1,6 @@
 """What a dataset holds and which part each rank reads: the images under a URL (objects, zip members or tar-shard
 members) with their labels, and each rank's disjoint part of every epoch (as DistributedSampler, without padding
-duplicates; for tar shards, whole shards per rank, see ``shards``)."""
+duplicates; for tar shards, whole shards per rank, see ``shard_epochs``)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import torch
 
 from daskgan.config.schema import RETRY_SECONDS, RETRY_TRIES
 from daskgan.data.archive import CorruptMember, ZipEntry, folder_dataset_json, list_zip, oversized, read_members
-from daskgan.data.shards import (
+from daskgan.data.shard_epochs import images_by_shard
+from daskgan.data.shard_read import read_members_ranged
+from daskgan.data.shard_scan import (
     IMAGE_EXTENSIONS,
     TarMember,
     expand_braces,
-    images_by_shard,
     is_shard,
     is_shard_pattern,
-    read_members_ranged,
     refuse_compressed,
     scan_shards,
 )

@@ -22,7 +22,7 @@ from daskgan.config import DataConfig, OutputConfig
 from daskgan.data.archive import ZipEntry
 from daskgan.data.index import ImageIndex, index_images
 from daskgan.data.inflate import GZIP, MAX_DOCUMENT_BYTES, inflate
-from daskgan.data.shards import TarMember, is_shard_pattern
+from daskgan.data.shard_scan import TarMember, is_shard_pattern
 from daskgan.errors import ConfigError
 from daskgan.ranks import from_rank0
 from daskgan.run import storage

@@ -7,7 +7,7 @@
   counted and logged once.
 - Its position (epoch, index within the rank's shard) is part of every batch, so a checkpoint can resume the
   stream exactly where it stopped.
-- Tar shards are read whole, a window of them at a time, by a ``ShardReader`` (see ``shards``); the epoch's order
+- Tar shards are read whole, a window of them at a time, by a ``ShardReader`` (see ``shard_read``); the epoch's order
   is then the rank's windows', and a position mid-shard resumes as exactly.
 """
 
@@ -28,7 +28,8 @@ from daskgan.data.cache import DiskCache
 from daskgan.data.decode import to_unit_range
 from daskgan.data.decoders import Decoder, PendingChunk, decode_plan
 from daskgan.data.index import ImageIndex, Settled, fetch_objects, fetch_settled, shard_indices
-from daskgan.data.shards import ShardReader, Window, epoch_windows
+from daskgan.data.shard_epochs import Window, epoch_windows
+from daskgan.data.shard_read import ShardReader
 from daskgan.data.window import FetchWindow
 from daskgan.run import storage
 
