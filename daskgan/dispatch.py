@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
 POLL_SECONDS = 2.0  # how often a wait looks for lost workers
+FAILURE_GRACE_S = 10.0  # after a rank fails, how long the others may take to fail or finish before being cancelled
+SETTLING_POLL_S = 0.5  # how often that wait looks
 
 
 class RankFailure:
@@ -131,7 +133,7 @@ def _free_threads(dask_worker: Any) -> int:
     return dask_worker.state.nthreads - dask_worker.state.executing_count
 
 
-def results(futures: RankFutures, timeout: float | None = None, grace: float = 10.0) -> list[Any]:
+def results(futures: RankFutures, timeout: float | None = None, grace: float = FAILURE_GRACE_S) -> list[Any]:
     """Wait for every rank; return their results, or raise the failure that came first (it names its rank).
 
     When one rank fails, the others fail moments later with "connection closed by peer": consequences, not the
@@ -143,7 +145,7 @@ def results(futures: RankFutures, timeout: float | None = None, grace: float = 1
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         if has_failed(futures):
-            _settle(futures, grace)
+            _raise_the_cause(futures, grace)
         if all(f.done() for f in futures):
             return [f.result() for f in futures]  # has_failed was false: no RankFailure among them
         if deadline is not None and time.monotonic() > deadline:
@@ -167,12 +169,12 @@ def _failures(futures: RankFutures) -> list[BaseException]:
     return failures
 
 
-def _settle(futures: RankFutures, grace: float) -> None:
+def _raise_the_cause(futures: RankFutures, grace: float) -> None:
     """After a failure: let the other ranks finish (up to ``grace`` s), cancel the rest and raise the cause."""
     deadline = time.monotonic() + grace
     lost = futures.lost_ranks()
     while not lost and time.monotonic() < deadline and not all(f.done() for f in futures):
-        _wait_some(futures, 0.5)
+        _wait_some(futures, SETTLING_POLL_S)
         lost = futures.lost_ranks()
     silent = [rank for rank, future in enumerate(futures) if not future.done()]
     for future in futures:

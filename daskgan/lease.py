@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 1.0  # how often rank 0 looks at the scheduler
 STATE_FILE = "state.json"  # in the run directory when its ranks stopped early: state, iteration, checkpoint
+BEATS_PER_TIMEOUT = 4  # heartbeats within the ranks' driver_timeout_s, so one late beat does not stop them
+BEAT_S_MIN, BEAT_S_MAX = 0.5, 10.0  # bounds on the heartbeat interval: scheduler load vs. how soon a loss shows
 STALE_AFTER_INTERVALS = 2.0  # a heartbeat still for this many of its intervals: the driver is gone
 TAKE_TIMEOUT_S = 60.0  # the longest another driver's decision may hold the run's lock (a dead one's: 40 s)
 
@@ -89,7 +91,7 @@ class DriverLease:
 
     def __init__(self, client: Any, run_url: str, timeout_s: float, iterations: int = 0):
         self.client, self.run_url, self.timeout_s, self.iterations = client, run_url, timeout_s, iterations
-        self.interval_s = max(0.5, min(10.0, timeout_s / 4))
+        self.interval_s = max(BEAT_S_MIN, min(BEAT_S_MAX, timeout_s / BEATS_PER_TIMEOUT))
         self._key = metadata_key(run_url, "driver")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

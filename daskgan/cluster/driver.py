@@ -24,6 +24,8 @@ from daskgan.training.loop import train_gan
 logger = logging.getLogger(__name__)
 
 INFRASTRUCTURE_WAIT_S = 30.0  # the first wait before restarting after a storage outage; it doubles each restart
+WORKERS_POLL_S = 0.5  # how often a wait for workers looks at the scheduler
+GRACE_ADVICE_MARGIN = 2  # the grace to advise: this many times what a checkpoint took
 
 
 def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, Any]], None] | None = None,
@@ -161,7 +163,7 @@ class GraceCheck:
             self.warned = True
             logger.warning("a checkpoint took %.1f s: a preempted worker's grace of %.0f s (recovery.notice_grace_s,"
                            " and the platform's own) is too short to save one; raise both above %.0f s",
-                           record["checkpoint_s"], self.grace_s, needed * 2)
+                           record["checkpoint_s"], self.grace_s, needed * GRACE_ADVICE_MARGIN)
 
 
 def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, workers: list[str], failure: Exception,
@@ -230,7 +232,7 @@ def wait_for_workers(client: Client, wanted: int, lost: list[str], policy: Recov
                 return len(workers)
         if time.monotonic() >= deadline:
             break
-        time.sleep(0.5)
+        time.sleep(WORKERS_POLL_S)
     available = len(set(dispatch.worker_addresses(client)) - set(lost))  # the lost may linger, silent
     if policy.min_workers is not None and available >= policy.min_workers:
         logger.warning("only %d of %d workers came back; continuing with %d", available, wanted, available)
