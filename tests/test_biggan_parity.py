@@ -218,3 +218,13 @@ def test_optimizer_moments_from_a_source_without_them_are_one_clear_error(tmp_pa
     with pytest.raises(ConfigError, match="train.init_optimizers: needs train.init_from"):
         JobConfig.from_dict({"name": "t", "data": {"url": "memory://x"}, "train": {"init_optimizers": True},
                              "output": {"run_url": "memory://run"}})
+
+
+def test_import_of_a_biggan_pytorch_folder_writes_a_checkpoint_and_says_it_is_biggan(tmp_path, capsys):
+    from daskgan.run import checkpoint
+    from daskgan.tools.cli import main
+
+    assert main(["import", str(WEIGHTS), "--out", str(tmp_path / "imported.pt")]) == 0
+    said = capsys.readouterr().out
+    assert "biggan 32x32, 5 classes" in said and "StyleGAN2" not in said, said
+    assert checkpoint.load(str(tmp_path / "imported.pt"))["model"]["family"] == "biggan"

@@ -148,8 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--class", dest="class_index", type=int, help="class index, for conditional models")
     _add_output_options(generate)
     generate.set_defaults(run=generate_command)
-    importer = commands.add_parser("import", help="an NVlabs StyleGAN2-ADA network pickle as a daskgan checkpoint")
-    importer.add_argument("source", help="NVlabs pickle URL or path (network-snapshot-*.pkl, ffhq.pkl, ...)")
+    importer = commands.add_parser("import", help="an NVlabs StyleGAN2-ADA network pickle or a BigGAN-PyTorch "
+                                   "weights folder as a daskgan checkpoint")
+    importer.add_argument("source", help="NVlabs pickle URL or path (network-snapshot-*.pkl, ffhq.pkl, ...), or a "
+                          "BigGAN-PyTorch weights folder (G.pth, D.pth, state_dict.pth)")
     importer.add_argument("--out", required=True, help="checkpoint URL or path to write (…/imported.pt)")
     _add_endpoint_option(importer)
     importer.set_defaults(run=import_command)
@@ -266,7 +268,7 @@ def import_command(args: argparse.Namespace) -> int:
     state = import_weights(args.source, _options(args))
     storage.write_bytes(args.out, storage.torch_bytes(state), _options(args))
     model = state["model"]
-    print(f"daskgan: wrote {args.out}: StyleGAN2 {model['resolution']}x{model['resolution']}, "
+    print(f"daskgan: wrote {args.out}: {model['family']} {model['resolution']}x{model['resolution']}, "
           f"{model['num_classes'] or 'no'} classes, networks {', '.join(k for k in ('G', 'G_ema', 'D') if k in state)}")
     return 0
 
