@@ -54,7 +54,7 @@ import torch
 from daskgan.config import DataConfig
 from daskgan.data import decode, synthetic
 from daskgan.data.decode import decode_uint8
-from daskgan.data.decoders import decode_part
+from daskgan.data.decode_pool import decode_part
 from daskgan.data.index import index_images
 from daskgan.data.shard_write import tar_shard
 from daskgan.data.stream import ImageStream

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from daskgan.config import DataConfig
-from daskgan.data import decoders, synthetic
+from daskgan.data import decode_pool, synthetic
 from daskgan.data.decode import DECODE_ERRORS, center_crop_resize, decode_image
 from daskgan.data.index import index_images, shard_indices
 from daskgan.data.stream import ImageStream, StreamPosition
@@ -169,13 +169,13 @@ def test_decode_threads_and_processes_give_the_batches_of_one_decoding_thread(sh
     add_corrupt_objects(url, options)
     index = index_images(url, options)
     decoded_where = []  # threads of this process that decoded; decoding processes leave nothing here
-    real_decode = decoders.decode_array
+    real_decode = decode_pool.decode_array
 
     def decode_noting_thread(*args, **kwargs):
         decoded_where.append(threading.current_thread().name)
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(decoders, "decode_array", decode_noting_thread)
+    monkeypatch.setattr(decode_pool, "decode_array", decode_noting_thread)
     runs, children, others = {}, {}, set(multiprocessing.active_children())  # e.g. the session's Dask workers
     for plan in ({"decode_threads": 1}, {"decode_threads": 3}, {"decode_processes": 2}):
         decoded_where.clear()
@@ -208,36 +208,36 @@ def test_a_killed_decoding_process_stops_the_stream_with_one_clear_error(shapes_
     assert decoding, "a decoding process"
     for child in decoding:
         child.kill()  # as the kernel's OOM killer would
-    with pytest.raises(decoders.DecoderDied, match="data.decode_processes: 0"):
+    with pytest.raises(decode_pool.DecoderDied, match="data.decode_processes: 0"):
         for _ in range(20):  # the batches already queued, then the error
             next(stream)
     stream.close()
 
 
 def test_the_decode_plan_shares_the_hosts_cores_and_decodes_in_processes_for_a_gpu(monkeypatch, caplog):
-    monkeypatch.setattr(decoders.os, "sched_getaffinity", lambda _: set(range(12)), raising=False)
+    monkeypatch.setattr(decode_pool.os, "sched_getaffinity", lambda _: set(range(12)), raising=False)
     for ranks_on_host, share in (("1", 8), ("2", 6), ("5", 2), ("24", 1)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_on_host)
-        assert decoders.rank_share_of_cores() == share
+        assert decode_pool.rank_share_of_cores() == share
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     image, ample = 3 * 64 * 64, 2**30
 
     def plan(processes, threads, on_gpu, shm=ample, image_bytes=image):
-        return decoders.decode_plan(processes, threads, on_gpu, image_bytes, shared_memory_free=shm)[:2]
+        return decode_pool.decode_plan(processes, threads, on_gpu, image_bytes, shared_memory_free=shm)[:2]
 
     assert plan(None, None, on_gpu=True) == ("processes", 3)
     assert plan(None, None, on_gpu=False) == ("threads", 3)
     assert plan(0, None, on_gpu=True) == ("threads", 3), "0 processes: threads"
     assert plan(None, 1, on_gpu=False) == ("inline", 1)
     assert plan(5, 2, on_gpu=False) == ("processes", 5)
-    assert decoders.decode_plan(2, None, False, image, ample).part == 64, "64 px: 64 images a task"
+    assert decode_pool.decode_plan(2, None, False, image, ample).part == 64, "64 px: 64 images a task"
     big = 3 * 256 * 256
-    assert decoders.decode_plan(2, None, False, big, ample).part * big <= decoders.PROCESS_PART_BYTES
+    assert decode_pool.decode_plan(2, None, False, big, ample).part * big <= decode_pool.PROCESS_PART_BYTES
     # a container's 64 MB /dev/shm: blocks for 4 processes of 1024 px images fit in half of it, 16 processes' not
     assert plan(4, None, False, shm=64 * 2**20, image_bytes=3 * 1024 ** 2) == ("processes", 4)
     assert plan(16, None, False, shm=64 * 2**20, image_bytes=3 * 1024 ** 2) == ("threads", 3)
     assert "/dev/shm has 64 MiB free" in caplog.text
-    monkeypatch.setattr(decoders.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    monkeypatch.setattr(decode_pool.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
     assert plan(None, 2, on_gpu=True) == ("threads", 2), "a daemonic worker cannot have children"
     assert "distributed.worker.daemon" in caplog.text
 

@@ -2,7 +2,7 @@
 
 - ``ImageStream`` is an endless iterator of batches for one rank: a background thread keeps many objects being
   fetched at once, each on its own (a ``FetchWindow``: an image waiting for its retry holds up only itself), hands
-  them a chunk at a time to the rank's decoder (threads or processes, see ``decoders``), and keeps a bounded
+  them a chunk at a time to the rank's decoder (threads or processes, see ``decode_pool``), and keeps a bounded
   queue of ready batches, so storage latency and decoding hide behind compute. Unreadable objects are skipped,
   counted and logged once.
 - Its position (epoch, index within the rank's shard) is part of every batch, so a checkpoint can resume the
@@ -26,7 +26,7 @@ import torch
 from daskgan.config import DataConfig
 from daskgan.data.cache import DiskCache
 from daskgan.data.decode import to_unit_range
-from daskgan.data.decoders import Decoder, PendingChunk, decode_plan
+from daskgan.data.decode_pool import Decoder, PendingChunk, decode_plan
 from daskgan.data.index import ImageIndex, Settled, fetch_objects, fetch_settled, shard_indices
 from daskgan.data.shard_epochs import Window, epoch_windows
 from daskgan.data.shard_read import ShardReader
