@@ -91,12 +91,12 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
            resume: Resume) -> dict[str, Any] | None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
-    model_id = model_fingerprint(config, len(index.classes))
+    model_desc = job_model_description(config, len(index.classes))
     gan = build_gan(config, conditioning_classes(config.model, len(index.classes)), device)
     resume_url = resume.url
     state = checkpoint.load(resume_url, config.output.storage_options) if resume_url else None
     if state is not None:
-        checkpoint.check_compatible(state, model_id, resume_url)
+        checkpoint.check_compatible(state, model_desc, resume_url)
         training_state.restore_networks(gan, state)
     if state is None and config.train.init_from:
         initialise_from(gan, config)
@@ -122,7 +122,7 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
     workers = _run_workers()
     notices = NoticeWatch(workers, config.output.run_url) if writer is not None else None
     try:
-        end = _loop(config, gan, stream, noise, writer, start, model_id, notices)
+        end = _loop(config, gan, stream, noise, writer, start, model_desc, notices)
     finally:
         if notices is not None:
             notices.close()
@@ -159,7 +159,7 @@ def save_config(config: JobConfig) -> None:
                         config.output.storage_options)
 
 
-def model_fingerprint(config: JobConfig, num_classes: int) -> dict[str, Any]:
+def job_model_description(config: JobConfig, num_classes: int) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into this job's networks."""
     return model_description(config.model, config.data.resolution, num_classes, config.data.channels)
 
@@ -216,7 +216,7 @@ class LoopEnd(NamedTuple):
 
 
 def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer: records.RunWriter | None,
-          start: int, model_id: dict, notices: NoticeWatch | None) -> LoopEnd:
+          start: int, model_desc: dict, notices: NoticeWatch | None) -> LoopEnd:
     """Iterations from ``start`` on (see ``LoopEnd``); rank 0 watches the workers' notices (``notices``)."""
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
@@ -254,7 +254,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             stop = "continue"
         if scheduled or (scores and out.keep_best) or stop == "checkpoint":
             saving = time.perf_counter()
-            last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_id,
+            last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_desc,
                                                scores.get(config.ranking_metric), writer) or last_checkpoint
             if writer is not None:  # how long a preempted worker's grace must be (cluster.driver warns)
                 writer.annotate_next(checkpoint_s=round(time.perf_counter() - saving, 3))
@@ -398,14 +398,14 @@ def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[st
 
 
 def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition, iteration: int,
-                     model_id: dict, score: float | None, writer: records.RunWriter | None) -> str | None:
+                     model_desc: dict, score: float | None, writer: records.RunWriter | None) -> str | None:
     """Gather every rank's generator state and stream position, then rank 0 stores the records written so far
     (with ``flush_every`` not dividing ``checkpoint_every``, a resume from this checkpoint would otherwise never
     write those in memory when rank 0 died) and writes one checkpoint.
 
     Storage that stays unavailable beyond the retries costs this checkpoint, not the run: ``latest.json`` keeps
     naming the previous one, the next record carries ``checkpoint_failed`` and ``checkpoint_error``."""
-    state = training_state.capture(config, gan, noise, position, iteration, model_id)
+    state = training_state.capture(config, gan, noise, position, iteration, model_desc)
     if state is None:
         return None
     out = config.output

@@ -24,14 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 def capture(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition, iteration: int,
-            model_id: dict) -> dict[str, Any] | None:
+            model_desc: dict) -> dict[str, Any] | None:
     """Gather every rank's random state and data position; rank 0 gets the whole training state, the others None.
     Every rank must call it (a collective)."""
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(_rank_capture(gan, noise, position), gathered, dst=0)
     if dist.get_rank() != 0:
         return None
-    return {"format": FORMAT, "iteration": iteration, "model": model_id, "config": config.to_dict(),
+    return {"format": FORMAT, "iteration": iteration, "model": model_desc, "config": config.to_dict(),
             "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(), "augment_p": float(gan.augment.p),
             "pl_target": float(gan.pl_target),
             **({"G_ema": gan.G_ema.state_dict()} if gan.G_ema is not None else {}),
