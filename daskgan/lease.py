@@ -37,7 +37,6 @@ from daskgan.errors import UserError
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 1.0  # how often rank 0 looks at the scheduler
-STATE_FILE = "state.json"  # in the run directory when its ranks stopped early: state, iteration, checkpoint
 BEATS_PER_TIMEOUT = 4  # heartbeats within the ranks' driver_timeout_s, so one late beat does not stop them
 BEAT_S_MIN, BEAT_S_MAX = 0.5, 10.0  # bounds on the heartbeat interval: scheduler load vs. how soon a loss shows
 STALE_AFTER_INTERVALS = 2.0  # a heartbeat still for this many of its intervals: the driver is gone

@@ -9,7 +9,6 @@ going), ``not started`` (no records).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -17,8 +16,8 @@ import yaml
 
 from daskgan import dispatch
 from daskgan.errors import NotFound
-from daskgan.lease import STATE_FILE, driver_is_live, held_lease
-from daskgan.run import checkpoint, storage
+from daskgan.lease import driver_is_live, held_lease
+from daskgan.run import checkpoint, layout, storage
 from daskgan.run.records import load
 from daskgan.run.storage import StorageOptions
 
@@ -50,11 +49,11 @@ def _state(run_url: str, status: dict, storage_options: StorageOptions | None, c
         return "finished"
     if client is not None and driver_is_live(client, run_url):
         return "running"
-    ended = _read_json(run_url, STATE_FILE, storage_options)
-    if ended.get("state") in ("stopped", "failed") and ended.get("iteration") == status["iteration"]:
-        if ended.get("error"):
-            status["error"] = ended["error"]
-        return ended["state"]
+    ended = layout.read_state(run_url, storage_options)
+    if ended is not None and ended.iteration == status["iteration"]:
+        if ended.error:
+            status["error"] = ended.error
+        return ended.state
     return "interrupted" if status["iteration"] else "not started"
 
 
@@ -96,11 +95,6 @@ def _read_yaml(run_url: str, name: str, storage_options: StorageOptions | None) 
         return yaml.safe_load(storage.read_bytes(storage.join(run_url, name), storage_options)) or {}
     except NotFound:
         raise NotFound(f"{run_url} is not a daskgan run directory (no {name})") from None
-
-
-def _read_json(run_url: str, name: str, storage_options: StorageOptions | None) -> dict:
-    url = storage.join(run_url, name)
-    return json.loads(storage.read_bytes(url, storage_options)) if storage.exists(url, storage_options) else {}
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -25,11 +25,11 @@ from daskgan.data.index import ImageIndex, examples, fetch_images
 from daskgan.data.manifest import training_index
 from daskgan.data.stream import ImageStream, StreamPosition
 from daskgan.errors import ConfigError, FailureKind, StorageUnavailable, failure_kind, first_line
-from daskgan.lease import STATE_FILE, DriverWatch
+from daskgan.lease import DriverWatch
 from daskgan.models import conditioning_classes, model_description
 from daskgan.preemption import NoticeWatch
 from daskgan.ranks import from_rank0
-from daskgan.run import checkpoint, records, storage
+from daskgan.run import checkpoint, layout, records, storage
 from daskgan.run.images import grid_columns
 from daskgan.run.storage import StorageOptions
 from daskgan.seeding import stream_seed
@@ -81,8 +81,8 @@ def _record_failure(config: JobConfig, error: Exception) -> None:
     try:
         table = records.load(out.run_url, out.storage_options)
         iteration = int(table["iteration"].max()) if len(table) else 0
-        storage.write_json(storage.join(out.run_url, STATE_FILE), {"state": "failed", "iteration": iteration,
-                                                                  "error": first_line(error)}, out.storage_options)
+        layout.write_state(out.run_url, layout.RunState("failed", iteration, error=first_line(error)),
+                           out.storage_options)
     except Exception as unrecorded:  # the run's own error matters more than this note
         logger.warning("could not record the failure in %s: %s", out.run_url, unrecorded)
 
@@ -275,8 +275,7 @@ def _stopped_early(config: JobConfig, stop: str, iteration: int, last_checkpoint
         return LoopEnd(last_checkpoint, stop)
     if writer is not None:
         logger.warning("stopping at iteration %d (%s)", iteration, stop)
-        storage.write_json(storage.join(config.output.run_url, STATE_FILE),
-                           {"state": "stopped", "iteration": iteration, "checkpoint": last_checkpoint},
+        layout.write_state(config.output.run_url, layout.RunState("stopped", iteration, checkpoint=last_checkpoint),
                            config.output.storage_options)
     return LoopEnd(last_checkpoint, stop)
 
