@@ -46,7 +46,7 @@ from distributed import Client
 from daskgan.cluster.driver import run_job
 from daskgan.config import JobConfig, load_yaml_mapping
 from daskgan.data import synthetic
-from daskgan.run import checkpoint, records, storage
+from daskgan.run import checkpoint, layout, records, storage
 from daskgan.tools.sandbox import LoopbackS3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -123,7 +123,7 @@ def measure(name: str, spec: Model, server: LoopbackS3, iterations: int, signal_
         result.exit_s = time.monotonic() - seen["signalled"]
         url = checkpoint.latest(config.output.run_url, options)
         if url:
-            result.checkpoint_iteration = int(Path(url).name[:-len(checkpoint.SUFFIX)])
+            result.checkpoint_iteration = layout.checkpoint_iteration(Path(url).name)
             result.checkpoint_mb = storage.filesystem(url, options)[0].size(url) / 1e6
         print(f"{name}: the signalled worker exited {result.exit_s:.1f} s after SIGTERM; checkpoint "
               f"{result.checkpoint_iteration} ({result.checkpoint_mb or 0:.1f} MB); a replacement joins", flush=True)

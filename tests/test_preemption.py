@@ -19,7 +19,7 @@ from daskgan.cluster.driver import GraceCheck, run_job
 from daskgan.cluster.status import format_status, run_status
 from daskgan.config import JobConfig
 from daskgan.preemption import SpotInterruptionWatch
-from daskgan.run import checkpoint
+from daskgan.run import checkpoint, layout
 from daskgan.run.records import load
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def preemptible_job(bucket_url: str, options: dict, iterations: int) -> JobConfi
 def durable_checkpoint(run_url: str, options: dict) -> int:
     """The iteration of the checkpoint the run's pointer names (0: none yet)."""
     url = checkpoint.latest(run_url, options)
-    return int(Path(url).name[:-len(checkpoint.SUFFIX)]) if url else 0
+    return layout.checkpoint_iteration(Path(url).name) if url else 0
 
 
 def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no_iteration(own_cluster,

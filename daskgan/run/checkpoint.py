@@ -20,19 +20,12 @@ from typing import Any
 import torch
 
 from daskgan.errors import CheckpointMismatch, CheckpointUnreadable, NotFound, first_line
-from daskgan.run import storage
+from daskgan.run import layout, storage
 from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1  # the layout of a checkpoint's dict (daskgan.training.state); raise it when that changes
-POINTER = "latest.json"
-INDEX = "index.json"
-SUFFIX = ".pt"
-
-
-def directory(run_url: str) -> str:
-    return storage.join(run_url, "checkpoints")
 
 
 def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
@@ -43,8 +36,8 @@ def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
 
     Checkpoints of later iterations belong to a branch the run abandoned by resuming from an earlier one: they
     are dropped too, so the one just written is always the newest and is never deleted."""
-    name = f"{iteration:09d}{SUFFIX}"
-    url = storage.join(directory(run_url), name)
+    name = layout.checkpoint_name(iteration)
+    url = layout.checkpoint_url(run_url, iteration)
     storage.write_bytes(url, storage.torch_bytes(state), storage_options)
     scores = {int(i): value for i, value in index(run_url, storage_options).get("scores", {}).items()}
     if score is not None:
@@ -55,8 +48,7 @@ def save(run_url: str, state: dict[str, Any], iteration: int, keep: int,
     sign = -1 if higher_is_better else 1  # IS ranks high to low; FID and KID low to high
     best = sorted((i for i in current if i in scores), key=lambda i: (sign * scores[i], i))[:keep_best]
     _write_index(run_url, current, newest, best, scores, metric, storage_options)
-    storage.write_json(storage.join(directory(run_url), POINTER), {"iteration": iteration, "name": name},
-                       storage_options)
+    storage.write_json(layout.pointer_url(run_url), {"iteration": iteration, "name": name}, storage_options)
     _remove(listed, set(listed) - set(newest) - set(best), storage_options)
     logger.info("checkpoint %s written", url)
     return url
@@ -78,10 +70,10 @@ def rewind(run_url: str, iteration: int, storage_options: StorageOptions | None 
     _write_index(run_url, current, newest, [e["iteration"] for e in old.get("best", []) if e["iteration"] in current],
                  scores,
                  old.get("metric", "fid"), storage_options)
-    pointer = storage.join(directory(run_url), POINTER)
+    pointer = layout.pointer_url(run_url)
     if current:
         newest = max(current)
-        storage.write_json(pointer, {"iteration": newest, "name": f"{newest:09d}{SUFFIX}"}, storage_options)
+        storage.write_json(pointer, {"iteration": newest, "name": layout.checkpoint_name(newest)}, storage_options)
     elif storage.exists(pointer, storage_options):
         storage.remove(pointer, storage_options)
     _remove(listed, later, storage_options)
@@ -91,7 +83,7 @@ def rewind(run_url: str, iteration: int, storage_options: StorageOptions | None 
 def _write_index(run_url: str, listed: dict[int, str], newest: list[int], best: list[int],
                  scores: dict[int, float], metric: str, storage_options: StorageOptions | None) -> None:
     kept = set(newest) | set(best)
-    storage.write_json(storage.join(directory(run_url), INDEX), {
+    storage.write_json(layout.index_url(run_url), {
         "metric": metric, "latest": [{"iteration": i, "url": listed[i]} for i in newest],
         "best": [{"iteration": i, "url": listed[i], metric: scores[i]} for i in best],
         "scores": {str(i): scores[i] for i in sorted(kept) if i in scores}}, storage_options)
@@ -106,16 +98,15 @@ def _remove(listed: dict[int, str], iterations: set[int], storage_options: Stora
 def index(run_url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """The run's checkpoint index: ``latest`` and ``best`` (with scores) as lists of {iteration, url}; {} if none
     (or if it cannot be read: the next save writes it again)."""
-    url = storage.join(directory(run_url), INDEX)
-    return _read_metadata(url, storage_options) or {}
+    return _read_metadata(layout.index_url(run_url), storage_options) or {}
 
 
 def list_checkpoints(run_url: str, storage_options: StorageOptions | None = None) -> list[tuple[int, str]]:
     """(iteration, URL) of every checkpoint object in the run directory, oldest first, whether or not a save
     finished with it (resume from ``latest`` instead)."""
-    names = storage.list_names(directory(run_url), storage_options)
-    return [(int(n[:-len(SUFFIX)]), storage.join(directory(run_url), n))
-            for n in names if n.endswith(SUFFIX) and n[:-len(SUFFIX)].isdigit()]
+    folder = layout.checkpoints_url(run_url)
+    named = ((layout.checkpoint_iteration(name), name) for name in storage.list_names(folder, storage_options))
+    return [(iteration, storage.join(folder, name)) for iteration, name in named if iteration is not None]
 
 
 def resolve(url: str, storage_options: StorageOptions | None = None) -> str:
@@ -125,14 +116,14 @@ def resolve(url: str, storage_options: StorageOptions | None = None) -> str:
     folder that holds no checkpoints is refused in one line (reading it as a file used to be retried for half a
     minute, and the pointer was read as a checkpoint)."""
     folder, name = posixpath.split(url.rstrip("/"))
-    if name in (POINTER, INDEX) and posixpath.basename(folder) == "checkpoints":
+    if name in (layout.POINTER, layout.INDEX) and posixpath.basename(folder) == layout.CHECKPOINTS:
         return _newest(posixpath.dirname(folder), url, storage_options)
     if not storage.is_folder(url, storage_options):
         return url
-    run_url = folder if name == "checkpoints" else url.rstrip("/")
-    if not storage.list_names(directory(run_url), storage_options):
+    run_url = folder if name == layout.CHECKPOINTS else url.rstrip("/")
+    if not storage.list_names(layout.checkpoints_url(run_url), storage_options):
         raise NotFound(f"{url} is a folder holding no daskgan checkpoint: give a checkpoint, a run directory or its "
-                       f"checkpoints/latest.json")
+                       f"{layout.CHECKPOINTS}/{layout.POINTER}")
     return _newest(run_url, url, storage_options)
 
 
@@ -140,7 +131,7 @@ def _newest(run_url: str, url: str, storage_options: StorageOptions | None) -> s
     newest = latest(run_url, storage_options)
     if newest is None:
         raise NotFound(f"{url}: the run {run_url} has no finished checkpoint yet (its checkpoints are listed in "
-                       f"{storage.join(directory(run_url), INDEX)})")
+                       f"{layout.index_url(run_url)})")
     logger.info("%s: the newest checkpoint is %s", url, newest)
     return newest
 
@@ -173,13 +164,12 @@ def newest_readable(run_url: str, storage_options: StorageOptions | None = None)
 def _finished(run_url: str, storage_options: StorageOptions | None) -> list[str]:
     """URLs of the checkpoints whose save finished, the pointer's first, then the index's older ones, newest first
     (each inside this run's directory, wherever the run was copied from)."""
-    pointer = _read_metadata(storage.join(directory(run_url), POINTER), storage_options)
+    pointer = _read_metadata(layout.pointer_url(run_url), storage_options)
     indexed = index(run_url, storage_options)
     iterations = {entry["iteration"] for kind in ("latest", "best") for entry in indexed.get(kind, [])}
-    newest = [] if pointer is None else [storage.join(directory(run_url), pointer["name"])]
+    newest = [] if pointer is None else [storage.join(layout.checkpoints_url(run_url), pointer["name"])]
     below = pointer["iteration"] if pointer is not None else float("inf")
-    return newest + [storage.join(directory(run_url), f"{i:09d}{SUFFIX}") for i in sorted(iterations, reverse=True)
-                     if i < below]
+    return newest + [layout.checkpoint_url(run_url, i) for i in sorted(iterations, reverse=True) if i < below]
 
 
 def _read_metadata(url: str, storage_options: StorageOptions | None) -> dict[str, Any] | None:
@@ -220,7 +210,7 @@ def read(url: str, storage_options: StorageOptions | None = None) -> bytes:
         return storage.read_bytes(url, storage_options)
     except NotFound as exc:
         raise NotFound(f"checkpoint {url} does not exist ({exc}); the run's checkpoints are listed in "
-                       f"<run_url>/checkpoints/index.json") from exc
+                       f"{layout.index_url('<run_url>')}") from exc
 
 
 def parse(data: bytes, url: str) -> dict[str, Any]:
