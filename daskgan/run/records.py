@@ -1,12 +1,7 @@
 """Per-iteration records, sample grids and TensorBoard events: written by rank 0 into the run directory.
 
-Run directory layout (any fsspec URL)::
-
-    records/<first>-<last>.jsonl   one JSON record per iteration, in parts (object stores cannot append)
-    records.parquet                all records as one table, written when the run ends
-    summary.png                    losses, ADA p and FID/KID over the run, drawn when it ends
-    grids/<iteration>.png          fixed-z sample grids
-    tb/events.out.tfevents.*       TensorBoard scalars and sample grids (``tensorboard --logdir <run>/tb``)
+Records go in parts (object stores cannot append), joined into one table when the run ends, beside a summary
+plot; where each lives is ``daskgan.run.layout``'s.
 
 Live view: each record is also published as a Dask event on the run's topic; ``daskgan.cluster.monitor`` on the
 client subscribes to it and yields the records as they arrive.
@@ -26,15 +21,13 @@ import pandas as pd
 import torch
 
 from daskgan.config.schema import METRICS
-from daskgan.run import storage
+from daskgan.run import layout, storage
 from daskgan.run.images import image_grid, png_bytes
 from daskgan.run.storage import StorageOptions
 from daskgan.run.summary import summary_png
 
 logger = logging.getLogger(__name__)
 
-RECORD_PARTS = "records"
-SUMMARY = "summary.png"  # losses, p and metrics of the whole run (daskgan.run.summary)
 TENSORBOARD_ROLL_BYTES = 4 * 2**20  # S3 has no append: start a new event file rather than re-upload a big one
 
 
@@ -96,7 +89,7 @@ class RunWriter:
         """Save a grid of ``images`` (N, 3, H, W in [-1, 1]) as PNG and as a TensorBoard image; ``name``
         instead of the iteration for a grid that is not a sample (``reals``)."""
         grid = image_grid(images)
-        url = storage.join(self.run_url, "grids", f"{name or f'{iteration:09d}'}.png")
+        url = layout.grid_url(self.run_url, iteration, name)
         storage.write_bytes(url, png_bytes(grid), self.storage_options)
         self._tb.add_image(f"samples/{name or 'fixed_z'}", grid, iteration)
         return url
@@ -104,7 +97,8 @@ class RunWriter:
     def flush(self) -> None:
         if self._pending:
             first, last = self._pending[0]["iteration"], self._pending[-1]["iteration"]
-            storage.write_bytes(_part_url(self.run_url, first, last), _jsonl(self._pending), self.storage_options)
+            storage.write_bytes(layout.record_part_url(self.run_url, first, last), _jsonl(self._pending),
+                                self.storage_options)
             self._pending = []
         self._upload_tensorboard()
 
@@ -117,8 +111,8 @@ class RunWriter:
         table = load(self.run_url, self.storage_options)
         buffer = io.BytesIO()
         table.to_parquet(buffer, index=False)
-        storage.write_many({storage.join(self.run_url, "records.parquet"): buffer.getvalue(),
-                            storage.join(self.run_url, SUMMARY): summary_png(table, title=self.run_url)},
+        storage.write_many({layout.records_table_url(self.run_url): buffer.getvalue(),
+                            layout.summary_url(self.run_url): summary_png(table, title=self.run_url)},
                            self.storage_options)
         return table
 
@@ -129,7 +123,7 @@ class RunWriter:
             size = os.path.getsize(os.path.join(self._tb_local, name))
             if self._tb_uploaded.get(name) != size:
                 with open(os.path.join(self._tb_local, name), "rb") as handle:
-                    changed[storage.join(self.run_url, "tb", name)] = handle.read()
+                    changed[layout.tensorboard_url(self.run_url, name)] = handle.read()
                 self._tb_uploaded[name] = size
         storage.write_many(changed, self.storage_options)
         if any(size > TENSORBOARD_ROLL_BYTES for size in self._tb_uploaded.values()) and self._tb.file_writer:
@@ -166,12 +160,8 @@ def trim_records(run_url: str, last_kept: int, storage_options: StorageOptions |
             storage.remove(url, storage_options)
         elif last > last_kept:
             kept = [r for r in _read_jsonl(url, storage_options) if r["iteration"] <= last_kept]
-            storage.write_bytes(_part_url(run_url, first, last_kept), _jsonl(kept), storage_options)
+            storage.write_bytes(layout.record_part_url(run_url, first, last_kept), _jsonl(kept), storage_options)
             storage.remove(url, storage_options)
-
-
-def _part_url(run_url: str, first: int, last: int) -> str:
-    return storage.join(run_url, RECORD_PARTS, f"{first:09d}-{last:09d}.jsonl")
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
@@ -204,13 +194,9 @@ def _tensorboard_tag(name: str) -> str:
 
 
 def _record_parts(run_url: str, storage_options: StorageOptions | None) -> list[tuple[int, int, str]]:
-    parts_url = storage.join(run_url, RECORD_PARTS)
-    parts = []
-    for name in storage.list_names(parts_url, storage_options):
-        if name.endswith(".jsonl"):
-            first, last = (int(x) for x in name[:-6].split("-"))
-            parts.append((first, last, storage.join(parts_url, name)))
-    return parts
+    parts_url = layout.record_parts_url(run_url)
+    spans = ((layout.record_part_span(name), name) for name in storage.list_names(parts_url, storage_options))
+    return [(*span, storage.join(parts_url, name)) for span, name in spans if span is not None]
 
 
 def _read_jsonl(url: str, storage_options: StorageOptions | None) -> list[dict[str, Any]]:
