@@ -26,7 +26,7 @@ from daskgan.data.stream import ImageStream
 from daskgan.models import stylegan2
 from daskgan.models.layers import standing_statistics
 from daskgan.ranks import from_rank0
-from daskgan.run import storage
+from daskgan.run import layout, storage
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Evaluator:
                   "real_images": self.real_count, **scores}
         if self._dataset_statistics is not None:
             report["fid_real_images"] = len(self.index)  # FID's reference: the whole dataset
-        storage.write_json(storage.join(self.config.output.run_url, "metrics", f"{iteration:09d}.json"), report,
+        storage.write_json(layout.evaluation_url(self.config.output.run_url, iteration), report,
                            self.config.output.storage_options)
         logger.info("iteration %d: %s (%s)", iteration, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
                     self.extractor.name)
@@ -142,7 +142,7 @@ class Evaluator:
         m, name = self.config.metrics, f"{prefix}-{self._cache_key(count or self.real_count)}.pt"
         if m.real_cache_url:
             return storage.join(m.real_cache_url, name), m.storage_options
-        return storage.join(self.config.output.run_url, "metrics", name), self.config.output.storage_options
+        return layout.metrics_url(self.config.output.run_url, name), self.config.output.storage_options
 
     def _cache_key(self, count: int) -> str:
         data = self.config.data
