@@ -24,7 +24,7 @@ from daskgan.run.storage import StorageOptions
 
 def run_status(run_url: str, storage_options: StorageOptions | None = None, client: Any = None) -> dict[str, Any]:
     """The run's state, progress, last losses and p, restarts, speed and ETA, newest checkpoint (plain data)."""
-    config = _read_yaml(run_url, "config.yaml", storage_options)
+    config = _read_config(run_url, storage_options)
     records = load(run_url, storage_options)
     iterations = int(config.get("train", {}).get("iterations", 0))
     status: dict[str, Any] = {"run_url": run_url, "iterations": iterations, "iteration": 0,
@@ -90,11 +90,11 @@ def _speed(records, iterations: int) -> dict[str, float]:
     return {"iterations_per_s": 1 / per_iteration, "eta_s": remaining * per_iteration}
 
 
-def _read_yaml(run_url: str, name: str, storage_options: StorageOptions | None) -> dict:
+def _read_config(run_url: str, storage_options: StorageOptions | None) -> dict:
     try:
-        return yaml.safe_load(storage.read_bytes(storage.join(run_url, name), storage_options)) or {}
+        return yaml.safe_load(storage.read_bytes(layout.config_url(run_url), storage_options)) or {}
     except NotFound:
-        raise NotFound(f"{run_url} is not a daskgan run directory (no {name})") from None
+        raise NotFound(f"{run_url} is not a daskgan run directory (no {layout.CONFIG})") from None
 
 
 def format_status(status: dict[str, Any]) -> str:

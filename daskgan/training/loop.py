@@ -155,7 +155,7 @@ def evaluations(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 def save_config(config: JobConfig) -> None:
     """Keep the job (credentials redacted) beside its results, so a run directory explains itself."""
-    storage.write_bytes(storage.join(config.output.run_url, "config.yaml"), config.to_yaml().encode(),
+    storage.write_bytes(layout.config_url(config.output.run_url), config.to_yaml().encode(),
                         config.output.storage_options)
 
 
