@@ -19,7 +19,7 @@ from daskgan.cluster import ClusterSpec, connect, connect_existing, default_clus
 from daskgan.config import JobConfig, load_job
 from daskgan.config.schema import METRICS
 from daskgan.errors import ConfigError, InfrastructureError, UserError, first_line
-from daskgan.run import storage
+from daskgan.run import layout, storage
 from daskgan.tools import sandbox
 
 logger = logging.getLogger("daskgan")
@@ -142,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     render_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"with --job: {OVERRIDES_HELP}")
     render_parser.set_defaults(run=render_command)
     generate = commands.add_parser("generate", help="images from a checkpoint, one PNG per seed")
-    generate.add_argument("checkpoint", help="checkpoint URL or path (…/checkpoints/000001000.pt), or an NVlabs "
-                                             "network pickle")
+    generate.add_argument("checkpoint", help=f"checkpoint URL or path (…/{layout.CHECKPOINTS}/"
+                                             f"{layout.checkpoint_name(1000)}), or an NVlabs network pickle")
     generate.add_argument("--seeds", default="0-7", type=_seeds, help="seeds, e.g. 0-7 or 1,5,9 (default 0-7)")
     generate.add_argument("--class", dest="class_index", type=int, help="class index, for conditional models")
     _add_output_options(generate)
@@ -472,19 +472,20 @@ def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None
     done = (f"stopped at iteration {summary['last_iteration']} of {summary['iterations']} ({summary['stopped']})"
             if summary.get("stopped") else f"trained {summary['iterations']} iterations")
     lines = [f"daskgan: {done}; run directory {run_url}",
-             f"  records:     {run_url}/records.parquet (and records/*.jsonl)",
-             f"  grids:       {run_url}/grids/",
-             f"  tensorboard: tensorboard --logdir {run_url}/tb",
+             f"  records:     {layout.records_table_url(run_url)} (and {layout.RECORD_PARTS}/*"
+             f"{layout.RECORD_PART_SUFFIX})",
+             f"  grids:       {layout.grids_url(run_url)}/",
+             f"  tensorboard: tensorboard --logdir {layout.tensorboard_url(run_url)}",
              f"  checkpoint:  {summary['checkpoint']}"]
-    lines += [f"  summary:     {run_url}/summary.png (losses, p, metrics)", *_metric_trends(summary)]
+    lines += [f"  summary:     {layout.summary_url(run_url)} (losses, p, metrics)", *_metric_trends(summary)]
     if summary.get("skipped_images"):
         lines.append(f"  skipped {summary['skipped_images']} unreadable images (see the workers' log)")
     if local_copy:
         where = os.path.abspath(local_copy)
         note = "the loopback S3 server has stopped; " if stopped_server else ""
         lines += [f"  {note}a copy of the run directory is in {where}",
-                  f"    grids: {where}/grids/   records: {where}/records.parquet",
-                  f"    tensorboard --logdir {where}/tb"]
+                  f"    grids: {layout.grids_url(where)}/   records: {layout.records_table_url(where)}",
+                  f"    tensorboard --logdir {layout.tensorboard_url(where)}"]
     print("\n".join(lines))
 
 
