@@ -13,10 +13,10 @@ from daskgan import dispatch
 from daskgan.config import DataConfig, OutputConfig
 from daskgan.data import synthetic
 from daskgan.data.index import index_images
-from daskgan.data.manifest import RUN_MANIFEST, training_index
+from daskgan.data.manifest import training_index
 from daskgan.errors import ConfigError
 from daskgan.ranks import from_rank0
-from daskgan.run import storage
+from daskgan.run import layout, storage
 
 
 def configs(data_url, run_url, options, **data):
@@ -34,7 +34,7 @@ def test_the_manifest_is_written_once_and_reused(shapes_in_bucket):
     assert list(first.sizes) == [len(fs.cat_file(path)) for path in first.paths], "object sizes from the listing"
     synthetic.write_dataset(f"{bucket}/data/extra", images=3, resolution=16, storage_options=options)
     assert training_index(data, output) == first, "a restart reads the manifest instead of listing again"
-    storage.filesystem(bucket, options)[0].rm(f"{bucket}/run/{RUN_MANIFEST}")
+    storage.filesystem(bucket, options)[0].rm(f"{bucket}/run/{layout.MANIFEST}")
     assert len(training_index(data, output)) == 15, "deleting the manifest lists again"
 
 
@@ -52,7 +52,7 @@ def test_a_shared_manifest_must_describe_data_url(shapes_in_bucket):
     shared = f"{bucket}/manifests/shapes.json.gz"
     data, output = configs(f"{bucket}/data", f"{bucket}/run-a", options, manifest=shared)
     training_index(data, output)
-    assert storage.exists(shared, options) and not storage.exists(f"{bucket}/run-a/{RUN_MANIFEST}", options)
+    assert storage.exists(shared, options) and not storage.exists(f"{bucket}/run-a/{layout.MANIFEST}", options)
     other, _ = configs(f"{bucket}/other", f"{bucket}/run-b", options, manifest=shared)
     with pytest.raises(ConfigError, match=f"data.manifest: {shared} lists {bucket}/data, not data.url"):
         training_index(other, output)
@@ -67,8 +67,8 @@ def label_out_of_range(dataset: str) -> bytes:
 def test_a_broken_manifest_is_one_clear_error(shapes_in_bucket, content):
     bucket, options = shapes_in_bucket(2)
     data, output = configs(f"{bucket}/data", f"{bucket}/run", options)
-    storage.write_bytes(f"{bucket}/run/{RUN_MANIFEST}", content(data.url), options)
-    with pytest.raises(ConfigError, match=f"{bucket}/run/{RUN_MANIFEST} is not a daskgan dataset manifest"):
+    storage.write_bytes(f"{bucket}/run/{layout.MANIFEST}", content(data.url), options)
+    with pytest.raises(ConfigError, match=f"{bucket}/run/{layout.MANIFEST} is not a daskgan dataset manifest"):
         training_index(data, output)
 
 

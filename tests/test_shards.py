@@ -261,7 +261,8 @@ def test_dataset_command_writes_shards_with_a_manifest_and_reports_the_broken_in
     from test_archive import odd_and_broken_images
 
     from daskgan.data.convert import convert_dataset
-    from daskgan.data.manifest import RUN_MANIFEST, read_manifest
+    from daskgan.data.manifest import read_manifest
+    from daskgan.run.layout import MANIFEST
 
     bucket, options = s3_bucket
     storage.write_many({f"{bucket}/raw/{name}": data for name, data in odd_and_broken_images().items()}, options)
@@ -273,7 +274,7 @@ def test_dataset_command_writes_shards_with_a_manifest_and_reports_the_broken_in
                                                                                "truncated.png"]
     scanned = index_images(dest, options)
     assert len(scanned.shards) > 1 and list(scanned.labels) == [0, 0, 0, 1, 1]
-    manifest = read_manifest(storage.join(dest, RUN_MANIFEST), options, DataConfig(url=dest, storage_options=options))
+    manifest = read_manifest(storage.join(dest, MANIFEST), options, DataConfig(url=dest, storage_options=options))
     assert manifest.entries == scanned.entries
     assert training_index(DataConfig(url=dest, storage_options=options),
                           OutputConfig(run_url=f"{bucket}/run-{crop}", storage_options=options)).paths == scanned.paths

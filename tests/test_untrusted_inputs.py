@@ -23,10 +23,10 @@ from daskgan.data.convert import convert_image
 from daskgan.data.decode import UnreadableImage, decode_image
 from daskgan.data.folder import S3ImageFolder
 from daskgan.data.index import index_images
-from daskgan.data.manifest import RUN_MANIFEST, dataset_base, manifest_bytes, training_index
+from daskgan.data.manifest import dataset_base, manifest_bytes, training_index
 from daskgan.data.stream import ImageStream
 from daskgan.errors import ConfigError, NotFound
-from daskgan.run import storage
+from daskgan.run import layout, storage
 
 MiB = 2**20
 DECODINGS = [{"decode_threads": 1}, {"decode_threads": 2}, {"decode_processes": 1}]  # inline, threads, processes
@@ -212,7 +212,7 @@ def folder_dataset(url: str, count: int = 4) -> None:
 def test_a_copied_dataset_reads_its_new_location_through_the_manifest_it_carries(tmp_path):
     first, copy = (tmp_path / "first").as_uri(), (tmp_path / "copy").as_uri()
     folder_dataset(first)
-    storage.write_bytes(storage.join(first, RUN_MANIFEST), manifest_bytes(index_images(first), dataset_base(first)))
+    storage.write_bytes(storage.join(first, layout.MANIFEST), manifest_bytes(index_images(first), dataset_base(first)))
     fs, _ = storage.filesystem(first)
     fs.copy(str(tmp_path / "first"), str(tmp_path / "copy"), recursive=True)
     fs.rm(str(tmp_path / "first"), recursive=True)
@@ -253,7 +253,7 @@ def test_an_old_manifest_of_the_datasets_own_location_is_still_read(tmp_path):
     listed = index_images(url)
     root = str(tmp_path / "data")
     keys = [path[len(root) + 1:] for path in listed.paths]
-    storage.write_bytes(storage.join(url, RUN_MANIFEST), v1_manifest(url, root, keys))
+    storage.write_bytes(storage.join(url, layout.MANIFEST), v1_manifest(url, root, keys))
     index = training_index(DataConfig(url=url), OutputConfig(run_url=(tmp_path / "run").as_uri()))
     assert index.paths == listed.paths
 

@@ -39,11 +39,11 @@ from daskgan.config.coerce import require
 from daskgan.config.schema import is_training_resolution
 from daskgan.data.decode import DECODE_ERRORS, decoding_one_image, open_image, to_channels
 from daskgan.data.index import ImageIndex, fetch_images, index_images
-from daskgan.data.manifest import RUN_MANIFEST, dataset_base, manifest_bytes
+from daskgan.data.manifest import dataset_base, manifest_bytes
 from daskgan.data.shard_scan import flatten_samples, samples_in
 from daskgan.data.shard_write import tar_shard
 from daskgan.errors import ConfigError
-from daskgan.run import storage
+from daskgan.run import layout, storage
 from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def _write_shards(client: Any, shared: Any, index: ImageIndex, dest_url: str, se
             on_chunk(len(notes), len(starts))
     ordered = [notes[number] for number in sorted(notes)]
     written = shard_index(dest_url, ordered, index.classes, options)
-    storage.write_bytes(storage.join(dest_url, RUN_MANIFEST),
+    storage.write_bytes(storage.join(dest_url, layout.MANIFEST),
                         manifest_bytes(written, dataset_base(dest_url, options)), options)
     return len(written), [skipped for note in ordered for skipped in note["skipped"]]
 

@@ -25,21 +25,20 @@ from daskgan.data.inflate import GZIP, MAX_DOCUMENT_BYTES, inflate
 from daskgan.data.shard_scan import TarMember, is_shard_pattern
 from daskgan.errors import ConfigError
 from daskgan.ranks import from_rank0
-from daskgan.run import storage
+from daskgan.run import layout, storage
 from daskgan.run.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "daskgan-manifest/2"  # keys relative to the dataset's own location
 OLD_FORMAT = "daskgan-manifest/1"  # keys under an absolute "root": read when that root lies in the dataset
-RUN_MANIFEST = "dataset-manifest.json.gz"
 
 
 def manifest_location(data: DataConfig, output: OutputConfig) -> tuple[str, StorageOptions]:
     """Where this job's manifest lives, with the storage options to reach it."""
     if data.manifest:
         return data.manifest, data.storage_options
-    return storage.join(output.run_url, RUN_MANIFEST), output.storage_options
+    return layout.manifest_url(output.run_url), output.storage_options
 
 
 def training_index(data: DataConfig, output: OutputConfig) -> ImageIndex:
@@ -74,7 +73,7 @@ def dataset_manifest(data: DataConfig) -> ImageIndex | None:
     """The manifest a dataset folder carries (``daskgan dataset`` writes one beside its shards), else None."""
     if is_shard_pattern(data.url) or data.url.lower().endswith(".zip"):
         return None
-    beside = storage.join(data.url, RUN_MANIFEST)
+    beside = storage.join(data.url, layout.MANIFEST)
     if not storage.exists(beside, data.storage_options):
         return None
     logger.info("dataset: reading the manifest %s instead of listing", beside)
