@@ -1,1 +1,1 @@
-"""The run directory (any fsspec URL): storage access, checkpoints, records and TensorBoard, images."""
+"""The run directory (any fsspec URL): its layout, storage access, checkpoints, records and TensorBoard, images."""
