@@ -90,6 +90,7 @@ def _record_failure(config: JobConfig, error: Exception) -> None:
 def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
            resume: Resume) -> dict[str, Any] | None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank0 = rank == 0  # writes the records, grids and checkpoints; watches the driver and the workers' notices
     device = _device()
     model_desc = job_model_description(config, len(index.classes))
     gan = build_gan(config, conditioning_classes(config.model, len(index.classes)), device)
@@ -107,29 +108,29 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
     noise = Noise(generator, config.model.z_dim, gan.num_classes, device,
                   fake_label_weights(family_of(config.model), index.labels, gan.num_classes))
     writer = (records.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
-                                flush_every=config.output.flush_every) if rank == 0 else None)
+                                flush_every=config.output.flush_every) if rank0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position,
                          on_gpu=device.type == "cuda")
-    if writer is not None and restart is not None:
+    if rank0 and restart is not None:
         writer.mark_restart(restart["restart"], restart["cause"], start,
                             redone=max(0, restart["last_iteration"] - start),
                             notice_to_checkpoint_s=restart.get("notice_to_checkpoint_s"))
-    if writer is not None and resume.passed_over:
+    if rank0 and resume.passed_over:
         writer.annotate_next(unreadable_checkpoints="; ".join(resume.passed_over))
-    if rank == 0:
+    if rank0:
         logger.info("training %s from iteration %d to %d on %d ranks%s", config.model.family, start,
                     config.train.iterations, world_size, f" (resumed from {resume_url})" if resume_url else "")
     workers = _run_workers()
-    notices = NoticeWatch(workers, config.output.run_url) if writer is not None else None
+    notices = NoticeWatch(workers, config.output.run_url) if rank0 else None
     try:
         end = _loop(config, gan, stream, noise, writer, start, model_desc, notices)
     finally:
         if notices is not None:
             notices.close()
         stream.close()
-        if writer is not None:
+        if rank0:
             writer.flush()
-    if writer is None:
+    if not rank0:
         return None
     table = writer.close()
     return {"run_url": config.output.run_url, "iterations": config.train.iterations, "records": len(table),
@@ -222,10 +223,11 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     reals = config.images_per_iteration(dist.get_world_size())  # what D sees per iteration: the kimg unit
     grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
-    if writer is not None and start == 0:
+    rank0 = dist.get_rank() == 0  # alone holds a writer
+    if rank0 and start == 0:
         writer.grid(0, _real_examples(config, stream.index, grid_labels), name="reals")
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
-    watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if writer is not None else None
+    watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if rank0 else None
     last_checkpoint = None
     unreadable = _Unreadable(stream)
     for iteration in range(start + 1, train.iterations + 1):
@@ -242,7 +244,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         last = iteration == train.iterations
         scores = (evaluator.evaluate(sampler, gan.num_classes, iteration)
                   if evaluator is not None and (iteration % config.metrics.every == 0 or last) else {})
-        if writer is not None:
+        if rank0:
             writer.record({"iteration": iteration, "epoch": position.epoch, "world_size": dist.get_world_size(),
                            "kimg": iteration * reals / 1000, **stats, "images_per_s": reals / step_seconds,
                            "skipped_images": skipped, **_augment_fields(config, gan), **scores})
@@ -256,15 +258,15 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             saving = time.perf_counter()
             last_checkpoint = _save_checkpoint(config, gan, noise, position, iteration, model_desc,
                                                scores.get(config.ranking_metric), writer) or last_checkpoint
-            if writer is not None:  # how long a preempted worker's grace must be (cluster.driver warns)
+            if rank0:  # how long a preempted worker's grace must be (cluster.driver warns)
                 writer.annotate_next(checkpoint_s=round(time.perf_counter() - saving, 3))
         if stop != "continue":
-            return _stopped_early(config, stop, iteration, last_checkpoint, notices, writer)
+            return _stopped_early(config, stop, iteration, last_checkpoint, notices)
     return LoopEnd(last_checkpoint)
 
 
 def _stopped_early(config: JobConfig, stop: str, iteration: int, last_checkpoint: str | None,
-                   notices: NoticeWatch | None, writer: records.RunWriter | None) -> LoopEnd:
+                   notices: NoticeWatch | None) -> LoopEnd:
     """Why the ranks stop after ``iteration``; a run stopped for good says so in ``state.json``."""
     if notices is not None and notices.noticed:
         logger.warning("stopping at iteration %d: checkpoint durable %.1f s after the notice", iteration,
@@ -273,7 +275,7 @@ def _stopped_early(config: JobConfig, stop: str, iteration: int, last_checkpoint
                                                       "notice_to_checkpoint_s": notices.seconds_since_notice()})
     if stop == "next_checkpoint":  # the driver re-dispatches on more workers: the run goes on
         return LoopEnd(last_checkpoint, stop)
-    if writer is not None:
+    if dist.get_rank() == 0:  # says so once
         logger.warning("stopping at iteration %d (%s)", iteration, stop)
         layout.write_state(config.output.run_url, layout.RunState("stopped", iteration, checkpoint=last_checkpoint),
                            config.output.storage_options)
