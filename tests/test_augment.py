@@ -134,11 +134,11 @@ def smooth_batch(n, size=16):
 def blit_through_warp(images, flip, turns, dx, dy):
     import math
 
-    from daskgan.training.augment import _rotate2d, _scale2d, _translate2d, warp
+    from daskgan.training.augment import rotate2d, scale2d, translate2d, warp
 
     size, ones = images.shape[-1], torch.ones(len(images))
-    matrix = (_scale2d(1 - 2 * flip, ones) @ _rotate2d(-math.pi / 2 * turns)
-              @ _translate2d(dx * 2 / size, dy * 2 / size))
+    matrix = (scale2d(1 - 2 * flip, ones) @ rotate2d(-math.pi / 2 * turns)
+              @ translate2d(dx * 2 / size, dy * 2 / size))
     return warp(images, matrix)
 
 

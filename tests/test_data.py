@@ -378,7 +378,7 @@ def test_fast_decoders_give_pillows_pixels_or_leave_the_image_to_pillow(monkeypa
     from daskgan.data import decode
 
     assert decode.pyspng is not None and decode.simplejpeg is not None, "the test extra installs both"
-    taken = {name for name, data in odd_images().items() if decode._fast_pixels(data, channels) is not None}
+    taken = {name for name, data in odd_images().items() if decode.fast_pixels(data, channels) is not None}
     assert taken == ({"rgb.png", "gray.png", "palette.png", "rgba.png", "rgb.jpg", "gray.jpg", "progressive.jpg"}
                      if channels == 3 else {"gray.png"}), "the fast path serves these, Pillow the rest"
     fast = {}

@@ -126,7 +126,7 @@ def test_evaluation_reads_the_same_real_images_through_throttling(s3_server, sha
                                       "metrics": {"every": 1, "images": 24, "real_images": 24},
                                       "output": {"run_url": f"{bucket}/run", "storage_options": options}})
         evaluator = Evaluator(config, index_images(f"{bucket}/data", options), torch.device("cpu"))
-        return evaluator._reals(list(range(48)), list(range(24)))
+        return evaluator.real_images(list(range(48)), list(range(24)))
 
     faults = Faults(error_share=0.3, only_object_gets=True, seed=5)
     with FaultProxy(s3_server.endpoint_url, faults) as proxy:
@@ -140,7 +140,7 @@ def test_the_real_examples_beside_the_samples_are_read_through_throttling(s3_ser
     import torch
 
     from daskgan.config import JobConfig
-    from daskgan.training.loop import _real_examples
+    from daskgan.training.loop import real_examples
 
     bucket, options = shapes_in_bucket(16)
     faults = Faults(error_share=0.5, only_object_gets=True, seed=6)
@@ -149,7 +149,7 @@ def test_the_real_examples_beside_the_samples_are_read_through_throttling(s3_ser
         config = JobConfig.from_dict({"name": "g", "data": {"url": f"{bucket}/data", "resolution": 16,
                                                             "storage_options": proxied},
                                       "output": {"run_url": f"{bucket}/run", "grid_images": 16}})
-        reals = _real_examples(config, index_images(f"{bucket}/data", options), None)
+        reals = real_examples(config, index_images(f"{bucket}/data", options), None)
     assert faults.counts[503] + faults.counts[500] > 3
     grey = torch.zeros(3, 16, 16)
     assert not any(torch.equal(image, grey) for image in reals), "a throttled example is fetched again, not greyed"

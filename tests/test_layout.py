@@ -116,3 +116,25 @@ def test_the_linter_passes():
     linted = subprocess.run([sys.executable, "-m", "ruff", "check", "daskgan", "tests", "benchmarks"],
                             cwd=PACKAGE_ROOT.parent, capture_output=True, text=True)
     assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_tests_use_daskgan_through_its_public_names():
+    """A test that reaches a private name pins how the code is written, not what it does."""
+    reached = [f"{path.name}:{line}: {name}" for path in sorted(Path(__file__).parent.glob("*.py"))
+               for line, name in _private_daskgan_names(ast.parse(path.read_text()))]
+    assert not reached, reached
+
+
+def _private_daskgan_names(tree: ast.AST) -> list[tuple[int, str]]:
+    """Private names a module imports from daskgan, or reads off a daskgan module it imported."""
+    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and (node.module or "").startswith("daskgan") for alias in node.names}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("daskgan"):
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
+                      if alias.name.startswith("_")]
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+              and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append((node.lineno, f"{node.value.id}.{node.attr}"))
+    return found

@@ -90,9 +90,9 @@ def test_real_features_skip_a_corrupt_image(tmp_path):
                                   "output": {"run_url": tmp_path.as_uri() + "/run"}})
     evaluator = Evaluator(config, index, torch.device("cpu"))
     order = list(range(12))
-    images = evaluator._reals(order, [0, 1])
+    images = evaluator.real_images(order, [0, 1])
     assert images.shape == (2, 3, 16, 16)
-    assert torch.equal(images[0], evaluator._reals(order, [4])[0]), "item 0 falls back to item 0 + real_count"
+    assert torch.equal(images[0], evaluator.real_images(order, [4])[0]), "item 0 falls back to item 0 + real_count"
 
 
 def gathered_items(count):
@@ -125,7 +125,7 @@ def test_fid_fakes_of_stylegan2_carry_random_noise_as_nvlabs_metrics(tmp_path):
     for block in G.blocks:
         for layer in block.convs:
             layer.noise_strength.data.fill_(0.5)
-    fakes = evaluator._generated(G, 0, [0, 1])
+    fakes = evaluator.generated_images(G, 0, [0, 1])
     z = torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(1_000_000 + i)) for i in (0, 1)])
     assert not torch.allclose(fakes, samples(G, z, None)), "not the fixed (const) noise of the grids"
     assert torch.allclose(fakes, samples(G, z, None, noise_mode="random"))
@@ -264,7 +264,7 @@ def test_fid_against_the_whole_dataset_streams_every_image_once_and_caches_its_s
     every = torch.stack([decode_image(fs.cat_file(path), 16) for path in index.paths])
     mean, covariance = metrics.feature_statistics(evaluator.extractor(every))
     assert torch.allclose(stats["mean"], mean, atol=1e-6) and torch.allclose(stats["covariance"], covariance, atol=1e-6)
-    fakes = evaluator.extractor(evaluator._generated(generator, 0, list(range(6))))
+    fakes = evaluator.extractor(evaluator.generated_images(generator, 0, list(range(6))))
     assert score == pytest.approx(metrics.frechet_distance(mean, covariance, *metrics.feature_statistics(fakes)),
                                   rel=1e-6)
     report = json.loads((tmp_path / "run" / "metrics" / "000000001.json").read_text())

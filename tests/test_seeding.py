@@ -55,7 +55,7 @@ def streams_of_a_run(seeds: list[int], monkeypatch) -> int:
             restart = {"iteration": iteration, "ranks": [{"epoch": 0}] * 3} if iteration else None
             training_state.restore_rank(config, None, restart, rank, len(RANKS))
             streams += 2
-    loop._grid_latents(config, 0, torch.device("cpu"))
+    loop.grid_latents(config, 0, torch.device("cpu"))
 
     def models_built(*args, **kwargs):
         raise ModelsBuilt

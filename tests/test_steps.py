@@ -264,7 +264,7 @@ def test_adam_eps_reaches_both_optimizers(process_group):
 
 def test_g_accumulates_its_own_number_of_micro_batches(process_group):
     from daskgan.config import JobConfig
-    from daskgan.training.loop import _train_iteration
+    from daskgan.training.loop import train_iteration
     from daskgan.training.setup import build_gan
     from daskgan.training.steps import Noise
 
@@ -277,5 +277,5 @@ def test_g_accumulates_its_own_number_of_micro_batches(process_group):
     batch = Batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), StreamPosition())
     stream = iter([batch] * 2)
     noise = Noise(torch.Generator().manual_seed(0), 4, 0, torch.device("cpu"))
-    _train_iteration(job, gan, stream, noise, 1)
+    train_iteration(job, gan, stream, noise, 1)
     assert calls == [2, 2, 2, 2, 2], "2 fake micro-batches for D's step, then 3 for G's (BigGAN-PyTorch's counts)"

@@ -252,12 +252,12 @@ from daskgan.config import JobConfig
 from daskgan.tools.sandbox import free_port
 from daskgan.training import loop
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-train_iteration = loop._train_iteration
+train_iteration = loop.train_iteration
 def dies_at(config, gan, stream, noise, iteration):
     if iteration == int(sys.argv[2]):
         os.kill(os.getpid(), signal.SIGKILL)
     return train_iteration(config, gan, stream, noise, iteration)
-loop._train_iteration = dies_at
+loop.train_iteration = dies_at
 client = Client(sys.argv[3])  # the driver watch reads the scheduler
 loop.train_gan(JobConfig.from_dict(json.loads(sys.argv[1])))
 """
@@ -318,7 +318,7 @@ def test_fid_against_the_whole_dataset_on_two_workers_evaluates_again_and_again(
 def test_a_real_example_that_is_gone_or_does_not_decode_is_a_grey_tile(tmp_path):
     from daskgan.data import synthetic
     from daskgan.data.index import index_images
-    from daskgan.training.loop import _real_examples
+    from daskgan.training.loop import real_examples
 
     data_url = tmp_path.as_uri() + "/data"
     synthetic.write_dataset(data_url, images=4, resolution=16)
@@ -328,6 +328,6 @@ def test_a_real_example_that_is_gone_or_does_not_decode_is_a_grey_tile(tmp_path)
     files[1].unlink()
     config = JobConfig.from_dict({"name": "g", "data": {"url": data_url, "resolution": 16},
                                   "output": {"run_url": tmp_path.as_uri() + "/run", "grid_images": 4}})
-    reals = _real_examples(config, index, None)
+    reals = real_examples(config, index, None)
     grey = torch.zeros(3, 16, 16)
     assert [torch.equal(image, grey) for image in reals] == [True, True, False, False]

@@ -106,7 +106,7 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 @decoding_one_image()
 def decode_pixels(data: bytes, channels: int = 3) -> np.ndarray:
     """(H, W, 3) or (H, W) uint8 pixels, as Pillow's ``convert("RGB")`` or ``convert("L")`` gives them."""
-    fast = _fast_pixels(data, channels)
+    fast = fast_pixels(data, channels)
     if fast is not None:
         return fast
     with open_image(data) as image:
@@ -122,7 +122,7 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("RGB" if channels == 3 else "L")
 
 
-def _fast_pixels(data: bytes, channels: int) -> np.ndarray | None:
+def fast_pixels(data: bytes, channels: int) -> np.ndarray | None:
     """pyspng's or simplejpeg's pixels where they equal Pillow's conversion, else None (Pillow decodes)."""
     try:
         if pyspng is not None and data.startswith(PNG_SIGNATURE) and _png_pixels_allowed(data):

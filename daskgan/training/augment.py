@@ -68,22 +68,22 @@ class AugmentPipe(nn.Module):
         if on.isdisjoint(GEOMETRIC):  # only pixel moves: done exactly, without the resampling below
             moves = torch.stack([flip, quarter_turns, dx, dy])
             return blit(images, flip, quarter_turns, dx, dy) if moves.any() else images
-        matrix = _scale2d(1 - 2 * flip, torch.ones_like(flip)) @ _rotate2d(-math.pi / 2 * quarter_turns)
-        matrix = matrix @ _translate2d(dx * 2 / width, dy * 2 / height)  # normalised coordinates span 2 a side
+        matrix = scale2d(1 - 2 * flip, torch.ones_like(flip)) @ rotate2d(-math.pi / 2 * quarter_turns)
+        matrix = matrix @ translate2d(dx * 2 / width, dy * 2 / height)  # normalised coordinates span 2 a side
         if "scale" in on:
             s = torch.exp2(fires.normal() * self.scale_std)
-            matrix = matrix @ _scale2d(s, s)
+            matrix = matrix @ scale2d(s, s)
         p_rotate = 1 - math.sqrt(max(1 - p, 0))  # rotation is applied twice (around aniso), each with this chance
         if "rotate" in on:
-            matrix = matrix @ _rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
+            matrix = matrix @ rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
         if "aniso" in on:
             s = torch.exp2(fires.normal() * self.aniso_std)
-            matrix = matrix @ _scale2d(s, 1 / s)
+            matrix = matrix @ scale2d(s, 1 / s)
         if "rotate" in on:
-            matrix = matrix @ _rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
+            matrix = matrix @ rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
         if "xfrac" in on:
             shift = fires.normal(2) * self.xfrac_std * 2
-            matrix = matrix @ _translate2d(shift[:, 0], shift[:, 1])
+            matrix = matrix @ translate2d(shift[:, 0], shift[:, 1])
         if torch.equal(matrix, torch.eye(3, device=images.device).expand_as(matrix)):
             return images
         return warp(images, matrix)
@@ -98,15 +98,15 @@ class AugmentPipe(nn.Module):
         luma_outer = torch.outer(luma, luma)
         if "brightness" in on:
             b = fires.normal() * self.brightness_std
-            matrix = _translate3d(b, b, b) @ matrix
+            matrix = translate3d(b, b, b) @ matrix
         if "contrast" in on:
             c = torch.exp2(fires.normal() * self.contrast_std)
-            matrix = _scale3d(c, c, c) @ matrix
+            matrix = scale3d(c, c, c) @ matrix
         if "lumaflip" in on:
             flip = fires.integers(2)
             matrix = (identity - 2 * luma_outer * flip[:, None, None]) @ matrix
         if "hue" in on:
-            matrix = _rotate3d(luma[:3], (fires.uniform() * 2 - 1) * math.pi * self.hue_max) @ matrix
+            matrix = rotate3d(luma[:3], (fires.uniform() * 2 - 1) * math.pi * self.hue_max) @ matrix
         if "saturation" in on:
             s = torch.exp2(fires.normal() * self.saturation_std)
             matrix = (luma_outer + (identity - luma_outer) * s[:, None, None]) @ matrix
@@ -135,10 +135,10 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     reach = len(SYM6) // 4  # the filter's reach at 2x, in pixels of the input
 
     def scale(sx: float, sy: float) -> torch.Tensor:
-        return _scale2d(theta.new_full((n,), sx), theta.new_full((n,), sy))
+        return scale2d(theta.new_full((n,), sx), theta.new_full((n,), sy))
 
     def shift(tx: float, ty: float) -> torch.Tensor:
-        return _translate2d(theta.new_full((n,), tx), theta.new_full((n,), ty))
+        return translate2d(theta.new_full((n,), tx), theta.new_full((n,), ty))
 
     pixels = scale(width / 2, height / 2) @ theta @ scale(2 / width, 2 / height)  # centred pixel coordinates
     left, top, right, bottom = _reflect_margins(pixels, width, height, reach)
@@ -263,27 +263,31 @@ def _matrix(rows: list[list]) -> torch.Tensor:
     return torch.stack([torch.stack(row, dim=-1) for row in entries], dim=-2)
 
 
-def _translate2d(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+# Per-image homogeneous matrices (N, 3, 3) for the geometric moves and (N, 4, 4) for the colour ones, as NVlabs
+# composes them: each entry is a tensor of shape (N,) or a number.
+
+
+def translate2d(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     return _matrix([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
 
 
-def _scale2d(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+def scale2d(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
     return _matrix([[sx, 0, 0], [0, sy, 0], [0, 0, 1]])
 
 
-def _rotate2d(theta: torch.Tensor) -> torch.Tensor:
+def rotate2d(theta: torch.Tensor) -> torch.Tensor:
     return _matrix([[torch.cos(theta), -torch.sin(theta), 0], [torch.sin(theta), torch.cos(theta), 0], [0, 0, 1]])
 
 
-def _translate3d(tx: torch.Tensor, ty: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
+def translate3d(tx: torch.Tensor, ty: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
     return _matrix([[1, 0, 0, tx], [0, 1, 0, ty], [0, 0, 1, tz], [0, 0, 0, 1]])
 
 
-def _scale3d(sx: torch.Tensor, sy: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+def scale3d(sx: torch.Tensor, sy: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return _matrix([[sx, 0, 0, 0], [0, sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1]])
 
 
-def _rotate3d(axis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def rotate3d(axis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Rotation by ``theta`` (N,) about the unit ``axis`` (Rodrigues), as 4x4 colour matrices."""
     vx, vy, vz = (float(a) for a in axis)
     s, c = torch.sin(theta), torch.cos(theta)

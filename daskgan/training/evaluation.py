@@ -56,7 +56,7 @@ class Evaluator:
         if m.standing_stats:
             generator = copy.deepcopy(generator)  # the run's own statistics stay as they are
             standing_statistics(generator, lambda: self._standing_latents(num_classes), m.standing_stats)
-        fake = metrics.embed_share(m.images, lambda items: self._generated(generator, num_classes, items),
+        fake = metrics.embed_share(m.images, lambda items: self.generated_images(generator, num_classes, items),
                                    self._fake_embedding)
         scores = from_rank0(lambda: self._scores(real, fake, iteration))
         return {**scores, "metrics_extractor": self.extractor.name}
@@ -99,7 +99,7 @@ class Evaluator:
                     self._real = torch.load(io.BytesIO(storage.read_bytes(url, options)), weights_only=True).float()
             else:
                 order = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(0)).tolist()
-                self._real = metrics.embed_share(self.real_count, lambda items: self._reals(order, items),
+                self._real = metrics.embed_share(self.real_count, lambda items: self.real_images(order, items),
                                                  self.extractor)
                 if ranks.rank() == 0:
                     storage.write_bytes(url, storage.torch_bytes(self._real), options)
@@ -149,7 +149,9 @@ class Evaluator:
         text = f"{data.url}|{data.resolution}|{self.extractor.name}|{self.config.metrics.extractor_url}|{count}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
-    def _reals(self, order: list[int], items: list[int]) -> torch.Tensor:
+    def real_images(self, order: list[int], items: list[int]) -> torch.Tensor:
+        """Items ``items`` of the dataset shuffled as ``order``, decoded on this rank's device (see
+        ``_real_image`` for one that is gone)."""
         fs, _ = storage.filesystem(self.index.url, self.config.data.storage_options)
         fetched = self._fetch(fs, [self.index.paths[order[i]] for i in items])  # one concurrent fetch
         return as_rgb(torch.stack([self._real_image(fs, order, i, fetched) for i in items])).to(self.device)
@@ -172,7 +174,9 @@ class Evaluator:
                 logger.warning("metrics: skipping unreadable image %s (%s)", path, type(exc).__name__)
         raise ValueError(f"metrics: no readable image for real item {item} of {self.index.url}")
 
-    def _generated(self, generator: nn.Module, num_classes: int, items: list[int]) -> torch.Tensor:
+    def generated_images(self, generator: nn.Module, num_classes: int, items: list[int]) -> torch.Tensor:
+        """Generated items ``items``: each from its own seeded z (and class ``item % num_classes``), so the same
+        fakes whichever rank draws them."""
         z = torch.stack([torch.randn(self.config.model.z_dim, generator=torch.Generator().manual_seed(
             FAKE_SEED_OFFSET + i)) for i in items]).to(self.device)
         labels = torch.tensor([i % num_classes for i in items], device=self.device) if num_classes else None

@@ -222,17 +222,17 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     out, train = config.output, config.train
     global_batch = config.data.batch_size * dist.get_world_size() * train.accumulate  # images per optimiser step
     reals = config.images_per_iteration(dist.get_world_size())  # what D sees per iteration: the kimg unit
-    grid_z, grid_labels = _grid_latents(config, gan.num_classes, noise.device)
+    grid_z, grid_labels = grid_latents(config, gan.num_classes, noise.device)
     rank0 = dist.get_rank() == 0  # alone holds a writer
     if rank0 and start == 0:
-        writer.grid(0, _real_examples(config, stream.index, grid_labels), name="reals")
+        writer.grid(0, real_examples(config, stream.index, grid_labels), name="reals")
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
     watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if rank0 else None
     last_checkpoint = None
     unreadable = _Unreadable(stream)
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
-        stats, position = _train_iteration(config, gan, stream, noise, iteration)
+        stats, position = train_iteration(config, gan, stream, noise, iteration)
         skipped = unreadable.count()
         if gan.ada is not None:
             gan.ada.update(iteration, reals)
@@ -307,7 +307,7 @@ def _run_workers() -> list[str]:
     return [address for address in gathered if address]
 
 
-def _train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise,
+def train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise,
                      iteration: int) -> tuple[dict[str, float], StreamPosition]:
     """``d_steps`` D steps and one G step; returns the statistics (mean over ranks) and the data position."""
     train, loss = config.train, LOSSES[config.train.loss]
@@ -353,7 +353,7 @@ def _lazy_weight(weight: float, interval: int, step: int) -> float:
     return weight * interval if weight and step % interval == 0 else 0.0
 
 
-def _real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | None) -> torch.Tensor:
+def real_examples(config: JobConfig, index: ImageIndex, labels: torch.Tensor | None) -> torch.Tensor:
     """Real images laid out as the sample grids are (one class per row for conditional models), NVlabs'
     ``reals.png``: what the samples should come to look like."""
     paths = examples(index, None if labels is None else labels.tolist(), config.output.grid_images)
@@ -372,7 +372,7 @@ def _decoded_or_grey(data: bytes | BaseException, resolution: int, channels: int
         return torch.zeros(channels, resolution, resolution)
 
 
-def _grid_latents(config: JobConfig, num_classes: int,
+def grid_latents(config: JobConfig, num_classes: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fixed z (and for conditional models one class per grid row) every grid of the run is drawn from."""
     n = config.output.grid_images
