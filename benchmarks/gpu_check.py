@@ -135,7 +135,7 @@ def devices(context: Context, figures: dict) -> None:
 
     from daskgan import dispatch
     from daskgan.cluster import ClusterSpec, connect
-    from daskgan.cluster.specs import local_workers
+    from daskgan.cluster.specs.local import local_workers
 
     spec = ClusterSpec()
     figures["cluster"] = local_workers(spec.settings()).describe()

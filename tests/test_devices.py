@@ -43,7 +43,7 @@ def test_the_local_cluster_has_a_worker_per_visible_gpu_unless_the_spec_says(mon
     import torch
 
     from daskgan.cluster import LocalSpec
-    from daskgan.cluster.specs import local_workers
+    from daskgan.cluster.specs.local import local_workers
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     workers = local_workers(LocalSpec(n_workers=n_workers))
@@ -54,7 +54,7 @@ def test_each_local_worker_sees_its_own_gpu_first(monkeypatch):
     import torch
 
     from daskgan.cluster import LocalSpec
-    from daskgan.cluster.specs import local_workers
+    from daskgan.cluster.specs.local import local_workers
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

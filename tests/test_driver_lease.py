@@ -437,8 +437,8 @@ def test_a_driver_attempts_again_when_storage_is_down_but_not_after_an_error_of_
 def test_a_daskjob_runner_trains_on_the_scheduler_the_operator_names(cli_run, dask_client, tmp_path):
     """The rendered DaskJob's runner container, run as the operator would run it: its args, its env, the job file
     where the ConfigMap is mounted, and DASK_SCHEDULER_ADDRESS (the operator's) pointing at a scheduler."""
+    from daskgan.cluster import KubernetesSpec
     from daskgan.cluster.daskjob import daskjob_manifests
-    from daskgan.cluster.specs import KubernetesSpec
 
     start, run_url, options, _ = cli_run
     plain = KubernetesSpec(image="daskgan:test", n_workers=2, tls_secret=None)  # its TLS: tests/test_cluster.py

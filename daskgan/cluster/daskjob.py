@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from daskgan.cluster.specs import (
+from daskgan.cluster.specs.kubernetes import (
     KubernetesSpec,
     add_tls_secret,
     kubernetes_manifest,
