@@ -81,8 +81,15 @@ class Heartbeat:
 
 
 def stale_after_s(lease: dict) -> float:
-    """How long a lease's heartbeat may be still before its driver counts as gone."""
+    """How long a lease's heartbeat may be still before its driver counts as gone (another driver may take the
+    run over)."""
     return STALE_AFTER_INTERVALS * float(lease.get("interval_s", 1.0))
+
+
+def ranks_stop_after_s(lease: dict) -> float:
+    """How long a lease's heartbeat is still before its ranks checkpoint and stop (``recovery.driver_timeout_s``,
+    which the lease carries; at least ``stale_after_s``)."""
+    return max(stale_after_s(lease), float(lease.get("timeout_s", 0.0)))
 
 
 class DriverLease:
@@ -110,7 +117,7 @@ class DriverLease:
                 held = _read(self._key, self.client)
                 raise RunActive(f"{self.run_url} is being trained by {held.get('driver')} (iteration "
                                 f"{held.get('iteration')}); stop it first (daskgan stop), or wait")
-            _write(self._key, self._lease(0), self.client)
+            _write(self._key, self.lease(0), self.client)
         finally:
             lock.release()
         self._thread = threading.Thread(target=self._keep_beating, daemon=True, name="daskgan-driver-lease")
@@ -139,7 +146,7 @@ class DriverLease:
         beat = 1
         while not self._stop.wait(self.interval_s):
             try:
-                taken_by = _taken_by(self._write_if_held(self._lease(beat)), self.token)
+                taken_by = _taken_by(self._write_if_held(self.lease(beat)), self.token)
                 if taken_by is not None:
                     logger.warning("driver %s took over %s: this driver stops its heartbeat", taken_by, self.run_url)
                     return
@@ -147,9 +154,11 @@ class DriverLease:
                 logger.warning("driver heartbeat not sent: %s", error)
             beat += 1
 
-    def _lease(self, beat: int) -> dict:
+    def lease(self, beat: int) -> dict:
+        """What this driver publishes on the scheduler with its ``beat``-th heartbeat."""
         return {"beat": beat, "token": self.token, "run_url": self.run_url, "driver": self.driver,
-                "iteration": self.iteration, "iterations": self.iterations, "interval_s": self.interval_s}
+                "iteration": self.iteration, "iterations": self.iterations, "interval_s": self.interval_s,
+                "timeout_s": self.timeout_s}
 
     def _write_if_held(self, lease: dict | None) -> dict | None:
         """Write the run's lease only while it still carries this driver's token; returns the lease found there.

@@ -19,6 +19,7 @@ import yaml
 
 from daskgan import dispatch
 from daskgan.cluster.status import run_status
+from daskgan.lease import metadata_key
 from daskgan.run import checkpoint, storage
 from daskgan.run.records import load
 
@@ -383,6 +384,30 @@ def test_attach_to_a_run_without_a_driver_is_one_clear_error(cli_run):
     follower = daskgan_process("attach", run_url, "--cluster", str(spec))
     out, err = ended(follower, 60)
     assert follower.returncode == 2 and "has no live driver on this cluster" in err and err.count("\n") == 1
+
+
+def test_attach_calls_a_driver_gone_only_once_its_ranks_would_stop(dask_client):
+    """Attach said "stopped beating; its ranks checkpoint and stop" after two heartbeat intervals of silence (2 s
+    with a 4 s timeout), while the ranks wait the whole ``driver_timeout_s``: a loaded fresh clone's attach left a
+    detached run that went on to its end."""
+    from daskgan.cluster.attach import follow
+    from daskgan.lease import DriverLease
+
+    lease = DriverLease(dask_client, "memory://attach-silent", timeout_s=4.0)  # beats every 1 s
+    lease.acquire()
+    lease.release()  # its last beat stays on the scheduler, as a killed driver's would
+    dask_client.set_metadata(metadata_key("memory://attach-silent", "driver"), lease.lease(beat=1))
+    followed_from = time.monotonic()
+    ended = list(_ended_follow(follow(dask_client, "memory://attach-silent")))
+    assert ended == ["stale"] and time.monotonic() - followed_from >= lease.timeout_s
+
+
+def _ended_follow(records):
+    try:
+        while True:
+            next(records)
+    except StopIteration as end:
+        yield end.value
 
 
 def test_a_detached_run_outlives_its_client(cli_run, tmp_path, dask_client):

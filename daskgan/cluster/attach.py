@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable, Generator
 
 from daskgan.errors import NotFound
-from daskgan.lease import Heartbeat, held_lease, stale_after_s
+from daskgan.lease import Heartbeat, held_lease, ranks_stop_after_s
 from daskgan.run.records import topic
 
 POLL_S = 1.0
@@ -15,8 +15,8 @@ POLL_S = 1.0
 
 def follow(client: Any, run_url: str) -> Generator[dict[str, Any], None, str]:
     """Yield the run's records as they are published until its driver lets go (finished or stopped: returns
-    ``released``) or its lease goes stale (the driver killed or cut off: returns ``stale``; its ranks checkpoint
-    and stop on their own ``recovery.driver_timeout_s`` after it went silent)."""
+    ``released``) or its heartbeat has been still as long as its ranks wait before they checkpoint and stop
+    (``recovery.driver_timeout_s``: the driver killed or cut off; returns ``stale``)."""
     if held_lease(client, run_url) is None:
         raise NotFound(f"{run_url} has no live driver on this cluster: nothing to attach to (daskgan status "
                        f"shows where it stands)")
@@ -32,7 +32,7 @@ def follow(client: Any, run_url: str) -> Generator[dict[str, Any], None, str]:
                 pass
             if time.monotonic() - checked_at >= POLL_S:
                 checked_at, held = time.monotonic(), held_lease(client, run_url)
-                if held is None or heartbeat.silent_for(held) > stale_after_s(held):
+                if held is None or heartbeat.silent_for(held) > ranks_stop_after_s(held):
                     break
         while not records.empty():
             yield records.get()
