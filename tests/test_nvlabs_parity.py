@@ -93,8 +93,8 @@ def built_networks(state: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     from daskgan.models import build_models, load_exactly
 
     model = state["model"]
-    G, D = build_models(ModelConfig(**{f.name: model[f.name] for f in fields(ModelConfig)}), model["resolution"],
-                        model["num_classes"])
+    G, D = build_models(ModelConfig(**{f.name: model[f.name] for f in fields(ModelConfig) if f.name in model}),
+                        model["resolution"], model["num_classes"])
     load_exactly(G, state["G_ema"], "G_ema")
     load_exactly(D, state["D"], "D")
     return G.eval(), D.eval()

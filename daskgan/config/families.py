@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 STYLEGAN2_SETTINGS = frozenset({"train.pl_weight", "train.precision", "model.d_architecture", "train.freeze_d"})
+R3GAN_MODEL_FIELDS = frozenset({"stage_widths", "stage_blocks", "group_channels", "expansion", "bf16_stages"})
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Family:
     (BatchNorm statistics, spectral norms' vectors) as well as weights (BigGAN-PyTorch), rather than copying them.
     ``settings``: the settings only some families support, of those this one does. ``g_blocks``: the resolutions
     the family is built for, with G's blocks at each (each block takes a chunk of a hierarchical z); None: any.
+    ``model_fields``: the ``model`` fields that only this family reads; other families' checkpoints do not record
+    them, so their model descriptions stay as they were before the fields existed.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Family:
     ema_averages_buffers: bool = False
     settings: frozenset[str] = frozenset()
     g_blocks: Mapping[int, int] | None = None
+    model_fields: frozenset[str] = frozenset()
 
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
@@ -45,7 +49,14 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("stylegan2", separate_regularisation=True, fake_labels_from_dataset=True, settings=STYLEGAN2_SETTINGS),
     Family("biggan", always_conditional=True, ema_averages_buffers=True,
            g_blocks={32: 3, 64: 4, 128: 5, 256: 6}),  # daskgan.models.biggan.ARCHITECTURES
+    Family("r3gan", model_fields=R3GAN_MODEL_FIELDS),
 )}
+
+
+def fields_of_other_families(model_config) -> frozenset[str]:
+    """The ``model`` fields that families other than ``model_config.family`` own (see ``Family.model_fields``)."""
+    own = family_of(model_config).model_fields
+    return frozenset().union(*(f.model_fields for f in FAMILIES.values())) - own
 
 
 def family_of(model_config) -> Family:

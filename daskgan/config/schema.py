@@ -112,11 +112,17 @@ class ModelConfig:
     attention_resolution: int = 64  # biggan: resolution of the self-attention block (0: none)
     sn_singular_values: int = 1  # biggan: singular values tracked per spectrally normalised layer
     sn_iterations: int = 1  # biggan: power iterations per training step
+    stage_widths: list = field(default_factory=list)  # r3gan: G's channels per stage from 4 px up (D: reversed);
+    #                                                    [] = 768 up to 32 px, halved at each doubling beyond
+    stage_blocks: list = field(default_factory=list)  # r3gan: residual blocks per stage (G's order); [] = 2 each
+    group_channels: int = 16  # r3gan: channels per group of each block's grouped 3x3 convolution
+    expansion: int = 2  # r3gan: a block's inner width as a multiple of its stage's width
+    bf16_stages: int = 0  # r3gan: stages run in bfloat16, the highest resolutions' (R3GAN's presets: 3 or 4)
 
     def validate(self) -> None:
         require(self.family in FAMILIES, "model.family", f"must be one of {list(FAMILIES)}, got {self.family!r}")
         for name in ("z_dim", "g_channels", "d_channels", "w_dim", "mapping_layers", "channel_max", "mbstd_group",
-                     "shared_dim", "sn_singular_values", "sn_iterations"):
+                     "shared_dim", "sn_singular_values", "sn_iterations", "group_channels", "expansion"):
             require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         require(self.fmaps > 0 and 0 <= self.style_mixing <= 1, "model.fmaps/style_mixing", "must be > 0 / in [0, 1]")
         require(not self.conditional or not family_of(self).always_conditional, "model.conditional",
@@ -126,6 +132,11 @@ class ModelConfig:
                 "false (per-layer class embeddings) needs hierarchical: false, as in BigGAN-PyTorch")
         require(self.d_architecture in D_ARCHITECTURES, "model.d_architecture",
                 f"must be one of {list(D_ARCHITECTURES)}, got {self.d_architecture!r}")
+        for name in ("stage_widths", "stage_blocks"):
+            values = getattr(self, name)
+            require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values), f"model.{name}",
+                    f"must be a list of integers >= 1, got {values!r}")
+        require(self.bf16_stages >= 0, "model.bf16_stages", "must be >= 0")
 
 
 @dataclass

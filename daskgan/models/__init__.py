@@ -9,7 +9,7 @@ import importlib
 import torch
 from torch import nn
 
-from daskgan.config.families import family_of
+from daskgan.config.families import family_of, fields_of_other_families
 from daskgan.errors import CheckpointMismatch, ConfigError
 
 
@@ -35,9 +35,12 @@ def conditioning_classes(model_config, dataset_classes: int) -> int:
 
 def model_description(model_config, resolution: int, num_classes: int, channels: int = 3) -> dict:
     """What a checkpoint records of its networks (and a job's must match to load it): the model config, resolution,
-    class count and, for grayscale networks only, the channels (RGB checkpoints stay as they were)."""
+    class count and, for grayscale networks only, the channels (RGB checkpoints stay as they were); without the
+    fields that only other families read (their checkpoints stay as they were too)."""
     grayscale = {"channels": 1} if channels == 1 else {}
-    return {**dataclasses.asdict(model_config), "resolution": resolution, "num_classes": num_classes, **grayscale}
+    others = fields_of_other_families(model_config)
+    fields = {k: v for k, v in dataclasses.asdict(model_config).items() if k not in others}
+    return {**fields, "resolution": resolution, "num_classes": num_classes, **grayscale}
 
 
 def load_exactly(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

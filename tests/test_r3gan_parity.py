@@ -1,0 +1,151 @@
+"""daskgan's R3GAN networks with R3GAN's weights give R3GAN's outputs.
+
+Fixtures (``tests/fixtures/r3gan-32/``) come from ``shared/parity/r3gan-32``: brownvc/R3GAN (commit 19a7ddf) at
+32 px, conditioned on 4 classes, with small widths; see the README there. Tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from daskgan.config import ModelConfig
+from daskgan.errors import CheckpointMismatch, ConfigError
+from daskgan.models import build_models, model_description
+from daskgan.models.r3gan import LRELU_GAIN, reference_state
+
+FIXTURES = Path(__file__).parent / "fixtures" / "r3gan-32"
+TOLERANCE = 1e-4
+
+
+def fixture_model() -> ModelConfig:
+    """The model config of the fixture's networks, read from the keyword arguments R3GAN's train.py gave them."""
+    g = json.loads((FIXTURES / "init_kwargs.json").read_text())["G"]
+    widths, cardinalities = g["WidthPerStage"], g["CardinalityPerStage"]
+    group = widths[0] * g["ExpansionFactor"] // cardinalities[0]
+    assert not g["FP16Stages"]
+    return ModelConfig(family="r3gan", z_dim=g["NoiseDimension"], stage_widths=widths, conditional=True,
+                       stage_blocks=g["BlocksPerStage"], group_channels=group, expansion=g["ExpansionFactor"])
+
+
+def fixture_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    G, D = build_models(fixture_model(), 32, 4)
+    G.load_state_dict(reference_state(torch.load(FIXTURES / "G_state.pt"), generator=True))
+    D.load_state_dict(reference_state(torch.load(FIXTURES / "D_state.pt"), generator=False))
+    return G.eval(), D.eval()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """gen_images.py's conversion: x * 127.5 + 128, clamped, truncated, channels last."""
+    return (images.permute(0, 2, 3, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def test_generator_reproduces_r3gan_images():
+    G, _ = fixture_networks()
+    io = torch.load(FIXTURES / "io.pt")
+    with torch.no_grad():
+        images = G(io["z"], io["c"])
+    assert images.dtype == torch.float32
+    assert (images - io["images"]).abs().max() <= TOLERANCE
+    # The uint8 images are equal except where R3GAN's own float pixel lies within float error of a truncation
+    # boundary (157.99998 vs our 158.0 at one pixel with torch's mkldnn convolutions, none without).
+    ours, theirs = to_uint8(images).int(), io["images_uint8"].int()
+    reference_pixels = io["images"].permute(0, 2, 3, 1) * 127.5 + 128
+    at_boundary = (reference_pixels - reference_pixels.round()).abs() < 1e-3
+    assert (ours - theirs).abs().max() <= 1
+    assert torch.equal(ours[~at_boundary], theirs[~at_boundary])
+    assert torch.equal(to_uint8(io["images"]), io["images_uint8"])
+
+
+def test_discriminator_reproduces_r3gan_logits():
+    _, D = fixture_networks()
+    io = torch.load(FIXTURES / "io.pt")
+    with torch.no_grad():
+        logits = D(io["D_images"], io["c"])
+    assert logits.shape == (4,)
+    assert (logits - io["D_logits"]).abs().max() <= TOLERANCE
+    with torch.no_grad():  # integer labels are the same classes as one-hot rows
+        assert torch.equal(D(io["D_images"], io["c"].argmax(1)), logits)
+
+
+def test_reference_state_maps_every_tensor_and_refuses_a_foreign_filter():
+    G, D = build_models(fixture_model(), 32, 4)
+    for network, file, generator in ((G, "G_state.pt", True), (D, "D_state.pt", False)):
+        reference = torch.load(FIXTURES / file)
+        assert set(reference_state(reference, generator)) == set(network.state_dict())
+        kernel = next(name for name in reference if name.endswith("Resampler.Kernel"))
+        with pytest.raises(CheckpointMismatch, match="resampling filter"):
+            reference_state({**reference, kernel: torch.ones(4, 4) / 16}, generator)
+    with pytest.raises(CheckpointMismatch, match="not a parameter of R3GAN's generator"):
+        reference_state({"Model.Mapping.weight": torch.zeros(1)}, generator=True)
+
+
+def blocks_of(network: torch.nn.Module) -> list[torch.nn.Module]:
+    return [block for stage in network.stages for block in stage.blocks]
+
+
+@pytest.mark.parametrize("network_index", [0, 1])
+def test_fresh_blocks_start_as_the_identity_with_variance_scaled_layers(network_index):
+    torch.manual_seed(1)
+    model = ModelConfig(family="r3gan", z_dim=64, stage_widths=[64, 64, 48, 32], stage_blocks=[3, 1, 2, 2])
+    network = build_models(model, 32, 0)[network_index]
+    assert [len(stage.blocks) for stage in network.stages] == [[3, 1, 2, 2], [2, 2, 1, 3]][network_index]
+    gain = LRELU_GAIN * 8**-0.25  # 8 blocks in all
+    for block in blocks_of(network):
+        assert not block.conv3.weight.any()  # the last layer of every block is zero
+        assert not block.bias1.any() and not block.bias2.any()
+        for layer in (block.conv1, block.conv2):
+            fan_in = layer.weight[0].numel()
+            assert layer.weight.std().item() == pytest.approx(gain / math.sqrt(fan_in), rel=0.05)
+    x = torch.randn(2, 64, 4, 4)
+    block = blocks_of(network)[-1 if network_index == 1 else 0]
+    assert torch.equal(block(x), x)
+
+
+def test_fresh_generator_layers_outside_blocks_have_unit_gain():
+    torch.manual_seed(2)
+    G, D = build_models(ModelConfig(family="r3gan", z_dim=64, stage_widths=[128, 128, 128, 64]), 32, 10)
+    assert G.stages[0].transition.basis.std().item() == pytest.approx(1, rel=0.1)
+    assert G.stages[1].transition.conv is None and G.stages[3].transition.conv is not None
+    for layer, fan_in in ((G.stages[0].transition.linear, 128), (G.embed, 10), (G.stages[3].transition.conv, 128),
+                          (D.stages[0].transition.conv, 64), (D.stages[-1].transition.depthwise, 16)):
+        assert layer.weight.std().item() == pytest.approx(1 / math.sqrt(fan_in), rel=0.15)
+    assert D.embed.weight.std().item() == pytest.approx(128**-0.5 / math.sqrt(10), rel=0.15)  # 1/sqrt(width)
+
+
+def test_bf16_stages_are_the_highest_resolutions_and_outputs_stay_float32():
+    torch.manual_seed(3)
+    model = ModelConfig(family="r3gan", z_dim=16, stage_widths=[32, 32, 16], bf16_stages=2)
+    G, D = build_models(model, 16, 0)
+    assert [stage.dtype for stage in G.stages] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert [stage.dtype for stage in D.stages] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    with torch.no_grad():
+        images = G(torch.randn(2, 16))
+        assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
+        assert D(images).dtype == torch.float32
+
+
+def test_default_widths_follow_r3gans_presets_and_bad_widths_are_refused():
+    with torch.device("meta"):  # shapes only: the preset's widths make 50 M parameters
+        G, _ = build_models(ModelConfig(family="r3gan", z_dim=8, stage_widths=[], group_channels=16), 64, 0)
+    assert [stage.blocks[0].conv1.in_channels for stage in G.stages] == [768, 768, 768, 768, 384]
+    assert G.stages[4].blocks[0].conv2.groups == 48  # FFHQ-64's cardinalities: 96 up to 32 px, then 48
+    with pytest.raises(ConfigError, match="model.stage_widths: 32 px needs 4 stages"):
+        build_models(ModelConfig(family="r3gan", stage_widths=[32, 32]), 32, 0)
+    with pytest.raises(ConfigError, match="model.stage_blocks: 32 px needs 4 stages"):
+        build_models(ModelConfig(family="r3gan", stage_widths=[32, 32, 24, 16], stage_blocks=[2]), 32, 0)
+    with pytest.raises(ConfigError, match="model.stage_widths: .*groups of model.group_channels"):
+        build_models(ModelConfig(family="r3gan", stage_widths=[32, 32, 24, 12]), 32, 0)
+    with pytest.raises(ConfigError, match="model.bf16_stages"):
+        build_models(ModelConfig(family="r3gan", stage_widths=[32, 32, 24, 16], bf16_stages=5), 32, 0)
+
+
+def test_only_r3gan_checkpoints_record_its_model_fields():
+    assert "stage_widths" not in model_description(ModelConfig(family="dcgan"), 32, 0)  # older ones still load
+    described = model_description(fixture_model(), 32, 4)
+    assert described["stage_widths"] == [32, 32, 24, 16] and described["group_channels"] == 16
