@@ -17,6 +17,7 @@ from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointMismatch, ConfigError
 from daskgan.models import build_models, model_description
 from daskgan.models.r3gan import LRELU_GAIN, reference_state
+from daskgan.training.losses import relativistic_d_loss, relativistic_g_loss
 
 FIXTURES = Path(__file__).parent / "fixtures" / "r3gan-32"
 TOLERANCE = 1e-4
@@ -149,3 +150,43 @@ def test_only_r3gan_checkpoints_record_its_model_fields():
     assert "stage_widths" not in model_description(ModelConfig(family="dcgan"), 32, 0)  # older ones still load
     described = model_description(fixture_model(), 32, 4)
     assert described["stage_widths"] == [32, 32, 24, 16] and described["group_channels"] == 16
+
+
+def assert_gradients_match(network: torch.nn.Module, reference: dict, generator: bool) -> None:
+    expected = reference_state(reference, generator)
+    grads = {name: param.grad for name, param in network.named_parameters()}
+    assert set(grads) == set(expected)
+    for name, grad in grads.items():
+        assert grad is not None and (grad - expected[name]).abs().max() <= 1e-4 * expected[name].abs().max(), name
+
+
+def test_relativistic_d_loss_with_r1_and_r2_matches_r3gans_step():
+    G, D = fixture_networks()
+    reference = torch.load(FIXTURES / "losses.pt")
+    labels = reference["c"]
+    fake = G(reference["z"], labels)  # with G's graph: the D loss must not train G
+    terms = relativistic_d_loss(lambda x: D(x, labels), reference["real"], fake, reference["gamma"])
+    for ours, theirs in ((terms.relativistic_logits, "D_RelativisticLogits"), (terms.adversarial, "D_AdversarialLoss"),
+                         (terms.r1, "R1Penalty"), (terms.r2, "R2Penalty"), (terms.loss, "D_loss")):
+        assert ours.shape == reference[theirs].shape
+        assert (ours - reference[theirs]).abs().max() <= TOLERANCE, theirs
+    assert torch.allclose(terms.relativistic_logits, reference["real_logits"] - reference["fake_logits"], atol=1e-5)
+    terms.loss.backward()
+    assert_gradients_match(D, reference["D_grads"], generator=False)
+    assert all(param.grad is None for param in G.parameters())
+
+
+def test_relativistic_g_loss_matches_r3gans_step():
+    G, D = fixture_networks()
+    D.requires_grad_(False)  # as R3GAN steps G: only the stepped network requires grad
+    reference = torch.load(FIXTURES / "losses.pt")
+    labels = reference["c"]
+    fake = G(reference["z"], labels)
+    assert (fake - reference["fake"]).abs().max() <= TOLERANCE
+    terms = relativistic_g_loss(lambda x: D(x, labels), reference["real"], fake)
+    for ours, theirs in ((terms.relativistic_logits, "G_RelativisticLogits"), (terms.adversarial, "G_AdversarialLoss"),
+                         (terms.loss, "G_loss")):
+        assert (ours - reference[theirs]).abs().max() <= TOLERANCE, theirs
+    assert terms.r1 is None and terms.r2 is None
+    terms.loss.backward()
+    assert_gradients_match(G, reference["G_grads"], generator=True)

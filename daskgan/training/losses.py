@@ -94,3 +94,45 @@ def _off_diagonal_gram_times(rows: torch.Tensor) -> torch.Tensor:
         gram.fill_diagonal_(0)
         return gram @ rows
     return rows @ (rows.T @ rows) - rows.square().sum(dim=1, keepdim=True) * rows
+
+
+class RelativisticTerms(NamedTuple):
+    """One side of R3GAN's loss: ``loss`` (the batch mean to back-propagate), and per sample the relativistic
+    logits, the adversarial term and, for D, the R1 and R2 penalties (None for G)."""
+
+    loss: torch.Tensor
+    relativistic_logits: torch.Tensor
+    adversarial: torch.Tensor
+    r1: torch.Tensor | None = None
+    r2: torch.Tensor | None = None
+
+
+def relativistic_d_loss(discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                        fake: torch.Tensor, gamma: float) -> RelativisticTerms:
+    """R3GAN's D loss: the relativistic pairing loss softplus(-(D(real) - D(fake))) of each real with a fake,
+    plus gamma/2 times the zero-centred gradient penalties R1 on the reals and R2 on the fakes, every step (not
+    lazily). ``discriminator`` maps images to logits (the labels and any augmentation inside it: R3GAN's fakes
+    carry the reals' labels); ``fake`` is detached here, so only D is trained."""
+    real = real.detach().requires_grad_(True)
+    fake = fake.detach().requires_grad_(True)
+    real_logits, fake_logits = discriminator(real), discriminator(fake)
+    r1, r2 = _per_sample_gradient_penalty(real, real_logits), _per_sample_gradient_penalty(fake, fake_logits)
+    relativistic = real_logits - fake_logits
+    adversarial = F.softplus(-relativistic)
+    loss = (adversarial + gamma / 2 * (r1 + r2)).mean()
+    return RelativisticTerms(loss, relativistic, adversarial, r1, r2)
+
+
+def relativistic_g_loss(discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                        fake: torch.Tensor) -> RelativisticTerms:
+    """R3GAN's G loss: softplus(-(D(fake) - D(real))), the pairing loss with the roles swapped; ``fake`` keeps
+    its graph to G, the reals are constants."""
+    relativistic = discriminator(fake) - discriminator(real.detach())
+    adversarial = F.softplus(-relativistic)
+    return RelativisticTerms(adversarial.mean(), relativistic, adversarial)
+
+
+def _per_sample_gradient_penalty(images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """||∇_x D(x)||² per sample, the graph kept so the penalty trains D."""
+    (gradient,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
+    return gradient.square().sum(dim=list(range(1, gradient.dim())))
