@@ -39,3 +39,11 @@ def generator_kwargs(z_dim: int, w_dim: int, mapping_layers: int = 2) -> dict:
     return {"z_dim": z_dim, "w_dim": w_dim, "c_dim": 0, "img_resolution": 16, "img_channels": 3,
             "mapping_kwargs": {"num_layers": mapping_layers},
             "synthesis_kwargs": {"channel_base": 2048, "channel_max": 64, "num_fp16_res": 0, "conv_clamp": 256}}
+
+
+def crafted_module(module: str, name: str, state: dict[str, bytes], arguments: bytes = pickle.EMPTY_TUPLE) -> bytes:
+    """The opcodes of a torch module pickled as itself (R3GAN's networks): ``module.name`` made by ``NEWOBJ``
+    with ``arguments`` and given ``state`` (its values already opcodes) by ``BUILD``."""
+    items = b"".join(pushed(key) + value for key, value in state.items())
+    return (b"c" + f"{module}\n{name}\n".encode() + arguments + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK
+            + items + pickle.SETITEMS + pickle.BUILD)

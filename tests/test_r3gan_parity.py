@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import pickletools
+import sys
+from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from nvlabs_pickles import crafted_module, crafted_pickle, pushed
+from PIL import Image
+from test_nvlabs_parity import Exploit
 
 from daskgan.config import ModelConfig
-from daskgan.errors import CheckpointMismatch, ConfigError
-from daskgan.models import build_models, model_description
+from daskgan.errors import CheckpointMismatch, CheckpointUnreadable, ConfigError, UnsafePickle
+from daskgan.models import build_models, load_exactly, model_description
 from daskgan.models.r3gan import LRELU_GAIN, reference_state
+from daskgan.pretrained import import_weights
 from daskgan.training.losses import relativistic_d_loss, relativistic_g_loss
 
 FIXTURES = Path(__file__).parent / "fixtures" / "r3gan-32"
@@ -190,3 +199,99 @@ def test_relativistic_g_loss_matches_r3gans_step():
     assert terms.r1 is None and terms.r2 is None
     terms.loss.backward()
     assert_gradients_match(G, reference["G_grads"], generator=True)
+
+
+# A network snapshot R3GAN's own training loop wrote (shared/parity/r3gan-pkl-uncond, see the README there):
+# 32 px, unconditional, after one training iteration, with the PNGs R3GAN's gen_images.py writes for G_ema.
+
+R3GAN_PICKLE = Path(__file__).parent / "fixtures" / "r3gan-pkl-uncond"
+R3GAN_CODE = ("R3GAN", "BaselineGAN", "training", "torch_utils", "dnnlib")  # what the pickle names
+
+
+def png_pixels(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path))).int()
+
+
+def imported_networks(source: Path) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """A pickle's checkpoint state and the networks its model description builds, with its G_ema and D."""
+    state = import_weights(str(source))
+    model = state["model"]
+    config = ModelConfig(**{f.name: model[f.name] for f in fields(ModelConfig) if f.name in model})
+    G, D = build_models(config, model["resolution"], model["num_classes"])
+    load_exactly(G, state["G_ema"], "G_ema")
+    load_exactly(D, state["D"], "D")
+    return state, G.eval(), D.eval()
+
+
+def test_a_pickle_r3gan_wrote_gives_its_images_and_logits_without_running_its_code():
+    state, G, D = imported_networks(R3GAN_PICKLE / "network-snapshot.pkl")
+    assert not [m for m in sys.modules if m.split(".")[0] in R3GAN_CODE], "nothing the pickle names was imported"
+    model = state["model"]
+    assert state["iteration"] == 0 and model["family"] == "r3gan" and model["num_classes"] == 0
+    assert (model["resolution"], model["z_dim"], model["stage_widths"], model["stage_blocks"]) == (
+        32, 24, [24, 16, 16, 8], [1, 2, 1, 2])
+    assert not torch.equal(state["G"]["to_rgb.weight"], state["G_ema"]["to_rgb.weight"]), "G and G_ema both kept"
+    reference = torch.load(R3GAN_PICKLE / "expected" / "D.pt")
+    with torch.no_grad():
+        assert (D(reference["images"]) - reference["logits"]).abs().max() <= TOLERANCE
+        for seed in range(4):  # gen_images.py's z and conversion
+            z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim))
+            expected = png_pixels(R3GAN_PICKLE / "expected" / f"seed{seed:04d}.png")
+            assert torch.equal(to_uint8(G(z))[0].int(), expected), f"seed {seed}"
+
+
+def test_generate_from_an_r3gan_pickle_writes_gen_images_pngs(tmp_path):
+    from daskgan.tools.cli import main
+
+    source = str(R3GAN_PICKLE / "network-snapshot.pkl")
+    assert main(["generate", source, "--seeds", "0-3", "--out", str(tmp_path / "pngs")]) == 0
+    assert main(["import", source, "--out", str(tmp_path / "imported.pt")]) == 0
+    assert main(["generate", str(tmp_path / "imported.pt"), "--seeds", "2", "--out", str(tmp_path / "again")]) == 0
+    for seed in range(4):
+        written = png_pixels(tmp_path / "pngs" / f"seed{seed:04d}.png")
+        expected = png_pixels(R3GAN_PICKLE / "expected" / f"seed{seed:04d}.png")
+        # daskgan rounds (x + 1) * 127.5 where gen_images.py truncates x * 127.5 + 128: ties may differ by one
+        assert written.shape == expected.shape and (written - expected).abs().max() <= 1, f"seed {seed}"
+    assert torch.equal(png_pixels(tmp_path / "again" / "seed0002.png"), png_pixels(tmp_path / "pngs" / "seed0002.png"))
+
+
+def unframed(data: bytes) -> bytes:
+    """A protocol-4 pickle without its FRAME opcodes (optional), so strings in it can change length."""
+    ops = list(pickletools.genops(data))
+    ends = [position for _, _, position in ops[1:]] + [len(data)]
+    return b"".join(data[position:end] for (op, _, position), end in zip(ops, ends) if op.name != "FRAME")
+
+
+def test_a_pickle_with_r3gans_older_names_is_read_as_its_legacy_module_maps_them(tmp_path):
+    data = unframed((R3GAN_PICKLE / "network-snapshot.pkl").read_bytes())
+    renames = [(f"R3GAN.{module}", f"BaselineGAN.{module}") for module in ("Networks", "FusedOperators", "Resamplers")]
+    for new, old in renames + [("training.networks", "training.networks_baseline")]:
+        text = b"\x8c" + bytes([len(new)]) + new.encode()  # SHORT_BINUNICODE
+        assert data.count(text) == 1
+        data = data.replace(text, b"\x8c" + bytes([len(old)]) + old.encode())
+    legacy = tmp_path / "legacy.pkl"
+    legacy.write_bytes(data)
+    state = import_weights(str(legacy))
+    current = import_weights(str(R3GAN_PICKLE / "network-snapshot.pkl"))
+    assert state["model"] == current["model"]
+    assert all(torch.equal(state["G_ema"][k], current["G_ema"][k]) for k in current["G_ema"])
+
+
+EXPLOIT = pickle.dumps(Exploit(), protocol=2)[2:-1]  # posix.system('touch exploited'), called by REDUCE
+
+
+@pytest.mark.parametrize("network, refusal", [
+    (crafted_module("training.networks", "Generator", {"z_dim": EXPLOIT}), r"it asks to import posix\.system"),
+    (crafted_module("training.networks", "Generator", {"_modules": pushed({"Model": None})}), None),
+    (crafted_module("R3GAN.Networks", "Evil", {}), r"it asks to import R3GAN\.Networks\.Evil"),
+    (crafted_module("training.networks", "Generator", {}, arguments=pushed(("x",))),
+     "it makes a training.networks.Generator with arguments"),
+], ids=["reduce-in-its-state", "no-model", "class-outside-the-list", "newobj-arguments"])
+def test_an_r3gan_pickle_carrying_anything_else_is_refused_unrun(tmp_path, monkeypatch, network, refusal):
+    monkeypatch.chdir(tmp_path)
+    url = tmp_path / "evil.pkl"
+    url.write_bytes(crafted_pickle({"G": network, "G_ema": network}))
+    with pytest.raises(UnsafePickle if refusal else CheckpointUnreadable,
+                       match=f"evil.pkl: {refusal or 'its G holds no R3GAN.Networks model'}"):
+        import_weights(str(url))
+    assert not (tmp_path / "exploited").exists()

@@ -1,5 +1,5 @@
-"""Weights made elsewhere, as daskgan checkpoint states: NVlabs StyleGAN2-ADA network pickles and BigGAN-PyTorch
-weights folders.
+"""Weights made elsewhere, as daskgan checkpoint states: NVlabs StyleGAN2-ADA and R3GAN network pickles and
+BigGAN-PyTorch weights folders.
 
 ``import_weights(url)`` reads either (without running any code they might carry) and returns what
 ``daskgan.run.checkpoint.load`` returns for a daskgan checkpoint; ``load_weights(url)`` accepts all three.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from daskgan.errors import CheckpointUnreadable, NotFound
-from daskgan.pretrained import biggan, stylegan2
+from daskgan.pretrained import biggan, r3gan, stylegan2
 from daskgan.pretrained.nvlabs_pickle import is_pickle, read_pickle
 from daskgan.run import checkpoint, storage
 from daskgan.run.storage import StorageOptions
@@ -39,14 +39,17 @@ def load_weights(url: str, storage_options: StorageOptions | None = None) -> dic
 
 def _checkpoint_state(url: str, storage_options: StorageOptions | None, read: Callable[[], tuple[str, bytes]],
                       otherwise: Callable[[bytes, str], dict[str, Any]]) -> dict[str, Any]:
-    """The one place where a BigGAN-PyTorch weights folder and an NVlabs pickle are told apart: the folder at
-    ``url``, else the bytes that ``read`` returns (with the URL they came from) as a pickle or as ``otherwise``
-    reads them. The folder is asked for first: reading it as a file would fail."""
+    """The one place where a BigGAN-PyTorch weights folder and an NVlabs or R3GAN pickle are told apart: the folder
+    at ``url``, else the bytes that ``read`` returns (with the URL they came from) as a pickle (R3GAN's when its
+    networks are modules pickled as themselves) or as ``otherwise`` reads them. The folder is asked for first:
+    reading it as a file would fail."""
     if biggan.is_weights_folder(url, storage_options):
         return biggan.checkpoint_state(url, storage_options)
     source, data = read()
     if is_pickle(data):
-        return stylegan2.checkpoint_state(read_pickle(data, source), source)
+        networks = read_pickle(data, source, r3gan.ADMITTED)
+        reader = r3gan if r3gan.is_r3gan_pickle(networks) else stylegan2
+        return reader.checkpoint_state(networks, source)
     return otherwise(data, source)
 
 

@@ -22,7 +22,7 @@ import io
 import pickle
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -65,6 +65,30 @@ class PersistentRecord:
             elif child is not None:
                 raise CheckpointUnreadable(f"{prefix}{name}: a sub-network that is not an NVlabs persistent object")
         return found
+
+
+class ModuleRecord(PersistentRecord):
+    """A torch module pickled as itself rather than through NVlabs' persistence (R3GAN's networks): the pickle
+    makes it with ``cls.__new__(cls)`` and gives it its ``__dict__`` by ``BUILD``. Its class is a record of the
+    name (``module_record``), never imported; the ``__dict__`` is kept as the state."""
+
+    def __new__(cls, *args: Any) -> "ModuleRecord":
+        if args:
+            raise UnsafePickle(f"it makes a {_shown(cls.class_name)} with arguments; a pickled module takes none")
+        record = super().__new__(cls)
+        record.state = {}
+        return record
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise CheckpointUnreadable(f"a {_shown(self.class_name)} whose state is not a module's attributes")
+        self.state = state
+
+
+def module_record(class_name: str) -> type[ModuleRecord]:
+    """The stand-in for a pickled module class named ``class_name`` (what ``read_pickle``'s ``admitted`` maps
+    the pickle's module and name to)."""
+    return type("ModuleRecord", (ModuleRecord,), {"class_name": class_name})
 
 
 class AttributeDict(dict):
@@ -132,9 +156,13 @@ def _shown(text: str) -> str:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, admitted: Mapping[tuple[str, str], Any]):
+        super().__init__(file)
+        self.allowed = {**ALLOWED, **admitted}
+
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
             raise UnsafePickle(f"it asks to import {_shown(f'{module}.{name}')}; only tensors and plain containers are "
                                f"read from NVlabs pickles, and nothing in them is run") from None
@@ -143,10 +171,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickle("it holds external references (not an NVlabs network pickle)")
 
 
-def read_pickle(data: bytes, url: str) -> dict[str, Any]:
-    """The top-level dict of an NVlabs pickle (``G``, ``D``, ``G_ema``, ... as ``PersistentRecord``s)."""
+def read_pickle(data: bytes, url: str, admitted: Mapping[tuple[str, str], Any] | None = None) -> dict[str, Any]:
+    """The top-level dict of an NVlabs pickle (``G``, ``D``, ``G_ema``, ... as ``PersistentRecord``s), or of a
+    pickle of the same layout whose networks are modules of the classes ``admitted`` maps to ``module_record``
+    stand-ins (R3GAN's: ``daskgan.pretrained.r3gan.ADMITTED``), besides what NVlabs' pickles need."""
     try:
-        top = _RestrictedUnpickler(io.BytesIO(data)).load()
+        top = _RestrictedUnpickler(io.BytesIO(data), admitted or {}).load()
     except CheckpointUnreadable as error:
         raise type(error)(f"{url}: {error}") from None
     except Exception as error:  # a damaged or foreign pickle

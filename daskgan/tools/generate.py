@@ -2,8 +2,9 @@
 
 The generator is rebuilt from the model description stored in the checkpoint, and its EMA weights are used when
 the run kept them (as NVlabs' snapshots do). An NVlabs network pickle is accepted wherever a checkpoint is
-(``daskgan.pretrained``). z for a seed is, for StyleGAN2, NVlabs' ``numpy.random.RandomState(seed).randn`` (so
-their seeds give their images), for the other families ``torch.randn`` from a generator seeded with it.
+(``daskgan.pretrained``), and so is an R3GAN one. z for a seed is, for StyleGAN2 and (untruncated) R3GAN,
+``numpy.random.RandomState(seed).randn`` as NVlabs' and R3GAN's scripts draw it (so their seeds give their images),
+for the other families ``torch.randn`` from a generator seeded with it.
 
 Truncation means one thing in ``generate`` and ``sample``: for StyleGAN2, ψ (w pulled toward its average; 1 is
 none, 0 the average image); for the other families, the threshold of a truncated normal z (values beyond ±t are
@@ -22,7 +23,7 @@ from torch import nn
 
 from daskgan.config import ModelConfig
 from daskgan.errors import CheckpointUnreadable, RequestError
-from daskgan.models import conditioning_classes
+from daskgan.models import conditioning_classes, r3gan
 from daskgan.pretrained import load_weights
 from daskgan.pretrained.declared import build_declared
 from daskgan.run import storage
@@ -76,6 +77,7 @@ class Drawer:
     def __init__(self, generator: nn.Module, truncation: float | None):
         self.generator, self.truncation = generator, truncation
         self.uses_psi = takes_truncation_psi(generator)
+        self.numpy_seeds = self.uses_psi or (isinstance(generator, r3gan.Generator) and truncation is None)
         if truncation is not None and not self.uses_psi and truncation <= 0:
             raise RequestError(f"--trunc: the z threshold must be > 0, got {truncation}")
 
@@ -84,7 +86,7 @@ class Drawer:
         return torch.cat([self._latent(seed) for seed in seeds])
 
     def _latent(self, seed: int) -> torch.Tensor:
-        if self.uses_psi:
+        if self.numpy_seeds:
             return torch.from_numpy(np.random.RandomState(seed).randn(1, self.generator.z_dim)).float()
         return truncated_normal(1, self.generator.z_dim, self.truncation, torch.Generator().manual_seed(seed))
 
