@@ -295,3 +295,15 @@ def test_an_r3gan_pickle_carrying_anything_else_is_refused_unrun(tmp_path, monke
                        match=f"evil.pkl: {refusal or 'its G holds no R3GAN.Networks model'}"):
         import_weights(str(url))
     assert not (tmp_path / "exploited").exists()
+
+
+def test_an_r3gan_pickle_declaring_too_many_blocks_is_refused_before_building(tmp_path):
+    weight = pushed({"MainLayers.0.Layers.65.LinearLayer1.Layer.weight": torch.zeros(1)})
+    model = crafted_module("R3GAN.Networks", "Generator", {"_parameters": weight})
+    network = crafted_module("training.networks", "Generator", {"_modules": b"}" + pushed("Model") + model + b"s",
+                                                                "z_dim": pushed(8), "c_dim": pushed(0),
+                                                                "img_resolution": pushed(8)})
+    url = tmp_path / "deep.pkl"
+    url.write_bytes(crafted_pickle({"G": network, "G_ema": network}))
+    with pytest.raises(CheckpointUnreadable, match=r"deep.pkl: stages of \[65\] residual blocks; .* 1 to 64 blocks"):
+        import_weights(str(url))
