@@ -31,7 +31,9 @@ class Family:
     ``settings``: the settings only some families support, of those this one does. ``g_blocks``: the resolutions
     the family is built for, with G's blocks at each (each block takes a chunk of a hierarchical z); None: any.
     ``model_fields``: the ``model`` fields that only this family reads; other families' checkpoints do not record
-    them, so their model descriptions stay as they were before the fields existed.
+    them, so their model descriptions stay as they were before the fields existed. ``trains``: the loop trains it
+    with the paper's recipe; a family whose weights daskgan reads before it trains them is refused by ``train``
+    rather than trained with another family's losses.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Family:
     settings: frozenset[str] = frozenset()
     g_blocks: Mapping[int, int] | None = None
     model_fields: frozenset[str] = frozenset()
+    trains: bool = True
 
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
@@ -49,7 +52,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("stylegan2", separate_regularisation=True, fake_labels_from_dataset=True, settings=STYLEGAN2_SETTINGS),
     Family("biggan", always_conditional=True, ema_averages_buffers=True,
            g_blocks={32: 3, 64: 4, 128: 5, 256: 6}),  # daskgan.models.biggan.ARCHITECTURES
-    Family("r3gan", model_fields=R3GAN_MODEL_FIELDS),
+    Family("r3gan", model_fields=R3GAN_MODEL_FIELDS, trains=False)  # issue #28: the loop next,
 )}
 
 
