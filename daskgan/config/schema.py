@@ -412,7 +412,7 @@ class JobConfig:
     @property
     def ranking_metric(self) -> str:
         """The metric that ranks checkpoints: ``output.best_metric``, else the first of ``metrics.kinds``."""
-        return self.output.best_metric or self.metrics.kinds[0]
+        return metric_that_ranks(self.output.best_metric, self.metrics.kinds)
 
     def to_dict(self, redact_secrets: bool = True) -> dict:
         """Plain dict of the job; credentials in storage options are replaced by ``***`` unless told otherwise."""
@@ -464,6 +464,12 @@ class JobConfig:
             require(_get(self, key) > 0, key, "must be > 0")
             section, name = iterations.split(".")
             setattr(getattr(self, section), name, iterations_for_kimg(_get(self, key), per_iteration))
+
+
+def metric_that_ranks(best_metric: str | None, kinds: Sequence[str]) -> str:
+    """The metric that ranks a run's checkpoints (``JobConfig.ranking_metric``) and the run among others
+    (``daskgan compare``, which has only the saved ``config.yaml``): ``best_metric``, else the first of ``kinds``."""
+    return best_metric or kinds[0]
 
 
 def iterations_for_kimg(kimg: float, images_per_iteration: int) -> int:

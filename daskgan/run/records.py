@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import pandas as pd
@@ -72,13 +73,15 @@ class RunWriter:
         self._annotations.update(fields)
 
     def record(self, record: dict[str, Any]) -> None:
-        record = {**record, **self._restarts, **self._annotations}
+        """Keep and publish one iteration's record, stamped with the time rank 0 wrote it (Unix seconds): what
+        ``daskgan compare`` takes a run's wall time and GPU-hours from."""
+        record = {**record, "time": round(time.time(), 3), **self._restarts, **self._annotations}
         self._restarts = {"restarts": self._restarts["restarts"]} if self._restarts else {}
         self._annotations = {}
         self._live(record)
         self._pending.append(record)
         for name, value in record.items():
-            if name != "iteration" and isinstance(value, (int, float)):
+            if name not in ("iteration", "time") and isinstance(value, (int, float)):  # TensorBoard has times
                 self._tb.add_scalar(_tensorboard_tag(name), value, record["iteration"])
         if "metrics_extractor" in record:  # which network the metrics/ scalars of this step were measured with
             self._tb.add_text("metrics/extractor", record["metrics_extractor"], record["iteration"])

@@ -1,0 +1,116 @@
+"""``daskgan compare``: real run directories, trained here on the loopback S3 bucket, ranked by their metric."""
+
+import time
+import uuid
+
+import pandas as pd
+import pytest
+
+from daskgan import JobConfig, run_job
+from daskgan.errors import UserError
+from daskgan.run import storage
+from daskgan.run.records import load
+from daskgan.tools.compare import Run, compare, ranked_table
+
+pytestmark = pytest.mark.slow
+
+# name: (train settings, metrics settings); every run 4 iterations on the 2 session workers
+RUNS = {"lr-slow": ({"lr_g": 1e-4}, {"every": 2, "images": 16, "kinds": ["fid"]}),
+        "lr-fast": ({"lr_g": 1e-2}, {"every": 2, "images": 16, "kinds": ["fid"]}),
+        "kid-ranked": ({}, {"every": 2, "images": 16, "kinds": ["fid", "kid"], "kid_subset_size": 8}),
+        "unmeasured": ({}, {})}
+
+
+def tiny_job(bucket: str, options: dict, name: str) -> JobConfig:
+    train, metrics = RUNS[name]
+    return JobConfig.from_dict({
+        "name": name,
+        "data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 16, "batch_size": 4},
+        "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4},
+        "train": {"iterations": 4, **train}, "metrics": metrics,
+        "output": {"run_url": f"{bucket}/sweep/{name}", "storage_options": options, "flush_every": 2, "grid_every": 4,
+                   "checkpoint_every": 4, "best_metric": "kid" if name == "kid-ranked" else None},
+    }, workers=2)
+
+
+@pytest.fixture(scope="module")
+def sweep(s3_server, dask_client):
+    """A folder holding the four trained runs (and an object that is no run); returns (its URL, storage options,
+    the clock's span around the training)."""
+    import s3fs
+
+    from daskgan.data import synthetic
+
+    options = {"endpoint_url": s3_server.endpoint_url}
+    bucket = f"s3://compare-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options).mkdir(bucket[5:])
+    synthetic.write_dataset(f"{bucket}/data", images=32, resolution=16, storage_options=options)
+    sweep_url = f"{bucket}/sweep"
+    started = time.time()
+    for name in RUNS:
+        run_job(dask_client, tiny_job(bucket, options, name))
+    storage.write_bytes(f"{sweep_url}/notes.txt", b"not a run", options)
+    return sweep_url, options, (started, time.time())
+
+
+def test_runs_are_ranked_by_the_metric_their_records_hold(sweep):
+    sweep_url, options, _ = sweep
+    table = compare([sweep_url], options)
+
+    fid = {name: load(f"{sweep_url}/{name}", options)["fid"].min() for name in ("lr-slow", "lr-fast")}
+    assert table["run"].tolist() == ["kid-ranked", *sorted(fid, key=fid.get), "unmeasured"], \
+        "grouped by metric in the sweep's (sorted) order: the run ranked by KID (output.best_metric), the FID runs " \
+        "low to high, the run without metric values last"
+    assert table["url"].tolist() == [f"{sweep_url}/{name}" for name in table["run"]]
+    assert table["metric"].tolist()[:3] == ["kid", "fid", "fid"]
+    assert table["best"].tolist()[1:3] == pytest.approx(sorted(fid.values()))
+    assert table["best"].isna().tolist() == [False, False, False, True]
+    assert (table["iteration"] == 4).all() and (table["iterations"] == 4).all() and (table["state"] == "finished").all()
+
+
+def test_best_is_where_the_records_reached_it(sweep):
+    sweep_url, options, _ = sweep
+    table = compare([sweep_url], options).set_index("run")
+    for name, column in (("lr-slow", "fid"), ("kid-ranked", "kid")):
+        records = load(f"{sweep_url}/{name}", options)
+        reached = records.loc[records[column].idxmin()]
+        assert table.loc[name, "best"] == pytest.approx(reached[column]), name
+        assert table.loc[name, ["best_iteration", "best_kimg"]].tolist() == [reached["iteration"], reached["kimg"]]
+        last = records.iloc[-1]
+        assert table.loc[name, ["kimg", "loss_G", "loss_D_real", "loss_D_fake"]].tolist() == pytest.approx(
+            last[["kimg", "loss_G", "loss_D_real", "loss_D_fake"]].tolist())
+
+
+def test_time_and_gpu_hours_come_from_the_records_timestamps_and_world_size(sweep):
+    sweep_url, options, (started, ended) = sweep
+    records = load(f"{sweep_url}/lr-fast", options)
+    assert records["time"].is_monotonic_increasing, "each record says when rank 0 wrote it"
+    assert started <= records["time"].iloc[0] and records["time"].iloc[-1] <= ended
+    run = compare([f"{sweep_url}/lr-fast"], options).iloc[0]
+    assert run["wall_s"] == pytest.approx(records["time"].iloc[-1] - records["time"].iloc[0])
+    assert run["wall_s"] > 0 and run["gpu_hours"] == pytest.approx(2 * run["wall_s"] / 3600), "2 workers all along"
+
+
+def test_run_urls_and_sweep_folders_mix(sweep):
+    sweep_url, options, _ = sweep
+    table = compare([f"{sweep_url}/unmeasured", f"{sweep_url}/lr-slow"], options)
+    assert table["run"].tolist() == ["lr-slow", "unmeasured"]
+
+
+def test_a_url_that_holds_no_run_is_one_line_naming_it(sweep):
+    sweep_url, options, _ = sweep
+    for url in (f"{sweep_url}/notes.txt", f"{sweep_url}/lr-slow/grids", f"{sweep_url}-missing"):
+        with pytest.raises(UserError) as refused:
+            compare([f"{sweep_url}/lr-slow", url], options)
+        assert "\n" not in str(refused.value) and str(refused.value).startswith(f"{url} is ")
+
+
+def test_a_higher_inception_score_ranks_first_as_it_keeps_a_checkpoint():
+    """IS needs Inception's file, which the session's workers cannot fetch: these records are written here."""
+    def run(name: str, scores: list[float]) -> Run:
+        records = pd.DataFrame({"iteration": [2, 4], "kimg": [0.016, 0.032], "is": scores})
+        return Run(name, f"memory://{name}", "is", records, {"iterations": 4, "iteration": 4, "state": "finished"})
+
+    table = ranked_table([run("low", [1.5, 1.2]), run("high", [2.5, 3.0]), run("middle", [2.0, 1.0])])
+    assert table["run"].tolist() == ["high", "middle", "low"]
+    assert table[["best", "best_iteration"]].values.tolist() == [[3.0, 4], [2.0, 2], [1.5, 2]]
