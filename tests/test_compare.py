@@ -10,7 +10,7 @@ from daskgan import JobConfig, run_job
 from daskgan.errors import UserError
 from daskgan.run import storage
 from daskgan.run.records import load
-from daskgan.tools.compare import Run, compare, ranked_table
+from daskgan.tools.compare import Run, compare, compare_figure, load_runs, ranked_table, write_compare_png
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +103,31 @@ def test_a_url_that_holds_no_run_is_one_line_naming_it(sweep):
         with pytest.raises(UserError) as refused:
             compare([f"{sweep_url}/lr-slow", url], options)
         assert "\n" not in str(refused.value) and str(refused.value).startswith(f"{url} is ")
+
+
+def test_compare_png_has_a_line_per_run_in_each_panel_by_kimg(sweep, tmp_path):
+    from PIL import Image
+
+    sweep_url, options, _ = sweep
+    runs = load_runs([sweep_url], options)
+    figure = compare_figure(runs)
+    panels = {axis.get_title(loc="left"): axis for axis in figure.axes}
+    assert list(panels) == ["kid", "fid", "loss_G", "loss_D (real + fake)"], "the runs' metrics, then the losses"
+    drawn = {title: [line.get_label() for line in axis.get_lines()] for title, axis in panels.items()}
+    assert drawn == {"kid": ["kid-ranked"], "fid": ["kid-ranked", "lr-fast", "lr-slow"],
+                     "loss_G": [run.name for run in runs], "loss_D (real + fake)": [run.name for run in runs]}
+    for run, line in zip(runs, panels["loss_G"].get_lines()):
+        assert line.get_xdata().tolist() == run.records["kimg"].tolist(), "x in kimg"
+        assert line.get_ydata().tolist() == pytest.approx(run.records["loss_G"].tolist())
+    fid = panels["fid"].get_lines()[1]
+    assert fid.get_ydata().tolist() == pytest.approx(runs[1].records["fid"].dropna().tolist())
+    colours = {title: {line.get_label(): line.get_color() for line in axis.get_lines()}
+               for title, axis in panels.items()}
+    assert colours["fid"]["kid-ranked"] == colours["kid"]["kid-ranked"] == colours["loss_G"]["kid-ranked"], \
+        "a run keeps its colour in every panel"
+
+    url = write_compare_png(runs, str(tmp_path / "out"), options)
+    assert url == str(tmp_path / "out" / "compare.png") and Image.open(url).format == "PNG"
 
 
 def test_a_higher_inception_score_ranks_first_as_it_keeps_a_checkpoint():

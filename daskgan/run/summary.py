@@ -18,6 +18,12 @@ PANELS = (  # (title, [(column or sum of columns, label)])
     ("KID", [(("kid",), "KID")]),
     ("IS", [(("is",), "Inception Score")]),
 )
+SMOOTHED_ABOVE = 50  # points: a longer series is per-iteration (losses), drawn smoothed; a shorter one evaluations
+
+
+def moving_average(values: pd.Series) -> pd.Series:
+    """A per-iteration series (losses) smoothed enough to read its trend: a window of 1/40 of it, 5 at least."""
+    return values.rolling(max(5, len(values) // 40), min_periods=1).mean()
 
 
 def summary_png(records: pd.DataFrame, title: str = "") -> bytes:
@@ -51,9 +57,8 @@ def summary_png(records: pd.DataFrame, title: str = "") -> bytes:
 def _plot(axis, records: pd.DataFrame, columns: tuple[str, ...], label: str) -> None:
     rows = records.dropna(subset=list(columns))
     values = rows[list(columns)].sum(axis=1)
-    if len(rows) > 50:  # per-iteration series: faint raw values under a moving average
+    if len(rows) > SMOOTHED_ABOVE:  # per-iteration series: faint raw values under a moving average
         line, = axis.plot(rows["iteration"], values, alpha=0.25, linewidth=0.8)
-        axis.plot(rows["iteration"], values.rolling(max(5, len(rows) // 40), min_periods=1).mean(),
-                  color=line.get_color(), label=label)
+        axis.plot(rows["iteration"], moving_average(values), color=line.get_color(), label=label)
     else:  # evaluations: a few points
         axis.plot(rows["iteration"], values, marker="o", label=label)

@@ -10,6 +10,7 @@ metric, in the order the URLs first name them; a run without a value of its metr
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import posixpath
 import time
@@ -24,10 +25,13 @@ from daskgan.errors import NotFound
 from daskgan.run import layout, storage
 from daskgan.run.records import load
 from daskgan.run.storage import StorageOptions
+from daskgan.run.summary import SMOOTHED_ABOVE, moving_average
 
 COLUMNS = ("run", "url", "metric", "best", "best_iteration", "best_kimg", "iterations", "iteration", "kimg",
            "loss_G", "loss_D_real", "loss_D_fake", "ada_p", "wall_s", "gpu_hours", "state")
 LAST_VALUES = ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")  # of the newest record, as status has them
+LOSS_PANELS = (("loss_G", ("loss_G",)), ("loss_D (real + fake)", ("loss_D_real", "loss_D_fake")))
+PNG = "compare.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +124,52 @@ def _time_used(records: pd.DataFrame) -> dict[str, float]:
     timed = records.dropna(subset=["time"])
     held = (timed["time"].diff() * timed["world_size"]).sum()
     return {"wall_s": float(timed["time"].iloc[-1] - timed["time"].iloc[0]), "gpu_hours": float(held) / 3600}
+
+
+def compare_figure(runs: Sequence[Run]):
+    """A matplotlib figure of the runs' curves, x in kimg: a panel per metric that ranks one of them (every run
+    holding that metric drawn in it), then G's and D's losses; a run keeps its colour (and label) in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot
+
+    metrics = dict.fromkeys(run.metric for run in runs if _best(run))
+    panels = [*((metric, (metric,)) for metric in metrics), *LOSS_PANELS]
+    figure, axes = pyplot.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    for axis, (title, columns) in zip(axes[:, 0], panels):
+        for colour, run in enumerate(runs):
+            _draw(axis, run, columns, f"C{colour % 10}")
+        axis.set_title(title, fontsize=10, loc="left")
+        axis.grid(alpha=0.3)
+    axes[len(metrics), 0].legend(fontsize=8, loc="upper right")  # G's losses: the panel every run with records is in
+    axes[-1, 0].set_xlabel("kimg")
+    figure.tight_layout()
+    return figure
+
+
+def _draw(axis, run: Run, columns: tuple[str, ...], colour: str) -> None:
+    """``run``'s series (the sum of ``columns``) by kimg, smoothed when per-iteration and long; none if absent."""
+    if not set(columns) <= set(run.records.columns):
+        return
+    rows = run.records.dropna(subset=list(columns))
+    values = rows[list(columns)].sum(axis=1)
+    smoothed = moving_average(values) if len(rows) > SMOOTHED_ABOVE else values
+    axis.plot(rows["kimg"], smoothed, color=colour, label=run.name, marker="o" if len(rows) <= SMOOTHED_ABOVE else None,
+              markersize=3)
+
+
+def write_compare_png(runs: Sequence[Run], out_url: str, storage_options: StorageOptions | None = None) -> str:
+    """Draw ``compare_figure`` into ``<out_url>/compare.png`` (a folder or any fsspec URL); returns its URL."""
+    from matplotlib import pyplot
+
+    figure = compare_figure(runs)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    pyplot.close(figure)
+    url = storage.join(out_url, PNG)
+    storage.write_bytes(url, buffer.getvalue(), storage_options)
+    return url
 
 
 def format_table(table: pd.DataFrame) -> str:
