@@ -10,6 +10,7 @@ from daskgan import JobConfig, run_job
 from daskgan.errors import UserError
 from daskgan.run import storage
 from daskgan.run.records import load
+from daskgan.tools.cli import main
 from daskgan.tools.compare import Run, compare, compare_figure, load_runs, ranked_table, write_compare_png
 
 pytestmark = pytest.mark.slow
@@ -128,6 +129,37 @@ def test_compare_png_has_a_line_per_run_in_each_panel_by_kimg(sweep, tmp_path):
 
     url = write_compare_png(runs, str(tmp_path / "out"), options)
     assert url == str(tmp_path / "out" / "compare.png") and Image.open(url).format == "PNG"
+
+
+def test_the_command_prints_the_ranked_table_and_where_compare_png_is(sweep, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    sweep_url, options, _ = sweep
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", sweep_url, "--endpoint-url", options["endpoint_url"]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ranked = compare([sweep_url], options)
+    header, *rows, said = out
+    assert header.split()[:4] == ["#", "run", "metric", "best"] and len(rows) == 4
+    assert [row.split()[:3] for row in rows] == [[str(rank), run, metric] for rank, run, metric in zip(
+        range(1, 5), ranked["run"], ranked["metric"])], "ranked as compare() ranks them"
+    assert rows[-1].split()[3] == "-" and "4 of 4" in rows[0] and rows[0].split()[-1] == "finished"
+    assert said == f"daskgan: 4 runs compared; curves in {tmp_path / 'compare.png'}", "the current folder by default"
+    assert Image.open(tmp_path / "compare.png").format == "PNG"
+
+    assert main(["compare", f"{sweep_url}/lr-slow", "--out", str(tmp_path / "one"),
+                 "--endpoint-url", options["endpoint_url"]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"curves in {tmp_path / 'one' / 'compare.png'}")
+
+
+def test_the_command_refuses_a_url_without_runs_in_one_line(sweep, tmp_path, capsys):
+    sweep_url, options, _ = sweep
+    assert main(["compare", f"{sweep_url}/lr-slow/grids", "--out", str(tmp_path),
+                 "--endpoint-url", options["endpoint_url"]]) == 2
+    error = capsys.readouterr().err
+    assert error == f"daskgan: {sweep_url}/lr-slow/grids is neither a daskgan run directory (no config.yaml) nor a " \
+                    "folder holding any\n"
+    assert not (tmp_path / "compare.png").exists()
 
 
 def test_a_higher_inception_score_ranks_first_as_it_keeps_a_checkpoint():

@@ -1,5 +1,6 @@
-"""Command line: train a job on a Dask cluster; follow, stop and inspect its runs (status, attach, runs, stop);
-convert a dataset on the cluster; generate, sample and import weights (see README.md's "Command line")."""
+"""Command line: train a job on a Dask cluster; follow, stop and inspect its runs (status, attach, runs, stop) and
+rank them (compare); convert a dataset on the cluster; generate, sample and import weights (see README.md's
+"Command line")."""
 
 from __future__ import annotations
 
@@ -122,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
     _add_job_option(runs)
     runs.set_defaults(run=runs_command)
+    compare = commands.add_parser("compare", help="runs and sweeps ranked by their job's metric, and compare.png of "
+                                                  "their curves")
+    compare.add_argument("urls", nargs="+", metavar="run-or-sweep-url",
+                         help="a run directory, or a folder of them (a sweep: each child run directory)")
+    compare.add_argument("--out", default=".", help="folder or URL to write compare.png in (default: here)")
+    _add_endpoint_option(compare)
+    compare.set_defaults(run=compare_command)
     attach = commands.add_parser("attach", help="follow a running training live")
     attach.add_argument("run_url", help="the run directory (output.run_url)")
     attach.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
@@ -335,6 +343,17 @@ def runs_command(args: argparse.Namespace) -> int:
         print(f"{lease['run_url']}: iteration {lease['iteration']} of {lease['iterations']}, {driver}")
     stale = sum(not lease["live"] for lease in leases)
     print(f"daskgan: {len(leases) - stale} run(s) with a live driver on this cluster, {stale} stale")
+    return 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from daskgan.tools.compare import format_table, load_runs, ranked_table, write_compare_png
+
+    runs = load_runs(args.urls, _options(args))
+    print(format_table(ranked_table(runs)))
+    written = write_compare_png(runs, args.out, _options(args))
+    where = written if "://" in written else os.path.abspath(written)
+    print(f"daskgan: {len(runs)} run{'s' if len(runs) > 1 else ''} compared; curves in {where}")
     return 0
 
 

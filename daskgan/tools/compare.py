@@ -175,7 +175,8 @@ def write_compare_png(runs: Sequence[Run], out_url: str, storage_options: Storag
 def format_table(table: pd.DataFrame) -> str:
     """The ranked table as ``daskgan compare`` prints it: one line per run, best first."""
     shown = pd.DataFrame({
-        "#": range(1, len(table) + 1), "run": table["run"], "metric": table["metric"],
+        "#": range(1, len(table) + 1), "run": table["run"].str.ljust(table["run"].str.len().max()),
+        "metric": table["metric"],
         "best": table["best"].map(_number), "at kimg": table["best_kimg"].map(_number),
         "iteration": [f"{done} of {total}" for done, total in zip(table["iteration"], table["iterations"])],
         "kimg": table["kimg"].map(_number), "loss_G": table["loss_G"].map(_number),
@@ -191,4 +192,6 @@ def _number(value: float) -> str:
 def _duration(seconds: float) -> str:
     if pd.isna(seconds):
         return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
     return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
