@@ -87,6 +87,11 @@ def test_time_and_gpu_hours_come_from_the_records_timestamps_and_world_size(swee
     records = load(f"{sweep_url}/lr-fast", options)
     assert records["time"].is_monotonic_increasing, "each record says when rank 0 wrote it"
     assert started <= records["time"].iloc[0] and records["time"].iloc[-1] <= ended
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(f"{sweep_url}/lr-fast/tb")
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "loss/G" in scalars and not any(tag.endswith("/time") for tag in scalars), "TensorBoard keeps its own times"
     run = compare([f"{sweep_url}/lr-fast"], options).iloc[0]
     assert run["wall_s"] == pytest.approx(records["time"].iloc[-1] - records["time"].iloc[0])
     assert run["wall_s"] > 0 and run["gpu_hours"] == pytest.approx(2 * run["wall_s"] / 3600), "2 workers all along"
