@@ -186,3 +186,28 @@ def test_storage_unreachable_from_the_start_fails_at_once_instead_of_restarting(
         config.recovery.max_restarts, config.recovery.wait_for_workers_s = 1, 1
         with pytest.raises(StorageUnavailable, match="still failing after"):
             run_job(dask_client, config)
+
+
+def test_a_local_worker_slower_to_restart_than_distributeds_lost_worker_timeout_is_waited_for(tmp_path):
+    """On a busy host a nanny may take longer to restart its killed worker than distributed's
+    ``deploy.lost-worker-timeout`` (15 s): the local cluster must not close that nanny meanwhile (as SpecCluster
+    does), or recovery waits for a worker that never comes (seen in the suite under load)."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    from daskgan.cluster.driver import wait_for_workers
+    from daskgan.config import RecoveryConfig
+
+    restart_s = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout")) + 3
+    slow, preload = tmp_path / "slow", tmp_path / "slow_restart.py"
+    preload.write_text("import os, time\n\n\ndef dask_setup(worker):\n"
+                       f"    if os.path.exists({str(slow)!r}):\n        time.sleep({restart_s})\n")
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}), \
+            connect(ClusterSpec(local=LocalSpec(n_workers=2))) as client:
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[1]
+        slow.touch()  # the worker's restart now waits in its preload, before it registers
+        os.kill(pids[victim], signal.SIGKILL)
+        back = wait_for_workers(client, 2, [victim], RecoveryConfig(wait_for_workers_s=restart_s + 30))
+        assert back == 2
+        assert len(client.cluster.workers) == 2, "both nannies are still there"

@@ -74,6 +74,13 @@ def render(local: LocalSpec) -> dict[str, Any]:
     return {"LocalCluster": _local_cluster_arguments(local, local_workers(local))}
 
 
+# LocalCluster (a SpecCluster) closes the nanny of a worker that left and has not come back within distributed's
+# deploy.lost-worker-timeout (15 s), and opens no other: on a busy host a nanny restarting a killed worker takes
+# longer, and recovery would then wait for a worker that never comes. Nannies here restart their workers, and one
+# that cannot closes itself: let them.
+RESTART_PATIENCE = "1h"
+
+
 @contextmanager
 def connect(local: LocalSpec) -> Iterator["distributed.Client"]:  # noqa: F821
     """A Client of a local cluster started here, shut down on exit."""
@@ -85,7 +92,8 @@ def connect(local: LocalSpec) -> Iterator["distributed.Client"]:  # noqa: F821
                            "pip install cryptography")
     with dask.config.set(worker_settings()):
         cluster = _local_cluster(local)
-    with cluster, Client(cluster) as client:
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": RESTART_PATIENCE}), cluster, \
+            Client(cluster) as client:
         yield client
 
 
