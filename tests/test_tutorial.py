@@ -76,14 +76,15 @@ def test_tutorial_loop_sends_every_result_to_an_s3_prefix(dask_client, dataset):
 def test_a_failing_rank_raises_or_is_logged_as_asked(dask_client, dataset, caplog):
     bucket_url, bucket = dataset
     handler = results.DaskResultsHandler()
-    futures = dispatch.run(dask_client, train, bucket, "data", handler, fail_at_step=2)
+    # the loader in this process (its worker processes are the first test's): what fails here is a rank
+    futures = dispatch.run(dask_client, train, bucket, "data", handler, fail_at_step=2, loader_workers=0)
     with pytest.raises(ValueError, match="rank 1 gave up at step 2"):
         handler.process_results(f"{bucket_url}/raised", futures, raise_errors=True)
     assert "rank1/loss-2.json" in written(f"{bucket_url}/raised"), "results sent before the failure are kept"
     wait_until_free(futures)
 
     handler = results.DaskResultsHandler()
-    futures = dispatch.run(dask_client, train, bucket, "data", handler, fail_at_step=2)
+    futures = dispatch.run(dask_client, train, bucket, "data", handler, fail_at_step=2, loader_workers=0)
     handler.process_results(f"{bucket_url}/logged", futures, raise_errors=False)
     assert {"rank0/loss-2.json", "rank1/loss-2.json"} <= set(written(f"{bucket_url}/logged"))
     assert "rank 1 gave up at step 2" in caplog.text
