@@ -70,13 +70,13 @@ def test_a_run_whose_driver_let_go_or_went_silent_frees_its_workers():
     book.reserve("gone", 1, "t1", 0, WORKERS)
     book.reserve("silent", 1, "t2", 0, WORKERS)
     book.reserve("queued", 1, "t3", 0, WORKERS)
-    lease = {"token": "t2", "beat": 1, "interval_s": 0.05}
-    alive = {"token": "t3", "beat": 1, "interval_s": 60}
-    book.expire({"silent": lease, "queued": alive}, WORKERS)
+    lease = {"token": "t2", "beat": 1, "interval_s": 0.05, "timeout_s": 0.1}
+    late = {"token": "t3", "beat": 1, "interval_s": 0.05, "timeout_s": 60}
+    book.expire({"silent": lease, "queued": late}, WORKERS)
     assert [run["run_url"] for run in book.listing()["granted"]] == ["queued", "silent"], "gone's lease is released"
-    time.sleep(0.2)  # past two of silent's heartbeat intervals, its beat still
-    book.expire({"silent": lease, "queued": {**alive, "beat": 2}}, WORKERS)
-    assert [run["run_url"] for run in book.listing()["granted"]] == ["queued"]
+    time.sleep(0.2)  # past silent's driver_timeout_s, its beat still; within late's, though past its intervals
+    book.expire({"silent": lease, "queued": late}, WORKERS)
+    assert [run["run_url"] for run in book.listing()["granted"]] == ["queued"], "late's ranks still train: kept"
 
 
 def test_a_queued_run_can_be_removed_but_not_a_running_one():

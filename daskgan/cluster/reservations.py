@@ -7,7 +7,8 @@ Queued runs are granted in order: higher ``priority`` first, first come first se
 of the queue waits for enough free workers (no run jumps ahead of it). A worker that leaves frees its slot; a run
 holding fewer workers than it asked (it lost some) is topped up from the free ones before any queued run starts.
 A run's entry lasts as long as its driver's lease (``daskgan.lease``): released, taken by another driver, or
-silent past ``stale_after_s`` (the driver killed), the run's workers go back to the pool and the queue advances.
+silent as long as its ranks wait before they stop (the driver killed), the run's workers go back to the pool and
+the queue advances.
 The workers of a dispatch are the ones granted (``dispatch.run(workers=...)`` pins each rank to its worker).
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from daskgan.lease import metadata_key, stale_after_s
+from daskgan.lease import metadata_key, ranks_stop_after_s
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ class Book:
         return {"queued": queued, "granted": sorted(granted, key=lambda run: run["run_url"])}
 
     def expire(self, leases: dict[str, Any], present: set[str]) -> None:
-        """Drop the runs whose driver let go of its lease, lost it to another driver, or went silent; ``leases``:
-        each run's lease as the scheduler holds it now."""
+        """Drop the runs whose driver let go of its lease, lost it to another driver, or went silent as long as
+        its ranks wait before they stop (``recovery.driver_timeout_s``: a heartbeat late under load frees nothing
+        still training); ``leases``: each run's lease as the scheduler holds it now."""
         now = time.monotonic()
         for entry in list(self.entries.values()):
             lease = leases.get(entry.run_url)
@@ -136,7 +138,7 @@ class Book:
                 seen = (lease.get("token"), lease.get("beat"))
                 if seen != entry.beat:
                     entry.beat, entry.moved_at = seen, now
-                if now - entry.moved_at <= stale_after_s(lease):
+                if now - entry.moved_at <= ranks_stop_after_s(lease):
                     continue
             logger.warning("the driver of %s let go or went silent: its workers go back to the pool", entry.run_url)
             del self.entries[entry.run_url]
@@ -247,6 +249,18 @@ class Reservation:
         if answer["state"] == "removed":
             raise Removed(f"{self.run_url} was taken out of the queue (daskgan stop) before it started")
         return answer["workers"]
+
+    def at_least(self, count: int, excluded: tuple[str, ...], wait_s: float) -> list[str]:
+        """The run's workers once it holds ``count`` (after lost ones, ``excluded``: topped up from the free
+        pool, ahead of queued runs), waiting up to ``wait_s`` for others to free theirs."""
+        deadline = time.monotonic() + wait_s
+        while len(granted := self.wait(excluded)) < count:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"only {len(granted)} of {count} workers free for {self.run_url} within "
+                                   f"{wait_s:.0f}s: other runs hold the rest (set recovery.min_workers to continue "
+                                   "with fewer)")
+            time.sleep(POLL_S)
+        return granted[:count]
 
     def release(self) -> None:
         self.client.run_on_scheduler(_release, self.run_url, self.token)
