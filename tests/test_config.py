@@ -37,6 +37,9 @@ def test_defaults_follow_dcgan_paper():
      "output.best_metric: 'fid' is not among metrics.kinds"),
     ({"output": {"best_metric": "lpips"}}, "output.best_metric: must be one of"),
     ({"name": "a/b"}, "name: must be a non-empty name"),
+    ({"recovery": {"workers": 0}}, "recovery.workers: must be >= 1"),
+    ({"recovery": {"workers": 1, "min_workers": 2}}, "recovery.workers: must be >= 1 and >= recovery.min_workers"),
+    ({"recovery": {"workers": 2, "max_workers": 2}}, "recovery.workers: reserves the run's size: give it or"),
 ])
 def test_bad_values_name_the_key(sections, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -211,6 +214,15 @@ def test_kimg_lengths_become_the_iterations_in_which_d_sees_that_many_reals():
         .train.iterations == 7, "70 images of 10 an iteration, float noise (7.000000000000001) adding none"
     preset = JobConfig.from_dict(with_changes(preset="paper256", train={"kimg": 0.128}), workers=2)
     assert preset.train.iterations == 2, "the job's kimg over the preset's iterations (its global batch 64)"
+
+
+def test_reserved_workers_are_the_runs_size_whatever_the_clusters():
+    """``recovery.workers`` (``train --workers``): the run trains on that many, reserved, on a cluster of any size;
+    kimg lengths convert for them."""
+    job = JobConfig.from_dict(with_changes(recovery={"workers": 1}, train={"kimg": 0.07}, data={"batch_size": 5}),
+                              workers=4)
+    assert (job.recovery.run_size(4), job.recovery.run_size(1), job.workers) == (1, 1, 1)
+    assert job.train.iterations == 14, "70 images of 5 an iteration on the one reserved worker"
 
 
 @pytest.mark.parametrize("sections, workers, message", [

@@ -15,6 +15,7 @@ from distributed import Client
 from daskgan import dispatch
 from daskgan.cluster.arrivals import Arrivals
 from daskgan.cluster.monitor import RunMonitor
+from daskgan.cluster.reservations import Removed, Reservation
 from daskgan.config import JobConfig, RecoveryConfig
 from daskgan.errors import InfrastructureError, Preempted, UserError, WorkerLost, first_line
 from daskgan.lease import CHECK_EVERY_S, DriverLease, clear_stop, request_stop
@@ -41,34 +42,47 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     This client is the run's driver while it runs (``daskgan.lease``): a run another live client drives is
     refused; when this client lets go of the run (it returns, raises, or is interrupted) its ranks checkpoint and
     stop, and if it dies they do so ``recovery.driver_timeout_s`` later.
+    With ``recovery.workers`` the run trains on that many workers reserved for it on the scheduler
+    (``cluster.reservations``), waiting in the cluster's queue until they are free; taken out of the queue
+    (``daskgan stop``), it returns at once, ``stopped: queued``.
     """
     world_size = config.recovery.run_size(len(dispatch.worker_addresses(client)))
     lease = DriverLease(client, config.output.run_url, config.recovery.driver_timeout_s, config.train.iterations)
     lease.acquire()  # a run another live client drives is refused here
     clear_stop(client, config.output.run_url)
     watch_for_notices(client, config.recovery.notice_grace_s)
+    book = None
     try:
-        return _drive(client, config, lease, world_size, on_record, timeout)
+        if config.recovery.workers:
+            book = Reservation(client, config.output.run_url, world_size, lease.token, config.recovery.priority)
+        return _drive(client, config, lease, world_size, on_record, timeout, book)
+    except Removed as removed:
+        logger.warning("%s", removed)
+        return {"run_url": config.output.run_url, "iterations": config.train.iterations, "last_iteration": 0,
+                "stopped": "queued", "checkpoint": None}
     except KeyboardInterrupt:
         logger.warning("interrupted: the ranks of %s write a checkpoint and stop; the next daskgan train resumes "
                        "from it", config.output.run_url)
         raise
     finally:
+        if book is not None:
+            book.release()
         lease.release()
 
 
 def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: int,
-           on_record: Callable[[dict[str, Any]], None] | None, timeout: float) -> dict[str, Any]:
+           on_record: Callable[[dict[str, Any]], None] | None, timeout: float,
+           book: Reservation | None = None) -> dict[str, Any]:
     """Dispatch, follow the records, and re-dispatch after a lost worker, a storage outage or a preemption, or
-    to grow back to ``world_size`` workers once more joined (see ``run_job``)."""
-    dispatches = Dispatches(client, config, world_size)
+    to grow back to ``world_size`` workers once more joined (see ``run_job``); on ``book``'s workers if given."""
+    dispatches = Dispatches(client, config, world_size, book)
     grace, arrivals = GraceCheck(config.recovery.notice_grace_s), Arrivals(client)
     try:
         while True:
             monitor = RunMonitor(client, config.output.run_url)
             try:
                 futures = dispatches.dispatch(lease.dispatched(train_gan), timeout)
-                growth = Growth(client, config.output.run_url, len(dispatches.workers), world_size, arrivals)
+                growth = Growth(client, config.output.run_url, len(dispatches.workers), world_size, arrivals, book)
                 for record in monitor.records(futures):
                     dispatches.last_seen = lease.iteration = record["iteration"]
                     grace.check(record)
@@ -94,9 +108,9 @@ class Dispatches:
     """The job's dispatches one after another: the job and workers of the next one, and why it restarts.
     Preemptions and growth are not failures: they do not count against ``recovery.max_restarts``."""
 
-    def __init__(self, client: Client, config: JobConfig, world_size: int):
-        self.client, self.config, self.world_size = client, config, world_size
-        self.job, self.workers = config, choose_workers(client, world_size)
+    def __init__(self, client: Client, config: JobConfig, world_size: int, book: Reservation | None = None):
+        self.client, self.config, self.world_size, self.book = client, config, world_size, book
+        self.job, self.workers = config, book.wait() if book else choose_workers(client, world_size)
         self.restart: dict[str, Any] | None = None
         self.restarts = self.failures = self.last_seen = 0
 
@@ -107,7 +121,7 @@ class Dispatches:
     def grow(self) -> None:
         """The ranks stopped at a checkpoint for more workers (``Growth``): the next dispatch has them."""
         clear_stop(self.client, self.config.output.run_url)
-        self.workers = choose_workers(self.client, self.world_size)
+        self.workers = self.book.wait() if self.book else choose_workers(self.client, self.world_size)
         self.job = restart_config(self.config, len(self.workers), self.world_size)
         self._restart_because(f"grown back to {len(self.workers)} workers")
         logger.warning("%s at iteration %d", self.restart["cause"], self.last_seen)
@@ -121,7 +135,7 @@ class Dispatches:
             raise RuntimeError(f"giving up after {self.config.recovery.max_restarts} restarts") from failure
         logger.warning("%s; restart %d, from the newest checkpoint", failure, self.restarts + 1)
         self.job, self.workers = wait_to_restart(self.client, self.config, self.job, self.workers, failure,
-                                                 self.restarts + 1, self.world_size)
+                                                 self.restarts + 1, self.world_size, self.book)
         self._restart_because(str(failure), **({"notice_to_checkpoint_s": failure.seconds}
                                                if isinstance(failure, Preempted) else {}))
 
@@ -132,17 +146,19 @@ class Dispatches:
 
 class Growth:
     """Asks the ranks of a run dispatched on fewer than its ``world_size`` workers to stop at their next scheduled
-    checkpoint once more workers joined the cluster; the driver then re-dispatches on them."""
+    checkpoint once more workers joined the cluster (with a ``book``: once it granted the run more of them); the
+    driver then re-dispatches on them."""
 
-    def __init__(self, client: Client, run_url: str, dispatched: int, world_size: int, arrivals: Arrivals):
-        self.client, self.run_url, self.arrivals = client, run_url, arrivals
+    def __init__(self, client: Client, run_url: str, dispatched: int, world_size: int, arrivals: Arrivals,
+                 book: Reservation | None = None):
+        self.client, self.run_url, self.arrivals, self.book = client, run_url, arrivals, book
         self.wanted = dispatched < world_size
         self.dispatched = dispatched
 
     def check(self) -> None:
         if not self.wanted or not self.arrivals.joined():
             return
-        present = len(dispatch.worker_addresses(self.client))
+        present = len(self.book.wait() if self.book else dispatch.worker_addresses(self.client))
         if present > self.dispatched:
             logger.warning("%d workers on the cluster, the run has %d: it grows at its next checkpoint", present,
                            self.dispatched)
@@ -167,15 +183,18 @@ class GraceCheck:
 
 
 def wait_to_restart(client: Client, config: JobConfig, job: JobConfig, workers: list[str], failure: Exception,
-                    restarts: int, world_size: int) -> tuple[JobConfig, list[str]]:
+                    restarts: int, world_size: int, book: Reservation | None = None) -> tuple[JobConfig, list[str]]:
     """Wait for what failed to come back; returns the job to re-dispatch and its workers. Lost or preempted
-    workers: until they are replaced (``wait_for_workers``). Storage: a wait that doubles with each restart, up to
-    ``wait_for_workers_s``, since an outage that outlasted the ranks' own retries is likely to last a while longer."""
+    workers: until they are replaced (``wait_for_workers``; with a ``book``, replaced by free workers it grants).
+    Storage: a wait that doubles with each restart, up to ``wait_for_workers_s``, since an outage that outlasted
+    the ranks' own retries is likely to last a while longer."""
     if isinstance(failure, (Preempted, WorkerLost)):
         # a silent worker may still be there: do not wait it out
         gone = failure.workers if isinstance(failure, Preempted) or failure.confirmed else []
         count = wait_for_workers(client, world_size, gone, config.recovery)
-        return restart_config(config, count, world_size), choose_workers(client, count, excluded=gone)
+        chosen = (book.at_least(count, tuple(gone), config.recovery.wait_for_workers_s) if book else
+                  choose_workers(client, count, excluded=gone))
+        return restart_config(config, count, world_size), chosen
     time.sleep(infrastructure_wait_s(config, restarts))
     return job, workers
 

@@ -309,6 +309,10 @@ class RecoveryConfig:
     # with fewer workers than the run's, go on once this many are there (global batch kept) instead of failing
     min_workers: Optional[int] = None
     max_workers: Optional[int] = None  # the run's size: at most this many of the cluster's workers (null: all)
+    # the run's size on a shared cluster: this many workers reserved for the run alone on the scheduler, waiting
+    # in its queue until they are free (``cluster.reservations``; ``train --workers``); null: every worker, unreserved
+    workers: Optional[int] = None
+    priority: int = 0  # with ``workers``: queued runs of a higher priority start first (same priority: in order)
     driver_timeout_s: float = 120.0  # ranks whose driver's heartbeat stopped this long ago checkpoint and stop
     # a worker given notice (SIGTERM, eviction) waits this long at most for its run's checkpoint before it leaves;
     # the platform's own grace period (Kubernetes' terminationGracePeriodSeconds) must be at least as long
@@ -316,7 +320,7 @@ class RecoveryConfig:
 
     def run_size(self, cluster_workers: int) -> int:
         """How many workers the run trains on, of the ``cluster_workers`` there are."""
-        return min(cluster_workers, self.max_workers or cluster_workers)
+        return self.workers or min(cluster_workers, self.max_workers or cluster_workers)
 
     def platform_grace_s(self) -> int:
         """The grace period a worker's platform should give it (Kubernetes' terminationGracePeriodSeconds): the
@@ -329,6 +333,10 @@ class RecoveryConfig:
         require(self.min_workers is None or self.min_workers >= 1, "recovery.min_workers", "must be >= 1")
         require(self.max_workers is None or self.max_workers >= max(1, self.min_workers or 1),
                 "recovery.max_workers", "must be >= 1 and >= recovery.min_workers")
+        require(self.workers is None or self.workers >= max(1, self.min_workers or 1), "recovery.workers",
+                "must be >= 1 and >= recovery.min_workers")
+        require(self.workers is None or self.max_workers is None, "recovery.workers",
+                "reserves the run's size: give it or recovery.max_workers, not both")
         require(self.driver_timeout_s > 0, "recovery.driver_timeout_s", "must be > 0")
         require(self.notice_grace_s > 0, "recovery.notice_grace_s", "must be > 0")
 
