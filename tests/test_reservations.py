@@ -10,10 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
+import yaml
+from test_driver_lease import wait_for
 
 from daskgan import dispatch
+from daskgan.cluster.driver import run_job
 from daskgan.cluster.reservations import Book, Removed, Reservation, listing, remove_queued, waiting_line
+from daskgan.cluster.status import stop_run
+from daskgan.config import JobConfig
 from daskgan.lease import DriverLease
+from daskgan.tools.cli import main
 
 WORKERS = {"tcp://127.0.0.1:1", "tcp://127.0.0.1:2"}
 
@@ -129,3 +135,26 @@ def test_stop_takes_a_queued_run_out_and_its_waiting_driver_ends(dask_client):
         assert remove_queued(dask_client, queued.run_url) and not remove_queued(dask_client, big.run_url)
         with pytest.raises(Removed, match="taken out of the queue"):
             queued.wait()
+
+
+def test_runs_lists_a_queued_driver_and_stop_takes_it_out_before_it_trains(dask_client, tmp_path, capsys):
+    """The driver of a run with ``recovery.workers`` waits in the queue while another run holds every worker;
+    `daskgan runs` lists it (position, workers asked), `daskgan stop` takes it out, and its driver returns
+    ``stopped: queued`` without dispatching anything."""
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": dask_client.scheduler.address}}))
+    job = JobConfig.from_dict({"name": "q", "data": {"url": "memory://data"}, "recovery": {"workers": 1},
+                               "output": {"run_url": "memory://book/queued-driver"}})
+    with drivers(dask_client, [2]) as (_, (holder,)), ThreadPoolExecutor(1) as pool:
+        assert holder.ask()["state"] == "granted"
+        driven = pool.submit(run_job, dask_client, job)
+        wait_for(lambda: listing(dask_client)["queued"], 60, "the driver queued")
+        assert main(["runs", "--cluster", str(spec)]) == 0
+        listed = capsys.readouterr().out
+        assert f"{job.output.run_url}: queued, position 1, 1 worker(s) asked, waiting since " in listed, listed
+        assert f"{holder.run_url}: iteration 0 of 0, driven by " in listed and "1 queued" in listed, listed
+        assert main(["stop", job.output.run_url, "--cluster", str(spec)]) == 0
+        assert f"took {job.output.run_url} out of the cluster's queue" in capsys.readouterr().out
+        assert driven.result(timeout=60)["stopped"] == "queued"
+    assert stop_run(dask_client, job.output.run_url) == {"run_url": job.output.run_url, "stopped": "checkpoint"}, \
+        "a run not queued is asked to stop, as before"

@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from daskgan import dispatch
+from daskgan.cluster import reservations
 from daskgan.errors import NotFound
-from daskgan.lease import driver_is_live, held_lease
+from daskgan.lease import active_runs, driver_is_live, held_lease, request_stop
 from daskgan.run import checkpoint, layout, storage
 from daskgan.run.records import load
 from daskgan.run.storage import StorageOptions
@@ -121,3 +122,26 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  driver {status['driver']}; {len(status['workers'])} workers: {', '.join(status['workers'])}")
     lines.append(f"  checkpoint: {status['checkpoint']}")
     return "\n".join(lines)
+
+
+def cluster_runs(client: Any) -> dict[str, list[dict[str, Any]]]:
+    """The runs on a cluster as plain data: ``queued`` (position, workers asked, priority, waiting since: epoch
+    seconds), in the order they will start, and ``running``: every run with a driver's lease (run_url, driver,
+    iteration, iterations, live: whether its heartbeat moves) but not queued, with ``workers``: the ones the
+    cluster's queue granted it (None: a run that takes every worker, unreserved)."""
+    book = reservations.listing(client)
+    queued = {run["run_url"] for run in book["queued"]}
+    granted = {run["run_url"]: run["workers"] for run in book["granted"]}
+    running = [{**lease, "workers": granted.get(lease["run_url"])} for lease in active_runs(client)
+               if lease["run_url"] not in queued]
+    return {"queued": book["queued"], "running": running}
+
+
+def stop_run(client: Any, run_url: str, now: bool = False) -> dict[str, Any]:
+    """Take the run out of the cluster's queue if it waits there (its driver ends, nothing trained); otherwise
+    ask its ranks to stop, after a checkpoint or ``now``. Returns what was done: ``{"run_url", "stopped"}`` with
+    ``queued``, ``checkpoint`` or ``now``."""
+    if reservations.remove_queued(client, run_url):
+        return {"run_url": run_url, "stopped": "queued"}
+    request_stop(client, run_url, now=now)
+    return {"run_url": run_url, "stopped": "now" if now else "checkpoint"}

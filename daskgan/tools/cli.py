@@ -93,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="print the job as this cluster would train it (presets and kimg resolved for its "
                             "workers, credentials redacted) and train nothing")
+    train.add_argument("--workers", type=_integer(1), metavar="N",
+                       help="train on N workers reserved for this run on the cluster's scheduler, waiting in its "
+                            "queue until they are free (recovery.workers; default: every worker, unreserved)")
+    train.add_argument("--priority", type=int, metavar="P",
+                       help="with --workers: queued runs of a higher priority start first (recovery.priority, 0)")
     train.add_argument("--attempts", type=int, default=1,
                        help="drive the run up to N times when the driver fails for a reason other than the job's "
                             "own (storage or the cluster down beyond the run's restarts); a DaskJob's runner uses 3")
@@ -119,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     dataset.add_argument("--cluster", help=DEFAULT_CLUSTER_HELP)
     _add_endpoint_option(dataset)
     dataset.set_defaults(run=dataset_command)
-    runs = commands.add_parser("runs", help="the trainings with a live driver on a cluster")
+    runs = commands.add_parser("runs", help="the trainings queued and with a live driver on a cluster")
     runs.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
     _add_job_option(runs)
     runs.set_defaults(run=runs_command)
@@ -135,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     attach.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
     _add_job_option(attach)
     attach.set_defaults(run=attach_command)
-    stop = commands.add_parser("stop", help="stop a running training: checkpoint, then stop")
+    stop = commands.add_parser("stop", help="stop a running training (checkpoint, then stop), or take a queued one "
+                                            "out of the queue")
     stop.add_argument("run_url", help="the run directory (output.run_url)")
     stop.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
     _add_job_option(stop)
@@ -333,16 +339,22 @@ def dataset_command(args: argparse.Namespace) -> int:
 
 
 def runs_command(args: argparse.Namespace) -> int:
-    from daskgan.lease import active_runs
+    from daskgan.cluster.status import cluster_runs
 
     with _existing_cluster(args) as client:
-        leases = active_runs(client)
-    for lease in leases:
+        runs = cluster_runs(client)
+    for queued in runs["queued"]:
+        since = time.strftime("%H:%M:%S UTC", time.gmtime(queued["since"]))
+        print(f"{queued['run_url']}: queued, position {queued['position']}, {queued['asked']} worker(s) asked, "
+              f"waiting since {since} ({time.time() - queued['since']:.0f} s)")
+    for lease in runs["running"]:
         driver = (f"driven by {lease['driver']}" if lease["live"] else
                   f"stale: its driver {lease['driver']} stopped beating (killed or cut off)")
-        print(f"{lease['run_url']}: iteration {lease['iteration']} of {lease['iterations']}, {driver}")
-    stale = sum(not lease["live"] for lease in leases)
-    print(f"daskgan: {len(leases) - stale} run(s) with a live driver on this cluster, {stale} stale")
+        workers = f", on {', '.join(lease['workers'])}" if lease["workers"] else ""
+        print(f"{lease['run_url']}: iteration {lease['iteration']} of {lease['iterations']}, {driver}{workers}")
+    stale = sum(not lease["live"] for lease in runs["running"])
+    print(f"daskgan: {len(runs['running']) - stale} run(s) with a live driver on this cluster, {stale} stale, "
+          f"{len(runs['queued'])} queued")
     return 0
 
 
@@ -378,11 +390,12 @@ def attach_command(args: argparse.Namespace) -> int:
 
 
 def stop_command(args: argparse.Namespace) -> int:
-    from daskgan.lease import request_stop
+    from daskgan.cluster.status import stop_run
 
     with _existing_cluster(args) as client:
-        request_stop(client, args.run_url, now=args.now)
-    print(f"daskgan: asked {args.run_url} to stop{' now' if args.now else ' after a checkpoint'}")
+        stopped = stop_run(client, args.run_url, now=args.now)["stopped"]
+    print(f"daskgan: took {args.run_url} out of the cluster's queue" if stopped == "queued" else
+          f"daskgan: asked {args.run_url} to stop{' now' if stopped == 'now' else ' after a checkpoint'}")
     return 0
 
 
@@ -404,6 +417,7 @@ def render_command(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     if args.attempts < 1:
         raise ConfigError(f"--attempts: must be >= 1, got {args.attempts}")
+    args.overrides += _reservation_overrides(args)
     spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
     if args.dry_run:
         print(_job_for_cluster(args, spec).to_yaml(), end="")
@@ -431,6 +445,12 @@ def train_command(args: argparse.Namespace) -> int:
             sandbox.copy_results(job.output.run_url, local_copy, job.output.storage_options)
     _report(summary, local_copy, stopped_server=endpoint is not None)
     return 0
+
+
+def _reservation_overrides(args: argparse.Namespace) -> list[str]:
+    """``--workers`` and ``--priority`` as the job keys they stand for, after (so over) the command's own."""
+    return ([f"recovery.workers={args.workers}"] if args.workers is not None else []) + \
+        ([f"recovery.priority={args.priority}"] if args.priority is not None else [])
 
 
 def _job_for_cluster(args: argparse.Namespace, spec: ClusterSpec) -> JobConfig:
@@ -488,6 +508,9 @@ def _metric_trends(summary: dict) -> list[str]:
 
 def _report(summary: dict, local_copy: str | None, stopped_server: bool) -> None:
     run_url = summary["run_url"]
+    if summary.get("stopped") == "queued":
+        print(f"daskgan: {run_url} was taken out of the cluster's queue (daskgan stop) before it started")
+        return
     done = (f"stopped at iteration {summary['last_iteration']} of {summary['iterations']} ({summary['stopped']})"
             if summary.get("stopped") else f"trained {summary['iterations']} iterations")
     lines = [f"daskgan: {done}; run directory {run_url}",
