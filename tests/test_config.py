@@ -40,6 +40,7 @@ def test_defaults_follow_dcgan_paper():
     ({"recovery": {"workers": 0}}, "recovery.workers: must be >= 1"),
     ({"recovery": {"workers": 1, "min_workers": 2}}, "recovery.workers: must be >= 1 and >= recovery.min_workers"),
     ({"recovery": {"workers": 2, "max_workers": 2}}, "recovery.workers: reserves the run's size: give it or"),
+    ({"recovery": {"priority": 1}}, "recovery.priority: orders the queue of runs that reserve workers"),
 ])
 def test_bad_values_name_the_key(sections, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

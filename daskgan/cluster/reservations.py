@@ -169,6 +169,7 @@ class BookPlugin(SchedulerPlugin):
             self._callback.stop()
 
     def present(self) -> set[str]:
+        """The workers the scheduler has now: the book's pool, never a list of its own that could drift."""
         return set(self.scheduler.workers)
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
@@ -263,6 +264,8 @@ class Reservation:
         return granted[:count]
 
     def release(self) -> None:
+        """The run ended (finished, failed, stopped, interrupted): its workers go to the next queued run now,
+        not when the book notices the released lease."""
         self.client.run_on_scheduler(_release, self.run_url, self.token)
 
 

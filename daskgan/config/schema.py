@@ -337,6 +337,8 @@ class RecoveryConfig:
                 "must be >= 1 and >= recovery.min_workers")
         require(self.workers is None or self.max_workers is None, "recovery.workers",
                 "reserves the run's size: give it or recovery.max_workers, not both")
+        require(self.priority == 0 or self.workers is not None, "recovery.priority",
+                "orders the queue of runs that reserve workers: give recovery.workers (train --workers) too")
         require(self.driver_timeout_s > 0, "recovery.driver_timeout_s", "must be > 0")
         require(self.notice_grace_s > 0, "recovery.notice_grace_s", "must be > 0")
 
