@@ -158,3 +158,19 @@ def test_throttling_server_errors_and_resets_are_retried(error):
                                    FileNotFoundError(2, "No such file"), PermissionError(13, "Permission denied")])
 def test_folders_missing_objects_and_refusals_are_not(error):
     assert not storage.is_transient(error)
+
+
+def test_within_retry_bounds_a_storage_operation_gives_up_after_those_tries():
+    """A job's ``data.retry_tries``/``retry_seconds`` bound every operation on its dataset, not only image reads: a
+    dataset on storage that does not answer fails after the job's tries (the default's 8 took 23-30 s here)."""
+    from daskgan.errors import StorageUnavailable
+    from daskgan.tools.sandbox import free_port
+
+    nothing_there = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k", "secret": "s",
+                     "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with storage.retry_bounds(tries=2, seconds=30):
+        with pytest.raises(StorageUnavailable, match="after 2 tries"):
+            storage.exists("s3://bucket/data/dataset-manifest.json.gz", nothing_there)
+    with pytest.raises(StorageUnavailable, match="after 1 tries"):
+        with storage.retry_bounds(tries=1, seconds=30):
+            storage.read_bytes("s3://bucket/data/a.png", nothing_there)

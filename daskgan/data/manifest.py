@@ -60,10 +60,11 @@ def ensure_manifest(data: DataConfig, url: str, options: StorageOptions) -> None
             raise ConfigError(f"data.manifest: {url} lists {listed}, not data.url {data.url}")
         logger.warning("dataset: the run's manifest lists %s, not %s: listing again", listed, data.url)
     started = time.perf_counter()
-    index = dataset_manifest(data)
-    if index is None:
-        logger.info("dataset: listing %s", data.url)
-        index = index_images(data.url, data.storage_options)
+    with storage.retry_bounds(data.retry_tries, data.retry_seconds):  # the dataset's storage: the job's bounds
+        index = dataset_manifest(data)
+        if index is None:
+            logger.info("dataset: listing %s", data.url)
+            index = index_images(data.url, data.storage_options)
     storage.write_bytes(url, manifest_bytes(index, dataset_base(data.url, data.storage_options)), options)
     logger.info("dataset: %d images in %d classes listed in %.1f s, manifest %s", len(index), len(index.classes),
                 time.perf_counter() - started, url)

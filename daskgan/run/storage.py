@@ -10,6 +10,7 @@ object (or a folder where an object is read) raises ``NotFound``, refused or mis
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import io
@@ -89,12 +90,29 @@ class Backoff:
         return delay
 
 
+_RETRY_BOUNDS: contextvars.ContextVar[tuple[int, float]] = contextvars.ContextVar(
+    "retry_bounds", default=(RETRY_TRIES, RETRY_SECONDS))
+
+
+@contextlib.contextmanager
+def retry_bounds(tries: int, seconds: float) -> Iterator[None]:
+    """Within this block (in this thread), storage operations retry at most ``tries`` times within ``seconds``: a
+    job's ``data.retry_tries``/``retry_seconds`` bound the operations on its dataset as they bound its image reads,
+    rather than the defaults that other operations (the run directory's) keep."""
+    token = _RETRY_BOUNDS.set((tries, seconds))
+    try:
+        yield
+    finally:
+        _RETRY_BOUNDS.reset(token)
+
+
 def retrying(function: Operation) -> Operation:
-    """Retry ``function(url_or_objects, ...)`` on transient storage errors (see ``Backoff``)."""
+    """Retry ``function(url_or_objects, ...)`` on transient storage errors (see ``Backoff``), within the bounds
+    ``retry_bounds`` sets."""
 
     @functools.wraps(function)
     def retried(target: str | Mapping[str, bytes], *args: Any, **kwargs: Any) -> Any:
-        backoff = Backoff()
+        backoff = Backoff(*_RETRY_BOUNDS.get())
         while True:
             try:
                 return function(target, *args, **kwargs)
