@@ -9,12 +9,19 @@ through it.
 ``AdaController`` is NVlabs' heuristic: the sign of D(real) is summed over ``interval`` minibatches and all ranks
 (one all-reduce), r_t = E[sign(D(real))], and p moves by sign(r_t - target) * batch * interval / (speed_kimg*1000),
 so p can go from 0 to 1 in ``speed_kimg`` thousand images; p stays within [0, 1].
+
+Nothing here reads the device back during training (issue #29): p is known on the host (``probability``), the
+per-image parameters are drawn and composed into matrices on the CPU, from torch's CPU generator (the pad margins
+and the skip-the-identity checks read them there, waiting on no device; on a GPU this moved the draws off the
+device's generator), and only the finished matrices go to the images' device. ADA's statistic accumulates on the
+device and is read once per adjustment.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,8 +36,13 @@ COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
 PIPELINES = {"blit": BLIT, "geom": GEOMETRIC, "color": COLOR, "bg": BLIT + GEOMETRIC, "bgc": BLIT + GEOMETRIC + COLOR}
 
 
+HOST = torch.device("cpu")  # where the per-image parameters are drawn and composed
+LUMA_AXIS = tuple((torch.ones(3) / math.sqrt(3)).tolist())  # the hue rotation's axis, as float32 holds it
+
+
 class AugmentPipe(nn.Module):
-    """Randomly augments a batch (N, 3, H, W) in [-1, 1]; ``p`` (a buffer, so checkpoints keep it) is the chance."""
+    """Randomly augments a batch (N, 3, H, W) in [-1, 1]; ``p`` (a buffer, so checkpoints keep it) is the chance,
+    set through ``set_probability`` (which keeps its value on the host too)."""
 
     def __init__(self, augmentations: tuple[str, ...] = PIPELINES["bgc"], *, xint_max: float = 0.125,
                  scale_std: float = 0.2, rotate_max: float = 1.0, aniso_std: float = 0.2, xfrac_std: float = 0.125,
@@ -45,9 +57,25 @@ class AugmentPipe(nn.Module):
         self.xfrac_std, self.brightness_std, self.contrast_std = xfrac_std, brightness_std, contrast_std
         self.hue_max, self.saturation_std = hue_max, saturation_std
         self.register_buffer("p", torch.zeros([]))
+        self._known: tuple[torch.Tensor | None, int, float] = (None, -1, 0.0)  # (buffer, its version, its value)
+
+    def set_probability(self, p: float) -> None:
+        """Set p, remembering its value (as the float32 buffer holds it) so no iteration reads the buffer back."""
+        self.p.fill_(p)
+        self._known = (self.p, self.p._version, float(np.float32(p)))
+
+    @property
+    def probability(self) -> float:
+        """p as a number: the remembered value while the buffer is the one ``set_probability`` wrote (its version
+        counter moves with every in-place write); else read from the buffer once (``load_state_dict``, a direct
+        ``p.fill_``)."""
+        buffer, version, value = self._known
+        if buffer is not self.p or version != self.p._version:
+            self._known = (self.p, self.p._version, float(self.p))
+        return self._known[2]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        p = float(self.p)
+        p = self.probability
         if p <= 0:
             return images
         images = self._geometric(images, p)
@@ -55,9 +83,9 @@ class AugmentPipe(nn.Module):
 
     def _geometric(self, images: torch.Tensor, p: float) -> torch.Tensor:
         n, _, height, width = images.shape
-        fires = _Chance(n, p, images.device)
+        fires = _Chance(n, p, HOST)
         on = set(self.augmentations)
-        zeros = torch.zeros(n, device=images.device)
+        zeros = torch.zeros(n)
         flip = fires.integers(2) if "xflip" in on else zeros
         quarter_turns = fires.integers(4) if "rotate90" in on else zeros
         if "xint" in on:  # whole-pixel shifts
@@ -67,7 +95,7 @@ class AugmentPipe(nn.Module):
             dx = dy = zeros
         if on.isdisjoint(GEOMETRIC):  # only pixel moves: done exactly, without the resampling below
             moves = torch.stack([flip, quarter_turns, dx, dy])
-            return blit(images, flip, quarter_turns, dx, dy) if moves.any() else images
+            return blit(images, *_to(images.device, *moves)) if _host(moves).any() else images
         matrix = scale2d(1 - 2 * flip, torch.ones_like(flip)) @ rotate2d(-math.pi / 2 * quarter_turns)
         matrix = matrix @ translate2d(dx * 2 / width, dy * 2 / height)  # normalised coordinates span 2 a side
         if "scale" in on:
@@ -84,17 +112,17 @@ class AugmentPipe(nn.Module):
         if "xfrac" in on:
             shift = fires.normal(2) * self.xfrac_std * 2
             matrix = matrix @ translate2d(shift[:, 0], shift[:, 1])
-        if torch.equal(matrix, torch.eye(3, device=images.device).expand_as(matrix)):
+        if torch.equal(matrix, torch.eye(3).expand_as(matrix)):  # on the CPU: no device read
             return images
         return warp(images, matrix)
 
     def _color(self, images: torch.Tensor, p: float) -> torch.Tensor:
         n, channels, height, width = images.shape
-        fires = _Chance(n, p, images.device)
+        fires = _Chance(n, p, HOST)
         on = set(self.augmentations)
-        identity = torch.eye(4, device=images.device)
+        identity = torch.eye(4)
         matrix = identity.repeat(n, 1, 1)
-        luma = torch.tensor([1.0, 1.0, 1.0, 0.0], device=images.device) / math.sqrt(3)
+        luma = torch.tensor([1.0, 1.0, 1.0, 0.0]) / math.sqrt(3)
         luma_outer = torch.outer(luma, luma)
         if "brightness" in on:
             b = fires.normal() * self.brightness_std
@@ -106,12 +134,13 @@ class AugmentPipe(nn.Module):
             flip = fires.integers(2)
             matrix = (identity - 2 * luma_outer * flip[:, None, None]) @ matrix
         if "hue" in on:
-            matrix = rotate3d(luma[:3], (fires.uniform() * 2 - 1) * math.pi * self.hue_max) @ matrix
+            matrix = rotate3d(LUMA_AXIS, (fires.uniform() * 2 - 1) * math.pi * self.hue_max) @ matrix
         if "saturation" in on:
             s = torch.exp2(fires.normal() * self.saturation_std)
             matrix = (luma_outer + (identity - luma_outer) * s[:, None, None]) @ matrix
-        if torch.equal(matrix, identity.expand_as(matrix)):
+        if torch.equal(matrix, identity.expand_as(matrix)):  # on the CPU: no device read
             return images
+        (matrix,) = _to(images.device, matrix)
         flat = images.reshape(n, channels, height * width)
         if channels == 1:  # grayscale, as NVlabs: the colour matrix averaged over its RGB rows
             row = matrix[:, :3, :].mean(dim=1, keepdim=True)
@@ -126,10 +155,11 @@ SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample ``images`` through ``theta`` (N, 3, 3: output -> input, in ``affine_grid``'s normalised
-    coordinates) as NVlabs: reflect-pad just enough for every sampled point and the filter, upsample 2x with the
-    sym6 filter, sample bilinearly there, filter back down and crop. A single bilinear pass at 1x blurs what D
-    sees; sampling at 2x between two wavelet filters keeps the detail."""
+    """Resample ``images`` through ``theta`` (N, 3, 3 on the CPU: output -> input, in ``affine_grid``'s normalised
+    coordinates; the padding it needs is read from it without waiting on the images' device) as NVlabs: reflect-pad
+    just enough for every sampled point and the filter, upsample 2x with the sym6 filter, sample bilinearly there,
+    filter back down and crop. A single bilinear pass at 1x blurs what D sees; sampling at 2x between two wavelet
+    filters keeps the detail."""
     n, channels, height, width = images.shape
     kernel = fir_filter(SYM6, images.device)
     reach = len(SYM6) // 4  # the filter's reach at 2x, in pixels of the input
@@ -148,7 +178,8 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     pixels = shift(-0.5, -0.5) @ scale(2, 2) @ pixels @ scale(0.5, 0.5) @ shift(0.5, 0.5)
     out_height, out_width = (height + 2 * reach) * 2, (width + 2 * reach) * 2
     theta = scale(2 / images.shape[3], 2 / images.shape[2]) @ pixels @ scale(out_width / 2, out_height / 2)
-    grid = F.affine_grid(theta[:, :2, :], [n, channels, out_height, out_width], align_corners=False)
+    (theta,) = _to(images.device, theta[:, :2, :])
+    grid = F.affine_grid(theta, [n, channels, out_height, out_width], align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     taps = len(SYM6)
     before, after = -2 * reach + (taps - 1) // 2, -2 * reach + (taps - 2) // 2
@@ -188,8 +219,19 @@ def _reflect_margins(pixels: torch.Tensor, width: int, height: int, reach: int) 
     margin = torch.cat([-sampled, sampled]).max(dim=1).values  # x0, y0, x1, y1
     margin = margin + pixels.new_tensor([2 * reach - cx, 2 * reach - cy] * 2)
     limit = pixels.new_tensor([width - 1, height - 1] * 2)
-    left, top, right, bottom = margin.clamp(min=0).minimum(limit).ceil().int().tolist()
-    return [left, top, right, bottom]
+    return _host(margin.clamp(min=0).minimum(limit).ceil().int()).tolist()
+
+
+def _host(values: torch.Tensor) -> np.ndarray:
+    """The values of a tensor the augmentation composed on the CPU (its per-image parameters and matrices), read
+    where they lie: unlike a read of the images' tensors this waits on no device queue, once per augmented batch
+    (padding sizes and skipping an identity move must be known on the host)."""
+    return values.detach().numpy()
+
+
+def _to(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host-side parameters onto the images' device without waiting for it (an asynchronous copy)."""
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 class AdaController:
@@ -201,27 +243,41 @@ class AdaController:
         self._sums = torch.zeros(2, dtype=torch.float64)  # [sum of signs, count] since the last adjustment
 
     def observe(self, real_logits: torch.Tensor) -> None:
-        """Accumulate sign(D(real)) of this rank's (augmented) reals."""
+        """Accumulate sign(D(real)) of this rank's (augmented) reals, on their device (nothing is read back)."""
         signs = torch.sign(real_logits.detach()).to(torch.float64)
-        self._sums += torch.stack([signs.sum().cpu(), torch.tensor(float(signs.numel()), dtype=torch.float64)])
+        self._sums = self._sums.to(signs.device) + torch.stack([signs.sum(), signs.new_full((), signs.numel())])
+
+    def due(self, iteration: int) -> bool:
+        """Whether p is adjusted after ``iteration`` (every ``interval`` iterations)."""
+        return iteration % self.interval == 0
+
+    def statistic(self) -> torch.Tensor:
+        """This rank's [sum of signs, count] since the last adjustment, on the device: summed over the ranks, it
+        is what ``adjust`` takes."""
+        return self._sums
+
+    def adjust(self, signs: float, count: float, global_batch: int) -> float:
+        """Adjust p from the statistic summed over every rank; returns r_t."""
+        self.rt = signs / max(count, 1.0)
+        sign = (self.rt > self.target) - (self.rt < self.target)  # NVlabs' np.sign: no move at the target
+        adjust = sign * global_batch * self.interval / (self.speed_kimg * 1000)
+        self.pipe.set_probability(min(max(self.pipe.probability + adjust, 0.0), 1.0))
+        self._sums = torch.zeros_like(self._sums)
+        return self.rt
 
     def update(self, iteration: int, global_batch: int) -> float | None:
-        """Every ``interval`` iterations: all-reduce the statistic, adjust p; returns r_t (None between updates)."""
-        if iteration % self.interval:
+        """The controller on its own: every ``interval`` iterations, all-reduce the statistic and adjust p; returns
+        r_t (None between updates). The training loop instead folds the statistic into its one all-reduce."""
+        if not self.due(iteration):
             return None
         sums = self._sums.clone()
         if ranks.process_group_running():
             sums = sums.to(ranks.collective_device())
             dist.all_reduce(sums)
-        self.rt = float(sums[0] / sums[1].clamp(min=1))
-        sign = (self.rt > self.target) - (self.rt < self.target)  # NVlabs' np.sign: no move at the target
-        adjust = sign * global_batch * self.interval / (self.speed_kimg * 1000)
-        self.pipe.p.fill_(min(max(float(self.pipe.p) + adjust, 0.0), 1.0))
-        self._sums.zero_()
-        return self.rt
+        return self.adjust(*sums.tolist(), global_batch)
 
     def state_dict(self) -> dict:
-        return {"sums": self._sums.clone(), "rt": self.rt}
+        return {"sums": self._sums.to("cpu", copy=True), "rt": self.rt}
 
     def load_state_dict(self, state: dict) -> None:
         self._sums.copy_(state["sums"])
@@ -287,9 +343,9 @@ def scale3d(sx: torch.Tensor, sy: torch.Tensor, sz: torch.Tensor) -> torch.Tenso
     return _matrix([[sx, 0, 0, 0], [0, sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1]])
 
 
-def rotate3d(axis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def rotate3d(axis: tuple[float, float, float], theta: torch.Tensor) -> torch.Tensor:
     """Rotation by ``theta`` (N,) about the unit ``axis`` (Rodrigues), as 4x4 colour matrices."""
-    vx, vy, vz = (float(a) for a in axis)
+    vx, vy, vz = axis
     s, c = torch.sin(theta), torch.cos(theta)
     cc = 1 - c
     return _matrix([[vx * vx * cc + c, vx * vy * cc - vz * s, vx * vz * cc + vy * s, 0],

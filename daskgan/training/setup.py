@@ -50,7 +50,7 @@ def build_gan(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     G, D = G.to(device), D.to(device)
     device_ids = [device.index] if device.type == "cuda" else None
     augment = AugmentPipe(PIPELINES[config.augment.pipeline]).to(device)
-    augment.p.fill_(config.augment.p if config.augment.mode != "off" else 0.0)
+    augment.set_probability(config.augment.p if config.augment.mode != "off" else 0.0)
     ada = (AdaController(augment, config.augment.target, config.augment.interval, config.augment.speed_kimg)
            if config.augment.mode == "ada" else None)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False) if config.train.ema_kimg > 0 else None

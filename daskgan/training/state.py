@@ -32,7 +32,7 @@ def capture(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition,
     if dist.get_rank() != 0:
         return None
     return {"format": FORMAT, "iteration": iteration, "model": model_desc, "config": config.to_dict(),
-            "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(), "augment_p": float(gan.augment.p),
+            "G": gan.G.module.state_dict(), "D": gan.D.module.state_dict(), "augment_p": gan.augment.probability,
             "pl_target": float(gan.pl_target),
             **({"G_ema": gan.G_ema.state_dict()} if gan.G_ema is not None else {}),
             "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "ranks": gathered}
@@ -54,7 +54,7 @@ def restore_networks(gan: Gan, state: dict) -> None:
         gan.G_ema.load_state_dict(state.get("G_ema", state["G"]))
     gan.pl_target = torch.tensor(state.get("pl_target", 0.0))
     if gan.ada is not None and "augment_p" in state:
-        gan.augment.p.fill_(state["augment_p"])
+        gan.augment.set_probability(state["augment_p"])
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -90,8 +90,8 @@ def restore_rank(config: JobConfig, gan: Gan | None, state: dict | None, rank: i
 
 
 def _global_random_state(device: torch.device) -> dict[str, torch.Tensor | None]:
-    """torch's global random streams on this rank: the CPU one and, on a GPU, the device's (augmentation and
-    dropout draw from the stream of the device they run on)."""
+    """torch's global random streams on this rank: the CPU one (augmentation draws its parameters from it) and, on
+    a GPU, the device's (path length's directions and dropout draw from the stream of the device they run on)."""
     return {"torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
