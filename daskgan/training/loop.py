@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from distributed import get_worker
 
-from daskgan import ranks
 from daskgan.config import JobConfig
 from daskgan.config.families import family_of
 from daskgan.config.schema import HIGHER_IS_BETTER, METRICS
@@ -47,6 +46,7 @@ from daskgan.training.steps import (
     path_length_step,
     r1_step,
 )
+from daskgan.training.tally import Settled, Tally
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -229,28 +229,33 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     evaluator = Evaluator(config, stream.index, noise.device) if config.metrics.every else None
     watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if rank0 else None
     last_checkpoint = None
-    unreadable = _Unreadable(stream)
+    tally, unrecorded = Tally(), []  # iterations since the last sync: statistics on the device, rank 0's fields
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
         stats, position = train_iteration(config, gan, stream, noise, iteration)
-        skipped = unreadable.count()
-        if gan.ada is not None:
-            gan.ada.update(iteration, reals)
+        tally.keep(stats, stream.skipped, lambda: stream.unreadable)
         if gan.G_ema is not None:
             update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch),
                        average_buffers=family_of(config.model).ema_averages_buffers)
+        last = iteration == train.iterations
+        settled = tally.settle(_verdict(watch, notices), _ada_statistic(gan, iteration)) \
+            if sync_due(config, iteration) else None
+        if settled is not None and settled.ada is not None:
+            gan.ada.adjust(*settled.ada, reals)
         step_seconds = time.perf_counter() - started  # before any evaluation or grid
         sampler = gan.G_ema if gan.G_ema is not None else gan.G.module
-        last = iteration == train.iterations
         scores = (evaluator.evaluate(sampler, gan.num_classes, iteration)
                   if evaluator is not None and (iteration % config.metrics.every == 0 or last) else {})
         if rank0:
-            writer.record({"iteration": iteration, "epoch": position.epoch, "world_size": dist.get_world_size(),
-                           "kimg": iteration * reals / 1000, **stats, "images_per_s": reals / step_seconds,
-                           "skipped_images": skipped, **_augment_fields(config, gan), **scores})
+            unrecorded.append(_Unrecorded({"iteration": iteration, "epoch": position.epoch,
+                                           "world_size": dist.get_world_size(), "kimg": iteration * reals / 1000},
+                                          reals / step_seconds, {**_augment_fields(config, gan), **scores}))
+            if settled is not None:
+                _record(writer, unrecorded, settled)
+                unrecorded = []
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
-        stop = _agreed_stop(watch, notices)
+        stop = STOPS[settled.verdict] if settled is not None else "continue"
         scheduled = iteration % out.checkpoint_every == 0 or last
         if stop == "next_checkpoint" and (last or not scheduled):
             stop = "continue"
@@ -285,15 +290,45 @@ def _stopped_early(config: JobConfig, stop: str, iteration: int, last_checkpoint
 STOPS = ("continue", "next_checkpoint", "checkpoint", "now")  # the ranks' choices after an iteration, by severity
 
 
-def _agreed_stop(watch: DriverWatch | None, notices: NoticeWatch | None) -> str:
-    """Rank 0's verdict on the driver, stop requests and workers' notices, shared with every rank (one tiny
-    all-reduce)."""
+def sync_due(config: JobConfig, iteration: int) -> bool:
+    """Whether the ranks settle what they kept after ``iteration`` (``daskgan.training.tally``): where records are
+    flushed, a grid, metric or checkpoint is due, ADA adjusts p, and at the end; no other iteration reads anything
+    back from the device or joins the other ranks beyond DDP's own all-reduces.
+
+    The stop verdict (rank 0's view of the driver's lease, stop requests and workers' preemption notices) rides on
+    this one all-reduce rather than on one of its own every iteration: the ranks learn it at the next sync, at most
+    ``output.flush_every`` iterations after rank 0 did (a verdict needs a checkpoint, written only then anyway)."""
+    out, ada = config.output, config.augment.interval if config.augment.mode == "ada" else 0
+    every = (out.flush_every, out.grid_every, out.checkpoint_every, config.metrics.every, ada)
+    return iteration == config.train.iterations or any(n and iteration % n == 0 for n in every)
+
+
+def _verdict(watch: DriverWatch | None, notices: NoticeWatch | None) -> int:
+    """Rank 0's verdict on the driver, stop requests and workers' notices as an index into ``STOPS`` (0 on the
+    other ranks, so the ranks' sum is rank 0's verdict)."""
     verdict = STOPS.index(watch.check()) if watch is not None else 0
     if notices is not None and notices.check():
         verdict = max(verdict, STOPS.index("checkpoint"))
-    agreed = torch.tensor([verdict], device=ranks.collective_device())
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    return STOPS[int(agreed)]
+    return verdict
+
+
+def _ada_statistic(gan: Gan, iteration: int) -> torch.Tensor | None:
+    """ADA's statistic when p is adjusted after ``iteration``, to be summed over the ranks."""
+    return gan.ada.statistic() if gan.ada is not None and gan.ada.due(iteration) else None
+
+
+class _Unrecorded(NamedTuple):
+    """Rank 0's fields of an iteration whose statistics are not settled yet, around where they go in its record."""
+
+    head: dict[str, Any]
+    images_per_s: float
+    tail: dict[str, Any]
+
+
+def _record(writer: records.RunWriter, unrecorded: list[_Unrecorded], settled: Settled) -> None:
+    """One record per iteration since the last sync, with its settled statistics and skipped images."""
+    for row, stats, skipped in zip(unrecorded, settled.stats, settled.skipped):
+        writer.record({**row.head, **stats, "images_per_s": row.images_per_s, "skipped_images": skipped, **row.tail})
 
 
 def _run_workers() -> list[str]:
@@ -308,8 +343,9 @@ def _run_workers() -> list[str]:
 
 
 def train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise,
-                     iteration: int) -> tuple[dict[str, float], StreamPosition]:
-    """``d_steps`` D steps and one G step; returns the statistics (mean over ranks) and the data position."""
+                     iteration: int) -> tuple[dict[str, torch.Tensor], StreamPosition]:
+    """``d_steps`` D steps and one G step; returns this rank's statistics (0-dim device tensors, averaged over the
+    ranks when they are settled: ``daskgan.training.tally``) and the data position."""
     train, loss = config.train, LOSSES[config.train.loss]
     separate = family_of(config.model).separate_regularisation
     for d_step in range(train.d_steps):
@@ -324,27 +360,7 @@ def train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noi
     if pl_weight:
         stats.update(path_length_step(gan, g_micro_batches, max(1, config.data.batch_size // PL_BATCH_SHRINK), noise,
                                       pl_weight, train.pl_decay))
-    return _mean_across_ranks(stats, noise.device), batches[-1].position
-
-
-class _Unreadable:
-    """The distinct images the ranks' streams skipped (ranks read other parts of each epoch, and may meet the same
-    bad image): one tiny all-reduce an iteration sums the ranks' counts, and their sets are gathered only when
-    that sum grew."""
-
-    def __init__(self, stream: ImageStream):
-        self._stream, self._summed, self._images = stream, 0, frozenset()
-
-    def count(self) -> int:
-        """The run's count of skipped images (every rank calls this at the same point)."""
-        summed = torch.tensor([self._stream.skipped], device=ranks.collective_device())
-        dist.all_reduce(summed)
-        if int(summed) != self._summed:
-            self._summed = int(summed)
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self._stream.unreadable)
-            self._images = frozenset().union(*gathered)
-        return len(self._images)
+    return stats, batches[-1].position
 
 
 def _lazy_weight(weight: float, interval: int, step: int) -> float:
@@ -388,14 +404,7 @@ def _augment_fields(config: JobConfig, gan: Gan) -> dict[str, float]:
     if config.augment.mode == "off":
         return {}
     rt = gan.ada.rt if gan.ada is not None else None
-    return {"ada_p": float(gan.augment.p), **({"ada_rt": rt} if rt is not None else {})}
-
-
-def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average each statistic over the ranks (every rank computes the same keys in the same step)."""
-    values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return dict(zip(stats, (values / dist.get_world_size()).tolist()))
+    return {"ada_p": gan.augment.probability, **({"ada_rt": rt} if rt is not None else {})}
 
 
 def _save_checkpoint(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition, iteration: int,

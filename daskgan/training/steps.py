@@ -55,14 +55,14 @@ class Noise:
     label_weights: torch.Tensor | None = None
 
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = torch.randn(n, self.z_dim, generator=self.generator).to(self.device)
+        z = torch.randn(n, self.z_dim, generator=self.generator).to(self.device, non_blocking=True)
         if not self.num_classes:
             return z, None
         if self.label_weights is not None:
             labels = torch.multinomial(self.label_weights, n, replacement=True, generator=self.generator)
         else:
             labels = torch.randint(self.num_classes, (n,), generator=self.generator)
-        return z, labels.to(self.device)
+        return z, labels.to(self.device, non_blocking=True)
 
 
 def fake_label_weights(family: Family, labels: tuple[int, ...], num_classes: int) -> torch.Tensor | None:
@@ -74,7 +74,7 @@ def fake_label_weights(family: Family, labels: tuple[int, ...], num_classes: int
 
 
 def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noise,
-                       r1_weight: float = 0.0) -> dict[str, float]:
+                       r1_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """One D update over the micro-batches ``batches`` (reals and as many fakes), with R1 folded in when
     ``r1_weight`` > 0."""
     gan.opt_D.zero_grad(set_to_none=True)
@@ -103,7 +103,7 @@ def discriminator_step(gan: Gan, loss: GanLoss, batches: list[Batch], noise: Noi
     return stats.means()
 
 
-def r1_step(gan: Gan, batches: list[Batch], device: torch.device, r1_weight: float) -> dict[str, float]:
+def r1_step(gan: Gan, batches: list[Batch], device: torch.device, r1_weight: float) -> dict[str, torch.Tensor]:
     """NVlabs' lazy R1 as its own pass and optimiser step ('Dreg'), on the reals of the D step just taken."""
     gan.opt_D.zero_grad(set_to_none=True)
     stats = _Means()
@@ -121,7 +121,7 @@ def r1_step(gan: Gan, batches: list[Batch], device: torch.device, r1_weight: flo
 
 
 def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int, noise: Noise,
-                   ortho: float = 0.0) -> dict[str, float]:
+                   ortho: float = 0.0) -> dict[str, torch.Tensor]:
     """One G update over ``micro_batches`` fresh batches of fakes, judged by D (whose weights stay untouched)."""
     gan.opt_G.zero_grad(set_to_none=True)
     stats = _Means()
@@ -144,7 +144,7 @@ def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int,
 
 
 def path_length_step(gan: Gan, micro_batches: int, batch_size: int, noise: Noise, pl_weight: float,
-                     pl_decay: float = 0.01) -> dict[str, float]:
+                     pl_decay: float = 0.01) -> dict[str, torch.Tensor]:
     """NVlabs' lazy path-length regularisation as its own pass and optimiser step ('Greg'), on fresh latents
     (NVlabs: half the batch, ``pl_batch_shrink`` 2)."""
     gan.opt_G.zero_grad(set_to_none=True)
@@ -197,7 +197,8 @@ def _marking_last(items: Iterable) -> Iterable[tuple[bool, object]]:
 
 
 class _Means:
-    """Per-step statistics averaged over micro-batches (tensors detached and read once, at the end)."""
+    """Per-step statistics averaged over micro-batches, as detached tensors on the device: the loop reads them only
+    when it writes the records (``daskgan.training.loop``)."""
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
@@ -208,5 +209,5 @@ class _Means:
             self._sums[name] = self._sums.get(name, 0) + value.detach().float()
             self._counts[name] = self._counts.get(name, 0) + 1
 
-    def means(self) -> dict[str, float]:
-        return {name: (total / self._counts[name]).item() for name, total in self._sums.items()}
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: total / self._counts[name] for name, total in self._sums.items()}
