@@ -9,11 +9,14 @@ collectives are part of their forward as DDP's are of the step, and the data pat
 augmentation draws and composes its per-image parameters on the CPU by design and reads them there through numpy
 (pad sizes, skipping an identity move): no device is involved, and the counter leaves those alone.
 Records are flushed, ADA adjusts p, grids are drawn and checkpoints written at iterations 6 and 12 only, so ten
-of the twelve iterations are plain ones: they must make no host read at all.
+of the twelve iterations are plain ones: they must make no host read at all. (The ranks also settle for the stop
+verdict every ``VERDICT_EVERY_S`` seconds of training; the counting runs set that beyond the run, and the last test
+shows that cadence on its own.)
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -105,6 +108,7 @@ def family_job(tmp_path: Path, family: str) -> JobConfig:
 def test_plain_iterations_make_no_host_read_and_at_most_one_collective(process_group, dask_client, tmp_path,
                                                                         monkeypatch, family):
     config = family_job(tmp_path, family)
+    monkeypatch.setattr(loop, "VERDICT_EVERY_S", math.inf)  # the schedule's syncs only
     counter = SyncCounter()
     counter.install(monkeypatch)
     train_gan(config)
@@ -119,3 +123,17 @@ def test_plain_iterations_make_no_host_read_and_at_most_one_collective(process_g
     records = load(config.output.run_url)
     assert records["iteration"].tolist() == list(iterations), "still one record per iteration"
     assert records["loss_G"].notna().all() and records["loss_D_real"].notna().all()
+
+
+def test_the_stop_verdict_is_settled_at_least_every_verdict_every_s(process_group, dask_client, tmp_path,
+                                                                      monkeypatch):
+    """With no time between verdicts every iteration settles: one all-reduce and one read each, beside the
+    schedule's grid and checkpoint."""
+    monkeypatch.setattr(loop, "VERDICT_EVERY_S", 0.0)
+    counter = SyncCounter()
+    counter.install(monkeypatch)
+    train_gan(family_job(tmp_path, "dcgan"))
+    monkeypatch.undo()
+    plain = [i for i in range(1, ITERATIONS + 1) if i % SYNC_EVERY]
+    assert [counter.reads[i] for i in plain] == [1] * len(plain)
+    assert [counter.collectives[i] for i in plain] == [1] * len(plain)

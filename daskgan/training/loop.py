@@ -9,6 +9,7 @@ every rank's noise-generator state and data-stream position.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
@@ -230,6 +231,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     watch = DriverWatch(out.run_url, config.recovery.driver_timeout_s) if rank0 else None
     last_checkpoint = None
     tally, unrecorded = Tally(), []  # iterations since the last sync: statistics on the device, rank 0's fields
+    cadence = _VerdictCadence(start)
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
         stats, position = train_iteration(config, gan, stream, noise, iteration)
@@ -238,8 +240,11 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
             update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch),
                        average_buffers=family_of(config.model).ema_averages_buffers)
         last = iteration == train.iterations
-        settled = tally.settle(_verdict(watch, notices), _ada_statistic(gan, iteration)) \
-            if sync_due(config, iteration) else None
+        settled = None
+        if sync_due(config, iteration) or cadence.due(iteration):
+            settled = tally.settle([_verdict(watch, notices), cadence.proposal(iteration) if rank0 else 0],
+                                   _ada_statistic(gan, iteration))
+            cadence.agree(iteration, int(settled.shared[1]))
         if settled is not None and settled.ada is not None:
             gan.ada.adjust(*settled.ada, reals)
         step_seconds = time.perf_counter() - started  # before any evaluation or grid
@@ -255,7 +260,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                 unrecorded = []
             if iteration % out.grid_every == 0 or last:
                 writer.grid(iteration, samples(sampler, grid_z, grid_labels))
-        stop = STOPS[settled.verdict] if settled is not None else "continue"
+        stop = STOPS[int(settled.shared[0])] if settled is not None else "continue"
         scheduled = iteration % out.checkpoint_every == 0 or last
         if stop == "next_checkpoint" and (last or not scheduled):
             stop = "continue"
@@ -292,15 +297,45 @@ STOPS = ("continue", "next_checkpoint", "checkpoint", "now")  # the ranks' choic
 
 def sync_due(config: JobConfig, iteration: int) -> bool:
     """Whether the ranks settle what they kept after ``iteration`` (``daskgan.training.tally``): where records are
-    flushed, a grid, metric or checkpoint is due, ADA adjusts p, and at the end; no other iteration reads anything
-    back from the device or joins the other ranks beyond DDP's own all-reduces.
+    flushed, a grid, metric or checkpoint is due, ADA adjusts p, and at the end; no other iteration but the stop
+    verdict's (below) reads anything back from the device or joins the other ranks beyond DDP's own all-reduces.
 
     The stop verdict (rank 0's view of the driver's lease, stop requests and workers' preemption notices) rides on
-    this one all-reduce rather than on one of its own every iteration: the ranks learn it at the next sync, at most
-    ``output.flush_every`` iterations after rank 0 did (a verdict needs a checkpoint, written only then anyway)."""
+    this one all-reduce rather than on one of its own every iteration; between these syncs the ranks settle for it
+    alone about every ``VERDICT_EVERY_S`` seconds (``_VerdictCadence``), so they learn it within seconds however
+    long ``output.flush_every`` iterations take."""
     out, ada = config.output, config.augment.interval if config.augment.mode == "ada" else 0
     every = (out.flush_every, out.grid_every, out.checkpoint_every, config.metrics.every, ada)
     return iteration == config.train.iterations or any(n and iteration % n == 0 for n in every)
+
+
+VERDICT_EVERY_S = 5.0  # the ranks learn rank 0's stop verdict at least this often; inf: only at scheduled syncs
+
+
+class _VerdictCadence:
+    """When the ranks settle between the schedule's syncs, for the stop verdict: about every ``VERDICT_EVERY_S``
+    seconds, in iterations at the pace rank 0 timed since the last sync (its count travels in the sync's all-reduce,
+    so every rank agrees without a collective of its own); the first after the first iteration. A preemption
+    notice's grace is a minute or two: a verdict a few seconds late costs nothing, one a flush interval late (100
+    iterations of a large model) could cost the checkpoint."""
+
+    def __init__(self, start: int):
+        self._next = start + 1 if math.isfinite(VERDICT_EVERY_S) else math.inf
+        self._since = (start, time.perf_counter())
+
+    def due(self, iteration: int) -> bool:
+        return iteration >= self._next
+
+    def proposal(self, iteration: int) -> int:
+        """Rank 0's count of iterations until the next verdict: as many as fit in ``VERDICT_EVERY_S``."""
+        first, started = self._since
+        seconds_each = max((time.perf_counter() - started) / max(iteration - first, 1), 1e-6)
+        return max(1, int(min(VERDICT_EVERY_S / seconds_each, 1e9)))
+
+    def agree(self, iteration: int, count: int) -> None:
+        """Every rank: the next verdict is due ``count`` iterations after ``iteration``."""
+        self._next = iteration + count if math.isfinite(VERDICT_EVERY_S) else math.inf
+        self._since = (iteration, time.perf_counter())
 
 
 def _verdict(watch: DriverWatch | None, notices: NoticeWatch | None) -> int:

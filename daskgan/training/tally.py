@@ -21,11 +21,11 @@ from daskgan import ranks
 
 class Settled(NamedTuple):
     """A sync's outcome, the same on every rank: per iteration kept, the statistics (mean over the ranks) and the
-    distinct images skipped by all ranks so far; the summed stop verdict; ADA's statistic summed over the ranks."""
+    distinct images skipped by all ranks so far; the numbers rank 0 shared; ADA's statistic summed over the ranks."""
 
     stats: list[dict[str, float]]
     skipped: list[int]
-    verdict: int
+    shared: list[float]
     ada: list[float] | None
 
 
@@ -48,12 +48,13 @@ class Tally:
         self._skipped.append(skipped)
         self._unreadable.append(self._seen[1])
 
-    def settle(self, verdict: int, ada: torch.Tensor | None = None) -> Settled:
-        """Sum everything kept, ``verdict`` (non-zero on one rank only, so the sum is its value) and ``ada`` over
-        the ranks in one all-reduce; every rank calls it after the same iteration."""
+    def settle(self, shared: Sequence[float], ada: torch.Tensor | None = None) -> Settled:
+        """Sum everything kept, ``shared`` (rank 0's numbers, such as its stop verdict; zeros on the other ranks,
+        so the sums are rank 0's) and ``ada`` over the ranks in one all-reduce; every rank calls it after the same
+        iteration."""
         sizes = [len(values) for _, values in self._stats]
         device = ranks.collective_device()
-        host = torch.tensor([float(verdict), *map(float, self._skipped)], dtype=torch.float64)
+        host = torch.tensor([*map(float, shared), *map(float, self._skipped)], dtype=torch.float64)
         parts = [host.to(device), *(values.to(device, torch.float64) for _, values in self._stats)]
         if ada is not None:
             parts.append(ada.to(device, torch.float64))
@@ -61,12 +62,12 @@ class Tally:
         dist.all_reduce(packed)
         summed = packed.tolist()  # the sync's one host read
         world_size = dist.get_world_size()
-        verdict_sum, skipped = summed[0], summed[1:1 + len(self._skipped)]
-        rows, start = [], 1 + len(self._skipped)
+        start = len(shared) + len(self._skipped)
+        shared_sums, skipped, rows = summed[:len(shared)], summed[len(shared):start], []
         for (names, _), size in zip(self._stats, sizes):
             rows.append(dict(zip(names, (value / world_size for value in summed[start:start + size]))))
             start += size
-        settled = Settled(rows, self._distinct_skipped(skipped), int(verdict_sum),
+        settled = Settled(rows, self._distinct_skipped(skipped), shared_sums,
                           summed[start:] if ada is not None else None)
         self._stats, self._skipped, self._unreadable = [], [], []
         return settled
