@@ -104,6 +104,7 @@ class DriverLease:
         self.driver = f"{socket.gethostname()}:{os.getpid()}"
         self.token = uuid.uuid4().hex  # tells this driver from a later one in the same process (detached drivers)
         self.iteration = 0  # the newest record this driver saw, shown to a refused second driver
+        self.progress: Callable[[], dict] = dict  # what it knows of the run's progress, shown by `daskgan runs`
 
     def acquire(self) -> None:
         """Take the run, unless another driver's heartbeat moves; atomic under the run's ``distributed.Lock``
@@ -158,7 +159,14 @@ class DriverLease:
         """What this driver publishes on the scheduler with its ``beat``-th heartbeat."""
         return {"beat": beat, "token": self.token, "run_url": self.run_url, "driver": self.driver,
                 "iteration": self.iteration, "iterations": self.iterations, "interval_s": self.interval_s,
-                "timeout_s": self.timeout_s}
+                "timeout_s": self.timeout_s, "progress": self._progress()}
+
+    def _progress(self) -> dict:
+        try:
+            return self.progress()
+        except Exception as error:  # what the run shows must never cost its heartbeat
+            logger.warning("the run's progress is not published with the heartbeat: %s", error)
+            return {}
 
     def _write_if_held(self, lease: dict | None) -> dict | None:
         """Write the run's lease only while it still carries this driver's token; returns the lease found there.

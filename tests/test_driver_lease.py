@@ -113,6 +113,7 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     listed = daskgan_process("runs", "--cluster", str(cli_run[3]))
     out, err = ended(listed, 60)
     assert listed.returncode == 0 and f"{run_url}: iteration " in out and "of 100000, driven by" in out, err
+    assert "kimg " in out and "loss_G " in out and " left at that rate" in out, f"the driver's view: losses, ETA\n{out}"
 
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -514,3 +515,19 @@ def test_a_detached_run_whose_scheduler_dies_stays_at_its_checkpoint_and_resumes
     out, err = ended(resumed, 180)
     assert resumed.returncode == 0, err
     assert load(run_url, options)["iteration"].tolist() == list(range(1, kept + 16)), "none duplicated or missing"
+
+
+def test_a_drivers_progress_shows_its_newest_values_its_metrics_and_the_time_left():
+    """What ``daskgan runs`` prints of a running run comes from the records its driver followed."""
+    from daskgan.cluster.status import LiveProgress
+    from daskgan.tools.cli import format_progress
+
+    progress = LiveProgress(iterations=100)
+    assert format_progress(progress.summary()) == "", "nothing seen, nothing shown"
+    for iteration in range(1, 11):  # 8 images an iteration at 80 images/s: 10 it/s
+        progress.see({"iteration": iteration, "kimg": iteration * 0.008, "images_per_s": 80.0, "loss_G": 1.5,
+                      "loss_D_real": 0.25, "loss_D_fake": 0.5, "ada_p": 0.125,
+                      **({"fid": 12.5} if iteration == 5 else {})})
+    shown = format_progress(progress.summary())
+    assert shown == ("kimg 0.08, loss_G 1.5, loss_D_real 0.25, loss_D_fake 0.5, ada_p 0.125; fid 12.5 at iteration 5; "
+                     "10.00 it/s, 00:00:09 left at that rate"), shown

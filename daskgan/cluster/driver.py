@@ -16,6 +16,7 @@ from daskgan import dispatch
 from daskgan.cluster.arrivals import Arrivals
 from daskgan.cluster.monitor import RunMonitor
 from daskgan.cluster.reservations import Removed, Reservation
+from daskgan.cluster.status import LiveProgress
 from daskgan.config import JobConfig, RecoveryConfig
 from daskgan.errors import InfrastructureError, Preempted, UserError, WorkerLost, first_line
 from daskgan.lease import CHECK_EVERY_S, DriverLease, clear_stop, request_stop
@@ -77,6 +78,8 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
     to grow back to ``world_size`` workers once more joined (see ``run_job``); on ``book``'s workers if given."""
     dispatches = Dispatches(client, config, world_size, book)
     grace, arrivals = GraceCheck(config.recovery.notice_grace_s), Arrivals(client)
+    progress = LiveProgress(config.train.iterations)
+    lease.progress = progress.summary
     try:
         while True:
             monitor = RunMonitor(client, config.output.run_url)
@@ -85,6 +88,7 @@ def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: in
                 growth = Growth(client, config.output.run_url, len(dispatches.workers), world_size, arrivals, book)
                 for record in monitor.records(futures):
                     dispatches.last_seen = lease.iteration = record["iteration"]
+                    progress.see(record)
                     grace.check(record)
                     growth.check()
                     if on_record is not None:

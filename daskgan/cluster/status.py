@@ -10,17 +10,23 @@ going), ``not started`` (no records).
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from daskgan import dispatch
 from daskgan.cluster import reservations
+from daskgan.config.schema import METRICS
 from daskgan.errors import NotFound
 from daskgan.lease import active_runs, driver_is_live, held_lease, request_stop
 from daskgan.run import checkpoint, layout, storage
 from daskgan.run.records import load
 from daskgan.run.storage import StorageOptions
+
+LAST_VALUES = ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")  # of a run's newest record, as shown
+RECENT_RECORDS = 50  # the newest records a run's speed is measured over (warm steps)
 
 
 def run_status(run_url: str, storage_options: StorageOptions | None = None, client: Any = None) -> dict[str, Any]:
@@ -32,9 +38,7 @@ def run_status(run_url: str, storage_options: StorageOptions | None = None, clie
                               "checkpoint": checkpoint.latest(run_url, storage_options)}
     if len(records):
         last = records.iloc[-1]
-        status.update(iteration=int(last["iteration"]), **{k: float(last[k]) for k in
-                                                          ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")
-                                                          if k in records.columns and last[k] == last[k]})
+        status.update(iteration=int(last["iteration"]), **newest_values(last))
         status["restarts"] = int(records["restarts"].max()) if "restarts" in records.columns else 0
         status.update(_preemptions(records), **_world_sizes(records))
         status.update(_speed(records, iterations))
@@ -79,9 +83,40 @@ def _world_sizes(records) -> dict[str, Any]:
             "world_sizes": [(int(i), int(n)) for i, n in zip(changes["iteration"], changes["world_size"])]}
 
 
+def newest_values(record: Any) -> dict[str, float]:
+    """The ``LAST_VALUES`` a record holds (a dict or a DataFrame row; missing and NaN ones left out)."""
+    return {name: float(record[name]) for name in LAST_VALUES
+            if name in record and record[name] is not None and record[name] == record[name]}
+
+
+class LiveProgress:
+    """A driver's view of its run from the records it follows, which it publishes with its lease: what
+    ``daskgan runs`` shows of a running run without reading its run directory (the client may hold no storage
+    credentials). ``see`` each record; ``summary`` is called from the heartbeat's thread."""
+
+    def __init__(self, iterations: int):
+        self.iterations = iterations
+        self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RECORDS)
+        self._metrics: dict[str, dict[str, float]] = {}
+
+    def see(self, record: dict[str, Any]) -> None:
+        self._recent.append(record)
+        for name in METRICS:
+            if record.get(name) is not None:
+                self._metrics[name] = {"value": float(record[name]), "iteration": record["iteration"]}
+
+    def summary(self) -> dict[str, Any]:
+        """The newest record's values, the newest value of each metric, and the speed and ETA (``_speed``)."""
+        recent = list(self._recent)
+        if not recent:
+            return {}
+        return {**newest_values(recent[-1]), **_speed(pd.DataFrame(recent), self.iterations),
+                "metrics": dict(self._metrics)}
+
+
 def _speed(records, iterations: int) -> dict[str, float]:
     """Iterations per second over the newest records (warm steps) and the time the rest would take at that rate."""
-    recent = records.tail(50)
+    recent = records.tail(RECENT_RECORDS)
     if "images_per_s" not in recent.columns or len(recent) < 2:
         return {}
     per_iteration = float((recent["kimg"].diff().dropna() * 1000 / recent["images_per_s"].iloc[1:]).median())
@@ -98,18 +133,26 @@ def _read_config(run_url: str, storage_options: StorageOptions | None) -> dict:
         raise NotFound(f"{run_url} is not a daskgan run directory (no {layout.CONFIG})") from None
 
 
+def format_values(values: dict[str, Any]) -> str:
+    """The ``LAST_VALUES`` among ``values``, as a line shows them."""
+    return ", ".join(f"{name} {values[name]:.4g}" for name in LAST_VALUES if name in values)
+
+
+def format_speed(speed: dict[str, float]) -> str:
+    """Iterations per second and the time left at that rate (``_speed``'s figures), as a line shows them."""
+    eta = time.strftime("%H:%M:%S", time.gmtime(speed["eta_s"])) if speed["eta_s"] < 86400 else \
+        f"{speed['eta_s'] / 86400:.1f} days"
+    return f"{speed['iterations_per_s']:.2f} it/s, {eta} left at that rate"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The status as the command prints it."""
     lines = [f"{status['run_url']}: {status['state']}, iteration {status['iteration']} of {status['iterations']}"]
-    losses = ", ".join(f"{k} {status[k]:.4g}" for k in ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")
-                       if k in status)
+    losses = format_values(status)
     if losses:
         lines.append(f"  {losses}")
     if "iterations_per_s" in status:
-        eta = time.strftime("%H:%M:%S", time.gmtime(status["eta_s"])) if status["eta_s"] < 86400 else \
-            f"{status['eta_s'] / 86400:.1f} days"
-        lines.append(f"  {status['iterations_per_s']:.2f} it/s, {eta} left at that rate; restarts "
-                     f"{status.get('restarts', 0)}")
+        lines.append(f"  {format_speed(status)}; restarts {status.get('restarts', 0)}")
     if "preemptions" in status:
         lines.append(f"  preemptions {status['preemptions']}, the newest checkpointed "
                      f"{status['notice_to_checkpoint_s']:.1f} s after its notice")

@@ -338,6 +338,16 @@ def dataset_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_progress(progress: dict) -> str:
+    """What a driver published of its run (``LiveProgress``): newest values, metrics, speed and ETA, one line."""
+    from daskgan.cluster.status import format_speed, format_values
+
+    metrics = [f"{name} {seen['value']:.4g} at iteration {seen['iteration']}"
+               for name, seen in progress.get("metrics", {}).items()]
+    speed = [format_speed(progress)] if "iterations_per_s" in progress else []
+    return "; ".join(part for part in (format_values(progress), *metrics, *speed) if part)
+
+
 def runs_command(args: argparse.Namespace) -> int:
     from daskgan.cluster.status import cluster_runs
 
@@ -352,6 +362,9 @@ def runs_command(args: argparse.Namespace) -> int:
                   f"stale: its driver {lease['driver']} stopped beating (killed or cut off)")
         workers = f", on {', '.join(lease['workers'])}" if lease["workers"] else ""
         print(f"{lease['run_url']}: iteration {lease['iteration']} of {lease['iterations']}, {driver}{workers}")
+        progress = format_progress(lease.get("progress") or {})
+        if progress:
+            print(f"  {progress}")
     stale = sum(not lease["live"] for lease in runs["running"])
     print(f"daskgan: {len(runs['running']) - stale} run(s) with a live driver on this cluster, {stale} stale, "
           f"{len(runs['queued'])} queued")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import pandas as pd
 import yaml
 
-from daskgan.cluster.status import run_status
+from daskgan.cluster.status import LAST_VALUES, run_status
 from daskgan.config.schema import HIGHER_IS_BETTER, metric_that_ranks
 from daskgan.errors import NotFound
 from daskgan.run import layout, storage
@@ -29,7 +29,6 @@ from daskgan.run.summary import SMOOTHED_ABOVE, moving_average
 
 COLUMNS = ("run", "url", "metric", "best", "best_iteration", "best_kimg", "iterations", "iteration", "kimg",
            "loss_G", "loss_D_real", "loss_D_fake", "ada_p", "wall_s", "gpu_hours", "state")
-LAST_VALUES = ("kimg", "loss_G", "loss_D_real", "loss_D_fake", "ada_p")  # of the newest record, as status has them
 LOSS_PANELS = (("loss_G", ("loss_G",)), ("loss_D (real + fake)", ("loss_D_real", "loss_D_fake")))
 PNG = "compare.png"
 
