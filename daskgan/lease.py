@@ -41,6 +41,7 @@ BEATS_PER_TIMEOUT = 4  # heartbeats within the ranks' driver_timeout_s, so one l
 BEAT_S_MIN, BEAT_S_MAX = 0.5, 10.0  # bounds on the heartbeat interval: scheduler load vs. how soon a loss shows
 STALE_AFTER_INTERVALS = 2.0  # a heartbeat still for this many of its intervals: the driver is gone
 TAKE_TIMEOUT_S = 60.0  # the longest another driver's decision may hold the run's lock (a dead one's: 40 s)
+ENDED_SHOWN_S = 24 * 3600.0  # `daskgan runs` lists the runs whose driver let go within this long
 
 _driver_token: contextvars.ContextVar[str | None] = contextvars.ContextVar("daskgan_driver_token", default=None)
 
@@ -124,12 +125,20 @@ class DriverLease:
         self._thread = threading.Thread(target=self._keep_beating, daemon=True, name="daskgan-driver-lease")
         self._thread.start()
 
-    def release(self) -> None:
-        """Let go of the run: its ranks write a checkpoint and stop (``DriverWatch``)."""
+    def release(self, outcome: str | None = None) -> None:
+        """Let go of the run: its ranks write a checkpoint and stop (``DriverWatch``). ``outcome``, how the driving
+        ended, stays on the scheduler among the recently ended runs (``ended_runs``)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self._write_if_held(None)
+        if outcome is not None:
+            try:
+                _write(metadata_key(self.run_url, "ended"), {
+                    "run_url": self.run_url, "driver": self.driver, "iteration": self.iteration,
+                    "iterations": self.iterations, "ended_at": time.time(), "outcome": outcome}, self.client)
+            except Exception as error:  # the scheduler gone: only `daskgan runs` misses it
+                logger.warning("the run's end is not noted on the scheduler: %s", error)
 
     def ensure_held(self) -> None:
         """Raise ``RunActive`` if another driver took the run over while this one was silent (asleep, cut off): its
@@ -220,6 +229,15 @@ def active_runs(client: Any) -> list[dict]:
     after = _leases(client)
     return sorted(({**lease, "live": _moved(before.get(run), lease)} for run, lease in after.items()),
                   key=lambda lease: lease["run_url"])
+
+
+def ended_runs(client: Any, within_s: float = ENDED_SHOWN_S) -> list[dict]:
+    """The runs whose driver let go within the last ``within_s`` seconds, newest first: run_url, driver,
+    iteration, iterations, ended_at (epoch seconds) and outcome (finished, stopped (...), failed: ..., ...)."""
+    noted = (_read(["daskgan", "ended"], client) or {}).values()
+    now = time.time()
+    return sorted((run for run in noted if run and now - run["ended_at"] <= within_s),
+                  key=lambda run: run["ended_at"], reverse=True)
 
 
 def _leases(client: Any) -> dict[str, dict]:

@@ -140,6 +140,10 @@ def test_a_killed_client_leaves_no_orphans_and_a_second_driver_is_refused(cli_ru
     shown = daskgan_process("status", run_url, "--endpoint-url", options["endpoint_url"])
     out, err = ended(shown, 60)
     assert shown.returncode == 0 and f"finished, iteration {stopped_at + 15} of {stopped_at + 15}" in out, err
+    listed = daskgan_process("runs", "--cluster", str(cli_run[3]))
+    out, err = ended(listed, 60)
+    assert f"{run_url}: ended " in out and f", finished, at iteration {stopped_at + 15} of {stopped_at + 15}" in out, \
+        out + err
 
 
 def test_a_new_driver_right_after_a_killed_one_takes_over_from_its_ranks(cli_run, dask_client):

@@ -52,23 +52,35 @@ def run_job(client: Client, config: JobConfig, on_record: Callable[[dict[str, An
     lease.acquire()  # a run another live client drives is refused here
     clear_stop(client, config.output.run_url)
     watch_for_notices(client, config.recovery.notice_grace_s)
-    book = None
+    book, outcome = None, "failed"
     try:
         if config.recovery.workers:
             book = Reservation(client, config.output.run_url, world_size, lease.token, config.recovery.priority)
-        return _drive(client, config, lease, world_size, on_record, timeout, book)
+        summary = _drive(client, config, lease, world_size, on_record, timeout, book)
+        outcome = outcome_of(summary)
+        return summary
     except Removed as removed:
         logger.warning("%s", removed)
+        outcome = "taken out of the queue"
         return {"run_url": config.output.run_url, "iterations": config.train.iterations, "last_iteration": 0,
                 "stopped": "queued", "checkpoint": None}
     except KeyboardInterrupt:
         logger.warning("interrupted: the ranks of %s write a checkpoint and stop; the next daskgan train resumes "
                        "from it", config.output.run_url)
+        outcome = "interrupted"
+        raise
+    except Exception as error:
+        outcome = f"failed: {first_line(error)}"
         raise
     finally:
         if book is not None:
             book.release()
-        lease.release()
+        lease.release(outcome)
+
+
+def outcome_of(summary: dict[str, Any]) -> str:
+    """How a run that returned ended, in words: finished, or stopped (and when)."""
+    return f"stopped ({summary['stopped']})" if summary.get("stopped") else "finished"
 
 
 def _drive(client: Client, config: JobConfig, lease: DriverLease, world_size: int,
@@ -292,8 +304,7 @@ def _start_driver_thread(config: JobConfig, dask_scheduler=None) -> None:
         try:
             with Client(dask_scheduler.address, set_as_default=False) as client:
                 summary = run_job(client, config)
-            logger.info("detached run %s ended: %s", config.output.run_url,
-                        f"stopped ({summary['stopped']})" if summary.get("stopped") else "finished")
+            logger.info("detached run %s ended: %s", config.output.run_url, outcome_of(summary))
         except Exception:
             logger.exception("detached run %s failed", config.output.run_url)
 

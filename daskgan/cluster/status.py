@@ -20,7 +20,7 @@ from daskgan import dispatch
 from daskgan.cluster import reservations
 from daskgan.config.schema import METRICS
 from daskgan.errors import NotFound
-from daskgan.lease import active_runs, driver_is_live, held_lease, request_stop
+from daskgan.lease import active_runs, driver_is_live, ended_runs, held_lease, request_stop
 from daskgan.run import checkpoint, layout, storage
 from daskgan.run.records import load
 from daskgan.run.storage import StorageOptions
@@ -170,14 +170,18 @@ def format_status(status: dict[str, Any]) -> str:
 def cluster_runs(client: Any) -> dict[str, list[dict[str, Any]]]:
     """The runs on a cluster as plain data: ``queued`` (position, workers asked, priority, waiting since: epoch
     seconds), in the order they will start, and ``running``: every run with a driver's lease (run_url, driver,
-    iteration, iterations, live: whether its heartbeat moves) but not queued, with ``workers``: the ones the
-    cluster's queue granted it (None: a run that takes every worker, unreserved)."""
+    iteration, iterations, live: whether its heartbeat moves, progress: what its driver published) but not queued,
+    with ``workers``: the ones the cluster's queue granted it (None: a run that takes every worker, unreserved), and
+    ``ended``: the runs whose driver let go within the last day and that neither run nor wait now, newest first
+    (``daskgan.lease.ended_runs``: outcome, ended_at, iteration)."""
     book = reservations.listing(client)
     queued = {run["run_url"] for run in book["queued"]}
     granted = {run["run_url"]: run["workers"] for run in book["granted"]}
     running = [{**lease, "workers": granted.get(lease["run_url"])} for lease in active_runs(client)
                if lease["run_url"] not in queued]
-    return {"queued": book["queued"], "running": running}
+    busy = queued | {lease["run_url"] for lease in running}
+    return {"queued": book["queued"], "running": running,
+            "ended": [run for run in ended_runs(client) if run["run_url"] not in busy]}
 
 
 def stop_run(client: Any, run_url: str, now: bool = False) -> dict[str, Any]:

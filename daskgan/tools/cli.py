@@ -365,9 +365,13 @@ def runs_command(args: argparse.Namespace) -> int:
         progress = format_progress(lease.get("progress") or {})
         if progress:
             print(f"  {progress}")
+    for ended in runs["ended"]:
+        at = time.strftime("%H:%M:%S UTC", time.gmtime(ended["ended_at"]))
+        print(f"{ended['run_url']}: ended {at}, {ended['outcome']}, at iteration {ended['iteration']} of "
+              f"{ended['iterations']}")
     stale = sum(not lease["live"] for lease in runs["running"])
     print(f"daskgan: {len(runs['running']) - stale} run(s) with a live driver on this cluster, {stale} stale, "
-          f"{len(runs['queued'])} queued")
+          f"{len(runs['queued'])} queued, {len(runs['ended'])} ended in the last day")
     return 0
 
 
