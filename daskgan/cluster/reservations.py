@@ -21,7 +21,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from daskgan.lease import metadata_key, ranks_stop_after_s
+from daskgan.lease import Heartbeat, metadata_key, ranks_stop_after_s
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ class Entry:
     order: int  # first come, first served within a priority
     granted: list[str] = field(default_factory=list)
     started: bool = False
-    beat: Any = None  # the lease's (token, beat) last seen, and when it last moved (the scheduler's clock)
-    moved_at: float = field(default_factory=time.monotonic)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # how long the driver's lease has been still
 
 
 class Book:
@@ -131,14 +130,10 @@ class Book:
         """Drop the runs whose driver let go of its lease, lost it to another driver, or went silent as long as
         its ranks wait before they stop (``recovery.driver_timeout_s``: a heartbeat late under load frees nothing
         still training); ``leases``: each run's lease as the scheduler holds it now."""
-        now = time.monotonic()
         for entry in list(self.entries.values()):
             lease = leases.get(entry.run_url)
             if lease is not None and lease.get("token") == entry.token:
-                seen = (lease.get("token"), lease.get("beat"))
-                if seen != entry.beat:
-                    entry.beat, entry.moved_at = seen, now
-                if now - entry.moved_at <= ranks_stop_after_s(lease):
+                if entry.heartbeat.silent_for(lease) <= ranks_stop_after_s(lease):
                     continue
             logger.warning("the driver of %s let go or went silent: its workers go back to the pool", entry.run_url)
             del self.entries[entry.run_url]
