@@ -24,6 +24,10 @@ from daskgan.run.records import load
 
 pytestmark = pytest.mark.slow
 
+# the notice is given once the client saw this iteration; at ITERATION_S each, the ranks then have at least 30 of
+# them (6 s) to learn of it: tiny networks on a loaded CPU left so little that the notice came at the run's end
+NOTICE_AT, ITERATION_S = 5, 0.2
+
 
 def preemptible_job(bucket_url: str, options: dict, iterations: int) -> JobConfig:
     """Snapshots far apart (as a multi-hour snapshot interval is): none falls inside the run."""
@@ -48,6 +52,7 @@ def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no
                                                                                             shapes_in_bucket):
     url, options = shapes_in_bucket(images=48)
     config = preemptible_job(url, options, iterations=40)
+    own_cluster.pace_iterations(ITERATION_S)
     address, (_, *workers) = own_cluster.start()
     seen: dict[str, int] = {}
 
@@ -57,7 +62,7 @@ def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no
         own_cluster.add_worker()
 
     def preempt(record: dict) -> None:
-        if record["iteration"] >= 12 and "signalled_at" not in seen:
+        if record["iteration"] >= NOTICE_AT and "signalled_at" not in seen:
             seen["signalled_at"] = record["iteration"]
             victim.send_signal(signal.SIGTERM)
             threading.Thread(target=replace_once_gone, daemon=True).start()
@@ -77,6 +82,42 @@ def test_a_worker_sent_sigterm_leaves_after_the_checkpoint_and_the_run_redoes_no
     status = run_status(config.output.run_url, options)
     assert status["preemptions"] == 1 and status["world_sizes"] == [(1, 2)], status
     assert "preemptions 1, the newest checkpointed " in format_status(status)
+
+
+def test_a_notice_seen_at_the_runs_last_iteration_ends_it_finished_not_preempted(process_group, dask_client,
+                                                                                   tmp_path, monkeypatch):
+    """The last iteration's checkpoint is the run's end: a notice the ranks learn there leaves nothing to redo,
+    so the driver must not re-dispatch a finished run (it did, and its restart was recorded nowhere)."""
+    from daskgan import train_gan
+    from daskgan.data import synthetic
+    from daskgan.preemption import NOTICE_KEY
+    from daskgan.training import loop
+
+    data = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data, images=8, resolution=16)
+    config = JobConfig.from_dict({
+        "name": "noticed-last", "data": {"url": data, "resolution": 16, "batch_size": 4},
+        "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": 6},
+        "output": {"run_url": tmp_path.as_uri() + "/run", "flush_every": 3, "grid_every": 10_000,
+                   "checkpoint_every": 3}})
+    leaving = "tcp://127.0.0.1:1"  # the worker given notice, as the ranks gathered it
+    monkeypatch.setattr(loop, "_run_workers", lambda: [leaving])
+    monkeypatch.setattr("daskgan.preemption.CHECK_EVERY_S", 0.0)
+    train_iteration = loop.train_iteration
+
+    def notice_at_the_last(config, gan, stream, noise, iteration):
+        if iteration == config.train.iterations:
+            dask_client.set_metadata([*NOTICE_KEY, leaving], {"at": time.time()})
+        return train_iteration(config, gan, stream, noise, iteration)
+
+    monkeypatch.setattr(loop, "train_iteration", notice_at_the_last)
+    try:
+        summary = train_gan(config)
+    finally:
+        dask_client.set_metadata([*NOTICE_KEY, leaving], None)
+    assert summary["preempted"] is None and summary["stopped"] is None, summary
+    assert durable_checkpoint(config.output.run_url, {}) == 6
+    assert load(config.output.run_url)["iteration"].tolist() == list(range(1, 7))
 
 
 def test_a_checkpoint_slower_than_the_notice_grace_is_warned_about_once(caplog):
@@ -177,6 +218,7 @@ class FakeInstanceMetadata(ThreadingHTTPServer):
 def test_a_spot_interruption_notice_makes_a_worker_leave_after_its_runs_checkpoint(own_cluster, shapes_in_bucket):
     url, options = shapes_in_bucket(images=48)
     config = preemptible_job(url, options, iterations=40)
+    own_cluster.pace_iterations(ITERATION_S)
     address, (_, *workers) = own_cluster.start()
     metadata = FakeInstanceMetadata()
     seen: dict[str, int] = {}
@@ -188,7 +230,7 @@ def test_a_spot_interruption_notice_makes_a_worker_leave_after_its_runs_checkpoi
         own_cluster.add_worker()
 
     def announce(record: dict) -> None:
-        if record["iteration"] >= 12 and "announced_at" not in seen:
+        if record["iteration"] >= NOTICE_AT and "announced_at" not in seen:
             seen["announced_at"] = record["iteration"]
             metadata.announce()
             threading.Thread(target=replace_the_leaver, daemon=True).start()

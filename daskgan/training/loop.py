@@ -270,7 +270,7 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
                                                scores.get(config.ranking_metric), writer) or last_checkpoint
             if rank0:  # how long a preempted worker's grace must be (cluster.driver warns)
                 writer.annotate_next(checkpoint_s=round(time.perf_counter() - saving, 3))
-        if stop != "continue":
+        if stop != "continue" and not last:  # at the last iteration the run is done: nothing is left to redo
             return _stopped_early(config, stop, iteration, last_checkpoint, notices)
     return LoopEnd(last_checkpoint)
 
