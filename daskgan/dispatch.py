@@ -226,6 +226,7 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
         exc.rank = rank
         exc.add_note(f"(raised on DDP rank {rank} of {world_size})")
         _release_frames(exc)
+        _shorten_traceback(exc)
         if isinstance(exc, UserError):
             return RankFailure(exc)
         raise
@@ -247,6 +248,22 @@ def _release_frames(exc: BaseException) -> None:
         if chained is not None and chained.__traceback__ is not None:
             traceback.clear_frames(chained.__traceback__)
     gc.collect()  # a module graph has reference cycles: free the group now, not at the next collection
+
+
+TRACEBACK_ENDS = 25  # frames kept at each end of a longer traceback of a rank's error
+
+
+def _shorten_traceback(exc: BaseException) -> None:
+    """Keep the first and last ``TRACEBACK_ENDS`` frames of a longer traceback (where the error started and where it
+    was raised). Distributed pickles a failed task's error with its traceback: a RecursionError's thousand frames
+    cannot be, and the client then saw a lost worker instead of the error. The errors it was raised from too."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        frames, tb = [], error.__traceback__ if error is not None else None
+        while tb is not None:
+            frames.append(tb)
+            tb = tb.tb_next
+        if len(frames) > 2 * TRACEBACK_ENDS:
+            frames[TRACEBACK_ENDS - 1].tb_next = frames[-TRACEBACK_ENDS]
 
 
 def _rendezvous_store(rank: int, host: str, port: int | None, name: str, timeout: datetime.timedelta):

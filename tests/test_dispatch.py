@@ -3,6 +3,7 @@
 import os
 import socket
 import time
+import traceback
 
 import pytest
 import torch
@@ -61,6 +62,28 @@ def test_failing_rank_surfaces_with_its_rank_quickly(dask_client):
     assert time.monotonic() - started < 45, "the surviving rank must not wait for the full timeout"
     # the workers are usable again straight away
     assert dispatch.results(dispatch.run(dask_client, all_reduce_rank, 0, scale=1.0), timeout=120)[0][0] == 1.0
+
+
+def recurse_without_end_on_rank_zero():
+    def deeper(depth):
+        return deeper(depth + 1)
+
+    if dist.get_rank() == 0:
+        deeper(0)
+    dist.all_reduce(torch.ones(1))
+    return "unreachable"
+
+
+def test_a_rank_failing_with_a_thousand_frames_deep_error_surfaces_as_that_error(dask_client):
+    """Distributed pickles a failed task's error with its traceback: a RecursionError's was too deep to pickle,
+    and the client saw a lost worker (which the driver then waits for and restarts) instead of the error."""
+    futures = dispatch.run(dask_client, recurse_without_end_on_rank_zero, timeout=60)
+    with pytest.raises(RecursionError) as caught:
+        dispatch.results(futures)
+    assert caught.value.rank == 0
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    assert any(frame.name == "recurse_without_end_on_rank_zero" for frame in frames), "where it started"
+    assert frames[-1].name == "deeper", "and where it ended"
 
 
 def fail_on_rank_one_holding_a_ddp_model():
