@@ -128,6 +128,15 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
     _add_job_option(runs)
     runs.set_defaults(run=runs_command)
+    dashboard = commands.add_parser("dashboard", help="a read-only web page of a cluster's queued, running and ended "
+                                                      "runs: curves and newest sample grids, refreshing live")
+    dashboard.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
+    _add_job_option(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to serve on (default 127.0.0.1: this machine only; the page has no login)")
+    dashboard.add_argument("--port", type=_integer(0, 65535), default=8790, help="port (default 8790; 0: a free one)")
+    _add_endpoint_option(dashboard)
+    dashboard.set_defaults(run=dashboard_command)
     compare = commands.add_parser("compare", help="runs and sweeps ranked by their job's metric, and compare.png of "
                                                   "their curves")
     compare.add_argument("urls", nargs="+", metavar="run-or-sweep-url",
@@ -372,6 +381,22 @@ def runs_command(args: argparse.Namespace) -> int:
     stale = sum(not lease["live"] for lease in runs["running"])
     print(f"daskgan: {len(runs['running']) - stale} run(s) with a live driver on this cluster, {stale} stale, "
           f"{len(runs['queued'])} queued, {len(runs['ended'])} ended in the last day")
+    return 0
+
+
+def dashboard_command(args: argparse.Namespace) -> int:
+    from daskgan.tools.dashboard import Dashboard
+
+    with _existing_cluster(args) as client:
+        try:
+            server = Dashboard(client, _options(args), args.host, args.port)
+        except OSError as error:
+            raise UserError(f"--host {args.host} --port {args.port}: cannot serve there ({error.strerror})") from None
+        print(f"daskgan: the cluster's runs at {server.url} (Ctrl-C ends it)", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
     return 0
 
 
