@@ -123,7 +123,8 @@ class Dashboard(ThreadingHTTPServer):
             try:
                 newest = {**page_data(self.client, self.storage_options), "updated_at": time.time()}
             except Exception as error:  # the scheduler or storage out of reach for a while: the page shows the last
-                logger.warning("dashboard: the cluster's runs not updated: %s", first_line(error))
+                if not self._closed.is_set():  # (a client closed under a server closing is no news)
+                    logger.warning("dashboard: the cluster's runs not updated: %s", first_line(error))
             else:
                 with self._answered:
                     self._newest = newest

@@ -159,6 +159,7 @@ function card(url) {
 async function showRun(run) {
   const div = card(run.run_url);
   const image = div.querySelector("img.grid");
+  image.hidden = run.grid === null;
   if (run.grid !== null && image.dataset.iteration !== String(run.grid)) {
     image.src = "grid?" + new URLSearchParams({run: run.run_url, iteration: run.grid});
     image.dataset.iteration = run.grid;
@@ -166,11 +167,11 @@ async function showRun(run) {
   const answer = await fetch("api/curves?" + new URLSearchParams({run: run.run_url}));
   if (!answer.ok) { return; }
   const series = await answer.json();
-  const lossSeries = {}, metricSeries = {};
-  Object.entries(series).forEach(([name, values]) => {
-    (name.startsWith("loss") ? lossSeries : metricSeries)[name] = values;
-  });
-  div.querySelector(".charts").replaceChildren(plot("losses", lossSeries), plot("metrics", metricSeries));
+  const losses = Object.fromEntries(Object.entries(series).filter(([name]) => name.startsWith("loss")));
+  const metrics = Object.entries(series).filter(([name]) => !name.startsWith("loss"))
+    .map(([name, values]) => plot(name, {[name]: values}));  // each on its own scale: FID and KID differ 100-fold
+  div.querySelector(".charts").replaceChildren(plot("losses", losses),
+    ...(metrics.length ? metrics : [plot("metrics", {})]));
 }
 
 async function refresh() {
