@@ -17,6 +17,11 @@ LOWEST_TESTS ?= tests/test_dependencies.py tests/test_storage.py tests/test_data
 	tests/test_archive.py tests/test_results.py tests/test_config.py tests/test_cluster.py tests/test_training.py \
 	tests/test_cli.py
 
+# The browser test (tests/test_dashboard.py) drives Debian's headless Chromium through Debian's chromedriver:
+# installed by apt-get where either program is missing (root, or APT="sudo apt-get"), never downloaded at run time.
+BROWSER ?= /usr/bin/chromium /usr/bin/chromedriver
+APT ?= apt-get
+
 .PHONY: demo test test-newest test-lowest bench bench-loaders gpu-wheels gpu-check gpu-check-dry-run clean
 
 # The local wheel alone first (its dependencies are on PyPI, not beside it); then torch's dependencies, pip keeping
@@ -55,7 +60,11 @@ demo: $(BIN)/.installed
 # CI runs `make test`: the whole suite on the newest versions pip finds, then a part of it on the lowest allowed.
 test: test-newest test-lowest
 
-test-newest: $(BIN)/.installed
+$(BROWSER) &:
+	$(APT) update -q
+	$(APT) install -y -q --no-install-recommends chromium chromium-driver
+
+test-newest: $(BIN)/.installed $(BROWSER)
 	$(BIN)/python -m pytest -q -ra
 
 test-lowest: $(LOWEST)/bin/.installed

@@ -1,6 +1,7 @@
 """``daskgan dashboard`` (issue #27 item 5): the page's JSON endpoints, in plain Python, on the session's cluster
 with drivers holding leases and reservations (two granted a worker, a third queued) over run directories in
-memory."""
+memory; then the page in headless Chromium (Debian's chromium and chromium-driver, driven by selenium: `make test`
+installs them) on a scheduler and two workers as processes, two runs training and a third queued."""
 
 from __future__ import annotations
 
@@ -13,16 +14,25 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import test_shared_cluster
 import yaml
 from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
+from test_driver_lease import daskgan_process, wait_for
 from test_reservations import drivers
 
+from daskgan.cluster.status import cluster_runs
 from daskgan.run import layout, storage
 from daskgan.run.images import png_bytes
 from daskgan.tools.cli import main
-from daskgan.tools.dashboard import Dashboard
+from daskgan.tools.dashboard import Dashboard, newest_grid
 
+shared = test_shared_cluster.shared  # the fixture: a scheduler and 2 workers as processes, runs of --workers 1
 SECRET = "not-for-the-page"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; given, so nothing is downloaded
+GRID_EVERY = 50  # iterations: run a's grids come more slowly than the page refreshes
 
 
 def _write_run(run_url: str, iterations: int) -> bytes:
@@ -110,3 +120,78 @@ def test_a_port_already_taken_is_one_line(dask_client, tmp_path, capsys):
         assert main(["dashboard", "--cluster", str(spec), "--port", str(port)]) == 2
     assert capsys.readouterr().err == (f"daskgan: --host 127.0.0.1 --port {port}: cannot serve there (Address already "
                                        "in use)\n")
+
+
+@pytest.fixture
+def chromium():
+    """Headless Chromium under selenium, through Debian's chromedriver (named: selenium's own manager, which would
+    download a driver, never runs)."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture
+def page_url(shared):
+    """The URL `daskgan dashboard --port 0` prints once it serves the cluster of ``shared``."""
+    _, _, options, spec, _ = shared
+    server = daskgan_process("dashboard", "--cluster", str(spec), "--port", "0", "--endpoint-url",
+                             options["endpoint_url"])
+    try:
+        line = next(line for line in server.stdout if "the cluster's runs at" in line)
+        yield line.split(" at ", 1)[1].split()[0]
+    finally:
+        server.kill()
+        server.communicate()
+
+
+GRID_SHOWN = """const image = document.querySelector(`img.grid[data-run="${arguments[0]}"]`);
+return image && image.complete && image.naturalWidth > 0 ? [image.getAttribute("src"), image.naturalWidth] : null;"""
+
+
+def _shown_grid(browser, run_url: str) -> tuple[str, int, int] | None:
+    """(run, iteration, natural width) of the grid image the page shows for ``run_url``, once loaded."""
+    shown = browser.execute_script(GRID_SHOWN, run_url)
+    if shown is None:
+        return None
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(shown[0]).query)
+    return query["run"][0], int(query["iteration"][0]), shown[1]
+
+
+def _table(browser, table: str) -> str:
+    return browser.execute_script(f"return document.querySelector('#{table} tbody').innerText")
+
+
+@pytest.mark.slow
+def test_the_page_in_headless_chromium_lists_queued_and_running_runs_and_shows_the_newest_grid(
+        shared, page_url, chromium, tmp_path):
+    start, url, options, _, client = shared
+    a, b = start("a", 100_000, f"output.grid_every={GRID_EVERY}"), start("b", 100_000)
+    try:
+        wait_for(lambda: len(cluster_runs(client)["running"]) == 2, 120, "both runs granted a worker")
+        c = start("c", 100)
+        wait_for(lambda: cluster_runs(client)["queued"], 60, "the third run queued")
+        wait_for(lambda: newest_grid(url("a"), options), 120, "a grid of run a")
+        chromium.get(page_url)
+        WebDriverWait(chromium, 60).until(lambda browser: url("c") in _table(browser, "queued")
+                                          and {url("a"), url("b")} <= set(_table(browser, "running").split()))
+        queued = _table(chromium, "queued")
+        assert queued.split("\t")[:3] == ["1", url("c"), "1"], f"position 1, 1 worker asked: {queued!r}"
+
+        def newest_shown(browser):  # the page catches up with a's newest grid within its refreshes
+            shown = _shown_grid(browser, url("a"))
+            return shown if shown and shown[:2] == (url("a"), newest_grid(url("a"), options)) else None
+
+        run, iteration, width = WebDriverWait(chromium, 60).until(newest_shown)
+        assert iteration >= GRID_EVERY and iteration % GRID_EVERY == 0 and width > 0
+        screenshot = tmp_path / "dashboard.png"
+        chromium.save_screenshot(str(screenshot))
+        print(f"dashboard screenshot: {screenshot}")
+    finally:
+        for driver in (a, b, c):
+            driver.kill()
+            driver.communicate()

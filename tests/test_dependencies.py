@@ -70,3 +70,25 @@ def test_make_test_runs_the_suite_on_the_lowest_versions_too():
     is listed, whichever environments exist already)."""
     planned = subprocess.run(["make", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert ".ci/floors.py" in planned and ".venv-lowest/bin/python -m pytest" in planned
+
+
+def test_the_browser_test_needs_selenium_at_a_floor_and_make_test_installs_debians_chromium_only_when_absent(
+        tmp_path):
+    """tests/test_dashboard.py drives Debian's chromium through its chromedriver with selenium: the test extra
+    asks for selenium with a floor, and ``make test`` runs apt-get for the two packages where either program is
+    missing, and not where both are there."""
+    selenium, = (Requirement(text) for text in project()["optional-dependencies"]["test"]
+                 if Requirement(text).name == "selenium")
+    assert [spec.operator for spec in selenium.specifier] == [">="]
+    install = "apt-get install -y -q --no-install-recommends chromium chromium-driver"
+    present = [tmp_path / "chromium", tmp_path / "chromedriver"]
+    for program in present:
+        program.touch()
+
+    def planned(programs: list[Path]) -> str:
+        files = " ".join(map(str, programs))
+        return subprocess.run(["make", "-n", "test-newest", f"BROWSER={files}"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout
+
+    assert install not in planned(present)
+    assert install in planned([present[0], tmp_path / "missing-chromedriver"])

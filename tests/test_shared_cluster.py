@@ -43,14 +43,14 @@ class Arrivals:
 
 @pytest.fixture
 def shared(own_cluster, shapes_in_bucket, tmp_path):
-    """(start(name, iterations) -> Popen of `daskgan train --workers 1` for run ``<bucket>/<name>``, the run URL
-    of a name, storage options, cluster spec path, a client of the cluster)."""
+    """(start(name, iterations, *overrides) -> Popen of `daskgan train --workers 1` for run ``<bucket>/<name>``,
+    the run URL of a name, storage options, cluster spec path, a client of the cluster)."""
     bucket, options = shapes_in_bucket(16)
     address, _ = own_cluster.start(workers=2)
     spec = tmp_path / "cluster.yaml"
     spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": address}}))
 
-    def start(name: str, iterations: int):
+    def start(name: str, iterations: int, *overrides: str):
         job = {"name": name, "data": {"url": f"{bucket}/data", "storage_options": options, "resolution": 16,
                                       "batch_size": 4},
                "model": {"z_dim": 8, "g_channels": 4, "d_channels": 4}, "train": {"iterations": iterations},
@@ -59,7 +59,8 @@ def shared(own_cluster, shapes_in_bucket, tmp_path):
                           "checkpoint_every": 10_000, "grid_every": 10_000}}
         path = tmp_path / f"{name}-{iterations}.yaml"
         path.write_text(yaml.safe_dump(job))
-        return daskgan_process("train", str(path), "--cluster", str(spec), "--workers", "1", "--no-progress")
+        return daskgan_process("train", str(path), *overrides, "--cluster", str(spec), "--workers", "1",
+                               "--no-progress")
 
     with Client(address, timeout=60) as client:
         yield start, lambda name: f"{bucket}/{name}", options, spec, client
