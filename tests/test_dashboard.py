@@ -17,9 +17,6 @@ import pytest
 import test_shared_cluster
 import yaml
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.support.ui import WebDriverWait
 from test_driver_lease import daskgan_process, wait_for
 from test_reservations import drivers
 
@@ -125,7 +122,10 @@ def test_a_port_already_taken_is_one_line(dask_client, tmp_path, capsys):
 @pytest.fixture
 def chromium():
     """Headless Chromium under selenium, through Debian's chromedriver (named: selenium's own manager, which would
-    download a driver, never runs)."""
+    download a driver, never runs). Imported here: the endpoint tests above need no browser."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200"):
@@ -169,6 +169,8 @@ def _table(browser, table: str) -> str:
 @pytest.mark.slow
 def test_the_page_in_headless_chromium_lists_queued_and_running_runs_and_shows_the_newest_grid(
         shared, page_url, chromium, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
     start, url, options, _, client = shared
     a, b = start("a", 100_000, f"output.grid_every={GRID_EVERY}"), start("b", 100_000)
     try:
