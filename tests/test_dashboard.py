@@ -24,7 +24,7 @@ from daskgan.cluster.status import cluster_runs
 from daskgan.run import layout, storage
 from daskgan.run.images import png_bytes
 from daskgan.tools.cli import main
-from daskgan.tools.dashboard import Dashboard, newest_grid
+from daskgan.tools.dashboard import CURVE_POINTS, Dashboard, curves, newest_grid
 
 shared = test_shared_cluster.shared  # the fixture: a scheduler and 2 workers as processes, runs of --workers 1
 SECRET = "not-for-the-page"
@@ -98,6 +98,14 @@ def test_the_grid_and_curves_endpoints_serve_a_listed_run_and_nothing_else(dashb
         with pytest.raises(urllib.error.HTTPError) as answer:
             _get(f"{url}grid?{refused}")
         assert answer.value.code == 404
+
+
+def test_a_long_runs_curves_are_thinned_keeping_its_newest_record():
+    run_url = "memory://dash-thinned/run"
+    _write_run(run_url, 2 * CURVE_POINTS + 7)
+    thinned = curves(run_url)["loss_G"]
+    assert len(thinned) <= CURVE_POINTS + 1 and thinned[0][0] == 1 / 250
+    assert thinned[-1] == [(2 * CURVE_POINTS + 7) / 250, 1.0 + (2 * CURVE_POINTS + 7) / 100]
 
 
 def test_the_page_is_one_self_contained_document(dashboard):
@@ -178,6 +186,7 @@ def test_the_page_in_headless_chromium_lists_queued_and_running_runs_and_shows_t
         c = start("c", 100)
         wait_for(lambda: cluster_runs(client)["queued"], 60, "the third run queued")
         wait_for(lambda: newest_grid(url("a"), options), 120, "a grid of run a")
+        assert page_url.startswith("http://127.0.0.1:"), "loopback unless told otherwise"
         chromium.get(page_url)
         WebDriverWait(chromium, 60).until(lambda browser: url("c") in _table(browser, "queued")
                                           and {url("a"), url("b")} <= set(_table(browser, "running").split()))
