@@ -100,12 +100,13 @@ def test_the_grid_and_curves_endpoints_serve_a_listed_run_and_nothing_else(dashb
         assert answer.value.code == 404
 
 
-def test_a_long_runs_curves_are_thinned_keeping_its_newest_record():
+def test_a_long_runs_loss_curves_are_thinned_keeping_its_newest_record_and_every_metric():
     run_url = "memory://dash-thinned/run"
-    _write_run(run_url, 2 * CURVE_POINTS + 7)
-    thinned = curves(run_url)["loss_G"]
-    assert len(thinned) <= CURVE_POINTS + 1 and thinned[0][0] == 1 / 250
-    assert thinned[-1] == [(2 * CURVE_POINTS + 7) / 250, 1.0 + (2 * CURVE_POINTS + 7) / 100]
+    _write_run(run_url, 2 * CURVE_POINTS + 7)  # every third record kept: not the 20th, which holds the FID
+    shown = curves(run_url)
+    assert len(shown["loss_G"]) <= CURVE_POINTS + 1 and shown["loss_G"][0][0] == 1 / 250
+    assert shown["loss_G"][-1] == [(2 * CURVE_POINTS + 7) / 250, 1.0 + (2 * CURVE_POINTS + 7) / 100]
+    assert shown["fid"] == [[20 / 250, 50.0]], "a metric's few points are never thinned away"
 
 
 def test_the_page_is_one_self_contained_document(dashboard):

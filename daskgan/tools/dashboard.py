@@ -66,17 +66,23 @@ def newest_grid(run_url: str, storage_options: StorageOptions | None = None) -> 
 
 
 def curves(run_url: str, storage_options: StorageOptions | None = None) -> dict[str, list[list[float]]]:
-    """The run's curves against kimg: ``loss_G``, ``loss_D`` (real + fake) and each metric where measured, each a
-    list of ``[kimg, value]``, thinned to ``CURVE_POINTS`` for a long run (its newest record always kept)."""
+    """The run's curves against kimg, each a list of ``[kimg, value]``: ``loss_G`` and ``loss_D`` (real + fake),
+    thinned to ``CURVE_POINTS`` for a long run (its newest record always kept), and each metric at every record
+    that measured it (few: thinning would drop them)."""
     records = load(run_url, storage_options)
     if not len(records):
         return {}
     records = records.assign(loss_D=records["loss_D_real"] + records["loss_D_fake"])
     step = math.ceil(len(records) / CURVE_POINTS)
     thinned = records.iloc[sorted({*range(0, len(records), step), len(records) - 1})]
-    names = ["loss_G", "loss_D"] + [name for name in METRICS if name in records.columns]
-    return {name: [[float(kimg), float(value)] for kimg, value in zip(thinned["kimg"], thinned[name])
-                   if value == value] for name in names}
+    shown = {name: _points(thinned, name) for name in ("loss_G", "loss_D")}
+    return {**shown, **{name: _points(records, name) for name in METRICS if name in records.columns}}
+
+
+def _points(records, name: str) -> list[list[float]]:
+    """``[kimg, value]`` of the records that hold a value of ``name``."""
+    measured = records[["kimg", name]].dropna()
+    return [[float(kimg), float(value)] for kimg, value in zip(measured["kimg"], measured[name])]
 
 
 class Dashboard(ThreadingHTTPServer):
