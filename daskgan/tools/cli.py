@@ -144,6 +144,20 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default=".", help="folder or URL to write compare.png in (default: here)")
     _add_endpoint_option(compare)
     compare.set_defaults(run=compare_command)
+    sweep = commands.add_parser("sweep", help="one run per point of a grid of settings, queued on a shared cluster, "
+                                              "with optional successive halving")
+    sweep.add_argument("job", help="job YAML file; its output.run_url is the sweep's folder, one run directory each")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=V1,V2,...",
+                       help="settings to sweep (values are YAML, comma-separated; one value: set for every run)")
+    sweep.add_argument("--workers-per-run", type=_integer(1), required=True, metavar="N",
+                       help="each run trains on N workers reserved for it, waiting in the cluster's queue")
+    sweep.add_argument("--halving-kimg", type=_kimg_list, metavar="K1,K2,...",
+                       help="successive halving: at each of these kimg the better half of the runs by the job's "
+                            "metric goes on, the others stop with a checkpoint and free their workers")
+    sweep.add_argument("--cluster", help=DEFAULT_CLUSTER_HELP)
+    sweep.add_argument("--detach", action="store_true",
+                       help="drive the sweep from the cluster's scheduler and return: it outlives this client")
+    sweep.set_defaults(run=sweep_command)
     attach = commands.add_parser("attach", help="follow a running training live")
     attach.add_argument("run_url", help="the run directory (output.run_url)")
     attach.add_argument("--cluster", required=True, help=RUNNING_CLUSTER_HELP)
@@ -257,6 +271,11 @@ def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return whole_number
+
+
+def _kimg_list(text: str) -> list[float]:
+    """An argparse type: comma-separated kimg, e.g. ``2,4``."""
+    return [_positive(part) for part in text.split(",")]
 
 
 def _finite(text: str) -> float:
@@ -408,6 +427,28 @@ def compare_command(args: argparse.Namespace) -> int:
     written = write_compare_png(runs, args.out, _options(args))
     where = written if "://" in written else os.path.abspath(written)
     print(f"daskgan: {len(runs)} run{'s' if len(runs) > 1 else ''} compared; curves in {where}")
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from daskgan.cluster.sweep import detach_sweep, plan_sweep, run_sweep
+
+    sweep = plan_sweep(args.job, args.overrides, args.workers_per_run, args.halving_kimg or ())
+    spec = load_cluster_spec(args.cluster) if args.cluster else default_cluster_spec()
+    if sweep.base.sandbox or (args.detach and spec.kind != "scheduler"):
+        raise ConfigError("sweep: needs a job without a sandbox, and with --detach a cluster that outlives this "
+                          "command (a `scheduler` cluster spec)")
+    with connect(spec) as client:
+        if args.detach:
+            address = detach_sweep(client, sweep)
+            print(f"daskgan: {len(sweep.points)} runs of {sweep.url} are driven from the scheduler at {address}; "
+                  f"see them with daskgan runs, rank them with daskgan compare {sweep.url}")
+            return 0
+        outcomes = run_sweep(client, sweep)["outcomes"]
+    for point in sweep.points:
+        print(f"  {point.name}: {outcomes.get(point.name)}")
+    print(f"daskgan: swept {len(sweep.points)} runs in {sweep.url} (manifest sweep.json there); rank them with "
+          f"daskgan compare {sweep.url}")
     return 0
 
 
