@@ -57,6 +57,7 @@ def test_names_are_safe_on_filesystems_and_s3_and_tell_same_leaves_apart():
      f"110 runs, more than {MAX_RUNS}"),
     (["train.lr_g=1,1"], "two runs named lr_g-1"),
     (["nokey"], "nokey: a swept setting is KEY=V1,V2"),
+    (["train.seed=1,2", "output.resume=never"], "output.resume: a sweep's runs resume from their own"),
 ])
 def test_a_grid_that_cannot_run_is_one_line(job_file, settings, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

@@ -86,6 +86,9 @@ def plan_sweep(job: str, settings: Sequence[str], workers_per_run: int, halving_
     if count > MAX_RUNS:
         raise ConfigError(f"the grid has {count} runs, more than {MAX_RUNS}: sweep fewer values")
     base = _job(job, workers_per_run, fixed)
+    if base.output.resume != "auto":
+        raise ConfigError(f"output.resume: a sweep's runs resume from their own newest checkpoints (after a rung, "
+                          f"or the sweep started again): set it to auto, not {base.output.resume!r}")
     points = [_point(job, workers_per_run, fixed, base.output.run_url, dict(zip(swept, values)))
               for values in itertools.product(*swept.values())]
     _refuse_same_names(points)
@@ -133,11 +136,11 @@ def _job(job: str, workers: int, overrides: list[str]) -> JobConfig:
 
 def _point(job: str, workers: int, fixed: list[str], sweep_url: str, values: dict[str, Any]) -> Point:
     """A point's job (validated), its settings as the job holds them (``2e-3`` read as a number), its name."""
-    point_job = _job(job, workers, [*fixed, *(f"{key}={json.dumps(value)}" for key, value in values.items())])
-    held = point_job.to_dict(redact_secrets=False)
+    overrides = [*fixed, *(f"{key}={json.dumps(value)}" for key, value in values.items())]
+    held = _job(job, workers, overrides).to_dict(redact_secrets=False)
     settings = {key: _lookup(held, key, value) for key, value in values.items()}
-    point_job.output.run_url = storage.join(sweep_url, point_name(settings))
-    return Point(point_name(settings), settings, point_job)
+    run_url = json.dumps(storage.join(sweep_url, point_name(settings)))
+    return Point(point_name(settings), settings, _job(job, workers, [*overrides, f"output.run_url={run_url}"]))
 
 
 def _lookup(data: dict[str, Any], key: str, default: Any) -> Any:
@@ -257,6 +260,7 @@ def _start_sweep_thread(sweep: Sweep, dask_scheduler: Any = None) -> None:
 
 
 def write_manifest(sweep_url: str, manifest: dict[str, Any], storage_options: dict | None) -> None:
+    """Write ``sweep.json`` whole (one writer, the sweep's driver: object stores cannot append)."""
     storage.write_bytes(storage.join(sweep_url, MANIFEST), json.dumps(manifest, indent=1).encode(), storage_options)
 
 
