@@ -7,9 +7,16 @@ import os
 import uuid
 
 import pytest
+import torch
 from own_cluster import OwnCluster
 
 from daskgan.tools.sandbox import LoopbackS3, free_port
+
+# One intra-op thread, as distributed's nannies give each worker (OMP_NUM_THREADS=1), here and in the processes the
+# tests start: with one per core, what trains in this process spun for cores that the cluster's workers (and a
+# loaded machine) held, 20 to 50 times slower at random (test_host_syncs' BigGAN: 139 s, 2.7 s with one thread).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

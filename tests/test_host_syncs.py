@@ -16,6 +16,7 @@ shows that cadence on its own.)
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections import Counter
@@ -54,6 +55,16 @@ FAMILIES = {
 }
 
 
+@functools.cache
+def counted_file(filename: str) -> str | None:
+    """The file's path in the package if its calls are counted, else None (asked for every tensor read torch
+    makes, so remembered per file)."""
+    caller = Path(filename)
+    if not caller.is_relative_to(PACKAGE) or any(caller.is_relative_to(folder) for folder in NOT_COUNTED):
+        return None
+    return str(caller.relative_to(PACKAGE))
+
+
 class SyncCounter:
     """Counts host reads and collectives made from daskgan's own code, per training iteration."""
 
@@ -65,11 +76,9 @@ class SyncCounter:
 
     def wrap(self, original, tally: Counter[int], kind: str):
         def counted(*args, **kwargs):
-            caller = Path(sys._getframe(1).f_code.co_filename)
-            if self.iteration is not None and caller.is_relative_to(PACKAGE) and \
-                    not any(caller.is_relative_to(folder) for folder in NOT_COUNTED):
+            if self.iteration is not None and (where := counted_file(sys._getframe(1).f_code.co_filename)):
                 tally[self.iteration] += 1
-                self.kinds[f"{kind} ({caller.relative_to(PACKAGE)})"] += 1
+                self.kinds[f"{kind} ({where})"] += 1
             return original(*args, **kwargs)
         return counted
 
