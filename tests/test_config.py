@@ -55,7 +55,6 @@ def test_bad_values_name_the_key(sections, key):
     ("biggan", {"data": {"resolution": 32}, "model": {"d_architecture": "orig"}},
      "model.d_architecture: is not supported for biggan"),
     ("dcgan", {"train": {"precision": "bf16"}}, "train.precision: is not supported for dcgan"),
-    ("r3gan", {}, "model.family: r3gan is not trained by this release yet"),
 ])
 def test_a_setting_its_family_lacks_is_refused_naming_the_key(family, sections, message):
     model = {"family": family, **sections.pop("model", {})}

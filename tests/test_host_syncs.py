@@ -52,6 +52,11 @@ FAMILIES = {
     "biggan": ({"family": "biggan", "z_dim": 20, "g_channels": 4, "d_channels": 4, "shared_dim": 8,
                 "attention_resolution": 16, "sync_batchnorm": True},
                {"loss": "hinge", "d_steps": 2, "ortho_reg": 1e-4, "ema_kimg": 0.01}, {}, 32),
+    # the pairing loss with R1 and R2 every D step, fakes under the reals' labels, ADA on the pairs' signs
+    "r3gan": ({"family": "r3gan", "z_dim": 8, "stage_widths": [16, 8, 8], "stage_blocks": [1, 1, 1],
+               "group_channels": 4, "conditional": True},
+              {"r1_gamma": 1.0, "ema_kimg": 0.01, "accumulate": 2},
+              {"mode": "ada", "p": 0.2, "interval": SYNC_EVERY, "speed_kimg": 1.0}, 16),
 }
 
 

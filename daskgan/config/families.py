@@ -9,8 +9,8 @@ validates a job with it on a client that may have none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 STYLEGAN2_SETTINGS = frozenset({"train.pl_weight", "train.precision", "model.d_architecture", "train.freeze_d"})
 R3GAN_MODEL_FIELDS = frozenset({"stage_widths", "stage_blocks", "group_channels", "expansion", "bf16_stages"})
@@ -31,9 +31,13 @@ class Family:
     ``settings``: the settings only some families support, of those this one does. ``g_blocks``: the resolutions
     the family is built for, with G's blocks at each (each block takes a chunk of a hierarchical z); None: any.
     ``model_fields``: the ``model`` fields that only this family reads; other families' checkpoints do not record
-    them, so their model descriptions stay as they were before the fields existed. ``trains``: the loop trains it
-    with the paper's recipe; a family whose weights daskgan reads before it trains them is refused by ``train``
-    rather than trained with another family's losses.
+    them, so their model descriptions stay as they were before the fields existed.
+    ``pairing_loss``: D and G are trained with R3GAN's relativistic pairing loss (each real against a fake, in one
+    term) rather than ``train.loss``, with the zero-centred R1 on the reals and R2 on the detached fakes at every D
+    step (weight ``train.r1_gamma`` / 2 each, never lazy); G's step takes a batch of reals too.
+    ``fake_labels_from_reals``: each fake is drawn with the label of the real it is paired with (R3GAN), which the
+    pairing loss needs: both go through D under one label. ``defaults``: job settings (``"train.beta1"``) the
+    family's paper uses where the job sets none, under a preset's and the job's own (R3GAN: Adam's beta1 = 0).
     """
 
     name: str
@@ -44,7 +48,13 @@ class Family:
     settings: frozenset[str] = frozenset()
     g_blocks: Mapping[int, int] | None = None
     model_fields: frozenset[str] = frozenset()
-    trains: bool = True
+    pairing_loss: bool = False
+    fake_labels_from_reals: bool = False
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pairing_loss and not self.fake_labels_from_reals:
+            raise ValueError(f"{self.name}: the pairing loss judges a real and a fake under one label")
 
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
@@ -52,7 +62,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("stylegan2", separate_regularisation=True, fake_labels_from_dataset=True, settings=STYLEGAN2_SETTINGS),
     Family("biggan", always_conditional=True, ema_averages_buffers=True,
            g_blocks={32: 3, 64: 4, 128: 5, 256: 6}),  # daskgan.models.biggan.ARCHITECTURES
-    Family("r3gan", model_fields=R3GAN_MODEL_FIELDS, trains=False)  # issue #28: the loop next,
+    Family("r3gan", model_fields=R3GAN_MODEL_FIELDS, pairing_loss=True, fake_labels_from_reals=True,
+           defaults={"train.beta1": 0.0}),
 )}
 
 

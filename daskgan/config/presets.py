@@ -148,15 +148,30 @@ TRANSFER_SETTINGS = {"augment": {"speed_kimg": 100}, "train": {"ema_rampup": Non
 
 
 def apply_defaults(job: dict[str, Any], workers: int | None) -> dict[str, Any]:
-    """``job`` with its preset's settings, then the transfer settings when it starts from other weights
-    (``train.init_from``), filled in underneath the keys it sets itself."""
+    """``job`` with its family's defaults, its preset's settings over them, then the transfer settings when it
+    starts from other weights (``train.init_from``), filled in underneath the keys it sets itself."""
     base: dict[str, Any] = {}
-    data, train = (section if isinstance(section, dict) else {} for section in (job.get("data"), job.get("train")))
+    data, train, model = (section if isinstance(section, dict) else {}
+                          for section in (job.get("data"), job.get("train"), job.get("model")))
     if job.get("preset") is not None:  # a section that is not a mapping is refused by the schema
         base = preset_settings(job["preset"], data.get("resolution", 64), workers)
+    base = _merge(family_defaults(model.get("family", base.get("model", {}).get("family"))), base)
     if train.get("init_from"):
         base = _merge(base, TRANSFER_SETTINGS)
     return _merge(base, job)
+
+
+def family_defaults(name: Any) -> dict[str, Any]:
+    """The settings family ``name`` uses where a job sets none (``Family.defaults``), nested as a job file's; none
+    for an unnamed family (the default one has none) or a name the schema will refuse."""
+    from daskgan.config.families import FAMILIES
+
+    family = FAMILIES.get(name) if isinstance(name, str) else None
+    nested: dict[str, Any] = {}
+    for key, value in (family.defaults.items() if family is not None else ()):
+        section, setting = key.split(".")
+        nested.setdefault(section, {})[setting] = value
+    return nested
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -405,8 +405,6 @@ class JobConfig:
 
     def _validate_for_family(self) -> None:
         family = family_of(self.model)
-        require(family.trains, "model.family", f"{family.name} is not trained by this release yet: its networks and "
-                "released weights work with daskgan generate, sample and import")
         if family.g_blocks is not None:
             require(self.data.resolution in family.g_blocks, "data.resolution",
                     f"{family.name} is built for {list(family.g_blocks)} pixels, got {self.data.resolution}")

@@ -44,6 +44,8 @@ from daskgan.training.steps import (
     discriminator_step,
     fake_label_weights,
     generator_step,
+    pairing_discriminator_step,
+    pairing_generator_step,
     path_length_step,
     r1_step,
 )
@@ -106,8 +108,9 @@ def _train(config: JobConfig, index: ImageIndex, restart: dict[str, Any] | None,
     if state is not None:  # checkpoints after the one resumed from belong to an abandoned branch
         from_rank0(lambda: checkpoint.rewind(config.output.run_url, start, config.output.storage_options))
     generator, position = training_state.restore_rank(config, gan, state, rank, world_size)
+    family = family_of(config.model)
     noise = Noise(generator, config.model.z_dim, gan.num_classes, device,
-                  fake_label_weights(family_of(config.model), index.labels, gan.num_classes))
+                  fake_label_weights(family, index.labels, gan.num_classes), family.fake_labels_from_reals)
     writer = (records.RunWriter(config.output.run_url, config.output.storage_options, start_iteration=start,
                                 flush_every=config.output.flush_every) if rank0 else None)
     stream = ImageStream(index, config.data, rank=rank, world_size=world_size, seed=config.train.seed, start=position,
@@ -381,6 +384,8 @@ def train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noi
                      iteration: int) -> tuple[dict[str, torch.Tensor], StreamPosition]:
     """``d_steps`` D steps and one G step; returns this rank's statistics (0-dim device tensors, averaged over the
     ranks when they are settled: ``daskgan.training.tally``) and the data position."""
+    if family_of(config.model).pairing_loss:
+        return pairing_iteration(config, gan, stream, noise)
     train, loss = config.train, LOSSES[config.train.loss]
     separate = family_of(config.model).separate_regularisation
     for d_step in range(train.d_steps):
@@ -396,6 +401,20 @@ def train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noi
         stats.update(path_length_step(gan, g_micro_batches, max(1, config.data.batch_size // PL_BATCH_SHRINK), noise,
                                       pl_weight, train.pl_decay))
     return stats, batches[-1].position
+
+
+def pairing_iteration(config: JobConfig, gan: Gan, stream: ImageStream,
+                      noise: Noise) -> tuple[dict[str, torch.Tensor], StreamPosition]:
+    """R3GAN's iteration: ``d_steps`` D steps on the pairing loss with R1 and R2 at each (weight
+    ``train.r1_gamma``), then one G step whose fakes are paired with reals of their own (as R3GAN's loop fetches a
+    second batch for G)."""
+    train = config.train
+    for _ in range(train.d_steps):
+        stats = pairing_discriminator_step(gan, [next(stream) for _ in range(train.accumulate)], noise,
+                                           train.r1_gamma)
+    g_batches = [next(stream) for _ in range(train.g_accumulate or train.accumulate)]
+    stats.update(pairing_generator_step(gan, g_batches, noise))
+    return stats, g_batches[-1].position
 
 
 def _lazy_weight(weight: float, interval: int, step: int) -> float:

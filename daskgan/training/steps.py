@@ -11,9 +11,9 @@ sanitised. Passes that need double backward run eagerly when the networks are co
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,14 @@ from daskgan.config.families import Family
 from daskgan.data.stream import Batch
 from daskgan.training.augment import AdaController, AugmentPipe
 from daskgan.training.compiled import eager
-from daskgan.training.losses import GanLoss, orthogonal_regularisation, path_lengths, r1_penalty
+from daskgan.training.losses import (
+    GanLoss,
+    orthogonal_regularisation,
+    path_lengths,
+    r1_penalty,
+    relativistic_d_loss,
+    relativistic_g_loss,
+)
 
 
 @dataclass
@@ -46,18 +53,24 @@ class Gan:
 @dataclass(frozen=True)
 class Noise:
     """Where a rank's latents come from: z of ``z_dim`` and, for conditional models, class labels: uniform, or
-    drawn with ``label_weights`` (StyleGAN2-ADA draws fakes' labels as the dataset's labels are distributed)."""
+    drawn with ``label_weights`` (StyleGAN2-ADA draws fakes' labels as the dataset's labels are distributed), or
+    with ``labels_from_reals`` those of the reals the fakes are paired with (R3GAN)."""
 
     generator: torch.Generator
     z_dim: int
     num_classes: int
     device: torch.device
     label_weights: torch.Tensor | None = None
+    labels_from_reals: bool = False
 
-    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draw(self, n: int, real_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` latents and their labels (None when unconditional); ``real_labels``: those of the reals the fakes
+        are paired with, which they take with ``labels_from_reals``."""
         z = torch.randn(n, self.z_dim, generator=self.generator).to(self.device, non_blocking=True)
         if not self.num_classes:
             return z, None
+        if self.labels_from_reals and real_labels is not None:
+            return z, real_labels
         if self.label_weights is not None:
             labels = torch.multinomial(self.label_weights, n, replacement=True, generator=self.generator)
         else:
@@ -125,22 +138,75 @@ def generator_step(gan: Gan, loss: GanLoss, micro_batches: int, batch_size: int,
     """One G update over ``micro_batches`` fresh batches of fakes, judged by D (whose weights stay untouched)."""
     gan.opt_G.zero_grad(set_to_none=True)
     stats = _Means()
-    trainable = [p.requires_grad for p in gan.D.module.parameters()]  # frozen layers (Freeze-D) stay frozen
-    gan.D.module.requires_grad_(False)  # G's step goes through the bare D: D stays out of DDP's reducer here
-    try:
+    with _d_held(gan):
         for last, _ in _marking_last(range(micro_batches)):
             z, labels = noise.draw(batch_size)
             with _sync_when(gan.G, last):
                 loss_G = loss.g(gan.D.module(gan.augment(gan.G(z, labels)), labels))
                 (loss_G / micro_batches).backward()
             stats.add(loss_G=loss_G)
-    finally:
-        for parameter, flag in zip(gan.D.module.parameters(), trainable):
-            parameter.requires_grad_(flag)
     if ortho:
         orthogonal_regularisation(gan.G.module, ortho)
     _update(gan.opt_G, gan.G.module)
     return stats.means()
+
+
+def pairing_discriminator_step(gan: Gan, batches: list[Batch], noise: Noise,
+                               gamma: float) -> dict[str, torch.Tensor]:
+    """One D update with R3GAN's relativistic pairing loss over the micro-batches ``batches``: each real against a
+    fake (drawn under the real's label), plus gamma/2 times R1 on the reals and R2 on the detached fakes, every
+    step. Records its pairing term as ``loss_D_real`` (real and fake are one term: ``loss_D_fake`` is 0, so the
+    two still sum to D's loss wherever runs are compared)."""
+    gan.opt_D.zero_grad(set_to_none=True)
+    stats = _Means()
+    for last, batch in _marking_last(batches):
+        real = batch.real_images(noise.device)
+        labels = batch.labels.to(noise.device) if gan.num_classes else None
+        z, fake_labels = noise.draw(real.shape[0], labels)
+        with torch.no_grad():
+            fake = gan.G(z, fake_labels)
+        with _sync_when(gan.D, last), eager(gan.D):  # R1 and R2 differentiate through augment
+            terms = relativistic_d_loss(lambda images: gan.D(gan.augment(images), labels), real, fake, gamma)
+            (terms.loss / len(batches)).backward()
+        if gan.ada is not None:  # ADA's overfitting sign: of D(real) - D(fake), what the pairing loss trains
+            gan.ada.observe(terms.relativistic_logits)
+        pairing = terms.adversarial.mean()
+        stats.add(loss_D_real=pairing, loss_D_fake=torch.zeros_like(pairing), r1_penalty=terms.r1.mean(),
+                  r2_penalty=terms.r2.mean())
+    _update(gan.opt_D, gan.D.module)
+    return stats.means()
+
+
+def pairing_generator_step(gan: Gan, batches: list[Batch], noise: Noise) -> dict[str, torch.Tensor]:
+    """One G update with the pairing loss the other way round: fakes (under the reals' labels) against the reals of
+    ``batches``, judged by D (whose weights stay untouched)."""
+    gan.opt_G.zero_grad(set_to_none=True)
+    stats = _Means()
+    with _d_held(gan):
+        for last, batch in _marking_last(batches):
+            real = batch.real_images(noise.device)
+            labels = batch.labels.to(noise.device) if gan.num_classes else None
+            z, fake_labels = noise.draw(real.shape[0], labels)
+            with _sync_when(gan.G, last):
+                terms = relativistic_g_loss(lambda images: gan.D.module(gan.augment(images), labels), real,
+                                            gan.G(z, fake_labels))
+                (terms.loss / len(batches)).backward()
+            stats.add(loss_G=terms.loss)
+    _update(gan.opt_G, gan.G.module)
+    return stats.means()
+
+
+@contextmanager
+def _d_held(gan: Gan) -> Iterator[None]:
+    """D's weights out of G's step: G's loss goes through the bare D, which stays out of DDP's reducer; layers
+    that were frozen (Freeze-D) stay frozen afterwards."""
+    trainable = [p.requires_grad for p in gan.D.module.parameters()]
+    gan.D.module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(gan.D.module.parameters(), trainable):
+            parameter.requires_grad_(flag)
 
 
 def path_length_step(gan: Gan, micro_batches: int, batch_size: int, noise: Noise, pl_weight: float,
