@@ -30,6 +30,10 @@ D_ARCHITECTURES = ("resnet", "orig")  # daskgan.models.stylegan2: StyleGAN2 D wi
 AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.augment.PIPELINES
 METRICS = ("fid", "kid", "is")  # daskgan.metrics.METRICS
 EXTRACTORS = ("inception", "random-cnn")  # metrics.extractor: daskgan.metrics.extractors.load_extractor
+# the settings train.decay_to can move along R3GAN's cosine over train.decay_kimg (daskgan.training.schedules),
+# each with the range its final value must lie in
+SCHEDULED = {"lr_g": (0, math.inf), "lr_d": (0, math.inf), "beta2": (0, 1), "r1_gamma": (0, math.inf),
+             "ema_kimg": (0, math.inf)}
 HIGHER_IS_BETTER = ("is",)  # the Inception Score; FID and KID are better lower
 PRECISIONS = ("fp32", "bf16", "fp16")
 # how often a storage operation that fails transiently is tried (beyond the client library's own tries) and for
@@ -170,6 +174,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast for the highest-resolution blocks (stylegan2)
     reduced_precision_resolutions: int = 4  # how many of the highest resolutions run in bf16/fp16 (NVlabs: 4)
     compile: bool = False  # torch.compile G and D (passes with R1 / path length stay eager: double backward)
+    decay_kimg: Optional[float] = None  # R3GAN's decay_nimg / 1000: the schedules' length in thousand real images
+    decay_to: dict = field(default_factory=dict)  # settings (SCHEDULED) moved to these values along a cosine over it
 
     def validate(self) -> None:
         require(self.iterations >= 1, "train.iterations", "must be >= 1")
@@ -190,6 +196,20 @@ class TrainConfig:
         require(0 < self.pl_decay <= 1, "train.pl_decay", "must be in (0, 1]")
         require(self.precision in PRECISIONS, "train.precision",
                  f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        self._validate_schedules()
+
+    def _validate_schedules(self) -> None:
+        require(self.decay_kimg is None or self.decay_kimg > 0, "train.decay_kimg", "must be > 0")
+        require(not self.decay_to or self.decay_kimg is not None, "train.decay_to", "needs train.decay_kimg")
+        for name, value in self.decay_to.items():
+            require(name in SCHEDULED, "train.decay_to", f"{name!r} is not scheduled; one of {list(SCHEDULED)}")
+            low, high = SCHEDULED[name]
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high,
+                    "train.decay_to", f"{name} must be in [{low}, {high}), got {value!r}")
+
+    def keeps_average(self) -> bool:
+        """Whether G has a moving average: a half-life now, or one the schedule moves to."""
+        return self.ema_kimg > 0 or self.decay_to.get("ema_kimg", 0) > 0
 
 
 def is_inside(url: str, folder: str, itself: bool = False) -> bool:
@@ -241,18 +261,23 @@ class OutputConfig:
 
 @dataclass
 class AugmentConfig:
-    """Discriminator augmentation: ``off``, a ``fixed`` p, or ``ada`` (p adapts toward E[sign(D(real))] = target)."""
+    """Discriminator augmentation: ``off``, a ``fixed`` p, ``ada`` (p adapts toward E[sign(D(real))] = target), or
+    ``schedule`` (R3GAN: p moves from ``p`` to ``p_final`` along a cosine over ``train.decay_kimg``)."""
 
     mode: str = "off"
-    p: float = 0.0  # the fixed p, or where ADA starts
+    p: float = 0.0  # the fixed p, or where ADA or the schedule starts
+    p_final: Optional[float] = None  # schedule: p at train.decay_kimg and after
     pipeline: str = "bgc"  # blit, geom, color, bg or bgc (NVlabs' names)
     target: float = 0.6
     interval: int = 4  # minibatches between p adjustments
     speed_kimg: float = 500.0  # p can go from 0 to 1 in this many thousand images
 
     def validate(self) -> None:
-        require(self.mode in ("off", "fixed", "ada"), "augment.mode", f"must be off, fixed or ada, got {self.mode!r}")
+        require(self.mode in ("off", "fixed", "ada", "schedule"), "augment.mode",
+                f"must be off, fixed, ada or schedule, got {self.mode!r}")
         require(0 <= self.p <= 1, "augment.p", "must be in [0, 1]")
+        require(self.p_final is None or self.mode == "schedule", "augment.p_final", "only with augment.mode: schedule")
+        require(self.p_final is None or 0 <= self.p_final <= 1, "augment.p_final", "must be in [0, 1]")
         require(self.pipeline in AUGMENT_PIPELINES, "augment.pipeline", f"must be one of {list(AUGMENT_PIPELINES)}")
         require(0 < self.target < 1, "augment.target", "must be in (0, 1)")
         require(self.interval >= 1 and self.speed_kimg > 0, "augment.interval/speed_kimg", "must be positive")
@@ -400,6 +425,8 @@ class JobConfig:
             require(self.ranking_metric in self.metrics.kinds, "output.best_metric",
                     f"{self.ranking_metric!r} is not among metrics.kinds {self.metrics.kinds}")
         require(not self.output.keep_best or self.metrics.every, "output.keep_best", "needs metrics.every > 0")
+        require(self.augment.mode != "schedule" or self.train.decay_kimg is not None, "augment.mode",
+                "schedule needs train.decay_kimg (p moves from augment.p to augment.p_final over it)")
         self._validate_for_family()
         return self
 

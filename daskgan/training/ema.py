@@ -21,12 +21,13 @@ def ema_beta(global_batch: int, ema_kimg: float, images_seen: int, rampup: float
     return 0.5 ** (global_batch / max(half_life, 1e-8))
 
 
-def ema_beta_at(train: "TrainConfig", iteration: int, global_batch: int) -> float:
+def ema_beta_at(train: "TrainConfig", iteration: int, global_batch: int, ema_kimg: float | None = None) -> float:
     """The decay for ``iteration``: 0 before ``train.ema_start`` (the average copies G, as BigGAN's ema_start),
-    then the half-life rule."""
+    then the half-life rule, with ``train.ema_kimg`` or the half-life ``ema_kimg`` its schedule gives."""
     if iteration < train.ema_start:
         return 0.0
-    return ema_beta(global_batch, train.ema_kimg, iteration * global_batch, train.ema_rampup)
+    half_life = train.ema_kimg if ema_kimg is None else ema_kimg
+    return ema_beta(global_batch, half_life, iteration * global_batch, train.ema_rampup)
 
 
 @torch.no_grad()

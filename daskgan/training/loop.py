@@ -33,6 +33,7 @@ from daskgan.run import checkpoint, layout, records, storage
 from daskgan.run.images import grid_columns
 from daskgan.run.storage import StorageOptions
 from daskgan.seeding import stream_seed
+from daskgan.training import schedules
 from daskgan.training import state as training_state
 from daskgan.training.ema import ema_beta_at, update_ema
 from daskgan.training.evaluation import Evaluator, samples
@@ -237,10 +238,13 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
     cadence = _VerdictCadence(start)
     for iteration in range(start + 1, train.iterations + 1):
         started = time.perf_counter()
+        scheduled_values = schedules.apply_schedules(config, gan, iteration, reals)
         stats, position = train_iteration(config, gan, stream, noise, iteration)
         tally.keep(stats, stream.skipped, lambda: stream.unreadable)
         if gan.G_ema is not None:
-            update_ema(gan.G_ema, gan.G.module, ema_beta_at(train, iteration, global_batch),
+            update_ema(gan.G_ema, gan.G.module,
+                       ema_beta_at(train, iteration, global_batch,
+                                   schedules.scheduled(config, "ema_kimg", iteration, reals)),
                        average_buffers=family_of(config.model).ema_averages_buffers)
         last = iteration == train.iterations
         settled = None
@@ -257,7 +261,8 @@ def _loop(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise, writer
         if rank0:
             unrecorded.append(_Unrecorded({"iteration": iteration, "epoch": position.epoch,
                                            "world_size": dist.get_world_size(), "kimg": iteration * reals / 1000},
-                                          reals / step_seconds, {**_augment_fields(config, gan), **scores}))
+                                          reals / step_seconds,
+                                          {**scheduled_values, **_augment_fields(config, gan), **scores}))
             if settled is not None:
                 _record(writer, unrecorded, settled)
                 unrecorded = []
@@ -384,13 +389,14 @@ def train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noi
                      iteration: int) -> tuple[dict[str, torch.Tensor], StreamPosition]:
     """``d_steps`` D steps and one G step; returns this rank's statistics (0-dim device tensors, averaged over the
     ranks when they are settled: ``daskgan.training.tally``) and the data position."""
+    gamma = schedules.scheduled(config, "r1_gamma", iteration, config.images_per_iteration(dist.get_world_size()))
     if family_of(config.model).pairing_loss:
-        return pairing_iteration(config, gan, stream, noise)
+        return pairing_iteration(config, gan, stream, noise, gamma)
     train, loss = config.train, LOSSES[config.train.loss]
     separate = family_of(config.model).separate_regularisation
     for d_step in range(train.d_steps):
         batches = [next(stream) for _ in range(train.accumulate)]
-        r1_weight = _lazy_weight(train.r1_gamma / 2, train.r1_interval, (iteration - 1) * train.d_steps + d_step + 1)
+        r1_weight = _lazy_weight(gamma / 2, train.r1_interval, (iteration - 1) * train.d_steps + d_step + 1)
         stats = discriminator_step(gan, loss, batches, noise, 0.0 if separate else r1_weight)
         if separate and r1_weight:
             stats.update(r1_step(gan, batches, noise.device, r1_weight))
@@ -403,15 +409,14 @@ def train_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noi
     return stats, batches[-1].position
 
 
-def pairing_iteration(config: JobConfig, gan: Gan, stream: ImageStream,
-                      noise: Noise) -> tuple[dict[str, torch.Tensor], StreamPosition]:
-    """R3GAN's iteration: ``d_steps`` D steps on the pairing loss with R1 and R2 at each (weight
-    ``train.r1_gamma``), then one G step whose fakes are paired with reals of their own (as R3GAN's loop fetches a
-    second batch for G)."""
+def pairing_iteration(config: JobConfig, gan: Gan, stream: ImageStream, noise: Noise,
+                      gamma: float) -> tuple[dict[str, torch.Tensor], StreamPosition]:
+    """R3GAN's iteration: ``d_steps`` D steps on the pairing loss with R1 and R2 at each (weight ``gamma``, the
+    iteration's ``train.r1_gamma``), then one G step whose fakes are paired with reals of their own (as R3GAN's
+    loop fetches a second batch for G)."""
     train = config.train
     for _ in range(train.d_steps):
-        stats = pairing_discriminator_step(gan, [next(stream) for _ in range(train.accumulate)], noise,
-                                           train.r1_gamma)
+        stats = pairing_discriminator_step(gan, [next(stream) for _ in range(train.accumulate)], noise, gamma)
     g_batches = [next(stream) for _ in range(train.g_accumulate or train.accumulate)]
     stats.update(pairing_generator_step(gan, g_batches, noise))
     return stats, g_batches[-1].position

@@ -25,10 +25,12 @@ from daskgan.training.steps import Gan
 logger = logging.getLogger(__name__)
 
 
-def adam_settings(config: JobConfig, lr: float, interval: int) -> tuple[float, tuple[float, float]]:
-    """Adam's lr and betas: for StyleGAN2, NVlabs' correction for the extra regularisation step every
-    ``interval`` steps (lr x r, betas ** r with r = interval / (interval + 1)); as configured otherwise."""
-    betas = (config.train.beta1, config.train.beta2)
+def adam_settings(config: JobConfig, lr: float, interval: int,
+                  beta2: float | None = None) -> tuple[float, tuple[float, float]]:
+    """Adam's lr and betas (``beta2``: a scheduled one instead of ``train.beta2``): for StyleGAN2, NVlabs'
+    correction for the extra regularisation step every ``interval`` steps (lr x r, betas ** r with
+    r = interval / (interval + 1)); as configured otherwise."""
+    betas = (config.train.beta1, config.train.beta2 if beta2 is None else beta2)
     if not family_of(config.model).separate_regularisation:
         return lr, betas
     ratio = interval / (interval + 1)
@@ -53,7 +55,7 @@ def build_gan(config: JobConfig, num_classes: int, device: torch.device) -> Gan:
     augment.set_probability(config.augment.p if config.augment.mode != "off" else 0.0)
     ada = (AdaController(augment, config.augment.target, config.augment.interval, config.augment.speed_kimg)
            if config.augment.mode == "ada" else None)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if config.train.ema_kimg > 0 else None
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if config.train.keeps_average() else None
     if config.train.compile:
         G, D = compile_forward(G), compile_forward(D)
     return Gan(DistributedDataParallel(G, device_ids=device_ids), DistributedDataParallel(D, device_ids=device_ids),
