@@ -70,3 +70,49 @@ def test_the_released_biggan_recipe_beside_the_papers():
 def test_biggan_256_takes_a_longer_z():
     config = JobConfig.from_dict(job(preset="biggan", data={"url": "memory://d", "resolution": 256}), workers=8)
     assert config.model.z_dim == 140
+
+
+R3GAN_PRESETS = {  # R3GAN's train.py and README: resolution, global batch, widths, groups, bf16 stages, gamma, p
+    "r3gan-cifar10": (32, 512, [768] * 4, 16, 3, (0.05, 0.005), 0.55, 5000, 20000, True),
+    "r3gan-ffhq64": (64, 256, [768] * 4 + [384], 16, 4, (2, 0.2), 0.3, 500, 20000, False),
+    "r3gan-ffhq256": (256, 256, [768] * 4 + [384, 192, 96], 16, 4, (150, 15), 0.3, 500, 20000, False),
+    "r3gan-imagenet32": (32, 4096, [1536] * 4, 32, 3, (0.5, 0.05), 0.5, 50000, 200000, True),
+    "r3gan-imagenet64": (64, 4096, [1536] * 5, 32, 4, (1, 0.1), 0.4, 50000, 200000, True),
+}
+
+
+@pytest.mark.parametrize("name", list(R3GAN_PRESETS))
+@pytest.mark.parametrize("workers", [1, 8])
+def test_r3gan_presets_are_its_train_py_with_the_global_batch_pinned(name, workers):
+    resolution, batch, widths, groups, bf16, gamma, p, ema_kimg, decay_kimg, conditional = R3GAN_PRESETS[name]
+    config = JobConfig.from_dict(job(preset=name, data={"url": "memory://d", "resolution": resolution}),
+                                 workers=workers)
+    assert config.data.batch_size * workers == batch, "the same global batch on any number of workers"
+    model, train = config.model, config.train
+    assert (model.family, model.z_dim, model.stage_widths, model.stage_blocks) == \
+        ("r3gan", 64, widths, [2] * len(widths))
+    assert (model.group_channels, model.expansion, model.bf16_stages, model.conditional) == (groups, 2, bf16,
+                                                                                             conditional)
+    assert (train.lr_g, train.lr_d, train.beta1, train.beta2, train.r1_gamma, train.ema_kimg) == \
+        (2e-4, 2e-4, 0.0, 0.9, gamma[0], 0.0)
+    assert (train.decay_kimg, train.decay_to) == (decay_kimg, {"lr_g": 5e-5, "lr_d": 5e-5, "beta2": 0.99,
+                                                               "r1_gamma": gamma[1], "ema_kimg": ema_kimg})
+    assert (config.augment.mode, config.augment.p, config.augment.p_final, config.data.mirror) == \
+        ("schedule", 0.0, p, True)
+    assert train.iterations == -(-decay_kimg * 1000 // batch), "a run as long as its schedules"
+
+
+def test_an_r3gan_preset_at_another_resolution_is_refused():
+    with pytest.raises(ConfigError, match="preset: r3gan-cifar10 is R3GAN's 32 px recipe, got data.resolution 64"):
+        JobConfig.from_dict(job(preset="r3gan-cifar10", data={"url": "memory://d", "resolution": 64}), workers=2)
+
+
+@pytest.mark.parametrize("workers", [2, 8])
+def test_the_r3gan_cifar10_job_is_the_recipe_on_any_number_of_workers(workers):
+    from pathlib import Path
+
+    from daskgan.config import load_job
+
+    config = load_job(Path(__file__).parent.parent / "jobs" / "r3gan-cifar10.yaml", workers=workers)
+    assert config.data.batch_size * workers == 512 and config.model.family == "r3gan" and config.model.conditional
+    assert config.train.iterations == 39063 and config.augment.mode == "schedule"

@@ -1,5 +1,5 @@
-"""Named training presets (``preset: auto`` in a job): NVlabs' stylegan2-ada-pytorch ``cfg_specs`` and the BigGAN
-and SA-GAN settings of ajbrock's BigGAN-PyTorch / the papers.
+"""Named training presets (``preset: auto`` in a job): NVlabs' stylegan2-ada-pytorch ``cfg_specs``, the BigGAN
+and SA-GAN settings of ajbrock's BigGAN-PyTorch / the papers, and the recipes of R3GAN's ``train.py``.
 
 A preset fills in batch size, learning rates, regularisation, EMA, network sizes and the like from the resolution
 and the number of workers; any key the job file sets itself wins over the preset. The presets give a global batch;
@@ -13,6 +13,8 @@ import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from daskgan.config.coerce import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +96,45 @@ BIGGAN_PRESETS: dict[str, BigGanSpec] = {
 
 BIGGAN_256_Z = 140  # BigGAN-256 splits a longer z over its one more block (20 per slot, as 120 at 128)
 
-PRESETS = (*STYLEGAN_PRESETS, *BIGGAN_PRESETS)
+
+
+@dataclass(frozen=True)
+class R3GanSpec:
+    """One recipe of R3GAN's ``train.py`` (its README's command for the global batch and class conditioning):
+    G's widths per stage from 4 px (R3GAN's ``WidthPerStage``), channels per group (width x 2 over its
+    ``CardinalityPerStage``), bfloat16 stages (its ``FP16Stages``), gamma's, p's and the EMA half-life's schedule
+    over ``decay_kimg``. Every recipe has z of 64, 2 blocks a stage, Adam betas (0, 0.9 -> 0.99), lr 2e-4 -> 5e-5,
+    an EMA half-life from 0, x-flips and augmentation."""
+
+    resolution: int
+    batch: int
+    widths: tuple[int, ...]
+    group_channels: int
+    bf16_stages: int
+    gamma: tuple[float, float]
+    p_final: float
+    ema_kimg: float
+    decay_kimg: float
+    conditional: bool
+
+
+R3GAN_PRESETS: dict[str, R3GanSpec] = {
+    "r3gan-cifar10": R3GanSpec(32, 512, (768,) * 4, 16, 3, (0.05, 0.005), 0.55, 5000, 20000, True),
+    "r3gan-ffhq64": R3GanSpec(64, 256, (768,) * 4 + (384,), 16, 4, (2, 0.2), 0.3, 500, 20000, False),
+    "r3gan-ffhq256": R3GanSpec(256, 256, (768,) * 4 + (384, 192, 96), 16, 4, (150, 15), 0.3, 500, 20000, False),
+    "r3gan-imagenet32": R3GanSpec(32, 4096, (1536,) * 4, 32, 3, (0.5, 0.05), 0.5, 50000, 200000, True),
+    "r3gan-imagenet64": R3GanSpec(64, 4096, (1536,) * 5, 32, 4, (1, 0.1), 0.4, 50000, 200000, True),
+}
+
+PRESETS = (*STYLEGAN_PRESETS, *BIGGAN_PRESETS, *R3GAN_PRESETS)
 
 
 def preset_settings(name: str, resolution: int, workers: int) -> dict[str, Any]:
     """The job settings (a nested mapping, like a job file's) that preset ``name`` gives for ``workers`` workers."""
     if name in BIGGAN_PRESETS:
         return _biggan_settings(name, BIGGAN_PRESETS[name], workers, resolution)
+    if name in R3GAN_PRESETS:
+        return _r3gan_settings(name, R3GAN_PRESETS[name], workers, resolution)
     spec = STYLEGAN_PRESETS[name](resolution, workers)
     per_worker = _per_worker(name, spec.batch, workers)
     global_batch = per_worker * workers
@@ -132,6 +166,26 @@ def _biggan_settings(name: str, spec: BigGanSpec, workers: int, resolution: int)
                   "beta1": 0.0, "beta2": 0.999, "d_steps": spec.d_steps, "accumulate": spec.accumulate,
                   "ortho_reg": spec.ortho, "ema_kimg": ema_kimg, "ema_start": spec.ema_start,
                   "adam_eps": spec.adam_eps},
+    }
+
+
+def _r3gan_settings(name: str, spec: R3GanSpec, workers: int, resolution: int) -> dict[str, Any]:
+    """A recipe is for its dataset's resolution: its widths list one stage per doubling from 4 px."""
+    if resolution != spec.resolution:
+        raise ConfigError(f"preset: {name} is R3GAN's {spec.resolution} px recipe, got data.resolution {resolution}")
+    per_worker = _per_worker(name, spec.batch, workers)
+    stages = len(spec.widths)
+    return {
+        "data": {"batch_size": per_worker, "mirror": True},
+        "model": {"family": "r3gan", "z_dim": 64, "stage_widths": list(spec.widths), "stage_blocks": [2] * stages,
+                  "group_channels": spec.group_channels, "expansion": 2, "bf16_stages": spec.bf16_stages,
+                  "conditional": spec.conditional},
+        "train": {"iterations": math.ceil(spec.decay_kimg * 1000 / (per_worker * workers)), "lr_g": 2e-4,
+                  "lr_d": 2e-4, "beta1": 0.0, "beta2": 0.9, "r1_gamma": spec.gamma[0], "ema_kimg": 0.0,
+                  "decay_kimg": spec.decay_kimg,
+                  "decay_to": {"lr_g": 5e-5, "lr_d": 5e-5, "beta2": 0.99, "r1_gamma": spec.gamma[1],
+                               "ema_kimg": spec.ema_kimg}},
+        "augment": {"mode": "schedule", "p": 0.0, "p_final": spec.p_final, "pipeline": "bgc"},
     }
 
 
