@@ -4,6 +4,8 @@ The pairing loss with R1 and R2 every D step, fakes under the reals' labels and 
 ``daskgan.config.families``; a 2-worker run on the loopback S3 trains, records its terms and resumes exactly.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_training import final_weights, run_job
@@ -72,3 +74,42 @@ def test_a_two_worker_r3gan_run_trains_records_its_terms_and_resumes_exactly(das
     for a, b in zip(final_weights(straight), final_weights(resumed)):
         for name in a:
             assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+R3GAN_PICKLE = Path(__file__).parent / "fixtures" / "r3gan-pkl-uncond" / "network-snapshot.pkl"
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_run_starts_from_an_r3gan_pickle(process_group, dask_client, tmp_path, monkeypatch):
+    """The pickle R3GAN's own loop wrote (32 px, z 24, stages 24/16/16/8 with 1/2/1/2 blocks, unconditional)."""
+    from daskgan import train_gan
+    from daskgan.data import synthetic
+    from daskgan.pretrained import load_weights
+    from daskgan.training import loop
+
+    data = tmp_path.as_uri() + "/data"
+    synthetic.write_dataset(data, images=8, resolution=32)
+    job = JobConfig.from_dict({
+        "data": {"url": data, "resolution": 32, "batch_size": 4},
+        "model": {"family": "r3gan", "z_dim": 24, "stage_widths": [24, 16, 16, 8], "stage_blocks": [1, 2, 1, 2]},
+        "train": {"iterations": 2, "r1_gamma": 0.05, "ema_kimg": 0.01, "init_from": str(R3GAN_PICKLE)},
+        "output": {"run_url": tmp_path.as_uri() + "/run", "grid_images": 4},
+    })
+    source, first, train_iteration = load_weights(str(R3GAN_PICKLE)), {}, loop.train_iteration
+
+    def watching(config, gan, stream, noise, iteration):
+        if iteration == 1:
+            first.update({name: {key: value.clone() for key, value in network.state_dict().items()}
+                          for name, network in (("G", gan.G.module), ("D", gan.D.module), ("G_ema", gan.G_ema))})
+        return train_iteration(config, gan, stream, noise, iteration)
+
+    monkeypatch.setattr(loop, "train_iteration", watching)
+    summary = train_gan(job)
+    assert summary["records"] == 2
+    for network in ("G", "D", "G_ema"):
+        assert first[network].keys() == source[network].keys()
+        assert all(torch.equal(first[network][name], source[network][name]) for name in first[network]), network
+
+
+def test_generate_draws_numpy_seeds_for_the_families_whose_scripts_do():
+    assert [name for name, family in FAMILIES.items() if family.numpy_seeds] == ["stylegan2", "r3gan"]

@@ -38,6 +38,9 @@ class Family:
     ``fake_labels_from_reals``: each fake is drawn with the label of the real it is paired with (R3GAN), which the
     pairing loss needs: both go through D under one label. ``defaults``: job settings (``"train.beta1"``) the
     family's paper uses where the job sets none, under a preset's and the job's own (R3GAN: Adam's beta1 = 0).
+    ``numpy_seeds``: the family's own image script draws a seed's z as ``numpy.random.RandomState(seed).randn``
+    (NVlabs' and R3GAN's ``gen_images.py``), so ``generate`` and ``sample`` do too and its seeds give its images;
+    the others draw from ``torch``.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Family:
     pairing_loss: bool = False
     fake_labels_from_reals: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    numpy_seeds: bool = False
 
     def __post_init__(self) -> None:
         if self.pairing_loss and not self.fake_labels_from_reals:
@@ -59,11 +63,12 @@ class Family:
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("dcgan"),
-    Family("stylegan2", separate_regularisation=True, fake_labels_from_dataset=True, settings=STYLEGAN2_SETTINGS),
+    Family("stylegan2", separate_regularisation=True, fake_labels_from_dataset=True, settings=STYLEGAN2_SETTINGS,
+           numpy_seeds=True),
     Family("biggan", always_conditional=True, ema_averages_buffers=True,
            g_blocks={32: 3, 64: 4, 128: 5, 256: 6}),  # daskgan.models.biggan.ARCHITECTURES
     Family("r3gan", model_fields=R3GAN_MODEL_FIELDS, pairing_loss=True, fake_labels_from_reals=True,
-           defaults={"train.beta1": 0.0}),
+           defaults={"train.beta1": 0.0}, numpy_seeds=True),
 )}
 
 

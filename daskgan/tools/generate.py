@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from daskgan.config import ModelConfig
+from daskgan.config.families import Family, family_of
 from daskgan.errors import CheckpointUnreadable, RequestError
-from daskgan.models import conditioning_classes, r3gan
+from daskgan.models import conditioning_classes
 from daskgan.pretrained import load_weights
 from daskgan.pretrained.declared import build_declared
 from daskgan.run import storage
@@ -49,6 +50,11 @@ def takes_truncation_psi(generator: nn.Module) -> bool:
     return hasattr(generator, "mapping")
 
 
+def checkpoint_family(state: dict) -> Family:
+    """The family of the checkpoint's networks."""
+    return family_of(_model_config(state))
+
+
 def label_classes(state: dict) -> int:
     """How many classes the checkpoint's generator is conditioned on (0: unconditional)."""
     return conditioning_classes(_model_config(state), state["model"]["num_classes"])
@@ -72,12 +78,14 @@ def truncated_normal(n: int, dim: int, threshold: float | None, generator: torch
 
 
 class Drawer:
-    """Latents and images of one generator under one truncation setting (see the module docstring)."""
+    """Latents and images of one generator under one truncation setting (see the module docstring); ``family``:
+    the checkpoint's (``checkpoint_family``), whose ``numpy_seeds`` says how a seed's z is drawn."""
 
-    def __init__(self, generator: nn.Module, truncation: float | None):
+    def __init__(self, generator: nn.Module, truncation: float | None, family: Family):
         self.generator, self.truncation = generator, truncation
         self.uses_psi = takes_truncation_psi(generator)
-        self.numpy_seeds = self.uses_psi or (isinstance(generator, r3gan.Generator) and truncation is None)
+        # a truncated z that is no psi is redrawn in torch (BigGAN's trick) whatever the family's script does
+        self.numpy_seeds = family.numpy_seeds and (self.uses_psi or truncation is None)
         if truncation is not None and not self.uses_psi and truncation <= 0:
             raise RequestError(f"--trunc: the z threshold must be > 0, got {truncation}")
 
@@ -101,7 +109,7 @@ def generate(checkpoint_url: str, seeds: list[int], out_url: str, truncation: fl
     """Write ``seed<NNNN>.png`` under ``out_url`` for each seed (of class ``class_index`` for a conditional
     model); returns the URLs written."""
     state = load_weights(checkpoint_url, storage_options)
-    draw = Drawer(load_generator(state, checkpoint_url), truncation)
+    draw = Drawer(load_generator(state, checkpoint_url), truncation, checkpoint_family(state))
     labels = _labels(label_classes(state), class_index, checkpoint_url)
     objects = {}
     for seed in seeds:

@@ -24,7 +24,7 @@ from daskgan.pretrained import load_weights
 from daskgan.run import storage
 from daskgan.run.images import image_grid, png_bytes
 from daskgan.run.storage import StorageOptions
-from daskgan.tools.generate import Drawer, label_classes, load_generator
+from daskgan.tools.generate import Drawer, checkpoint_family, label_classes, load_generator
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def sample(checkpoint_url: str, out_url: str, *, classes: list[int] | None = Non
         standing_statistics(generator, lambda: (torch.randn(STANDING_BATCH, generator.z_dim), torch.randint(
             num_classes, (STANDING_BATCH,)) if num_classes else None), standing_stats)
     rows = _classes(classes, num_classes)
-    draw = Drawer(generator, truncation)
+    draw = Drawer(generator, truncation, checkpoint_family(state))
     z = draw.latents(range(seed, seed + per_class))  # the first is `generate`'s image for `seed`
     grids = {"classes.png": (torch.cat([draw.images(z, _one_hot([c] * per_class, num_classes)) for c in rows]),
                              per_class)}
