@@ -113,3 +113,12 @@ def test_a_fine_tuning_run_starts_from_an_r3gan_pickle(process_group, dask_clien
 
 def test_generate_draws_numpy_seeds_for_the_families_whose_scripts_do():
     assert [name for name, family in FAMILIES.items() if family.numpy_seeds] == ["stylegan2", "r3gan"]
+
+
+def test_the_small_example_job_is_r3gans_recipe_scaled_to_a_cpu():
+    from daskgan.config import load_job
+
+    config = load_job(Path(__file__).parent.parent / "jobs" / "r3gan-small.yaml", workers=2)
+    assert (config.model.family, config.train.beta1, config.augment.mode) == ("r3gan", 0.0, "schedule")
+    assert config.train.decay_kimg * 1000 == config.train.iterations * config.images_per_iteration(2), \
+        "the schedules run over the whole run"
