@@ -122,3 +122,84 @@ def test_the_small_example_job_is_r3gans_recipe_scaled_to_a_cpu():
     assert (config.model.family, config.train.beta1, config.augment.mode) == ("r3gan", 0.0, "schedule")
     assert config.train.decay_kimg * 1000 == config.train.iterations * config.images_per_iteration(2), \
         "the schedules run over the whole run"
+
+
+def pickle_job(tmp_path, source):
+    """Fine-tuning from an R3GAN pickle with its optimizer moments, on the fixture's networks."""
+    return JobConfig.from_dict({
+        "data": {"url": "memory://x", "resolution": 32},
+        "model": {"family": "r3gan", "z_dim": 24, "stage_widths": [24, 16, 16, 8], "stage_blocks": [1, 2, 1, 2]},
+        "train": {"init_from": str(source), "init_optimizers": True, "lr_g": 1e-5},
+        "output": {"run_url": (tmp_path / "run").as_uri()},
+    })
+
+
+# R3GAN's Adam numbers module.parameters(); the fixture's numbers beside daskgan's names (D's transition follows
+# its blocks in R3GAN's stage, so a number taken as ours would land on a parameter of another shape)
+NUMBERED = {"G": {0: "stages.0.transition.basis", 15: "stages.1.blocks.1.conv3.weight", 34: "to_rgb.weight"},
+            "D": {0: "from_rgb.weight", 6: "stages.0.blocks.1.conv1.weight", 11: "stages.0.transition.conv.weight",
+                  33: "stages.3.transition.depthwise.weight"}}
+
+
+@pytest.mark.parametrize("imported", [False, True], ids=["pickle", "imported"])
+def test_fine_tuning_takes_adam_moments_from_an_r3gan_pickle_by_parameter_name(tmp_path, process_group, imported):
+    from daskgan.pretrained import import_weights, r3gan
+    from daskgan.pretrained.nvlabs_pickle import read_pickle
+    from daskgan.run import storage
+    from daskgan.training.setup import build_gan, initialise_from
+
+    source = tmp_path / "imported.pt" if imported else R3GAN_PICKLE  # `daskgan import` keeps the moments
+    if imported:
+        storage.write_bytes(str(source), storage.torch_bytes(import_weights(str(R3GAN_PICKLE))))
+    job = pickle_job(tmp_path, source)
+    gan = build_gan(job, 0, torch.device("cpu"))
+    initialise_from(gan, job)
+    saved = read_pickle(R3GAN_PICKLE.read_bytes(), str(R3GAN_PICKLE), r3gan.ADMITTED)
+    for key, optimizer, network in (("G", gan.opt_G, gan.G.module), ("D", gan.opt_D, gan.D.module)):
+        moments, parameters = saved[f"{key}_opt_state"]["state"], dict(network.named_parameters())
+        for number, name in NUMBERED[key].items():
+            for moment in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(optimizer.state[parameters[name]][moment], moments[number][moment]), \
+                    f"{key} {name}: {moment} is not R3GAN's number {number}"
+        taken = set()
+        for name, parameter in parameters.items():
+            ours = optimizer.state[parameter]
+            assert ours["exp_avg"].shape == ours["exp_avg_sq"].shape == parameter.shape, name
+            assert float(ours["step"]) == 1.0, f"{key} {name}: one R3GAN step"
+            taken |= {n for n, m in moments.items() if torch.equal(m["exp_avg"], ours["exp_avg"])}
+        assert taken == set(moments) and len(moments) == len(parameters), f"each of {key}'s moments, once"
+    assert [g["lr"] for g in gan.opt_G.param_groups] == [1e-5] and gan.opt_G.param_groups[0]["betas"][0] == 0.0, \
+        "the job's hyperparameters, not the pickle's"
+
+
+def test_an_r3gan_pickle_without_optimizer_states_is_refused_naming_them(tmp_path, process_group):
+    from daskgan.errors import ConfigError
+    from daskgan.training.setup import build_gan, initialise_from
+
+    data = R3GAN_PICKLE.read_bytes()
+    assert data.count(b"G_opt_state") == data.count(b"D_opt_state") == 1
+    stripped = tmp_path / "no-optimizers.pkl"  # the same pickle, its optimizer states under other keys
+    stripped.write_bytes(data.replace(b"G_opt_state", b"G_opt_other").replace(b"D_opt_state", b"D_opt_other"))
+    job = pickle_job(tmp_path, stripped)
+    with pytest.raises(ConfigError, match="holds no optimizer state.*R3GAN pickle needs G_opt_state and D_opt_state"):
+        initialise_from(build_gan(job, 0, torch.device("cpu")), job)
+
+
+def test_an_r3gan_optimizer_state_that_does_not_fit_its_network_is_refused_in_one_line():
+    from daskgan.errors import CheckpointMismatch, CheckpointUnreadable
+    from daskgan.pretrained import r3gan
+    from daskgan.pretrained.nvlabs_pickle import read_pickle
+
+    networks = read_pickle(R3GAN_PICKLE.read_bytes(), "snapshot.pkl", r3gan.ADMITTED)
+    saved = networks["D_opt_state"]
+    assert set(r3gan.optimizer_moments(networks, "snapshot.pkl")) == {"opt_G", "opt_D"}
+    fewer = {**saved, "param_groups": [{**saved["param_groups"][0], "params": list(range(34))}]}
+    widened = {**saved, "state": {**saved["state"], 3: {**saved["state"][3],
+                                                         "exp_avg_sq": torch.zeros(8, 16, 1, 2)}}}
+    for state, error, message in (
+            (fewer, CheckpointMismatch, r"snapshot.pkl D_opt_state: 34 parameters, R3GAN's D has 35"),
+            (widened, CheckpointMismatch, r"MainLayers.0.Layers.0.LinearLayer3.Layer.weight's state is not Adam's"),
+            ([1, 2], CheckpointUnreadable, r"D_opt_state: not an optimizer's state_dict")):
+        with pytest.raises(error, match=message) as raised:
+            r3gan.optimizer_moments({**networks, "D_opt_state": state}, "snapshot.pkl")
+        assert "\n" not in str(raised.value)

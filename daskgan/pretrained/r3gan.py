@@ -10,6 +10,11 @@ hold: the stages and blocks from the tensors' names, widths, expansion and group
 stage's dtype from its ``DataType`` attribute, z and class counts and the resolution from the wrapper's
 attributes; daskgan's networks are built for it (bounded first, as every declared network) and take the tensors
 under daskgan's names (``daskgan.models.r3gan.reference_state``).
+
+A training snapshot also holds ``G_opt_state`` and ``D_opt_state``: the ``state_dict()`` of the Adam that R3GAN's
+training loop makes over ``G.parameters()`` and ``D.parameters()``, its moments numbered in that order. The order
+is recovered from the records as torch walks a module (its own parameters, then its children's, in the order
+recorded), and each number is given daskgan's name of the parameter it stands for (``optimizer_moments``).
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def _admitted() -> dict[tuple[str, str], Any]:
 ADMITTED = _admitted()
 WRAPPERS = {"G": "training.networks.Generator", "G_ema": "training.networks.Generator",
             "D": "training.networks.Discriminator"}
+OPTIMIZER_STATES = {"opt_G": ("G", "G_opt_state"), "opt_D": ("D", "D_opt_state")}  # training_loop's snapshot keys
+MOMENTS = ("step", "exp_avg", "exp_avg_sq")  # torch Adam's per-parameter state (without amsgrad)
 
 
 def is_r3gan_pickle(networks: dict[str, Any]) -> bool:
@@ -68,7 +75,8 @@ def is_r3gan_pickle(networks: dict[str, Any]) -> bool:
 
 def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
     """daskgan's checkpoint state (what ``run.checkpoint.load`` returns; iteration 0) for an R3GAN pickle's
-    ``G``, ``G_ema`` and ``D``."""
+    ``G``, ``G_ema`` and ``D``, with its optimizers' moments by daskgan parameter name under
+    ``optimizer_moments`` when it holds any (``train.init_optimizers`` takes them)."""
     present = {key: _wrapped(networks[key], key, url) for key in WRAPPERS if networks.get(key) is not None}
     generator = present.get("G_ema") or present["G"]
     model, resolution, classes = pickle_model(networks.get("G_ema") or networks["G"], generator, url)
@@ -79,7 +87,58 @@ def checkpoint_state(networks: dict[str, Any], url: str) -> dict[str, Any]:
                              "model": model_description(model, resolution, classes)}
     state.update(loaded_declared(model, resolution, classes, 3, weights, url))
     state.setdefault("G", state.get("G_ema"))
+    moments = optimizer_moments(networks, url)
+    if moments:
+        state["optimizer_moments"] = moments
     return state
+
+
+def optimizer_moments(networks: dict[str, Any], url: str) -> dict[str, dict[str, dict]]:
+    """Adam's per-parameter state in the pickle's ``G_opt_state``/``D_opt_state`` by daskgan parameter name
+    (``{"opt_G": {name: {"step", "exp_avg", "exp_avg_sq"}}, "opt_D": ...}``; a state not there, no entry). The
+    saved hyperparameters are not taken."""
+    moments = {}
+    for key, (network, saved) in OPTIMIZER_STATES.items():
+        if networks.get(saved) is not None and networks.get(network) is not None:
+            moments[key] = _named_moments(networks[saved], networks[network], network, f"{url} {saved}")
+    return moments
+
+
+def _named_moments(saved: Any, wrapper: ModuleRecord, network: str, where: str) -> dict[str, dict]:
+    """``saved`` (an optimizer's ``state_dict()`` over ``wrapper.parameters()``) by daskgan parameter name."""
+    parameters = _parameters(wrapper, "")
+    names = list(reference_state(dict(parameters), generator=network == "G"))
+    try:
+        numbers = [_integer(number) for group in saved["param_groups"] for number in group["params"]]
+        state = dict(saved["state"])
+    except (KeyError, TypeError, ValueError) as error:  # a crafted or damaged pickle
+        raise CheckpointUnreadable(f"{where}: not an optimizer's state_dict ({type(error).__name__}: "
+                                   f"{error})") from None
+    if len(numbers) != len(parameters) or len(names) != len(parameters):
+        raise CheckpointMismatch(f"{where}: {len(numbers)} parameters, R3GAN's {network} has {len(parameters)}")
+    return {names[position]: _moments(state[number], parameters[position], where)
+            for position, number in enumerate(numbers) if number in state}
+
+
+def _parameters(record: ModuleRecord, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """A module's parameters in ``Module.parameters()`` order: its own as recorded, then each child's."""
+    found = [(prefix + name, tensor) for name, tensor in (record.state.get("_parameters") or {}).items()
+             if tensor is not None]
+    for name, child in (record.state.get("_modules") or {}).items():
+        if isinstance(child, ModuleRecord):
+            found += _parameters(child, f"{prefix}{name}.")
+    return found
+
+
+def _moments(entry: Any, parameter: tuple[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """One parameter's Adam state: a step count and moments of the parameter's shape, else refused."""
+    name, tensor = parameter
+    if (not isinstance(entry, dict) or not all(isinstance(entry.get(key), torch.Tensor) for key in MOMENTS)
+            or entry["step"].numel() != 1
+            or any(entry[key].shape != tensor.shape for key in ("exp_avg", "exp_avg_sq"))):
+        raise CheckpointMismatch(f"{where}: {name}'s state is not Adam's step and moments of shape "
+                                 f"{tuple(tensor.shape)}")
+    return {key: entry[key] for key in MOMENTS}
 
 
 def pickle_model(wrapper: ModuleRecord, generator: PersistentRecord, url: str) -> tuple[ModelConfig, int, int]:

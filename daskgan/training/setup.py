@@ -89,18 +89,22 @@ def initialise_from(gan: Gan, config: JobConfig) -> None:
 
 
 def _initialise_optimizers(gan: Gan, source: dict, url: str, config: JobConfig) -> None:
-    """Adam's moments and step counts from a daskgan checkpoint's optimizers, or by parameter name from a
-    BigGAN-PyTorch folder's; a source without them is refused."""
+    """Adam's moments and step counts from a daskgan checkpoint's optimizers, or by parameter name from an R3GAN
+    pickle's (its reader names them: ``optimizer_moments`` in the source) or a BigGAN-PyTorch folder's; a source
+    without them is refused."""
     if "opt_G" in source and "opt_D" in source:
         load_optimizer(gan.opt_G, source["opt_G"])
         load_optimizer(gan.opt_D, source["opt_D"])
         return
-    moments = optimizer_moments(url, config.output.storage_options)
+    from_r3gan = "optimizer_moments" in source
+    moments = source["optimizer_moments"] if from_r3gan else optimizer_moments(url, config.output.storage_options)
     if set(moments) != {"opt_G", "opt_D"}:
         raise ConfigError(f"train.init_optimizers: {url} holds no optimizer state for both G and D (NVlabs pickles "
-                          f"carry none; a BigGAN-PyTorch folder needs G_optim.pth and D_optim.pth)")
-    load_named_moments(gan.opt_G, gan.G.module, moments["opt_G"], f"{url} G_optim.pth")
-    load_named_moments(gan.opt_D, gan.D.module, moments["opt_D"], f"{url} D_optim.pth")
+                          f"carry none; an R3GAN pickle needs G_opt_state and D_opt_state, a BigGAN-PyTorch "
+                          f"folder G_optim.pth and D_optim.pth)")
+    for key, optimizer, network in (("G", gan.opt_G, gan.G.module), ("D", gan.opt_D, gan.D.module)):
+        where = f"{url} {key}_opt_state" if from_r3gan else f"{url} {key}_optim.pth"
+        load_named_moments(optimizer, network, moments[f"opt_{key}"], where)
 
 
 def load_named_moments(optimizer: torch.optim.Optimizer, network: torch.nn.Module, moments: dict[str, dict],
