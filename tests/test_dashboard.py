@@ -12,6 +12,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 
 import pytest
 import test_shared_cluster
@@ -21,6 +22,7 @@ from test_driver_lease import daskgan_process, wait_for
 from test_reservations import drivers
 
 from daskgan.cluster.status import cluster_runs
+from daskgan.lease import DriverLease
 from daskgan.run import layout, storage
 from daskgan.run.images import png_bytes
 from daskgan.tools.cli import main
@@ -29,6 +31,7 @@ from daskgan.tools.dashboard import CURVE_POINTS, Dashboard, curves, newest_grid
 shared = test_shared_cluster.shared  # the fixture: a scheduler and 2 workers as processes, runs of --workers 1
 SECRET = "not-for-the-page"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; given, so nothing is downloaded
+UNREADABLE = f"s3://dash-unreadable-{uuid.uuid4().hex[:6]}/run"  # the page's storage options hold no key for it
 GRID_EVERY = 50  # iterations: run a's grids come more slowly than the page refreshes
 
 
@@ -54,6 +57,9 @@ def dashboard(dask_client):
         answers = [reservation.ask() for reservation in reservations]
         assert [answer["state"] for answer in answers] == ["granted", "granted", "queued"]
         newest = _write_run(leases[0].run_url, 30)
+        unreadable = DriverLease(dask_client, UNREADABLE, 30.0)  # ended; its bucket refuses the page's options
+        unreadable.acquire()
+        unreadable.release("finished")
         leases[0].progress = lambda: {"kimg": 0.12, "loss_G": 1.3, "ada_p": 0.1, "eta_s": 60.0,
                                       "metrics": {"fid": {"value": 50.0, "iteration": 20}}}
         server = Dashboard(dask_client, {"secret": SECRET}, "127.0.0.1", 0)
@@ -82,6 +88,8 @@ def test_the_runs_endpoint_lists_queued_and_running_runs_with_their_newest_grid_
     assert first["grid"] == 20, "the newest sample grid (not the reals)"
     assert first["progress"]["metrics"] == {"fid": {"value": 50.0, "iteration": 20}} and first["live"]
     assert running[runs[1]]["grid"] is None, "a run without grids yet"
+    [ended] = [run for run in listed["ended"] if run["run_url"] == UNREADABLE]
+    assert ended["grid"] is None and "credentials" in ended["grid_error"], "a run that cannot be read: said, alone"
     assert SECRET not in body.decode() and "token" not in body.decode(), "no storage options, no lease tokens"
 
 

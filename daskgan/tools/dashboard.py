@@ -50,11 +50,16 @@ CURVE_POINTS = 500  # at most this many points a curve: every n-th record of a l
 
 def page_data(client: Any, storage_options: StorageOptions | None = None) -> dict[str, list[dict[str, Any]]]:
     """The cluster's runs as the page shows them: ``cluster_runs``' queued, running and ended runs, each with the
-    fields of ``SHOWN`` and, for those that trained, ``grid``: the iteration of its newest sample grid (None yet)."""
+    fields of ``SHOWN`` and, for those that trained, ``grid``: the iteration of its newest sample grid (None yet, or
+    when its directory cannot be read with these storage options: ``grid_error`` says why, and the other runs are
+    shown all the same)."""
     runs = cluster_runs(client)
     shown = {kind: [{name: run.get(name) for name in SHOWN[kind]} for run in runs[kind]] for kind in SHOWN}
     for run in shown["running"] + shown["ended"]:
-        run["grid"] = newest_grid(run["run_url"], storage_options)
+        try:
+            run["grid"] = newest_grid(run["run_url"], storage_options)
+        except Exception as error:  # another team's bucket, a run directory deleted: that run alone goes without
+            run["grid"], run["grid_error"] = None, first_line(error)
     return shown
 
 

@@ -158,6 +158,7 @@ function card(url) {
 
 async function showRun(run) {
   const div = card(run.run_url);
+  div.querySelector("h3").textContent = run.run_url + (run.grid_error ? " (its grids: " + run.grid_error + ")" : "");
   const image = div.querySelector("img.grid");
   image.hidden = run.grid === null;
   if (run.grid !== null && image.dataset.iteration !== String(run.grid)) {
