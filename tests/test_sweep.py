@@ -22,15 +22,19 @@ pytestmark = pytest.mark.slow
 
 ITERATIONS = 30  # batch 4 on one worker: 0.004 kimg an iteration, 0.12 kimg a run
 RUNG_KIMG = 0.06  # iteration 15, where FID is evaluated (every 5 iterations)
+ITERATION_S = 0.3  # the halving test's pace: its runs' last 15 iterations outlast a stop request's way to the ranks
 GRID = ("train.lr_g=1e-4,1e-3", "train.seed=1,2")
 NAMES = ["lr_g-0.0001_seed-1", "lr_g-0.0001_seed-2", "lr_g-0.001_seed-1", "lr_g-0.001_seed-2"]
 
 
 @pytest.fixture
-def sweep_on_cluster(own_cluster, shapes_in_bucket, tmp_path):
+def sweep_on_cluster(request, own_cluster, shapes_in_bucket, tmp_path):
     """(sweep(*options) -> Popen of `daskgan sweep` of the 2x2 grid on a 2-worker cluster, the sweep's URL,
-    storage options, a client of the cluster)."""
+    storage options, a client of the cluster). Parametrized indirectly with seconds, the workers take at least that
+    long per iteration."""
     bucket, options = shapes_in_bucket(16)
+    if getattr(request, "param", None):
+        own_cluster.pace_iterations(request.param)
     address, _ = own_cluster.start(workers=2)
     spec = tmp_path / "cluster.yaml"
     spec.write_text(yaml.safe_dump({"kind": "scheduler", "scheduler": {"address": address}}))
@@ -92,6 +96,7 @@ class Arrivals:
             return [iteration for run, iteration in self.seen[:first] if run == name]
 
 
+@pytest.mark.parametrize("sweep_on_cluster", [ITERATION_S], indirect=True)
 def test_halving_stops_the_worse_half_at_the_rung_and_frees_workers_for_the_queued_runs(sweep_on_cluster):
     sweep, sweep_url, options, client = sweep_on_cluster
     arrivals = Arrivals(client, sweep_url)
