@@ -18,6 +18,7 @@ every run at the same kimg.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any, Sequence
 import yaml
 
 from daskgan.config import JobConfig, load_job
+from daskgan.config.overrides import split_setting
 from daskgan.config.schema import HIGHER_IS_BETTER
 from daskgan.errors import ConfigError, first_line
 from daskgan.run import storage
@@ -101,10 +103,8 @@ def parse_axes(settings: Sequence[str]) -> dict[str, list[Any]]:
     is one value, a list, and quoted commas stay in their string)."""
     axes: dict[str, list[Any]] = {}
     for setting in settings:
-        key, equals, text = setting.partition("=")
-        if not equals or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"{setting}: a swept setting is KEY=V1,V2,... with a dotted key, e.g. "
-                              "train.lr_g=1e-4,2e-4")
+        key, text = split_setting(setting, "a swept setting is KEY=V1,V2,... with a dotted key, e.g. "
+                                           "train.lr_g=1e-4,2e-4")
         try:
             values = yaml.safe_load(f"[{text}]")
         except yaml.YAMLError as exc:
@@ -136,11 +136,12 @@ def _job(job: str, workers: int, overrides: list[str]) -> JobConfig:
 
 def _point(job: str, workers: int, fixed: list[str], sweep_url: str, values: dict[str, Any]) -> Point:
     """A point's job (validated), its settings as the job holds them (``2e-3`` read as a number), its name."""
-    overrides = [*fixed, *(f"{key}={json.dumps(value)}" for key, value in values.items())]
-    held = _job(job, workers, overrides).to_dict(redact_secrets=False)
+    config = _job(job, workers, [*fixed, *(f"{key}={json.dumps(value)}" for key, value in values.items())])
+    held = config.to_dict(redact_secrets=False)
     settings = {key: _lookup(held, key, value) for key, value in values.items()}
-    run_url = json.dumps(storage.join(sweep_url, point_name(settings)))
-    return Point(point_name(settings), settings, _job(job, workers, [*overrides, f"output.run_url={run_url}"]))
+    name = point_name(settings)
+    output = dataclasses.replace(config.output, run_url=storage.join(sweep_url, name))
+    return Point(name, settings, dataclasses.replace(config, output=output).validate())
 
 
 def _lookup(data: dict[str, Any], key: str, default: Any) -> Any:

@@ -33,11 +33,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str],
     return data
 
 
+def split_setting(setting: str, form: str) -> tuple[str, str]:
+    """``train.lr_g=2e-4`` as its dotted key and its value's text; ``form`` names the shape expected (``an override
+    is KEY=VALUE ...``) in the one-line error for anything else."""
+    key, equals, text = setting.partition("=")
+    if not equals or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{setting}: {form}")
+    return key, text
+
+
 def parse_override(override: str) -> tuple[str, Any]:
     """``train.lr_g=2e-4`` as its dotted key and its value parsed as YAML."""
-    key, equals, text = override.partition("=")
-    if not equals or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"{override}: an override is KEY=VALUE with a dotted key, e.g. train.iterations=3")
+    key, text = split_setting(override, "an override is KEY=VALUE with a dotted key, e.g. train.iterations=3")
     try:
         return key, yaml.safe_load(text)
     except yaml.YAMLError as exc:
