@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from daskgan.training.steps import Gan
 
 AUGMENT_P = "augment.p"  # the augmentation probability, under augment.mode: schedule
+OPTIMIZER_SETTINGS = ("lr_g", "lr_d", "beta2")  # what apply_schedules sets in the optimizers
 
 
 def cosine(start: float, final: float, images: float, decay_images: float) -> float:
@@ -47,15 +48,13 @@ def apply_schedules(config: JobConfig, gan: Gan, iteration: int, images_per_iter
     if not config.train.decay_to and config.augment.mode != "schedule":
         return {}
 
-    def at(name: str) -> float:
-        return scheduled(config, name, iteration, images_per_iteration)
-
-    beta2 = at("beta2")
-    for optimizer, lr, interval in ((gan.opt_G, at("lr_g"), config.train.pl_interval),
-                                    (gan.opt_D, at("lr_d"), config.train.r1_interval)):
-        lr, betas = adam_settings(config, lr, interval, beta2)
+    values = {name: scheduled(config, name, iteration, images_per_iteration)
+              for name in (*OPTIMIZER_SETTINGS, AUGMENT_P, *config.train.decay_to)}
+    for optimizer, lr, interval in ((gan.opt_G, values["lr_g"], config.train.pl_interval),
+                                    (gan.opt_D, values["lr_d"], config.train.r1_interval)):
+        lr, betas = adam_settings(config, lr, interval, values["beta2"])
         for group in optimizer.param_groups:
             group["lr"], group["betas"] = lr, betas
     if config.augment.mode == "schedule":
-        gan.augment.set_probability(at(AUGMENT_P))
-    return {name: at(name) for name in config.train.decay_to}
+        gan.augment.set_probability(values[AUGMENT_P])
+    return {name: values[name] for name in config.train.decay_to}
