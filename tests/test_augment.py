@@ -49,6 +49,37 @@ def test_p_is_a_per_image_chance():
     assert 0.15 < fraction < 0.35
 
 
+def test_cutout_sets_a_square_of_half_the_side_to_grey_in_each_image_it_fires_for():
+    torch.manual_seed(4)
+    images = batch(n=64, size=16)
+    pipe = pipe_with_p(("cutout",), 1.0)
+    out = pipe(images)
+    cut = out == 0
+    assert torch.equal(out[~cut], images[~cut]), "every other pixel as it was"
+    for mask in cut[:, 0]:  # the same square in every channel
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert 0 < len(rows) <= 8 and 0 < len(cols) <= 8, "at most half the side, clipped at the borders"
+        assert mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all(), "one filled rectangle"
+    whole = [mask for mask in cut[:, 0] if mask.sum() == 64]
+    assert whole, "a square away from the borders is 8 x 8 pixels"
+    assert torch.equal(pipe_with_p(("cutout",), 0.0)(images), images)
+
+
+def test_a_weight_scales_an_augmentations_chance_and_r3gans_pipeline_halves_the_colour_ones():
+    torch.manual_seed(5)
+    images = batch(n=2000, size=4)
+
+    def changed(augmentations):
+        return ((pipe_with_p(augmentations, 0.8)(images) - images).abs().flatten(1).amax(1) > 1e-6).float().mean()
+
+    assert 0.75 < changed({"brightness": 1.0}) < 0.85 and 0.35 < changed({"brightness": 0.5}) < 0.45
+    r3gan = PIPELINES["r3gan"]
+    assert {name for name, weight in r3gan.items() if weight == 0.5} == {"brightness", "contrast", "lumaflip", "hue",
+                                                                        "saturation"}
+    assert set(r3gan) == set(PIPELINES["bgc"]) | {"cutout"} and r3gan["cutout"] == 1.0
+    assert 0.35 < changed({name: r3gan[name] for name in ("hue",)}) < 0.45
+
+
 def test_gradients_reach_the_generator_through_the_pipeline():
     torch.manual_seed(3)
     generator = nn.Sequential(nn.Linear(4, 3 * 8 * 8), nn.Tanh(), nn.Unflatten(1, (3, 8, 8)))

@@ -97,8 +97,8 @@ def test_r3gan_presets_are_its_train_py_with_the_global_batch_pinned(name, worke
         (2e-4, 2e-4, 0.0, 0.9, gamma[0], 0.0)
     assert (train.decay_kimg, train.decay_to) == (decay_kimg, {"lr_g": 5e-5, "lr_d": 5e-5, "beta2": 0.99,
                                                                "r1_gamma": gamma[1], "ema_kimg": ema_kimg})
-    assert (config.augment.mode, config.augment.p, config.augment.p_final, config.data.mirror) == \
-        ("schedule", 0.0, p, True)
+    assert (config.augment.mode, config.augment.p, config.augment.p_final, config.augment.pipeline,
+            config.data.mirror) == ("schedule", 0.0, p, "r3gan", True)
     assert train.iterations == -(-decay_kimg * 1000 // batch), "a run as long as its schedules"
 
 

@@ -185,7 +185,7 @@ def _r3gan_settings(name: str, spec: R3GanSpec, workers: int, resolution: int) -
                   "decay_kimg": spec.decay_kimg,
                   "decay_to": {"lr_g": 5e-5, "lr_d": 5e-5, "beta2": 0.99, "r1_gamma": spec.gamma[1],
                                "ema_kimg": spec.ema_kimg}},
-        "augment": {"mode": "schedule", "p": 0.0, "p_final": spec.p_final, "pipeline": "bgc"},
+        "augment": {"mode": "schedule", "p": 0.0, "p_final": spec.p_final, "pipeline": "r3gan"},
     }
 
 

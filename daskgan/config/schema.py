@@ -27,7 +27,7 @@ from daskgan.config.overrides import apply_overrides
 LOSSES = ("bce", "hinge")  # daskgan.training.losses.LOSSES
 BIGGAN_INITS = ("ortho", "N02", "xavier")  # daskgan.models.biggan.INITS
 D_ARCHITECTURES = ("resnet", "orig")  # daskgan.models.stylegan2: StyleGAN2 D with or without residual skips
-AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc")  # daskgan.training.augment.PIPELINES
+AUGMENT_PIPELINES = ("blit", "geom", "color", "bg", "bgc", "r3gan")  # daskgan.training.augment.PIPELINES
 METRICS = ("fid", "kid", "is")  # daskgan.metrics.METRICS
 EXTRACTORS = ("inception", "random-cnn")  # metrics.extractor: daskgan.metrics.extractors.load_extractor
 # the settings train.decay_to can move along R3GAN's cosine over train.decay_kimg (daskgan.training.schedules),
@@ -267,7 +267,7 @@ class AugmentConfig:
     mode: str = "off"
     p: float = 0.0  # the fixed p, or where ADA or the schedule starts
     p_final: Optional[float] = None  # schedule: p at train.decay_kimg and after
-    pipeline: str = "bgc"  # blit, geom, color, bg or bgc (NVlabs' names)
+    pipeline: str = "bgc"  # blit, geom, color, bg or bgc (NVlabs' names), or r3gan (bgc, colour at half p, cutout)
     target: float = 0.6
     interval: int = 4  # minibatches between p adjustments
     speed_kimg: float = 500.0  # p can go from 0 to 1 in this many thousand images

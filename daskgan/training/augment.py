@@ -1,10 +1,11 @@
 """Adaptive discriminator augmentation (ADA, Karras et al. 2020), the 'bgc' set, written in torch.
 
 Every image the discriminator sees (real and fake) goes through ``AugmentPipe``; each enabled augmentation fires
-per image with probability ``p``. Geometric augmentations compose one 2-D affine matrix per image (applied once
-with NVlabs' resampling: reflect padding, 2x supersampling between sym6 wavelet filters), colour augmentations one
-4x4 colour matrix, as in NVlabs' ``training/augment.py``. Everything is differentiable, so the generator is trained
-through it.
+per image with probability ``p`` times its weight (NVlabs' per-augmentation multipliers: 1 in NVlabs' pipelines,
+0.5 for the colour transforms in R3GAN's, which adds cutout). Geometric augmentations compose one 2-D affine matrix
+per image (applied once with NVlabs' resampling: reflect padding, 2x supersampling between sym6 wavelet filters),
+colour augmentations one 4x4 colour matrix, as in NVlabs' ``training/augment.py``; cutout multiplies by a mask.
+Everything is differentiable, so the generator is trained through it.
 
 ``AdaController`` is NVlabs' heuristic: the sign of D(real) is summed over ``interval`` minibatches and all ranks
 (one all-reduce), r_t = E[sign(D(real))], and p moves by sign(r_t - target) * batch * interval / (speed_kimg*1000),
@@ -20,6 +21,7 @@ device and is read once per adjustment.
 from __future__ import annotations
 
 import math
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +35,15 @@ from daskgan.models.resample import fir_filter, upfirdn2d, upsample2d
 BLIT = ("xflip", "rotate90", "xint")
 GEOMETRIC = ("scale", "rotate", "aniso", "xfrac")
 COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
-PIPELINES = {"blit": BLIT, "geom": GEOMETRIC, "color": COLOR, "bg": BLIT + GEOMETRIC, "bgc": BLIT + GEOMETRIC + COLOR}
+CUTOUT = ("cutout",)
+# Each pipeline: its augmentations and their weights. NVlabs' names at weight 1; R3GAN's train.py: 'bgc' with the
+# colour transforms at half weight, and cutout.
+PIPELINES: dict[str, dict[str, float]] = {
+    name: dict.fromkeys(augmentations, 1.0)
+    for name, augmentations in {"blit": BLIT, "geom": GEOMETRIC, "color": COLOR, "bg": BLIT + GEOMETRIC,
+                                "bgc": BLIT + GEOMETRIC + COLOR}.items()}
+PIPELINES["r3gan"] = {**dict.fromkeys(BLIT + GEOMETRIC, 1.0), **dict.fromkeys(COLOR, 0.5), "cutout": 1.0}
+KNOWN = BLIT + GEOMETRIC + COLOR + CUTOUT
 
 
 HOST = torch.device("cpu")  # where the per-image parameters are drawn and composed
@@ -44,15 +54,19 @@ class AugmentPipe(nn.Module):
     """Randomly augments a batch (N, 3, H, W) in [-1, 1]; ``p`` (a buffer, so checkpoints keep it) is the chance,
     set through ``set_probability`` (which keeps its value on the host too)."""
 
-    def __init__(self, augmentations: tuple[str, ...] = PIPELINES["bgc"], *, xint_max: float = 0.125,
-                 scale_std: float = 0.2, rotate_max: float = 1.0, aniso_std: float = 0.2, xfrac_std: float = 0.125,
-                 brightness_std: float = 0.2, contrast_std: float = 0.5, hue_max: float = 1.0,
-                 saturation_std: float = 1.0):
+    def __init__(self, augmentations: Mapping[str, float] | Sequence[str] = PIPELINES["bgc"], *,
+                 xint_max: float = 0.125, scale_std: float = 0.2, rotate_max: float = 1.0, aniso_std: float = 0.2,
+                 xfrac_std: float = 0.125, brightness_std: float = 0.2, contrast_std: float = 0.5,
+                 hue_max: float = 1.0, saturation_std: float = 1.0, cutout_size: float = 0.5):
+        """``augmentations``: names with their weights (a name alone weighs 1); ``cutout_size``: the side of the
+        square cut out, as a fraction of the image's."""
         super().__init__()
-        unknown = set(augmentations) - set(PIPELINES["bgc"])
+        weights = dict(augmentations) if isinstance(augmentations, Mapping) else dict.fromkeys(augmentations, 1.0)
+        unknown = set(weights) - set(KNOWN)
         if unknown:
-            raise ValueError(f"unknown augmentations {sorted(unknown)}; known: {PIPELINES['bgc']}")
-        self.augmentations = tuple(augmentations)
+            raise ValueError(f"unknown augmentations {sorted(unknown)}; known: {KNOWN}")
+        self.augmentations = weights
+        self.cutout_size = cutout_size
         self.xint_max, self.scale_std, self.rotate_max, self.aniso_std = xint_max, scale_std, rotate_max, aniso_std
         self.xfrac_std, self.brightness_std, self.contrast_std = xfrac_std, brightness_std, contrast_std
         self.hue_max, self.saturation_std = hue_max, saturation_std
@@ -79,17 +93,18 @@ class AugmentPipe(nn.Module):
         if p <= 0:
             return images
         images = self._geometric(images, p)
-        return self._color(images, p)
+        images = self._color(images, p)
+        return self._cutout(images, p) if "cutout" in self.augmentations else images
 
     def _geometric(self, images: torch.Tensor, p: float) -> torch.Tensor:
         n, _, height, width = images.shape
-        fires = _Chance(n, p, HOST)
+        fires = _Chance(n, p, self.augmentations)
         on = set(self.augmentations)
         zeros = torch.zeros(n)
-        flip = fires.integers(2) if "xflip" in on else zeros
-        quarter_turns = fires.integers(4) if "rotate90" in on else zeros
+        flip = fires.integers("xflip", 2) if "xflip" in on else zeros
+        quarter_turns = fires.integers("rotate90", 4) if "rotate90" in on else zeros
         if "xint" in on:  # whole-pixel shifts
-            shift = (fires.uniform(2) * 2 - 1) * self.xint_max
+            shift = (fires.uniform("xint", 2) * 2 - 1) * self.xint_max
             dx, dy = torch.round(shift[:, 0] * width), torch.round(shift[:, 1] * height)
         else:
             dx = dy = zeros
@@ -99,18 +114,18 @@ class AugmentPipe(nn.Module):
         matrix = scale2d(1 - 2 * flip, torch.ones_like(flip)) @ rotate2d(-math.pi / 2 * quarter_turns)
         matrix = matrix @ translate2d(dx * 2 / width, dy * 2 / height)  # normalised coordinates span 2 a side
         if "scale" in on:
-            s = torch.exp2(fires.normal() * self.scale_std)
+            s = torch.exp2(fires.normal("scale") * self.scale_std)
             matrix = matrix @ scale2d(s, s)
-        p_rotate = 1 - math.sqrt(max(1 - p, 0))  # rotation is applied twice (around aniso), each with this chance
-        if "rotate" in on:
-            matrix = matrix @ rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
+        if "rotate" in on:  # applied twice (around aniso), each with the chance that makes its weight times p
+            p_rotate = 1 - math.sqrt(max(1 - fires.chance("rotate"), 0))
+            matrix = matrix @ rotate2d(-(fires.uniform("rotate", chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
         if "aniso" in on:
-            s = torch.exp2(fires.normal() * self.aniso_std)
+            s = torch.exp2(fires.normal("aniso") * self.aniso_std)
             matrix = matrix @ scale2d(s, 1 / s)
         if "rotate" in on:
-            matrix = matrix @ rotate2d(-(fires.uniform(chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
+            matrix = matrix @ rotate2d(-(fires.uniform("rotate", chance=p_rotate) * 2 - 1) * math.pi * self.rotate_max)
         if "xfrac" in on:
-            shift = fires.normal(2) * self.xfrac_std * 2
+            shift = fires.normal("xfrac", 2) * self.xfrac_std * 2
             matrix = matrix @ translate2d(shift[:, 0], shift[:, 1])
         if torch.equal(matrix, torch.eye(3).expand_as(matrix)):  # on the CPU: no device read
             return images
@@ -118,25 +133,26 @@ class AugmentPipe(nn.Module):
 
     def _color(self, images: torch.Tensor, p: float) -> torch.Tensor:
         n, channels, height, width = images.shape
-        fires = _Chance(n, p, HOST)
+        fires = _Chance(n, p, self.augmentations)
         on = set(self.augmentations)
         identity = torch.eye(4)
         matrix = identity.repeat(n, 1, 1)
         luma = torch.tensor([1.0, 1.0, 1.0, 0.0]) / math.sqrt(3)
         luma_outer = torch.outer(luma, luma)
         if "brightness" in on:
-            b = fires.normal() * self.brightness_std
+            b = fires.normal("brightness") * self.brightness_std
             matrix = translate3d(b, b, b) @ matrix
         if "contrast" in on:
-            c = torch.exp2(fires.normal() * self.contrast_std)
+            c = torch.exp2(fires.normal("contrast") * self.contrast_std)
             matrix = scale3d(c, c, c) @ matrix
         if "lumaflip" in on:
-            flip = fires.integers(2)
+            flip = fires.integers("lumaflip", 2)
             matrix = (identity - 2 * luma_outer * flip[:, None, None]) @ matrix
         if "hue" in on:
-            matrix = rotate3d(LUMA_AXIS, (fires.uniform() * 2 - 1) * math.pi * self.hue_max) @ matrix
+            hue = fires.uniform("hue") * 2 - 1
+            matrix = rotate3d(LUMA_AXIS, hue * math.pi * self.hue_max) @ matrix
         if "saturation" in on:
-            s = torch.exp2(fires.normal() * self.saturation_std)
+            s = torch.exp2(fires.normal("saturation") * self.saturation_std)
             matrix = (luma_outer + (identity - luma_outer) * s[:, None, None]) @ matrix
         if torch.equal(matrix, identity.expand_as(matrix)):  # on the CPU: no device read
             return images
@@ -146,6 +162,23 @@ class AugmentPipe(nn.Module):
             row = matrix[:, :3, :].mean(dim=1, keepdim=True)
             return (flat * row[:, :, :3].sum(dim=2, keepdim=True) + row[:, :, 3:]).reshape(n, channels, height, width)
         return (matrix[:, :3, :3] @ flat + matrix[:, :3, 3:]).reshape(n, channels, height, width)
+
+    def _cutout(self, images: torch.Tensor, p: float) -> torch.Tensor:
+        """A square of ``cutout_size`` of the side, at a uniformly drawn centre (clipped at the borders), set to 0
+        (mid-grey) in each image where it fires, as NVlabs' cutout; the mask is a product, so gradients flow."""
+        n, _, height, width = images.shape
+        fires = torch.rand(n) < p * self.augmentations["cutout"]
+        centre = torch.rand(n, 2)
+        if not fires.any():  # on the CPU: no device read
+            return images
+        half = torch.where(fires, self.cutout_size / 2, 0.0)
+        centre, half = _to(images.device, centre, half)
+        xs = (torch.arange(width, device=images.device) + 0.5) / width
+        ys = (torch.arange(height, device=images.device) + 0.5) / height
+        outside_x = (xs[None, :] - centre[:, :1]).abs() >= half[:, None]  # (N, W)
+        outside_y = (ys[None, :] - centre[:, 1:]).abs() >= half[:, None]  # (N, H)
+        keep = outside_y[:, :, None] | outside_x[:, None, :]  # (N, H, W)
+        return images * keep[:, None].to(images.dtype)
 
 
 # Symlet 6 low-pass (PyWavelets' 'sym6' dec_lo): NVlabs' filter for geometric augmentation's 2x supersampling
@@ -285,31 +318,37 @@ class AdaController:
 
 
 class _Chance:
-    """Per-image random draws that fall back to the identity value where the augmentation does not fire."""
+    """Per-image random draws on the host for the named augmentation, each firing with chance ``p`` times the
+    augmentation's weight; where it does not fire, the identity value."""
 
-    def __init__(self, n: int, p: float, device: torch.device):
-        self.n, self.p, self.device = n, p, device
+    def __init__(self, n: int, p: float, weights: Mapping[str, float]):
+        self.n, self.p, self.weights = n, p, weights
 
-    def _fires(self, chance: float | None, shape: tuple[int, ...]) -> torch.Tensor:
-        fires = torch.rand(self.n, device=self.device) < (self.p if chance is None else chance)
+    def chance(self, augmentation: str) -> float:
+        return self.p * self.weights[augmentation]
+
+    def _fires(self, chance: float, shape: tuple[int, ...]) -> torch.Tensor:
+        fires = torch.rand(self.n, device=HOST) < chance
         return fires.reshape(self.n, *([1] * (len(shape) - 1))).expand(shape)
 
-    def integers(self, high: int) -> torch.Tensor:
+    def integers(self, augmentation: str, high: int) -> torch.Tensor:
         """Uniform in {0..high-1} where it fires, else 0."""
-        values = torch.floor(torch.rand(self.n, device=self.device) * high)
-        return torch.where(self._fires(None, (self.n,)), values, torch.zeros_like(values))
+        values = torch.floor(torch.rand(self.n, device=HOST) * high)
+        return torch.where(self._fires(self.chance(augmentation), (self.n,)), values, torch.zeros_like(values))
 
-    def uniform(self, size: int = 0, chance: float | None = None) -> torch.Tensor:
-        """Uniform in [0, 1) where it fires, else 0.5 (the centre: no change once mapped to [-a, a])."""
+    def uniform(self, augmentation: str, size: int = 0, chance: float | None = None) -> torch.Tensor:
+        """Uniform in [0, 1) where it fires (with ``chance`` instead, given one), else 0.5 (the centre: no change
+        once mapped to [-a, a])."""
         shape = (self.n, size) if size else (self.n,)
-        values = torch.rand(shape, device=self.device)
-        return torch.where(self._fires(chance, shape), values, torch.full_like(values, 0.5))
+        values = torch.rand(shape, device=HOST)
+        fires = self._fires(self.chance(augmentation) if chance is None else chance, shape)
+        return torch.where(fires, values, torch.full_like(values, 0.5))
 
-    def normal(self, size: int = 0) -> torch.Tensor:
+    def normal(self, augmentation: str, size: int = 0) -> torch.Tensor:
         """Standard normal where it fires, else 0."""
         shape = (self.n, size) if size else (self.n,)
-        values = torch.randn(shape, device=self.device)
-        return torch.where(self._fires(None, shape), values, torch.zeros_like(values))
+        values = torch.randn(shape, device=HOST)
+        return torch.where(self._fires(self.chance(augmentation), shape), values, torch.zeros_like(values))
 
 
 def _matrix(rows: list[list]) -> torch.Tensor:
