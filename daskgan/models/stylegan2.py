@@ -274,25 +274,39 @@ class Generator(ReducedPrecisionBlocks, nn.Module):
         const (fixed per-layer noise, as NVlabs' snapshots) or none; by default random while training and const in
         eval mode. ``return_ws`` also returns the per-layer w's the image was made from (for path length)."""
         noise_mode = noise_mode or ("random" if self.training else "const")
-        ws = self.mapping(z, labels).unsqueeze(1).repeat(1, self.num_ws, 1)
+        ws = self.map_to_w(z, labels).unsqueeze(1).repeat(1, self.num_ws, 1)
         if self.training and self.style_mixing > 0:
             ws = self._mix_styles(ws, labels)
         if truncation_psi != 1:
             ws = self.mapping.w_avg.lerp(ws, truncation_psi)
+        image = self.synthesize(ws, noise_mode)
+        return (image, ws) if return_ws else image
+
+    # what train.compile compiles (daskgan.training.compiled): the networks, not the style mixing's draws, which
+    # are read on the host (one cutoff and one coin per batch) and would break the graph
+    compiled_parts = ("map_to_w", "synthesize")
+
+    def map_to_w(self, z: torch.Tensor, labels: torch.Tensor | None, update_w_avg: bool = True) -> torch.Tensor:
+        """One w per image (the mapping network)."""
+        return self.mapping(z, labels, update_w_avg=update_w_avg)
+
+    def synthesize(self, ws: torch.Tensor, noise_mode: str) -> torch.Tensor:
+        """The image from its per-layer w's."""
         x = image = None
         index = 0
         for block in self.blocks:
             x, image = block(x, image, ws[:, index:index + len(block.convs) + 1], noise_mode)
             index += len(block.convs)
-        return (image, ws) if return_ws else image
+        return image
 
     def _mix_styles(self, ws: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """As NVlabs, once per batch: with probability ``style_mixing`` the layers from a random cutoff on take
-        the w of a second z; that second mapping leaves the average w alone."""
+        the w of a second z; that second mapping leaves the average w alone. The cutoff and the coin are drawn
+        from torch's CPU generator and read there: no device waits for them."""
         cutoff = int(torch.randint(1, self.num_ws, ()))
         if float(torch.rand(())) >= self.style_mixing:
             return ws
-        other = self.mapping(torch.randn(ws.shape[0], self.z_dim, device=ws.device), labels, update_w_avg=False)
+        other = self.map_to_w(torch.randn(ws.shape[0], self.z_dim, device=ws.device), labels, update_w_avg=False)
         return torch.cat([ws[:, :cutoff], other.unsqueeze(1).expand(-1, self.num_ws - cutoff, -1)], dim=1)
 
 

@@ -8,7 +8,6 @@ and state dicts and checkpoints are the same as without compiling.
 
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,17 +18,23 @@ _EAGER = "_daskgan_eager_forward"
 
 
 def compile_forward(module: nn.Module) -> nn.Module:
-    """Route ``module``'s forward through torch.compile (in place); ``eager(module)`` bypasses it."""
-    eager_forward = types.MethodType(type(module).forward, module)
-    compiled_forward = torch.compile(eager_forward)
+    """Route ``module``'s forward through torch.compile (in place); ``eager(module)`` bypasses it. A module whose
+    forward does host-side work between its networks (StyleGAN2's G draws its style mixing on the CPU) names the
+    methods to compile instead in ``compiled_parts``, so no graph breaks there."""
     switch = {"eager": False}
-
-    def forward(*args, **kwargs):
-        return (eager_forward if switch["eager"] else compiled_forward)(*args, **kwargs)
-
-    module.forward = forward
+    for name in getattr(module, "compiled_parts", ("forward",)):
+        setattr(module, name, _switchable(getattr(module, name), switch))
     setattr(module, _EAGER, switch)
     return module
+
+
+def _switchable(eager_method, switch: dict[str, bool]):
+    compiled_method = torch.compile(eager_method)
+
+    def method(*args, **kwargs):
+        return (eager_method if switch["eager"] else compiled_method)(*args, **kwargs)
+
+    return method
 
 
 @contextmanager
