@@ -40,12 +40,13 @@ def capture(config: JobConfig, gan: Gan, noise: Noise, position: StreamPosition,
 
 def _rank_capture(gan: Gan, noise: Noise, position: StreamPosition) -> dict[str, Any]:
     return {"noise": noise.generator.get_state(), **_global_random_state(noise.device), "epoch": position.epoch,
-            "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None}
+            "offset": position.offset, "ada": gan.ada.state_dict() if gan.ada is not None else None,
+            "pl_target": float(gan.pl_target)}
 
 
 def restore_networks(gan: Gan, state: dict) -> None:
-    """The shared part: weights, average, optimizers, path-length target and ADA's p (a fixed p comes from the
-    job)."""
+    """The shared part: weights, average, optimizers, rank 0's path-length target (each rank takes its own in
+    ``restore_rank`` where the checkpoint has it) and ADA's p (a fixed p comes from the job)."""
     gan.G.module.load_state_dict(state["G"])
     gan.D.module.load_state_dict(state["D"])
     load_optimizer(gan.opt_G, state["opt_G"])
@@ -78,6 +79,8 @@ def restore_rank(config: JobConfig, gan: Gan | None, state: dict | None, rank: i
         _restore_global_random_state(saved[rank])
         if gan.ada is not None and saved[rank]["ada"] is not None:
             gan.ada.load_state_dict(saved[rank]["ada"])
+        if "pl_target" in saved[rank]:  # each rank's own path-length target (rank 0's came with the networks)
+            gan.pl_target = torch.tensor(saved[rank]["pl_target"])
         return noise, StreamPosition(saved[rank]["epoch"], saved[rank]["offset"])
     iteration = state["iteration"] if state else 0
     noise.manual_seed(stream_seed(config.train.seed, "noise", rank, iteration))

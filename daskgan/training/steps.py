@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from daskgan import ranks
 from daskgan.config.families import Family
 from daskgan.data.stream import Batch
 from daskgan.training.augment import AdaController, AugmentPipe
@@ -242,13 +240,11 @@ def sanitise_gradients(module: nn.Module) -> None:
 
 def path_length_penalty(fake: torch.Tensor, ws: torch.Tensor, target: torch.Tensor,
                         decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(The path-length penalty, the new target): the target moves toward the mean length over all ranks (so
-    every rank keeps the same target, and a checkpoint needs only one), and the penalty is taken against it."""
+    """(The path-length penalty, the new target): the target moves toward this rank's mean length and the
+    penalty is taken against it. Each rank keeps its own target, as NVlabs' loop does, so the pass joins no other
+    rank (checkpoints keep every rank's)."""
     lengths = path_lengths(fake, ws)
     mean_length = lengths.detach().mean()
-    if ranks.process_group_running():
-        dist.all_reduce(mean_length)
-        mean_length /= dist.get_world_size()
     target = target.to(mean_length.device).lerp(mean_length, decay)
     return (lengths - target).square().mean(), target
 
