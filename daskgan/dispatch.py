@@ -30,6 +30,9 @@ from daskgan.errors import FailureKind, UserError, WorkerLost, failure_kind, fir
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
+# The least time the ranks get to meet at the rendezvous, whatever shorter timeout bounds their collectives: on a
+# loaded host a worker can take seconds to start its rank, and gloo's connection wait took the collectives' timeout.
+RENDEZVOUS_MIN_S = 60.0
 POLL_SECONDS = 2.0  # how often a wait looks for lost workers
 FAILURE_GRACE_S = 10.0  # after a rank fails, how long the others may take to fail or finish before being cancelled
 SETTLING_POLL_S = 0.5  # how often that wait looks
@@ -81,10 +84,10 @@ def run(
     """Start ``fn(*args, **kwargs)`` once on each worker, inside an initialised process group.
 
     Returns one future per rank (index = rank), as a list that also knows each rank's worker. ``backend`` defaults
-    to ``nccl`` when the worker has CUDA, else ``gloo``. ``timeout`` bounds the rendezvous and every collective, so
-    a lost rank cannot hang the others forever. First every worker must have a free thread (a cancelled rank of an
-    earlier dispatch runs on until its own collectives time out): waited for up to ``DEFAULT_TIMEOUT_S`` or
-    ``timeout``, whichever is longer.
+    to ``nccl`` when the worker has CUDA, else ``gloo``. ``timeout`` bounds every collective, so a lost rank cannot
+    hang the others forever, and the rendezvous (given at least ``RENDEZVOUS_MIN_S``). First every worker must have
+    a free thread (a cancelled rank of an earlier dispatch runs on until its own collectives time out): waited for
+    up to ``DEFAULT_TIMEOUT_S`` or ``timeout``, whichever is longer.
     With ``pass_local_rank`` the function also receives ``local_rank=`` (its index among workers on the same host).
     Rank 0 opens the rendezvous on ``master_port`` (for clusters that open only some ports) or, if that is taken
     or not given, on a port the system picks, and tells the other ranks through the scheduler: no port can be
@@ -205,18 +208,21 @@ def _run_rank(fn, args, kwargs, *, rank: int, world_size: int, local_rank: int, 
     import torch
     import torch._dynamo  # noqa: F401  before the process group: see below
     import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # torch's own setter, for gloo and nccl
 
     # torch._inductor, first imported when DDP wraps a model, keeps a reference to a process group that exists
     # at its import: destroying the group then leaves its connections open, and a peer blocked in an all-reduce
     # learns that this rank failed only at the collective timeout (minutes) instead of at once.
-    store = _rendezvous_store(rank, master_addr, master_port, rendezvous, datetime.timedelta(seconds=timeout))
+    meeting = datetime.timedelta(seconds=max(timeout, RENDEZVOUS_MIN_S))
+    store = _rendezvous_store(rank, master_addr, master_port, rendezvous, meeting)
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(store.port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world_size))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if device_index is not None:
         torch.cuda.set_device(device_index)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=meeting)
+    if meeting.total_seconds() > timeout:  # the collectives keep the caller's shorter timeout
+        _set_pg_timeout(datetime.timedelta(seconds=timeout))
     try:
         if torch.cuda.is_available():
             check_no_shared_gpu(device_index)

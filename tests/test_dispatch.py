@@ -162,6 +162,38 @@ def test_a_peer_that_stops_answering_is_a_lost_worker_not_a_failure(dask_client)
     time.sleep(12)  # the vanished task ends; the workers are free for the next test
 
 
+def all_reduce_late_on_rank_one(seconds):
+    """Rank 1 joins rank 0's all-reduce ``seconds`` late."""
+    if dist.get_rank() == 1:
+        time.sleep(seconds)
+    started = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError:
+        return f"timed out after {time.monotonic() - started:.0f} s"
+    return "done"
+
+
+def test_a_rank_that_starts_late_still_meets_the_rendezvous_and_collectives_keep_their_short_timeout(
+        dask_client, monkeypatch):
+    """On a loaded machine a worker can take seconds to start its rank (torch's compiler stack is imported first);
+    a short ``timeout``, meant to notice a hung peer in a collective, made the rendezvous fail (gloo's connection
+    wait had that timeout too)."""
+    workers = sorted(dispatch.worker_addresses(dask_client))
+    own = dispatch._device_indices
+
+    def device_indices_then_hold_rank_ones_worker(client, addresses):  # between the free-thread wait and the ranks
+        dask_client.submit(time.sleep, 6, workers=[workers[1]], pure=False)
+        return own(client, addresses)
+
+    monkeypatch.setattr(dispatch, "_device_indices", device_indices_then_hold_rank_ones_worker)
+    results = dispatch.results(dispatch.run(dask_client, all_reduce_late_on_rank_one, 0, timeout=2), timeout=120)
+    assert results == ["done", "done"], "rank 1 started 6 s late and still met rank 0"
+    monkeypatch.undo()
+    late = dispatch.results(dispatch.run(dask_client, all_reduce_late_on_rank_one, 8, timeout=2), timeout=120)
+    assert late[0] in ("timed out after 2 s", "timed out after 3 s"), f"the collective keeps its timeout: {late}"
+
+
 def test_worker_list_is_whole_while_the_client_refreshes_its_cache(dask_client):
     """distributed's client refreshes a cached scheduler identity with no workers in it every few seconds; a
     worker list read from that cache came back empty on CI (a 2-worker list indexed at [1] failed)."""
