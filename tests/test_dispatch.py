@@ -1,5 +1,6 @@
 """dispatch.run on a 2-worker LocalCluster over gloo."""
 
+import logging
 import os
 import socket
 import time
@@ -179,17 +180,25 @@ def test_a_rank_that_starts_late_still_meets_the_rendezvous_and_collectives_keep
     """On a loaded machine a worker can take seconds to start its rank (torch's compiler stack is imported first);
     a short ``timeout``, meant to notice a hung peer in a collective, made the rendezvous fail (gloo's connection
     wait had that timeout too)."""
-    workers = sorted(dispatch.worker_addresses(dask_client))
-    own = dispatch._device_indices
+    rank_ones_worker = sorted(dispatch.worker_addresses(dask_client))[1]
 
-    def device_indices_then_hold_rank_ones_worker(client, addresses):  # between the free-thread wait and the ranks
-        dask_client.submit(time.sleep, 6, workers=[workers[1]], pure=False)
-        return own(client, addresses)
+    class HoldRankOnesWorker(logging.Handler):
+        """On dispatch's "dispatching" line (after its wait for free threads, before the ranks are submitted), a
+        6 s task goes to rank 1's worker ahead of its rank."""
 
-    monkeypatch.setattr(dispatch, "_device_indices", device_indices_then_hold_rank_ones_worker)
-    results = dispatch.results(dispatch.run(dask_client, all_reduce_late_on_rank_one, 0, timeout=2), timeout=120)
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("dispatching"):
+                dask_client.submit(time.sleep, 6, workers=[rank_ones_worker], pure=False)
+
+    log = logging.getLogger(dispatch.__name__)
+    holder = HoldRankOnesWorker()
+    monkeypatch.setattr(log, "level", logging.INFO)
+    log.addHandler(holder)
+    try:
+        results = dispatch.results(dispatch.run(dask_client, all_reduce_late_on_rank_one, 0, timeout=2), timeout=120)
+    finally:
+        log.removeHandler(holder)
     assert results == ["done", "done"], "rank 1 started 6 s late and still met rank 0"
-    monkeypatch.undo()
     late = dispatch.results(dispatch.run(dask_client, all_reduce_late_on_rank_one, 8, timeout=2), timeout=120)
     assert late[0] in ("timed out after 2 s", "timed out after 3 s"), f"the collective keeps its timeout: {late}"
 
