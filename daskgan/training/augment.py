@@ -167,7 +167,7 @@ class AugmentPipe(nn.Module):
         """A square of ``cutout_size`` of the side, at a uniformly drawn centre (clipped at the borders), set to 0
         (mid-grey) in each image where it fires, as NVlabs' cutout; the mask is a product, so gradients flow."""
         n, _, height, width = images.shape
-        fires = torch.rand(n) < p * self.augmentations["cutout"]
+        fires = torch.rand(n) < _Chance(n, p, self.augmentations).chance("cutout")
         centre = torch.rand(n, 2)
         if not fires.any():  # on the CPU: no device read
             return images
